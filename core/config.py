@@ -1,0 +1,90 @@
+"""Settings read from the environment (prefix ``CONVEYOR_``), through one cached accessor."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+
+DEFAULT_DATABASE_URL = "sqlite:///./conveyor.db"
+
+
+def _sync_url(url: URL) -> URL:
+    """Normalise a user's URL to the drivers conveyor ships: psycopg 3 and sqlite3."""
+    backend = url.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        return url.set(drivername="sqlite")
+    raise ValueError(
+        f"unsupported database {url.drivername!r}: conveyor runs on postgresql or sqlite"
+    )
+
+
+def async_url_for(url: URL) -> URL:
+    """The async twin of a sync URL: psycopg 3 serves both; SQLite goes through aiosqlite."""
+    if url.get_backend_name() == "sqlite":
+        return url.set(drivername="sqlite+aiosqlite")
+    return url.set(drivername="postgresql+psycopg")
+
+
+class Settings(BaseSettings):
+    """Everything conveyor reads from its environment; see README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+
+    database_url: SecretStr = Field(
+        default=SecretStr(DEFAULT_DATABASE_URL),
+        description="SQLAlchemy URL of the state database (postgresql://... or sqlite:///...).",
+    )
+    database_pool_size: Annotated[int, Field(ge=1)] = 5
+    database_max_overflow: Annotated[int, Field(ge=0)] = 10
+    database_pool_timeout: Annotated[float, Field(gt=0)] = 30.0
+    database_pool_recycle: Annotated[int, Field(ge=-1)] = 3600
+    database_pool_pre_ping: bool = True
+    database_null_pool: bool = Field(
+        default=False,
+        description="Open a connection per session instead of pooling (behind PgBouncer).",
+    )
+    database_echo: bool = False
+    sqlite_busy_timeout_ms: Annotated[int, Field(ge=0)] = 5000
+    db_retry_attempts: Annotated[int, Field(ge=1)] = 5
+    db_retry_initial_wait: Annotated[float, Field(ge=0)] = 0.05
+    db_retry_max_wait: Annotated[float, Field(ge=0)] = 2.0
+    max_payload_bytes: Annotated[int, Field(ge=1)] = 1_048_576
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _normalise_database_url(cls, value: object) -> object:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(raw, str):
+            return value
+        try:
+            parsed = make_url(raw)
+        except Exception as exc:  # sqlalchemy raises ArgumentError with the bad URL inside
+            raise ValueError("CONVEYOR_DATABASE_URL is not a valid database URL") from exc
+        return SecretStr(_sync_url(parsed).render_as_string(hide_password=False))
+
+    @property
+    def sync_database_url(self) -> URL:
+        """URL for sync engines (workers, CLI, FastAPI's get_db)."""
+        return make_url(self.database_url.get_secret_value())
+
+    @property
+    def async_database_url(self) -> URL:
+        """URL for async engines (async producers, get_async_db_session)."""
+        return async_url_for(self.sync_database_url)
+
+    @property
+    def is_sqlite(self) -> bool:
+        """Whether the state database is SQLite (the embedded default)."""
+        return self.sync_database_url.get_backend_name() == "sqlite"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once; tests call ``get_settings.cache_clear()``."""
+    return Settings()

@@ -1,0 +1,143 @@
+"""conveyor's typed errors, and the one place driver errors become them.
+
+Every error a user can meet derives from ConveyorError; database driver errors are
+translated by ``translate_errors()`` (used by the session helpers and the state
+manager's transaction runner), the original kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import exc as sa_exc
+
+
+class ConveyorError(Exception):
+    """conveyor could not do what was asked."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class NotFound(ConveyorError):
+    """The object asked for does not exist."""
+
+
+class ExecutionNotFound(NotFound):
+    """No workflow execution has this id."""
+
+    def __init__(self, execution_id: str) -> None:
+        super().__init__(f"no workflow execution with id {execution_id!r}")
+        self.execution_id = execution_id
+
+
+class StepNotFound(NotFound):
+    """No step of this name exists in the execution."""
+
+    def __init__(self, execution_id: str, step_name: str) -> None:
+        super().__init__(f"execution {execution_id!r} has no step named {step_name!r}")
+        self.execution_id = execution_id
+        self.step_name = step_name
+
+
+class InputValidationError(ConveyorError, ValueError):
+    """The input given is not valid."""
+
+
+class InvalidStatus(InputValidationError):
+    """A status name that the state machine does not know."""
+
+    def __init__(self, kind: str, value: object, allowed: list[str]) -> None:
+        super().__init__(
+            f"{value!r} is not a valid {kind} status; expected one of: {', '.join(allowed)}"
+        )
+        self.value = value
+
+
+class InvalidTransition(ConveyorError):
+    """The state machine does not allow this transition."""
+
+    def __init__(self, kind: str, source: str | None, target: str, detail: str = "") -> None:
+        origin = source if source is not None else "(new)"
+        message = f"{kind} transition {origin} -> {target} is not allowed"
+        super().__init__(f"{message}: {detail}" if detail else message)
+        self.source = source
+        self.target = target
+
+
+class AlreadyExists(ConveyorError):
+    """A row with the same unique key already exists."""
+
+
+class IdempotencyConflict(AlreadyExists):
+    """The idempotency key is already used by an execution with other arguments."""
+
+
+class DatabaseError(ConveyorError):
+    """The database refused the operation."""
+
+
+class TransientDatabaseError(DatabaseError):
+    """The database stayed unavailable after every retry (disconnect, deadlock, lock)."""
+
+
+# SQLSTATEs worth retrying: connection exceptions (class 08), serialization failure,
+# deadlock, and the server going away under us (admin shutdown, crash, cannot connect now).
+_TRANSIENT_SQLSTATE_PREFIXES = ("08",)
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03", "55P03"})
+_SQLITE_TRANSIENT_MESSAGES = ("database is locked", "database table is locked", "busy")
+_UNIQUE_VIOLATION = "23505"
+_FOREIGN_KEY_VIOLATION = "23503"
+
+
+def _sqlstate(error: sa_exc.DBAPIError) -> str | None:
+    state = getattr(error.orig, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether retrying the whole transaction may succeed where this attempt failed."""
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    state = _sqlstate(error)
+    if state is not None:
+        return state in _TRANSIENT_SQLSTATES or state.startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+    if isinstance(error, sa_exc.OperationalError):
+        # psycopg reports a dropped connection without a SQLSTATE; sqlite3 has none at all.
+        message = str(error.orig).lower()
+        if any(text in message for text in _SQLITE_TRANSIENT_MESSAGES):
+            return True
+        return "connection" in message or "server closed" in message
+    return False
+
+
+def translate(error: sa_exc.DBAPIError) -> ConveyorError:
+    """The typed error for a driver error (the caller raises it ``from`` the original)."""
+    if is_transient(error):
+        return TransientDatabaseError(f"database unavailable: {_first_line(error.orig)}")
+    if isinstance(error, sa_exc.IntegrityError):
+        state = _sqlstate(error)
+        message = _first_line(error.orig)
+        if state == _UNIQUE_VIOLATION or "UNIQUE constraint failed" in message:
+            return AlreadyExists(f"already exists: {message}")
+        if state == _FOREIGN_KEY_VIOLATION or "FOREIGN KEY constraint failed" in message:
+            return InputValidationError(f"refers to a row that does not exist: {message}")
+        return InputValidationError(f"rejected by a database constraint: {message}")
+    return DatabaseError(f"database error: {_first_line(error.orig)}")
+
+
+def _first_line(error: BaseException | None) -> str:
+    text = str(error) if error is not None else ""
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Re-raise driver errors (``DBAPIError``) as typed ConveyorErrors."""
+    try:
+        yield
+    except sa_exc.DBAPIError as error:
+        raise translate(error) from error

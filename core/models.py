@@ -1,0 +1,322 @@
+"""The ORM models: users and their sessions, workflow executions, their steps and events.
+
+JSON columns are JSONB on PostgreSQL; every timestamp is timezone-aware UTC and, when
+a statement writes it, comes from the database's clock (``core.sql.utcnow``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    event,
+    inspect,
+    text,
+)
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    InstanceState,
+    Mapped,
+    Session,
+    UOWTransaction,
+    mapped_column,
+    relationship,
+    validates,
+)
+
+from core.errors import InputValidationError
+from core.sql import utcnow
+from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
+from core.types import UTCDateTime, json_type
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def new_id() -> str:
+    """A new random id, as the string form of a UUID4."""
+    return str(uuid.uuid4())
+
+
+def check_json(field: str, value: Any) -> Any:
+    """Return ``value`` if it serialises to strict JSON, else InputValidationError naming it."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InputValidationError(f"{field} is not JSON-serializable: {exc}") from None
+    return value
+
+
+class Base(DeclarativeBase):
+    """Declarative base with constraint names Alembic can rely on."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime()}  # noqa: RUF012 - SQLAlchemy's API
+
+
+class Timestamped:
+    """created_at / updated_at columns filled by the database's clock."""
+
+    created_at: Mapped[datetime] = mapped_column(default=utcnow(), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        default=utcnow(), onupdate=utcnow(), nullable=False
+    )
+
+
+class User(Timestamped, Base):
+    """Someone who triggers executions (and, through sessions, calls the API)."""
+
+    __tablename__ = "users"
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    email: Mapped[str] = mapped_column(String(320), unique=True, nullable=False)
+    first_name: Mapped[str | None] = mapped_column(String(200))
+    last_name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="active", nullable=False)
+    role: Mapped[str] = mapped_column(String(20), default="member", nullable=False)
+
+    sessions: Mapped[list[UserSession]] = relationship(
+        back_populates="user", cascade="all, delete-orphan", order_by="UserSession.created_at"
+    )
+
+    @validates("email")
+    def _validate_email(self, _key: str, value: str) -> str:
+        if not isinstance(value, str) or "@" not in value.strip():
+            raise InputValidationError(f"{value!r} is not an email address")
+        return value.strip()
+
+
+class UserSession(Timestamped, Base):
+    """A login or API token of a user; only the token's SHA-256 digest is stored."""
+
+    __tablename__ = "user_sessions"
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    expires_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(back_populates="sessions")
+
+
+class WorkflowExecution(Timestamped, Base):
+    """One run of a workflow: its input, output, status and who asked for it."""
+
+    __tablename__ = "workflow_executions"
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    execution_id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    workflow_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    workflow_version: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
+    input_data: Mapped[Any] = mapped_column(json_type(), nullable=True)
+    output_data: Mapped[Any] = mapped_column(json_type(), nullable=True)
+    error: Mapped[Any] = mapped_column(json_type(), nullable=True)
+    status: Mapped[str] = mapped_column(
+        String(20), default=ExecutionStatus.PENDING.value, nullable=False
+    )
+    previous_status: Mapped[str | None] = mapped_column(String(20))
+    attempt: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
+    priority: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    triggered_by: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    deadline_at: Mapped[datetime | None]
+
+    steps: Mapped[list[StepExecution]] = relationship(
+        back_populates="execution", cascade="all, delete-orphan", order_by="StepExecution.step_name"
+    )
+    events: Mapped[list[ExecutionEvent]] = relationship(
+        back_populates="execution",
+        cascade="all, delete-orphan",
+        order_by="ExecutionEvent.id",
+        viewonly=False,
+    )
+
+    __table_args__ = (
+        # Listing by status (API, CLI) and the reconciler's "pending, never started".
+        Index("ix_workflow_executions_status_created", "status", "created_at"),
+        # Listing by workflow, and the per-workflow concurrency limit's count of running.
+        Index("ix_workflow_executions_workflow_status", "workflow_id", "status", "created_at"),
+        # The reconciler's "open executions past their deadline"; partial, so its cost
+        # follows the open work, not the table.
+        Index(
+            "ix_workflow_executions_open_deadline",
+            "deadline_at",
+            postgresql_where=text("deadline_at IS NOT NULL AND status IN ('pending', 'running')"),
+            sqlite_where=text("deadline_at IS NOT NULL AND status IN ('pending', 'running')"),
+        ),
+    )
+
+    @validates("status")
+    def _validate_status(self, _key: str, value: object) -> str:
+        target = EXECUTIONS.parse(value)
+        current = self.__dict__.get("status")
+        if current is None or current != target:
+            EXECUTIONS.check(None if current is None else EXECUTIONS.parse(current), target)
+        return target.value
+
+    @validates("input_data", "output_data", "error")
+    def _validate_json(self, key: str, value: Any) -> Any:
+        return check_json(key, value)
+
+
+class StepExecution(Timestamped, Base):
+    """One step of one execution: its status, attempts, fan-in counter and result."""
+
+    __tablename__ = "execution_steps"
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    execution_id: Mapped[str] = mapped_column(
+        ForeignKey("workflow_executions.execution_id", ondelete="CASCADE"), primary_key=True
+    )
+    step_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    status: Mapped[str] = mapped_column(
+        String(20), default=StepStatus.PENDING.value, nullable=False
+    )
+    previous_status: Mapped[str | None] = mapped_column(String(20))
+    attempt: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
+    # Upstream steps not yet succeeded; the transaction that brings it to zero queues
+    # the step (an atomic decrement, never read-then-write).
+    unmet_deps: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
+    output_data: Mapped[Any] = mapped_column(json_type(), nullable=True)
+    error: Mapped[Any] = mapped_column(json_type(), nullable=True)
+    celery_task_id: Mapped[str | None] = mapped_column(String(255))
+    worker: Mapped[str | None] = mapped_column(String(255))
+    queued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+
+    execution: Mapped[WorkflowExecution] = relationship(back_populates="steps")
+
+    __table_args__ = (
+        # The reconciler's stalled-step scan: running steps by heartbeat age.
+        Index(
+            "ix_execution_steps_running_heartbeat",
+            "heartbeat_at",
+            postgresql_where=text("status = 'running'"),
+            sqlite_where=text("status = 'running'"),
+        ),
+        # The reconciler's due-retry / never-picked-up scan over queued steps.
+        Index(
+            "ix_execution_steps_queued_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
+        # A worker's bulk heartbeat of the steps it runs.
+        Index(
+            "ix_execution_steps_running_worker",
+            "worker",
+            postgresql_where=text("status = 'running'"),
+            sqlite_where=text("status = 'running'"),
+        ),
+    )
+
+    @validates("status")
+    def _validate_status(self, _key: str, value: object) -> str:
+        target = STEPS.parse(value)
+        current = self.__dict__.get("status")
+        if current is None or current != target:
+            STEPS.check(None if current is None else STEPS.parse(current), target)
+        return target.value
+
+    @validates("output_data", "error")
+    def _validate_json(self, key: str, value: Any) -> Any:
+        return check_json(key, value)
+
+
+class ExecutionEvent(Base):
+    """An append-only record of one transition, written in the transition's transaction."""
+
+    __tablename__ = "execution_events"
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    execution_id: Mapped[str] = mapped_column(
+        ForeignKey("workflow_executions.execution_id", ondelete="CASCADE"), nullable=False
+    )
+    step_name: Mapped[str | None] = mapped_column(String(200))
+    from_status: Mapped[str | None] = mapped_column(String(20))
+    to_status: Mapped[str] = mapped_column(String(20), nullable=False)
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow(), nullable=False)
+
+    execution: Mapped[WorkflowExecution] = relationship(back_populates="events")
+
+    __table_args__ = (Index("ix_execution_events_execution", "execution_id", "id"),)
+
+
+@event.listens_for(Session, "before_flush")
+def _record_orm_transitions(session: Session, _flush: UOWTransaction, _instances: Any) -> None:
+    """Give status changes made through the ORM (the guide's load-modify-commit) an event row.
+
+    The state manager writes its events itself, next to its compare-and-set statements;
+    this covers user code that adds or modifies objects, in the same flush.
+    """
+    for obj in list(session.new):
+        if isinstance(obj, WorkflowExecution):
+            obj.status = obj.status or ExecutionStatus.PENDING.value
+            if obj.execution_id is None:
+                obj.execution_id = new_id()
+            session.add(_event_for(obj.execution_id, None, None, obj.status, obj.attempt))
+        elif isinstance(obj, StepExecution):
+            obj.status = obj.status or StepStatus.PENDING.value
+            session.add(_event_for(obj.execution_id, obj.step_name, None, obj.status, obj.attempt))
+    for obj in list(session.dirty):
+        if not isinstance(obj, WorkflowExecution | StepExecution):
+            continue
+        state: InstanceState[Any] = inspect(obj)
+        history = state.attrs.status.history
+        if not history.has_changes() or not history.deleted:
+            continue
+        old = history.deleted[0]
+        if old == obj.status:
+            continue
+        obj.previous_status = old
+        step_name = obj.step_name if isinstance(obj, StepExecution) else None
+        session.add(_event_for(obj.execution_id, step_name, old, obj.status, obj.attempt))
+
+
+def _event_for(
+    execution_id: str, step_name: str | None, old: str | None, new: str, attempt: int | None
+) -> ExecutionEvent:
+    reason = "created" if old is None else "updated through the ORM"
+    return ExecutionEvent(
+        execution_id=execution_id,
+        step_name=step_name,
+        from_status=old,
+        to_status=new,
+        attempt=attempt,
+        reason=reason,
+    )

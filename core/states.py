@@ -1,0 +1,147 @@
+"""The state machines: one table of allowed transitions each for executions and steps.
+
+Everything that writes a status asks this module: the state manager builds its
+compare-and-set WHERE clauses from ``EXECUTIONS.sources_of()`` / ``STEPS.sources_of()``,
+and the models refuse illegal assignments through ``.check()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Generic, TypeVar
+
+from core.errors import InvalidStatus, InvalidTransition
+
+
+class ExecutionStatus(StrEnum):
+    """Where a workflow execution stands."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+
+class StepStatus(StrEnum):
+    """Where one step of an execution stands."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+
+StatusT = TypeVar("StatusT", ExecutionStatus, StepStatus)
+
+E = ExecutionStatus
+S = StepStatus
+
+# Forward progress: what any writer may do.
+EXECUTION_TRANSITIONS: Mapping[ExecutionStatus, frozenset[ExecutionStatus]] = {
+    E.PENDING: frozenset({E.RUNNING, E.FAILED, E.CANCELLED, E.TIMED_OUT}),
+    E.RUNNING: frozenset({E.SUCCEEDED, E.FAILED, E.CANCELLED, E.TIMED_OUT}),
+    E.SUCCEEDED: frozenset(),
+    E.FAILED: frozenset(),
+    E.CANCELLED: frozenset(),
+    E.TIMED_OUT: frozenset(),
+}
+
+STEP_TRANSITIONS: Mapping[StepStatus, frozenset[StepStatus]] = {
+    S.PENDING: frozenset({S.QUEUED, S.SKIPPED, S.CANCELLED}),
+    # queued -> queued is a republish (reconciler, due retry); queued -> failed is a
+    # message that can never run (e.g. its workflow is no longer registered).
+    S.QUEUED: frozenset({S.QUEUED, S.RUNNING, S.FAILED, S.SKIPPED, S.CANCELLED}),
+    # running -> queued is a retry with backoff or a stalled step recovered.
+    S.RUNNING: frozenset({S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.SKIPPED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+# Only an explicit retry of a finished execution may leave a final state.
+EXECUTION_RETRY_TRANSITIONS: Mapping[ExecutionStatus, frozenset[ExecutionStatus]] = {
+    E.FAILED: frozenset({E.RUNNING}),
+    E.CANCELLED: frozenset({E.RUNNING}),
+    E.TIMED_OUT: frozenset({E.RUNNING}),
+}
+STEP_RETRY_TRANSITIONS: Mapping[StepStatus, frozenset[StepStatus]] = {
+    S.FAILED: frozenset({S.PENDING, S.QUEUED}),
+    S.CANCELLED: frozenset({S.PENDING, S.QUEUED}),
+    S.SKIPPED: frozenset({S.PENDING, S.QUEUED}),
+}
+
+
+@dataclass(frozen=True)
+class StateMachine(Generic[StatusT]):
+    """One status enum with its forward and retry transition tables."""
+
+    kind: str
+    enum: type[StatusT]
+    forward: Mapping[StatusT, frozenset[StatusT]]
+    retry: Mapping[StatusT, frozenset[StatusT]]
+    initial: frozenset[StatusT]
+
+    @property
+    def final(self) -> frozenset[StatusT]:
+        """Statuses that only an explicit retry may leave."""
+        return frozenset(s for s, targets in self.forward.items() if not targets)
+
+    @property
+    def open(self) -> frozenset[StatusT]:
+        """Statuses that are not final."""
+        return frozenset(self.enum) - self.final
+
+    def parse(self, value: object) -> StatusT:
+        """The status named by ``value``, or InvalidStatus naming the bad value."""
+        if isinstance(value, self.enum):
+            return value
+        if not isinstance(value, str):
+            raise InvalidStatus(self.kind, value, [s.value for s in self.enum])
+        try:
+            return self.enum(value)
+        except ValueError:
+            raise InvalidStatus(self.kind, value, [s.value for s in self.enum]) from None
+
+    def is_allowed(self, source: StatusT, target: StatusT, *, retry: bool = False) -> bool:
+        """Whether ``source -> target`` is in the table (retry edges only when ``retry``)."""
+        table = self.retry if retry else self.forward
+        return target in table.get(source, frozenset())
+
+    def sources_of(self, target: StatusT, *, retry: bool = False) -> frozenset[StatusT]:
+        """Every status from which ``target`` may be reached: the WHERE of a compare-and-set."""
+        table = self.retry if retry else self.forward
+        return frozenset(source for source, targets in table.items() if target in targets)
+
+    def check(self, source: StatusT | None, target: StatusT, *, retry: bool = False) -> None:
+        """Raise InvalidTransition unless ``source -> target`` is allowed (None: a new row)."""
+        if source is None:
+            if target not in self.initial:
+                starts = " or ".join(sorted(self.initial))
+                raise InvalidTransition(self.kind, None, target, f"new rows start as {starts}")
+            return
+        if not self.is_allowed(source, target, retry=retry):
+            raise InvalidTransition(self.kind, source, target)
+
+
+EXECUTIONS: StateMachine[ExecutionStatus] = StateMachine(
+    "execution",
+    ExecutionStatus,
+    EXECUTION_TRANSITIONS,
+    EXECUTION_RETRY_TRANSITIONS,
+    frozenset({E.PENDING}),
+)
+STEPS: StateMachine[StepStatus] = StateMachine(
+    "step",
+    StepStatus,
+    STEP_TRANSITIONS,
+    STEP_RETRY_TRANSITIONS,
+    frozenset({S.PENDING, S.QUEUED}),
+)

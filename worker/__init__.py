@@ -1,0 +1,1 @@
+"""Celery side of conveyor: app, tasks, step engine, reconciler (builds on core)."""
