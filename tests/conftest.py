@@ -1,0 +1,146 @@
+"""Test harness: real PostgreSQL and Redis, and one database fixture over both backends.
+
+``database`` is parametrized over the backends in ``CONVEYOR_TEST_BACKENDS``
+(default ``postgresql,sqlite``); tests marked ``postgres_only`` are deselected on
+SQLite, never skipped. Each test gets a fresh database copied from a template built
+once per session, and every ``core.database`` helper is pointed at it.
+Servers are started here (see ``tests/servers.py``) unless
+``CONVEYOR_TEST_POSTGRES_URL`` / ``CONVEYOR_TEST_REDIS_URL`` name running ones.
+A server that cannot start fails the run; nothing is skipped for a missing service.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.engine import URL
+
+from core import database as core_database
+from core.config import Settings
+from core.models import Base
+from tests.servers import PostgresServer, start_postgres, start_redis
+
+BACKENDS = [
+    b.strip()
+    for b in os.environ.get("CONVEYOR_TEST_BACKENDS", "postgresql,sqlite").split(",")
+    if b.strip()
+]
+_counter = itertools.count()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        backends = BACKENDS
+        if metafunc.definition.get_closest_marker("postgres_only"):
+            backends = [b for b in BACKENDS if b == "postgresql"]
+        metafunc.parametrize("backend", backends, scope="session")
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[URL]:
+    """URL of the postgres database on a server this session may create databases on."""
+    given = os.environ.get("CONVEYOR_TEST_POSTGRES_URL")
+    if given:
+        yield make_url(given).set(drivername="postgresql+psycopg")
+        return
+    server: PostgresServer = start_postgres()
+    try:
+        yield make_url(server.url())
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a real Redis server for this session."""
+    given = os.environ.get("CONVEYOR_TEST_REDIS_URL")
+    if given:
+        yield given
+        return
+    server = start_redis()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def _postgres_template(postgres_admin_url: URL) -> str:
+    """A database with conveyor's schema that each test's database is copied from."""
+    name = f"conveyor_template_{os.getpid()}"
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    engine = create_engine(postgres_admin_url.set(database=name))
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    return name
+
+
+@pytest.fixture(scope="session")
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    engine = create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    return path
+
+
+@dataclass
+class TestDatabase:
+    """The database one test runs against."""
+
+    __test__ = False  # not a test class, for pytest's collector
+
+    backend: str
+    url: str
+    settings: Settings
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.backend == "postgresql"
+
+
+def _settings_for(url: str) -> Settings:
+    # Short waits keep retry tests quick; pool sizes stay at the production defaults.
+    return Settings(database_url=url, db_retry_initial_wait=0.01, db_retry_max_wait=0.2)
+
+
+@pytest.fixture
+def database(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[TestDatabase]:
+    """A fresh, migrated database on ``backend``; every core.database helper points at it."""
+    if backend == "postgresql":
+        admin_url: URL = request.getfixturevalue("postgres_admin_url")
+        template: str = request.getfixturevalue("_postgres_template")
+        name = f"test_{os.getpid()}_{next(_counter)}"
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY'))
+        url = admin_url.set(database=name).render_as_string(hide_password=False)
+    elif backend == "sqlite":
+        path = tmp_path / "conveyor.db"
+        shutil.copyfile(request.getfixturevalue("_sqlite_template"), path)
+        url = f"sqlite:///{path}"
+    else:
+        raise pytest.UsageError(f"unknown backend {backend!r} in CONVEYOR_TEST_BACKENDS")
+    db = TestDatabase(backend=backend, url=url, settings=_settings_for(url))
+    core_database.configure(db.settings)
+    try:
+        yield db
+    finally:
+        core_database.get_database().dispose()
+        if backend == "postgresql":
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+            admin.dispose()
