@@ -8,6 +8,7 @@ can be returned from a ``with`` block, as the migration guide's examples do.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -99,6 +100,7 @@ class Database:
     _async_engine: AsyncEngine | None = field(default=None, repr=False)
     _sessions: sessionmaker[Session] | None = field(default=None, repr=False)
     _async_sessions: async_sessionmaker[AsyncSession] | None = field(default=None, repr=False)
+    _async_loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
 
     @property
     def engine(self) -> Engine:
@@ -110,10 +112,14 @@ class Database:
 
     @property
     def async_engine(self) -> AsyncEngine:
-        """The async engine."""
+        """The async engine (its pooled connections belong to the loop that opened them)."""
         with self._lock:
             if self._async_engine is None:
                 self._async_engine = create_async_db_engine(self.settings)
+                try:
+                    self._async_loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    self._async_loop = None
             return self._async_engine
 
     @property
@@ -131,15 +137,28 @@ class Database:
         return self._async_sessions
 
     def dispose(self) -> None:
-        """Close pooled sync connections; async ones are dropped with their engine."""
+        """Close pooled connections (async ones on their own loop, when it is idle)."""
         if self._engine is not None:
             self._engine.dispose()
         if self._async_engine is not None:
-            # Closing async connections needs their event loop; dropping the pool without
-            # closing them lets each be closed by its own loop or collected.
-            self._async_engine.sync_engine.dispose(close=False)
+            loop = self._async_loop
+            if loop is not None and not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(self._async_engine.dispose())
+            else:
+                # Closing async connections needs their loop; without it, drop the pool
+                # and let each connection be closed when it is collected.
+                self._async_engine.sync_engine.dispose(close=False)
         self._engine = self._async_engine = None
         self._sessions = self._async_sessions = None
+        self._async_loop = None
+
+    async def dispose_async(self) -> None:
+        """Close every pooled connection from inside the running loop."""
+        if self._async_engine is not None:
+            await self._async_engine.dispose()
+        self._async_engine = None
+        self._async_sessions = None
+        self.dispose()
 
 
 _current: Database | None = None

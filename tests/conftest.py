@@ -14,17 +14,19 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, make_url, text
+import pytest_asyncio
+from alembic import command
+from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.engine import URL
 
 from core import database as core_database
 from core.config import Settings
-from core.models import Base
+from migrations import alembic_config
 from tests.servers import PostgresServer, start_postgres, start_redis
 
 BACKENDS = [
@@ -41,6 +43,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if metafunc.definition.get_closest_marker("postgres_only"):
             backends = [b for b in BACKENDS if b == "postgresql"]
         metafunc.parametrize("backend", backends, scope="session")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Async tests close the async engine's pooled connections on their own loop,
+    # before the loop is closed (see _close_async_connections).
+    for item in items:
+        if item.get_closest_marker("asyncio") and "database" in getattr(item, "fixturenames", ()):
+            item.fixturenames.append("_close_async_connections")  # type: ignore[attr-defined]
+
+
+@pytest_asyncio.fixture
+async def _close_async_connections(database: TestDatabase) -> AsyncIterator[None]:
+    yield
+    await core_database.get_database().dispose_async()
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +97,7 @@ def _postgres_template(postgres_admin_url: URL) -> str:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     engine = create_engine(postgres_admin_url.set(database=name))
-    Base.metadata.create_all(engine)
+    _migrate(engine)
     engine.dispose()
     return name
 
@@ -90,9 +106,15 @@ def _postgres_template(postgres_admin_url: URL) -> str:
 def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
     engine = create_engine(f"sqlite:///{path}")
-    Base.metadata.create_all(engine)
+    _migrate(engine)
     engine.dispose()
     return path
+
+
+def _migrate(engine: Engine) -> None:
+    """Build the schema in ``engine``'s empty database as production does: Alembic's upgrade."""
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "head")
 
 
 @dataclass

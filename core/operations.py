@@ -1,0 +1,420 @@
+"""Units of work: the plans both state managers run (see ``core.transactions``).
+
+Each function returns a generator that yields statements from ``core.statements`` and
+decides from their results; it does no I/O itself. A plan is re-run from the start
+when its transaction is retried, so it keeps no state outside the generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row
+
+from core import statements as sql
+from core.errors import (
+    ExecutionNotFound,
+    IdempotencyConflict,
+    InputValidationError,
+    StepNotFound,
+)
+from core.models import ExecutionEvent, StepExecution, WorkflowExecution, check_json, new_id
+from core.outcomes import CreatedExecution, StallRecovery, StepCompletion, TransitionResult
+from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
+from core.transactions import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """A step to create with its execution: how many upstream steps it waits for."""
+
+    name: str
+    unmet_deps: int = 0
+    max_attempts: int = 1
+
+
+@dataclass(frozen=True)
+class NewExecution:
+    """Everything needed to insert one execution (validated by ``new_execution``)."""
+
+    workflow_id: str
+    input_data: Any
+    workflow_version: int = 1
+    idempotency_key: str | None = None
+    triggered_by: str | None = None
+    priority: int = 0
+    deadline_at: datetime | None = None
+    steps: tuple[StepSpec, ...] = ()
+
+
+def check_payload(field: str, value: Any, max_bytes: int) -> Any:
+    """``value`` if it is strict JSON no larger than ``max_bytes``; else a typed error."""
+    check_json(field, value)
+    size = len(json.dumps(value, allow_nan=False).encode())
+    if size > max_bytes:
+        raise InputValidationError(
+            f"{field} is {size} bytes of JSON; the limit is {max_bytes} "
+            "(CONVEYOR_MAX_PAYLOAD_BYTES)"
+        )
+    return value
+
+
+def new_execution(
+    workflow_id: str,
+    input_data: Any,
+    *,
+    max_payload_bytes: int,
+    workflow_version: int = 1,
+    idempotency_key: str | None = None,
+    triggered_by: str | None = None,
+    priority: int = 0,
+    deadline_at: datetime | None = None,
+    steps: Sequence[StepSpec] = (),
+) -> NewExecution:
+    """Validate a request to create an execution before anything is written."""
+    if not isinstance(workflow_id, str) or not workflow_id.strip():
+        raise InputValidationError(f"workflow_id must be a non-empty string, got {workflow_id!r}")
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 255
+    ):
+        raise InputValidationError("idempotency_key must be a string of 1 to 255 characters")
+    if deadline_at is not None and deadline_at.tzinfo is None:
+        raise InputValidationError("deadline_at must be timezone-aware")
+    names = [step.name for step in steps]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InputValidationError(f"duplicate step names: {', '.join(duplicates)}")
+    check_payload("input_data", input_data, max_payload_bytes)
+    return NewExecution(
+        workflow_id=workflow_id,
+        input_data=input_data,
+        workflow_version=workflow_version,
+        idempotency_key=idempotency_key,
+        triggered_by=triggered_by,
+        priority=priority,
+        deadline_at=deadline_at,
+        steps=tuple(steps),
+    )
+
+
+def _event(
+    execution_id: str,
+    step_name: str | None,
+    source: str | None,
+    target: str,
+    attempt: int | None,
+    reason: str | None,
+) -> dict[str, Any]:
+    return {
+        "execution_id": execution_id,
+        "step_name": step_name,
+        "from_status": source,
+        "to_status": target,
+        "attempt": attempt,
+        "reason": reason,
+    }
+
+
+def _applied(row: Row[Any], step: bool) -> TransitionResult:
+    return TransitionResult(
+        applied=True,
+        execution_id=row.execution_id,
+        step_name=row.step_name if step else None,
+        from_status=row.previous_status,
+        to_status=row.status,
+        attempt=row.attempt,
+    )
+
+
+def _events_for(results: Sequence[TransitionResult], reason: str | None) -> list[dict[str, Any]]:
+    return [
+        _event(r.execution_id, r.step_name, r.from_status, r.to_status, r.attempt, reason)
+        for r in results
+    ]
+
+
+def create_execution(dialect: str, new: NewExecution) -> Plan[CreatedExecution]:
+    """Insert an execution, its steps and its first event; reuse one with the same key."""
+    execution_id = new_id()
+    values = {
+        "execution_id": execution_id,
+        "workflow_id": new.workflow_id,
+        "workflow_version": new.workflow_version,
+        "input_data": new.input_data,
+        "status": ExecutionStatus.PENDING.value,
+        "idempotency_key": new.idempotency_key,
+        "triggered_by": new.triggered_by,
+        "priority": new.priority,
+        "deadline_at": new.deadline_at,
+    }
+    idempotent = new.idempotency_key is not None
+    inserted = (yield sql.insert_execution(dialect, values, idempotent=idempotent)).all()
+    if not inserted:
+        assert new.idempotency_key is not None
+        existing = (yield sql.select_by_idempotency_key(new.idempotency_key)).one()
+        same_input = json.dumps(existing.input_data, sort_keys=True) == json.dumps(
+            new.input_data, sort_keys=True
+        )
+        if existing.workflow_id != new.workflow_id or not same_input:
+            raise IdempotencyConflict(
+                f"idempotency key {new.idempotency_key!r} is already used by execution "
+                f"{existing.execution_id} of workflow {existing.workflow_id!r} with other input"
+            )
+        return CreatedExecution(existing.execution_id, created=False)
+    if new.steps:
+        rows = [
+            {
+                "execution_id": execution_id,
+                "step_name": step.name,
+                "status": StepStatus.PENDING.value,
+                "unmet_deps": step.unmet_deps,
+                "max_attempts": step.max_attempts,
+            }
+            for step in new.steps
+        ]
+        yield sql.insert_rows(StepExecution), rows
+    event = _event(execution_id, None, None, ExecutionStatus.PENDING.value, 1, "created")
+    yield sql.insert_rows(ExecutionEvent), [event]
+    return CreatedExecution(execution_id, created=True)
+
+
+def get_execution(execution_id: str) -> Plan[WorkflowExecution]:
+    """One execution, or ExecutionNotFound."""
+    found: WorkflowExecution | None = (
+        yield sql.select_execution(execution_id)
+    ).scalar_one_or_none()
+    if found is None:
+        raise ExecutionNotFound(execution_id)
+    return found
+
+
+def list_executions(
+    status: ExecutionStatus | None, workflow_id: str | None, limit: int
+) -> Plan[list[WorkflowExecution]]:
+    """Executions, newest first."""
+    query = sql.select_executions(status=status, workflow_id=workflow_id, limit=limit)
+    return list((yield query).scalars().all())
+
+
+def get_steps(execution_id: str) -> Plan[list[StepExecution]]:
+    """The steps of an execution (ExecutionNotFound for an unknown id)."""
+    steps = list((yield sql.select_steps(execution_id)).scalars().all())
+    if not steps and (yield sql.select_execution_status(execution_id)).first() is None:
+        raise ExecutionNotFound(execution_id)
+    return steps
+
+
+def get_history(execution_id: str) -> Plan[list[ExecutionEvent]]:
+    """Every recorded transition of an execution, oldest first."""
+    events = list((yield sql.select_history(execution_id)).scalars().all())
+    if not events and (yield sql.select_execution_status(execution_id)).first() is None:
+        raise ExecutionNotFound(execution_id)
+    return events
+
+
+def execution_sources(
+    target: ExecutionStatus, expected: Collection[ExecutionStatus] | None, retry: bool
+) -> frozenset[ExecutionStatus]:
+    """The statuses a transition to ``target`` may start from, refusing illegal requests."""
+    allowed = EXECUTIONS.sources_of(target, retry=retry)
+    if expected is None:
+        if not allowed:
+            EXECUTIONS.check(target, target, retry=retry)  # raises: nothing leads there
+        return allowed
+    for source in expected:
+        EXECUTIONS.check(source, target, retry=retry)
+    return frozenset(expected)
+
+
+def step_sources(
+    target: StepStatus, expected: Collection[StepStatus] | None, retry: bool
+) -> frozenset[StepStatus]:
+    """The statuses a step transition to ``target`` may start from."""
+    allowed = STEPS.sources_of(target, retry=retry)
+    if expected is None:
+        if not allowed:
+            STEPS.check(target, target, retry=retry)
+        return allowed
+    for source in expected:
+        STEPS.check(source, target, retry=retry)
+    return frozenset(expected)
+
+
+def transition_execution(
+    execution_id: str,
+    target: ExecutionStatus,
+    sources: frozenset[ExecutionStatus],
+    *,
+    reason: str | None,
+    retry: bool = False,
+    values: Mapping[str, Any] | None = None,
+) -> Plan[TransitionResult]:
+    """Move one execution to ``target`` if it is in one of ``sources``; log the event."""
+    update = sql.transition_execution(execution_id, target, sources, retry=retry, values=values)
+    row = (yield update).first()
+    if row is None:
+        current = (yield sql.select_execution_status(execution_id)).scalar_one_or_none()
+        if current is None:
+            raise ExecutionNotFound(execution_id)
+        log.info("execution %s -> %s not applied: it is %s", execution_id, target.value, current)
+        return TransitionResult(
+            applied=False,
+            execution_id=execution_id,
+            to_status=target.value,
+            current_status=current,
+        )
+    result = _applied(row, step=False)
+    yield sql.insert_rows(ExecutionEvent), _events_for([result], reason)
+    return result
+
+
+def transition_step(
+    execution_id: str,
+    step_name: str,
+    target: StepStatus,
+    sources: frozenset[StepStatus],
+    *,
+    reason: str | None,
+    attempt: int | None = None,
+    retry: bool = False,
+    values: Mapping[str, Any] | None = None,
+) -> Plan[TransitionResult]:
+    """Move one step to ``target`` if it is in one of ``sources`` (and at ``attempt``)."""
+    update = sql.transition_steps(
+        execution_id, [step_name], target, sources, attempt=attempt, retry=retry, values=values
+    )
+    row = (yield update).first()
+    if row is None:
+        current = (yield sql.select_step_status(execution_id, step_name)).first()
+        if current is None:
+            if (yield sql.select_execution_status(execution_id)).first() is None:
+                raise ExecutionNotFound(execution_id)
+            raise StepNotFound(execution_id, step_name)
+        log.info(
+            "step %s/%s -> %s not applied: it is %s (attempt %s)",
+            execution_id,
+            step_name,
+            target.value,
+            current.status,
+            current.attempt,
+        )
+        return TransitionResult(
+            applied=False,
+            execution_id=execution_id,
+            step_name=step_name,
+            to_status=target.value,
+            current_status=current.status,
+            attempt=current.attempt,
+        )
+    result = _applied(row, step=True)
+    yield sql.insert_rows(ExecutionEvent), _events_for([result], reason)
+    return result
+
+
+def transition_steps(
+    execution_id: str,
+    step_names: Sequence[str] | None,
+    target: StepStatus,
+    sources: frozenset[StepStatus],
+    *,
+    reason: str | None,
+) -> Plan[list[TransitionResult]]:
+    """Move every named step (None: all) that is in ``sources``; one statement, one insert."""
+    rows = (yield sql.transition_steps(execution_id, step_names, target, sources)).all()
+    results = [_applied(row, step=True) for row in rows]
+    if results:
+        yield sql.insert_rows(ExecutionEvent), _events_for(results, reason)
+    return results
+
+
+def cancel_execution(execution_id: str, reason: str | None) -> Plan[TransitionResult]:
+    """Cancel an open execution and, in the same transaction, all of its open steps."""
+    sources = EXECUTIONS.sources_of(ExecutionStatus.CANCELLED)
+    result = yield from transition_execution(
+        execution_id, ExecutionStatus.CANCELLED, sources, reason=reason
+    )
+    if result.applied:
+        step_sources_ = STEPS.sources_of(StepStatus.CANCELLED)
+        yield from transition_steps(
+            execution_id, None, StepStatus.CANCELLED, step_sources_, reason=reason
+        )
+    return result
+
+
+def complete_step(
+    execution_id: str,
+    step_name: str,
+    *,
+    attempt: int,
+    output_data: Any,
+    downstream: Sequence[str],
+) -> Plan[StepCompletion]:
+    """Record a step's success, release its downstream steps, and finish the execution
+    when nothing is left open: all or nothing, in one transaction.
+    """
+    done = yield from transition_step(
+        execution_id,
+        step_name,
+        StepStatus.SUCCEEDED,
+        frozenset({StepStatus.RUNNING}),
+        reason="step succeeded",
+        attempt=attempt,
+        values={"output_data": output_data},
+    )
+    if not done.applied:
+        return StepCompletion(transition=done)
+    queued: list[TransitionResult] = []
+    if downstream:
+        rows = (yield sql.release_downstream(execution_id, downstream)).all()
+        queued = [_applied(row, step=True) for row in rows if row.status == StepStatus.QUEUED.value]
+        if queued:
+            yield sql.insert_rows(ExecutionEvent), _events_for(queued, "upstream steps done")
+    finished = yield from finish_if_done(execution_id)
+    return StepCompletion(
+        transition=done, queued=tuple(r.step_name or "" for r in queued), execution=finished
+    )
+
+
+def finish_if_done(execution_id: str) -> Plan[TransitionResult | None]:
+    """Finalize a running execution whose steps are all final; None if it is not done."""
+    row = (yield sql.finish_execution_if_done(execution_id)).first()
+    if row is None:
+        return None
+    result = _applied(row, step=False)
+    yield sql.insert_rows(ExecutionEvent), _events_for([result], "all steps final")
+    return result
+
+
+def recover_stalled_steps(
+    keys: Sequence[tuple[str, str]], error: Mapping[str, Any]
+) -> Plan[StallRecovery]:
+    """Requeue stalled running steps with attempts left (attempt + 1); fail the rest."""
+    if not keys:
+        return StallRecovery()
+    requeued_rows = (yield sql.recover_stalled(keys, retry=True, error=error)).all()
+    failed_rows = (yield sql.recover_stalled(keys, retry=False, error=error)).all()
+    requeued = [_applied(row, step=True) for row in requeued_rows]
+    failed = [_applied(row, step=True) for row in failed_rows]
+    events = _events_for(requeued, "stalled: requeued") + _events_for(failed, "stalled: failed")
+    if events:
+        yield sql.insert_rows(ExecutionEvent), events
+    return StallRecovery(requeued=requeued, failed=failed)
+
+
+def find_stalled_steps(stall_timeout_seconds: float, limit: int) -> Plan[list[tuple[str, str]]]:
+    """Keys of running steps whose heartbeat is older than the timeout."""
+    rows = (yield sql.stalled_steps(stall_timeout_seconds, limit)).all()
+    return [(row.execution_id, row.step_name) for row in rows]
+
+
+def heartbeat(worker: str, keys: Sequence[tuple[str, str]] | None) -> Plan[int]:
+    """Refresh the heartbeats of a worker's running steps; how many rows it touched."""
+    result = yield sql.heartbeat(worker, keys)
+    return int(result.rowcount)  # type: ignore[attr-defined]

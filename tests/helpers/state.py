@@ -1,0 +1,64 @@
+"""Helpers for state tests: force rows into a status, read rows and events back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from core.database import get_db_session
+from core.models import ExecutionEvent, StepExecution, WorkflowExecution
+
+
+def force_execution_status(execution_id: str, status: str) -> None:
+    """Put an execution in ``status`` behind the state machine's back (test setup only)."""
+    with get_db_session(commit=True) as db:
+        db.execute(
+            update(WorkflowExecution)
+            .where(WorkflowExecution.execution_id == execution_id)
+            .values(status=status)
+        )
+
+
+def force_step_status(execution_id: str, step_name: str, status: str, **values: Any) -> None:
+    """Put a step in ``status`` behind the state machine's back (test setup only)."""
+    with get_db_session(commit=True) as db:
+        db.execute(
+            update(StepExecution)
+            .where(StepExecution.execution_id == execution_id,
+                   StepExecution.step_name == step_name)
+            .values(status=status, **values)
+        )
+
+
+def execution_row(execution_id: str) -> dict[str, Any]:
+    """The execution's columns, read in a fresh session."""
+    with get_db_session() as db:
+        row = db.get(WorkflowExecution, execution_id)
+        assert row is not None
+        return {c.key: getattr(row, c.key) for c in WorkflowExecution.__table__.columns}
+
+
+def step_row(execution_id: str, step_name: str) -> dict[str, Any]:
+    """The step's columns, read in a fresh session."""
+    with get_db_session() as db:
+        row = db.get(StepExecution, (execution_id, step_name))
+        assert row is not None
+        return {c.key: getattr(row, c.key) for c in StepExecution.__table__.columns}
+
+
+def events(execution_id: str) -> list[tuple[str | None, str | None, str]]:
+    """(step, from, to) of every event of the execution, oldest first."""
+    with get_db_session() as db:
+        rows = db.execute(
+            select(ExecutionEvent.step_name, ExecutionEvent.from_status, ExecutionEvent.to_status)
+            .where(ExecutionEvent.execution_id == execution_id)
+            .order_by(ExecutionEvent.id)
+        ).all()
+        return [(r.step_name, r.from_status, r.to_status) for r in rows]
+
+
+def count(model: type[Any]) -> int:
+    """Rows in ``model``'s table."""
+    with get_db_session() as db:
+        return int(db.scalar(select(func.count()).select_from(model)) or 0)
