@@ -1,7 +1,7 @@
 """Test harness: real PostgreSQL and Redis, and one database fixture over both backends.
 
 ``database`` is parametrized over the backends in ``CONVEYOR_TEST_BACKENDS``
-(default ``postgresql,sqlite``); tests marked ``postgres_only`` are deselected on
+(default ``postgresql,sqlite``); tests marked ``postgresql_only`` are deselected on
 SQLite, never skipped. Each test gets a fresh database copied from a template built
 once per session, and every ``core.database`` helper is pointed at it.
 Servers are started here (see ``tests/servers.py``) unless
@@ -40,8 +40,9 @@ _counter = itertools.count()
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
         backends = BACKENDS
-        if metafunc.definition.get_closest_marker("postgres_only"):
-            backends = [b for b in BACKENDS if b == "postgresql"]
+        for only in ("postgresql", "sqlite"):
+            if metafunc.definition.get_closest_marker(f"{only}_only"):
+                backends = [b for b in BACKENDS if b == only]
         metafunc.parametrize("backend", backends, scope="session")
 
 
