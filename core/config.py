@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 
 DEFAULT_DATABASE_URL = "sqlite:///./conveyor.db"
@@ -34,7 +34,9 @@ def async_url_for(url: URL) -> URL:
 class Settings(BaseSettings):
     """Everything conveyor reads from its environment; see README's configuration table."""
 
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="CONVEYOR_", extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: SecretStr = Field(
         default=SecretStr(DEFAULT_DATABASE_URL),
@@ -55,6 +57,33 @@ class Settings(BaseSettings):
     db_retry_initial_wait: Annotated[float, Field(ge=0)] = 0.05
     db_retry_max_wait: Annotated[float, Field(ge=0)] = 2.0
     max_payload_bytes: Annotated[int, Field(ge=1)] = 1_048_576
+    workflow_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated modules whose module-level Workflow objects are registered.",
+    )
+    broker_url: SecretStr = Field(
+        default=SecretStr("filesystem://"),
+        description="Celery broker URL; filesystem:// is the embedded default (no server).",
+    )
+    broker_folder: str = Field(
+        default="./.conveyor-broker",
+        description="Folder of the filesystem broker's messages (embedded default only).",
+    )
+    broker_poll_interval: Annotated[float, Field(gt=0)] = 0.1
+    visibility_timeout: Annotated[int, Field(ge=60)] = 3600
+    heartbeat_interval: Annotated[float, Field(gt=0)] = 5.0
+    stall_timeout: Annotated[float, Field(gt=0)] = 60.0
+    reconcile_interval: Annotated[float, Field(gt=0)] = 5.0
+    reconcile_batch: Annotated[int, Field(ge=1)] = 500
+    retry_countdown_max: Annotated[float, Field(ge=0)] = 60.0
+    default_queue: str = "conveyor"
+
+    @field_validator("workflow_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("database_url", mode="before")
     @classmethod
