@@ -96,11 +96,14 @@ class EnhancedExecutionStateManager(ExecutionStateManager):
         attempt: int,
         output_data: Any,
         downstream: Sequence[str] = (),
+        sinks: Sequence[str] = (),
     ) -> StepCompletion:
         """Record success, queue downstream steps whose last upstream this was, and finish
         the execution if nothing is open: one transaction. A duplicate is not applied."""
         return await self.run(
-            self.requests.complete_step(execution_id, step_name, attempt, output_data, downstream)
+            self.requests.complete_step(
+                execution_id, step_name, attempt, output_data, downstream, sinks
+            )
         )
 
     async def heartbeat(self, worker: str, keys: StepKeys | None = None) -> int:
@@ -190,10 +193,13 @@ class SyncEnhancedExecutionStateManager(SyncExecutionStateManager):
         attempt: int,
         output_data: Any,
         downstream: Sequence[str] = (),
+        sinks: Sequence[str] = (),
     ) -> StepCompletion:
         """See EnhancedExecutionStateManager.complete_step."""
         return self.run(
-            self.requests.complete_step(execution_id, step_name, attempt, output_data, downstream)
+            self.requests.complete_step(
+                execution_id, step_name, attempt, output_data, downstream, sinks
+            )
         )
 
     def heartbeat(self, worker: str, keys: StepKeys | None = None) -> int:

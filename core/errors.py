@@ -41,6 +41,22 @@ class StepNotFound(NotFound):
         self.step_name = step_name
 
 
+class WorkflowNotFound(NotFound):
+    """No workflow of this name (and version) is registered."""
+
+    def __init__(
+        self, name: str, version: int | None = None, known: list[str] | None = None
+    ) -> None:
+        what = f"{name!r} version {version}" if version is not None else repr(name)
+        hint = f"; registered: {', '.join(known)}" if known else "; none are registered"
+        super().__init__(f"no workflow {what}{hint}")
+        self.name = name
+
+
+class DefinitionError(ConveyorError):
+    """A workflow definition is not valid (cycle, unknown dependency, bad step)."""
+
+
 class InputValidationError(ConveyorError, ValueError):
     """The input given is not valid."""
 

@@ -29,6 +29,7 @@ from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 from core.transactions import Plan
 
 log = logging.getLogger(__name__)
+INSERT_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def _event(
     }
 
 
-def _applied(row: Row[Any], step: bool) -> TransitionResult:
+def transition_of(row: Row[Any], step: bool) -> TransitionResult:
     return TransitionResult(
         applied=True,
         execution_id=row.execution_id,
@@ -133,7 +134,7 @@ def _applied(row: Row[Any], step: bool) -> TransitionResult:
     )
 
 
-def _events_for(results: Sequence[TransitionResult], reason: str | None) -> list[dict[str, Any]]:
+def event_rows(results: Sequence[TransitionResult], reason: str | None) -> list[dict[str, Any]]:
     return [
         _event(r.execution_id, r.step_name, r.from_status, r.to_status, r.attempt, reason)
         for r in results
@@ -142,22 +143,45 @@ def _events_for(results: Sequence[TransitionResult], reason: str | None) -> list
 
 def create_execution(dialect: str, new: NewExecution) -> Plan[CreatedExecution]:
     """Insert an execution, its steps and its first event; reuse one with the same key."""
-    execution_id = new_id()
-    values = {
-        "execution_id": execution_id,
-        "workflow_id": new.workflow_id,
-        "workflow_version": new.workflow_version,
-        "input_data": new.input_data,
-        "status": ExecutionStatus.PENDING.value,
-        "idempotency_key": new.idempotency_key,
-        "triggered_by": new.triggered_by,
-        "priority": new.priority,
-        "deadline_at": new.deadline_at,
-    }
-    idempotent = new.idempotency_key is not None
-    inserted = (yield sql.insert_execution(dialect, values, idempotent=idempotent)).all()
-    if not inserted:
-        assert new.idempotency_key is not None
+    created = yield from create_executions(dialect, [new])
+    return created[0]
+
+
+def create_executions(dialect: str, batch: Sequence[NewExecution]) -> Plan[list[CreatedExecution]]:
+    """Insert many executions with one INSERT each for executions, steps and events.
+
+    Executions whose idempotency key is already taken are not inserted: the existing
+    execution is returned (created=False) when it has the same workflow and input, and
+    IdempotencyConflict is raised when it does not.
+    """
+    ids = [new_id() for _ in batch]
+    rows = [
+        {
+            "execution_id": execution_id,
+            "workflow_id": new.workflow_id,
+            "workflow_version": new.workflow_version,
+            "input_data": new.input_data,
+            "status": ExecutionStatus.PENDING.value,
+            "idempotency_key": new.idempotency_key,
+            "triggered_by": new.triggered_by,
+            "priority": new.priority,
+            "deadline_at": new.deadline_at,
+        }
+        for execution_id, new in zip(ids, batch, strict=True)
+    ]
+    keyed = any(new.idempotency_key is not None for new in batch)
+    inserted: set[str] = set()
+    # Chunks keep each statement under SQLite's limit on bound parameters.
+    for start in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[start : start + INSERT_CHUNK]
+        result = yield sql.insert_executions(dialect, chunk, idempotent=keyed)
+        inserted.update(row.execution_id for row in result.all())
+    outcome: list[CreatedExecution] = []
+    for execution_id, new in zip(ids, batch, strict=True):
+        if execution_id in inserted:
+            outcome.append(CreatedExecution(execution_id, created=True))
+            continue
+        assert new.idempotency_key is not None, "only a key conflict skips an insert"
         existing = (yield sql.select_by_idempotency_key(new.idempotency_key)).one()
         same_input = json.dumps(existing.input_data, sort_keys=True) == json.dumps(
             new.input_data, sort_keys=True
@@ -167,22 +191,28 @@ def create_execution(dialect: str, new: NewExecution) -> Plan[CreatedExecution]:
                 f"idempotency key {new.idempotency_key!r} is already used by execution "
                 f"{existing.execution_id} of workflow {existing.workflow_id!r} with other input"
             )
-        return CreatedExecution(existing.execution_id, created=False)
-    if new.steps:
-        rows = [
-            {
-                "execution_id": execution_id,
-                "step_name": step.name,
-                "status": StepStatus.PENDING.value,
-                "unmet_deps": step.unmet_deps,
-                "max_attempts": step.max_attempts,
-            }
-            for step in new.steps
+        outcome.append(CreatedExecution(existing.execution_id, created=False))
+    created = [(c.execution_id, new) for c, new in zip(outcome, batch, strict=True) if c.created]
+    step_rows = [
+        {
+            "execution_id": execution_id,
+            "step_name": step.name,
+            "status": StepStatus.PENDING.value,
+            "unmet_deps": step.unmet_deps,
+            "max_attempts": step.max_attempts,
+        }
+        for execution_id, new in created
+        for step in new.steps
+    ]
+    if step_rows:
+        yield sql.insert_rows(StepExecution), step_rows
+    if created:
+        events = [
+            _event(execution_id, None, None, ExecutionStatus.PENDING.value, 1, "created")
+            for execution_id, _ in created
         ]
-        yield sql.insert_rows(StepExecution), rows
-    event = _event(execution_id, None, None, ExecutionStatus.PENDING.value, 1, "created")
-    yield sql.insert_rows(ExecutionEvent), [event]
-    return CreatedExecution(execution_id, created=True)
+        yield sql.insert_rows(ExecutionEvent), events
+    return outcome
 
 
 def get_execution(execution_id: str) -> Plan[WorkflowExecution]:
@@ -270,8 +300,8 @@ def transition_execution(
             to_status=target.value,
             current_status=current,
         )
-    result = _applied(row, step=False)
-    yield sql.insert_rows(ExecutionEvent), _events_for([result], reason)
+    result = transition_of(row, step=False)
+    yield sql.insert_rows(ExecutionEvent), event_rows([result], reason)
     return result
 
 
@@ -313,8 +343,8 @@ def transition_step(
             current_status=current.status,
             attempt=current.attempt,
         )
-    result = _applied(row, step=True)
-    yield sql.insert_rows(ExecutionEvent), _events_for([result], reason)
+    result = transition_of(row, step=True)
+    yield sql.insert_rows(ExecutionEvent), event_rows([result], reason)
     return result
 
 
@@ -328,9 +358,9 @@ def transition_steps(
 ) -> Plan[list[TransitionResult]]:
     """Move every named step (None: all) that is in ``sources``; one statement, one insert."""
     rows = (yield sql.transition_steps(execution_id, step_names, target, sources)).all()
-    results = [_applied(row, step=True) for row in rows]
+    results = [transition_of(row, step=True) for row in rows]
     if results:
-        yield sql.insert_rows(ExecutionEvent), _events_for(results, reason)
+        yield sql.insert_rows(ExecutionEvent), event_rows(results, reason)
     return results
 
 
@@ -355,6 +385,7 @@ def complete_step(
     attempt: int,
     output_data: Any,
     downstream: Sequence[str],
+    sinks: Sequence[str] = (),
 ) -> Plan[StepCompletion]:
     """Record a step's success, release its downstream steps, and finish the execution
     when nothing is left open: all or nothing, in one transaction.
@@ -373,22 +404,37 @@ def complete_step(
     queued: list[TransitionResult] = []
     if downstream:
         rows = (yield sql.release_downstream(execution_id, downstream)).all()
-        queued = [_applied(row, step=True) for row in rows if row.status == StepStatus.QUEUED.value]
+        queued = [
+            transition_of(row, step=True) for row in rows if row.status == StepStatus.QUEUED.value
+        ]
         if queued:
-            yield sql.insert_rows(ExecutionEvent), _events_for(queued, "upstream steps done")
-    finished = yield from finish_if_done(execution_id)
+            yield sql.insert_rows(ExecutionEvent), event_rows(queued, "upstream steps done")
+    finished = yield from finish_if_done(execution_id, sinks)
     return StepCompletion(
         transition=done, queued=tuple(r.step_name or "" for r in queued), execution=finished
     )
 
 
-def finish_if_done(execution_id: str) -> Plan[TransitionResult | None]:
-    """Finalize a running execution whose steps are all final; None if it is not done."""
+def finish_if_done(execution_id: str, sinks: Sequence[str] = ()) -> Plan[TransitionResult | None]:
+    """Finalize a running execution whose steps are all final; None if it is not done.
+
+    A success records the outputs of the ``sinks`` (steps nothing depends on) as the
+    execution's output; a failure records the first failed step's error.
+    """
     row = (yield sql.finish_execution_if_done(execution_id)).first()
     if row is None:
         return None
-    result = _applied(row, step=False)
-    yield sql.insert_rows(ExecutionEvent), _events_for([result], "all steps final")
+    result = transition_of(row, step=False)
+    yield sql.insert_rows(ExecutionEvent), event_rows([result], "all steps final")
+    if result.to_status == ExecutionStatus.SUCCEEDED.value and sinks:
+        outputs = (yield sql.step_outputs(execution_id, sinks)).all()
+        output = {row.step_name: row.output_data for row in outputs}
+        yield sql.set_execution_result(execution_id, {"output_data": output})
+    elif result.to_status == ExecutionStatus.FAILED.value:
+        failed = (yield sql.first_step_error(execution_id)).first()
+        if failed is not None:
+            error = {"step": failed.step_name, **(failed.error or {})}
+            yield sql.set_execution_result(execution_id, {"error": error})
     return result
 
 
@@ -400,9 +446,9 @@ def recover_stalled_steps(
         return StallRecovery()
     requeued_rows = (yield sql.recover_stalled(keys, retry=True, error=error)).all()
     failed_rows = (yield sql.recover_stalled(keys, retry=False, error=error)).all()
-    requeued = [_applied(row, step=True) for row in requeued_rows]
-    failed = [_applied(row, step=True) for row in failed_rows]
-    events = _events_for(requeued, "stalled: requeued") + _events_for(failed, "stalled: failed")
+    requeued = [transition_of(row, step=True) for row in requeued_rows]
+    failed = [transition_of(row, step=True) for row in failed_rows]
+    events = event_rows(requeued, "stalled: requeued") + event_rows(failed, "stalled: failed")
     if events:
         yield sql.insert_rows(ExecutionEvent), events
     return StallRecovery(requeued=requeued, failed=failed)

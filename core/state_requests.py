@@ -139,6 +139,7 @@ class StateRequests:
         attempt: int,
         output_data: Any,
         downstream: Sequence[str],
+        sinks: Sequence[str] = (),
     ) -> PlanFactory[StepCompletion]:
         ops.check_payload("output_data", output_data, self.settings.max_payload_bytes)
         return partial(
@@ -148,6 +149,7 @@ class StateRequests:
             attempt=attempt,
             output_data=output_data,
             downstream=list(downstream),
+            sinks=list(sinks),
         )
 
     def heartbeat(self, worker: str, keys: Sequence[tuple[str, str]] | None) -> PlanFactory[int]:

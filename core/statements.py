@@ -42,14 +42,17 @@ EXECUTION_RETURNING = (WE.execution_id, WE.previous_status, WE.status, WE.attemp
 STEP_RETURNING = (SE.execution_id, SE.step_name, SE.previous_status, SE.status, SE.attempt)
 
 
-def insert_execution(dialect: str, values: Mapping[str, Any], *, idempotent: bool) -> Insert:
-    """INSERT one execution; with ``idempotent``, a reused idempotency key inserts nothing."""
+def insert_executions(
+    dialect: str, rows: Sequence[Mapping[str, Any]], *, idempotent: bool
+) -> Insert:
+    """One multi-row INSERT of executions; with ``idempotent``, rows whose idempotency
+    key is taken are skipped (ON CONFLICT DO NOTHING) and missing from RETURNING."""
     if not idempotent:
-        return insert(WE).values(**values).returning(WE.execution_id)
+        return insert(WE).values(list(rows)).returning(WE.execution_id)
     dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return (
         dialect_insert(WE)
-        .values(**values)
+        .values(list(rows))
         .on_conflict_do_nothing(index_elements=[WE.idempotency_key])
         .returning(WE.execution_id)
     )
@@ -126,17 +129,18 @@ def _status_timestamps_execution(target: ExecutionStatus, retry: bool) -> dict[s
 
 
 def transition_execution(
-    execution_id: str,
+    execution_id: str | Sequence[str],
     target: ExecutionStatus,
     sources: Collection[ExecutionStatus],
     *,
     retry: bool = False,
     values: Mapping[str, Any] | None = None,
 ) -> Update:
-    """Compare-and-set one execution from any of ``sources`` to ``target``."""
+    """Compare-and-set one execution (or a set of them) from ``sources`` to ``target``."""
+    ids = [execution_id] if isinstance(execution_id, str) else list(execution_id)
     return (
         update(WE)
-        .where(WE.execution_id == execution_id, WE.status.in_(sorted(sources)))
+        .where(WE.execution_id.in_(ids), WE.status.in_(sorted(sources)))
         .values(
             status=target.value,
             previous_status=WE.status,
@@ -320,3 +324,189 @@ def heartbeat(worker: str, keys: Sequence[tuple[str, str]] | None = None) -> Upd
     if keys is not None:
         conditions.append(_key_match(keys))
     return update(SE).where(*conditions).values(heartbeat_at=utcnow()).execution_options(**_BULK)
+
+
+# --- scheduling: admission, claims, reconciler scans --------------------------------
+
+
+def lock_workflow(dialect: str, workflow_id: str) -> Select[Any] | None:
+    """Serialise admissions of one workflow (PostgreSQL advisory lock, held to commit).
+
+    SQLite needs none: its write transactions begin IMMEDIATE and so are serial.
+    """
+    if dialect != "postgresql":
+        return None
+    return select(func.pg_advisory_xact_lock(func.hashtext(workflow_id)))
+
+
+def count_running(workflow_id: str) -> Select[int]:
+    """How many executions of the workflow are running (the concurrency limit's count)."""
+    return (
+        select(func.count())
+        .select_from(WE)
+        .where(WE.workflow_id == workflow_id, WE.status == ExecutionStatus.RUNNING.value)
+    )
+
+
+def next_pending(workflow_id: str, limit: int) -> Select[str]:
+    """The pending executions of a workflow in admission order: priority, then FIFO."""
+    return (
+        select(WE.execution_id)
+        .where(WE.workflow_id == workflow_id, WE.status == ExecutionStatus.PENDING.value)
+        .order_by(WE.priority.desc(), WE.created_at, WE.execution_id)
+        .limit(limit)
+    )
+
+
+def queue_roots(execution_ids: Sequence[str]) -> Update:
+    """Queue every pending step with no unmet upstream of the given executions."""
+    return (
+        update(SE)
+        .where(
+            SE.execution_id.in_(list(execution_ids)),
+            SE.status == StepStatus.PENDING.value,
+            SE.unmet_deps == 0,
+        )
+        .values(status=StepStatus.QUEUED.value, previous_status=SE.status, queued_at=utcnow())
+        .returning(*STEP_RETURNING)
+        .execution_options(**_BULK)
+    )
+
+
+def claim_step(execution_id: str, step_name: str, worker: str, task_id: str | None) -> Update:
+    """queued -> running, only when the step is due and its execution is running.
+
+    An early or duplicate message (a retry not yet due, a republish, a redelivery after
+    the visibility timeout) matches nothing and is acknowledged as a no-op.
+    """
+    now = utcnow()
+    execution_running = exists().where(
+        WE.execution_id == execution_id, WE.status == ExecutionStatus.RUNNING.value
+    )
+    return (
+        update(SE)
+        .where(
+            SE.execution_id == execution_id,
+            SE.step_name == step_name,
+            SE.status == StepStatus.QUEUED.value,
+            (SE.next_attempt_at.is_(None)) | (SE.next_attempt_at <= now),
+            execution_running,
+        )
+        .values(
+            status=StepStatus.RUNNING.value,
+            previous_status=SE.status,
+            worker=worker,
+            celery_task_id=task_id,
+            started_at=now,
+            heartbeat_at=now,
+            finished_at=None,
+            next_attempt_at=None,
+        )
+        .returning(*STEP_RETURNING)
+        .execution_options(**_BULK)
+    )
+
+
+def step_outputs(execution_id: str, step_names: Sequence[str]) -> Select[str, Any]:
+    """Outputs of the named steps of an execution."""
+    return select(SE.step_name, SE.output_data).where(
+        SE.execution_id == execution_id, SE.step_name.in_(list(step_names))
+    )
+
+
+def first_step_error(execution_id: str) -> Select[str, Any]:
+    """The earliest failure among an execution's steps (what its own error reports)."""
+    return (
+        select(SE.step_name, SE.error)
+        .where(SE.execution_id == execution_id, SE.status == StepStatus.FAILED.value)
+        .order_by(SE.finished_at, SE.step_name)
+        .limit(1)
+    )
+
+
+def set_execution_result(execution_id: str, values: Mapping[str, Any]) -> Update:
+    """Record an execution's output or error (after it was finalized)."""
+    return (
+        update(WE)
+        .where(WE.execution_id == execution_id)
+        .values(**values)
+        .execution_options(**_BULK)
+    )
+
+
+def due_queued_steps(republish_after: float, limit: int) -> Select[str, str]:
+    """Queued steps that are due and whose message has gone unclaimed for a while."""
+    now = utcnow()
+    return (
+        select(SE.execution_id, SE.step_name)
+        .where(
+            SE.status == StepStatus.QUEUED.value,
+            (SE.next_attempt_at.is_(None) & (SE.queued_at < utcnow(-republish_after)))
+            | (SE.next_attempt_at <= now),
+        )
+        .order_by(SE.queued_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def republish(keys: Sequence[tuple[str, str]]) -> Update:
+    """queued -> queued for steps about to be published again."""
+    return (
+        update(SE)
+        .where(SE.status == StepStatus.QUEUED.value, _key_match(keys))
+        .values(previous_status=SE.status, queued_at=utcnow(), next_attempt_at=None)
+        .returning(*STEP_RETURNING)
+        .execution_options(**_BULK)
+    )
+
+
+def stale_pending_executions(older_than: float, limit: int) -> Select[str, str]:
+    """Pending executions created a while ago: their start message may be lost."""
+    return (
+        select(WE.execution_id, WE.workflow_id)
+        .where(WE.status == ExecutionStatus.PENDING.value, WE.created_at < utcnow(-older_than))
+        .order_by(WE.created_at)
+        .limit(limit)
+    )
+
+
+def overdue_executions(limit: int) -> Select[str]:
+    """Open executions past their deadline (served by the partial deadline index)."""
+    return (
+        select(WE.execution_id)
+        .where(
+            WE.deadline_at.is_not(None),
+            WE.status.in_([ExecutionStatus.PENDING.value, ExecutionStatus.RUNNING.value]),
+            WE.deadline_at < utcnow(),
+        )
+        .order_by(WE.deadline_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def finishable_executions(limit: int) -> Select[str]:
+    """Running executions none of whose steps is still open."""
+    open_step = exists().where(
+        SE.execution_id == WE.execution_id, SE.status.in_(sorted(s.value for s in STEPS.open))
+    )
+    return (
+        select(WE.execution_id)
+        .where(WE.status == ExecutionStatus.RUNNING.value, ~open_step)
+        .limit(limit)
+    )
+
+
+def cancel_steps_of(execution_ids: Sequence[str]) -> Update:
+    """Cancel every open step of the given executions in one statement."""
+    return (
+        update(SE)
+        .where(
+            SE.execution_id.in_(list(execution_ids)),
+            SE.status.in_(sorted(STEPS.sources_of(StepStatus.CANCELLED))),
+        )
+        .values(status=StepStatus.CANCELLED.value, previous_status=SE.status, finished_at=utcnow())
+        .returning(*STEP_RETURNING)
+        .execution_options(**_BULK)
+    )

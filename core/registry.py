@@ -1,0 +1,71 @@
+"""Finds workflows by name: from the modules named in ``CONVEYOR_WORKFLOW_MODULES``.
+
+Users add workflows without editing conveyor: any module-level ``Workflow`` in a
+listed module is registered, after its whole DAG is validated.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+
+from core.config import get_settings
+from core.errors import DefinitionError, WorkflowNotFound
+from core.workflows import Workflow
+
+
+class WorkflowRegistry:
+    """Workflows by (name, version); lookups without a version get the newest."""
+
+    def __init__(self, workflows: Iterable[Workflow] = ()) -> None:
+        self._workflows: dict[tuple[str, int], Workflow] = {}
+        for workflow in workflows:
+            self.register(workflow)
+
+    def register(self, workflow: Workflow) -> Workflow:
+        """Validate and add ``workflow``; the same name and version twice is an error."""
+        workflow.validate()
+        key = (workflow.name, workflow.version)
+        existing = self._workflows.get(key)
+        if existing is not None and existing is not workflow:
+            raise DefinitionError(
+                f"workflow {workflow.name!r} version {workflow.version} is registered twice"
+            )
+        self._workflows[key] = workflow
+        return workflow
+
+    def load_module(self, module_name: str) -> list[Workflow]:
+        """Import ``module_name`` and register every module-level Workflow in it."""
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise DefinitionError(f"cannot import workflow module {module_name!r}: {exc}") from exc
+        found = [value for value in vars(module).values() if isinstance(value, Workflow)]
+        return [self.register(workflow) for workflow in found]
+
+    def get(self, name: str, version: int | None = None) -> Workflow:
+        """The workflow called ``name`` (newest version unless one is given)."""
+        if version is not None:
+            found = self._workflows.get((name, version))
+        else:
+            versions = [w for (n, _), w in self._workflows.items() if n == name]
+            found = max(versions, key=lambda w: w.version) if versions else None
+        if found is None:
+            raise WorkflowNotFound(name, version, sorted({n for n, _ in self._workflows}))
+        return found
+
+    def __iter__(self) -> Iterator[Workflow]:
+        return iter(sorted(self._workflows.values(), key=lambda w: (w.name, w.version)))
+
+    def __len__(self) -> int:
+        return len(self._workflows)
+
+
+@lru_cache(maxsize=1)
+def get_registry() -> WorkflowRegistry:
+    """The process's registry, loaded once from ``CONVEYOR_WORKFLOW_MODULES``."""
+    registry = WorkflowRegistry()
+    for module_name in get_settings().workflow_modules:
+        registry.load_module(module_name)
+    return registry
