@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     stall_timeout: Annotated[float, Field(gt=0)] = 60.0
     reconcile_interval: Annotated[float, Field(gt=0)] = 5.0
     reconcile_batch: Annotated[int, Field(ge=1)] = 500
+    republish_after: Annotated[float, Field(gt=0)] = 120.0
+    start_after: Annotated[float, Field(gt=0)] = 30.0
     retry_countdown_max: Annotated[float, Field(ge=0)] = 60.0
     default_queue: str = "conveyor"
 

@@ -82,7 +82,11 @@ class InvalidTransition(ConveyorError):
         self.target = target
 
 
-class AlreadyExists(ConveyorError):
+class StepTimedOut(ConveyorError):
+    """A step ran past its soft timeout."""
+
+
+class AlreadyExists(ConveyorError, ValueError):
     """A row with the same unique key already exists."""
 
 

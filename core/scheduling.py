@@ -202,29 +202,32 @@ def fail_step(
 
 
 def fail_unrunnable(
-    execution_id: str, step_name: str, error: Mapping[str, Any], sinks: Sequence[str] = ()
+    execution_id: str, step_name: str, attempt: int, error: Mapping[str, Any]
 ) -> Plan[StepFailure]:
-    """Fail a queued step that can never run (its workflow is not registered here)."""
-
+    """Fail a claimed step that cannot run here (its workflow or step is not registered),
+    skip everything still pending, and finish the execution when nothing is open."""
     failed = yield from transition_step(
         execution_id,
         step_name,
         StepStatus.FAILED,
-        frozenset({StepStatus.QUEUED}),
+        frozenset({StepStatus.RUNNING}),
         reason="cannot run",
+        attempt=attempt,
         values={"error": dict(error)},
     )
     if not failed.applied:
         return StepFailure(transition=failed)
-    yield from transition_steps(
+    skipped = yield from transition_steps(
         execution_id,
         None,
         StepStatus.SKIPPED,
         frozenset({StepStatus.PENDING}),
         reason=f"step {step_name} cannot run",
     )
-    finished = yield from finish_if_done(execution_id, sinks)
-    return StepFailure(transition=failed, execution=finished)
+    finished = yield from finish_if_done(execution_id)
+    return StepFailure(
+        transition=failed, skipped=[r.step_name or "" for r in skipped], execution=finished
+    )
 
 
 def retry_execution(
@@ -350,3 +353,23 @@ def execution_exists(execution_id: str) -> Plan[str]:
     if status is None:
         raise ExecutionNotFound(execution_id)
     return str(status)
+
+
+def step_status(execution_id: str, step_name: str) -> Plan[str | None]:
+    """The step's status, or None when there is no such step."""
+    row = (yield sql.select_step_status(execution_id, step_name)).first()
+    return None if row is None else str(row.status)
+
+
+def record_late_output(execution_id: str, step_name: str, attempt: int, output: Any) -> Plan[int]:
+    """Keep the output of a step that finished after it was cancelled (advances nothing)."""
+    result = yield sql.late_output(execution_id, step_name, attempt, output)
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def execution_routes(execution_ids: Sequence[str]) -> Plan[dict[str, tuple[str, int, int]]]:
+    """(workflow, version, priority) of each execution: what publishing a step needs."""
+    if not execution_ids:
+        return {}
+    rows = (yield sql.execution_routes(execution_ids)).all()
+    return {r.execution_id: (r.workflow_id, r.workflow_version, r.priority) for r in rows}

@@ -510,3 +510,25 @@ def cancel_steps_of(execution_ids: Sequence[str]) -> Update:
         .returning(*STEP_RETURNING)
         .execution_options(**_BULK)
     )
+
+
+def late_output(execution_id: str, step_name: str, attempt: int, output: Any) -> Update:
+    """Store the output of a cancelled step's attempt that completed anyway."""
+    return (
+        update(SE)
+        .where(
+            SE.execution_id == execution_id,
+            SE.step_name == step_name,
+            SE.attempt == attempt,
+            SE.status == StepStatus.CANCELLED.value,
+        )
+        .values(output_data=output)
+        .execution_options(**_BULK)
+    )
+
+
+def execution_routes(execution_ids: Sequence[str]) -> Select[str, str, int, int]:
+    """Workflow, version and priority of executions."""
+    return select(WE.execution_id, WE.workflow_id, WE.workflow_version, WE.priority).where(
+        WE.execution_id.in_(list(execution_ids))
+    )

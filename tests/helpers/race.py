@@ -13,12 +13,16 @@ from core.database import Database
 from core.execution_state_manager import SyncExecutionStateManager
 
 
-def race_transition(
-    database_url: str, execution_id: str, target: str, barrier: Barrier
-) -> bool:
+def race_transition(database_url: str, execution_id: str, target: str, barrier: Barrier) -> bool:
     """Wait for every racer, then try ``target``; True if this racer's CAS applied."""
-    database = Database(Settings(database_url=database_url, db_retry_attempts=50,
-                                 db_retry_initial_wait=0.01, db_retry_max_wait=0.1))
+    database = Database(
+        Settings(
+            database_url=database_url,
+            db_retry_attempts=50,
+            db_retry_initial_wait=0.01,
+            db_retry_max_wait=0.1,
+        )
+    )
     try:
         manager = SyncExecutionStateManager(database)
         barrier.wait(timeout=60)

@@ -25,8 +25,7 @@ def force_step_status(execution_id: str, step_name: str, status: str, **values: 
     with get_db_session(commit=True) as db:
         db.execute(
             update(StepExecution)
-            .where(StepExecution.execution_id == execution_id,
-                   StepExecution.step_name == step_name)
+            .where(StepExecution.execution_id == execution_id, StepExecution.step_name == step_name)
             .values(status=status, **values)
         )
 

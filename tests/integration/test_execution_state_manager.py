@@ -68,7 +68,8 @@ def test_idempotency_key_returns_the_existing_execution(database: TestDatabase) 
     manager = SyncExecutionStateManager()
     first = manager.create_or_get_execution("charge", {"cents": 500}, idempotency_key="order-7")
     again = manager.create_or_get_execution("charge", {"cents": 500}, idempotency_key="order-7")
-    assert first.created and not again.created
+    assert first.created
+    assert not again.created
     assert again.execution_id == first.execution_id
     assert count(WorkflowExecution) == 1
     assert count(ExecutionEvent) == 1
@@ -93,7 +94,10 @@ def test_transition_applies_once_then_reports_not_applied(database: TestDatabase
     assert row["status"] == "succeeded"
     assert row["previous_status"] == "running"
     assert row["finished_at"] >= row["started_at"]
-    assert events(execution_id)[1:] == [(None, "pending", "running"), (None, "running", "succeeded")]
+    assert events(execution_id)[1:] == [
+        (None, "pending", "running"),
+        (None, "running", "succeeded"),
+    ]
 
 
 def test_explicit_retry_leaves_a_final_status(database: TestDatabase) -> None:
@@ -104,7 +108,8 @@ def test_explicit_retry_leaves_a_final_status(database: TestDatabase) -> None:
         manager.transition_execution(execution_id, "running", expected="failed")
     assert not manager.transition_execution(execution_id, "running").applied
     retried = manager.transition_execution(execution_id, "running", retry=True, reason="retry")
-    assert retried.applied and retried.attempt == 2
+    assert retried.applied
+    assert retried.attempt == 2
     assert execution_row(execution_id)["finished_at"] is None
 
 
@@ -146,12 +151,17 @@ def test_database_constraint_errors_are_raised_at_once_and_write_nothing(
     retries: list[int] = []
     from core.transactions import RetryPolicy
 
-    policy = RetryPolicy(attempts=5, initial_wait=0, max_wait=0,
-                         on_retry=lambda state: retries.append(state.attempt_number))
+    policy = RetryPolicy(
+        attempts=5,
+        initial_wait=0,
+        max_wait=0,
+        on_retry=lambda state: retries.append(state.attempt_number),
+    )
     manager = SyncExecutionStateManager(retry_policy=policy)
     with pytest.raises(InputValidationError, match="refers to a row that does not exist"):
-        manager.create_execution("w", {}, triggered_by="no-such-user",
-                                 steps=[StepSpec("a"), StepSpec("b", unmet_deps=1)])
+        manager.create_execution(
+            "w", {}, triggered_by="no-such-user", steps=[StepSpec("a"), StepSpec("b", unmet_deps=1)]
+        )
     assert retries == []
     assert count(WorkflowExecution) == 0
     assert count(StepExecution) == 0
@@ -167,7 +177,11 @@ def test_create_with_steps_deadline_and_trigger(database: TestDatabase) -> None:
     deadline = datetime.now(UTC) + timedelta(hours=1)
     manager = SyncExecutionStateManager()
     execution_id = manager.create_execution(
-        "etl", {"day": 1}, triggered_by=user.id, priority=5, deadline_at=deadline,
+        "etl",
+        {"day": 1},
+        triggered_by=user.id,
+        priority=5,
+        deadline_at=deadline,
         steps=[StepSpec("extract"), StepSpec("load", unmet_deps=1, max_attempts=3)],
     )
     row = execution_row(execution_id)
@@ -194,8 +208,15 @@ async def test_cancel_execution_cancels_open_steps_in_one_transaction(
     steps = {s.step_name: s.status for s in await manager.get_steps(execution_id)}
     assert steps == {"a": "succeeded", "b": "cancelled", "c": "cancelled"}
     history = await manager.get_history(execution_id)
-    cancels = [(e.step_name, e.from_status, e.reason) for e in history if e.to_status == "cancelled"]
+    cancels = [
+        (e.step_name, e.from_status, e.reason) for e in history if e.to_status == "cancelled"
+    ]
     assert sorted(cancels, key=str) == sorted(
-        [(None, "running", "user asked"), ("b", "queued", "user asked"),
-         ("c", "pending", "user asked")], key=str)
+        [
+            (None, "running", "user asked"),
+            ("b", "queued", "user asked"),
+            ("c", "pending", "user asked"),
+        ],
+        key=str,
+    )
     assert not (await manager.cancel_execution(execution_id)).applied

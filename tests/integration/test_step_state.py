@@ -35,12 +35,18 @@ def _start(manager: SyncEnhancedExecutionStateManager, steps: list[StepSpec]) ->
     return execution_id
 
 
-def _run(manager: SyncEnhancedExecutionStateManager, execution_id: str, step: str,
-         downstream: list[str], output: Any = None) -> StepCompletion:
+def _run(
+    manager: SyncEnhancedExecutionStateManager,
+    execution_id: str,
+    step: str,
+    downstream: list[str],
+    output: Any = None,
+) -> StepCompletion:
     claim = manager.claim_step(execution_id, step, worker="w1", celery_task_id=f"task-{step}")
     assert claim.applied, claim
-    return manager.complete_step(execution_id, step, attempt=1, output_data=output,
-                                 downstream=downstream)
+    return manager.complete_step(
+        execution_id, step, attempt=1, output_data=output, downstream=downstream
+    )
 
 
 def test_diamond_runs_to_success_in_order(database: TestDatabase) -> None:
@@ -52,7 +58,8 @@ def test_diamond_runs_to_success_in_order(database: TestDatabase) -> None:
     assert last.queued == ("d",)
     assert last.execution is None
     final = _run(manager, execution_id, "d", [])
-    assert final.execution is not None and final.execution.to_status == "succeeded"
+    assert final.execution is not None
+    assert final.execution.to_status == "succeeded"
     assert step_row(execution_id, "a")["output_data"] == {"rows": 3}
     assert execution_row(execution_id)["status"] == "succeeded"
 
@@ -70,8 +77,7 @@ def test_join_is_queued_exactly_once_when_branches_finish_together(
 
         def finish(name: str, eid: str = execution_id, gate: Any = barrier) -> StepCompletion:
             gate.wait(timeout=30)
-            return manager.complete_step(eid, name, attempt=1, output_data=name,
-                                         downstream=["d"])
+            return manager.complete_step(eid, name, attempt=1, output_data=name, downstream=["d"])
 
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(finish, ["b", "c"]))
@@ -85,9 +91,11 @@ def test_duplicate_and_stale_completions_change_nothing(database: TestDatabase) 
     execution_id = _start(manager, DIAMOND)
     assert not manager.claim_step(execution_id, "b", worker="w", celery_task_id=None).applied
     first = _run(manager, execution_id, "a", ["b", "c"], output="first")
-    duplicate = manager.complete_step(execution_id, "a", attempt=1, output_data="again",
-                                      downstream=["b", "c"])
-    assert first.transition.applied and not duplicate.transition.applied
+    duplicate = manager.complete_step(
+        execution_id, "a", attempt=1, output_data="again", downstream=["b", "c"]
+    )
+    assert first.transition.applied
+    assert not duplicate.transition.applied
     assert duplicate.transition.current_status == "succeeded"
     assert duplicate.queued == ()
     assert step_row(execution_id, "a")["output_data"] == "first"
@@ -96,8 +104,9 @@ def test_duplicate_and_stale_completions_change_nothing(database: TestDatabase) 
     # A completion from an attempt that has since been recovered and re-run.
     manager.claim_step(execution_id, "b", worker="w", celery_task_id=None)
     force_step_status(execution_id, "b", "running", attempt=2)
-    stale = manager.complete_step(execution_id, "b", attempt=1, output_data="late",
-                                  downstream=["d"])
+    stale = manager.complete_step(
+        execution_id, "b", attempt=1, output_data="late", downstream=["d"]
+    )
     assert not stale.transition.applied
     assert step_row(execution_id, "b")["status"] == "running"
     assert step_row(execution_id, "d")["unmet_deps"] == 2
@@ -111,8 +120,10 @@ def test_failed_step_fails_the_execution_when_all_are_final(database: TestDataba
     assert manager.transition_step(execution_id, "a", "failed", error=error).applied
     manager.transition_steps(execution_id, ["b"], "skipped", reason="upstream failed")
     from core import operations
+
     done = manager.run(lambda: operations.finish_if_done(execution_id))
-    assert done is not None and done.to_status == "failed"
+    assert done is not None
+    assert done.to_status == "failed"
     assert step_row(execution_id, "a")["error"] == error
 
 
@@ -161,8 +172,9 @@ def test_heartbeat_touches_all_of_a_workers_steps_in_one_statement(
 def test_stalled_steps_are_requeued_or_failed_by_attempts_left(database: TestDatabase) -> None:
     manager = SyncEnhancedExecutionStateManager()
     execution_id = manager.create_execution(
-        "w", {}, steps=[StepSpec("retryable", max_attempts=3), StepSpec("spent"),
-                        StepSpec("fresh")],
+        "w",
+        {},
+        steps=[StepSpec("retryable", max_attempts=3), StepSpec("spent"), StepSpec("fresh")],
     )
     manager.transition_execution(execution_id, "running")
     manager.transition_steps(execution_id, None, "queued")
@@ -184,7 +196,8 @@ def test_stalled_steps_are_requeued_or_failed_by_attempts_left(database: TestDat
     assert step_row(execution_id, "fresh")["status"] == "running"
     # A second sweep over the same keys finds nothing left to do.
     again = manager.recover_stalled_steps(stalled)
-    assert again.requeued == [] and again.failed == []
+    assert again.requeued == []
+    assert again.failed == []
 
 
 @pytest.mark.asyncio
@@ -193,15 +206,19 @@ async def test_async_manager_drives_the_same_plans(database: TestDatabase) -> No
     execution_id = await manager.create_execution("w", {}, steps=[StepSpec("only")])
     await manager.transition_execution(execution_id, "running")
     await manager.transition_steps(execution_id, ["only"], "queued")
-    assert (await manager.claim_step(execution_id, "only", worker="a",
-                                     celery_task_id="t")).applied
+    assert (await manager.claim_step(execution_id, "only", worker="a", celery_task_id="t")).applied
     assert await manager.heartbeat("a") == 1
     done = await manager.complete_step(execution_id, "only", attempt=1, output_data=[1])
-    assert done.execution is not None and done.execution.to_status == "succeeded"
-    history = [(e.step_name, e.from_status, e.to_status) for e in
-               await manager.get_history(execution_id)]
+    assert done.execution is not None
+    assert done.execution.to_status == "succeeded"
+    history = [
+        (e.step_name, e.from_status, e.to_status) for e in await manager.get_history(execution_id)
+    ]
     assert history == [
-        (None, None, "pending"), (None, "pending", "running"), ("only", "pending", "queued"),
-        ("only", "queued", "running"), ("only", "running", "succeeded"),
+        (None, None, "pending"),
+        (None, "pending", "running"),
+        ("only", "pending", "queued"),
+        ("only", "queued", "running"),
+        ("only", "running", "succeeded"),
         (None, "running", "succeeded"),
     ]

@@ -128,8 +128,13 @@ def test_every_legal_transition_applies_with_its_event(database: TestDatabase) -
 
 
 def _counting_policy(retries: list[int], **kwargs: Any) -> RetryPolicy:
-    return RetryPolicy(attempts=5, initial_wait=0.01, max_wait=0.05,
-                       on_retry=lambda state: retries.append(state.attempt_number), **kwargs)
+    return RetryPolicy(
+        attempts=5,
+        initial_wait=0.01,
+        max_wait=0.05,
+        on_retry=lambda state: retries.append(state.attempt_number),
+        **kwargs,
+    )
 
 
 @pytest.mark.postgresql_only
@@ -158,8 +163,10 @@ def test_connection_killed_mid_transaction_is_retried_once(
     finally:
         event.remove(engine, "before_cursor_execute", kill_before_event_insert)
         admin.dispose()
-    assert killed and retries == [1]
-    assert result.applied and result.from_status == "pending"
+    assert killed
+    assert retries == [1]
+    assert result.applied
+    assert result.from_status == "pending"
     assert execution_row(execution_id)["status"] == "running"
     assert events(execution_id) == [(None, None, "pending"), (None, "pending", "running")]
 
@@ -176,8 +183,8 @@ def test_sqlite_lock_held_by_another_connection_is_retried(database: TestDatabas
     settings = database.settings.model_copy(update={"sqlite_busy_timeout_ms": 50})
     locked_db = Database(settings)
     manager = SyncExecutionStateManager(
-        locked_db, retry_policy=RetryPolicy(attempts=3, initial_wait=0, max_wait=0,
-                                            on_retry=release_lock)
+        locked_db,
+        retry_policy=RetryPolicy(attempts=3, initial_wait=0, max_wait=0, on_retry=release_lock),
     )
     execution_id = manager.create_execution("w", {})
     holder.execute("BEGIN IMMEDIATE")
@@ -209,8 +216,13 @@ def test_retries_are_bounded_then_a_typed_error(database: TestDatabase, backend:
         broken = Database(Settings(database_url=url))
         holder = None
     manager = SyncExecutionStateManager(
-        broken, retry_policy=RetryPolicy(attempts=3, initial_wait=0, max_wait=0,
-                                         on_retry=lambda s: retries.append(s.attempt_number))
+        broken,
+        retry_policy=RetryPolicy(
+            attempts=3,
+            initial_wait=0,
+            max_wait=0,
+            on_retry=lambda s: retries.append(s.attempt_number),
+        ),
     )
     try:
         with pytest.raises(TransientDatabaseError, match="database unavailable") as raised:

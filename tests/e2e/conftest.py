@@ -1,0 +1,69 @@
+"""End-to-end fixtures: a real Celery worker (in this process) on the real Redis broker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from celery.contrib.testing.worker import start_worker
+
+from core.config import Settings
+from core.execution_state_manager import SyncExecutionStateManager
+from core.models import WorkflowExecution
+from core.registry import WorkflowRegistry
+from tests.conftest import TestDatabase
+from tests.e2e import workflows
+from worker.app import ConveyorCelery, create_app
+
+
+def e2e_registry() -> WorkflowRegistry:
+    """Every workflow of tests/e2e/workflows.py."""
+    registry = WorkflowRegistry()
+    registry.load_module(workflows.__name__)
+    return registry
+
+
+@pytest.fixture
+def conveyor_app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
+    """An app on the test database and a clean Redis."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    settings = Settings(
+        database_url=database.url,
+        broker_url=redis_url,
+        heartbeat_interval=0.5,
+        db_retry_initial_wait=0.01,
+        db_retry_max_wait=0.2,
+    )
+    return create_app(settings, e2e_registry())
+
+
+@pytest.fixture
+def worker(conveyor_app: ConveyorCelery) -> Iterator[ConveyorCelery]:
+    """A running in-process worker (threads pool) consuming conveyor_app's queue."""
+    with start_worker(
+        conveyor_app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30
+    ):
+        yield conveyor_app
+    conveyor_app.engine.heartbeats.stop()
+
+
+def wait_for(
+    execution_id: str,
+    done: Callable[[WorkflowExecution], bool] | None = None,
+    timeout: float = 30.0,
+) -> WorkflowExecution:
+    """Poll the execution until ``done`` (default: a final status) or fail the test."""
+    manager = SyncExecutionStateManager()
+    finished = done or (lambda e: e.status in ("succeeded", "failed", "cancelled", "timed_out"))
+    deadline = time.monotonic() + timeout
+    while True:
+        execution = manager.get_execution(execution_id)
+        if finished(execution):
+            return execution
+        if time.monotonic() > deadline:
+            pytest.fail(f"execution {execution_id} still {execution.status} after {timeout}s")
+        time.sleep(0.05)

@@ -1,0 +1,146 @@
+"""Workflows the end-to-end tests run (module-level, as users write them)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from core.workflows import Retry, StepContext, Workflow
+
+
+class Numbers(BaseModel):
+    """Input of the arithmetic workflows."""
+
+    start: int
+    times: int = 1
+
+
+linear = Workflow("linear", input_model=Numbers)
+
+
+@linear.step()
+def double(ctx: StepContext) -> int:
+    return int(ctx.input.start) * 2
+
+
+@linear.step(depends_on=["double"])
+def add_one(ctx: StepContext, double: int) -> int:
+    return double + 1
+
+
+@linear.step(depends_on=["add_one"])
+def describe(ctx: StepContext, add_one: int) -> dict[str, Any]:
+    return {"result": add_one, "attempt": ctx.attempt}
+
+
+diamond = Workflow("diamond", input_model=Numbers)
+
+
+@diamond.step()
+def source(ctx: StepContext) -> int:
+    return int(ctx.input.start)
+
+
+@diamond.step(depends_on=["source"])
+def left(ctx: StepContext, source: int) -> int:
+    return source + 1
+
+
+@diamond.step(depends_on=["source"])
+def right(ctx: StepContext, source: int) -> int:
+    return source + 2
+
+
+@diamond.step(depends_on=["left", "right"])
+def join(ctx: StepContext, left: int, right: int) -> int:
+    JOIN_RUNS.append(ctx.execution_id)
+    return left * right
+
+
+JOIN_RUNS: list[str] = []
+
+fan = Workflow("fan")
+FAN_WIDTH = 50
+
+
+@fan.step()
+def split(ctx: StepContext) -> list[int]:
+    return list(range(FAN_WIDTH))
+
+
+def _branch(index: int) -> Any:
+    def branch(ctx: StepContext, split: list[int]) -> int:
+        return split[index] * split[index]
+
+    branch.__name__ = f"square_{index}"
+    return branch
+
+
+for _i in range(FAN_WIDTH):
+    fan.step(f"square_{_i}", depends_on=["split"])(_branch(_i))
+
+
+def total(ctx: StepContext, **squares: int) -> int:
+    return sum(squares.values())
+
+
+fan.step("total", depends_on=[f"square_{i}" for i in range(FAN_WIDTH)])(total)
+
+
+flaky = Workflow("flaky")
+FLAKY_CALLS: dict[str, int] = {}
+_flaky_lock = threading.Lock()
+
+
+class Glitch(Exception):
+    """A transient failure the flaky step recovers from."""
+
+
+@flaky.step(retry=Retry(max_attempts=3, backoff=0.05, retry_on=(Glitch,)))
+def sometimes(ctx: StepContext) -> str:
+    with _flaky_lock:
+        FLAKY_CALLS[ctx.execution_id] = FLAKY_CALLS.get(ctx.execution_id, 0) + 1
+    if ctx.attempt < 3:
+        raise Glitch(f"attempt {ctx.attempt} glitched")
+    return f"ok on attempt {ctx.attempt}"
+
+
+broken = Workflow("broken")
+
+
+@broken.step()
+def fine(ctx: StepContext) -> int:
+    return 1
+
+
+@broken.step(depends_on=["fine"], retry=Retry(max_attempts=2, backoff=0.01, retry_on=(KeyError,)))
+def explode(ctx: StepContext, fine: int) -> int:
+    raise ValueError("the data is bad")
+
+
+@broken.step(depends_on=["explode"])
+def never(ctx: StepContext, explode: int) -> int:
+    return explode
+
+
+slow = Workflow("slow")
+SLOW_STARTED = threading.Event()
+
+
+@slow.step()
+def wait_for_cancel(ctx: StepContext) -> str:
+    SLOW_STARTED.set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ctx.is_cancelled():
+            return "saw cancellation"
+        time.sleep(0.05)
+    return "timed out waiting"
+
+
+@slow.step(depends_on=["wait_for_cancel"])
+def after(ctx: StepContext, wait_for_cancel: str) -> str:
+    return wait_for_cancel

@@ -1,0 +1,100 @@
+"""Celery configuration derived from conveyor's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from core.config import Settings
+from core.registry import WorkflowRegistry
+
+MAX_PRIORITY = 9
+# Longest any step may run before the broker may hand its message to another worker;
+# kept above every hard timeout so that a running step is not redelivered under it.
+VISIBILITY_MARGIN = 60
+
+
+def broker_kind(settings: Settings) -> str:
+    """The broker transport named by the URL: redis, filesystem, amqp, memory."""
+    url = settings.broker_url.get_secret_value()
+    return url.split("://", 1)[0].split("+", 1)[0]
+
+
+def visibility_timeout(settings: Settings, registry: WorkflowRegistry) -> int:
+    """The configured visibility timeout, raised above the longest hard step timeout."""
+    longest = max(
+        (step.timeout or 0 for workflow in registry for step in workflow.steps.values()),
+        default=0,
+    )
+    return max(settings.visibility_timeout, int(longest) + VISIBILITY_MARGIN)
+
+
+def transport_options(settings: Settings, registry: WorkflowRegistry) -> dict[str, Any]:
+    """Broker transport options: folders for the embedded broker, priorities for Redis."""
+    kind = broker_kind(settings)
+    if kind == "filesystem":
+        root = Path(settings.broker_folder).resolve()
+        for sub in ("queue", "processed"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(root / "queue"),
+            "data_folder_out": str(root / "queue"),
+            "processed_folder": str(root / "processed"),
+            "store_processed": False,
+            # kombu polls the folder once a second by default: far too slow for steps.
+            "polling_interval": settings.broker_poll_interval,
+        }
+    if kind in ("redis", "rediss"):
+        return {
+            "visibility_timeout": visibility_timeout(settings, registry),
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(MAX_PRIORITY + 1)),
+            "sep": ":",
+        }
+    return {}
+
+
+def celery_config(settings: Settings, registry: WorkflowRegistry) -> dict[str, Any]:
+    """Everything Celery reads from ``app.conf``."""
+    return {
+        "broker_url": settings.broker_url.get_secret_value(),
+        "broker_transport_options": transport_options(settings, registry),
+        "broker_connection_retry_on_startup": True,
+        # JSON only: pickle would let whoever can write to the broker run code.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # State lives in SQL; Celery's own result backend would only duplicate it.
+        "task_ignore_result": True,
+        # Ack after the step is recorded; a worker killed mid-step lets the message go
+        # back to the queue. One message at a time per process keeps stalls local.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Events for Flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": settings.default_queue,
+        "task_queue_max_priority": MAX_PRIORITY,
+        "task_default_priority": 0,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "beat_schedule": {
+            "conveyor-reconcile": {
+                "task": "conveyor.reconcile",
+                "schedule": settings.reconcile_interval,
+                "options": {"expires": settings.reconcile_interval * 2},
+            }
+        },
+    }
+
+
+def broker_priority(settings: Settings, priority: int) -> int:
+    """A conveyor priority (0-9, higher runs sooner) as the broker's message priority.
+
+    Redis pops its priority 0 first; AMQP delivers its highest number first.
+    """
+    bounded = max(0, min(MAX_PRIORITY, priority))
+    return MAX_PRIORITY - bounded if broker_kind(settings) in ("redis", "rediss") else bounded

@@ -1,0 +1,374 @@
+"""The step engine: admits executions, runs steps, records every outcome, publishes.
+
+Every transition is a compare-and-set in ``core``; the engine only decides what to
+ask for and publishes what a committed transaction queued (commit, then publish).
+No transaction is open while a step's own code runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from core import scheduling
+from core.config import Settings
+from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
+from core.errors import InputValidationError, StepTimedOut, WorkflowNotFound
+from core.operations import check_payload, finish_if_done
+from core.registry import WorkflowRegistry
+from core.states import StepStatus
+from core.transactions import RetryPolicy
+from core.workflows import Step, Workflow
+from worker.config import broker_priority
+from worker.context import RunningStep
+from worker.heartbeat import Heartbeat
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger(__name__)
+
+RUN_STEP = "conveyor.run_step"
+START_EXECUTION = "conveyor.start_execution"
+TRACEBACK_LIMIT = 16_000
+# Recording an outcome after the step's code ran is worth waiting for: if the database
+# is restarting, keep trying for about two minutes before leaving it to stall recovery.
+PATIENT = RetryPolicy(attempts=40, initial_wait=0.1, max_wait=5.0)
+
+StepKey = tuple[str, str]
+
+
+def error_record(error: BaseException) -> dict[str, Any]:
+    """An exception as stored on a failed step: type, message, traceback."""
+    kind = type(error)
+    text = "".join(traceback.format_exception(error))
+    return {
+        "type": kind.__name__ if kind.__module__ == "builtins" else kind.__qualname__,
+        "module": kind.__module__,
+        "message": str(error),
+        "traceback": text[-TRACEBACK_LIMIT:],
+    }
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where and how a step's message goes: its workflow, version and priority."""
+
+    workflow: str
+    version: int
+    priority: int
+
+
+class Engine:
+    """Runs workflows on one Celery app against conveyor's state database."""
+
+    def __init__(self, app: Celery, settings: Settings, registry: WorkflowRegistry) -> None:
+        self.app = app
+        self.settings = settings
+        self.registry = registry
+        self.manager = SyncEnhancedExecutionStateManager()
+        self.recorder = SyncEnhancedExecutionStateManager(retry_policy=PATIENT)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.heartbeats = Heartbeat(self.manager, self.worker_id, settings.heartbeat_interval)
+
+    # --- publishing (always after the commit that made the work) -------------------
+
+    def publish_starts(self, executions: Iterable[tuple[str, str]]) -> None:
+        """Send a start message for each (execution_id, workflow) pair."""
+        with self.app.producer_or_acquire() as producer:
+            for execution_id, workflow in executions:
+                self.app.send_task(
+                    START_EXECUTION, args=[execution_id, workflow], producer=producer
+                )
+
+    def publish_steps(
+        self,
+        keys: Sequence[StepKey],
+        route: Route | None = None,
+        *,
+        countdown: float | None = None,
+    ) -> None:
+        """Send a run message for each step; ``route`` saves a lookup when known."""
+        if not keys:
+            return
+        routes: dict[str, Route]
+        if route is not None:
+            routes = {execution_id: route for execution_id, _ in keys}
+        else:
+            found = self.manager.run(
+                partial(scheduling.execution_routes, sorted({k[0] for k in keys}))
+            )
+            routes = {eid: Route(*values) for eid, values in found.items()}
+        with self.app.producer_or_acquire() as producer:
+            for execution_id, step_name in keys:
+                target = routes.get(execution_id)
+                options: dict[str, Any] = {}
+                if target is not None:
+                    options["priority"] = broker_priority(self.settings, target.priority)
+                    step = self._step_or_none(target, step_name)
+                    if step is not None:
+                        options["soft_time_limit"] = step.soft_timeout
+                        options["time_limit"] = step.timeout
+                self.app.send_task(
+                    RUN_STEP,
+                    args=[execution_id, step_name],
+                    countdown=countdown,
+                    producer=producer,
+                    **options,
+                )
+
+    def _step_or_none(self, route: Route, step_name: str) -> Step | None:
+        try:
+            return self.registry.get(route.workflow, route.version).steps.get(step_name)
+        except WorkflowNotFound:
+            return None
+
+    # --- executions ------------------------------------------------------------------
+
+    def admit(self, workflow_name: str, execution_ids: Sequence[str]) -> scheduling.Admission:
+        """Start what may start (concurrency limit, priority, FIFO) and publish its roots."""
+        try:
+            limit = self.registry.get(workflow_name).max_concurrency
+        except WorkflowNotFound:
+            limit = None
+        dialect = self.settings.sync_database_url.get_backend_name()
+        admission = self.manager.run(
+            partial(scheduling.admit, dialect, workflow_name, list(execution_ids), limit)
+        )
+        self.publish_steps(admission.queued)
+        return admission
+
+    def after_finish(self, workflow_name: str) -> None:
+        """A slot freed up: admit the next waiting execution of a limited workflow."""
+        try:
+            limited = self.registry.get(workflow_name).max_concurrency is not None
+        except WorkflowNotFound:
+            return
+        if limited:
+            self.admit(workflow_name, [])
+
+    # --- steps -----------------------------------------------------------------------
+
+    def run_step(self, execution_id: str, step_name: str, task_id: str | None) -> None:
+        """Claim, run and record one step; a claim that loses is a duplicate: no-op."""
+        claim = self.manager.run(
+            partial(scheduling.claim, execution_id, step_name, self.worker_id, task_id)
+        )
+        if not claim.claimed or claim.execution is None:
+            log.info(
+                "step %s/%s not claimed (it is %s): duplicate or early delivery",
+                execution_id,
+                step_name,
+                claim.transition.current_status,
+            )
+            return
+        execution = claim.execution
+        attempt = claim.transition.attempt or 1
+        route = Route(execution.workflow_id, execution.workflow_version, execution.priority)
+        try:
+            workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
+            step = workflow.steps[step_name]
+        except (WorkflowNotFound, KeyError) as exc:
+            problem = (
+                exc
+                if isinstance(exc, WorkflowNotFound)
+                else WorkflowNotFound(f"{execution.workflow_id} (step {step_name})")
+            )
+            self._fail(execution_id, step_name, attempt, problem, None, route)
+            return
+        upstream = self.manager.run(
+            partial(scheduling.upstream_outputs, execution_id, step.depends_on)
+        )
+        context = RunningStep(
+            execution_id=execution_id,
+            step_name=step_name,
+            attempt=attempt,
+            input=workflow.parse_input(execution.input_data),
+            manager=self.manager,
+            heartbeats=self.heartbeats,
+        )
+        with self.heartbeats.beating((execution_id, step_name)):
+            try:
+                value = step.fn(context, **upstream)
+                output = check_payload(
+                    "output_data", step.to_json(value), self.settings.max_payload_bytes
+                )
+            except SoftTimeLimitExceeded:
+                timed_out = StepTimedOut(
+                    f"step {step_name} ran past its soft timeout of {step.soft_timeout}s"
+                )
+                self._failed(execution_id, workflow, step, attempt, timed_out, route)
+                return
+            except Exception as error:
+                self._failed(execution_id, workflow, step, attempt, error, route)
+                return
+        self._succeeded(execution_id, workflow, step, attempt, output, route)
+
+    def _succeeded(
+        self,
+        execution_id: str,
+        workflow: Workflow,
+        step: Step,
+        attempt: int,
+        output: Any,
+        route: Route,
+    ) -> None:
+        completion = self.recorder.complete_step(
+            execution_id,
+            step.name,
+            attempt=attempt,
+            output_data=output,
+            downstream=workflow.downstream(step.name),
+            sinks=workflow.sinks,
+        )
+        if not completion.transition.applied:
+            if completion.transition.current_status == StepStatus.CANCELLED:
+                self.recorder.run(
+                    partial(scheduling.record_late_output, execution_id, step.name, attempt, output)
+                )
+            log.info(
+                "completion of %s/%s not applied: it is %s",
+                execution_id,
+                step.name,
+                completion.transition.current_status,
+            )
+            return
+        self.publish_steps([(execution_id, name) for name in completion.queued], route)
+        if completion.execution is not None:
+            self.after_finish(workflow.name)
+
+    def _failed(
+        self,
+        execution_id: str,
+        workflow: Workflow,
+        step: Step,
+        attempt: int,
+        error: BaseException,
+        route: Route,
+    ) -> None:
+        permanent = isinstance(error, InputValidationError)
+        if not permanent and step.retry.should_retry(error, attempt):
+            delay = step.retry.delay(attempt)
+            moved = self.recorder.run(
+                partial(
+                    scheduling.schedule_retry,
+                    execution_id,
+                    step.name,
+                    attempt,
+                    delay,
+                    error_record(error),
+                )
+            )
+            if moved.applied and delay <= self.settings.retry_countdown_max:
+                # Long delays are left to the reconciler, which publishes due retries;
+                # nothing depends on an ETA message held by the broker.
+                self.publish_steps([(execution_id, step.name)], route, countdown=delay)
+            return
+        self._fail(execution_id, step.name, attempt, error, workflow, route)
+
+    def _fail(
+        self,
+        execution_id: str,
+        step_name: str,
+        attempt: int,
+        error: BaseException,
+        workflow: Workflow | None,
+        route: Route,
+    ) -> None:
+        descendants = workflow.descendants(step_name) if workflow else None
+        sinks = workflow.sinks if workflow else []
+        record = error_record(error)
+        if descendants is None:
+            failure = self.recorder.run(
+                partial(scheduling.fail_unrunnable, execution_id, step_name, attempt, record)
+            )
+        else:
+            failure = self.recorder.run(
+                partial(
+                    scheduling.fail_step,
+                    execution_id,
+                    step_name,
+                    attempt,
+                    record,
+                    descendants,
+                    sinks,
+                )
+            )
+        if failure.execution is not None:
+            self.after_finish(route.workflow)
+
+    # --- operations ------------------------------------------------------------------
+
+    def cancel(self, execution_id: str, reason: str = "cancelled") -> bool:
+        """Cancel an execution: open steps cancelled at once, running tasks revoked."""
+        running = [
+            s.celery_task_id
+            for s in self.manager.get_steps(execution_id)
+            if s.status == StepStatus.RUNNING and s.celery_task_id
+        ]
+        result = self.manager.cancel_execution(execution_id, reason=reason)
+        if not result.applied:
+            return False
+        if running:
+            try:
+                self.app.control.revoke(running)
+            except Exception:  # some transports (the embedded one) have no broadcast
+                log.warning("could not revoke %d running task(s)", len(running), exc_info=True)
+        execution = self.manager.get_execution(execution_id)
+        self.after_finish(execution.workflow_id)
+        return True
+
+    def retry(self, execution_id: str) -> bool:
+        """Re-run a failed, cancelled or timed-out execution from its unfinished steps."""
+        execution = self.manager.get_execution(execution_id)
+        workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
+        graph = {name: list(step.depends_on) for name, step in workflow.steps.items()}
+        result, queued = self.manager.run(partial(scheduling.retry_execution, execution_id, graph))
+        if not result.applied:
+            return False
+        route = Route(execution.workflow_id, execution.workflow_version, execution.priority)
+        self.publish_steps(queued, route)
+        return True
+
+    def reconcile(self) -> scheduling.ReconcileReport:
+        """One reconciler pass; then publish and admit what it found."""
+        settings = self.settings
+        report = self.manager.run(
+            partial(
+                scheduling.reconcile_scan,
+                stall_timeout=settings.stall_timeout,
+                republish_after=settings.republish_after,
+                start_after=settings.start_after,
+                limit=settings.reconcile_batch,
+            )
+        )
+        self.publish_steps(report.republish)
+        by_workflow: dict[str, list[str]] = defaultdict(list)
+        for execution_id, workflow in report.start:
+            by_workflow[workflow].append(execution_id)
+        for workflow, ids in by_workflow.items():
+            self.admit(workflow, ids)
+        for execution_id in report.finished:
+            self._finish(execution_id)
+        if report != scheduling.ReconcileReport():
+            log.info("reconciler: %s", report)
+        return report
+
+    def _finish(self, execution_id: str) -> None:
+        execution = self.manager.get_execution(execution_id)
+        try:
+            sinks = self.registry.get(execution.workflow_id, execution.workflow_version).sinks
+        except WorkflowNotFound:
+            sinks = []
+        finished = self.manager.run(partial(finish_if_done, execution_id, sinks))
+        if finished is not None:
+            self.after_finish(execution.workflow_id)

@@ -1,0 +1,72 @@
+"""One heartbeat thread per worker process: a single UPDATE for all its running steps."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Refreshes ``heartbeat_at`` of every step this process runs, every ``interval`` s."""
+
+    def __init__(
+        self, manager: SyncEnhancedExecutionStateManager, worker_id: str, interval: float
+    ) -> None:
+        self._manager = manager
+        self.worker_id = worker_id
+        self._interval = interval
+        self._running: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    @contextmanager
+    def beating(self, key: tuple[str, str]) -> Iterator[None]:
+        """Keep ``key``'s heartbeat fresh while the block runs."""
+        self._ensure_thread()
+        with self._lock:
+            self._running.add(key)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.discard(key)
+
+    def beat(self) -> int:
+        """One bulk heartbeat now; how many steps it refreshed."""
+        with self._lock:
+            if not self._running:
+                return 0
+        return self._manager.heartbeat(self.worker_id)
+
+    def stop(self) -> None:
+        """Stop the thread (tests, worker shutdown)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _ensure_thread(self) -> None:
+        # A forked pool child inherits the object but not the thread: start its own.
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"conveyor-heartbeat-{self._pid}", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.beat()
+            except Exception:  # the database may be restarting: keep beating
+                log.warning("heartbeat failed; will try again", exc_info=True)

@@ -1,0 +1,144 @@
+"""Enqueueing: validate, commit the execution, then publish its start message.
+
+    from worker.producer import enqueue
+    execution_id = enqueue("etl", {"day": "2026-11-25"}, idempotency_key="etl-2026-11-25")
+
+A publish that fails after the commit loses nothing: the execution stays pending and
+the reconciler sends its start message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from core import operations
+from core.errors import InputValidationError
+from core.operations import NewExecution, StepSpec
+from core.outcomes import CreatedExecution
+from core.workflows import Workflow
+
+if TYPE_CHECKING:
+    from worker.app import ConveyorCelery
+
+log = logging.getLogger(__name__)
+
+
+def _app(app: ConveyorCelery | None) -> ConveyorCelery:
+    if app is not None:
+        return app
+    from worker.app import app as default_app
+
+    return default_app
+
+
+def _deadline(workflow: Workflow, deadline: datetime | timedelta | None) -> datetime | None:
+    if isinstance(deadline, timedelta):
+        return datetime.now(UTC) + deadline
+    if deadline is not None:
+        return deadline
+    return datetime.now(UTC) + workflow.deadline if workflow.deadline else None
+
+
+def _prepare(
+    app: ConveyorCelery,
+    workflow: Workflow | str,
+    input_data: Any,
+    idempotency_key: str | None,
+    priority: int | None,
+    deadline: datetime | timedelta | None,
+    triggered_by: str | None,
+) -> NewExecution:
+    engine = app.engine
+    definition = engine.registry.get(workflow if isinstance(workflow, str) else workflow.name)
+    if not isinstance(workflow, str) and definition is not workflow:
+        definition = engine.registry.get(workflow.name, workflow.version)
+    data = definition.validate_input(input_data)
+    if priority is not None and not 0 <= priority <= 9:
+        raise InputValidationError(f"priority must be 0-9, got {priority}")
+    steps = [
+        StepSpec(step.name, len(step.depends_on), step.retry.max_attempts)
+        for step in definition.steps.values()
+    ]
+    return operations.new_execution(
+        definition.name,
+        data,
+        max_payload_bytes=engine.settings.max_payload_bytes,
+        workflow_version=definition.version,
+        idempotency_key=idempotency_key,
+        triggered_by=triggered_by,
+        priority=priority or 0,
+        deadline_at=_deadline(definition, deadline),
+        steps=steps,
+    )
+
+
+def enqueue(
+    workflow: Workflow | str,
+    input_data: Any = None,
+    *,
+    idempotency_key: str | None = None,
+    priority: int | None = None,
+    deadline: datetime | timedelta | None = None,
+    triggered_by: str | None = None,
+    app: ConveyorCelery | None = None,
+) -> str:
+    """Validate ``input_data``, commit a pending execution, publish its start; its id.
+
+    The same ``idempotency_key`` again returns the first execution's id and sends
+    nothing. ``priority`` runs from 0 to 9, higher first.
+    """
+    return enqueue_many(
+        workflow,
+        [input_data],
+        idempotency_keys=[idempotency_key],
+        priority=priority,
+        deadline=deadline,
+        triggered_by=triggered_by,
+        app=app,
+    )[0]
+
+
+def enqueue_many(
+    workflow: Workflow | str,
+    inputs: Iterable[Any],
+    *,
+    idempotency_keys: Sequence[str | None] | None = None,
+    priority: int | None = None,
+    deadline: datetime | timedelta | None = None,
+    triggered_by: str | None = None,
+    app: ConveyorCelery | None = None,
+) -> list[str]:
+    """Enqueue many executions: one INSERT, one commit, then one batch of publishes.
+
+    Every input is validated before anything is written; one bad input writes nothing.
+    """
+    celery_app = _app(app)
+    batch = list(inputs)
+    keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(batch)
+    if len(keys) != len(batch):
+        raise InputValidationError(f"{len(keys)} idempotency keys for {len(batch)} inputs")
+    news = [
+        _prepare(celery_app, workflow, data, key, priority, deadline, triggered_by)
+        for data, key in zip(batch, keys, strict=True)
+    ]
+    engine = celery_app.engine
+    dialect = engine.settings.sync_database_url.get_backend_name()
+    created: list[CreatedExecution] = engine.manager.run(
+        partial(operations.create_executions, dialect, news)
+    )
+    fresh = [
+        (c.execution_id, new.workflow_id) for c, new in zip(created, news, strict=True) if c.created
+    ]
+    try:
+        engine.publish_starts(fresh)
+    except Exception:  # the rows are committed: the reconciler will start them
+        log.warning(
+            "publishing %d start message(s) failed; the reconciler will send them",
+            len(fresh),
+            exc_info=True,
+        )
+    return [c.execution_id for c in created]
