@@ -82,12 +82,15 @@ class Engine:
 
     # --- publishing (always after the commit that made the work) -------------------
 
-    def publish_starts(self, executions: Iterable[tuple[str, str]]) -> None:
-        """Send a start message for each (execution_id, workflow) pair."""
+    def publish_starts(self, executions: Iterable[tuple[str, str, int]]) -> None:
+        """Send a start message for each (execution_id, workflow, priority)."""
         with self.app.producer_or_acquire() as producer:
-            for execution_id, workflow in executions:
+            for execution_id, workflow, priority in executions:
                 self.app.send_task(
-                    START_EXECUTION, args=[execution_id, workflow], producer=producer
+                    START_EXECUTION,
+                    args=[execution_id, workflow],
+                    priority=broker_priority(self.settings, priority),
+                    producer=producer,
                 )
 
     def publish_steps(

@@ -131,7 +131,9 @@ def enqueue_many(
         partial(operations.create_executions, dialect, news)
     )
     fresh = [
-        (c.execution_id, new.workflow_id) for c, new in zip(created, news, strict=True) if c.created
+        (c.execution_id, new.workflow_id, new.priority)
+        for c, new in zip(created, news, strict=True)
+        if c.created
     ]
     try:
         engine.publish_starts(fresh)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -41,14 +42,21 @@ def conveyor_app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
     return create_app(settings, e2e_registry())
 
 
+@contextmanager
+def running_worker(app: ConveyorCelery, concurrency: int = 4) -> Iterator[ConveyorCelery]:
+    """Run an in-process worker (threads pool) on ``app`` for the block."""
+    with start_worker(
+        app, pool="threads", concurrency=concurrency, perform_ping_check=False, shutdown_timeout=30
+    ):
+        yield app
+    app.engine.heartbeats.stop()
+
+
 @pytest.fixture
 def worker(conveyor_app: ConveyorCelery) -> Iterator[ConveyorCelery]:
     """A running in-process worker (threads pool) consuming conveyor_app's queue."""
-    with start_worker(
-        conveyor_app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30
-    ):
-        yield conveyor_app
-    conveyor_app.engine.heartbeats.stop()
+    with running_worker(conveyor_app) as app:
+        yield app
 
 
 def wait_for(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from tests.e2e.conftest import wait_for
-from tests.e2e.workflows import FAN_WIDTH
+from tests.e2e.workflows import FAN_WIDTH, JOIN_RUNS
 from tests.helpers.state import step_row
 from worker.app import ConveyorCelery
-from worker.producer import enqueue
+from worker.producer import enqueue, enqueue_many
 
 
 def test_linear_workflow_passes_outputs_downstream(worker: ConveyorCelery) -> None:
@@ -29,3 +31,16 @@ def test_wide_fan_out_joins_fifty_branches(worker: ConveyorCelery) -> None:
     execution = wait_for(execution_id, timeout=60)
     assert execution.status == "succeeded"
     assert execution.output_data == {"total": sum(i * i for i in range(FAN_WIDTH))}
+
+
+def test_join_runs_once_in_200_diamonds_with_simultaneous_branches(
+    worker: ConveyorCelery,
+) -> None:
+    ids = enqueue_many("diamond", [{"start": n} for n in range(200)], app=worker)
+    for n, execution_id in enumerate(ids):
+        execution = wait_for(execution_id, timeout=120)
+        assert execution.status == "succeeded"
+        assert execution.output_data == {"join": (n + 1) * (n + 2)}
+    runs = Counter(run for run in JOIN_RUNS if run in set(ids))
+    assert len(runs) == 200
+    assert set(runs.values()) == {1}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from pydantic import BaseModel
@@ -18,16 +19,28 @@ class Numbers(BaseModel):
     times: int = 1
 
 
+CALLS: Counter[tuple[str, str]] = Counter()
+_calls_lock = threading.Lock()
+
+
+def count_call(ctx: StepContext) -> None:
+    """Record that this step's code ran once more for this execution."""
+    with _calls_lock:
+        CALLS[(ctx.execution_id, ctx.step_name)] += 1
+
+
 linear = Workflow("linear", input_model=Numbers)
 
 
 @linear.step()
 def double(ctx: StepContext) -> int:
+    count_call(ctx)
     return int(ctx.input.start) * 2
 
 
 @linear.step(depends_on=["double"])
 def add_one(ctx: StepContext, double: int) -> int:
+    count_call(ctx)
     return double + 1
 
 
@@ -44,13 +57,22 @@ def source(ctx: StepContext) -> int:
     return int(ctx.input.start)
 
 
+def _finish_on_the_tick() -> None:
+    # Both branches sleep to the same 50 ms boundary, so that their completions (and
+    # their decrements of the join's counter) land at the same moment.
+    now = time.time()
+    time.sleep(0.05 - now % 0.05)
+
+
 @diamond.step(depends_on=["source"])
 def left(ctx: StepContext, source: int) -> int:
+    _finish_on_the_tick()
     return source + 1
 
 
 @diamond.step(depends_on=["source"])
 def right(ctx: StepContext, source: int) -> int:
+    _finish_on_the_tick()
     return source + 2
 
 
@@ -144,3 +166,68 @@ def wait_for_cancel(ctx: StepContext) -> str:
 @slow.step(depends_on=["wait_for_cancel"])
 def after(ctx: StepContext, wait_for_cancel: str) -> str:
     return wait_for_cancel
+
+
+class Token(BaseModel):
+    """Input naming the run, so a test can break it before it starts."""
+
+    token: str
+
+
+recovering = Workflow("recovering", input_model=Token)
+BROKEN: set[str] = set()  # tokens whose risky step should fail
+
+
+@recovering.step()
+def prepare(ctx: StepContext) -> str:
+    count_call(ctx)
+    return "prepared"
+
+
+@recovering.step(depends_on=["prepare"])
+def risky(ctx: StepContext, prepare: str) -> str:
+    count_call(ctx)
+    if ctx.input.token in BROKEN:
+        raise RuntimeError("the downstream service is down")
+    return prepare + "+risky"
+
+
+@recovering.step(depends_on=["risky"])
+def conclude(ctx: StepContext, risky: str) -> str:
+    return risky + "+done"
+
+
+limited = Workflow("limited", max_concurrency=2)
+OVERLAP = {"now": 0, "max": 0}
+_overlap_lock = threading.Lock()
+
+
+@limited.step()
+def occupy(ctx: StepContext) -> int:
+    with _overlap_lock:
+        OVERLAP["now"] += 1
+        OVERLAP["max"] = max(OVERLAP["max"], OVERLAP["now"])
+    time.sleep(0.1)
+    with _overlap_lock:
+        OVERLAP["now"] -= 1
+    return 1
+
+
+serial = Workflow("serial", max_concurrency=1)
+STARTED: list[str] = []
+
+
+@serial.step()
+def record_start(ctx: StepContext) -> str:
+    STARTED.append(ctx.execution_id)
+    return ctx.execution_id
+
+
+ordered = Workflow("ordered")
+ORDER: list[str] = []
+
+
+@ordered.step()
+def note(ctx: StepContext) -> str:
+    ORDER.append(ctx.execution_id)
+    return ctx.execution_id
