@@ -231,3 +231,28 @@ ORDER: list[str] = []
 def note(ctx: StepContext) -> str:
     ORDER.append(ctx.execution_id)
     return ctx.execution_id
+
+
+sleepy = Workflow("sleepy")
+
+
+@sleepy.step(soft_timeout=0.5, timeout=10, retry=Retry(max_attempts=2, backoff=0.01))
+def overrun(ctx: StepContext) -> str:
+    time.sleep(5)
+    return "finished late"
+
+
+crashy = Workflow("crashy")
+# One attempt would fail the step when its worker dies; stall recovery needs a second.
+
+
+@crashy.step(retry=Retry(max_attempts=2))
+def hang_first_time(ctx: StepContext) -> int:
+    if ctx.attempt == 1:
+        time.sleep(120)  # the test kills the worker here
+    return ctx.attempt
+
+
+@crashy.step(depends_on=["hang_first_time"])
+def after_crash(ctx: StepContext, hang_first_time: int) -> str:
+    return f"recovered on attempt {hang_first_time}"

@@ -1,0 +1,111 @@
+"""Real `celery worker` processes: soft timeouts (prefork) and a worker killed mid-step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.conftest import TestDatabase
+from tests.e2e.conftest import wait_for
+from tests.helpers.state import events, step_row
+from worker.app import ConveyorCelery
+from worker.producer import enqueue
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def worker_process(
+    database: TestDatabase, broker_url: str, log: Path, concurrency: int = 2
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A prefork `celery -A worker.app worker` in its own process group, until ready."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CONVEYOR_DATABASE_URL": database.url,
+        "CONVEYOR_BROKER_URL": broker_url,
+        "CONVEYOR_WORKFLOW_MODULES": "tests.e2e.workflows",
+        "CONVEYOR_HEARTBEAT_INTERVAL": "0.5",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        "info",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b"ready." not in log.read_bytes():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def test_soft_timeout_fails_the_attempt_and_follows_the_retry_policy(
+    database: TestDatabase, redis_url: str, conveyor_app: ConveyorCelery, tmp_path: Path
+) -> None:
+    with worker_process(database, redis_url, tmp_path / "worker.log"):
+        execution_id = enqueue("sleepy", app=conveyor_app)
+        execution = wait_for(execution_id, timeout=60)
+    assert execution.status == "failed"
+    step = step_row(execution_id, "overrun")
+    assert step["attempt"] == 2
+    assert step["error"]["type"] == "StepTimedOut"
+    assert "soft timeout of 0.5s" in step["error"]["message"]
+    assert events(execution_id).count(("overrun", "running", "queued")) == 1
+
+
+def test_worker_killed_mid_step_is_recovered_and_the_execution_finishes(
+    database: TestDatabase, redis_url: str, conveyor_app: ConveyorCelery, tmp_path: Path
+) -> None:
+    engine = conveyor_app.engine
+    engine.settings = engine.settings.model_copy(update={"stall_timeout": 2.0})
+    with worker_process(database, redis_url, tmp_path / "first.log") as first:
+        execution_id = enqueue("crashy", app=conveyor_app)
+        wait_for(
+            execution_id, lambda _: step_row(execution_id, "hang_first_time")["status"] == "running"
+        )
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    with worker_process(database, redis_url, tmp_path / "second.log"):
+        # What beat would do every few seconds: a reconciler pass.
+        deadline = time.monotonic() + 60
+        while not engine.reconcile().requeued:
+            assert time.monotonic() < deadline, "the stalled step was never recovered"
+            time.sleep(0.5)
+        execution = wait_for(execution_id, timeout=60)
+    assert execution.status == "succeeded"
+    assert execution.output_data == {"after_crash": "recovered on attempt 2"}
+    assert step_row(execution_id, "hang_first_time")["attempt"] == 2
+    history = events(execution_id)
+    assert history.count(("hang_first_time", "running", "queued")) == 1
+    assert history.count(("hang_first_time", "running", "succeeded")) == 1
