@@ -34,12 +34,14 @@ def transport_options(settings: Settings, registry: WorkflowRegistry) -> dict[st
     kind = broker_kind(settings)
     if kind == "filesystem":
         root = Path(settings.broker_folder).resolve()
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(root / "queue"),
             "data_folder_out": str(root / "queue"),
             "processed_folder": str(root / "processed"),
+            # Fanout tables (revokes, pings): kombu's default is ./control in the cwd.
+            "control_folder": str(root / "control"),
             "store_processed": False,
             # kombu polls the folder once a second by default: far too slow for steps.
             "polling_interval": settings.broker_poll_interval,
