@@ -1,0 +1,47 @@
+"""The README's configuration table lists every setting, with its real default."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from core.config import Settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _table() -> dict[str, str]:
+    rows = re.findall(r"^\| `(CONVEYOR_[A-Z_]+)` \| ([^|]+) \|", README.read_text(), re.M)
+    return {name: default.strip() for name, default in rows}
+
+
+def _normalise(cell: object) -> object:
+    """A README cell or a default value, compared by meaning (``30`` equals ``30.0``)."""
+    if isinstance(cell, SecretStr):
+        cell = cell.get_secret_value()
+    if isinstance(cell, list):
+        cell = ",".join(cell) or "(none)"
+    text = str(cell).strip().strip("`")
+    if isinstance(cell, bool):
+        text = text.lower()
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def test_every_setting_is_documented_with_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("CONVEYOR_")]:
+        monkeypatch.delenv(name)
+    table = _table()
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    expected = {
+        f"CONVEYOR_{name.upper()}": _normalise(getattr(defaults, name))
+        for name in Settings.model_fields
+    }
+    assert set(table) == set(expected)
+    assert {name: _normalise(cell) for name, cell in table.items()} == expected
