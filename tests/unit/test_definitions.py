@@ -1,0 +1,136 @@
+"""Workflow definitions refuse mistakes at declaration or registration, naming them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from core.errors import DefinitionError, InputValidationError, WorkflowNotFound
+from core.registry import WorkflowRegistry
+from core.workflows import Retry, StepContext, Workflow
+
+
+def _noop(ctx: StepContext) -> None:
+    return None
+
+
+def test_duplicate_step_names_are_refused() -> None:
+    flow = Workflow("dup")
+    flow.step("a")(_noop)
+    with pytest.raises(DefinitionError, match=r"workflow 'dup', step 'a': .* already defined"):
+        flow.step("a")(_noop)
+
+
+def test_cycles_are_refused_at_registration() -> None:
+    flow = Workflow("loop")
+
+    @flow.step(depends_on=["c"])
+    def a(ctx: StepContext, c: Any) -> None: ...
+
+    @flow.step(depends_on=["a"])
+    def b(ctx: StepContext, a: Any) -> None: ...
+
+    @flow.step(depends_on=["b"])
+    def c(ctx: StepContext, b: Any) -> None: ...
+
+    with pytest.raises(DefinitionError, match=r"workflow 'loop' has a cycle: .*a.*b.*c"):
+        WorkflowRegistry([flow])
+
+
+def test_unknown_dependencies_are_refused_at_registration() -> None:
+    flow = Workflow("orphan")
+
+    @flow.step(depends_on=["ghost"])
+    def a(ctx: StepContext, ghost: Any) -> None: ...
+
+    with pytest.raises(DefinitionError, match=r"step 'a': depends on unknown step.* ghost"):
+        WorkflowRegistry([flow])
+
+
+def test_parameters_must_match_dependencies() -> None:
+    flow = Workflow("params")
+    flow.step("first")(_noop)
+
+    with pytest.raises(DefinitionError, match="missing: first"):
+
+        @flow.step(depends_on=["first"])
+        def second(ctx: StepContext) -> None: ...
+
+    with pytest.raises(DefinitionError, match="parameters surprise are not upstream steps"):
+
+        @flow.step()
+        def third(ctx: StepContext, surprise: int) -> None: ...
+
+    with pytest.raises(DefinitionError, match="must take the step context first"):
+        flow.step("fourth")(lambda: None)
+
+
+class Opaque:
+    """Not JSON in any way pydantic knows."""
+
+
+class Row(BaseModel):
+    """A model output, stored as JSON."""
+
+    when: dt.date
+
+
+def test_non_json_return_types_are_refused() -> None:
+    flow = Workflow("outputs")
+    with pytest.raises(DefinitionError, match="cannot be stored as JSON"):
+
+        @flow.step()
+        def bad(ctx: StepContext) -> Opaque:
+            return Opaque()
+
+    @flow.step()
+    def good(ctx: StepContext) -> Row:
+        return Row(when=dt.date(2026, 11, 25))
+
+    assert flow.steps["good"].to_json(Row(when=dt.date(2026, 11, 25))) == {"when": "2026-11-25"}
+
+
+def test_input_errors_list_every_field() -> None:
+    class In(BaseModel):
+        n: int
+        name: str
+
+    flow = Workflow("typed", input_model=In)
+    flow.step("a")(_noop)
+    with pytest.raises(InputValidationError) as error:
+        flow.validate_input({"n": "x"})
+    assert "n: Input should be a valid integer" in str(error.value)
+    assert "name: Field required" in str(error.value)
+    assert flow.validate_input({"n": "3", "name": "z"}) == {"n": 3, "name": "z"}
+
+
+def test_registry_finds_newest_version_and_names_what_it_has() -> None:
+    v1, v2 = Workflow("w", version=1), Workflow("w", version=2)
+    v1.step("a")(_noop)
+    v2.step("a")(_noop)
+    registry = WorkflowRegistry([v1, v2])
+    assert registry.get("w") is v2
+    assert registry.get("w", 1) is v1
+    with pytest.raises(WorkflowNotFound, match="no workflow 'x'; registered: w"):
+        registry.get("x")
+    clash = Workflow("w", version=2)
+    clash.step("a")(_noop)
+    with pytest.raises(DefinitionError, match="registered twice"):
+        registry.register(clash)
+
+
+def test_retry_backoff_doubles_and_is_capped() -> None:
+    retry = Retry(
+        max_attempts=5, backoff=1.0, backoff_max=5.0, jitter=False, retry_on=(TimeoutError,)
+    )
+    assert [retry.delay(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
+    assert retry.should_retry(TimeoutError(), 4)
+    assert not retry.should_retry(TimeoutError(), 5)
+    assert not retry.should_retry(ValueError(), 1)
+    jittered = Retry(backoff=1.0, backoff_max=8.0)
+    assert all(0 <= jittered.delay(3) <= 4.0 for _ in range(100))
+    with pytest.raises(DefinitionError, match="max_attempts must be at least 1"):
+        Retry(max_attempts=0)

@@ -1,0 +1,50 @@
+"""The transition tables and what they imply for compare-and-set sources."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import InvalidStatus, InvalidTransition
+from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
+
+
+def test_final_statuses_have_no_forward_edges() -> None:
+    assert EXECUTIONS.final == {
+        ExecutionStatus.SUCCEEDED,
+        ExecutionStatus.FAILED,
+        ExecutionStatus.CANCELLED,
+        ExecutionStatus.TIMED_OUT,
+    }
+    assert STEPS.final == {
+        StepStatus.SUCCEEDED,
+        StepStatus.FAILED,
+        StepStatus.SKIPPED,
+        StepStatus.CANCELLED,
+    }
+
+
+def test_sources_follow_the_table() -> None:
+    assert EXECUTIONS.sources_of(ExecutionStatus.RUNNING) == {ExecutionStatus.PENDING}
+    assert EXECUTIONS.sources_of(ExecutionStatus.RUNNING, retry=True) == {
+        ExecutionStatus.FAILED,
+        ExecutionStatus.CANCELLED,
+        ExecutionStatus.TIMED_OUT,
+    }
+    assert STEPS.sources_of(StepStatus.QUEUED) == {
+        StepStatus.PENDING,
+        StepStatus.QUEUED,
+        StepStatus.RUNNING,
+    }
+    assert EXECUTIONS.sources_of(ExecutionStatus.PENDING) == frozenset()
+
+
+def test_checks_name_the_problem() -> None:
+    with pytest.raises(InvalidTransition, match="execution transition succeeded -> running"):
+        EXECUTIONS.check(ExecutionStatus.SUCCEEDED, ExecutionStatus.RUNNING)
+    with pytest.raises(InvalidTransition, match="new rows start as pending"):
+        EXECUTIONS.check(None, ExecutionStatus.RUNNING)
+    with pytest.raises(InvalidStatus, match="'finished' is not a valid step status"):
+        STEPS.parse("finished")
+    with pytest.raises(InvalidStatus):
+        STEPS.parse(None)
+    assert STEPS.parse("queued") is StepStatus.QUEUED
