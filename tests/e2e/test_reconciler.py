@@ -1,0 +1,104 @@
+"""The reconciler recovers lost and stalled work, publishes due retries and enforces
+deadlines; overlapping passes never do the same work twice."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import redis
+
+from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
+from core.operations import StepSpec
+from tests.e2e import workflows
+from tests.e2e.conftest import running_worker, wait_for
+from tests.helpers.state import events, force_step_status, step_row
+from worker.app import ConveyorCelery
+from worker.producer import enqueue
+
+
+def _reconcile_until(app: ConveyorCelery, done: object, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "the reconciler never got there"
+        app.engine.reconcile()
+        time.sleep(0.2)
+
+
+def test_a_lost_queue_is_republished(conveyor_app: ConveyorCelery, redis_url: str) -> None:
+    execution_id = enqueue("linear", {"start": 4}, app=conveyor_app)
+    conveyor_app.engine.admit("linear", [execution_id])
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()  # the broker loses every message
+    client.close()
+    engine = conveyor_app.engine
+    engine.settings = engine.settings.model_copy(update={"republish_after": 0.001})
+    report = engine.reconcile()
+    assert report.republish == [(execution_id, "double")]
+    with running_worker(conveyor_app):
+        assert wait_for(execution_id).status == "succeeded"
+    assert ("double", "queued", "queued") in events(execution_id)
+    assert workflows.CALLS[(execution_id, "double")] == 1
+
+
+def test_long_retry_delays_are_published_by_the_reconciler(conveyor_app: ConveyorCelery) -> None:
+    engine = conveyor_app.engine
+    # No countdown messages at all: every retry waits for a reconciler pass.
+    engine.settings = engine.settings.model_copy(update={"retry_countdown_max": 0.0})
+    execution_id = enqueue("flaky", app=conveyor_app)
+    with running_worker(conveyor_app):
+        _reconcile_until(
+            conveyor_app, lambda: wait_for(execution_id, lambda e: True).status == "succeeded"
+        )
+    assert workflows.FLAKY_CALLS[execution_id] == 3
+    assert events(execution_id).count(("sometimes", "queued", "queued")) == 2
+
+
+def test_deadline_times_out_the_execution_and_cancels_its_steps(
+    conveyor_app: ConveyorCelery,
+) -> None:
+    workflows.SLOW_STARTED.clear()
+    with running_worker(conveyor_app):
+        execution_id = enqueue("slow", deadline=timedelta(seconds=1), app=conveyor_app)
+        assert workflows.SLOW_STARTED.wait(timeout=20)
+        _reconcile_until(
+            conveyor_app, lambda: wait_for(execution_id, lambda e: True).status == "timed_out"
+        )
+        # The running step saw it through is_cancelled() and stopped.
+        wait_for(
+            execution_id,
+            lambda _: step_row(execution_id, "wait_for_cancel")["output_data"] is not None,
+        )
+    assert step_row(execution_id, "wait_for_cancel")["status"] == "cancelled"
+    assert step_row(execution_id, "after")["status"] == "cancelled"
+    assert (None, "running", "timed_out") in events(execution_id)
+
+
+def test_overlapping_passes_recover_each_stalled_step_once(
+    conveyor_app: ConveyorCelery,
+) -> None:
+    manager = SyncEnhancedExecutionStateManager()
+    names = [f"s{i}" for i in range(20)]
+    execution_id = manager.create_execution(
+        "linear", {"start": 1}, steps=[StepSpec(n, max_attempts=2) for n in names]
+    )
+    manager.transition_execution(execution_id, "running")
+    manager.transition_steps(execution_id, names, "queued")
+    old = datetime.now(UTC) - timedelta(hours=1)
+    for name in names:
+        manager.claim_step(execution_id, name, worker="dead", celery_task_id=None)
+        force_step_status(execution_id, name, "running", heartbeat_at=old)
+    barrier = threading.Barrier(4)
+
+    def one_pass(_: int) -> int:
+        barrier.wait(timeout=30)
+        return len(conveyor_app.engine.reconcile().requeued)
+
+    with ThreadPoolExecutor(4) as pool:
+        requeued = list(pool.map(one_pass, range(4)))
+    assert sum(requeued) == len(names)
+    history = events(execution_id)
+    assert all(history.count((n, "running", "queued")) == 1 for n in names)
+    assert all(step_row(execution_id, n)["attempt"] == 2 for n in names)
