@@ -2,10 +2,13 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: deps test lint typecheck pytest run migrate clean
+.PHONY: deps venv test lint typecheck pytest run migrate clean
 
 deps:
 	@VENV=$(VENV) scripts/bootstrap.sh
+
+venv:
+	@VENV=$(VENV) scripts/bootstrap.sh --venv-only
 
 lint: deps
 	$(BIN)/ruff check .
@@ -19,7 +22,7 @@ pytest: deps
 
 test: lint typecheck pytest
 
-run: deps
+run: venv
 	$(BIN)/python -m cli.demo
 
 migrate: deps

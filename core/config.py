@@ -35,7 +35,10 @@ class Settings(BaseSettings):
     """Everything conveyor reads from its environment; see README's configuration table."""
 
     model_config = SettingsConfigDict(
-        env_prefix="CONVEYOR_", extra="ignore", hide_input_in_errors=True
+        env_prefix="CONVEYOR_",
+        env_file=".env",
+        extra="ignore",
+        hide_input_in_errors=True,
     )
 
     database_url: SecretStr = Field(
@@ -62,7 +65,7 @@ class Settings(BaseSettings):
         description="Comma-separated modules whose module-level Workflow objects are registered.",
     )
     broker_url: SecretStr = Field(
-        default=SecretStr("filesystem://"),
+        default=SecretStr("filesystem://localhost/"),
         description="Celery broker URL; filesystem:// is the embedded default (no server).",
     )
     broker_folder: str = Field(

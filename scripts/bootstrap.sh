@@ -5,10 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+# --venv-only: the demo needs no servers, so `make run` skips the apt-get step.
+services=yes
+[ "${1:-}" = "--venv-only" ] && services=no
 
 need_apt=()
-command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
-if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+[ "$services" = no ] || command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if [ "$services" = yes ] && ! command -v pg_ctl >/dev/null 2>&1 \
+  && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
   need_apt+=(postgresql)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -23,6 +23,7 @@ import pytest_asyncio
 from alembic import command
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
 
 from core import database as core_database
 from core.config import Settings
@@ -61,17 +62,25 @@ async def _close_async_connections(database: TestDatabase) -> AsyncIterator[None
 
 
 @pytest.fixture(scope="session")
-def postgres_admin_url() -> Iterator[URL]:
-    """URL of the postgres database on a server this session may create databases on."""
-    given = os.environ.get("CONVEYOR_TEST_POSTGRES_URL")
-    if given:
-        yield make_url(given).set(drivername="postgresql+psycopg")
+def postgres_server() -> Iterator[PostgresServer | None]:
+    """The PostgreSQL server this session started (None when given one to use)."""
+    if os.environ.get("CONVEYOR_TEST_POSTGRES_URL"):
+        yield None
         return
-    server: PostgresServer = start_postgres()
+    server = start_postgres()
     try:
-        yield make_url(server.url())
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url(postgres_server: PostgresServer | None) -> URL:
+    """URL of the postgres database on a server this session may create databases on."""
+    if postgres_server is None:
+        given = os.environ["CONVEYOR_TEST_POSTGRES_URL"]
+        return make_url(given).set(drivername="postgresql+psycopg")
+    return make_url(postgres_server.url())
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +156,7 @@ def database(
         admin_url: URL = request.getfixturevalue("postgres_admin_url")
         template: str = request.getfixturevalue("_postgres_template")
         name = f"test_{os.getpid()}_{next(_counter)}"
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY'))
         url = admin_url.set(database=name).render_as_string(hide_password=False)

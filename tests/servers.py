@@ -58,6 +58,28 @@ class PostgresServer:
         """A SQLAlchemy URL (psycopg 3) for ``database`` on this server."""
         return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
 
+    def restart(self) -> None:
+        """Stop the server (dropping every connection) and start it again on its port."""
+        _run(
+            _as_postgres(
+                [
+                    str(self.bin_dir / "pg_ctl"),
+                    "-D",
+                    str(self.root / "data"),
+                    "-m",
+                    "fast",
+                    # A log file, or the new server inherits (and holds open) our pipes.
+                    "-l",
+                    str(self.root / "postgres.log"),
+                    "-w",
+                    "-t",
+                    "60",
+                    "restart",
+                ]
+            ),
+            "pg_ctl restart",
+        )
+
     def stop(self) -> None:
         """Stop the server at once and remove its files."""
         subprocess.run(

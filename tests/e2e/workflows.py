@@ -256,3 +256,27 @@ def hang_first_time(ctx: StepContext) -> int:
 @crashy.step(depends_on=["hang_first_time"])
 def after_crash(ctx: StepContext, hang_first_time: int) -> str:
     return f"recovered on attempt {hang_first_time}"
+
+
+patient = Workflow("patient")
+MIDDLE_STARTED = threading.Event()
+
+
+@patient.step()
+def begin(ctx: StepContext) -> int:
+    count_call(ctx)
+    return 1
+
+
+@patient.step(depends_on=["begin"])
+def middle(ctx: StepContext, begin: int) -> int:
+    count_call(ctx)
+    MIDDLE_STARTED.set()
+    time.sleep(2)  # the test restarts the database meanwhile
+    return begin + 1
+
+
+@patient.step(depends_on=["middle"])
+def end(ctx: StepContext, middle: int) -> int:
+    count_call(ctx)
+    return middle + 1
