@@ -169,12 +169,15 @@ def fail_step(
     step_name: str,
     attempt: int,
     error: Mapping[str, Any],
-    descendants: Sequence[str],
-    sinks: Sequence[str],
+    descendants: Sequence[str] | None,
+    sinks: Sequence[str] = (),
 ) -> Plan[StepFailure]:
-    """Fail a running step for good, skip every step downstream of it, and finish the
-    execution when nothing is left open: one transaction."""
+    """Fail a running step for good, skip the steps downstream of it, and finish the
+    execution when nothing is left open: one transaction.
 
+    ``descendants=None`` skips every pending step: for a step that cannot run here at
+    all (its workflow is not registered), whose DAG is unknown.
+    """
     failed = yield from transition_step(
         execution_id,
         step_name,
@@ -187,44 +190,15 @@ def fail_step(
     if not failed.applied:
         return StepFailure(transition=failed)
     skipped: list[TransitionResult] = []
-    if descendants:
+    if descendants is None or descendants:
         skipped = yield from transition_steps(
             execution_id,
-            list(descendants),
+            None if descendants is None else list(descendants),
             StepStatus.SKIPPED,
             frozenset({StepStatus.PENDING}),
             reason=f"upstream step {step_name} failed",
         )
     finished = yield from finish_if_done(execution_id, sinks)
-    return StepFailure(
-        transition=failed, skipped=[r.step_name or "" for r in skipped], execution=finished
-    )
-
-
-def fail_unrunnable(
-    execution_id: str, step_name: str, attempt: int, error: Mapping[str, Any]
-) -> Plan[StepFailure]:
-    """Fail a claimed step that cannot run here (its workflow or step is not registered),
-    skip everything still pending, and finish the execution when nothing is open."""
-    failed = yield from transition_step(
-        execution_id,
-        step_name,
-        StepStatus.FAILED,
-        frozenset({StepStatus.RUNNING}),
-        reason="cannot run",
-        attempt=attempt,
-        values={"error": dict(error)},
-    )
-    if not failed.applied:
-        return StepFailure(transition=failed)
-    skipped = yield from transition_steps(
-        execution_id,
-        None,
-        StepStatus.SKIPPED,
-        frozenset({StepStatus.PENDING}),
-        reason=f"step {step_name} cannot run",
-    )
-    finished = yield from finish_if_done(execution_id)
     return StepFailure(
         transition=failed, skipped=[r.step_name or "" for r in skipped], execution=finished
     )

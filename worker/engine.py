@@ -88,7 +88,8 @@ class Engine:
             for execution_id, workflow, priority in executions:
                 self.app.send_task(
                     START_EXECUTION,
-                    args=[execution_id, workflow],
+                    # Keyword arguments, so Flower shows what each value is.
+                    kwargs={"execution_id": execution_id, "workflow": workflow},
                     priority=broker_priority(self.settings, priority),
                     producer=producer,
                 )
@@ -123,7 +124,7 @@ class Engine:
                         options["time_limit"] = step.timeout
                 self.app.send_task(
                     RUN_STEP,
-                    args=[execution_id, step_name],
+                    kwargs={"execution_id": execution_id, "step_name": step_name},
                     countdown=countdown,
                     producer=producer,
                     **options,
@@ -288,24 +289,17 @@ class Engine:
         route: Route,
     ) -> None:
         descendants = workflow.descendants(step_name) if workflow else None
-        sinks = workflow.sinks if workflow else []
-        record = error_record(error)
-        if descendants is None:
-            failure = self.recorder.run(
-                partial(scheduling.fail_unrunnable, execution_id, step_name, attempt, record)
+        failure = self.recorder.run(
+            partial(
+                scheduling.fail_step,
+                execution_id,
+                step_name,
+                attempt,
+                error_record(error),
+                descendants,
+                workflow.sinks if workflow else [],
             )
-        else:
-            failure = self.recorder.run(
-                partial(
-                    scheduling.fail_step,
-                    execution_id,
-                    step_name,
-                    attempt,
-                    record,
-                    descendants,
-                    sinks,
-                )
-            )
+        )
         if failure.execution is not None:
             self.after_finish(route.workflow)
 

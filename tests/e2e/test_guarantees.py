@@ -185,3 +185,21 @@ def test_committed_execution_survives_a_failed_publish(
         report = engine.reconcile()
         assert report.start == [(execution_id, "linear")]
         assert wait_for(execution_id).status == "succeeded"
+
+
+def test_a_workflow_this_worker_does_not_know_fails_with_a_clear_error(
+    worker: ConveyorCelery,
+) -> None:
+    from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
+    from core.operations import StepSpec
+
+    manager = SyncEnhancedExecutionStateManager()
+    execution_id = manager.create_execution(
+        "retired_workflow", {}, steps=[StepSpec("a"), StepSpec("b", unmet_deps=1)]
+    )
+    worker.engine.admit("retired_workflow", [execution_id])
+    execution = wait_for(execution_id)
+    assert execution.status == "failed"
+    assert execution.error["type"] == "WorkflowNotFound"
+    assert "no workflow 'retired_workflow'" in execution.error["message"]
+    assert step_row(execution_id, "b")["status"] == "skipped"
