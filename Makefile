@@ -15,7 +15,7 @@ lint: deps
 	$(BIN)/ruff format --check .
 
 typecheck: deps
-	$(BIN)/mypy core worker
+	$(BIN)/mypy core worker cli
 
 pytest: deps
 	$(BIN)/pytest

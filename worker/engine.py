@@ -333,7 +333,12 @@ class Engine:
         if not result.applied:
             return False
         route = Route(execution.workflow_id, execution.workflow_version, execution.priority)
-        self.publish_steps(queued, route)
+        try:
+            self.publish_steps(queued, route)
+        except Exception:  # committed: the reconciler republishes unclaimed queued steps
+            log.warning(
+                "publishing the retried steps failed; the reconciler will send them", exc_info=True
+            )
         return True
 
     def reconcile(self) -> scheduling.ReconcileReport:

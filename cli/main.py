@@ -1,0 +1,430 @@
+"""The ``conveyor`` command: migrate, run, status, list, cancel, retry, workflows, demo.
+
+Commands are thin: reads go through core's state manager, writes through the worker's
+producer and engine. Every ConveyorError becomes one red line on stderr and exit
+status 1; usage errors exit 2. Nothing here prints the database or broker URL.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import typer
+from alembic import command
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from pydantic import ValidationError
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
+from sqlalchemy import create_engine
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.pool import NullPool
+
+from cli import render
+from cli.render import stderr, stdout
+from core.database import get_database
+from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
+from core.errors import ConveyorError, translate
+from core.models import WorkflowExecution
+from core.registry import WorkflowRegistry, get_registry
+from core.states import EXECUTIONS, STEPS, ExecutionStatus
+from core.workflows import Workflow
+from migrations import alembic_config
+from worker.producer import enqueue
+
+if TYPE_CHECKING:
+    from worker.app import ConveyorCelery
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+FAILED = 1
+USAGE = 2
+INTERRUPTED = 130
+POLL_SECONDS = 0.2
+FINAL_EXECUTION = frozenset(status.value for status in EXECUTIONS.final)
+FINAL_STEP = frozenset(status.value for status in STEPS.final)
+
+
+@dataclass
+class CliState:
+    """What the commands run against; tests pass their own as typer's ``obj``."""
+
+    celery_app: ConveyorCelery | None = None
+    registry: WorkflowRegistry | None = None
+
+    @property
+    def app(self) -> ConveyorCelery:
+        """The given Celery app, else ``worker.app.app`` (built on first use)."""
+        if self.celery_app is None:
+            from worker.app import app as default_app  # builds the app: only when needed
+
+            self.celery_app = default_app
+        return self.celery_app
+
+    @property
+    def workflows(self) -> WorkflowRegistry:
+        """The given registry, else the app's, else the one CONVEYOR_WORKFLOW_MODULES names."""
+        if self.registry is not None:
+            return self.registry
+        if self.celery_app is not None:
+            return self.celery_app.engine.registry
+        return get_registry()
+
+
+def _secrets() -> list[str]:
+    try:
+        settings = get_database().settings
+    except Exception:  # settings that do not load have nothing to hide yet
+        return []
+    found: list[str] = []
+    for url in (settings.database_url.get_secret_value(), settings.broker_url.get_secret_value()):
+        found.append(url)
+        password = urlsplit(url).password
+        if password:
+            found.extend({password, unquote(password)})
+    return sorted(found, key=len, reverse=True)
+
+
+def redact(message: str) -> str:
+    """``message`` without the configured URLs or their passwords."""
+    for secret in _secrets():
+        message = message.replace(secret, "***")
+    return message
+
+
+def fail(message: str, code: int = FAILED) -> NoReturn:
+    """Print ``message`` as one red line on stderr and exit with ``code``."""
+    line = " ".join(redact(message).split())
+    stderr().print(Text(f"error: {line}", style="bold red"), soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _invalid(error: ValidationError) -> str:
+    prefix = "CONVEYOR_" if error.title == "Settings" else ""
+    problems = "; ".join(
+        f"{prefix}{'_'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
+        for e in error.errors()
+    )
+    return f"invalid {error.title.lower()}: {problems}"
+
+
+def reported(fn: Callable[P, R]) -> Callable[P, R]:
+    """Report conveyor's errors, bad settings and database failures as one line, no traceback."""
+
+    @functools.wraps(fn)
+    def command_body(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except ConveyorError as error:
+            fail(str(error))
+        except sa_exc.DBAPIError as error:  # only migrate talks to the database directly
+            fail(str(translate(error)))
+        except ValidationError as error:  # only messages: pydantic's text repeats the input
+            fail(_invalid(error))
+        except CommandError as error:  # alembic, e.g. a database at an unknown revision
+            fail(f"migration failed: {error}")
+
+    return command_body
+
+
+app = typer.Typer(
+    name="conveyor",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold settings, secrets included
+)
+
+
+@app.callback()
+def main(ctx: typer.Context) -> None:
+    """Durable workflows on Celery, with every execution's state in SQL."""
+    ctx.ensure_object(CliState)
+
+
+@app.command()
+@reported
+def migrate() -> None:
+    """Create or upgrade conveyor's tables in the configured database (alembic upgrade head)."""
+    url = get_database().settings.sync_database_url
+    backend = url.get_backend_name()
+    # A plain engine, as alembic's env.py uses: no pool outlives the command, and no
+    # SQLite foreign keys, under which batch mode's table copies would cascade.
+    connect_args = {"connect_timeout": 10} if backend == "postgresql" else {}
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    try:
+        with engine.begin() as connection:
+            before = MigrationContext.configure(connection).get_current_revision()
+            config = alembic_config(connection)
+            command.upgrade(config, "head")
+            head = ScriptDirectory.from_config(config).get_current_head()
+    finally:
+        engine.dispose()
+    if before == head:
+        stdout().print(f"The {backend} database is already at revision {head} (head).")
+    else:
+        origin = f"revision {before}" if before else "an empty schema"
+        stdout().print(f"Migrated the {backend} database from {origin} to revision {head} (head).")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_input(text: str) -> Any:
+    """The ``--input`` value as JSON data (``@FILE`` reads a file, ``-`` stdin); else exit 2."""
+    source = "--input"
+    if text == "-":
+        text, source = sys.stdin.read(), "--input from stdin"
+    elif text.startswith("@"):
+        path = Path(text[1:])
+        source = f"--input file {path}"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            fail(f"cannot read {source}: {getattr(error, 'strerror', None) or error}", USAGE)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as error:  # JSONDecodeError included
+        fail(f"{source} is not valid JSON: {error}", USAGE)
+
+
+def watch(execution_id: str, timeout: float | None) -> WorkflowExecution:
+    """Poll the execution with a progress bar of its steps until it ends or ``timeout`` passes."""
+    manager = SyncEnhancedExecutionStateManager()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=stderr()) as progress:
+        task = progress.add_task(execution_id, total=None)
+        while True:
+            execution = manager.get_execution(execution_id)
+            steps = manager.get_steps(execution_id)
+            progress.update(
+                task,
+                description=f"{execution.workflow_id}: {execution.status}",
+                completed=sum(1 for step in steps if step.status in FINAL_STEP),
+                total=len(steps) or None,
+            )
+            if execution.status in FINAL_EXECUTION:
+                return execution
+            if deadline is not None and time.monotonic() >= deadline:
+                return execution
+            time.sleep(POLL_SECONDS)
+
+
+def follow(execution_id: str, timeout: float | None) -> NoReturn:
+    """Wait for the execution, print its outcome and output; exit 0 only if it succeeded."""
+    try:
+        execution = watch(execution_id, timeout)
+    except KeyboardInterrupt:
+        stderr().print(f"Stopped waiting; execution {execution_id} goes on.", soft_wrap=True)
+        raise typer.Exit(INTERRUPTED) from None
+    if execution.status not in FINAL_EXECUTION:
+        fail(
+            f"gave up waiting after {timeout:g}s: execution {execution_id} is still "
+            f"{execution.status} and goes on (conveyor status {execution_id})"
+        )
+    console = stdout()
+    console.print(render.outcome(execution), soft_wrap=True)
+    if execution.error:
+        console.print(Text(render.error_summary(execution.error), style="red"), soft_wrap=True)
+    if execution.output_data is not None:
+        typer.echo(json.dumps(execution.output_data, indent=2, ensure_ascii=False))
+    raise typer.Exit(0 if execution.status == ExecutionStatus.SUCCEEDED else FAILED)
+
+
+WaitOption = Annotated[
+    bool, typer.Option("--wait", help="Follow it to the end; exit 0 only if it succeeds.")
+]
+TimeoutOption = Annotated[
+    float | None, typer.Option(min=0, help="Stop waiting after this many seconds (implies --wait).")
+]
+ExecutionId = Annotated[str, typer.Argument(help="The execution's id.", show_default=False)]
+
+
+@app.command()
+@reported
+def run(
+    ctx: typer.Context,
+    workflow: Annotated[str, typer.Argument(help="A registered workflow's name.")],
+    input_json: Annotated[
+        str,
+        typer.Option(
+            "--input", "-i", metavar="JSON", help="The input: JSON, @FILE, or - for stdin."
+        ),
+    ] = "null",
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(help="Run once per key: the same key again prints the first execution's id."),
+    ] = None,
+    priority: Annotated[
+        int | None, typer.Option(min=0, max=9, help="0-9; higher runs sooner.")
+    ] = None,
+    wait: WaitOption = False,
+    timeout: TimeoutOption = None,
+) -> None:
+    """Enqueue an execution of WORKFLOW and print its id."""
+    data = parse_input(input_json)
+    execution_id = enqueue(
+        workflow,
+        data,
+        idempotency_key=idempotency_key,
+        priority=priority,
+        app=ctx.ensure_object(CliState).app,
+    )
+    typer.echo(execution_id)
+    if wait or timeout is not None:
+        follow(execution_id, timeout)
+
+
+def definition_of(state: CliState, execution: WorkflowExecution) -> Workflow | None:
+    """The execution's workflow version, or None where it is not registered."""
+    try:
+        return state.workflows.get(execution.workflow_id, execution.workflow_version)
+    except ConveyorError:  # not registered, or CONVEYOR_WORKFLOW_MODULES does not import
+        return None
+
+
+@app.command()
+@reported
+def status(
+    ctx: typer.Context,
+    execution_id: ExecutionId,
+    history: Annotated[
+        bool, typer.Option("--history", help="Also list every recorded transition.")
+    ] = False,
+    traceback: Annotated[
+        bool, typer.Option("--traceback", help="Also print the failure's traceback.")
+    ] = False,
+) -> None:
+    """Show an execution: status, output or error, its steps, and its DAG."""
+    manager = SyncEnhancedExecutionStateManager()
+    execution = manager.get_execution(execution_id)
+    steps = manager.get_steps(execution_id)
+    workflow = definition_of(ctx.ensure_object(CliState), execution)
+    console = stdout()
+    console.print(render.execution_summary(execution))
+    console.print(render.steps_table(steps, list(workflow.order()) if workflow else ()))
+    console.print(render.dag_tree(execution, steps, workflow))
+    if history:
+        console.print(render.history_table(manager.get_history(execution_id)))
+    if traceback:
+        error = execution.error if isinstance(execution.error, dict) else {}
+        typer.echo(error.get("traceback") or "No traceback recorded.")
+
+
+@app.command("list")
+@reported
+def list_executions(
+    status: Annotated[
+        ExecutionStatus | None, typer.Option(help="Only executions in this status.")
+    ] = None,
+    workflow: Annotated[str | None, typer.Option(help="Only executions of this workflow.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many.")] = 20,
+) -> None:
+    """List executions, newest first."""
+    executions = SyncEnhancedExecutionStateManager().list_executions(
+        status=status, workflow_id=workflow, limit=limit
+    )
+    if not executions:
+        stdout().print("No executions found.")
+        return
+    stdout().print(render.executions_table(executions))
+
+
+@app.command()
+@reported
+def cancel(
+    ctx: typer.Context,
+    execution_id: ExecutionId,
+    reason: Annotated[
+        str, typer.Option(help="Recorded in the execution's history.")
+    ] = "cancelled from the command line",
+) -> None:
+    """Cancel a pending or running execution; running steps stop when they check."""
+    engine = ctx.ensure_object(CliState).app.engine
+    if engine.cancel(execution_id, reason=reason):
+        stdout().print(f"Cancelled {execution_id}.", soft_wrap=True)
+        return
+    current = engine.manager.get_execution(execution_id).status
+    if current == ExecutionStatus.CANCELLED:
+        stdout().print(f"{execution_id} was already cancelled.", soft_wrap=True)
+        return
+    fail(
+        f"execution {execution_id!r} is {current}: "
+        "only pending or running executions can be cancelled"
+    )
+
+
+@app.command()
+@reported
+def retry(
+    ctx: typer.Context,
+    execution_id: ExecutionId,
+    wait: WaitOption = False,
+    timeout: TimeoutOption = None,
+) -> None:
+    """Re-run a failed, cancelled or timed-out execution from its unfinished steps."""
+    engine = ctx.ensure_object(CliState).app.engine
+    retried = engine.retry(execution_id)
+    execution = engine.manager.get_execution(execution_id)
+    if not retried:
+        fail(
+            f"execution {execution_id!r} is {execution.status}: "
+            "only failed, cancelled or timed-out executions can be retried"
+        )
+    stdout().print(f"Retrying {execution_id} (attempt {execution.attempt}).", soft_wrap=True)
+    if wait or timeout is not None:
+        follow(execution_id, timeout)
+
+
+@app.command()
+@reported
+def workflows(ctx: typer.Context) -> None:
+    """List the registered workflows (from CONVEYOR_WORKFLOW_MODULES)."""
+    registry = ctx.ensure_object(CliState).workflows
+    if not len(registry):
+        stdout().print("No workflows registered: list their modules in CONVEYOR_WORKFLOW_MODULES.")
+        return
+    stdout().print(render.workflows_table(registry))
+
+
+@app.command()
+@reported
+def demo() -> None:
+    """Run the demo: example workflows on the embedded default, with live progress."""
+    try:
+        module = importlib.import_module("cli.demo")  # imported here: it starts its own workers
+    except ModuleNotFoundError as error:
+        if error.name != "cli.demo":
+            raise
+        fail("the demo is not part of this installation (cli/demo.py is missing)")
+    raise typer.Exit(int(module.main()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,273 @@
+"""Rich renderings for the command line: tables of executions, steps and workflows, DAG trees."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from rich import box
+from rich.console import Console, RenderableType
+from rich.json import JSON
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from core.models import ExecutionEvent, StepExecution, WorkflowExecution
+from core.workflows import Workflow
+
+STATUS_STYLES: dict[str, str] = {
+    "pending": "dim",
+    "queued": "blue",
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "bold red",
+    "skipped": "dim",
+    "cancelled": "yellow",
+    "timed_out": "magenta",
+}
+ID_WIDTH = 36
+# Tables written to a pipe are not cut to 80 columns: one row stays one line for grep.
+PIPE_WIDTH = 160
+# A step joining more branches than this lists how many, not their names.
+NAMED_UPSTREAMS = 3
+
+
+def stdout() -> Console:
+    """A console on stdout, wide enough when piped for a table row to stay one line."""
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_WIDTH
+    return console
+
+
+def stderr() -> Console:
+    """A console on stderr (errors, progress)."""
+    return Console(stderr=True, highlight=False)
+
+
+def status_text(status: str) -> Text:
+    """A status, coloured by where it stands."""
+    return Text(status, style=STATUS_STYLES.get(status, ""))
+
+
+def when(value: datetime | None) -> str:
+    """A timestamp in UTC to the second, or '-'."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def duration(seconds: float) -> str:
+    """Seconds as '0.42s', '12.3s', '4m05s' or '2h03m'."""
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def elapsed(started: datetime | None, finished: datetime | None) -> str:
+    """How long something ran (so far, while it runs), or '-' if it has not started."""
+    if started is None:
+        return "-"
+    end = finished or datetime.now(UTC)
+    return duration(max(0.0, (end - started).total_seconds()))
+
+
+def error_summary(error: Any) -> str:
+    """'Type: message' of a stored error record, or '' when there is none."""
+    if not error:
+        return ""
+    if not isinstance(error, dict):
+        return str(error)
+    kind = str(error.get("type") or "Error")
+    message = error.get("message")
+    summary = f"{kind}: {message}" if message else kind
+    step = error.get("step")
+    return f"step {step}: {summary}" if step else summary
+
+
+def error_type(error: Any) -> str:
+    """The exception type of a stored error record, or ''."""
+    if isinstance(error, dict):
+        return str(error.get("type") or "")
+    return ""
+
+
+def executions_table(executions: Iterable[WorkflowExecution]) -> Table:
+    """One row per execution: id, workflow, status, attempt, created, duration."""
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("execution", no_wrap=True, min_width=ID_WIDTH)
+    table.add_column("workflow", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("attempt", justify="right")
+    table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("took", justify="right", no_wrap=True)
+    for execution in executions:
+        table.add_row(
+            execution.execution_id,
+            f"{execution.workflow_id} v{execution.workflow_version}",
+            status_text(execution.status),
+            str(execution.attempt),
+            when(execution.created_at),
+            elapsed(execution.started_at, execution.finished_at),
+        )
+    return table
+
+
+def outcome(execution: WorkflowExecution) -> Text:
+    """'succeeded: linear <id> after 1.20s', with the attempt when it is not the first."""
+    line = status_text(execution.status)
+    took = elapsed(execution.started_at, execution.finished_at)
+    line.append(f": {execution.workflow_id} {execution.execution_id} after {took}", style="default")
+    if execution.attempt > 1:
+        line.append(f" (attempt {execution.attempt})", style="default")
+    return line
+
+
+def execution_summary(execution: WorkflowExecution) -> Table:
+    """The execution's own fields, one per line; output as JSON."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    status = status_text(execution.status)
+    status.append(f"  (attempt {execution.attempt})", style="default")
+    rows: list[tuple[str, RenderableType]] = [
+        ("execution", execution.execution_id),
+        ("workflow", f"{execution.workflow_id} v{execution.workflow_version}"),
+        ("status", status),
+        ("created", when(execution.created_at)),
+        ("started", when(execution.started_at)),
+        ("finished", when(execution.finished_at)),
+        ("took", elapsed(execution.started_at, execution.finished_at)),
+    ]
+    if execution.deadline_at is not None:
+        rows.append(("deadline", when(execution.deadline_at)))
+    if execution.priority:
+        rows.append(("priority", str(execution.priority)))
+    if execution.idempotency_key:
+        rows.append(("idempotency key", execution.idempotency_key))
+    if execution.error:
+        rows.append(("error", Text(error_summary(execution.error), style="red")))
+    if execution.output_data is not None:
+        rows.append(("output", JSON.from_data(execution.output_data)))
+    for key, value in rows:
+        grid.add_row(key, value)
+    return grid
+
+
+def steps_table(steps: Sequence[StepExecution], order: Sequence[str] = ()) -> Table:
+    """One row per step (in DAG order when ``order`` is given): status, attempt, time, error."""
+    position = {name: index for index, name in enumerate(order)}
+    ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("step", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("attempt", justify="right", no_wrap=True)
+    table.add_column("took", justify="right", no_wrap=True)
+    table.add_column("error")
+    for step in ranked:
+        table.add_row(
+            step.step_name,
+            status_text(step.status),
+            f"{step.attempt}/{step.max_attempts}",
+            elapsed(step.started_at, step.finished_at),
+            Text(error_type(step.error), style="red"),
+        )
+    return table
+
+
+def _step_label(name: str, row: StepExecution | None, also_after: Sequence[str]) -> Text:
+    label = Text(name, style="bold")
+    label.append("  ")
+    if row is None:
+        label.append("(no row)", style="dim")
+    else:
+        label.append_text(status_text(row.status))
+        if row.attempt > 1:
+            label.append(f" (attempt {row.attempt})")
+    if also_after:
+        names = (
+            ", ".join(also_after)
+            if len(also_after) <= NAMED_UPSTREAMS
+            else f"{len(also_after)} more steps"
+        )
+        label.append(f"  also after {names}", style="dim")
+    return label
+
+
+def dag_tree(
+    execution: WorkflowExecution, steps: Sequence[StepExecution], workflow: Workflow | None
+) -> Tree:
+    """The DAG as a tree: each step once, under the upstream step that comes last.
+
+    Without the workflow's definition the dependencies are unknown: the steps are
+    listed flat, from their rows.
+    """
+    rows = {step.step_name: step for step in steps}
+    label = Text(f"{execution.workflow_id} v{execution.workflow_version}", style="bold")
+    if workflow is None:
+        label.append("  (definition not registered here: dependencies unknown)", style="dim")
+    root = Tree(label)
+    if workflow is None:
+        for name in sorted(rows):
+            root.add(_step_label(name, rows[name], ()))
+        return root
+    order = list(workflow.order())
+    position = {name: index for index, name in enumerate(order)}
+    nodes: dict[str, Tree] = {}
+    for name in order:
+        upstream = sorted(workflow.steps[name].depends_on, key=position.__getitem__)
+        parent = nodes[upstream[-1]] if upstream else root
+        nodes[name] = parent.add(_step_label(name, rows.get(name), upstream[:-1]))
+    for name in sorted(set(rows) - set(order)):  # rows the definition no longer has
+        root.add(_step_label(name, rows[name], ()))
+    return root
+
+
+def history_table(events: Iterable[ExecutionEvent]) -> Table:
+    """Every recorded transition, oldest first."""
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("at (UTC)", no_wrap=True)
+    table.add_column("step", no_wrap=True)
+    table.add_column("transition", no_wrap=True)
+    table.add_column("attempt", justify="right")
+    table.add_column("reason")
+    for event in events:
+        transition = Text(event.from_status or "(new)")
+        transition.append(" -> ")
+        transition.append_text(status_text(event.to_status))
+        table.add_row(
+            when(event.created_at),
+            event.step_name or "(execution)",
+            transition,
+            str(event.attempt or ""),
+            event.reason or "",
+        )
+    return table
+
+
+def workflows_table(workflows: Iterable[Workflow]) -> Table:
+    """One row per registered workflow version."""
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("workflow", no_wrap=True)
+    table.add_column("version", justify="right")
+    table.add_column("steps", justify="right")
+    table.add_column("max concurrency", justify="right")
+    table.add_column("deadline", justify="right")
+    table.add_column("description")
+    for workflow in workflows:
+        deadline = workflow.deadline
+        table.add_row(
+            workflow.name,
+            str(workflow.version),
+            str(len(workflow.steps)),
+            str(workflow.max_concurrency) if workflow.max_concurrency else "-",
+            duration(deadline.total_seconds()) if deadline else "-",
+            workflow.description,
+        )
+    return table

@@ -1,0 +1,53 @@
+"""``conveyor run --wait`` and ``conveyor retry --wait`` through a real in-process worker."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner, Result
+
+from cli.main import CliState, app
+from tests.helpers.state import execution_row
+from worker.app import ConveyorCelery
+
+
+def invoke(worker: ConveyorCelery, *args: str) -> Result:
+    """Run ``conveyor ARGS`` against the worker's app."""
+    state = CliState(celery_app=worker)
+    return CliRunner().invoke(app, list(args), obj=state, catch_exceptions=False)
+
+
+def test_run_wait_follows_the_execution_and_prints_its_output(worker: ConveyorCelery) -> None:
+    result = invoke(worker, "run", "linear", "-i", '{"start": 20}', "--wait", "--timeout", "30")
+    assert result.exit_code == 0, result.output
+    execution_id, outcome, *output = result.stdout.splitlines()
+    assert outcome.startswith(f"succeeded: linear {execution_id} after ")
+    assert json.loads("\n".join(output)) == {"describe": {"result": 41, "attempt": 1}}
+    assert "3/3 steps" in result.stderr  # the progress bar's last state
+    assert execution_row(execution_id)["status"] == "succeeded"
+
+    status = invoke(worker, "status", execution_id)
+    assert status.exit_code == 0, status.output
+    assert "└── double  succeeded" in status.stdout
+    assert "    └── add_one  succeeded" in status.stdout
+    assert "        └── describe  succeeded" in status.stdout
+    assert '"result": 41' in status.stdout
+
+
+def test_run_wait_of_a_failing_workflow_exits_1_with_the_error_and_retry_reruns_it(
+    worker: ConveyorCelery,
+) -> None:
+    result = invoke(worker, "run", "broken", "--wait", "--timeout", "30")
+    assert result.exit_code == 1, result.output
+    execution_id, outcome, error = result.stdout.splitlines()
+    assert outcome.startswith(f"failed: broken {execution_id} after ")
+    assert error == "step explode: ValueError: the data is bad"
+
+    retried = invoke(worker, "retry", execution_id, "--wait", "--timeout", "30")
+    assert retried.exit_code == 1, retried.output
+    lines = retried.stdout.splitlines()
+    assert lines[0] == f"Retrying {execution_id} (attempt 2)."
+    assert lines[1].startswith(f"failed: broken {execution_id} after ")
+    assert lines[1].endswith("(attempt 2)")
+    row = execution_row(execution_id)
+    assert (row["status"], row["attempt"]) == ("failed", 2)
