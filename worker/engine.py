@@ -8,8 +8,6 @@ No transaction is open while a step's own code runs.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import traceback
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -77,8 +75,12 @@ class Engine:
         self.registry = registry
         self.manager = SyncEnhancedExecutionStateManager()
         self.recorder = SyncEnhancedExecutionStateManager(retry_policy=PATIENT)
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        self.heartbeats = Heartbeat(self.manager, self.worker_id, settings.heartbeat_interval)
+        self.heartbeats = Heartbeat(self.manager, settings.heartbeat_interval)
+
+    @property
+    def worker_id(self) -> str:
+        """Who claims steps: this host and process (see Heartbeat.worker_id)."""
+        return self.heartbeats.worker_id
 
     # --- publishing (always after the commit that made the work) -------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,17 +17,25 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     """Refreshes ``heartbeat_at`` of every step this process runs, every ``interval`` s."""
 
-    def __init__(
-        self, manager: SyncEnhancedExecutionStateManager, worker_id: str, interval: float
-    ) -> None:
+    def __init__(self, manager: SyncEnhancedExecutionStateManager, interval: float) -> None:
         self._manager = manager
-        self.worker_id = worker_id
+        self._host = socket.gethostname()
         self._interval = interval
         self._running: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+
+    @property
+    def worker_id(self) -> str:
+        """This process's name on the steps it runs: host and pid.
+
+        Read at use, not at construction: the app (and this object) is built in the
+        parent before a prefork pool forks, and each child must beat only for itself,
+        so that a killed child's steps go stale while its siblings live on.
+        """
+        return f"{self._host}:{os.getpid()}"
 
     @contextmanager
     def beating(self, key: tuple[str, str]) -> Iterator[None]:

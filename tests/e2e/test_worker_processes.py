@@ -109,3 +109,40 @@ def test_worker_killed_mid_step_is_recovered_and_the_execution_finishes(
     history = events(execution_id)
     assert history.count(("hang_first_time", "running", "queued")) == 1
     assert history.count(("hang_first_time", "running", "succeeded")) == 1
+
+
+def test_one_killed_pool_process_is_recovered_while_its_siblings_live(
+    database: TestDatabase, redis_url: str, conveyor_app: ConveyorCelery, tmp_path: Path
+) -> None:
+    """Each prefork child beats for its own steps only: a SIGKILLed child's step goes
+    stale (the heartbeats of a sibling still running keep only its own step alive)."""
+    engine = conveyor_app.engine
+    engine.settings = engine.settings.model_copy(update={"stall_timeout": 2.0})
+
+    def running(execution_id: str) -> bool:
+        return step_row(execution_id, "hang_first_time")["status"] == "running"
+
+    with worker_process(database, redis_url, tmp_path / "worker.log", concurrency=3) as worker:
+        victim = enqueue("crashy", app=conveyor_app)
+        survivor = enqueue("crashy", app=conveyor_app)
+        wait_for(victim, lambda _: running(victim) and running(survivor))
+        victim_worker = step_row(victim, "hang_first_time")["worker"]
+        # Two pool processes, two identities: each heartbeat covers its own step only.
+        assert step_row(survivor, "hang_first_time")["worker"] != victim_worker
+        child_pid = int(victim_worker.rsplit(":", 1)[1])
+        assert child_pid not in (0, worker.pid, os.getpid())
+        os.kill(child_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        recovered: list[tuple[str, str]] = []
+        while not recovered:
+            assert time.monotonic() < deadline, "the dead child's step was never recovered"
+            recovered = engine.reconcile().requeued
+            time.sleep(0.5)
+        assert recovered == [(victim, "hang_first_time")]
+        execution = wait_for(victim, timeout=60)
+        # The survivor is still in its first attempt, beating: never taken for stalled.
+        assert running(survivor)
+        assert step_row(survivor, "hang_first_time")["attempt"] == 1
+        os.killpg(worker.pid, signal.SIGKILL)  # its hanging step would delay a warm stop
+    assert execution.status == "succeeded"
+    assert step_row(victim, "hang_first_time")["attempt"] == 2
