@@ -5,7 +5,7 @@ retrying executions, and the reconciler's passes. Plans, like ``core.operations`
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,8 +112,19 @@ def admit(
     )
 
 
-def claim(execution_id: str, step_name: str, worker: str, task_id: str | None) -> Plan[Claim]:
-    """Claim a due, queued step of a running execution, and read what the step needs."""
+UpstreamOf = Callable[[str, int], Sequence[str]]
+
+
+def claim(
+    execution_id: str,
+    step_name: str,
+    worker: str,
+    task_id: str | None,
+    upstream_of: UpstreamOf | None = None,
+) -> Plan[Claim]:
+    """Claim a due, queued step of a running execution, and read what the step needs:
+    its execution and, when ``upstream_of(workflow, version)`` names them, the outputs
+    of its upstream steps, all in the claiming transaction."""
     row = (yield sql.claim_step(execution_id, step_name, worker, task_id)).first()
     if row is None:
         current = (yield sql.select_step_status(execution_id, step_name)).first()
@@ -130,16 +141,13 @@ def claim(execution_id: str, step_name: str, worker: str, task_id: str | None) -
         )
     result = transition_of(row, step=True)
     yield sql.insert_rows(ExecutionEvent), event_rows([result], "claimed")
-    execution = (yield sql.select_execution(execution_id)).scalar_one()
-    return Claim(claimed=True, transition=result, execution=execution)
-
-
-def upstream_outputs(execution_id: str, step_names: Sequence[str]) -> Plan[dict[str, Any]]:
-    """Outputs of the named steps, by name."""
-    if not step_names:
-        return {}
-    rows = (yield sql.step_outputs(execution_id, step_names)).all()
-    return {row.step_name: row.output_data for row in rows}
+    execution: WorkflowExecution = (yield sql.select_execution(execution_id)).scalar_one()
+    upstream: dict[str, Any] = {}
+    names = upstream_of(execution.workflow_id, execution.workflow_version) if upstream_of else ()
+    if names:
+        rows = (yield sql.step_outputs(execution_id, names)).all()
+        upstream = {r.step_name: r.output_data for r in rows}
+    return Claim(claimed=True, transition=result, execution=execution, upstream=upstream)
 
 
 def schedule_retry(

@@ -17,7 +17,7 @@ from core.config import Settings
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.operations import StepSpec
 from core.outcomes import CreatedExecution, StallRecovery, StepCompletion, TransitionResult
-from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
+from core.states import EXECUTIONS, STEPS
 from core.transactions import PlanFactory
 
 
@@ -164,6 +164,3 @@ class StateRequests:
         self, keys: Sequence[tuple[str, str]], error: dict[str, Any]
     ) -> PlanFactory[StallRecovery]:
         return partial(ops.recover_stalled_steps, list(keys), error)
-
-
-__all__ = ["ExecutionOptions", "ExecutionStatus", "StateRequests", "StepSpec", "StepStatus"]

@@ -167,7 +167,14 @@ class Engine:
     def run_step(self, execution_id: str, step_name: str, task_id: str | None) -> None:
         """Claim, run and record one step; a claim that loses is a duplicate: no-op."""
         claim = self.manager.run(
-            partial(scheduling.claim, execution_id, step_name, self.worker_id, task_id)
+            partial(
+                scheduling.claim,
+                execution_id,
+                step_name,
+                self.worker_id,
+                task_id,
+                partial(self._upstream_of, step_name),
+            )
         )
         if not claim.claimed or claim.execution is None:
             log.info(
@@ -191,9 +198,6 @@ class Engine:
             )
             self._fail(execution_id, step_name, attempt, problem, None, route)
             return
-        upstream = self.manager.run(
-            partial(scheduling.upstream_outputs, execution_id, step.depends_on)
-        )
         context = RunningStep(
             execution_id=execution_id,
             step_name=step_name,
@@ -204,7 +208,7 @@ class Engine:
         )
         with self.heartbeats.beating((execution_id, step_name)):
             try:
-                value = step.fn(context, **upstream)
+                value = step.fn(context, **claim.upstream)
                 output = check_payload(
                     "output_data", step.to_json(value), self.settings.max_payload_bytes
                 )
@@ -218,6 +222,13 @@ class Engine:
                 self._failed(execution_id, workflow, step, attempt, error, route)
                 return
         self._succeeded(execution_id, workflow, step, attempt, output, route)
+
+    def _upstream_of(self, step_name: str, workflow: str, version: int) -> Sequence[str]:
+        try:
+            step = self.registry.get(workflow, version).steps.get(step_name)
+        except WorkflowNotFound:
+            return ()
+        return step.depends_on if step is not None else ()
 
     def _succeeded(
         self,
