@@ -402,6 +402,7 @@ def complete_step(
     if not done.applied:
         return StepCompletion(transition=done)
     queued: list[TransitionResult] = []
+    rows: Sequence[Row[Any]] = []
     if downstream:
         rows = (yield sql.release_downstream(execution_id, downstream)).all()
         queued = [
@@ -409,7 +410,8 @@ def complete_step(
         ]
         if queued:
             yield sql.insert_rows(ExecutionEvent), event_rows(queued, "upstream steps done")
-    finished = yield from finish_if_done(execution_id, sinks)
+    # A downstream step just released is pending or queued: nothing to finish yet.
+    finished = None if rows else (yield from finish_if_done(execution_id, sinks))
     return StepCompletion(
         transition=done, queued=tuple(r.step_name or "" for r in queued), execution=finished
     )

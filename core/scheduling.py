@@ -37,6 +37,7 @@ class Admission:
 
     started: list[str] = field(default_factory=list)
     queued: list[StepKey] = field(default_factory=list)
+    routes: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,11 @@ def admit(
         sql.insert_rows(ExecutionEvent),
         event_rows(started, "admitted") + event_rows(queued, "root step"),
     )
+    routes = yield from execution_routes(started_ids)
     return Admission(
-        started=started_ids, queued=[(r.execution_id, r.step_name or "") for r in queued]
+        started=started_ids,
+        queued=[(r.execution_id, r.step_name or "") for r in queued],
+        routes=routes,
     )
 
 
@@ -197,6 +201,20 @@ def fail_step(
     )
     if not failed.applied:
         return StepFailure(transition=failed)
+    return (
+        yield from skip_downstream_and_finish(failed, execution_id, step_name, descendants, sinks)
+    )
+
+
+def skip_downstream_and_finish(
+    failed: TransitionResult,
+    execution_id: str,
+    step_name: str,
+    descendants: Sequence[str] | None,
+    sinks: Sequence[str] = (),
+) -> Plan[StepFailure]:
+    """After ``step_name`` failed for good: skip its pending descendants (None: every
+    pending step) and finish the execution if nothing is left open."""
     skipped: list[TransitionResult] = []
     if descendants is None or descendants:
         skipped = yield from transition_steps(

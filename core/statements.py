@@ -10,11 +10,12 @@ Nothing here executes anything; ``core.operations`` yields these to a runner.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Insert,
     Select,
+    Table,
     Update,
     case,
     exists,
@@ -64,8 +65,12 @@ def select_by_idempotency_key(key: str) -> Select[Any]:
 
 
 def insert_rows(model: type[StepExecution] | type[ExecutionEvent]) -> Insert:
-    """A bulk INSERT of ``model`` rows, given its parameter sets at execution."""
-    return insert(model)
+    """A bulk INSERT of ``model`` rows, given its parameter sets at execution.
+
+    A Core insert on the table: one executemany, without the ORM's RETURNING of
+    generated keys that nothing reads.
+    """
+    return insert(cast(Table, model.__table__))
 
 
 def select_execution(execution_id: str) -> Select[WorkflowExecution]:

@@ -128,6 +128,7 @@ class Workflow:
         self.max_concurrency = max_concurrency
         self.description = description
         self.steps: dict[str, Step] = {}
+        self._children_map: dict[str, list[str]] | None = None
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, version={self.version}, steps={list(self.steps)})"
@@ -177,6 +178,7 @@ class Workflow:
             raise DefinitionError(f"{where}: soft_timeout must be below timeout")
         _check_signature(where, step)
         self.steps[step.name] = _with_output_adapter(where, step)
+        self._children_map = None
 
     def validate(self) -> None:
         """Check the whole DAG: at least one step, known dependencies, no cycles."""
@@ -202,7 +204,17 @@ class Workflow:
 
     def downstream(self, name: str) -> list[str]:
         """Steps that depend directly on ``name``."""
-        return [s.name for s in self.steps.values() if name in s.depends_on]
+        return self._children().get(name, [])
+
+    def _children(self) -> dict[str, list[str]]:
+        # Asked on every step completion: build the map once per shape of the DAG.
+        if self._children_map is None:
+            children: dict[str, list[str]] = {name: [] for name in self.steps}
+            for step in self.steps.values():
+                for parent in step.depends_on:
+                    children.setdefault(parent, []).append(step.name)
+            self._children_map = children
+        return self._children_map
 
     def descendants(self, name: str) -> list[str]:
         """Every step that depends on ``name``, directly or not."""
@@ -218,7 +230,8 @@ class Workflow:
     @property
     def sinks(self) -> list[str]:
         """Steps nothing depends on: their outputs make the execution's output."""
-        return [name for name in self.steps if not self.downstream(name)]
+        children = self._children()
+        return [name for name in self.steps if not children[name]]
 
     def validate_input(self, data: Any) -> Any:
         """The input as JSON data, checked against ``input_model``; errors list each field."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from core.config import Settings
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import InputValidationError, StepTimedOut, WorkflowNotFound
 from core.operations import check_payload, finish_if_done
+from core.outcomes import TransitionResult
 from core.registry import WorkflowRegistry
 from core.states import StepStatus
 from core.transactions import RetryPolicy
@@ -99,16 +100,19 @@ class Engine:
     def publish_steps(
         self,
         keys: Sequence[StepKey],
-        route: Route | None = None,
+        route: Route | Mapping[str, Route] | None = None,
         *,
         countdown: float | None = None,
     ) -> None:
-        """Send a run message for each step; ``route`` saves a lookup when known."""
+        """Send a run message for each step; a known ``route`` (one, or one per execution)
+        saves looking it up."""
         if not keys:
             return
-        routes: dict[str, Route]
-        if route is not None:
+        routes: Mapping[str, Route]
+        if isinstance(route, Route):
             routes = {execution_id: route for execution_id, _ in keys}
+        elif route is not None:
+            routes = route
         else:
             found = self.manager.run(
                 partial(scheduling.execution_routes, sorted({k[0] for k in keys}))
@@ -150,7 +154,8 @@ class Engine:
         admission = self.manager.run(
             partial(scheduling.admit, dialect, workflow_name, list(execution_ids), limit)
         )
-        self.publish_steps(admission.queued)
+        routes = {eid: Route(*values) for eid, values in admission.routes.items()}
+        self.publish_steps(admission.queued, routes)
         return admission
 
     def after_finish(self, workflow_name: str) -> None:
@@ -372,11 +377,41 @@ class Engine:
             by_workflow[workflow].append(execution_id)
         for workflow, ids in by_workflow.items():
             self.admit(workflow, ids)
+        for execution_id, step_name in report.stalled_failed:
+            self._after_stall_failure(execution_id, step_name)
         for execution_id in report.finished:
             self._finish(execution_id)
         if report != scheduling.ReconcileReport():
             log.info("reconciler: %s", report)
         return report
+
+    def _after_stall_failure(self, execution_id: str, step_name: str) -> None:
+        """A stalled step ran out of attempts: skip what depends on it, maybe finish."""
+        execution = self.manager.get_execution(execution_id)
+        try:
+            workflow: Workflow | None = self.registry.get(
+                execution.workflow_id, execution.workflow_version
+            )
+        except WorkflowNotFound:
+            workflow = None
+        failed = TransitionResult(
+            applied=True,
+            execution_id=execution_id,
+            step_name=step_name,
+            to_status=StepStatus.FAILED.value,
+        )
+        outcome = self.manager.run(
+            partial(
+                scheduling.skip_downstream_and_finish,
+                failed,
+                execution_id,
+                step_name,
+                workflow.descendants(step_name) if workflow else None,
+                workflow.sinks if workflow else [],
+            )
+        )
+        if outcome.execution is not None:
+            self.after_finish(execution.workflow_id)
 
     def _finish(self, execution_id: str) -> None:
         execution = self.manager.get_execution(execution_id)

@@ -102,3 +102,23 @@ def test_overlapping_passes_recover_each_stalled_step_once(
     history = events(execution_id)
     assert all(history.count((n, "running", "queued")) == 1 for n in names)
     assert all(step_row(execution_id, n)["attempt"] == 2 for n in names)
+
+
+def test_a_stalled_step_out_of_attempts_fails_its_execution(
+    conveyor_app: ConveyorCelery,
+) -> None:
+    engine = conveyor_app.engine
+    execution_id = enqueue("linear", {"start": 1}, app=conveyor_app)
+    engine.admit("linear", [execution_id])
+    manager = SyncEnhancedExecutionStateManager()
+    assert manager.claim_step(execution_id, "double", worker="gone", celery_task_id=None)
+    old = datetime.now(UTC) - timedelta(hours=1)
+    force_step_status(execution_id, "double", "running", heartbeat_at=old)
+
+    report = engine.reconcile()
+    assert report.stalled_failed == [(execution_id, "double")]
+    execution = wait_for(execution_id, lambda e: True)
+    assert execution.status == "failed"
+    assert execution.error["type"] == "StepStalled"
+    assert step_row(execution_id, "add_one")["status"] == "skipped"
+    assert step_row(execution_id, "describe")["status"] == "skipped"

@@ -1,0 +1,116 @@
+"""Where a durable step's client-side CPU goes: single-threaded costs of its parts.
+
+- building each statement a step sends (``core.statements``), before any execution;
+- ``Workflow.sinks``, which the engine computes on every completion;
+- one one-statement transaction through the state manager (session, retry wrapper,
+  pool checkout and ping, BEGIN, statement, COMMIT) against the same through raw psycopg;
+- a ``redis.Redis`` client, which kombu's Redis transport builds for every publish.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+
+import psycopg
+import redis
+from sqlalchemy import make_url
+
+from bench import workflows
+from bench.harness import Backend, bench_settings, conveyor_app, emit, note
+from core import scheduling
+from core import statements as sql
+from core.states import StepStatus
+from worker.producer import enqueue
+
+
+def _cost_us(run: Callable[[], object], calls: int) -> float:
+    """Mean CPU microseconds of ``run()`` (this thread), after a warm-up."""
+    for _ in range(min(100, calls)):
+        run()
+    started = time.thread_time()
+    for _ in range(calls):
+        run()
+    return 1e6 * (time.thread_time() - started) / calls
+
+
+def statement_costs(calls: int) -> None:
+    """CPU to build each statement of a step (and the execution's end), not to run it."""
+    running = frozenset({StepStatus.RUNNING})
+    builders: dict[str, Callable[[], object]] = {
+        "claim_step": lambda: sql.claim_step("e", "s", "worker", "task"),
+        "select_execution": lambda: sql.select_execution("e"),
+        "step_outputs": lambda: sql.step_outputs("e", ["a"]),
+        "transition_steps": lambda: sql.transition_steps(
+            "e", ["s"], StepStatus.SUCCEEDED, running, attempt=1, values={"output_data": 1}
+        ),
+        "release_downstream": lambda: sql.release_downstream("e", ["t"]),
+        "finish_execution_if_done": lambda: sql.finish_execution_if_done("e"),
+    }
+    for name, build in builders.items():
+        emit("statement_build_us", _cost_us(build, calls), statement=name)
+
+
+def sinks_costs(calls: int) -> None:
+    """CPU of ``Workflow.sinks`` (and ``downstream``) for linear workflows of a few sizes."""
+    for steps in (10, 200, 1000):
+        workflow = workflows.linear(steps)
+        emit(
+            "workflow_sinks_us",
+            _cost_us(partial(getattr, workflow, "sinks"), max(5, calls // steps)),
+            steps=steps,
+        )
+        emit(
+            "workflow_downstream_us",
+            _cost_us(partial(workflow.downstream, "s0000"), calls),
+            steps=steps,
+        )
+
+
+def transaction_costs(backend: Backend, broker_url: str, calls: int) -> None:
+    """CPU of a one-SELECT transaction: through the state manager, and through psycopg."""
+    settings = bench_settings(backend.url, broker_url)
+    with conveyor_app(settings, workflows.registry()) as app:
+        execution_id = enqueue(workflows.DAG, {"i": 0}, app=app)
+        manager = app.engine.manager
+        plan = partial(scheduling.execution_exists, execution_id)
+        emit(
+            "transaction_us",
+            _cost_us(lambda: manager.run(plan), calls),
+            backend=backend.name,
+            via="state_manager",
+        )
+        if backend.name != "postgresql":
+            return
+        dsn = make_url(backend.url).set(drivername="postgresql").render_as_string(False)
+        with psycopg.connect(dsn) as connection:
+
+            def raw() -> None:
+                connection.execute("SELECT 1")  # what pool_pre_ping sends
+                with connection.transaction():
+                    connection.execute(
+                        "SELECT status FROM workflow_executions WHERE execution_id = %s",
+                        (execution_id,),
+                    ).fetchone()
+
+            emit("transaction_us", _cost_us(raw, calls), backend=backend.name, via="psycopg")
+
+
+def redis_client_cost(broker_url: str, calls: int) -> None:
+    """CPU to build a ``redis.Redis`` on a shared pool (kombu's ``Channel._create_client``)."""
+    pool = redis.ConnectionPool.from_url(broker_url)
+    try:
+        emit("redis_client_build_us", _cost_us(partial(redis.Redis, connection_pool=pool), calls))
+    finally:
+        pool.disconnect()
+
+
+def overhead(backends: list[Backend], broker_url: str, calls: int) -> None:
+    """Every single-threaded cost above."""
+    note("overhead: single-threaded CPU of a step's parts")
+    statement_costs(calls)
+    sinks_costs(calls)
+    for backend in backends:
+        transaction_costs(backend, broker_url, calls)
+    redis_client_cost(broker_url, calls)
