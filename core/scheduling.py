@@ -201,20 +201,21 @@ def fail_step(
     )
     if not failed.applied:
         return StepFailure(transition=failed)
-    return (
-        yield from skip_downstream_and_finish(failed, execution_id, step_name, descendants, sinks)
+    skipped, finished = yield from skip_downstream_and_finish(
+        execution_id, step_name, descendants, sinks
     )
+    return StepFailure(transition=failed, skipped=skipped, execution=finished)
 
 
 def skip_downstream_and_finish(
-    failed: TransitionResult,
     execution_id: str,
     step_name: str,
     descendants: Sequence[str] | None,
     sinks: Sequence[str] = (),
-) -> Plan[StepFailure]:
+) -> Plan[tuple[list[str], TransitionResult | None]]:
     """After ``step_name`` failed for good: skip its pending descendants (None: every
-    pending step) and finish the execution if nothing is left open."""
+    pending step) and finish the execution if nothing is left open. Returns the skipped
+    steps and the execution's final transition, if this made one."""
     skipped: list[TransitionResult] = []
     if descendants is None or descendants:
         skipped = yield from transition_steps(
@@ -225,9 +226,7 @@ def skip_downstream_and_finish(
             reason=f"upstream step {step_name} failed",
         )
     finished = yield from finish_if_done(execution_id, sinks)
-    return StepFailure(
-        transition=failed, skipped=[r.step_name or "" for r in skipped], execution=finished
-    )
+    return [r.step_name or "" for r in skipped], finished
 
 
 def retry_execution(

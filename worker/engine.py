@@ -22,7 +22,6 @@ from core.config import Settings
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import InputValidationError, StepTimedOut, WorkflowNotFound
 from core.operations import check_payload, finish_if_done
-from core.outcomes import TransitionResult
 from core.registry import WorkflowRegistry
 from core.states import StepStatus
 from core.transactions import RetryPolicy
@@ -394,23 +393,16 @@ class Engine:
             )
         except WorkflowNotFound:
             workflow = None
-        failed = TransitionResult(
-            applied=True,
-            execution_id=execution_id,
-            step_name=step_name,
-            to_status=StepStatus.FAILED.value,
-        )
-        outcome = self.manager.run(
+        _skipped, finished = self.manager.run(
             partial(
                 scheduling.skip_downstream_and_finish,
-                failed,
                 execution_id,
                 step_name,
                 workflow.descendants(step_name) if workflow else None,
                 workflow.sinks if workflow else [],
             )
         )
-        if outcome.execution is not None:
+        if finished is not None:
             self.after_finish(execution.workflow_id)
 
     def _finish(self, execution_id: str) -> None:
