@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
-from starlette.exceptions import StarletteDeprecationWarning
 
 from core.database import get_database, get_db_session
 from core.database_manager import DatabaseManager, db_manager, get_db_session_for_request
@@ -25,12 +24,6 @@ from core.errors import AlreadyExists, InputValidationError, InvalidTransition
 from core.models import Base, ExecutionEvent, User, UserSession, WorkflowExecution
 from tests.conftest import TestDatabase
 from tests.integration import test_seed_guide as after  # the guide's "After" code
-
-with warnings.catch_warnings():
-    # Starlette asks for httpx2 when only httpx (the dev dependency) is installed; the
-    # client works with either, and the warning would fail collection (filterwarnings).
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from fastapi.testclient import TestClient
 
 # --- the guide's "Before" code ----------------------------------------------------
 

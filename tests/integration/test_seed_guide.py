@@ -8,7 +8,6 @@ Results are read back in a new session, so a test proves what was committed.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -16,20 +15,14 @@ from typing import Any
 
 import pytest
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.orm import Session, selectinload
-from starlette.exceptions import StarletteDeprecationWarning
 
 from core.database import get_async_db_session, get_database, get_db, get_db_session
 from core.errors import AlreadyExists, InputValidationError, InvalidStatus, InvalidTransition
 from core.models import ExecutionEvent, User, UserSession, WorkflowExecution
 from tests.conftest import TestDatabase
-
-with warnings.catch_warnings():
-    # Starlette asks for httpx2 when only httpx (the dev dependency) is installed; the
-    # client works with either, and the warning would fail collection (filterwarnings).
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from fastapi.testclient import TestClient
 
 # --- Pattern 1: async create ---------------------------------------------------------
 
