@@ -7,10 +7,10 @@ a statement writes it, comes from the database's clock (``core.sql.utcnow``).
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import datetime
 from typing import Any
 
+import uuid6
 from sqlalchemy import (
     BigInteger,
     ForeignKey,
@@ -49,8 +49,13 @@ NAMING_CONVENTION = {
 
 
 def new_id() -> str:
-    """A new random id, as the string form of a UUID4."""
-    return str(uuid.uuid4())
+    """A new id: a time-ordered UUID (version 7), as a string.
+
+    Ordered within a process even inside one millisecond, so that the executions of one
+    ``enqueue_many`` (which share a ``created_at``) keep their order where FIFO
+    matters, and new rows land at the right edge of the primary-key index.
+    """
+    return str(uuid6.uuid7())
 
 
 def check_json(field: str, value: Any) -> Any:

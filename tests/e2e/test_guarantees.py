@@ -203,3 +203,15 @@ def test_a_workflow_this_worker_does_not_know_fails_with_a_clear_error(
     assert execution.error["type"] == "WorkflowNotFound"
     assert "no workflow 'retired_workflow'" in execution.error["message"]
     assert step_row(execution_id, "b")["status"] == "skipped"
+
+
+def test_a_batch_waiting_on_a_limit_starts_in_the_order_it_was_given(
+    conveyor_app: ConveyorCelery,
+) -> None:
+    workflows.STARTED.clear()
+    # One INSERT: every row has the same created_at; the ids must carry the order.
+    ids = enqueue_many("serial", [None] * 8, app=conveyor_app)
+    with running_worker(conveyor_app, concurrency=2):
+        for execution_id in ids:
+            wait_for(execution_id)
+    assert workflows.STARTED == ids
