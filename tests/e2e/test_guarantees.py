@@ -214,4 +214,4 @@ def test_a_batch_waiting_on_a_limit_starts_in_the_order_it_was_given(
     with running_worker(conveyor_app, concurrency=2):
         for execution_id in ids:
             wait_for(execution_id)
-    assert workflows.STARTED == ids
+    assert ids == workflows.STARTED
