@@ -112,11 +112,6 @@ class Settings(BaseSettings):
         """URL for async engines (async producers, get_async_db_session)."""
         return async_url_for(self.sync_database_url)
 
-    @property
-    def is_sqlite(self) -> bool:
-        """Whether the state database is SQLite (the embedded default)."""
-        return self.sync_database_url.get_backend_name() == "sqlite"
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

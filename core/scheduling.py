@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core import statements as sql
-from core.errors import ExecutionNotFound
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.operations import (
     event_rows,
@@ -344,14 +343,6 @@ def reconcile_scan(
         timed_out=timed_out,
         finished=finishable,
     )
-
-
-def execution_exists(execution_id: str) -> Plan[str]:
-    """The execution's status, or ExecutionNotFound."""
-    status = (yield sql.select_execution_status(execution_id)).scalar_one_or_none()
-    if status is None:
-        raise ExecutionNotFound(execution_id)
-    return str(status)
 
 
 def step_status(execution_id: str, step_name: str) -> Plan[str | None]:

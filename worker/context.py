@@ -9,7 +9,7 @@ from typing import Any
 
 from core import scheduling
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
-from core.states import ExecutionStatus, StepStatus
+from core.states import StepStatus
 from worker.heartbeat import Heartbeat
 
 # How long a cancellation answer is reused: steps may poll it in a tight loop.
@@ -39,15 +39,15 @@ class RunningStep:
         self.manager.heartbeat(self.heartbeats.worker_id, [(self.execution_id, self.step_name)])
 
     def is_cancelled(self) -> bool:
-        """Whether the execution was cancelled or timed out, or this step was cancelled."""
+        """Whether the execution was cancelled or timed out, or this step was cancelled.
+
+        One read of the step's status suffices: cancelling or timing out an execution
+        cancels its open steps, running ones included, in the same transaction.
+        """
         now = time.monotonic()
         if self._cancelled or now - self._cancel_checked_at < CANCEL_CHECK_TTL:
             return self._cancelled
         self._cancel_checked_at = now
-        status = self.manager.run(partial(scheduling.execution_exists, self.execution_id))
         step = self.manager.run(partial(scheduling.step_status, self.execution_id, self.step_name))
-        self._cancelled = status in (
-            ExecutionStatus.CANCELLED,
-            ExecutionStatus.TIMED_OUT,
-        ) or step in (StepStatus.CANCELLED, None)
+        self._cancelled = step in (StepStatus.CANCELLED, None)
         return self._cancelled
