@@ -53,6 +53,7 @@ class PostgresServer:
     root: Path
     bin_dir: Path
     user: str = "postgres"
+    options: str = ""
 
     def url(self, database: str = "postgres") -> str:
         """A SQLAlchemy URL (psycopg 3) for ``database`` on this server."""
@@ -79,6 +80,29 @@ class PostgresServer:
             ),
             "pg_ctl restart",
         )
+
+    def halt(self) -> None:
+        """Stop the server (fast: every connection dropped), keeping its data for start()."""
+        _run(
+            _as_postgres(
+                [
+                    str(self.bin_dir / "pg_ctl"),
+                    "-D",
+                    str(self.root / "data"),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    "60",
+                    "stop",
+                ]
+            ),
+            "pg_ctl stop",
+        )
+
+    def start(self) -> None:
+        """Start a halted server again on its port, with the options it first ran with."""
+        _pg_ctl_start(self.bin_dir, self.root, self.options)
 
     def stop(self) -> None:
         """Stop the server at once and remove its files."""
@@ -137,12 +161,17 @@ def start_postgres() -> PostgresServer:
             "-c max_connections=300",
         ]
     )
+    _pg_ctl_start(bin_dir, root, options)
+    return PostgresServer(port=port, root=root, bin_dir=bin_dir, options=options)
+
+
+def _pg_ctl_start(bin_dir: Path, root: Path, options: str) -> None:
     _run(
         _as_postgres(
             [
                 str(bin_dir / "pg_ctl"),
                 "-D",
-                str(data),
+                str(root / "data"),
                 "-o",
                 options,
                 "-l",
@@ -155,7 +184,6 @@ def start_postgres() -> PostgresServer:
         ),
         "pg_ctl start",
     )
-    return PostgresServer(port=port, root=root, bin_dir=bin_dir)
 
 
 def _run(command: list[str], what: str) -> None:
@@ -187,15 +215,31 @@ class RedisServer:
             self.process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def kill(self) -> None:
+        """SIGKILL the server (it keeps nothing: persistence is off); start_again() revives it."""
+        self.process.kill()
+        self.process.wait()
+
+    def start_again(self) -> None:
+        """Start an empty server on the same port after kill(), and wait until it answers."""
+        self.process = _spawn_redis(self.port, self.root)
+        _wait_for_redis(self)
+
 
 def start_redis() -> RedisServer:
     """Start redis-server on a free port of 127.0.0.1 and wait until it answers PING."""
+    root = Path(tempfile.mkdtemp(prefix="conveyor-redis-"))
+    port = free_port()
+    server = RedisServer(port=port, process=_spawn_redis(port, root), root=root)
+    _wait_for_redis(server)
+    return server
+
+
+def _spawn_redis(port: int, root: Path) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServerError("redis-server is not installed: run `make deps` or apt-get")
-    root = Path(tempfile.mkdtemp(prefix="conveyor-redis-"))
-    port = free_port()
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [
             binary,
             "--bind",
@@ -212,16 +256,18 @@ def start_redis() -> RedisServer:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    server = RedisServer(port=port, process=process, root=root)
-    client = redis.Redis(host="127.0.0.1", port=port)
+
+
+def _wait_for_redis(server: RedisServer) -> None:
+    client = redis.Redis(host="127.0.0.1", port=server.port)
     deadline = time.monotonic() + 20
     try:
         while True:
             try:
                 client.ping()
-                return server
+                return
             except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
+                if server.process.poll() is not None or time.monotonic() > deadline:
                     server.stop()
                     raise ServerError("redis-server did not start") from None
                 time.sleep(0.05)

@@ -1,0 +1,286 @@
+"""One checker for every fault test: the invariants, read from the database and run log.
+
+After a fault test's executions are final, ``check`` reads ``workflow_executions``,
+``execution_steps`` and ``execution_events`` (SQLAlchemy Core) and the run log the
+steps append to (see ``workflows.py``), and asserts, for every execution:
+
+- it reached its expected final status (succeeded);
+- no step row is left pending, queued or running; every step succeeded exactly once
+  (one event into ``succeeded``), joins included, with the correct output, and the
+  execution's output is its sinks' outputs;
+- the event log replays: each event's ``from_status`` is the previous event's
+  ``to_status``, and the last one is the row's status (steps and executions);
+- no step ran again unless the process that ran it before was killed: every run but a
+  step's last is by a pid in ``dead_pids`` (so with no kills, each step ran once).
+
+It returns the figures each test prints: executions, steps, runs, re-runs, ...
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from core.database import get_db_session
+from core.models import ExecutionEvent, StepExecution, WorkflowExecution
+from tests.faults import workflows
+
+FINAL_EXECUTION = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+OPEN_STEP = frozenset({"pending", "queued", "running"})
+SHOWN_PROBLEMS = 25
+
+executions_table = WorkflowExecution.__table__
+steps_table = StepExecution.__table__
+events_table = ExecutionEvent.__table__
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a step's code, as the step logged it."""
+
+    execution_id: str
+    step_name: str
+    attempt: int
+    pid: int
+
+
+@dataclass
+class Figures:
+    """What a fault test reports; ``extra`` holds its own (kills, restarts, ...)."""
+
+    executions: int = 0
+    steps: int = 0
+    runs: int = 0
+    reruns: int = 0
+    seconds_to_finish: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """One line for the test's output and its assertion messages."""
+        parts = {
+            "executions": self.executions,
+            "steps": self.steps,
+            "runs": self.runs,
+            "re-runs": self.reruns,
+            **self.extra,
+            "seconds to finish": round(self.seconds_to_finish, 1),
+        }
+        return ", ".join(f"{key} {value}" for key, value in parts.items())
+
+
+def read_runs(path: Path) -> list[Run]:
+    """Every run the steps logged, in the order they started."""
+    if not path.exists():
+        return []
+    runs = []
+    for line in path.read_text().splitlines():
+        execution_id, step_name, attempt, pid = line.split()
+        runs.append(Run(execution_id, step_name, int(attempt), int(pid)))
+    return runs
+
+
+def open_executions(execution_ids: Collection[str]) -> int:
+    """How many of ``execution_ids`` are not final yet."""
+    with get_db_session() as db:
+        statuses = db.execute(
+            select(executions_table.c.status).where(
+                executions_table.c.execution_id.in_(list(execution_ids))
+            )
+        ).scalars()
+        return sum(1 for status in statuses if status not in FINAL_EXECUTION)
+
+
+def succeeded_steps(execution_ids: Collection[str]) -> int:
+    """Steps of ``execution_ids`` that succeeded so far (the tests' progress gauge)."""
+    with get_db_session() as db:
+        statuses = db.execute(
+            select(steps_table.c.status).where(steps_table.c.execution_id.in_(list(execution_ids)))
+        ).scalars()
+        return sum(1 for status in statuses if status == "succeeded")
+
+
+def running_workers(execution_ids: Collection[str]) -> list[str]:
+    """The ``worker`` (host:pid) of each step of ``execution_ids`` running now."""
+    with get_db_session() as db:
+        return [
+            str(worker)
+            for worker in db.execute(
+                select(steps_table.c.worker).where(
+                    steps_table.c.execution_id.in_(list(execution_ids)),
+                    steps_table.c.status == "running",
+                )
+            ).scalars()
+            if worker
+        ]
+
+
+def wait_until_final(execution_ids: Collection[str], timeout: float) -> float:
+    """Poll until every execution is final or ``timeout`` passes; the seconds it took.
+
+    Returns at the deadline without failing: ``check`` then names what is not final.
+    """
+    started = time.monotonic()
+    while open_executions(execution_ids) and time.monotonic() - started < timeout:
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def _replay_problems(
+    what: str, final_status: str, history: Iterable[tuple[str | None, str]]
+) -> list[str]:
+    problems = []
+    previous: str | None = None
+    for index, (from_status, to_status) in enumerate(history):
+        if index and from_status != previous:
+            problems.append(
+                f"{what}: event {index} goes {from_status}->{to_status} after {previous}"
+            )
+        previous = to_status
+    if previous != final_status:
+        problems.append(f"{what}: events replay to {previous}, the row is {final_status}")
+    return problems
+
+
+def check(
+    execution_ids: Collection[str],
+    run_log: Path,
+    *,
+    dead_pids: Collection[int] = (),
+    figures: Figures | None = None,
+) -> Figures:
+    """Assert every invariant for ``execution_ids``; the figures (raises with them)."""
+    figures = figures or Figures()
+    ids = list(execution_ids)
+    with get_db_session() as db:
+        executions = {
+            row.execution_id: row
+            for row in db.execute(
+                select(
+                    executions_table.c.execution_id,
+                    executions_table.c.workflow_id,
+                    executions_table.c.status,
+                    executions_table.c.input_data,
+                    executions_table.c.output_data,
+                    executions_table.c.error,
+                ).where(executions_table.c.execution_id.in_(ids))
+            )
+        }
+        steps = db.execute(
+            select(
+                steps_table.c.execution_id,
+                steps_table.c.step_name,
+                steps_table.c.status,
+                steps_table.c.attempt,
+                steps_table.c.output_data,
+            ).where(steps_table.c.execution_id.in_(ids))
+        ).all()
+        events = db.execute(
+            select(
+                events_table.c.execution_id,
+                events_table.c.step_name,
+                events_table.c.from_status,
+                events_table.c.to_status,
+            )
+            .where(events_table.c.execution_id.in_(ids))
+            .order_by(events_table.c.id)
+        ).all()
+    histories: dict[tuple[str, str | None], list[tuple[str | None, str]]] = defaultdict(list)
+    for event in events:
+        histories[(event.execution_id, event.step_name)].append(
+            (event.from_status, event.to_status)
+        )
+    runs: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    wanted = set(ids)
+    for run in read_runs(run_log):
+        if run.execution_id in wanted:
+            runs[(run.execution_id, run.step_name)].append(run)
+
+    problems: list[str] = []
+    missing = wanted - executions.keys()
+    problems += [f"execution {eid} has no row" for eid in sorted(missing)]
+    steps_by_execution: dict[str, dict[str, Any]] = defaultdict(dict)
+    for step in steps:
+        steps_by_execution[step.execution_id][step.step_name] = step
+    dead = set(dead_pids)
+    for eid, execution in executions.items():
+        expected = workflows.expected_outputs(execution.workflow_id, execution.input_data["start"])
+        if execution.status != "succeeded":
+            problems.append(
+                f"execution {eid} ({execution.workflow_id}) is {execution.status}, "
+                f"not succeeded; error: {execution.error}"
+            )
+        problems += _replay_problems(f"execution {eid}", execution.status, histories[(eid, None)])
+        if execution.status == "succeeded":
+            sinks = {name: expected[name] for name in workflows.sinks(execution.workflow_id)}
+            if execution.output_data != sinks:
+                problems.append(f"execution {eid} output {execution.output_data} != {sinks}")
+        rows = steps_by_execution[eid]
+        if set(rows) != set(expected):
+            problems.append(f"execution {eid} has steps {sorted(rows)}, not {sorted(expected)}")
+        joins = set(workflows.joins(execution.workflow_id))
+        for name, step in rows.items():
+            what = f"step {eid}/{name}" + (" (join)" if name in joins else "")
+            if step.status in OPEN_STEP:
+                problems.append(f"{what} left {step.status}")
+            elif step.status != "succeeded":
+                problems.append(f"{what} is {step.status}")
+            history = histories[(eid, name)]
+            completions = sum(1 for _, to_status in history if to_status == "succeeded")
+            if completions != 1:
+                problems.append(f"{what} recorded {completions} successful completions")
+            if step.status == "succeeded" and step.output_data != expected.get(name):
+                problems.append(f"{what} output {step.output_data} != {expected.get(name)}")
+            problems += _replay_problems(what, step.status, history)
+            step_runs = sorted(runs[(eid, name)], key=lambda r: r.attempt)
+            figures.steps += 1
+            figures.runs += len(step_runs)
+            figures.reruns += max(0, len(step_runs) - 1)
+            if step.status == "succeeded" and not step_runs:
+                problems.append(f"{what} succeeded without its code running")
+            lived = [r for r in step_runs[:-1] if r.pid not in dead]
+            if lived:
+                problems.append(
+                    f"{what} ran again though the process of an earlier run lived: "
+                    + ", ".join(f"attempt {r.attempt} in pid {r.pid}" for r in step_runs)
+                )
+    figures.executions = len(executions)
+    if problems:
+        shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
+        more = len(problems) - SHOWN_PROBLEMS
+        raise AssertionError(
+            f"{len(problems)} invariant violations ({figures.line()}):\n  {shown}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+        )
+    return figures
+
+
+def republishes(execution_ids: Collection[str]) -> int:
+    """Step events queued -> queued of ``execution_ids``: the reconciler's republishes."""
+    with get_db_session() as db:
+        return len(
+            db.execute(
+                select(events_table.c.id).where(
+                    events_table.c.execution_id.in_(list(execution_ids)),
+                    events_table.c.step_name.is_not(None),
+                    events_table.c.from_status == "queued",
+                    events_table.c.to_status == "queued",
+                )
+            ).all()
+        )
+
+
+def summarize_steps(execution_ids: Collection[str]) -> Mapping[str, int]:
+    """Step rows of ``execution_ids`` by status (for progress messages)."""
+    counts: dict[str, int] = defaultdict(int)
+    with get_db_session() as db:
+        for status in db.execute(
+            select(steps_table.c.status).where(steps_table.c.execution_id.in_(list(execution_ids)))
+        ).scalars():
+            counts[status] += 1
+    return dict(counts)

@@ -1,0 +1,215 @@
+"""A conveyor deployment of separate processes for the fault tests.
+
+Two ``celery -A worker.app worker`` processes (prefork, 2 children each) and one
+``celery -A worker.app beat``, on the test's database and its own Redis, with short
+heartbeat, stall and reconcile settings; each in its own process group, so that
+``stop()`` ends everything (orphaned pool children included) whatever the test did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from core.config import Settings
+from core.registry import WorkflowRegistry
+from tests.conftest import TestDatabase
+from tests.faults import inject, workflows
+from tests.servers import RedisServer
+from worker.app import create_app
+from worker.config import MAX_PRIORITY
+from worker.producer import enqueue
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 60.0
+SETTINGS = {
+    "CONVEYOR_HEARTBEAT_INTERVAL": "0.5",
+    "CONVEYOR_STALL_TIMEOUT": "4",
+    "CONVEYOR_RECONCILE_INTERVAL": "0.5",
+    "CONVEYOR_REPUBLISH_AFTER": "4",
+    "CONVEYOR_START_AFTER": "2",
+}
+
+
+@dataclass
+class Process:
+    """One started celery process (the leader of its own process group)."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def children(self) -> list[int]:
+        """Pids of this process's live children (the prefork pool)."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # "pid (comm) state ppid ...": comm may hold spaces, so split after ")".
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == self.pid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+        return found
+
+
+class Cluster:
+    """Workers and beat as separate processes, plus a producer app in the test process."""
+
+    def __init__(
+        self,
+        database: TestDatabase,
+        redis: RedisServer,
+        folder: Path,
+        *,
+        inject_mode: str | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        self.database = database
+        self.redis = redis
+        self.folder = folder
+        self.run_log = folder / "runs.log"
+        self.inject_log = folder / "injected.log"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "CONVEYOR_DATABASE_URL": database.url,
+            "CONVEYOR_BROKER_URL": redis.url,
+            "CONVEYOR_WORKFLOW_MODULES": f"{workflows.__name__},{inject.__name__}",
+            **SETTINGS,
+            **(settings or {}),
+            workflows.RUN_LOG_ENV: str(self.run_log),
+            inject.LOG_ENV: str(self.inject_log),
+        }
+        self.env.pop(inject.MODE_ENV, None)
+        if inject_mode:
+            self.env[inject.MODE_ENV] = inject_mode
+        self.processes: list[Process] = []
+        self.workers: list[Process] = []
+        registry = WorkflowRegistry()
+        registry.load_module(workflows.__name__)
+        self.app = create_app(Settings(database_url=database.url, broker_url=redis.url), registry)
+
+    # --- processes -------------------------------------------------------------------
+
+    def _spawn(self, name: str, arguments: list[str]) -> Process:
+        log = self.folder / f"{name}.log"
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker.app", *arguments],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        process = Process(name, popen, log)
+        self.processes.append(process)
+        return process
+
+    def spawn_worker(self) -> Process:
+        """Start one more worker process (not waiting for it)."""
+        name = f"worker{len([p for p in self.processes if p.name.startswith('worker')]) + 1}"
+        worker = self._spawn(
+            name,
+            [
+                "worker",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "2",
+                "--loglevel",
+                "info",
+                "--without-mingle",
+                "--without-gossip",
+                "--hostname",
+                f"{name}@%h",
+            ],
+        )
+        self.workers.append(worker)
+        return worker
+
+    def wait_ready(self, worker: Process) -> None:
+        """Poll the worker's log until Celery says it is ready."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while b"ready." not in worker.log.read_bytes():
+            assert worker.popen.poll() is None, worker.log.read_text()
+            assert time.monotonic() < deadline, worker.log.read_text()
+            time.sleep(0.1)
+
+    def start(self, workers: int = 2) -> None:
+        """Start the workers and beat; return once every worker is ready."""
+        started = [self.spawn_worker() for _ in range(workers)]
+        self._spawn("beat", ["beat", "--schedule", str(self.folder / "beat-schedule")])
+        for worker in started:
+            self.wait_ready(worker)
+
+    def kill_worker(self, worker: Process) -> list[int]:
+        """SIGKILL a worker's main process (its pool is orphaned); the pids it ends."""
+        pids = [worker.pid, *worker.children()]
+        worker.popen.send_signal(signal.SIGKILL)
+        worker.popen.wait()
+        self.workers.remove(worker)
+        return pids
+
+    def stop(self) -> None:
+        """SIGKILL every process group started here; the state is already checked."""
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.popen.wait()
+        self.app.close()
+
+    def wait_broker_drained(self, timeout: float) -> float:
+        """Poll Redis until no conveyor message waits or is held unacknowledged (held ones
+        include messages with a countdown); the seconds it took, failing at ``timeout``."""
+        queues = [self.env.get("CONVEYOR_DEFAULT_QUEUE", "conveyor")]
+        queues += [f"{queues[0]}:{priority}" for priority in range(1, MAX_PRIORITY + 1)]
+        client = redis.Redis.from_url(self.redis.url)
+        started = time.monotonic()
+        try:
+            while True:
+                waiting = sum(int(client.llen(queue)) for queue in queues)
+                held = int(client.hlen("unacked"))
+                if not waiting and not held:
+                    return time.monotonic() - started
+                assert time.monotonic() - started < timeout, (
+                    f"{waiting} message(s) still queued and {held} unacknowledged after {timeout}s"
+                )
+                time.sleep(0.1)
+        finally:
+            client.close()
+
+    def log_count(self, text: str) -> int:
+        """Lines containing ``text`` in every worker's log."""
+        return sum(
+            line.count(text.encode())
+            for process in self.processes
+            if process.name.startswith("worker")
+            for line in process.log.read_bytes().splitlines()
+        )
+
+    # --- work ------------------------------------------------------------------------
+
+    def enqueue(self, workflow: str, starts: range) -> list[str]:
+        """One execution of ``workflow`` per start number, each enqueued on its own."""
+        return [enqueue(workflow, {"start": start}, app=self.app) for start in starts]
+
+    def enqueue_workload(self, chains: int, fans: int) -> list[str]:
+        """``chains`` executions of the 10-step chain and ``fans`` of the 1 -> 8 -> 1 fan."""
+        return self.enqueue(workflows.chain.name, range(chains)) + self.enqueue(
+            workflows.fan.name, range(1000, 1000 + fans)
+        )

@@ -1,0 +1,72 @@
+"""Publishing faults: every run-step message duplicated, and publishes lost after commit."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.faults.checker import Figures, check, republishes, wait_until_final
+from tests.faults.conftest import StartCluster
+from tests.faults.inject import LOG_ENV, faulty, injected_lines
+from worker.app import ConveyorCelery
+from worker.engine import RUN_STEP, START_EXECUTION
+
+pytestmark = [pytest.mark.postgresql_only, pytest.mark.timeout(240)]
+
+CHAINS = 12
+FANS = 4
+FINISH_TIMEOUT = 120.0
+DRAIN_TIMEOUT = 60.0
+LOST = "lost:0.2"
+
+
+def test_duplicate_storm_completes_each_step_once(start_cluster: StartCluster) -> None:
+    """Each run-step message is sent 3 extra times (at once, late, at another priority):
+    no step's code runs twice, no completion is recorded twice."""
+    cluster = start_cluster(inject_mode="duplicates")
+    ids = cluster.enqueue_workload(CHAINS, FANS)
+    seconds = wait_until_final(ids, FINISH_TIMEOUT)
+    # Duplicates still queued (the late ones, those behind higher priorities) are run
+    # before the check: a duplicate after the finish must change nothing either.
+    cluster.wait_broker_drained(DRAIN_TIMEOUT)
+    sent = [line for line in injected_lines(cluster.inject_log) if line.startswith("duplicate")]
+    figures = Figures(
+        seconds_to_finish=seconds,
+        extra={
+            "duplicates sent": len(sent),
+            "duplicates dropped": cluster.log_count("not claimed"),
+        },
+    )
+    try:
+        check(ids, cluster.run_log, figures=figures)
+    finally:
+        print(f"\nduplicate storm: {figures.line()}")
+    assert len(sent) >= 3 * figures.steps, figures.line()
+
+
+def test_lost_publishes_are_sent_by_the_reconciler(
+    start_cluster: StartCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20% of start and run-step publishes fail after their commit (producer, workers,
+    reconciler alike): every execution still finishes, through the reconciler."""
+    cluster = start_cluster(inject_mode=LOST)
+    # The producer here loses its publishes too.
+    monkeypatch.setenv(LOG_ENV, str(cluster.inject_log))
+    monkeypatch.setattr(ConveyorCelery, "send_task", faulty(ConveyorCelery.send_task, LOST))
+    ids = cluster.enqueue_workload(CHAINS, FANS)
+    seconds = wait_until_final(ids, FINISH_TIMEOUT)
+    lost = [line.split()[1] for line in injected_lines(cluster.inject_log)]
+    figures = Figures(
+        seconds_to_finish=seconds,
+        extra={
+            "lost starts": lost.count(START_EXECUTION),
+            "lost run-steps": lost.count(RUN_STEP),
+            "reconciler republishes": republishes(ids),
+        },
+    )
+    try:
+        check(ids, cluster.run_log, figures=figures)
+    finally:
+        print(f"\nlost publishes: {figures.line()}")
+    assert lost.count(START_EXECUTION) > 0, figures.line()
+    assert lost.count(RUN_STEP) > 0, figures.line()
+    assert figures.extra["reconciler republishes"] > 0, figures.line()
