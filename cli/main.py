@@ -1,4 +1,5 @@
-"""The ``conveyor`` command: migrate, run, status, list, cancel, retry, workflows, demo.
+"""The ``conveyor`` command: migrate, run, status, list, cancel, retry, workflows,
+schedules, demo.
 
 Commands are thin: reads go through core's state manager, writes through the worker's
 producer and engine. Every ConveyorError becomes one red line on stderr and exit
@@ -38,6 +39,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 
 from cli import render
+from cli import schedules as cli_schedules
 from cli.render import stderr, stdout
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -411,6 +413,46 @@ def workflows(ctx: typer.Context) -> None:
         stdout().print("No workflows registered: list their modules in CONVEYOR_WORKFLOW_MODULES.")
         return
     stdout().print(render.workflows_table(registry))
+
+
+schedules_app = typer.Typer(
+    help="The workflows' schedules: list them with their next run; pause and resume.",
+    no_args_is_help=False,
+)
+app.add_typer(schedules_app, name="schedules")
+ScheduleWorkflow = Annotated[str, typer.Argument(help="The workflow's name.", show_default=False)]
+ScheduleName = Annotated[
+    str, typer.Argument(help="The schedule's name (see conveyor schedules).", show_default=False)
+]
+
+
+@schedules_app.callback(invoke_without_command=True)
+@reported
+def schedules(ctx: typer.Context) -> None:
+    """List each schedule: when it fires, its next and last run, whether it is paused."""
+    if ctx.invoked_subcommand is not None:
+        return
+    table = cli_schedules.schedules_table(ctx.ensure_object(CliState).workflows)
+    if table is None:
+        stdout().print("No schedules: declare them with Workflow(..., schedules=[Schedule(...)]).")
+        return
+    stdout().print(table)
+
+
+@schedules_app.command()
+@reported
+def pause(ctx: typer.Context, workflow: ScheduleWorkflow, name: ScheduleName) -> None:
+    """Pause a schedule: no tick of it runs until it is resumed (no deploy needed)."""
+    registry = ctx.ensure_object(CliState).workflows
+    stdout().print(cli_schedules.set_paused(registry, workflow, name, True), soft_wrap=True)
+
+
+@schedules_app.command()
+@reported
+def resume(ctx: typer.Context, workflow: ScheduleWorkflow, name: ScheduleName) -> None:
+    """Resume a paused schedule at its next tick (the ticks it missed do not run)."""
+    registry = ctx.ensure_object(CliState).workflows
+    stdout().print(cli_schedules.set_paused(registry, workflow, name, False), soft_wrap=True)
 
 
 @app.command()

@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     republish_after: Annotated[float, Field(gt=0)] = 120.0
     start_after: Annotated[float, Field(gt=0)] = 30.0
     retry_countdown_max: Annotated[float, Field(ge=0)] = 60.0
+    schedule_interval: Annotated[float, Field(gt=0)] = 1.0
     default_queue: str = "conveyor"
 
     @field_validator("workflow_modules", mode="before")

@@ -1,4 +1,5 @@
-"""The ORM models: users and their sessions, workflow executions, their steps and events.
+"""The ORM models: users and their sessions, workflow executions, their steps and events,
+and the state of workflows' schedules.
 
 JSON columns are JSONB on PostgreSQL; every timestamp is timezone-aware UTC and, when
 a statement writes it, comes from the database's clock (``core.sql.utcnow``).
@@ -13,6 +14,7 @@ from typing import Any
 import uuid6
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     ForeignKey,
     Index,
     Integer,
@@ -280,6 +282,28 @@ class ExecutionEvent(Base):
     execution: Mapped[WorkflowExecution] = relationship(back_populates="events")
 
     __table_args__ = (Index("ix_execution_events_execution", "execution_id", "id"),)
+
+
+class WorkflowSchedule(Timestamped, Base):
+    """A declared schedule's state: paused or not, the last tick fired, the next one due.
+
+    One row per (workflow, schedule name), created by the first firing pass (or a
+    pause) that sees the schedule; the definition itself lives in code.
+    """
+
+    __tablename__ = "workflow_schedules"
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    workflow: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # When it fires, as deployed (cron and time zone, or interval): a change moves
+    # next_tick_at to the new spec's first tick.
+    spec: Mapped[str] = mapped_column(String(300), nullable=False)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False, nullable=False)
+    next_tick_at: Mapped[datetime | None]
+    last_tick_at: Mapped[datetime | None]
+    # No foreign key: executions may be purged; the schedule's history stays.
+    last_execution_id: Mapped[str | None] = mapped_column(String(36))
 
 
 @event.listens_for(Session, "before_flush")

@@ -31,6 +31,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.errors import PydanticSchemaGenerationError
 
 from core.errors import DefinitionError, InputValidationError
+from core.schedules import Schedule, check_schedules
 
 NO_ANNOTATION = inspect.Signature.empty
 
@@ -103,7 +104,8 @@ class Step:
 
 
 class Workflow:
-    """A named, versioned DAG of steps with an input model, a deadline and a concurrency cap."""
+    """A named, versioned DAG of steps with an input model, a deadline, a concurrency cap
+    and, optionally, schedules (``Schedule``) on which beat runs it."""
 
     def __init__(
         self,
@@ -114,6 +116,7 @@ class Workflow:
         deadline: timedelta | None = None,
         max_concurrency: int | None = None,
         description: str = "",
+        schedules: Iterable[Schedule] = (),
     ) -> None:
         if not name or not isinstance(name, str) or len(name) > 200:
             raise DefinitionError(f"workflow name must be 1-200 characters, got {name!r}")
@@ -129,6 +132,8 @@ class Workflow:
         self.description = description
         self.steps: dict[str, Step] = {}
         self._children_map: dict[str, list[str]] | None = None
+        # When beat runs it by itself (core.schedules); inputs checked here, at definition.
+        self.schedules: tuple[Schedule, ...] = check_schedules(self, schedules)
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, version={self.version}, steps={list(self.steps)})"

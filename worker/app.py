@@ -18,8 +18,9 @@ from core.config import Settings, get_settings
 from core.database import get_database
 from core.errors import TransientDatabaseError
 from core.registry import WorkflowRegistry, get_registry
-from worker.config import celery_config
+from worker.config import FIRE_SCHEDULES, celery_config
 from worker.engine import RUN_STEP, START_EXECUTION, Engine
+from worker.schedules import fire_schedules as fire_due
 
 log = logging.getLogger(__name__)
 TRANSIENT_RETRY_COUNTDOWN = 5
@@ -59,6 +60,14 @@ def _register_tasks(app: ConveyorCelery) -> None:
         """Claim, run and record one step."""
         with _retry_when_transient(task):
             app.engine.run_step(execution_id, step_name, task.request.id)
+
+    @app.task(name=FIRE_SCHEDULES, **options)
+    def fire_schedules(task: Task[Any, Any]) -> None:
+        """Enqueue the due ticks of the workflows' schedules (sent by beat)."""
+        try:
+            fire_due(app)
+        except TransientDatabaseError:  # the next pass, a second from now, tries again
+            log.warning("database unavailable; schedules fired by a later pass")
 
     @app.task(name="conveyor.reconcile", **options)
     def reconcile(task: Task[Any, Any]) -> None:

@@ -12,6 +12,10 @@ MAX_PRIORITY = 9
 # Longest any step may run before the broker may hand its message to another worker;
 # kept above every hard timeout so that a running step is not redelivered under it.
 VISIBILITY_MARGIN = 60
+# The name of the task that fires schedules (worker.schedules), and the least time
+# its message may wait in the queue before it is dropped as stale.
+FIRE_SCHEDULES = "conveyor.fire_schedules"
+SCHEDULE_EXPIRES_MIN = 60.0
 
 
 def broker_kind(settings: Settings) -> str:
@@ -88,7 +92,17 @@ def celery_config(settings: Settings, registry: WorkflowRegistry) -> dict[str, A
                 "task": "conveyor.reconcile",
                 "schedule": settings.reconcile_interval,
                 "options": {"expires": settings.reconcile_interval * 2},
-            }
+            },
+            "conveyor-schedules": {
+                "task": FIRE_SCHEDULES,
+                "schedule": settings.schedule_interval,
+                # Ahead of steps waiting in the queue, so ticks fire on time; a pass
+                # dropped as expired is covered by the next one.
+                "options": {
+                    "expires": max(settings.schedule_interval * 2, SCHEDULE_EXPIRES_MIN),
+                    "priority": broker_priority(settings, MAX_PRIORITY),
+                },
+            },
         },
     }
 

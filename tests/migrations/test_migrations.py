@@ -28,7 +28,14 @@ from sqlalchemy.pool import NullPool
 from core.models import Base
 from migrations import ALEMBIC_INI, alembic_config
 
-TABLES = {"users", "user_sessions", "workflow_executions", "execution_steps", "execution_events"}
+TABLES = {
+    "users",
+    "user_sessions",
+    "workflow_executions",
+    "execution_steps",
+    "execution_events",
+    "workflow_schedules",
+}
 _counter = itertools.count()
 
 EmptyDatabase = Callable[[], Engine]

@@ -1,0 +1,92 @@
+"""Firing schedules: a pass enqueues each due tick of the declared schedules, once.
+
+Beat sends ``conveyor.fire_schedules`` every ``CONVEYOR_SCHEDULE_INTERVAL`` seconds and
+any worker runs it; passes may overlap (two beats, a redelivered message). A pass
+reads the schedules' rows, enqueues each due tick through ``enqueue`` with the tick's
+idempotency key, then advances the row with a compare-and-set (see core.schedules):
+a tick that two passes find due is one execution, and a pass interrupted between the
+enqueue and the advance is finished by the next one, without a second execution.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Connection
+
+from core import schedules
+from core.database import get_database
+from core.errors import ConveyorError, IdempotencyConflict, TransientDatabaseError
+from core.transactions import RetryPolicy
+from worker.producer import enqueue
+
+if TYPE_CHECKING:
+    from worker.app import ConveyorCelery
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Fired:
+    """A tick a pass enqueued: its schedule, its execution, and whether this pass
+    advanced the row (False: a concurrent pass had, with the same execution)."""
+
+    workflow: str
+    schedule: str
+    tick: datetime
+    execution_id: str | None
+    advanced: bool
+
+
+def fire_schedules(app: ConveyorCelery, now: datetime | None = None) -> list[Fired]:
+    """One pass over the schedules of ``app``'s workflows; ``now`` defaults to the
+    database's clock (tests give their own)."""
+    declared = schedules.declared(app.engine.registry)
+    if not declared:
+        return []
+    database = get_database()
+    policy = RetryPolicy.from_settings(database.settings)
+
+    def read(
+        connection: Connection,
+    ) -> tuple[datetime, dict[tuple[str, str], schedules.ScheduleState]]:
+        clock = now or schedules.database_now(connection)
+        return clock, schedules.sync_rows(connection, declared, clock)
+
+    clock, rows = schedules.in_transaction(database.engine, policy, read)
+    fired: list[Fired] = []
+    for due in schedules.due_ticks(declared, rows, clock):
+        workflow, schedule = due.declared.workflow, due.declared.schedule
+        try:
+            execution_id: str | None = enqueue(
+                workflow, schedule.input, idempotency_key=due.idempotency_key, app=app
+            )
+        except IdempotencyConflict:
+            # The tick ran already, with the input of an earlier deploy: it is fired.
+            log.warning("tick %s already ran with other input", due.idempotency_key)
+            execution_id = None
+        except TransientDatabaseError:
+            raise
+        except ConveyorError:
+            log.exception(
+                "schedule %r of %r: tick %s not enqueued", schedule.label, workflow, due.tick
+            )
+            continue
+        advanced = schedules.in_transaction(
+            database.engine,
+            policy,
+            partial(schedules.advance, due=due, execution_id=execution_id),
+        )
+        fired.append(Fired(workflow, schedule.label, due.tick, execution_id, advanced))
+        log.info(
+            "schedule %r of %r fired for %s: execution %s",
+            schedule.label,
+            workflow,
+            due.tick.isoformat(),
+            execution_id,
+        )
+    return fired
