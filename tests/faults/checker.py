@@ -260,16 +260,17 @@ def check(
     return figures
 
 
-def republishes(execution_ids: Collection[str]) -> int:
-    """Step events queued -> queued of ``execution_ids``: the reconciler's republishes."""
+def transitions(execution_ids: Collection[str], from_status: str, to_status: str) -> int:
+    """Step events ``from_status`` -> ``to_status`` of ``execution_ids`` (queued -> queued:
+    the reconciler's republishes; running -> queued: retries and stall recoveries)."""
     with get_db_session() as db:
         return len(
             db.execute(
                 select(events_table.c.id).where(
                     events_table.c.execution_id.in_(list(execution_ids)),
                     events_table.c.step_name.is_not(None),
-                    events_table.c.from_status == "queued",
-                    events_table.c.to_status == "queued",
+                    events_table.c.from_status == from_status,
+                    events_table.c.to_status == to_status,
                 )
             ).all()
         )

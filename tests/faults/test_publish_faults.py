@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.checker import Figures, check, republishes, wait_until_final
+from tests.faults.checker import Figures, check, transitions, wait_until_final
 from tests.faults.conftest import StartCluster
 from tests.faults.inject import LOG_ENV, faulty, injected_lines
 from worker.app import ConveyorCelery
@@ -60,7 +60,7 @@ def test_lost_publishes_are_sent_by_the_reconciler(
         extra={
             "lost starts": lost.count(START_EXECUTION),
             "lost run-steps": lost.count(RUN_STEP),
-            "reconciler republishes": republishes(ids),
+            "reconciler republishes": transitions(ids, "queued", "queued"),
         },
     )
     try:
