@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: deps venv test lint typecheck pytest run migrate clean
+.PHONY: deps venv test lint typecheck pytest run migrate bench clean
 
 deps:
 	@VENV=$(VENV) scripts/bootstrap.sh
@@ -24,6 +24,11 @@ test: lint typecheck pytest
 
 run: venv
 	$(BIN)/python -m cli.demo
+
+# Plain Celery, DBOS and conveyor side by side on a durable PostgreSQL (docs/benchmarks.md).
+bench: deps
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.run
 
 migrate: deps
 	$(BIN)/alembic upgrade head

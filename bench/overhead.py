@@ -18,7 +18,7 @@ import redis
 from sqlalchemy import make_url
 
 from bench import workflows
-from bench.harness import Backend, bench_settings, conveyor_app, emit, note
+from bench.harness import Services, bench_settings, conveyor_app, conveyor_database, emit, note
 from core import scheduling
 from core import statements as sql
 from core.states import StepStatus
@@ -46,7 +46,6 @@ def statement_costs(calls: int) -> None:
             "e", ["s"], StepStatus.SUCCEEDED, running, attempt=1, values={"output_data": 1}
         ),
         "release_downstream": lambda: sql.release_downstream("e", ["t"]),
-        "finish_execution_if_done": lambda: sql.finish_execution_if_done("e"),
     }
     for name, build in builders.items():
         emit("statement_build_us", _cost_us(build, calls), statement=name)
@@ -68,33 +67,32 @@ def sinks_costs(calls: int) -> None:
         )
 
 
-def transaction_costs(backend: Backend, broker_url: str, calls: int) -> None:
+def transaction_costs(url: str, broker_url: str, calls: int) -> None:
     """CPU of a one-SELECT transaction: through the state manager, and through psycopg."""
-    settings = bench_settings(backend.url, broker_url)
+    settings = bench_settings(url, broker_url)
     with conveyor_app(settings, workflows.registry()) as app:
         execution_id = enqueue(workflows.DAG, {"i": 0}, app=app)
         manager = app.engine.manager
-        plan = partial(scheduling.execution_exists, execution_id)
+        plan = partial(scheduling.step_status, execution_id, "a")
         emit(
             "transaction_us",
             _cost_us(lambda: manager.run(plan), calls),
-            backend=backend.name,
+            backend="postgresql",
             via="state_manager",
         )
-        if backend.name != "postgresql":
-            return
-        dsn = make_url(backend.url).set(drivername="postgresql").render_as_string(False)
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
         with psycopg.connect(dsn) as connection:
 
             def raw() -> None:
                 connection.execute("SELECT 1")  # what pool_pre_ping sends
                 with connection.transaction():
                     connection.execute(
-                        "SELECT status FROM workflow_executions WHERE execution_id = %s",
-                        (execution_id,),
+                        "SELECT status, attempt FROM execution_steps"
+                        " WHERE execution_id = %s AND step_name = %s",
+                        (execution_id, "a"),
                     ).fetchone()
 
-            emit("transaction_us", _cost_us(raw, calls), backend=backend.name, via="psycopg")
+            emit("transaction_us", _cost_us(raw, calls), backend="postgresql", via="psycopg")
 
 
 def redis_client_cost(broker_url: str, calls: int) -> None:
@@ -106,11 +104,10 @@ def redis_client_cost(broker_url: str, calls: int) -> None:
         pool.disconnect()
 
 
-def overhead(backends: list[Backend], broker_url: str, calls: int) -> None:
-    """Every single-threaded cost above."""
+def overhead(running: Services, calls: int) -> None:
+    """Every single-threaded cost above (the transaction on durable PostgreSQL)."""
     note("overhead: single-threaded CPU of a step's parts")
     statement_costs(calls)
     sinks_costs(calls)
-    for backend in backends:
-        transaction_costs(backend, broker_url, calls)
-    redis_client_cost(broker_url, calls)
+    transaction_costs(conveyor_database(running, "bench_overhead"), running.broker_url, calls)
+    redis_client_cost(running.broker_url, calls)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from typing import Any
 
 from sqlalchemy import ClauseElement, Connection, Engine, text
@@ -29,11 +28,11 @@ from bench.harness import (
     SqlCounter,
     bench_settings,
     conveyor_app,
+    conveyor_database,
     emit,
-    flush_broker,
+    flush_redis,
     median,
     note,
-    postgres_database,
     state_engine,
 )
 from core import scheduling
@@ -275,16 +274,8 @@ def _timed(run: Callable[[], object]) -> float:
 def time_passes(
     app: ConveyorCelery, rows: int, per_kind: int, repeats: int, broker_url: str
 ) -> None:
-    """Median seconds of full passes and of scan-only passes with work, and of idle passes."""
+    """Median seconds of passes with work and of idle passes."""
     engine = state_engine()
-    settings = app.engine.settings
-    scan = partial(
-        scheduling.reconcile_scan,
-        stall_timeout=settings.stall_timeout,
-        republish_after=settings.republish_after,
-        start_after=settings.start_after,
-        limit=settings.reconcile_batch,
-    )
     work = per_kind * len(KINDS)
     # A first pass, counted and not timed: what a pass with work sends and finds.
     _reseed_work(engine, per_kind)
@@ -292,19 +283,14 @@ def time_passes(
         report = app.engine.reconcile()
     _report_first_pass(report, counted, rows, work, engine)
     with_work: list[float] = []
-    scan_only: list[float] = []
     for _ in range(repeats):
-        flush_broker(broker_url)
+        flush_redis(broker_url)
         _reseed_work(engine, per_kind)
         with_work.append(_timed(app.engine.reconcile))
-        flush_broker(broker_url)
-        _reseed_work(engine, per_kind)
-        scan_only.append(_timed(lambda: app.engine.manager.run(scan)))
-    flush_broker(broker_url)
+    flush_redis(broker_url)
     _clear_work(engine)
     idle = [_timed(app.engine.reconcile) for _ in range(repeats)]
     emit("reconcile_pass_seconds", median(with_work), rows=rows, work=work, part="pass")
-    emit("reconcile_pass_seconds", median(scan_only), rows=rows, work=work, part="scan")
     emit("reconcile_pass_seconds", median(idle), rows=rows, work=0, part="pass")
 
 
@@ -329,8 +315,8 @@ def _report_first_pass(
 
 def reconciler(running: Services, stages: list[int], per_kind: int, repeats: int) -> None:
     """Load finished executions stage by stage; at each stage, explain and time passes."""
-    url = postgres_database(running.postgres, "bench_reconciler")
-    settings = bench_settings(url, running.redis_url)
+    url = conveyor_database(running, "bench_reconciler")
+    settings = bench_settings(url, running.broker_url)
     with conveyor_app(settings, workflows.registry()) as app:
         engine = state_engine()
         loaded = 0
@@ -345,5 +331,5 @@ def reconciler(running: Services, stages: list[int], per_kind: int, repeats: int
             loaded = rows
             _reseed_work(engine, per_kind)
             explain_scans(engine, settings, rows)
-            time_passes(app, rows, per_kind, repeats, running.redis_url)
-        flush_broker(running.redis_url)
+            time_passes(app, rows, per_kind, repeats, running.broker_url)
+        flush_redis(running.broker_url)

@@ -1,168 +1,223 @@
-"""Run every benchmark: ``.venv/bin/python -m bench.run [--quick] [--only NAME ...]``.
+"""``make bench``: plain Celery, DBOS and conveyor side by side on the same servers.
 
-Starts its own PostgreSQL 15 and Redis on free ports (and always stops them), then:
+Starts its own PostgreSQL 15 (fsync, synchronous_commit and full_page_writes on;
+pg_stat_statements loaded) and Redis on free ports, and always stops them. Each
+repetition runs every system in turn (the order rotates), each with fresh worker
+processes (``-P prefork -c 2``; DBOS: 2 processes), through every scenario:
 
-- ``throughput``: durable steps per second on PostgreSQL and SQLite against plain Celery
-  chains on the same broker, with SQL statements, commits and CPU per step;
-- ``overhead``: single-threaded CPU of a step's parts (building statements,
-  ``Workflow.sinks``, a one-statement transaction against raw psycopg);
-- ``enqueue``: ``enqueue_many`` against a loop of ``enqueue`` calls;
-- ``reconciler``: passes over 100,000 then 1,000,000 finished executions (``--quick``:
-  10,000 then 100,000), with the plans of their scans.
+- ``chain10``: executions of a chain of 10 no-op steps, submitted at once;
+- ``fanout``: executions of 1 -> 8 -> 1 no-op steps (a chord for plain Celery; DBOS
+  runs only the chains);
+- ``chain<N>``: one chain of N steps (default 1,000): cost per step against chain10;
+- ``latency``: executions sent one at a time: producer call -> first step start;
+- ``enqueue``: executions enqueued with no worker running.
 
-Every figure is one line on stdout, ``name key=value ... value=<number>``; lines that
-start with ``#`` are context.
+One line a figure: each system's median over the repetitions, then conveyor's ratio to
+each other system (taken within each repetition). Lines starting with ``#`` are context.
+``--extras reconciler overhead`` adds conveyor's in-process benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import celery
-import redis
 import sqlalchemy
-from sqlalchemy import create_engine, text
-from sqlalchemy.pool import NullPool
 
-from bench.enqueue import enqueue_throughput
-from bench.harness import (
-    WORKER_CONCURRENCY,
-    Backend,
-    Services,
-    note,
-    postgres_database,
-    services,
-    sqlite_database,
-)
-from bench.overhead import overhead
-from bench.reconciler import reconciler
-from bench.throughput import compare, workloads
+from bench.harness import BenchError, Services, note, services
+from bench.meter import Meter
+from bench.processes import ROOT
+from bench.scenarios import Context, Enqueue, Latency, Results, Scenario, Throughput
+from bench.systems import CHAIN10, FANOUT, Conveyor, Dbos, PlainCelery, Shape, System
 
-PARTS = ("throughput", "overhead", "enqueue", "reconciler")
+EXTRAS = ("reconciler", "overhead")
 
 
-@dataclass(frozen=True)
-class Sizes:
-    """How much work each benchmark does."""
-
-    linear_steps: int
-    dag_executions: int
-    throughput_rounds: int
-    overhead_calls: int
-    enqueue_batch: int
-    enqueue_calls: int
-    enqueue_repeats: int
-    reconciler_stages: tuple[int, ...]
-    reconciler_per_kind: int
-    reconciler_repeats: int
-
-
-FULL = Sizes(
-    linear_steps=200,
-    dag_executions=200,
-    throughput_rounds=3,
-    overhead_calls=2000,
-    enqueue_batch=2000,
-    enqueue_calls=500,
-    enqueue_repeats=3,
-    reconciler_stages=(100_000, 1_000_000),
-    reconciler_per_kind=100,
-    reconciler_repeats=5,
-)
-QUICK = Sizes(
-    linear_steps=50,
-    dag_executions=50,
-    throughput_rounds=1,
-    overhead_calls=500,
-    enqueue_batch=500,
-    enqueue_calls=100,
-    enqueue_repeats=3,
-    reconciler_stages=(10_000, 100_000),
-    reconciler_per_kind=100,
-    reconciler_repeats=3,
-)
-
-
-def _versions(running: Services) -> None:
-    engine = create_engine(running.postgres.url(), poolclass=NullPool)
-    try:
-        with engine.connect() as connection:
-            postgres = connection.execute(text("SHOW server_version")).scalar_one()
-    finally:
-        engine.dispose()
-    client = redis.Redis.from_url(running.redis_url)
-    try:
-        redis_version = client.info("server")["redis_version"]
-    finally:
-        client.close()
-    note(
-        f"python={platform.python_version()} postgresql={postgres} redis={redis_version} "
-        f"celery={celery.__version__} sqlalchemy={sqlalchemy.__version__} "
-        f"redis-py={redis.__version__}"
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add = parser.add_argument
+    add("--repetitions", type=int, default=3, help="alternating repetitions (default 3)")
+    add("--chain-executions", type=int, default=100, help="chain10 executions (default 100)")
+    add("--fanout-executions", type=int, default=50, help="fanout executions (default 50)")
+    add("--long-steps", type=int, default=1000, help="steps of the long chain (default 1000)")
+    add("--latency-executions", type=int, default=30, help="latency samples (default 30)")
+    add("--latency-interval", type=float, default=0.1, help="seconds between them (0.1)")
+    add("--enqueue-executions", type=int, default=1000, help="enqueued at once (default 1000)")
+    add("--concurrency", type=int, default=2, help="worker processes per system (default 2)")
+    add("--systems", nargs="+", choices=("celery", "dbos", "conveyor"), default=None)
+    add("--extras", nargs="*", choices=EXTRAS, default=[], help="in-process extras (none)")
+    add("--reconciler-rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    add("--overhead-calls", type=int, default=2000)
+    add("--timeout", type=float, default=600.0, help="longest wait for one workload (s)")
+    options = parser.parse_args(argv)
+    if options.long_steps <= 10:
+        parser.error("--long-steps must be more than 10")
+    return options
+
+
+def scenarios(options: argparse.Namespace) -> list[Scenario]:
+    """The scenarios, in the order they run within a system's turn."""
+    long = Shape(f"chain{options.long_steps}", "chain", options.long_steps)
+    return [
+        Throughput(CHAIN10, options.chain_executions),
+        Throughput(FANOUT, options.fanout_executions),
+        Throughput(long, 1, baseline=CHAIN10.name),
+        Latency(CHAIN10, options.latency_executions, options.latency_interval),
+        Enqueue(options.enqueue_executions),
+    ]
+
+
+def _systems(
+    options: argparse.Namespace, running: Services, folder: Path, results: Results
+) -> list[System]:
+    chosen = options.systems or ["celery", "dbos", "conveyor"]
+    found: list[System] = []
+    if "celery" in chosen:
+        found.append(PlainCelery(running, folder, options.concurrency))
+    if "dbos" in chosen:
+        if importlib.util.find_spec("dbos") is None:
+            results.unavailable["dbos"] = "not installed: pip install '.[bench]'"
+            note("dbos: not installed (pip install '.[bench]'); its figures are left out")
+        else:
+            found.append(Dbos(running, folder))
+    if "conveyor" in chosen:
+        found.append(Conveyor(running, folder, options.concurrency, options.long_steps))
+    return found
+
+
+def _warm_up(system: System, context: Context, concurrency: int) -> None:
+    """Connections, pools and imports warm (and the workers proven to consume)."""
+    for shape, count in ((CHAIN10, 2 * concurrency), (FANOUT, 2)):
+        if system.supports(shape):
+            submission = system.submit(shape, count)
+            system.wait(submission, context.timeout)
+            system.check(submission)
+
+
+def _turn(
+    system: System,
+    repetition: int,
+    plan: list[Scenario],
+    results: Results,
+    context: Context,
+    concurrency: int,
+) -> None:
+    """One system's turn in one repetition: fresh workers, then every scenario."""
+    started = time.perf_counter()
+    with system.workers() as workers:
+        _warm_up(system, context, concurrency)
+        for scenario in plan:
+            if scenario.needs_workers and scenario.applies_to(system.name):
+                scenario.run(system, workers, repetition, results, context)
+                workers.check_alive()
+    for scenario in plan:
+        if not scenario.needs_workers and scenario.applies_to(system.name):
+            scenario.run(system, None, repetition, results, context)
+    note(f"repetition {repetition + 1}: {system.name} done in {time.perf_counter() - started:.0f}s")
+
+
+def compare(options: argparse.Namespace, running: Services, folder: Path) -> Results:
+    """Every repetition of every system through every scenario; the results."""
+    results = Results()
+    plan = scenarios(options)
+    systems = _systems(options, running, folder, results)
+    meter = Meter(running)
+    context = Context(meter=meter, timeout=options.timeout)
+    try:
+        for repetition in range(options.repetitions):
+            shift = repetition % len(systems)
+            for system in systems[shift:] + systems[:shift]:
+                if system.name in results.unavailable:
+                    continue
+                try:
+                    _turn(system, repetition, plan, results, context, options.concurrency)
+                except Exception as error:
+                    if system.name != "dbos":
+                        raise
+                    # An optional baseline that fails is reported, not fatal.
+                    results.unavailable["dbos"] = f"failed: {type(error).__name__}"
+                    note(f"dbos failed, its figures are left out: {error!r}")
+    finally:
+        meter.close()
+        for system in systems:
+            system.close()
+    return results
+
+
+def _context(running: Services) -> None:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    versions = [f"python {platform.python_version()}", f"celery {celery.__version__}"]
+    versions.append(f"sqlalchemy {sqlalchemy.__version__}")
+    if importlib.util.find_spec("dbos") is not None:
+        from importlib.metadata import version
+
+        versions.append(f"dbos {version('dbos')}")
+    note(
+        f"conveyor bench at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit or '?'}, "
+        f"{os.cpu_count()} CPUs; " + ", ".join(versions)
+    )
+    note(
+        "PostgreSQL with fsync, synchronous_commit and full_page_writes on; "
+        f"port {running.postgres.port}; Redis port {running.redis.port}"
+    )
+
+
+def _extras(options: argparse.Namespace, running: Services) -> None:
+    if "reconciler" in options.extras:
+        from bench.reconciler import reconciler
+
+        reconciler(running, list(options.reconciler_rows), 100, 3)
+    if "overhead" in options.extras:
+        from bench.overhead import overhead
+
+        overhead(running, options.overhead_calls)
+
+
+def benchmark(options: argparse.Namespace) -> Results:
+    """Start the servers, run the comparison and the extras, print every line."""
+    started = time.perf_counter()
+    with services() as running, tempfile.TemporaryDirectory(prefix="conveyor-bench-") as tmp:
+        _context(running)
+        note(
+            f"{options.repetitions} repetition(s): chain10 x{options.chain_executions}, "
+            f"fanout x{options.fanout_executions}, chain{options.long_steps} x1, "
+            f"latency x{options.latency_executions}, enqueue x{options.enqueue_executions}"
+        )
+        try:
+            results = compare(options, running, Path(tmp))
+        except BenchError:
+            note(f"logs in {tmp}")
+            raise
+        for scenario in scenarios(options):
+            for line in scenario.lines(results):
+                print(line, flush=True)
+        _extras(options, running)
+    note(f"done in {time.perf_counter() - started:.0f}s")
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the chosen benchmarks and print their figures."""
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (about 1 minute)")
-    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=WORKER_CONCURRENCY,
-        help=f"threads of the in-process workers (default {WORKER_CONCURRENCY})",
-    )
-    args = parser.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
+    """Run the benchmark."""
     logging.basicConfig(level=logging.WARNING, format="# %(levelname)s %(name)s: %(message)s")
-    started = time.perf_counter()
-    note(
-        f"conveyor benchmarks ({'quick' if args.quick else 'full'}) "
-        f"at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}"
-    )
-    with services() as running, tempfile.TemporaryDirectory(prefix="conveyor-bench-") as tmp:
-        _versions(running)
-        backends = [
-            Backend("postgresql", postgres_database(running.postgres, "bench_state")),
-            Backend("sqlite", sqlite_database(Path(tmp), "bench_state")),
-        ]
-        if "throughput" in args.only:
-            plan = workloads(sizes.linear_steps, sizes.dag_executions)
-            rounds, threads = sizes.throughput_rounds, args.concurrency
-            for backend in backends:
-                compare(backend, running, plan, rounds, threads)
-            # What the pool's ping before each checkout (a round trip a transaction) costs.
-            dag = [w for w in plan if w.name == "dag"]
-            compare(backends[0], running, dag, rounds, threads, database_pool_pre_ping=False)
-        if "overhead" in args.only:
-            overhead(backends, running.redis_url, sizes.overhead_calls)
-        if "enqueue" in args.only:
-            for backend in backends:
-                enqueue_throughput(
-                    backend,
-                    running.redis_url,
-                    sizes.enqueue_batch,
-                    sizes.enqueue_calls,
-                    sizes.enqueue_repeats,
-                )
-        if "reconciler" in args.only:
-            reconciler(
-                running,
-                list(sizes.reconciler_stages),
-                sizes.reconciler_per_kind,
-                sizes.reconciler_repeats,
-            )
-    note(f"done in {time.perf_counter() - started:.0f}s")
+    benchmark(parse(argv))
     return 0
 
 

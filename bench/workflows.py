@@ -1,15 +1,30 @@
-"""The workflows the benchmarks run: no-op steps, so that conveyor's own cost is measured."""
+"""Conveyor's benchmark workflows: no-op steps, so that conveyor's own cost is measured.
+
+Workers load this module with ``CONVEYOR_WORKFLOW_MODULES=bench.workflows``; the long
+chain has ``BENCH_LONG_STEPS`` steps (default 1,000). The first step of each workflow
+returns the time it started (enqueue -> first start); the others return nothing.
+"""
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 from core.registry import WorkflowRegistry
 from core.workflows import Step, StepContext, Workflow
 
+CHAIN_STEPS = 10
+FANOUT_WIDTH = 8
 DAG = "bench_dag"
+FANOUT = "bench_fanout"
 WORK = "bench_work"
 DAG_STEPS = 4
+
+
+def stamp(ctx: StepContext) -> float:
+    """Return the time the step started (seconds since the epoch)."""
+    return time.time()
 
 
 def noop(ctx: StepContext, **upstream: Any) -> None:
@@ -22,18 +37,29 @@ def linear_name(steps: int) -> str:
 
 
 def linear(steps: int) -> Workflow:
-    """``s0000 -> s0001 -> ... ``: ``steps`` no-op steps, each after the one before."""
+    """``s0000 -> s0001 -> ...``: ``steps`` steps, each after the one before."""
     workflow = Workflow(linear_name(steps), description="benchmark: a chain of no-op steps")
     previous: tuple[str, ...] = ()
     for index in range(steps):
         name = f"s{index:04d}"
-        workflow.add_step(Step(name=name, fn=noop, depends_on=previous))
+        workflow.add_step(Step(name=name, fn=noop if previous else stamp, depends_on=previous))
         previous = (name,)
     return workflow
 
 
+def fan_out(width: int = FANOUT_WIDTH) -> Workflow:
+    """``root -> (p0 ... p7) -> sink``: one step, ``width`` in parallel, then one."""
+    workflow = Workflow(FANOUT, description="benchmark: fan-out then fan-in")
+    workflow.add_step(Step(name="root", fn=stamp))
+    parts = tuple(f"p{index}" for index in range(width))
+    for name in parts:
+        workflow.add_step(Step(name=name, fn=noop, depends_on=("root",)))
+    workflow.add_step(Step(name="sink", fn=noop, depends_on=parts))
+    return workflow
+
+
 def dag() -> Workflow:
-    """A diamond of four no-op steps: ``a -> (b, c) -> d`` (fan-out, then fan-in)."""
+    """A diamond of four no-op steps: ``a -> (b, c) -> d`` (the overhead extra)."""
     workflow = Workflow(DAG, description="benchmark: a small diamond DAG")
     for name, upstream in (("a", ()), ("b", ("a",)), ("c", ("a",)), ("d", ("b", "c"))):
         workflow.add_step(Step(name=name, fn=noop, depends_on=upstream))
@@ -50,6 +76,20 @@ def work() -> Workflow:
     return workflow
 
 
-def registry(*linear_steps: int) -> WorkflowRegistry:
-    """The DAG, the reconciler's workflow and a linear workflow of each given length."""
-    return WorkflowRegistry([dag(), work(), *(linear(n) for n in sorted(set(linear_steps)))])
+def long_steps() -> int:
+    """Steps of the long chain: ``BENCH_LONG_STEPS``, default 1,000."""
+    return int(os.environ.get("BENCH_LONG_STEPS", "1000"))
+
+
+def registry(long: int | None = None) -> WorkflowRegistry:
+    """Every benchmark workflow, with a long chain of ``long`` steps (or none)."""
+    found = [linear(CHAIN_STEPS), fan_out(), dag(), work()]
+    if long is not None and long != CHAIN_STEPS:
+        found.append(linear(long))
+    return WorkflowRegistry(found)
+
+
+# What the workers register (module-level Workflow objects).
+chain = linear(CHAIN_STEPS)
+fanout = fan_out()
+chain_long = linear(long_steps()) if long_steps() != CHAIN_STEPS else chain

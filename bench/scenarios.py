@@ -1,0 +1,265 @@
+"""The scenarios of the comparison, their figures, and the lines that print them.
+
+A scenario measures one system in one repetition and records figures in ``Results``
+under (scenario, metric, system, repetition). Each printed line is one metric of one
+scenario: every system's median over the repetitions, then conveyor's ratio to each
+other system, taken within each repetition and then the median. A new scenario is a
+class with ``name``, ``needs_workers``, ``applies_to``, ``run`` and ``lines``, added to
+the list in ``bench/run.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from bench.harness import median, number, percentile
+from bench.meter import Meter, Usage
+from bench.processes import Workers
+from bench.systems import Shape, System
+
+SYSTEMS = ("celery", "dbos", "conveyor")
+SUBJECT = "conveyor"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One metric of one scenario for one system: its median over the repetitions."""
+
+    scenario: str
+    metric: str
+    system: str
+    value: float
+
+
+class Results:
+    """Every measured value, by (scenario, metric, system), then by repetition."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+        self.unavailable: dict[str, str] = {}
+
+    def add(self, scenario: str, metric: str, system: str, repetition: int, value: float) -> None:
+        """Record one value."""
+        self._values[(scenario, metric, system)][repetition] = value
+
+    def values(self, scenario: str, metric: str, system: str) -> dict[int, float]:
+        """The values by repetition (empty when none was measured)."""
+        return dict(self._values.get((scenario, metric, system), {}))
+
+    def figures(self) -> list[Figure]:
+        """Every (scenario, metric, system) with its median."""
+        return [
+            Figure(scenario, metric, system, median(list(by_rep.values())))
+            for (scenario, metric, system), by_rep in self._values.items()
+            if by_rep
+        ]
+
+    def line(self, scenario: str, metric: str, applies: Sequence[str]) -> str | None:
+        """The printed line of one metric, or None when nothing was measured."""
+        cells: list[str] = []
+        measured = False
+        for system in SYSTEMS:
+            by_rep = self.values(scenario, metric, system)
+            if by_rep:
+                measured = True
+                cells.append(f"{system} {number(median(list(by_rep.values())))}")
+            elif system in applies and system in self.unavailable:
+                cells.append(f"{system} ({self.unavailable[system]})")
+        if not measured:
+            return None
+        ratios = self._ratios(scenario, metric)
+        text = f"{scenario:<10} {metric:<22} " + "  ".join(cells)
+        return text + (f"  ({', '.join(ratios)})" if ratios else "")
+
+    def _ratios(self, scenario: str, metric: str) -> list[str]:
+        subject = self.values(scenario, metric, SUBJECT)
+        shown = []
+        for other in SYSTEMS:
+            if other == SUBJECT:
+                continue
+            base = self.values(scenario, metric, other)
+            paired = [subject[r] / base[r] for r in subject if r in base and base[r] > 0]
+            if paired:
+                shown.append(f"{number(median(paired))}x {other}")
+        return shown
+
+
+@dataclass
+class Context:
+    """What a scenario measures with: the meter, and how long it may wait."""
+
+    meter: Meter
+    timeout: float
+
+
+class Scenario(Protocol):
+    """One measurement, repeated for each system in each repetition."""
+
+    name: str
+    needs_workers: bool
+
+    def applies_to(self, system: str) -> bool:
+        """Whether ``system`` takes part (when it is available)."""
+        ...
+
+    def run(
+        self,
+        system: System,
+        workers: Workers | None,
+        repetition: int,
+        results: Results,
+        context: Context,
+    ) -> None:
+        """Measure ``system`` once and record its values."""
+        ...
+
+    def lines(self, results: Results) -> list[str]:
+        """The printed lines of this scenario."""
+        ...
+
+
+def _lines(results: Results, scenario: Scenario, metrics: Sequence[str]) -> list[str]:
+    applies = [s for s in SYSTEMS if scenario.applies_to(s)]
+    found = [results.line(scenario.name, metric, applies) for metric in metrics]
+    return [line for line in found if line is not None]
+
+
+THROUGHPUT_METRICS = (
+    "steps/s",
+    "worker cpu ms/step",
+    "postgres cpu ms/step",
+    "round trips/step",
+    "transactions/step",
+    "write xacts/step",
+)
+
+
+class Throughput:
+    """``executions`` of ``shape`` submitted at once; timed until the last one finished."""
+
+    needs_workers = True
+
+    def __init__(self, shape: Shape, executions: int, baseline: str | None = None) -> None:
+        self.shape = shape
+        self.name = shape.name
+        self.executions = executions
+        self.baseline = baseline  # a scenario to compare the CPU per step with
+
+    def applies_to(self, system: str) -> bool:
+        return system != "dbos" or self.shape.kind == "chain"
+
+    def run(
+        self,
+        system: System,
+        workers: Workers | None,
+        repetition: int,
+        results: Results,
+        context: Context,
+    ) -> None:
+        if not system.supports(self.shape):
+            return
+        before = context.meter.read(workers, system.databases)
+        submission = system.submit(self.shape, self.executions)
+        system.wait(submission, context.timeout)
+        after = context.meter.read(workers, system.databases)
+        system.check(submission)
+        used = Usage.between(before, after)
+        steps = self.shape.steps * self.executions
+        values = {
+            "steps/s": steps / used.seconds,
+            "worker cpu ms/step": 1000 * used.worker_cpu / steps,
+        }
+        if system.databases:
+            values["postgres cpu ms/step"] = 1000 * used.postgres_cpu / steps
+            values["round trips/step"] = used.statements / steps
+            values["transactions/step"] = used.transactions / steps
+            values["write xacts/step"] = used.write_transactions / steps
+        for metric, value in values.items():
+            results.add(self.name, metric, system.name, repetition, value)
+        if self.baseline is not None:
+            base = results.values(self.baseline, "worker cpu ms/step", system.name)
+            if repetition in base and base[repetition] > 0:
+                ratio = values["worker cpu ms/step"] / base[repetition]
+                results.add(
+                    self.name, f"cpu/step vs {self.baseline}", system.name, repetition, ratio
+                )
+
+    def lines(self, results: Results) -> list[str]:
+        extra = [f"cpu/step vs {self.baseline}"] if self.baseline else []
+        return _lines(results, self, [*THROUGHPUT_METRICS, *extra])
+
+
+class Latency:
+    """``executions`` of ``shape`` submitted one at a time, ``interval`` seconds apart:
+    from the producer's call to the first step starting."""
+
+    name = "latency"
+    needs_workers = True
+
+    def __init__(self, shape: Shape, executions: int, interval: float) -> None:
+        self.shape = shape
+        self.executions = executions
+        self.interval = interval
+
+    def applies_to(self, system: str) -> bool:
+        return True
+
+    def run(
+        self,
+        system: System,
+        workers: Workers | None,
+        repetition: int,
+        results: Results,
+        context: Context,
+    ) -> None:
+        submission = system.submit(self.shape, self.executions, self.interval)
+        system.wait(submission, context.timeout)
+        system.check(submission)
+        starts = system.first_starts(submission)
+        waits = [1000 * (s - sent) for s, sent in zip(starts, submission.sent_at, strict=True)]
+        results.add(
+            self.name, "enqueue->start p50 ms", system.name, repetition, percentile(waits, 0.5)
+        )
+        results.add(
+            self.name, "enqueue->start p95 ms", system.name, repetition, percentile(waits, 0.95)
+        )
+
+    def lines(self, results: Results) -> list[str]:
+        return _lines(results, self, ["enqueue->start p50 ms", "enqueue->start p95 ms"])
+
+
+class Enqueue:
+    """``executions`` of the 10-step chain enqueued with no worker running: conveyor's
+    ``enqueue_many`` against Celery's ``apply_async`` loop and DBOS's client loop."""
+
+    name = "enqueue"
+    needs_workers = False
+
+    def __init__(self, executions: int) -> None:
+        self.executions = executions
+
+    def applies_to(self, system: str) -> bool:
+        return True
+
+    def run(
+        self,
+        system: System,
+        workers: Workers | None,
+        repetition: int,
+        results: Results,
+        context: Context,
+    ) -> None:
+        rate = system.enqueue_rate(self.executions)
+        results.add(self.name, "executions/s", system.name, repetition, rate)
+
+    def lines(self, results: Results) -> list[str]:
+        return _lines(results, self, ["executions/s"])
+
+
+def sane(figures: Sequence[Figure]) -> list[Figure]:
+    """The figures that are not finite and positive (none, when all is well)."""
+    return [f for f in figures if not (math.isfinite(f.value) and f.value > 0)]

@@ -1,0 +1,402 @@
+"""The three systems compared, each driven the same way from this process.
+
+A system starts its workers (subprocesses), submits executions of a shape (a chain or
+a 1 -> 8 -> 1 fan-out of no-op steps), waits for them, checks they succeeded, and
+reads when each execution's first step started. Producers run here: Celery's
+``apply_async``, conveyor's ``enqueue_many`` / ``enqueue``, DBOS's ``DBOSClient``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import redis
+from celery import Celery, chain, chord, signature
+from celery.canvas import Signature
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from bench import plain_app, workflows
+from bench.harness import (
+    BenchError,
+    Services,
+    bench_settings,
+    conveyor_app,
+    conveyor_database,
+    create_database,
+    flush_redis,
+)
+from bench.meter import Observer, poll_until
+from bench.processes import Workers, celery_worker
+from core.registry import WorkflowRegistry
+from worker.producer import enqueue, enqueue_many
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one execution runs: a ``chain`` of ``steps`` steps, or the 1 -> 8 -> 1 fan-out."""
+
+    name: str
+    kind: Literal["chain", "fanout"]
+    steps: int
+
+
+CHAIN10 = Shape("chain10", "chain", workflows.CHAIN_STEPS)
+FANOUT = Shape("fanout", "fanout", workflows.FANOUT_WIDTH + 2)
+
+
+@dataclass
+class Submission:
+    """Executions submitted together: their ids and when each was handed to its producer."""
+
+    shape: Shape
+    ids: list[str] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)
+    first_ids: list[str] = field(default_factory=list)
+
+
+class System(Protocol):
+    """What the scenarios need from each system."""
+
+    name: str
+    databases: tuple[str, ...]
+
+    def supports(self, shape: Shape) -> bool:
+        """Whether this system runs ``shape``."""
+        ...
+
+    def workers(self) -> Workers:
+        """Its worker processes (not started)."""
+        ...
+
+    def submit(self, shape: Shape, count: int, interval: float | None = None) -> Submission:
+        """Submit ``count`` executions: in one batch, or one every ``interval`` seconds."""
+        ...
+
+    def wait(self, submission: Submission, timeout: float) -> None:
+        """Block until every execution of ``submission`` has finished."""
+        ...
+
+    def check(self, submission: Submission) -> None:
+        """Raise BenchError unless every execution succeeded."""
+        ...
+
+    def first_starts(self, submission: Submission) -> list[float]:
+        """When each execution's first step started (seconds since the epoch)."""
+        ...
+
+    def enqueue_rate(self, count: int) -> float:
+        """Executions per second its producer enqueues, with no worker running."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def _spaced(count: int, interval: float | None, send: Callable[[int], None]) -> None:
+    for index in range(count):
+        if interval is not None and index:
+            time.sleep(interval)
+        send(index)
+
+
+# --- plain Celery -------------------------------------------------------------------------
+
+
+class PlainCelery:
+    """Plain Celery: chains of no-op tasks, and a chord with the Redis result backend."""
+
+    name = "celery"
+    databases: tuple[str, ...] = ()
+
+    def __init__(self, running: Services, folder: Path, concurrency: int) -> None:
+        self._running = running
+        self._folder = folder
+        self._concurrency = concurrency
+        self.app: Celery = plain_app.create_plain_app(
+            running.broker_url, running.result_url, producer=True
+        )
+        self._results = redis.Redis.from_url(running.result_url)
+
+    def supports(self, shape: Shape) -> bool:
+        return True
+
+    def workers(self) -> Workers:
+        command = celery_worker(
+            "bench.plain_app", self._concurrency, "bench-plain", plain_app.QUEUE
+        )
+        env = {"BENCH_BROKER_URL": self._running.broker_url}
+        env["BENCH_RESULT_URL"] = self._running.result_url
+        return Workers(self.name, [command], env, self._folder)
+
+    def _task(self, name: str) -> Signature[Any]:
+        return signature(name, app=self.app, immutable=True)
+
+    def _canvas(self, shape: Shape, first_id: str | None) -> Signature[Any]:
+        first = self._task(plain_app.STAMP if first_id else plain_app.NOOP)
+        if first_id:
+            first = first.set(task_id=first_id)
+        if shape.kind == "fanout":
+            parts = [self._task(plain_app.NOOP_RESULT) for _ in range(shape.steps - 2)]
+            return chain(first, chord(parts, self._task(plain_app.NOOP_RESULT)))
+        middle = [self._task(plain_app.NOOP) for _ in range(shape.steps - 2)]
+        return chain(first, *middle, self._task(plain_app.NOOP_RESULT))
+
+    def submit(self, shape: Shape, count: int, interval: float | None = None) -> Submission:
+        submission = Submission(shape)
+        stamped = interval is not None
+        with self.app.producer_or_acquire() as producer:
+
+            def send(index: int) -> None:
+                first_id = f"bench-first-{time.time_ns()}-{index}" if stamped else None
+                canvas = self._canvas(shape, first_id)
+                submission.sent_at.append(time.time())
+                result = canvas.apply_async(producer=producer)
+                submission.ids.append(result.id)
+                if first_id:
+                    submission.first_ids.append(first_id)
+
+            _spaced(count, interval, send)
+        return submission
+
+    def _meta_keys(self, ids: list[str]) -> list[str]:
+        return [f"celery-task-meta-{task_id}" for task_id in ids]
+
+    def wait(self, submission: Submission, timeout: float) -> None:
+        keys = self._meta_keys(submission.ids)
+        poll_until(lambda: int(self._results.exists(*keys)), len(keys), timeout, self.name)
+
+    def _metas(self, ids: list[str]) -> list[dict[str, Any]]:
+        raw = self._results.mget(self._meta_keys(ids))
+        return [json.loads(value) if value else {} for value in raw]
+
+    def check(self, submission: Submission) -> None:
+        failed = [m for m in self._metas(submission.ids) if m.get("status") != "SUCCESS"]
+        if failed:
+            raise BenchError(f"{len(failed)} plain Celery canvases did not succeed: {failed[0]}")
+
+    def first_starts(self, submission: Submission) -> list[float]:
+        return [float(m["result"]) for m in self._metas(submission.first_ids)]
+
+    def enqueue_rate(self, count: int) -> float:
+        flush_redis(self._running.broker_url)
+        started = time.perf_counter()
+        self.submit(CHAIN10, count)
+        rate = count / (time.perf_counter() - started)
+        flush_redis(self._running.broker_url)
+        return rate
+
+    def close(self) -> None:
+        self._results.close()
+        self.app.close()
+
+
+# --- conveyor -------------------------------------------------------------------------------
+
+TERMINAL = ["succeeded", "failed", "cancelled", "timed_out"]
+CONVEYOR_FINISHED = (
+    "SELECT count(*) FROM workflow_executions WHERE execution_id = ANY(%s) AND status = ANY(%s)"
+)
+CONVEYOR_FIRST = (
+    "SELECT output_data FROM execution_steps WHERE execution_id = ANY(%s) AND step_name = %s"
+)
+
+
+class Conveyor:
+    """conveyor: ``celery -A worker.app worker -P prefork -c N`` on durable PostgreSQL."""
+
+    name = "conveyor"
+    database = "bench_conveyor"
+    databases = (database,)
+
+    def __init__(self, running: Services, folder: Path, concurrency: int, long_steps: int) -> None:
+        self._running = running
+        self._folder = folder
+        self._concurrency = concurrency
+        self._long_steps = long_steps
+        self._url = conveyor_database(running, self.database)
+        settings = bench_settings(self._url, running.broker_url)
+        registry: WorkflowRegistry = workflows.registry(long_steps)
+        self._app_context = conveyor_app(settings, registry)
+        self.app = self._app_context.__enter__()
+        self._observer = Observer(running, self.database)
+
+    def supports(self, shape: Shape) -> bool:
+        return True
+
+    def workers(self) -> Workers:
+        command = celery_worker("worker.app", self._concurrency, "bench-conveyor")
+        env = {
+            "CONVEYOR_DATABASE_URL": self._url,
+            "CONVEYOR_BROKER_URL": self._running.broker_url,
+            "CONVEYOR_WORKFLOW_MODULES": "bench.workflows",
+            "BENCH_LONG_STEPS": str(self._long_steps),
+        }
+        return Workers(self.name, [command], env, self._folder)
+
+    @staticmethod
+    def _workflow(shape: Shape) -> str:
+        return workflows.FANOUT if shape.kind == "fanout" else workflows.linear_name(shape.steps)
+
+    def submit(self, shape: Shape, count: int, interval: float | None = None) -> Submission:
+        submission = Submission(shape)
+        name = self._workflow(shape)
+        if interval is None:
+            submission.sent_at = [time.time()] * count
+            inputs = [{"i": i} for i in range(count)]
+            submission.ids = enqueue_many(name, inputs, app=self.app)
+            return submission
+
+        def send(index: int) -> None:
+            submission.sent_at.append(time.time())
+            submission.ids.append(enqueue(name, {"i": index}, app=self.app))
+
+        _spaced(count, interval, send)
+        return submission
+
+    def _count(self, ids: list[str], statuses: list[str]) -> int:
+        return int(self._observer.scalar(CONVEYOR_FINISHED, (ids, statuses)))
+
+    def wait(self, submission: Submission, timeout: float) -> None:
+        ids = submission.ids
+        poll_until(lambda: self._count(ids, TERMINAL), len(ids), timeout, self.name)
+
+    def check(self, submission: Submission) -> None:
+        succeeded = self._count(submission.ids, ["succeeded"])
+        if succeeded != len(submission.ids):
+            raise BenchError(f"{len(submission.ids) - succeeded} conveyor executions failed")
+
+    def first_starts(self, submission: Submission) -> list[float]:
+        first = "root" if submission.shape.kind == "fanout" else "s0000"
+        rows = self._observer.rows(CONVEYOR_FIRST, (submission.ids, first))
+        return [float(row[0]) for row in rows]
+
+    def enqueue_rate(self, count: int) -> float:
+        flush_redis(self._running.broker_url)
+        started = time.perf_counter()
+        submission = self.submit(CHAIN10, count)
+        rate = count / (time.perf_counter() - started)
+        flush_redis(self._running.broker_url)
+        admin = create_engine(self._url, poolclass=NullPool)
+        try:
+            with admin.begin() as connection:
+                connection.execute(
+                    text("DELETE FROM workflow_executions WHERE execution_id = ANY(:ids)"),
+                    {"ids": submission.ids},
+                )
+        finally:
+            admin.dispose()
+        return rate
+
+    def close(self) -> None:
+        self._observer.close()
+        self._app_context.__exit__(None, None, None)
+
+
+# --- DBOS ---------------------------------------------------------------------------------
+
+DBOS_FINISHED = (
+    "SELECT count(*) FROM dbos.workflow_status WHERE workflow_uuid = ANY(%s) AND status = ANY(%s)"
+)
+DBOS_TERMINAL = ["SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED"]
+DBOS_PROCESSES = 2
+
+
+class Dbos:
+    """DBOS queued workflows: ``DBOS_PROCESSES`` processes, one workflow at a time each."""
+
+    name = "dbos"
+    database = "bench_dbos"
+    databases = (database,)
+
+    def __init__(self, running: Services, folder: Path) -> None:
+        from dbos import DBOSClient
+
+        from bench import dbos_app
+
+        self._app = dbos_app
+        self._running = running
+        self._folder = folder
+        create_database(running, self.database)
+        self._dsn = running.dsn(self.database)
+        self._client_type = DBOSClient
+        self._client: Any = None
+        self._observer: Observer | None = None
+
+    def supports(self, shape: Shape) -> bool:
+        return shape.kind == "chain"
+
+    def workers(self) -> Workers:
+        base = ["-m", "bench.dbos_app", self._dsn]
+        commands = [
+            [sys.executable, *base, f"bench-dbos-{index}"] for index in range(DBOS_PROCESSES)
+        ]
+        return Workers(self.name, commands, {}, self._folder, ready_marker=self._app.READY)
+
+    def _connect(self) -> Any:
+        # The system database is migrated by the first worker's launch.
+        if self._client is None:
+            self._client = self._client_type(system_database_url=self._dsn)
+            self._observer = Observer(self._running, self.database)
+        return self._client
+
+    def submit(self, shape: Shape, count: int, interval: float | None = None) -> Submission:
+        return self._submit(shape, count, interval, self._app.QUEUE)
+
+    def _submit(self, shape: Shape, count: int, interval: float | None, queue: str) -> Submission:
+        client = self._connect()
+        submission = Submission(shape)
+        options = {"workflow_name": self._app.WORKFLOW, "queue_name": queue}
+
+        def send(index: int) -> None:
+            submission.sent_at.append(time.time())
+            handle = client.enqueue(options, shape.steps)
+            submission.ids.append(handle.get_workflow_id())
+
+        _spaced(count, interval, send)
+        return submission
+
+    def _count(self, ids: list[str], statuses: list[str]) -> int:
+        assert self._observer is not None
+        return int(self._observer.scalar(DBOS_FINISHED, (ids, statuses)))
+
+    def wait(self, submission: Submission, timeout: float) -> None:
+        ids = submission.ids
+        poll_until(lambda: self._count(ids, DBOS_TERMINAL), len(ids), timeout, self.name)
+
+    def check(self, submission: Submission) -> None:
+        succeeded = self._count(submission.ids, ["SUCCESS"])
+        if succeeded != len(submission.ids):
+            raise BenchError(f"{len(submission.ids) - succeeded} DBOS workflows failed")
+
+    def first_starts(self, submission: Submission) -> list[float]:
+        client = self._connect()
+        return [float(client.retrieve_workflow(i).get_result()) for i in submission.ids]
+
+    def enqueue_rate(self, count: int) -> float:
+        started = time.perf_counter()
+        self._submit(CHAIN10, count, None, self._app.IDLE_QUEUE)
+        rate = count / (time.perf_counter() - started)
+        admin = create_engine(self._running.admin_url(self.database), poolclass=NullPool)
+        try:
+            with admin.begin() as connection:
+                connection.execute(
+                    text("DELETE FROM dbos.workflow_status WHERE queue_name = :queue"),
+                    {"queue": self._app.IDLE_QUEUE},
+                )
+        finally:
+            admin.dispose()
+        return rate
+
+    def close(self) -> None:
+        if self._observer is not None:
+            self._observer.close()
+        if self._client is not None:
+            self._client.destroy()

@@ -1,0 +1,52 @@
+"""bench/ runs end to end at a tiny size, so that it cannot rot: every figure is produced
+and sane (finite and positive). Timings are not asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from bench import run
+from bench.scenarios import sane
+
+TINY = [
+    "--repetitions", "1",
+    "--chain-executions", "3",
+    "--fanout-executions", "2",
+    "--long-steps", "20",
+    "--latency-executions", "3",
+    "--enqueue-executions", "20",
+    "--extras", "reconciler", "overhead",
+    "--reconciler-rows", "2000",
+    "--overhead-calls", "20",
+]  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+def test_bench_prints_every_figure_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) -> None:
+    results = run.benchmark(run.parse(TINY))
+
+    figures = results.figures()
+    assert sane(figures) == []
+    found = {(f.scenario, f.metric, f.system) for f in figures}
+    systems = ["celery", "conveyor"]
+    if importlib.util.find_spec("dbos") is not None:
+        systems.append("dbos")
+        assert "dbos" not in results.unavailable
+    for system in systems:
+        for scenario in ("chain10", "chain20"):
+            assert (scenario, "steps/s", system) in found
+            assert (scenario, "worker cpu ms/step", system) in found
+        assert ("chain20", "cpu/step vs chain10", system) in found
+        assert ("latency", "enqueue->start p95 ms", system) in found
+        assert ("enqueue", "executions/s", system) in found
+    for metric in ("round trips/step", "transactions/step", "write xacts/step"):
+        assert ("chain10", metric, "conveyor") in found
+        assert ("fanout", metric, "conveyor") in found
+    assert ("fanout", "steps/s", "celery") in found
+
+    printed = capsys.readouterr().out
+    assert "chain10    steps/s" in printed
+    assert "reconcile_pass_seconds" in printed
+    assert "transaction_us" in printed
