@@ -131,6 +131,32 @@ def wait_until_final(execution_ids: Collection[str], timeout: float) -> float:
     return time.monotonic() - started
 
 
+def wait_mid_run(
+    execution_ids: Collection[str], steps: int, fraction: float, timeout: float = 90.0
+) -> int:
+    """Poll until ``fraction`` of the ``steps`` succeeded while one is running (so that a
+    fault lands mid-run and mid-step); how many had succeeded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = succeeded_steps(execution_ids)
+        if done >= fraction * steps and running_workers(execution_ids):
+            return done
+        assert done < steps, f"the run finished before {fraction:.0%} with a step running"
+        assert time.monotonic() < deadline, f"{done} of {steps} steps after {timeout}s"
+        time.sleep(0.05)
+
+
+def seconds_to_progress(
+    execution_ids: Collection[str], done: int, since: float, timeout: float = 90.0
+) -> float:
+    """Poll until more than ``done`` steps succeeded; the seconds from ``since`` till then."""
+    deadline = time.monotonic() + timeout
+    while succeeded_steps(execution_ids) <= done:
+        assert time.monotonic() < deadline, f"no step succeeded within {timeout}s"
+        time.sleep(0.05)
+    return time.monotonic() - since
+
+
 def _replay_problems(
     what: str, final_status: str, history: Iterable[tuple[str | None, str]]
 ) -> list[str]:

@@ -1,0 +1,86 @@
+"""PostgreSQL restarted twice mid-run, and down for 15 s (longer than the stall timeout).
+
+Workers live through both: no step's code may run twice, since no worker died.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.faults.checker import (
+    Figures,
+    check,
+    seconds_to_progress,
+    wait_mid_run,
+    wait_until_final,
+)
+from tests.faults.cluster import SETTINGS
+from tests.faults.conftest import StartCluster
+from tests.servers import PostgresServer
+
+pytestmark = [pytest.mark.postgresql_only, pytest.mark.timeout(240)]
+
+CHAINS = 12
+FANS = 4
+STEPS = 10 * (CHAINS + FANS)
+OUTAGE = 15.0
+FINISH_TIMEOUT = 150.0
+
+
+def _server(postgres_server: PostgresServer | None) -> PostgresServer:
+    if postgres_server is None:
+        pytest.fail("this test stops the server: run it on the harness's own PostgreSQL")
+    return postgres_server
+
+
+def test_postgres_restarted_twice_mid_run(
+    start_cluster: StartCluster, postgres_server: PostgresServer | None
+) -> None:
+    server = _server(postgres_server)
+    cluster = start_cluster()
+    ids = cluster.enqueue_workload(CHAINS, FANS)
+    recoveries = []
+    for fraction in (0.25, 0.6):
+        done = wait_mid_run(ids, STEPS, fraction)
+        started = time.monotonic()
+        server.restart()  # fast: every connection of every process dropped
+        recoveries.append(round(seconds_to_progress(ids, done, started), 1))
+    seconds = wait_until_final(ids, FINISH_TIMEOUT)
+    figures = Figures(
+        seconds_to_finish=seconds,
+        extra={"restarts": len(recoveries), "seconds to progress after each": recoveries},
+    )
+    try:
+        check(ids, cluster.run_log, figures=figures)
+    finally:
+        print(f"\nPostgreSQL restarted twice: {figures.line()}")
+
+
+def test_outage_longer_than_the_stall_timeout_reruns_nothing(
+    start_cluster: StartCluster, postgres_server: PostgresServer | None
+) -> None:
+    server = _server(postgres_server)
+    assert float(SETTINGS["CONVEYOR_STALL_TIMEOUT"]) < OUTAGE
+    cluster = start_cluster()
+    ids = cluster.enqueue_workload(CHAINS, FANS)
+    done = wait_mid_run(ids, STEPS, 0.3)
+    server.halt()
+    time.sleep(OUTAGE)  # the outage itself: the database stays down this long
+    started = time.monotonic()
+    server.start()
+    recovered = seconds_to_progress(ids, done, started)
+    seconds = wait_until_final(ids, FINISH_TIMEOUT)
+    figures = Figures(
+        seconds_to_finish=seconds,
+        extra={
+            "outage seconds": OUTAGE,
+            "stall timeout": float(SETTINGS["CONVEYOR_STALL_TIMEOUT"]),
+            "seconds to progress after it": round(recovered, 1),
+        },
+    )
+    try:
+        check(ids, cluster.run_log, figures=figures)
+    finally:
+        print(f"\nPostgreSQL down {OUTAGE:.0f}s: {figures.line()}")
