@@ -38,7 +38,7 @@ from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import ConveyorError, TransientDatabaseError
 from core.models import StepExecution, WorkflowExecution
-from core.registry import get_registry
+from core.registry import configure_registry
 from core.states import EXECUTION_TRANSITIONS, STEP_TRANSITIONS, ExecutionStatus, StepStatus
 from core.transactions import Plan
 from examples.workflows import DECLINED_CARD, SUPPLIER_RECOVERS_ON_ATTEMPT, THUMBNAILS
@@ -477,7 +477,7 @@ def run_demo(console: Console) -> bool:
     # Before worker.app is imported: it builds its app from the environment at import.
     os.environ.update(place.variables)
     get_settings.cache_clear()
-    get_registry.cache_clear()
+    configure_registry(None)
     settings = get_settings()
     database = settings.sync_database_url.render_as_string(hide_password=True)
     console.print(f"[bold]conveyor demo[/] in {place.folder}", soft_wrap=True)

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     visibility_timeout: Annotated[int, Field(ge=60)] = 3600
     heartbeat_interval: Annotated[float, Field(gt=0)] = 5.0
     stall_timeout: Annotated[float, Field(gt=0)] = 60.0
+    max_crash_recoveries: Annotated[int, Field(ge=0)] = Field(
+        default=3,
+        description="Times a step lost with its worker is run again, apart from its retries.",
+    )
     reconcile_interval: Annotated[float, Field(gt=0)] = 5.0
     reconcile_batch: Annotated[int, Field(ge=1)] = 500
     republish_after: Annotated[float, Field(gt=0)] = 120.0
@@ -83,6 +87,10 @@ class Settings(BaseSettings):
     retry_countdown_max: Annotated[float, Field(ge=0)] = 60.0
     schedule_interval: Annotated[float, Field(gt=0)] = 1.0
     default_queue: str = "conveyor"
+    dispatcher: str = Field(
+        default="worker.app:dispatch_starts",
+        description="module:callable that publishes starts of executions created through core.",
+    )
 
     @field_validator("workflow_modules", mode="before")
     @classmethod

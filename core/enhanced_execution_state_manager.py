@@ -21,7 +21,6 @@ from core.outcomes import StallRecovery, StepCompletion, TransitionResult
 from core.states import StepStatus
 
 StepKeys = Sequence[tuple[str, str]]
-_STALLED = {"type": "StepStalled", "message": "no heartbeat within the stall timeout"}
 
 
 class EnhancedExecutionStateManager(ExecutionStateManager):
@@ -117,8 +116,9 @@ class EnhancedExecutionStateManager(ExecutionStateManager):
         return await self.run(self.requests.find_stalled_steps(stall_timeout_seconds, limit))
 
     async def recover_stalled_steps(self, keys: StepKeys) -> StallRecovery:
-        """Requeue the stalled steps with attempts left (attempt + 1), fail the others."""
-        return await self.run(self.requests.recover_stalled_steps(keys, _STALLED))
+        """Requeue the stalled steps that may be recovered again (attempt + 1), fail the
+        others with StepCrashed (CONVEYOR_MAX_CRASH_RECOVERIES)."""
+        return await self.run(self.requests.recover_stalled_steps(keys))
 
 
 class SyncEnhancedExecutionStateManager(SyncExecutionStateManager):
@@ -214,4 +214,4 @@ class SyncEnhancedExecutionStateManager(SyncExecutionStateManager):
 
     def recover_stalled_steps(self, keys: StepKeys) -> StallRecovery:
         """See EnhancedExecutionStateManager.recover_stalled_steps."""
-        return self.run(self.requests.recover_stalled_steps(keys, _STALLED))
+        return self.run(self.requests.recover_stalled_steps(keys))

@@ -86,6 +86,21 @@ class StepTimedOut(ConveyorError):
     """A step ran past its soft timeout."""
 
 
+class StepCrashed(ConveyorError):
+    """A step's worker stopped (killed, out of memory) more often than recoveries allow."""
+
+    def __init__(self, step_name: str, worker: str | None, attempts: int, recoveries: int) -> None:
+        super().__init__(
+            f"step {step_name} was lost with its worker {worker or '(unknown)'} "
+            f"{recoveries + 1} time(s) in {attempts} attempt(s); "
+            "CONVEYOR_MAX_CRASH_RECOVERIES allows no more"
+        )
+        self.step_name = step_name
+        self.worker = worker
+        self.attempts = attempts
+        self.recoveries = recoveries
+
+
 class AlreadyExists(ConveyorError, ValueError):
     """A row with the same unique key already exists."""
 

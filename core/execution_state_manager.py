@@ -8,12 +8,16 @@ Celery workers use ``SyncExecutionStateManager``, which runs the same plans
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any, TypeVar, Unpack
 
 from core.database import Database, get_database
+from core.dispatch import Start, dispatch_starts
 from core.models import WorkflowExecution
+from core.operations import NewExecution
 from core.outcomes import CreatedExecution, TransitionResult
+from core.registry import WorkflowRegistry, get_registry
 from core.state_requests import ExecutionOptions, StateRequests
 from core.transactions import AsyncTransactionRunner, PlanFactory, RetryPolicy, TransactionRunner
 
@@ -25,10 +29,20 @@ class StateManagerBase:
     """What both managers share: where the database is and how transactions retry."""
 
     def __init__(
-        self, database: Database | None = None, *, retry_policy: RetryPolicy | None = None
+        self,
+        database: Database | None = None,
+        *,
+        retry_policy: RetryPolicy | None = None,
+        registry: WorkflowRegistry | None = None,
     ) -> None:
         self._database = database
         self._retry_policy = retry_policy
+        self._registry = registry
+
+    @property
+    def registry(self) -> WorkflowRegistry:
+        """The registry given, else the process's (``core.registry.get_registry()``)."""
+        return self._registry if self._registry is not None else get_registry()
 
     @property
     def database(self) -> Database:
@@ -49,6 +63,16 @@ class StateManagerBase:
         return RetryPolicy.from_settings(self.database.settings)
 
 
+def _start_of(created: CreatedExecution, new: NewExecution) -> Start:
+    return (created.execution_id, new.workflow_id, new.priority)
+
+
+def _slot_freed_by(execution: WorkflowExecution) -> Start:
+    # A start of the finished execution is a no-op for it, and admits the next waiting
+    # execution of its workflow when a concurrency limit held that one back.
+    return (execution.execution_id, execution.workflow_id, execution.priority)
+
+
 class ExecutionStateManager(StateManagerBase):
     """Async access to executions: every call is one retried transaction."""
 
@@ -60,10 +84,14 @@ class ExecutionStateManager(StateManagerBase):
     async def create_execution(
         self, workflow_id: str, input_data: Any, **options: Unpack[ExecutionOptions]
     ) -> str:
-        """Insert a pending execution (and its steps); return its execution_id.
+        """Create an execution of a registered workflow and start it; return its id.
 
-        An ``idempotency_key`` already in use returns that execution's id instead; the
-        same key with another workflow or input raises IdempotencyConflict.
+        As ``worker.producer.enqueue`` does: the input is checked against the workflow's
+        model (InputValidationError, nothing written), an unknown workflow raises
+        WorkflowNotFound, the execution and one row per step are committed, then its
+        start is dispatched to the workers (``core.dispatch``). An ``idempotency_key``
+        already in use returns that execution's id instead; the same key with another
+        workflow or input raises IdempotencyConflict.
         """
         created = await self.create_or_get_execution(workflow_id, input_data, **options)
         return created.execution_id
@@ -72,7 +100,12 @@ class ExecutionStateManager(StateManagerBase):
         self, workflow_id: str, input_data: Any, **options: Unpack[ExecutionOptions]
     ) -> CreatedExecution:
         """Like ``create_execution``, also telling whether this call created the row."""
-        return await self.run(self.requests.create_execution(workflow_id, input_data, options))
+        new, plan = self.requests.create_execution(self.registry, workflow_id, input_data, options)
+        created = await self.run(plan)
+        if created.created:
+            # Publishing is blocking I/O (kombu): keep it off the event loop.
+            await asyncio.to_thread(dispatch_starts, [_start_of(created, new)])
+        return created
 
     async def get_execution(self, execution_id: str) -> WorkflowExecution:
         """The execution (detached, attributes loaded), or ExecutionNotFound."""
@@ -106,8 +139,13 @@ class ExecutionStateManager(StateManagerBase):
     async def cancel_execution(
         self, execution_id: str, *, reason: str | None = "cancelled"
     ) -> TransitionResult:
-        """Cancel an open execution and all its open steps, in one transaction."""
-        return await self.run(self.requests.cancel_execution(execution_id, reason))
+        """Cancel an open execution and all its open steps, in one transaction; its
+        workflow's next waiting execution may then start (its concurrency slot is free)."""
+        result = await self.run(self.requests.cancel_execution(execution_id, reason))
+        if result.applied:
+            execution = await self.get_execution(execution_id)
+            await asyncio.to_thread(dispatch_starts, [_slot_freed_by(execution)])
+        return result
 
 
 class SyncExecutionStateManager(StateManagerBase):
@@ -127,7 +165,11 @@ class SyncExecutionStateManager(StateManagerBase):
         self, workflow_id: str, input_data: Any, **options: Unpack[ExecutionOptions]
     ) -> CreatedExecution:
         """See ExecutionStateManager.create_or_get_execution."""
-        return self.run(self.requests.create_execution(workflow_id, input_data, options))
+        new, plan = self.requests.create_execution(self.registry, workflow_id, input_data, options)
+        created = self.run(plan)
+        if created.created:
+            dispatch_starts([_start_of(created, new)])
+        return created
 
     def get_execution(self, execution_id: str) -> WorkflowExecution:
         """See ExecutionStateManager.get_execution."""
@@ -157,4 +199,7 @@ class SyncExecutionStateManager(StateManagerBase):
         self, execution_id: str, *, reason: str | None = "cancelled"
     ) -> TransitionResult:
         """See ExecutionStateManager.cancel_execution."""
-        return self.run(self.requests.cancel_execution(execution_id, reason))
+        result = self.run(self.requests.cancel_execution(execution_id, reason))
+        if result.applied:
+            dispatch_starts([_slot_freed_by(self.get_execution(execution_id))])
+        return result

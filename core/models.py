@@ -8,7 +8,7 @@ a statement writes it, comes from the database's clock (``core.sql.utcnow``).
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import uuid6
@@ -208,6 +208,11 @@ class StepExecution(Timestamped, Base):
     previous_status: Mapped[str | None] = mapped_column(String(20))
     attempt: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
     max_attempts: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
+    # Times this step was taken back from a worker that died (stall recovery); counted
+    # apart from ``attempt`` so a deploy or an OOM kill does not spend its error retries.
+    recoveries: Mapped[int] = mapped_column(
+        Integer, default=0, server_default=text("0"), nullable=False
+    )
     # Upstream steps not yet succeeded; the transaction that brings it to zero queues
     # the step (an atomic decrement, never read-then-write).
     unmet_deps: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
@@ -313,12 +318,15 @@ def _record_orm_transitions(session: Session, _flush: UOWTransaction, _instances
     The state manager writes its events itself, next to its compare-and-set statements;
     this covers user code that adds or modifies objects, in the same flush.
     """
+    new_steps = {obj.execution_id for obj in session.new if isinstance(obj, StepExecution)}
     for obj in list(session.new):
         if isinstance(obj, WorkflowExecution):
             obj.status = obj.status or ExecutionStatus.PENDING.value
             if obj.execution_id is None:
                 obj.execution_id = new_id()
             session.add(_event_for(obj.execution_id, None, None, obj.status, obj.attempt))
+            if obj.status == ExecutionStatus.PENDING.value and obj.execution_id not in new_steps:
+                _add_steps(session, obj)
         elif isinstance(obj, StepExecution):
             obj.status = obj.status or StepStatus.PENDING.value
             session.add(_event_for(obj.execution_id, obj.step_name, None, obj.status, obj.attempt))
@@ -349,3 +357,46 @@ def _event_for(
         attempt=attempt,
         reason=reason,
     )
+
+
+def _add_steps(session: Session, execution: WorkflowExecution) -> None:
+    """Give an execution added through the ORM what ``create_execution`` gives it: its
+    workflow looked up (WorkflowNotFound), its input checked, one row per step, and a
+    start dispatched to the workers once the session commits."""
+    from core.registry import get_registry  # the registry imports workflow modules
+
+    definition = get_registry().get(execution.workflow_id, execution.workflow_version)
+    execution.workflow_version = definition.version
+    execution.input_data = definition.validate_input(execution.input_data)
+    execution.priority = execution.priority or 0
+    if execution.deadline_at is None and definition.deadline is not None:
+        execution.deadline_at = datetime.now(UTC) + definition.deadline
+    for step in definition.steps.values():
+        session.add(
+            StepExecution(
+                execution_id=execution.execution_id,
+                step_name=step.name,
+                status=StepStatus.PENDING.value,
+                unmet_deps=len(step.depends_on),
+                max_attempts=step.retry.max_attempts,
+            )
+        )
+    starts: list[tuple[str, str, int]] = session.info.setdefault(_STARTS, [])
+    starts.append((execution.execution_id, definition.name, execution.priority))
+
+
+_STARTS = "conveyor_starts"
+
+
+@event.listens_for(Session, "after_commit")
+def _dispatch_orm_starts(session: Session) -> None:
+    starts = session.info.pop(_STARTS, None)
+    if starts:
+        from core.dispatch import dispatch_starts
+
+        dispatch_starts(starts)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_orm_starts(session: Session) -> None:
+    session.info.pop(_STARTS, None)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Row
@@ -21,12 +21,15 @@ from core.errors import (
     ExecutionNotFound,
     IdempotencyConflict,
     InputValidationError,
+    StepCrashed,
     StepNotFound,
 )
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution, check_json, new_id
 from core.outcomes import CreatedExecution, StallRecovery, StepCompletion, TransitionResult
+from core.registry import WorkflowRegistry
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 from core.transactions import Plan
+from core.workflows import Workflow
 
 log = logging.getLogger(__name__)
 INSERT_CHUNK = 500
@@ -103,6 +106,51 @@ def new_execution(
         deadline_at=deadline_at,
         steps=tuple(steps),
     )
+
+
+def execution_of(
+    registry: WorkflowRegistry,
+    workflow_id: str,
+    input_data: Any,
+    *,
+    max_payload_bytes: int,
+    workflow_version: int | None = None,
+    idempotency_key: str | None = None,
+    triggered_by: str | None = None,
+    priority: int = 0,
+    deadline_at: datetime | None = None,
+) -> NewExecution:
+    """A validated execution of a registered workflow, with one row per step.
+
+    Raises WorkflowNotFound for a workflow nobody registered and InputValidationError
+    for input its model refuses, before anything is written.
+    """
+    if not isinstance(workflow_id, str) or not workflow_id.strip():
+        raise InputValidationError(f"workflow_id must be a non-empty string, got {workflow_id!r}")
+    definition = registry.get(workflow_id, workflow_version)
+    if not 0 <= priority <= 9:
+        raise InputValidationError(f"priority must be 0-9, got {priority}")
+    if deadline_at is None and definition.deadline is not None:
+        deadline_at = datetime.now(UTC) + definition.deadline
+    return new_execution(
+        definition.name,
+        definition.validate_input(input_data),
+        max_payload_bytes=max_payload_bytes,
+        workflow_version=definition.version,
+        idempotency_key=idempotency_key,
+        triggered_by=triggered_by,
+        priority=priority,
+        deadline_at=deadline_at,
+        steps=step_specs(definition),
+    )
+
+
+def step_specs(workflow: Workflow) -> list[StepSpec]:
+    """The step rows an execution of ``workflow`` starts with."""
+    return [
+        StepSpec(step.name, len(step.depends_on), step.retry.max_attempts)
+        for step in workflow.steps.values()
+    ]
 
 
 def _event(
@@ -417,40 +465,92 @@ def complete_step(
     )
 
 
+SinksOf = Callable[[str, int], Sequence[str]]
+
+
 def finish_if_done(execution_id: str, sinks: Sequence[str] = ()) -> Plan[TransitionResult | None]:
     """Finalize a running execution whose steps are all final; None if it is not done.
 
     A success records the outputs of the ``sinks`` (steps nothing depends on) as the
     execution's output; a failure records the first failed step's error.
     """
-    row = (yield sql.finish_execution_if_done(execution_id)).first()
-    if row is None:
-        return None
-    result = transition_of(row, step=False)
-    yield sql.insert_rows(ExecutionEvent), event_rows([result], "all steps final")
-    if result.to_status == ExecutionStatus.SUCCEEDED.value and sinks:
-        outputs = (yield sql.step_outputs(execution_id, sinks)).all()
-        output = {row.step_name: row.output_data for row in outputs}
-        yield sql.set_execution_result(execution_id, {"output_data": output})
-    elif result.to_status == ExecutionStatus.FAILED.value:
-        failed = (yield sql.first_step_error(execution_id)).first()
-        if failed is not None:
-            error = {"step": failed.step_name, **(failed.error or {})}
-            yield sql.set_execution_result(execution_id, {"error": error})
-    return result
+    finished = yield from finish_executions([execution_id], lambda _w, _v: sinks)
+    return finished[0] if finished else None
+
+
+def finish_executions(
+    execution_ids: Sequence[str], sinks_of: SinksOf
+) -> Plan[list[TransitionResult]]:
+    """Finalize those of the given running executions whose steps are all final: one
+    guarded UPDATE over the set, then their outputs (``sinks_of(workflow, version)``
+    names the steps that make a success's output) or errors, one executemany each.
+    """
+    if not execution_ids:
+        return []
+    rows = (yield sql.finish_executions_if_done(execution_ids)).all()
+    if not rows:
+        return []
+    finished = [transition_of(row, step=False) for row in rows]
+    yield sql.insert_rows(ExecutionEvent), event_rows(finished, "all steps final")
+    succeeded = [r for r in rows if r.status == ExecutionStatus.SUCCEEDED.value]
+    failed = [r.execution_id for r in rows if r.status == ExecutionStatus.FAILED.value]
+    results: list[dict[str, Any]] = []
+    keys = [
+        (r.execution_id, name)
+        for r in succeeded
+        for name in sinks_of(r.workflow_id, r.workflow_version)
+    ]
+    if keys:
+        outputs: dict[str, dict[str, Any]] = {}
+        for row in (yield sql.steps_of(keys)).all():
+            outputs.setdefault(row.execution_id, {})[row.step_name] = row.output_data
+        results += [{"eid": eid, "out": out, "err": None} for eid, out in outputs.items()]
+    if failed:
+        errors: dict[str, dict[str, Any]] = {}
+        for row in (yield sql.failed_steps_of(failed)).all():
+            errors.setdefault(row.execution_id, {"step": row.step_name, **(row.error or {})})
+        results += [{"eid": eid, "out": None, "err": err} for eid, err in errors.items()]
+    if results:
+        yield sql.set_execution_results(), results
+    return finished
 
 
 def recover_stalled_steps(
-    keys: Sequence[tuple[str, str]], error: Mapping[str, Any]
+    keys: Sequence[tuple[str, str]], max_recoveries: int
 ) -> Plan[StallRecovery]:
-    """Requeue stalled running steps with attempts left (attempt + 1); fail the rest."""
+    """Requeue stalled running steps that may be recovered again (attempt + 1); fail
+    the rest with StepCrashed, naming the worker and the attempts."""
     if not keys:
         return StallRecovery()
-    requeued_rows = (yield sql.recover_stalled(keys, retry=True, error=error)).all()
-    failed_rows = (yield sql.recover_stalled(keys, retry=False, error=error)).all()
+    requeued_rows = (
+        yield sql.recover_stalled(keys, requeue=True, max_recoveries=max_recoveries)
+    ).all()
+    failed_rows = (
+        yield sql.recover_stalled(keys, requeue=False, max_recoveries=max_recoveries)
+    ).all()
+    if failed_rows:
+        crashes = [
+            {
+                "eid": row.execution_id,
+                "name": row.step_name,
+                "err": {
+                    "type": "StepCrashed",
+                    "module": StepCrashed.__module__,
+                    "message": str(
+                        StepCrashed(row.step_name, row.worker, row.attempt, row.recoveries)
+                    ),
+                    "worker": row.worker,
+                    "attempts": row.attempt,
+                },
+            }
+            for row in failed_rows
+        ]
+        yield sql.set_step_errors(), crashes
     requeued = [transition_of(row, step=True) for row in requeued_rows]
     failed = [transition_of(row, step=True) for row in failed_rows]
-    events = event_rows(requeued, "stalled: requeued") + event_rows(failed, "stalled: failed")
+    events = event_rows(requeued, "stalled: requeued") + event_rows(
+        failed, "stalled: crashed too often"
+    )
     if events:
         yield sql.insert_rows(ExecutionEvent), events
     return StallRecovery(requeued=requeued, failed=failed)

@@ -62,9 +62,24 @@ class WorkflowRegistry:
         return len(self._workflows)
 
 
-@lru_cache(maxsize=1)
+_configured: WorkflowRegistry | None = None
+
+
+def configure_registry(registry: WorkflowRegistry | None) -> None:
+    """Make ``registry`` the process's (None: load ``CONVEYOR_WORKFLOW_MODULES`` afresh)."""
+    global _configured
+    _configured = registry
+    _registry_from_settings.cache_clear()
+
+
 def get_registry() -> WorkflowRegistry:
-    """The process's registry, loaded once from ``CONVEYOR_WORKFLOW_MODULES``."""
+    """The process's registry: the configured one, else loaded once from
+    ``CONVEYOR_WORKFLOW_MODULES``."""
+    return _configured if _configured is not None else _registry_from_settings()
+
+
+@lru_cache(maxsize=1)
+def _registry_from_settings() -> WorkflowRegistry:
     registry = WorkflowRegistry()
     for module_name in get_settings().workflow_modules:
         registry.load_module(module_name)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from core import statements as sql
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.operations import (
     event_rows,
+    finish_executions,
     finish_if_done,
     recover_stalled_steps,
     transition_execution,
@@ -47,6 +48,8 @@ class Claim:
     transition: TransitionResult
     execution: WorkflowExecution | None = None
     upstream: dict[str, Any] = field(default_factory=dict)
+    # Attempts this step was given back after its worker died (not error retries).
+    recoveries: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,23 @@ class ReconcileReport:
     start: list[tuple[str, str]] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+    # Workflows with an execution that ended in this pass: a concurrency slot is free.
+    freed: list[str] = field(default_factory=list)
+
+
+class Dag(Protocol):
+    """What the reconciler needs of a workflow's definition."""
+
+    @property
+    def sinks(self) -> list[str]:
+        """Steps nothing depends on."""
+
+    def descendants(self, name: str) -> list[str]:
+        """Every step that depends on ``name``, directly or not."""
+
+
+# A workflow's definition by (name, version); None when this process does not know it.
+DagOf = Callable[[str, int], Dag | None]
 
 
 def admit(
@@ -150,7 +170,33 @@ def claim(
     if names:
         rows = (yield sql.step_outputs(execution_id, names)).all()
         upstream = {r.step_name: r.output_data for r in rows}
-    return Claim(claimed=True, transition=result, execution=execution, upstream=upstream)
+    return Claim(
+        claimed=True,
+        transition=result,
+        execution=execution,
+        upstream=upstream,
+        recoveries=row.recoveries,
+    )
+
+
+def running_claim(execution_id: str, step_name: str, task_id: str) -> Plan[Claim | None]:
+    """The running claim of a step made by delivery ``task_id``, or None if the step is
+    no longer running under it (recorded meanwhile, recovered, re-run)."""
+    row = (yield sql.select_running_claim(execution_id, step_name, task_id)).first()
+    if row is None:
+        return None
+    execution: WorkflowExecution = (yield sql.select_execution(execution_id)).scalar_one()
+    transition = TransitionResult(
+        applied=True,
+        execution_id=execution_id,
+        step_name=step_name,
+        to_status=StepStatus.RUNNING.value,
+        current_status=StepStatus.RUNNING.value,
+        attempt=row.attempt,
+    )
+    return Claim(
+        claimed=True, transition=transition, execution=execution, recoveries=row.recoveries
+    )
 
 
 def schedule_retry(
@@ -215,17 +261,26 @@ def skip_downstream_and_finish(
     """After ``step_name`` failed for good: skip its pending descendants (None: every
     pending step) and finish the execution if nothing is left open. Returns the skipped
     steps and the execution's final transition, if this made one."""
-    skipped: list[TransitionResult] = []
-    if descendants is None or descendants:
-        skipped = yield from transition_steps(
-            execution_id,
-            None if descendants is None else list(descendants),
-            StepStatus.SKIPPED,
-            frozenset({StepStatus.PENDING}),
-            reason=f"upstream step {step_name} failed",
-        )
+    skipped = yield from skip_descendants(execution_id, step_name, descendants)
     finished = yield from finish_if_done(execution_id, sinks)
-    return [r.step_name or "" for r in skipped], finished
+    return skipped, finished
+
+
+def skip_descendants(
+    execution_id: str, step_name: str, descendants: Sequence[str] | None
+) -> Plan[list[str]]:
+    """Skip the pending descendants of a step that failed for good (None: every pending
+    step, for a workflow whose DAG this process does not know)."""
+    if descendants is not None and not descendants:
+        return []
+    skipped = yield from transition_steps(
+        execution_id,
+        None if descendants is None else list(descendants),
+        StepStatus.SKIPPED,
+        frozenset({StepStatus.PENDING}),
+        reason=f"upstream step {step_name} failed",
+    )
+    return [r.step_name or "" for r in skipped]
 
 
 def retry_execution(
@@ -289,8 +344,9 @@ def _retry_steps(
     return moved
 
 
-def time_out(execution_ids: Sequence[str]) -> Plan[list[str]]:
-    """Move open executions past their deadline to timed_out and cancel their open steps."""
+def time_out(execution_ids: Sequence[str]) -> Plan[list[tuple[str, str]]]:
+    """Move open executions past their deadline to timed_out and cancel their open steps;
+    the (execution, previous status) of those that moved."""
     if not execution_ids:
         return []
     sources = EXECUTIONS.sources_of(ExecutionStatus.TIMED_OUT)
@@ -307,23 +363,38 @@ def time_out(execution_ids: Sequence[str]) -> Plan[list[str]]:
         sql.insert_rows(ExecutionEvent),
         event_rows(timed_out, "deadline passed") + event_rows(cancelled, "deadline passed"),
     )
-    return ids
+    return [(r.execution_id, r.from_status or "") for r in timed_out]
 
 
 def reconcile_scan(
-    *, stall_timeout: float, republish_after: float, start_after: float, limit: int
+    *,
+    stall_timeout: float,
+    republish_after: float,
+    start_after: float,
+    limit: int,
+    max_recoveries: int,
+    dag_of: DagOf,
 ) -> Plan[ReconcileReport]:
     """One reconciler pass over stalled, unclaimed and unstarted work and deadlines.
 
     Each part is one bounded, set-based statement (or two), and idempotent: passes
     may overlap, and every change is a compare-and-set that only one of them wins.
+    The whole pass is one transaction: a stalled step failed here has its descendants
+    skipped and its execution finished in the same commit, so a crash cannot strand it.
     """
 
     stalled_rows = (yield sql.stalled_steps(stall_timeout, limit)).all()
     stalled = [(r.execution_id, r.step_name) for r in stalled_rows]
-    recovery = yield from recover_stalled_steps(
-        stalled, {"type": "StepStalled", "message": "no heartbeat within the stall timeout"}
-    )
+    recovery = yield from recover_stalled_steps(stalled, max_recoveries)
+    if recovery.failed:
+        routes = yield from execution_routes(sorted({r.execution_id for r in recovery.failed}))
+        for failed in recovery.failed:
+            workflow, version, _priority = routes[failed.execution_id]
+            dag = dag_of(workflow, version)
+            step_name = failed.step_name or ""
+            yield from skip_descendants(
+                failed.execution_id, step_name, dag.descendants(step_name) if dag else None
+            )
     due_rows = (yield sql.due_queued_steps(republish_after, limit)).all()
     due = [(r.execution_id, r.step_name) for r in due_rows]
     republished: list[TransitionResult] = []
@@ -333,15 +404,25 @@ def reconcile_scan(
     start_rows = (yield sql.stale_pending_executions(start_after, limit)).all()
     overdue = list((yield sql.overdue_executions(limit)).scalars().all())
     timed_out = yield from time_out(overdue)
-    finishable = list((yield sql.finishable_executions(limit)).scalars().all())
+    finishable = set((yield sql.finishable_executions(limit)).scalars().all())
+    finishable.update(r.execution_id for r in recovery.failed)
+
+    def sinks_of(workflow: str, version: int) -> list[str]:
+        dag = dag_of(workflow, version)
+        return dag.sinks if dag else []
+
+    finished = yield from finish_executions(sorted(finishable), sinks_of)
+    freed_ids = [r.execution_id for r in finished] + [eid for eid, _ in timed_out]
+    freed = yield from execution_routes(freed_ids)
     return ReconcileReport(
         requeued=[(r.execution_id, r.step_name or "") for r in recovery.requeued],
         stalled_failed=[(r.execution_id, r.step_name or "") for r in recovery.failed],
         republish=[(r.execution_id, r.step_name or "") for r in republished]
         + [(r.execution_id, r.step_name or "") for r in recovery.requeued],
         start=[(r.execution_id, r.workflow_id) for r in start_rows],
-        timed_out=timed_out,
-        finished=finishable,
+        timed_out=[eid for eid, _ in timed_out],
+        finished=[r.execution_id for r in finished],
+        freed=sorted({workflow for workflow, _version, _priority in freed.values()}),
     )
 
 

@@ -50,3 +50,28 @@ def _utcnow_sqlite(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
         return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
     offset = compiler.process(element.clauses, **kw)
     return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', ({offset}) || ' seconds') || '000')"
+
+
+class database_started(FunctionElement[Any]):
+    """When the database server last started (PostgreSQL); SQLite, embedded, never restarts.
+
+    Heartbeats cannot be written while the database is down, so staleness is only
+    judged on time the database has been up: after a restart, every running step gets
+    a full stall timeout to beat again before it is taken for lost.
+    """
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "database_started"
+
+
+@compiles(database_started, "postgresql")
+def _database_started_postgresql(
+    element: database_started, compiler: SQLCompiler, **kw: Any
+) -> str:
+    return "pg_postmaster_start_time()"
+
+
+@compiles(database_started, "sqlite")
+def _database_started_sqlite(element: database_started, compiler: SQLCompiler, **kw: Any) -> str:
+    return "'0001-01-01 00:00:00.000000'"

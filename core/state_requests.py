@@ -15,8 +15,9 @@ from typing import Any, TypedDict
 from core import operations as ops
 from core.config import Settings
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
-from core.operations import StepSpec
+from core.operations import NewExecution
 from core.outcomes import CreatedExecution, StallRecovery, StepCompletion, TransitionResult
+from core.registry import WorkflowRegistry
 from core.states import EXECUTIONS, STEPS
 from core.transactions import PlanFactory
 
@@ -29,7 +30,6 @@ class ExecutionOptions(TypedDict, total=False):
     triggered_by: str | None
     priority: int
     deadline_at: datetime | None
-    steps: Sequence[StepSpec]
 
 
 def _statuses(parse: Any, expected: object | Iterable[object] | None) -> frozenset[Any] | None:
@@ -50,12 +50,22 @@ class StateRequests:
     dialect: str
 
     def create_execution(
-        self, workflow_id: str, input_data: Any, options: ExecutionOptions
-    ) -> PlanFactory[CreatedExecution]:
-        new = ops.new_execution(
-            workflow_id, input_data, max_payload_bytes=self.settings.max_payload_bytes, **options
+        self,
+        registry: WorkflowRegistry,
+        workflow_id: str,
+        input_data: Any,
+        options: ExecutionOptions,
+    ) -> tuple[NewExecution, PlanFactory[CreatedExecution]]:
+        """An execution of a registered workflow: its input checked against the model,
+        a row for each of its steps; WorkflowNotFound for a name nobody registered."""
+        new = ops.execution_of(
+            registry,
+            workflow_id,
+            input_data,
+            max_payload_bytes=self.settings.max_payload_bytes,
+            **options,
         )
-        return partial(ops.create_execution, self.dialect, new)
+        return new, partial(ops.create_execution, self.dialect, new)
 
     def get_execution(self, execution_id: str) -> PlanFactory[WorkflowExecution]:
         return partial(ops.get_execution, execution_id)
@@ -160,7 +170,5 @@ class StateRequests:
     ) -> PlanFactory[list[tuple[str, str]]]:
         return partial(ops.find_stalled_steps, stall_timeout_seconds, limit)
 
-    def recover_stalled_steps(
-        self, keys: Sequence[tuple[str, str]], error: dict[str, Any]
-    ) -> PlanFactory[StallRecovery]:
-        return partial(ops.recover_stalled_steps, list(keys), error)
+    def recover_stalled_steps(self, keys: Sequence[tuple[str, str]]) -> PlanFactory[StallRecovery]:
+        return partial(ops.recover_stalled_steps, list(keys), self.settings.max_crash_recoveries)

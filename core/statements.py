@@ -17,6 +17,7 @@ from sqlalchemy import (
     Select,
     Table,
     Update,
+    bindparam,
     case,
     exists,
     func,
@@ -29,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
-from core.sql import utcnow
+from core.sql import database_started, utcnow
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 
 WE = WorkflowExecution
@@ -40,7 +41,15 @@ SE = StepExecution
 _BULK = {"synchronize_session": False}
 
 EXECUTION_RETURNING = (WE.execution_id, WE.previous_status, WE.status, WE.attempt)
-STEP_RETURNING = (SE.execution_id, SE.step_name, SE.previous_status, SE.status, SE.attempt)
+STEP_RETURNING = (
+    SE.execution_id,
+    SE.step_name,
+    SE.previous_status,
+    SE.status,
+    SE.attempt,
+    SE.recoveries,
+    SE.worker,
+)
 
 
 def insert_executions(
@@ -87,6 +96,16 @@ def select_step_status(execution_id: str, step_name: str) -> Select[str, int]:
     """The status and attempt of one step."""
     return select(SE.status, SE.attempt).where(
         SE.execution_id == execution_id, SE.step_name == step_name
+    )
+
+
+def select_running_claim(execution_id: str, step_name: str, task_id: str) -> Select[int, int]:
+    """Attempt and recoveries of a step running under Celery delivery ``task_id``."""
+    return select(SE.attempt, SE.recoveries).where(
+        SE.execution_id == execution_id,
+        SE.step_name == step_name,
+        SE.status == StepStatus.RUNNING.value,
+        SE.celery_task_id == task_id,
     )
 
 
@@ -238,15 +257,14 @@ def release_downstream(execution_id: str, step_names: Sequence[str]) -> Update:
     )
 
 
-def finish_execution_if_done(execution_id: str) -> Update:
-    """Finalize a running execution once every step is final, in one guarded statement.
-
-    Failed if any step failed, cancelled if any was cancelled, else succeeded.
-    """
+def finish_executions_if_done(execution_ids: Sequence[str]) -> Update:
+    """Finalize the given running executions whose steps are all final: one guarded
+    statement over the set. Failed if any step failed, cancelled if any was cancelled,
+    else succeeded."""
 
     def any_step(statuses: Iterable[StepStatus]) -> ColumnElement[bool]:
         return exists().where(
-            SE.execution_id == execution_id, SE.status.in_(sorted(s.value for s in statuses))
+            SE.execution_id == WE.execution_id, SE.status.in_(sorted(s.value for s in statuses))
         )
 
     outcome = case(
@@ -257,62 +275,104 @@ def finish_execution_if_done(execution_id: str) -> Update:
     return (
         update(WE)
         .where(
-            WE.execution_id == execution_id,
+            WE.execution_id.in_(list(execution_ids)),
             WE.status == ExecutionStatus.RUNNING.value,
             ~any_step(STEPS.open),
         )
         .values(status=outcome, previous_status=WE.status, finished_at=utcnow())
-        .returning(*EXECUTION_RETURNING)
+        .returning(*EXECUTION_RETURNING, WE.workflow_id, WE.workflow_version)
         .execution_options(**_BULK)
     )
 
 
 def stalled_steps(stall_timeout_seconds: float, limit: int) -> Select[str, str]:
-    """Running steps whose last heartbeat is older than the timeout (bounded, oldest first)."""
+    """Running steps whose last heartbeat is older than the timeout (bounded, oldest first).
+
+    Only time the database was up counts: right after it restarted nobody could beat,
+    so nothing is judged before a whole timeout has passed since (see database_started).
+    """
+    cutoff = utcnow(-stall_timeout_seconds)
     return (
         select(SE.execution_id, SE.step_name)
         .where(
             SE.status == StepStatus.RUNNING.value,
-            SE.heartbeat_at < utcnow(-stall_timeout_seconds),
+            SE.heartbeat_at < cutoff,
+            database_started() < cutoff,
         )
         .order_by(SE.heartbeat_at)
         .limit(limit)
+        .with_for_update(skip_locked=True)
     )
 
 
 def recover_stalled(
-    keys: Sequence[tuple[str, str]], *, retry: bool, error: Mapping[str, Any] | None = None
+    keys: Sequence[tuple[str, str]], *, requeue: bool, max_recoveries: int
 ) -> Update:
-    """Requeue (attempt + 1) the named running steps that have attempts left, or fail
-    those that have none: one statement each way over the whole set."""
+    """Requeue (attempt + 1, recoveries + 1) the named running steps that may be recovered
+    again, or fail those that may not: one statement each way over the whole set.
+
+    Crash recoveries are counted apart from the step's error retries: a deploy or an
+    OOM kill does not spend the attempts its retry policy allows.
+    """
     key_match = _key_match(keys)
-    has_attempts_left = SE.attempt < SE.max_attempts
-    if retry:
+    may_recover = SE.recoveries < max_recoveries
+    if requeue:
         return (
             update(SE)
-            .where(SE.status == StepStatus.RUNNING.value, key_match, has_attempts_left)
+            .where(SE.status == StepStatus.RUNNING.value, key_match, may_recover)
             .values(
                 status=StepStatus.QUEUED.value,
                 previous_status=SE.status,
                 attempt=SE.attempt + 1,
+                recoveries=SE.recoveries + 1,
                 queued_at=utcnow(),
+                next_attempt_at=None,
                 worker=None,
-                error=error,
+                error={"type": "StepStalled", "message": "no heartbeat within the stall timeout"},
             )
             .returning(*STEP_RETURNING)
             .execution_options(**_BULK)
         )
     return (
         update(SE)
-        .where(SE.status == StepStatus.RUNNING.value, key_match, ~has_attempts_left)
-        .values(
-            status=StepStatus.FAILED.value,
-            previous_status=SE.status,
-            finished_at=utcnow(),
-            error=error,
-        )
+        .where(SE.status == StepStatus.RUNNING.value, key_match, ~may_recover)
+        .values(status=StepStatus.FAILED.value, previous_status=SE.status, finished_at=utcnow())
         .returning(*STEP_RETURNING)
         .execution_options(**_BULK)
+    )
+
+
+def set_step_errors() -> Update:
+    """Set ``error`` of one step per parameter set (executemany: eid, name, error)."""
+    table = cast(Table, SE.__table__)
+    return (
+        update(table)
+        .where(table.c.execution_id == bindparam("eid"), table.c.step_name == bindparam("name"))
+        .values(error=bindparam("err"))
+    )
+
+
+def set_execution_results() -> Update:
+    """Set ``output_data`` and ``error`` of one execution per parameter set (executemany)."""
+    table = cast(Table, WE.__table__)
+    return (
+        update(table)
+        .where(table.c.execution_id == bindparam("eid"))
+        .values(output_data=bindparam("out"), error=bindparam("err"))
+    )
+
+
+def steps_of(keys: Sequence[tuple[str, str]]) -> Select[str, str, Any]:
+    """Outputs of the named (execution, step) pairs."""
+    return select(SE.execution_id, SE.step_name, SE.output_data).where(_key_match(keys))
+
+
+def failed_steps_of(execution_ids: Sequence[str]) -> Select[str, str, Any]:
+    """The failed steps of the given executions, earliest failure first."""
+    return (
+        select(SE.execution_id, SE.step_name, SE.error)
+        .where(SE.execution_id.in_(list(execution_ids)), SE.status == StepStatus.FAILED.value)
+        .order_by(SE.finished_at, SE.step_name)
     )
 
 
@@ -321,7 +381,8 @@ def _key_match(keys: Sequence[tuple[str, str]]) -> ColumnElement[bool]:
 
 
 def heartbeat(worker: str, keys: Sequence[tuple[str, str]] | None = None) -> Update:
-    """Refresh the heartbeat of every running step of ``worker`` (or just ``keys``)."""
+    """Refresh the heartbeat of ``keys``, running steps held by ``worker`` (None: all of
+    the worker's running steps; the worker itself always names the steps it holds)."""
     conditions: list[ColumnElement[bool]] = [
         SE.status == StepStatus.RUNNING.value,
         SE.worker == worker,
@@ -416,26 +477,6 @@ def step_outputs(execution_id: str, step_names: Sequence[str]) -> Select[str, An
     """Outputs of the named steps of an execution."""
     return select(SE.step_name, SE.output_data).where(
         SE.execution_id == execution_id, SE.step_name.in_(list(step_names))
-    )
-
-
-def first_step_error(execution_id: str) -> Select[str, Any]:
-    """The earliest failure among an execution's steps (what its own error reports)."""
-    return (
-        select(SE.step_name, SE.error)
-        .where(SE.execution_id == execution_id, SE.status == StepStatus.FAILED.value)
-        .order_by(SE.finished_at, SE.step_name)
-        .limit(1)
-    )
-
-
-def set_execution_result(execution_id: str, values: Mapping[str, Any]) -> Update:
-    """Record an execution's output or error (after it was finalized)."""
-    return (
-        update(WE)
-        .where(WE.execution_id == execution_id)
-        .values(**values)
-        .execution_options(**_BULK)
     )
 
 

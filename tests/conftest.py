@@ -27,7 +27,10 @@ from sqlalchemy.pool import NullPool
 
 from core import database as core_database
 from core.config import Settings
+from core.dispatch import register_dispatcher
+from core.registry import configure_registry
 from migrations import alembic_config
+from tests.helpers.workflows import state_registry
 from tests.servers import PostgresServer, start_postgres, start_redis
 
 BACKENDS = [
@@ -144,7 +147,10 @@ class TestDatabase:
 
 def _settings_for(url: str) -> Settings:
     # Short waits keep retry tests quick; pool sizes stay at the production defaults.
-    return Settings(database_url=url, db_retry_initial_wait=0.01, db_retry_max_wait=0.2)
+    # No dispatcher: tests that start executions run a worker whose app registers one.
+    return Settings(
+        database_url=url, db_retry_initial_wait=0.01, db_retry_max_wait=0.2, dispatcher=""
+    )
 
 
 @pytest.fixture
@@ -168,6 +174,8 @@ def database(
         raise pytest.UsageError(f"unknown backend {backend!r} in CONVEYOR_TEST_BACKENDS")
     db = TestDatabase(backend=backend, url=url, settings=_settings_for(url))
     core_database.configure(db.settings)
+    configure_registry(state_registry())
+    register_dispatcher(None)
     try:
         yield db
     finally:

@@ -7,15 +7,17 @@ other settings or another workflow registry (tests, embedding).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery, Task
+from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 
 from core.config import Settings, get_settings
 from core.database import get_database
+from core.dispatch import register_dispatcher
 from core.errors import TransientDatabaseError
 from core.registry import WorkflowRegistry, get_registry
 from worker.config import FIRE_SCHEDULES, celery_config
@@ -42,7 +44,36 @@ def create_app(
     app.conf.update(celery_config(settings, registry))
     app.engine = Engine(app, settings, registry)
     _register_tasks(app)
+    # Executions created through core alone (the seed's ExecutionStateManager, the ORM)
+    # are started by this app's engine, in this process.
+    register_dispatcher(app.engine.publish_starts)
     return app
+
+
+class StepTask(Task):  # type: ignore[type-arg]
+    """``conveyor.run_step``: records a hard time limit as soon as Celery reports it."""
+
+    def on_failure(
+        self,
+        exc: Exception,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: Any,
+    ) -> None:
+        # With prefork, Celery calls this in the main worker process after killing the
+        # pool process at the hard limit; the step would otherwise wait to look stalled.
+        if isinstance(exc, TimeLimitExceeded) and "execution_id" in kwargs:
+            engine: Engine = cast(ConveyorCelery, self.app).engine
+            try:
+                engine.record_hard_timeout(
+                    kwargs["execution_id"],
+                    kwargs["step_name"],
+                    task_id,
+                    exc.args[0] if exc.args else None,
+                )
+            except Exception:  # the reconciler recovers it as a stalled step
+                log.warning("could not record the hard timeout of %s", task_id, exc_info=True)
 
 
 def _register_tasks(app: ConveyorCelery) -> None:
@@ -55,7 +86,7 @@ def _register_tasks(app: ConveyorCelery) -> None:
         with _retry_when_transient(task):
             app.engine.admit(workflow, [execution_id])
 
-    @app.task(name=RUN_STEP, **options)
+    @app.task(name=RUN_STEP, base=StepTask, **options)
     def run_step(task: Task[Any, Any], execution_id: str, step_name: str) -> None:
         """Claim, run and record one step."""
         with _retry_when_transient(task):
@@ -91,6 +122,11 @@ def _retry_when_transient(task: Task[Any, Any]) -> Iterator[None]:
 def _fresh_connections_in_child(**_: Any) -> None:
     # A forked pool process must not share the parent's pooled database sockets.
     get_database().engine.dispose(close=False)
+
+
+def dispatch_starts(starts: Sequence[tuple[str, str, int]]) -> None:
+    """Publish start messages with the default app (``CONVEYOR_DISPATCHER``'s default)."""
+    app.engine.publish_starts(starts)
 
 
 app = create_app()

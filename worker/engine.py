@@ -16,12 +16,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import ValidationError
 
 from core import scheduling
 from core.config import Settings
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import InputValidationError, StepTimedOut, WorkflowNotFound
-from core.operations import check_payload, finish_if_done
+from core.operations import check_payload
 from core.registry import WorkflowRegistry
 from core.states import StepStatus
 from core.transactions import RetryPolicy
@@ -43,6 +44,17 @@ TRACEBACK_LIMIT = 16_000
 PATIENT = RetryPolicy(attempts=40, initial_wait=0.1, max_wait=5.0)
 
 StepKey = tuple[str, str]
+
+
+def _parsed_input(workflow: Workflow, data: Any) -> Any:
+    """The stored input as the step sees it; a stored input its model refuses is a
+    permanent error of the step (it would fail the same way on every attempt)."""
+    try:
+        return workflow.parse_input(data)
+    except ValidationError as exc:
+        raise InputValidationError(
+            f"stored input of workflow {workflow.name!r} no longer fits its input model: {exc}"
+        ) from exc
 
 
 def error_record(error: BaseException) -> dict[str, Any]:
@@ -202,16 +214,19 @@ class Engine:
             )
             self._fail(execution_id, step_name, attempt, problem, None, route)
             return
-        context = RunningStep(
-            execution_id=execution_id,
-            step_name=step_name,
-            attempt=attempt,
-            input=workflow.parse_input(execution.input_data),
-            manager=self.manager,
-            heartbeats=self.heartbeats,
-        )
-        with self.heartbeats.beating((execution_id, step_name)):
+        key = (execution_id, step_name)
+        # Once claimed, the step is ours: every way out of this block records an outcome
+        # (success, retry or failure), so no exception can leave it running.
+        with self.heartbeats.beating(key):
             try:
+                context = RunningStep(
+                    execution_id=execution_id,
+                    step_name=step_name,
+                    attempt=attempt,
+                    input=_parsed_input(workflow, execution.input_data),
+                    manager=self.manager,
+                    heartbeats=self.heartbeats,
+                )
                 value = step.fn(context, **claim.upstream)
                 output = check_payload(
                     "output_data", step.to_json(value), self.settings.max_payload_bytes
@@ -220,12 +235,14 @@ class Engine:
                 timed_out = StepTimedOut(
                     f"step {step_name} ran past its soft timeout of {step.soft_timeout}s"
                 )
-                self._failed(execution_id, workflow, step, attempt, timed_out, route)
+                self._failed(execution_id, workflow, step, claim, timed_out, route)
                 return
             except Exception as error:
-                self._failed(execution_id, workflow, step, attempt, error, route)
+                self._failed(execution_id, workflow, step, claim, error, route)
                 return
-        self._succeeded(execution_id, workflow, step, attempt, output, route)
+            # Recorded while still beating: a database that is restarting may keep this
+            # waiting, and the step must not look stalled meanwhile.
+            self._succeeded(execution_id, workflow, step, attempt, output, route)
 
     def _upstream_of(self, step_name: str, workflow: str, version: int) -> Sequence[str]:
         try:
@@ -272,13 +289,16 @@ class Engine:
         execution_id: str,
         workflow: Workflow,
         step: Step,
-        attempt: int,
+        claim: scheduling.Claim,
         error: BaseException,
         route: Route,
     ) -> None:
+        attempt = claim.transition.attempt or 1
+        # Attempts taken by crash recoveries do not count against the retry policy.
+        tries = attempt - claim.recoveries
         permanent = isinstance(error, InputValidationError)
-        if not permanent and step.retry.should_retry(error, attempt):
-            delay = step.retry.delay(attempt)
+        if not permanent and step.retry.should_retry(error, tries):
+            delay = step.retry.delay(tries)
             moved = self.recorder.run(
                 partial(
                     scheduling.schedule_retry,
@@ -320,6 +340,28 @@ class Engine:
         if failure.execution is not None:
             self.after_finish(route.workflow)
 
+    def record_hard_timeout(
+        self, execution_id: str, step_name: str, task_id: str, limit: float | None
+    ) -> None:
+        """The pool process running this delivery was killed at its hard time limit:
+        record the step timed out now (retry or fail by its policy) instead of waiting
+        for it to look stalled. Only the claim made by this delivery (``task_id``) moves."""
+        claim = self.manager.run(
+            partial(scheduling.running_claim, execution_id, step_name, task_id)
+        )
+        if claim is None or claim.execution is None:
+            return
+        execution = claim.execution
+        route = Route(execution.workflow_id, execution.workflow_version, execution.priority)
+        error = StepTimedOut(f"step {step_name} ran past its hard timeout of {limit}s")
+        try:
+            workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
+            step = workflow.steps[step_name]
+        except (WorkflowNotFound, KeyError):
+            self._fail(execution_id, step_name, claim.transition.attempt or 1, error, None, route)
+            return
+        self._failed(execution_id, workflow, step, claim, error, route)
+
     # --- operations ------------------------------------------------------------------
 
     def cancel(self, execution_id: str, reason: str = "cancelled") -> bool:
@@ -329,7 +371,9 @@ class Engine:
             for s in self.manager.get_steps(execution_id)
             if s.status == StepStatus.RUNNING and s.celery_task_id
         ]
-        result = self.manager.cancel_execution(execution_id, reason=reason)
+        # The plan itself, not the manager's method, which would also dispatch a start
+        # through the broker: this engine admits the next execution directly below.
+        result = self.manager.run(self.manager.requests.cancel_execution(execution_id, reason))
         if not result.applied:
             return False
         if running:
@@ -359,7 +403,7 @@ class Engine:
         return True
 
     def reconcile(self) -> scheduling.ReconcileReport:
-        """One reconciler pass; then publish and admit what it found."""
+        """One reconciler pass (one transaction); then publish and admit what it found."""
         settings = self.settings
         report = self.manager.run(
             partial(
@@ -368,6 +412,8 @@ class Engine:
                 republish_after=settings.republish_after,
                 start_after=settings.start_after,
                 limit=settings.reconcile_batch,
+                max_recoveries=settings.max_crash_recoveries,
+                dag_of=self._dag_of,
             )
         )
         self.publish_steps(report.republish)
@@ -376,41 +422,15 @@ class Engine:
             by_workflow[workflow].append(execution_id)
         for workflow, ids in by_workflow.items():
             self.admit(workflow, ids)
-        for execution_id, step_name in report.stalled_failed:
-            self._after_stall_failure(execution_id, step_name)
-        for execution_id in report.finished:
-            self._finish(execution_id)
+        for workflow in report.freed:
+            if workflow not in by_workflow:
+                self.after_finish(workflow)
         if report != scheduling.ReconcileReport():
             log.info("reconciler: %s", report)
         return report
 
-    def _after_stall_failure(self, execution_id: str, step_name: str) -> None:
-        """A stalled step ran out of attempts: skip what depends on it, maybe finish."""
-        execution = self.manager.get_execution(execution_id)
+    def _dag_of(self, workflow: str, version: int) -> Workflow | None:
         try:
-            workflow: Workflow | None = self.registry.get(
-                execution.workflow_id, execution.workflow_version
-            )
+            return self.registry.get(workflow, version)
         except WorkflowNotFound:
-            workflow = None
-        _skipped, finished = self.manager.run(
-            partial(
-                scheduling.skip_downstream_and_finish,
-                execution_id,
-                step_name,
-                workflow.descendants(step_name) if workflow else None,
-                workflow.sinks if workflow else [],
-            )
-        )
-        if finished is not None:
-            self.after_finish(execution.workflow_id)
-
-    def _finish(self, execution_id: str) -> None:
-        execution = self.manager.get_execution(execution_id)
-        try:
-            sinks = self.registry.get(execution.workflow_id, execution.workflow_version).sinks
-        except WorkflowNotFound:
-            sinks = []
-        finished = self.manager.run(partial(finish_if_done, execution_id, sinks))
-        if finished is not None:
-            self.after_finish(execution.workflow_id)
+            return None

@@ -1,4 +1,4 @@
-"""One heartbeat thread per worker process: a single UPDATE for all its running steps."""
+"""One heartbeat thread per worker process: a single UPDATE for the steps it holds."""
 
 from __future__ import annotations
 
@@ -52,9 +52,12 @@ class Heartbeat:
     def beat(self) -> int:
         """One bulk heartbeat now; how many steps it refreshed."""
         with self._lock:
-            if not self._running:
-                return 0
-        return self._manager.heartbeat(self.worker_id)
+            held = sorted(self._running)
+        if not held:
+            return 0
+        # Only the steps held right now: a row this process claimed but no longer runs
+        # (an exception, a recording out of retries) must go stale and be recovered.
+        return self._manager.heartbeat(self.worker_id, held)
 
     def stop(self) -> None:
         """Stop the thread (tests, worker shutdown)."""

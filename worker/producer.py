@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from core import operations
 from core.errors import InputValidationError
-from core.operations import NewExecution, StepSpec
+from core.operations import NewExecution
 from core.outcomes import CreatedExecution
 from core.workflows import Workflow
 
@@ -35,12 +35,10 @@ def _app(app: ConveyorCelery | None) -> ConveyorCelery:
     return default_app
 
 
-def _deadline(workflow: Workflow, deadline: datetime | timedelta | None) -> datetime | None:
+def _deadline(deadline: datetime | timedelta | None) -> datetime | None:
     if isinstance(deadline, timedelta):
         return datetime.now(UTC) + deadline
-    if deadline is not None:
-        return deadline
-    return datetime.now(UTC) + workflow.deadline if workflow.deadline else None
+    return deadline
 
 
 def _prepare(
@@ -53,26 +51,16 @@ def _prepare(
     triggered_by: str | None,
 ) -> NewExecution:
     engine = app.engine
-    definition = engine.registry.get(workflow if isinstance(workflow, str) else workflow.name)
-    if not isinstance(workflow, str) and definition is not workflow:
-        definition = engine.registry.get(workflow.name, workflow.version)
-    data = definition.validate_input(input_data)
-    if priority is not None and not 0 <= priority <= 9:
-        raise InputValidationError(f"priority must be 0-9, got {priority}")
-    steps = [
-        StepSpec(step.name, len(step.depends_on), step.retry.max_attempts)
-        for step in definition.steps.values()
-    ]
-    return operations.new_execution(
-        definition.name,
-        data,
+    return operations.execution_of(
+        engine.registry,
+        workflow if isinstance(workflow, str) else workflow.name,
+        input_data,
         max_payload_bytes=engine.settings.max_payload_bytes,
-        workflow_version=definition.version,
+        workflow_version=None if isinstance(workflow, str) else workflow.version,
         idempotency_key=idempotency_key,
         triggered_by=triggered_by,
         priority=priority or 0,
-        deadline_at=_deadline(definition, deadline),
-        steps=steps,
+        deadline_at=_deadline(deadline),
     )
 
 

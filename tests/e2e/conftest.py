@@ -13,7 +13,7 @@ from celery.contrib.testing.worker import start_worker
 from core.config import Settings
 from core.execution_state_manager import SyncExecutionStateManager
 from core.models import WorkflowExecution
-from core.registry import WorkflowRegistry
+from core.registry import WorkflowRegistry, configure_registry
 from tests.conftest import TestDatabase
 from tests.e2e import workflows
 from worker.app import ConveyorCelery, create_app
@@ -36,10 +36,16 @@ def conveyor_app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
         database_url=database.url,
         broker_url=redis_url,
         heartbeat_interval=0.5,
+        # Short enough that a test's server (and so its uptime) is older than it: the
+        # reconciler judges no step stalled within a stall timeout of a database start.
+        stall_timeout=5.0,
         db_retry_initial_wait=0.01,
         db_retry_max_wait=0.2,
     )
-    return create_app(settings, e2e_registry())
+    registry = e2e_registry()
+    # Executions created through core (the seed's manager, the ORM) use these workflows.
+    configure_registry(registry)
+    return create_app(settings, registry)
 
 
 @contextmanager

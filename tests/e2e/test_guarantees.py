@@ -10,7 +10,7 @@ from core.errors import InputValidationError, WorkflowNotFound
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from tests.e2e import workflows
 from tests.e2e.conftest import running_worker, wait_for
-from tests.helpers.state import count, events, step_row
+from tests.helpers.state import count, events, insert_execution, step_row
 from worker.app import ConveyorCelery
 from worker.producer import enqueue, enqueue_many
 
@@ -190,11 +190,9 @@ def test_committed_execution_survives_a_failed_publish(
 def test_a_workflow_this_worker_does_not_know_fails_with_a_clear_error(
     worker: ConveyorCelery,
 ) -> None:
-    from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
     from core.operations import StepSpec
 
-    manager = SyncEnhancedExecutionStateManager()
-    execution_id = manager.create_execution(
+    execution_id = insert_execution(
         "retired_workflow", {}, steps=[StepSpec("a"), StepSpec("b", unmet_deps=1)]
     )
     worker.engine.admit("retired_workflow", [execution_id])

@@ -7,14 +7,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import redis
 
+from core import scheduling
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.operations import StepSpec
 from tests.e2e import workflows
 from tests.e2e.conftest import running_worker, wait_for
-from tests.helpers.state import events, force_step_status, step_row
+from tests.helpers.state import events, force_step_status, insert_execution, step_row
 from worker.app import ConveyorCelery
 from worker.producer import enqueue
 
@@ -81,7 +83,7 @@ def test_overlapping_passes_recover_each_stalled_step_once(
 ) -> None:
     manager = SyncEnhancedExecutionStateManager()
     names = [f"s{i}" for i in range(20)]
-    execution_id = manager.create_execution(
+    execution_id = insert_execution(
         "linear", {"start": 1}, steps=[StepSpec(n, max_attempts=2) for n in names]
     )
     manager.transition_execution(execution_id, "running")
@@ -104,21 +106,40 @@ def test_overlapping_passes_recover_each_stalled_step_once(
     assert all(step_row(execution_id, n)["attempt"] == 2 for n in names)
 
 
-def test_a_stalled_step_out_of_attempts_fails_its_execution(
+def test_a_step_crashed_too_often_fails_its_execution_in_the_recovering_transaction(
     conveyor_app: ConveyorCelery,
 ) -> None:
     engine = conveyor_app.engine
+    settings = engine.settings
     execution_id = enqueue("linear", {"start": 1}, app=conveyor_app)
     engine.admit("linear", [execution_id])
     manager = SyncEnhancedExecutionStateManager()
-    assert manager.claim_step(execution_id, "double", worker="gone", celery_task_id=None)
+    assert manager.claim_step(execution_id, "double", worker="gone:7", celery_task_id=None)
     old = datetime.now(UTC) - timedelta(hours=1)
-    force_step_status(execution_id, "double", "running", heartbeat_at=old)
+    spent = settings.max_crash_recoveries
+    force_step_status(execution_id, "double", "running", heartbeat_at=old, recoveries=spent)
 
-    report = engine.reconcile()
+    # The reconciler's scan alone, one transaction: failing the step, skipping what
+    # depends on it and finishing the execution commit together (no follow-up that a
+    # crash could lose).
+    report = manager.run(
+        partial(
+            scheduling.reconcile_scan,
+            stall_timeout=settings.stall_timeout,
+            republish_after=settings.republish_after,
+            start_after=settings.start_after,
+            limit=settings.reconcile_batch,
+            max_recoveries=spent,
+            dag_of=engine._dag_of,
+        )
+    )
     assert report.stalled_failed == [(execution_id, "double")]
-    execution = wait_for(execution_id, lambda e: True)
+    assert report.finished == [execution_id]
+    assert report.freed == ["linear"]
+    execution = manager.get_execution(execution_id)
     assert execution.status == "failed"
-    assert execution.error["type"] == "StepStalled"
+    assert execution.error["type"] == "StepCrashed"
+    assert execution.error["step"] == "double"
+    assert "gone:7" in execution.error["message"]
     assert step_row(execution_id, "add_one")["status"] == "skipped"
     assert step_row(execution_id, "describe")["status"] == "skipped"

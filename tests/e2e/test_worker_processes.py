@@ -146,3 +146,18 @@ def test_one_killed_pool_process_is_recovered_while_its_siblings_live(
         os.killpg(worker.pid, signal.SIGKILL)  # its hanging step would delay a warm stop
     assert execution.status == "succeeded"
     assert step_row(victim, "hang_first_time")["attempt"] == 2
+
+
+def test_a_hard_time_limit_is_recorded_when_celery_kills_the_step(
+    database: TestDatabase, redis_url: str, conveyor_app: ConveyorCelery, tmp_path: Path
+) -> None:
+    # The stall timeout stays at its default (60 s): the step must be recorded at once,
+    # when Celery kills the pool process, not found later as a stalled step.
+    with worker_process(database, redis_url, tmp_path / "worker.log"):
+        execution_id = enqueue("stuck", app=conveyor_app)
+        execution = wait_for(execution_id, timeout=20)
+    assert execution.status == "failed"
+    step = step_row(execution_id, "past_hard_limit")
+    assert step["error"]["type"] == "StepTimedOut"
+    assert "hard timeout of 1.0s" in step["error"]["message"]
+    assert step["attempt"] == 1

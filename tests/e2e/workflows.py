@@ -243,10 +243,10 @@ def overrun(ctx: StepContext) -> str:
 
 
 crashy = Workflow("crashy")
-# One attempt would fail the step when its worker dies; stall recovery needs a second.
+# The default Retry (one attempt): a worker's death is a crash recovery, not a retry.
 
 
-@crashy.step(retry=Retry(max_attempts=2))
+@crashy.step()
 def hang_first_time(ctx: StepContext) -> int:
     if ctx.attempt == 1:
         time.sleep(120)  # the test kills the worker here
@@ -280,3 +280,26 @@ def middle(ctx: StepContext, begin: int) -> int:
 def end(ctx: StepContext, middle: int) -> int:
     count_call(ctx)
     return middle + 1
+
+
+stuck = Workflow("stuck")
+
+
+@stuck.step(timeout=1.0)
+def past_hard_limit(ctx: StepContext) -> str:
+    time.sleep(30)  # Celery kills the pool process after 1 s
+    return "never"
+
+
+gate = Workflow("gate", max_concurrency=1)
+
+
+@gate.step()
+def hold(ctx: StepContext) -> str:
+    """Holds the workflow's only slot until its execution is cancelled or times out."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ctx.is_cancelled():
+            return "released"
+        time.sleep(0.05)
+    return "held to the end"

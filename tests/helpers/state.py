@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from sqlalchemy import func, select, update
 
-from core.database import get_db_session
+from core.database import get_database, get_db_session
+from core.execution_state_manager import SyncExecutionStateManager
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
+from core.operations import create_execution, new_execution
 
 
 def force_execution_status(execution_id: str, status: str) -> None:
@@ -61,3 +64,22 @@ def count(model: type[Any]) -> int:
     """Rows in ``model``'s table."""
     with get_db_session() as db:
         return int(db.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def insert_execution(
+    workflow_id: str,
+    input_data: Any,
+    manager: SyncExecutionStateManager | None = None,
+    **options: Any,
+) -> str:
+    """Insert an execution with the step rows given in ``steps`` (StepSpecs), through the
+    state layer's create plan but without a registered workflow: for tests of the state
+    machine itself, whose DAGs exist only as step rows."""
+    database = get_database()
+    new = new_execution(
+        workflow_id, input_data, max_payload_bytes=database.settings.max_payload_bytes, **options
+    )
+    dialect = database.settings.sync_database_url.get_backend_name()
+    runner = manager or SyncExecutionStateManager()
+    created = runner.run(partial(create_execution, dialect, new))
+    return created.execution_id

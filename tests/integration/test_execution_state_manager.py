@@ -19,7 +19,7 @@ from core.models import ExecutionEvent, StepExecution, User, WorkflowExecution
 from core.operations import StepSpec
 from core.states import ExecutionStatus
 from tests.conftest import TestDatabase
-from tests.helpers.state import count, events, execution_row
+from tests.helpers.state import count, events, execution_row, insert_execution
 
 
 @pytest.mark.asyncio
@@ -140,7 +140,7 @@ def test_bad_input_is_refused_before_anything_is_written(database: TestDatabase)
     with pytest.raises(InputValidationError, match="deadline_at must be timezone-aware"):
         manager.create_execution("w", {}, deadline_at=datetime(2030, 1, 1))  # noqa: DTZ001
     with pytest.raises(InputValidationError, match="duplicate step names: a"):
-        manager.create_execution("w", {}, steps=[StepSpec("a"), StepSpec("a")])
+        insert_execution("w", {}, steps=[StepSpec("a"), StepSpec("a")])
     assert count(WorkflowExecution) == 0
     assert count(ExecutionEvent) == 0
 
@@ -159,8 +159,12 @@ def test_database_constraint_errors_are_raised_at_once_and_write_nothing(
     )
     manager = SyncExecutionStateManager(retry_policy=policy)
     with pytest.raises(InputValidationError, match="refers to a row that does not exist"):
-        manager.create_execution(
-            "w", {}, triggered_by="no-such-user", steps=[StepSpec("a"), StepSpec("b", unmet_deps=1)]
+        insert_execution(
+            "w",
+            {},
+            manager=manager,
+            triggered_by="no-such-user",
+            steps=[StepSpec("a"), StepSpec("b", unmet_deps=1)],
         )
     assert retries == []
     assert count(WorkflowExecution) == 0
@@ -175,8 +179,7 @@ def test_create_with_steps_deadline_and_trigger(database: TestDatabase) -> None:
         user = User(email="ops@example.com")
         db.add(user)
     deadline = datetime.now(UTC) + timedelta(hours=1)
-    manager = SyncExecutionStateManager()
-    execution_id = manager.create_execution(
+    execution_id = insert_execution(
         "etl",
         {"day": 1},
         triggered_by=user.id,
@@ -195,7 +198,7 @@ async def test_cancel_execution_cancels_open_steps_in_one_transaction(
     database: TestDatabase,
 ) -> None:
     manager = EnhancedExecutionStateManager()
-    execution_id = await manager.create_execution(
+    execution_id = insert_execution(
         "w", {}, steps=[StepSpec("a"), StepSpec("b", unmet_deps=1), StepSpec("c", unmet_deps=1)]
     )
     await manager.transition_execution(execution_id, ExecutionStatus.RUNNING)

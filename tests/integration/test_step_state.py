@@ -17,7 +17,7 @@ from core.errors import InputValidationError, StepNotFound
 from core.operations import StepSpec
 from core.outcomes import StepCompletion
 from tests.conftest import TestDatabase
-from tests.helpers.state import events, execution_row, force_step_status, step_row
+from tests.helpers.state import events, execution_row, force_step_status, insert_execution, step_row
 
 DIAMOND = [
     StepSpec("a"),
@@ -28,7 +28,7 @@ DIAMOND = [
 
 
 def _start(manager: SyncEnhancedExecutionStateManager, steps: list[StepSpec]) -> str:
-    execution_id = manager.create_execution("w", {}, steps=steps)
+    execution_id = insert_execution("w", {}, steps=steps)
     manager.transition_execution(execution_id, "running")
     roots = [s.name for s in steps if s.unmet_deps == 0]
     manager.transition_steps(execution_id, roots, "queued")
@@ -169,30 +169,39 @@ def test_heartbeat_touches_all_of_a_workers_steps_in_one_statement(
     assert all(after[f"s{i}"] == before[f"s{i}"] for i in range(6, 10))
 
 
-def test_stalled_steps_are_requeued_or_failed_by_attempts_left(database: TestDatabase) -> None:
+def test_stalled_steps_are_requeued_until_their_crash_recoveries_are_spent(
+    database: TestDatabase,
+) -> None:
+    # Crash recoveries are counted apart from error retries: a step allowed one attempt
+    # is still run again after its worker died, until CONVEYOR_MAX_CRASH_RECOVERIES (3).
     manager = SyncEnhancedExecutionStateManager()
-    execution_id = manager.create_execution(
-        "w",
-        {},
-        steps=[StepSpec("retryable", max_attempts=3), StepSpec("spent"), StepSpec("fresh")],
+    execution_id = insert_execution(
+        "w", {}, steps=[StepSpec("recoverable"), StepSpec("spent"), StepSpec("fresh")]
     )
     manager.transition_execution(execution_id, "running")
     manager.transition_steps(execution_id, None, "queued")
-    for name in ("retryable", "spent", "fresh"):
-        manager.claim_step(execution_id, name, worker="dead", celery_task_id=None)
+    for name in ("recoverable", "spent", "fresh"):
+        manager.claim_step(execution_id, name, worker="host:41", celery_task_id=None)
     from datetime import UTC, datetime, timedelta
 
     old = datetime.now(UTC) - timedelta(minutes=10)
-    force_step_status(execution_id, "retryable", "running", heartbeat_at=old)
-    force_step_status(execution_id, "spent", "running", heartbeat_at=old)
+    force_step_status(execution_id, "recoverable", "running", heartbeat_at=old)
+    force_step_status(execution_id, "spent", "running", heartbeat_at=old, recoveries=3, attempt=4)
 
     stalled = manager.find_stalled_steps(60)
-    assert sorted(stalled) == [(execution_id, "retryable"), (execution_id, "spent")]
+    assert sorted(stalled) == [(execution_id, "recoverable"), (execution_id, "spent")]
     recovery = manager.recover_stalled_steps(stalled)
-    assert [(r.step_name, r.attempt) for r in recovery.requeued] == [("retryable", 2)]
+    assert [(r.step_name, r.attempt) for r in recovery.requeued] == [("recoverable", 2)]
     assert [r.step_name for r in recovery.failed] == ["spent"]
-    assert step_row(execution_id, "retryable")["status"] == "queued"
-    assert step_row(execution_id, "spent")["error"]["type"] == "StepStalled"
+    recovered = step_row(execution_id, "recoverable")
+    assert (recovered["status"], recovered["recoveries"]) == ("queued", 1)
+    assert recovered["error"]["type"] == "StepStalled"
+    crashed = step_row(execution_id, "spent")["error"]
+    assert crashed["type"] == "StepCrashed"
+    assert crashed["worker"] == "host:41"
+    assert crashed["attempts"] == 4
+    assert "host:41" in crashed["message"]
+    assert "4 attempt(s)" in crashed["message"]
     assert step_row(execution_id, "fresh")["status"] == "running"
     # A second sweep over the same keys finds nothing left to do.
     again = manager.recover_stalled_steps(stalled)
@@ -203,7 +212,7 @@ def test_stalled_steps_are_requeued_or_failed_by_attempts_left(database: TestDat
 @pytest.mark.asyncio
 async def test_async_manager_drives_the_same_plans(database: TestDatabase) -> None:
     manager = EnhancedExecutionStateManager()
-    execution_id = await manager.create_execution("w", {}, steps=[StepSpec("only")])
+    execution_id = insert_execution("w", {}, steps=[StepSpec("only")])
     await manager.transition_execution(execution_id, "running")
     await manager.transition_steps(execution_id, ["only"], "queued")
     assert (await manager.claim_step(execution_id, "only", worker="a", celery_task_id="t")).applied

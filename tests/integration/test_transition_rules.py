@@ -28,6 +28,7 @@ from tests.helpers.state import (
     execution_row,
     force_execution_status,
     force_step_status,
+    insert_execution,
     step_row,
 )
 
@@ -98,7 +99,7 @@ def test_every_illegal_execution_transition_is_refused(database: TestDatabase) -
 
 def test_every_illegal_step_transition_is_refused(database: TestDatabase) -> None:
     manager = SyncEnhancedExecutionStateManager()
-    execution_id = manager.create_execution("w", {}, steps=[StepSpec("s")])
+    execution_id = insert_execution("w", {}, steps=[StepSpec("s")])
     for source, target in ILLEGAL_STEP_EDGES:
         force_step_status(execution_id, "s", source)
         before, history = step_row(execution_id, "s"), events(execution_id)
@@ -117,7 +118,7 @@ def test_every_illegal_step_transition_is_refused(database: TestDatabase) -> Non
 
 def test_every_legal_transition_applies_with_its_event(database: TestDatabase) -> None:
     manager = SyncEnhancedExecutionStateManager()
-    execution_id = manager.create_execution("w", {}, steps=[StepSpec("s")])
+    execution_id = insert_execution("w", {}, steps=[StepSpec("s")])
     legal = [(s, t) for s, t in product(StepStatus, StepStatus) if STEPS.is_allowed(s, t)]
     for source, target in legal:
         force_step_status(execution_id, "s", source)
