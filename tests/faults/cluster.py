@@ -101,7 +101,14 @@ class Cluster:
         self.workers: list[Process] = []
         registry = WorkflowRegistry()
         registry.load_module(workflows.__name__)
-        self.app = create_app(Settings(database_url=database.url, broker_url=redis.url), registry)
+        # The same settings as the processes: a test may run a reconciler pass itself.
+        tuned = {
+            key.removeprefix("CONVEYOR_").lower(): value
+            for key, value in {**SETTINGS, **(settings or {})}.items()
+        }
+        self.app = create_app(
+            Settings(database_url=database.url, broker_url=redis.url, **tuned), registry
+        )
 
     # --- processes -------------------------------------------------------------------
 
