@@ -1,6 +1,6 @@
 """``conveyor schedules``: each declared schedule with its next run; pause and resume.
 
-Reads and writes go through core.schedules' units of work; pausing creates the
+Reads and writes go through core.schedule_state's units of work; pausing creates the
 schedule's row if no firing pass has yet, so a schedule can be paused before it first runs.
 """
 
@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import Connection
 
-from core import schedules
+from core import schedule_state, schedules
 from core.database import get_database
 from core.registry import WorkflowRegistry
 from core.transactions import RetryPolicy
@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 def _run(work: Callable[[Connection], T]) -> T:
     database = get_database()
-    return schedules.in_transaction(
+    return schedule_state.in_transaction(
         database.engine, RetryPolicy.from_settings(database.settings), work
     )
 
@@ -47,8 +47,9 @@ def schedules_table(registry: WorkflowRegistry) -> Table | None:
 
     def read(
         connection: Connection,
-    ) -> tuple[datetime, dict[tuple[str, str], schedules.ScheduleState]]:
-        return schedules.database_now(connection), schedules.read_rows(connection, declared)
+    ) -> tuple[datetime, dict[tuple[str, str], schedule_state.ScheduleState]]:
+        now = schedule_state.database_now(connection)
+        return now, schedule_state.read_rows(connection, declared)
 
     now, rows = _run(read)
     table = Table(box=box.SIMPLE_HEAD)
@@ -87,8 +88,9 @@ def set_paused(registry: WorkflowRegistry, workflow: str, name: str, paused: boo
     """Pause or resume one schedule; what happened, as a sentence."""
     found = schedules.find(registry, workflow, name)
 
-    def change(connection: Connection) -> schedules.ScheduleState | None:
-        return schedules.set_paused(connection, found, paused, schedules.database_now(connection))
+    def change(connection: Connection) -> schedule_state.ScheduleState | None:
+        now = schedule_state.database_now(connection)
+        return schedule_state.set_paused(connection, found, paused, now)
 
     changed = _run(change)
     what = f"schedule {found.schedule.label!r} of {found.workflow!r}"

@@ -3,7 +3,7 @@
 Beat sends ``conveyor.fire_schedules`` every ``CONVEYOR_SCHEDULE_INTERVAL`` seconds and
 any worker runs it; passes may overlap (two beats, a redelivered message). A pass
 reads the schedules' rows, enqueues each due tick through ``enqueue`` with the tick's
-idempotency key, then advances the row with a compare-and-set (see core.schedules):
+idempotency key, then advances the row with a compare-and-set (see core.schedule_state):
 a tick that two passes find due is one execution, and a pass interrupted between the
 enqueue and the advance is finished by the next one, without a second execution.
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection
 
-from core import schedules
+from core import schedule_state, schedules
 from core.database import get_database
 from core.errors import ConveyorError, IdempotencyConflict, TransientDatabaseError
 from core.transactions import RetryPolicy
@@ -53,13 +53,13 @@ def fire_schedules(app: ConveyorCelery, now: datetime | None = None) -> list[Fir
 
     def read(
         connection: Connection,
-    ) -> tuple[datetime, dict[tuple[str, str], schedules.ScheduleState]]:
-        clock = now or schedules.database_now(connection)
-        return clock, schedules.sync_rows(connection, declared, clock)
+    ) -> tuple[datetime, dict[tuple[str, str], schedule_state.ScheduleState]]:
+        clock = now or schedule_state.database_now(connection)
+        return clock, schedule_state.sync_rows(connection, declared, clock)
 
-    clock, rows = schedules.in_transaction(database.engine, policy, read)
+    clock, rows = schedule_state.in_transaction(database.engine, policy, read)
     fired: list[Fired] = []
-    for due in schedules.due_ticks(declared, rows, clock):
+    for due in schedule_state.due_ticks(declared, rows, clock):
         workflow, schedule = due.declared.workflow, due.declared.schedule
         try:
             execution_id: str | None = enqueue(
@@ -76,10 +76,10 @@ def fire_schedules(app: ConveyorCelery, now: datetime | None = None) -> list[Fir
                 "schedule %r of %r: tick %s not enqueued", schedule.label, workflow, due.tick
             )
             continue
-        advanced = schedules.in_transaction(
+        advanced = schedule_state.in_transaction(
             database.engine,
             policy,
-            partial(schedules.advance, due=due, execution_id=execution_id),
+            partial(schedule_state.advance, due=due, execution_id=execution_id),
         )
         fired.append(Fired(workflow, schedule.label, due.tick, execution_id, advanced))
         log.info(

@@ -18,12 +18,13 @@ from typer.testing import CliRunner, Result
 
 from cli.main import CliState
 from cli.main import app as cli
-from core import schedules
+from core import schedule_state, schedules
 from core.config import Settings
 from core.database import get_database, get_db_session
 from core.models import WorkflowExecution, WorkflowSchedule
 from core.registry import WorkflowRegistry
-from core.schedules import Schedule, ScheduleState
+from core.schedule_state import ScheduleState
+from core.schedules import Schedule
 from core.transactions import RetryPolicy
 from core.workflows import StepContext, Workflow
 from tests.conftest import TestDatabase
@@ -91,14 +92,14 @@ def key(tick: datetime, name: str = "recent") -> str:
 
 def in_transaction(work: Callable[[Connection], Any]) -> Any:
     database = get_database()
-    return schedules.in_transaction(
+    return schedule_state.in_transaction(
         database.engine, RetryPolicy.from_settings(database.settings), work
     )
 
 
 def pause(name: str, paused: bool, now: datetime) -> ScheduleState | None:
     found = schedules.find(WorkflowRegistry([report]), "report", name)
-    return in_transaction(lambda c: schedules.set_paused(c, found, paused, now))  # type: ignore[no-any-return]
+    return in_transaction(lambda c: schedule_state.set_paused(c, found, paused, now))  # type: ignore[no-any-return]
 
 
 def recent(fired: list[Fired]) -> list[Fired]:
@@ -204,7 +205,7 @@ def test_a_pass_that_dies_between_enqueue_and_advance_is_finished_by_the_next(
     def die(*_: Any, **__: Any) -> bool:
         raise BeatKilled
 
-    monkeypatch.setattr(schedules, "advance", die)
+    monkeypatch.setattr(schedule_state, "advance", die)
     with pytest.raises(BeatKilled):
         fire_schedules(app, now=tick + timedelta(seconds=1))
     [(first_key, _)] = executions()

@@ -9,14 +9,8 @@ from pydantic import BaseModel
 
 from core.errors import DefinitionError, InputValidationError
 from core.registry import WorkflowRegistry
-from core.schedules import (
-    Declared,
-    Schedule,
-    ScheduleState,
-    declared,
-    due_ticks,
-    tick_key,
-)
+from core.schedule_state import ScheduleState, due_ticks
+from core.schedules import Declared, Schedule, declared, tick_key
 from core.workflows import StepContext, Workflow
 
 PARIS = "Europe/Paris"
