@@ -83,6 +83,7 @@ class Cluster:
         self.folder = folder
         self.run_log = folder / "runs.log"
         self.inject_log = folder / "injected.log"
+        self.gate = folder / "gate"
         self.env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
@@ -93,6 +94,7 @@ class Cluster:
             **(settings or {}),
             workflows.RUN_LOG_ENV: str(self.run_log),
             inject.LOG_ENV: str(self.inject_log),
+            workflows.GATE_ENV: str(self.gate),
         }
         self.env.pop(inject.MODE_ENV, None)
         if inject_mode:

@@ -6,13 +6,16 @@ Workers live through both: no step's code may run twice, since no worker died.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import pytest
 
 from tests.faults.checker import (
     Figures,
     check,
+    running_workers,
     seconds_to_progress,
+    succeeded_steps,
     wait_mid_run,
     wait_until_final,
 )
@@ -26,6 +29,7 @@ CHAINS = 12
 FANS = 4
 STEPS = 10 * (CHAINS + FANS)
 OUTAGE = 15.0
+POOL = 4  # pool processes: 2 workers of 2
 FINISH_TIMEOUT = 150.0
 
 
@@ -33,6 +37,15 @@ def _server(postgres_server: PostgresServer | None) -> PostgresServer:
     if postgres_server is None:
         pytest.fail("this test stops the server: run it on the harness's own PostgreSQL")
     return postgres_server
+
+
+def wait_held(ids: Sequence[str], timeout: float = 30.0) -> int:
+    """Poll until every pool process (2 workers x 2) runs a step; how many run."""
+    deadline = time.monotonic() + timeout
+    while len(running := running_workers(ids)) < POOL:
+        assert time.monotonic() < deadline, f"{len(running)} of {POOL} steps held"
+        time.sleep(0.05)
+    return len(running)
 
 
 def test_postgres_restarted_twice_mid_run(
@@ -65,9 +78,16 @@ def test_outage_longer_than_the_stall_timeout_reruns_nothing(
     assert float(SETTINGS["CONVEYOR_STALL_TIMEOUT"]) < OUTAGE
     cluster = start_cluster()
     ids = cluster.enqueue_workload(CHAINS, FANS)
-    done = wait_mid_run(ids, STEPS, 0.3)
+    wait_mid_run(ids, STEPS, 0.3)
+    # Every pool process holds a step across the outage: its code runs through the first
+    # half, and its outcome waits to be recorded through the second.
+    cluster.gate.touch()
+    held = wait_held(ids)
+    done = succeeded_steps(ids)
     server.halt()
-    time.sleep(OUTAGE)  # the outage itself: the database stays down this long
+    time.sleep(OUTAGE / 2)  # the outage itself: the database stays down this long
+    cluster.gate.unlink()
+    time.sleep(OUTAGE / 2)
     started = time.monotonic()
     server.start()
     # A reconciler pass the moment the database is back, as a beat tick may land then
@@ -82,6 +102,7 @@ def test_outage_longer_than_the_stall_timeout_reruns_nothing(
         extra={
             "outage seconds": OUTAGE,
             "stall timeout": float(SETTINGS["CONVEYOR_STALL_TIMEOUT"]),
+            "steps held across it": held,
             "steps the first pass took as stalled": len(taken),
             "seconds to progress after it": round(recovered, 1),
         },

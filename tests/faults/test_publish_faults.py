@@ -48,7 +48,8 @@ def test_lost_publishes_are_sent_by_the_reconciler(
 ) -> None:
     """20% of start and run-step publishes fail after their commit (producer, workers,
     reconciler alike): every execution still finishes, through the reconciler."""
-    cluster = start_cluster(inject_mode=LOST)
+    # Lost run-steps wait for the reconciler's republish: sooner than usual, to keep it short.
+    cluster = start_cluster(inject_mode=LOST, settings={"CONVEYOR_REPUBLISH_AFTER": "3"})
     # The producer here loses its publishes too.
     monkeypatch.setenv(LOG_ENV, str(cluster.inject_log))
     monkeypatch.setattr(ConveyorCelery, "send_task", faulty(ConveyorCelery.send_task, LOST))

@@ -3,6 +3,8 @@
 Every run of a step's code appends one line ``execution step attempt pid`` to the file
 named by ``FAULTS_RUN_LOG`` (O_APPEND: one write per line, safe across processes and
 untouched by a broker flush), so the checker counts runs wherever they happened.
+While the file named by ``FAULTS_GATE`` exists, steps finish their work but do not
+return: a test holds them mid-step across a fault.
 Outputs are arithmetic on the input, so the checker can recompute every one of them.
 """
 
@@ -19,6 +21,7 @@ from pydantic import BaseModel
 from core.workflows import StepContext, Workflow
 
 RUN_LOG_ENV = "FAULTS_RUN_LOG"
+GATE_ENV = "FAULTS_GATE"
 CHAIN_LENGTH = 10
 FAN_WIDTH = 8
 STEP_SECONDS = (0.05, 0.3)
@@ -41,6 +44,9 @@ def _work(ctx: StepContext) -> None:
         finally:
             os.close(fd)
     time.sleep(random.uniform(*STEP_SECONDS))
+    gate = os.environ.get(GATE_ENV)
+    while gate and os.path.exists(gate):  # a test holds every step here for a while
+        time.sleep(0.02)
 
 
 # A chain of ten steps: link_0 -> link_1 -> ... -> link_9, each adding 1.
