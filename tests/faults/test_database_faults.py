@@ -56,9 +56,13 @@ def test_postgres_restarted_twice_mid_run(
     ids = cluster.enqueue_workload(CHAINS, FANS)
     recoveries = []
     for fraction in (0.25, 0.6):
-        done = wait_mid_run(ids, STEPS, fraction)
+        wait_mid_run(ids, STEPS, fraction)
+        cluster.gate.touch()  # every pool process holds a step across the restart
+        wait_held(ids)
+        done = succeeded_steps(ids)
         started = time.monotonic()
         server.restart()  # fast: every connection of every process dropped
+        cluster.gate.unlink()
         recoveries.append(round(seconds_to_progress(ids, done, started), 1))
     seconds = wait_until_final(ids, FINISH_TIMEOUT)
     figures = Figures(
