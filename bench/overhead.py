@@ -19,8 +19,8 @@ from sqlalchemy import make_url
 
 from bench import workflows
 from bench.harness import Services, bench_settings, conveyor_app, conveyor_database, emit, note
-from core import scheduling
 from core import statements as sql
+from core import steps as step_units
 from core.states import StepStatus
 from worker.producer import enqueue
 
@@ -73,10 +73,9 @@ def transaction_costs(url: str, broker_url: str, calls: int) -> None:
     with conveyor_app(settings, workflows.registry()) as app:
         execution_id = enqueue(workflows.DAG, {"i": 0}, app=app)
         manager = app.engine.manager
-        plan = partial(scheduling.step_status, execution_id, "a")
         emit(
             "transaction_us",
-            _cost_us(lambda: manager.run(plan), calls),
+            _cost_us(lambda: manager.run(step_units.step_status, execution_id, "a"), calls),
             backend="postgresql",
             via="state_manager",
         )

@@ -35,9 +35,9 @@ from bench.harness import (
     note,
     state_engine,
 )
-from core import scheduling
 from core import statements as sql
 from core.config import Settings
+from core.outcomes import ReconcileReport
 from worker.app import ConveyorCelery
 
 WORKER = "bench-host:1"
@@ -295,7 +295,7 @@ def time_passes(
 
 
 def _report_first_pass(
-    report: scheduling.ReconcileReport, counted: SqlCounter, rows: int, work: int, engine: Engine
+    report: ReconcileReport, counted: SqlCounter, rows: int, work: int, engine: Engine
 ) -> None:
     found = {
         "requeued": len(report.requeued),

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ from typing import IO, TYPE_CHECKING, Any
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
-from sqlalchemy import create_engine, make_url, select
+from sqlalchemy import Connection, create_engine, make_url, select
 from sqlalchemy.pool import NullPool
 
 from core.config import Settings, get_settings
@@ -40,7 +39,6 @@ from core.errors import ConveyorError, TransientDatabaseError
 from core.models import StepExecution, WorkflowExecution
 from core.registry import configure_registry
 from core.states import EXECUTION_TRANSITIONS, STEP_TRANSITIONS, ExecutionStatus, StepStatus
-from core.transactions import Plan
 from examples.workflows import DECLINED_CARD, SUPPLIER_RECOVERS_ON_ATTEMPT, THUMBNAILS
 
 if TYPE_CHECKING:
@@ -314,15 +312,15 @@ def stop(started: Sequence[Child]) -> None:
         raise hurry
 
 
-def snapshot_plan(ids: Sequence[str]) -> Plan[Snapshot]:
+def read_snapshot(conn: Connection, ids: Sequence[str]) -> Snapshot:
     """Each execution's status and its steps' (name, status, attempt), in two reads."""
-    executions = (
-        yield select(WorkflowExecution.execution_id, WorkflowExecution.status).where(
+    executions = conn.execute(
+        select(WorkflowExecution.execution_id, WorkflowExecution.status).where(
             WorkflowExecution.execution_id.in_(ids)
         )
     ).all()
-    steps = (
-        yield select(
+    steps = conn.execute(
+        select(
             StepExecution.execution_id,
             StepExecution.step_name,
             StepExecution.status,
@@ -369,7 +367,7 @@ def watch(
     with progress:
         while True:
             try:
-                snapshot = manager.run(partial(snapshot_plan, ids))
+                snapshot = manager.run(read_snapshot, ids)
             except TransientDatabaseError:  # the worker holds the write lock: next tick
                 snapshot = {}
             for execution_id, (status, steps) in snapshot.items():

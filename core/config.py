@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     visibility_timeout: Annotated[int, Field(ge=60)] = 3600
     heartbeat_interval: Annotated[float, Field(gt=0)] = 5.0
     stall_timeout: Annotated[float, Field(gt=0)] = 60.0
+    continue_max_steps: Annotated[int, Field(ge=0)] = Field(
+        default=100,
+        description="Steps of one execution a worker runs in a row without the broker.",
+    )
+    continue_max_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=1.0,
+        description="Seconds after which a worker stops continuing an execution itself.",
+    )
     max_crash_recoveries: Annotated[int, Field(ge=0)] = Field(
         default=3,
         description="Times a step lost with its worker is run again, apart from its retries.",

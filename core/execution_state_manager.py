@@ -1,32 +1,58 @@
 """ExecutionStateManager: create, read and move workflow executions.
 
 Async, as in the migration guide (``await ExecutionStateManager().create_execution(...)``);
-Celery workers use ``SyncExecutionStateManager``, which runs the same plans
-(``core.operations``) through a sync runner. Every write is one retried transaction
-(``core.transactions``); every transition is a compare-and-set with its event row.
+``SyncExecutionStateManager`` is the same for sync code (CLI, scripts). Both run the
+same units of work (``core.executions``) through ``core.transactions.Transactions``:
+every call is one retried transaction, every transition a compare-and-set with its
+event row. Arguments are checked here, once, before anything is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Any, TypeVar, Unpack
+from datetime import datetime
+from typing import Any, ParamSpec, TypedDict, TypeVar, Unpack
 
+from core import executions
 from core.database import Database, get_database
 from core.dispatch import Start, dispatch_starts
+from core.executions import NewExecution
 from core.models import WorkflowExecution
-from core.operations import NewExecution
 from core.outcomes import CreatedExecution, TransitionResult
 from core.registry import WorkflowRegistry, get_registry
-from core.state_requests import ExecutionOptions, StateRequests
-from core.transactions import AsyncTransactionRunner, PlanFactory, RetryPolicy, TransactionRunner
+from core.states import EXECUTIONS, STEPS, ExecutionStatus
+from core.transactions import RetryPolicy, Transactions, Work
 
 T = TypeVar("T")
+P = ParamSpec("P")
 Statuses = str | Iterable[str] | None
 
 
+class ExecutionOptions(TypedDict, total=False):
+    """Optional arguments of ``create_execution``."""
+
+    workflow_version: int
+    idempotency_key: str | None
+    triggered_by: str | None
+    priority: int
+    deadline_at: datetime | None
+
+
+def statuses(parse: Any, expected: object | Iterable[object] | None) -> frozenset[Any] | None:
+    """``expected`` (one status or several) parsed, or None."""
+    if expected is None:
+        return None
+    if isinstance(expected, str):
+        return frozenset({parse(expected)})
+    if isinstance(expected, Iterable):
+        return frozenset(parse(value) for value in expected)
+    return frozenset({parse(expected)})
+
+
 class StateManagerBase:
-    """What both managers share: where the database is and how transactions retry."""
+    """What both managers share: the database, the workflows, how transactions retry,
+    and the checks of each call's arguments."""
 
     def __init__(
         self,
@@ -38,11 +64,7 @@ class StateManagerBase:
         self._database = database
         self._retry_policy = retry_policy
         self._registry = registry
-
-    @property
-    def registry(self) -> WorkflowRegistry:
-        """The registry given, else the process's (``core.registry.get_registry()``)."""
-        return self._registry if self._registry is not None else get_registry()
+        self._transactions: Transactions | None = None
 
     @property
     def database(self) -> Database:
@@ -50,10 +72,9 @@ class StateManagerBase:
         return self._database if self._database is not None else get_database()
 
     @property
-    def requests(self) -> StateRequests:
-        """Argument checking and plan building for this manager's database."""
-        settings = self.database.settings
-        return StateRequests(settings, settings.sync_database_url.get_backend_name())
+    def registry(self) -> WorkflowRegistry:
+        """The registry given, else the process's (``core.registry.get_registry()``)."""
+        return self._registry if self._registry is not None else get_registry()
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -61,6 +82,43 @@ class StateManagerBase:
         if self._retry_policy is not None:
             return self._retry_policy
         return RetryPolicy.from_settings(self.database.settings)
+
+    @property
+    def transactions(self) -> Transactions:
+        """The runner of this manager's units of work (kept while the database is)."""
+        database = self.database
+        if self._transactions is None or self._transactions.database is not database:
+            self._transactions = Transactions(database, self.retry_policy)
+        return self._transactions
+
+    def _new_execution(
+        self, workflow_id: str, input_data: Any, options: ExecutionOptions
+    ) -> NewExecution:
+        return executions.execution_of(
+            self.registry,
+            workflow_id,
+            input_data,
+            max_payload_bytes=self.database.settings.max_payload_bytes,
+            **options,
+        )
+
+    @staticmethod
+    def _list_arguments(status: str | None, limit: int) -> tuple[ExecutionStatus | None, int]:
+        return (EXECUTIONS.parse(status) if status is not None else None), max(1, min(limit, 1000))
+
+    @staticmethod
+    def _execution_move(
+        to: str, expected: Statuses, retry: bool
+    ) -> tuple[ExecutionStatus, frozenset[ExecutionStatus]]:
+        target = EXECUTIONS.parse(to)
+        return target, executions.execution_sources(
+            target, statuses(EXECUTIONS.parse, expected), retry
+        )
+
+    @staticmethod
+    def _step_move(to: str, expected: Statuses, retry: bool) -> tuple[Any, frozenset[Any]]:
+        target = STEPS.parse(to)
+        return target, executions.step_sources(target, statuses(STEPS.parse, expected), retry)
 
 
 def _start_of(created: CreatedExecution, new: NewExecution) -> Start:
@@ -76,10 +134,9 @@ def _slot_freed_by(execution: WorkflowExecution) -> Start:
 class ExecutionStateManager(StateManagerBase):
     """Async access to executions: every call is one retried transaction."""
 
-    async def run(self, plan: PlanFactory[T]) -> T:
-        """Run a plan in a retried async transaction."""
-        database = self.database
-        return await AsyncTransactionRunner(database.async_sessions, self.retry_policy).run(plan)
+    async def run(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a unit of work (``work(connection, ...)``) in a retried async transaction."""
+        return await self.transactions.run_async(work, *args, **kwargs)
 
     async def create_execution(
         self, workflow_id: str, input_data: Any, **options: Unpack[ExecutionOptions]
@@ -100,8 +157,8 @@ class ExecutionStateManager(StateManagerBase):
         self, workflow_id: str, input_data: Any, **options: Unpack[ExecutionOptions]
     ) -> CreatedExecution:
         """Like ``create_execution``, also telling whether this call created the row."""
-        new, plan = self.requests.create_execution(self.registry, workflow_id, input_data, options)
-        created = await self.run(plan)
+        new = self._new_execution(workflow_id, input_data, options)
+        created = await self.run(executions.create_execution, new)
         if created.created:
             # Publishing is blocking I/O (kombu): keep it off the event loop.
             await asyncio.to_thread(dispatch_starts, [_start_of(created, new)])
@@ -109,13 +166,14 @@ class ExecutionStateManager(StateManagerBase):
 
     async def get_execution(self, execution_id: str) -> WorkflowExecution:
         """The execution (detached, attributes loaded), or ExecutionNotFound."""
-        return await self.run(self.requests.get_execution(execution_id))
+        return await self.run(executions.get_execution, execution_id)
 
     async def list_executions(
         self, *, status: str | None = None, workflow_id: str | None = None, limit: int = 50
     ) -> list[WorkflowExecution]:
         """Executions, newest first, optionally of one status and one workflow."""
-        return await self.run(self.requests.list_executions(status, workflow_id, limit))
+        parsed, bounded = self._list_arguments(status, limit)
+        return await self.run(executions.list_executions, parsed, workflow_id, bounded)
 
     async def transition_execution(
         self,
@@ -133,15 +191,22 @@ class ExecutionStateManager(StateManagerBase):
         other status is *not applied* (``result.applied`` is False), never an error.
         ``retry=True`` allows the explicit retry edges out of final statuses.
         """
-        request = self.requests.transition_execution(execution_id, to, expected, reason, retry)
-        return await self.run(request)
+        target, sources = self._execution_move(to, expected, retry)
+        return await self.run(
+            executions.transition_execution,
+            execution_id,
+            target,
+            sources,
+            reason=reason,
+            retry=retry,
+        )
 
     async def cancel_execution(
         self, execution_id: str, *, reason: str | None = "cancelled"
     ) -> TransitionResult:
         """Cancel an open execution and all its open steps, in one transaction; its
         workflow's next waiting execution may then start (its concurrency slot is free)."""
-        result = await self.run(self.requests.cancel_execution(execution_id, reason))
+        result = await self.run(executions.cancel_execution, execution_id, reason)
         if result.applied:
             execution = await self.get_execution(execution_id)
             await asyncio.to_thread(dispatch_starts, [_slot_freed_by(execution)])
@@ -149,11 +214,11 @@ class ExecutionStateManager(StateManagerBase):
 
 
 class SyncExecutionStateManager(StateManagerBase):
-    """The sync twin of ExecutionStateManager (Celery workers, CLI): same plans."""
+    """ExecutionStateManager for sync code (CLI, scripts): the same units of work."""
 
-    def run(self, plan: PlanFactory[T]) -> T:
-        """Run a plan in a retried sync transaction."""
-        return TransactionRunner(self.database.sessions, self.retry_policy).run(plan)
+    def run(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a unit of work (``work(connection, ...)``) in a retried transaction."""
+        return self.transactions.run(work, *args, **kwargs)
 
     def create_execution(
         self, workflow_id: str, input_data: Any, **options: Unpack[ExecutionOptions]
@@ -165,21 +230,22 @@ class SyncExecutionStateManager(StateManagerBase):
         self, workflow_id: str, input_data: Any, **options: Unpack[ExecutionOptions]
     ) -> CreatedExecution:
         """See ExecutionStateManager.create_or_get_execution."""
-        new, plan = self.requests.create_execution(self.registry, workflow_id, input_data, options)
-        created = self.run(plan)
+        new = self._new_execution(workflow_id, input_data, options)
+        created = self.run(executions.create_execution, new)
         if created.created:
             dispatch_starts([_start_of(created, new)])
         return created
 
     def get_execution(self, execution_id: str) -> WorkflowExecution:
         """See ExecutionStateManager.get_execution."""
-        return self.run(self.requests.get_execution(execution_id))
+        return self.run(executions.get_execution, execution_id)
 
     def list_executions(
         self, *, status: str | None = None, workflow_id: str | None = None, limit: int = 50
     ) -> list[WorkflowExecution]:
         """See ExecutionStateManager.list_executions."""
-        return self.run(self.requests.list_executions(status, workflow_id, limit))
+        parsed, bounded = self._list_arguments(status, limit)
+        return self.run(executions.list_executions, parsed, workflow_id, bounded)
 
     def transition_execution(
         self,
@@ -191,15 +257,21 @@ class SyncExecutionStateManager(StateManagerBase):
         retry: bool = False,
     ) -> TransitionResult:
         """See ExecutionStateManager.transition_execution."""
+        target, sources = self._execution_move(to, expected, retry)
         return self.run(
-            self.requests.transition_execution(execution_id, to, expected, reason, retry)
+            executions.transition_execution,
+            execution_id,
+            target,
+            sources,
+            reason=reason,
+            retry=retry,
         )
 
     def cancel_execution(
         self, execution_id: str, *, reason: str | None = "cancelled"
     ) -> TransitionResult:
         """See ExecutionStateManager.cancel_execution."""
-        result = self.run(self.requests.cancel_execution(execution_id, reason))
+        result = self.run(executions.cancel_execution, execution_id, reason)
         if result.applied:
             dispatch_starts([_slot_freed_by(self.get_execution(execution_id))])
         return result

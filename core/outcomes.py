@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,15 @@ class StepCompletion:
     """A step's recorded success and what it set in motion, all in one transaction.
 
     When ``transition.applied`` is False the completion was a duplicate (or arrived
-    after the step was cancelled or re-run): nothing advanced.
+    after the step was cancelled or re-run): nothing advanced. ``queued`` are the
+    released steps to publish; ``continued`` is the released step this worker claimed
+    to run next itself, if it asked for one.
     """
 
     transition: TransitionResult
     queued: tuple[str, ...] = ()
     execution: TransitionResult | None = None
+    continued: Claim | None = None
 
 
 @dataclass(frozen=True)
@@ -53,3 +57,63 @@ class StallRecovery:
 
     requeued: list[TransitionResult] = field(default_factory=list)
     failed: list[TransitionResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Executions moved from pending to running, and their root steps now queued."""
+
+    started: list[str] = field(default_factory=list)
+    queued: list[tuple[str, str]] = field(default_factory=list)
+    routes: dict[str, Route] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What publishing a step of an execution needs: its workflow, version and priority."""
+
+    workflow: str
+    version: int
+    priority: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A step claimed by a worker, with everything it needs to run.
+
+    ``recoveries`` counts the attempts given back after a worker died: the retry
+    policy judges ``attempt - recoveries``. ``continued`` is True for a step this
+    worker claimed when it completed the step before (no broker message).
+    """
+
+    execution_id: str
+    step_name: str
+    attempt: int
+    recoveries: int
+    route: Route
+    input_data: Any
+    upstream: dict[str, Any]
+    continued: bool = False
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """A step's recorded failure: the steps skipped because of it and the execution's end."""
+
+    transition: TransitionResult
+    skipped: list[str] = field(default_factory=list)
+    execution: TransitionResult | None = None
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What one reconciler pass found and did."""
+
+    requeued: list[tuple[str, str]] = field(default_factory=list)
+    stalled_failed: list[tuple[str, str]] = field(default_factory=list)
+    republish: list[tuple[str, str]] = field(default_factory=list)
+    start: list[tuple[str, str]] = field(default_factory=list)
+    timed_out: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    # Workflows with an execution that ended in this pass: a concurrency slot is free.
+    freed: list[str] = field(default_factory=list)

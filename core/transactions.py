@@ -1,24 +1,24 @@
-"""Retry-safe transactions that run the same units of work on sync and async sessions.
+"""Retry-safe transactions: each unit of work is written once, against a sync Connection.
 
-A unit of work is a *plan*: a generator that yields SQLAlchemy statements and receives
-each one's ``Result``. It does no I/O itself, so one plan serves the sync runner
-(Celery workers) and the async runner (async producers) alike. A runner opens a
-session, begins a transaction, drives the plan, and commits; any error rolls the
-whole transaction back. Transient database errors (see ``core.errors.is_transient``)
-re-run the *whole* plan from a fresh generator with bounded, jittered exponential
-backoff; every other error is raised at once, translated to a ConveyorError.
+A unit of work is a plain function whose first parameter is a ``Connection`` already
+inside a transaction; it owns no transaction itself, so callers can group several in
+one. ``Transactions.run`` begins a transaction on the sync engine (workers, CLI),
+calls the function and commits; ``Transactions.run_async`` does the same on the async
+engine (async producers, the seed's examples) through ``AsyncConnection.run_sync``, so
+the same function serves both. Transient database errors (``core.errors.is_transient``)
+roll back and re-run the *whole* function with bounded, jittered exponential backoff;
+every other error is raised at once, translated to a ConveyorError.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Executable, Result
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -29,46 +29,14 @@ from tenacity import (
 )
 
 from core.config import Settings
+from core.database import Database
 from core.errors import TransientDatabaseError, translate_errors
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# What a plan yields: a statement, or a statement with a list of parameter sets
-# (executemany, e.g. one event row per transitioned step).
-Call: TypeAlias = Executable | tuple[Executable, Sequence[Mapping[str, Any]]]
-Plan: TypeAlias = Generator[Call, Result[Any], T]
-PlanFactory: TypeAlias = Callable[[], Plan[T]]
-
-
-def _split(call: Call) -> tuple[Executable, Sequence[Mapping[str, Any]] | None]:
-    return call if isinstance(call, tuple) else (call, None)
-
-
-def drive(plan: Plan[T], execute: Callable[[Executable, Any], Result[Any]]) -> T:
-    """Run ``plan`` to completion, executing each statement it yields with ``execute``."""
-    try:
-        call = next(plan)
-        while True:
-            call = plan.send(execute(*_split(call)))
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    finally:
-        plan.close()
-
-
-async def drive_async(
-    plan: Plan[T], execute: Callable[[Executable, Any], Awaitable[Result[Any]]]
-) -> T:
-    """The async twin of ``drive``: the same plan, awaited statement by statement."""
-    try:
-        call = next(plan)
-        while True:
-            call = plan.send(await execute(*_split(call)))
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    finally:
-        plan.close()
+P = ParamSpec("P")
+Work = Callable[Concatenate[Connection, P], T]
 
 
 @dataclass(frozen=True)
@@ -106,40 +74,39 @@ class RetryPolicy:
         }
 
 
-class TransactionRunner:
-    """Runs plans in retried transactions on sync sessions (workers, CLI)."""
+class Transactions:
+    """Runs units of work in retried transactions on one database; long-lived."""
 
-    def __init__(self, sessions: sessionmaker[Session], policy: RetryPolicy) -> None:
-        self._sessions = sessions
-        self._policy = policy
+    def __init__(self, database: Database, policy: RetryPolicy) -> None:
+        self.database = database
+        self.policy = policy
+        # Built once: tenacity keeps per-call statistics thread-locally, so one Retrying
+        # serves every thread.
+        self._retrying = Retrying(**policy.options())
 
-    def run(self, plan: PlanFactory[T]) -> T:
-        """Run a fresh ``plan()`` in one transaction, re-running it on transient errors."""
-        for attempt in Retrying(**self._policy.options()):
-            with attempt:
-                return self._once(plan)
+    def run(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``work(connection, *args, **kwargs)`` in one transaction, re-run on transient
+        errors; its result once committed."""
+        result: T = self._retrying(self._once, work, *args, **kwargs)
+        return result
+
+    def _once(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        with translate_errors(), self.database.engine.begin() as connection:
+            return work(connection, *args, **kwargs)
+
+    async def run_async(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """The same unit of work on the async engine, through ``run_sync``."""
+        async for attempt in AsyncRetrying(**self.policy.options()):
+            with attempt, translate_errors():
+                async with self.database.async_engine.begin() as connection:
+                    result: T = await connection.run_sync(work, *args, **kwargs)
+                    return result
         raise AssertionError("tenacity ends with a result or an error")  # pragma: no cover
 
-    def _once(self, plan: PlanFactory[T]) -> T:
-        with translate_errors(), self._sessions() as session, session.begin():
-            return drive(plan(), session.execute)
 
+def orm(connection: Connection) -> Session:
+    """A session on ``connection``'s transaction, for the reads that return ORM objects.
 
-class AsyncTransactionRunner:
-    """Runs plans in retried transactions on async sessions (async producers)."""
-
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], policy: RetryPolicy) -> None:
-        self._sessions = sessions
-        self._policy = policy
-
-    async def run(self, plan: PlanFactory[T]) -> T:
-        """Run a fresh ``plan()`` in one transaction, re-running it on transient errors."""
-        async for attempt in AsyncRetrying(**self._policy.options()):
-            with attempt:
-                return await self._once(plan)
-        raise AssertionError("tenacity ends with a result or an error")  # pragma: no cover
-
-    async def _once(self, plan: PlanFactory[T]) -> T:
-        with translate_errors():
-            async with self._sessions() as session, session.begin():
-                return await drive_async(plan(), session.execute)
+    Objects it loads stay usable after the transaction ends (``expire_on_commit=False``).
+    """
+    return Session(bind=connection, expire_on_commit=False, autoflush=False)

@@ -103,6 +103,23 @@ class Step:
         return value
 
 
+class Dag(Protocol):
+    """What recording a step's outcome needs of its workflow's graph."""
+
+    @property
+    def sinks(self) -> list[str]:
+        """Steps nothing depends on: their outputs make the execution's output."""
+
+    def upstream(self, name: str) -> tuple[str, ...]:
+        """Steps ``name`` depends on directly."""
+
+    def downstream(self, name: str) -> list[str]:
+        """Steps that depend directly on ``name``."""
+
+    def descendants(self, name: str) -> list[str]:
+        """Every step that depends on ``name``, directly or not."""
+
+
 class Workflow:
     """A named, versioned DAG of steps with an input model, a deadline, a concurrency cap
     and, optionally, schedules (``Schedule``) on which beat runs it."""
@@ -132,6 +149,7 @@ class Workflow:
         self.description = description
         self.steps: dict[str, Step] = {}
         self._children_map: dict[str, list[str]] | None = None
+        self._sinks: list[str] | None = None
         # When beat runs it by itself (core.schedules); inputs checked here, at definition.
         self.schedules: tuple[Schedule, ...] = check_schedules(self, schedules)
 
@@ -184,6 +202,7 @@ class Workflow:
         _check_signature(where, step)
         self.steps[step.name] = _with_output_adapter(where, step)
         self._children_map = None
+        self._sinks = None
 
     def validate(self) -> None:
         """Check the whole DAG: at least one step, known dependencies, no cycles."""
@@ -206,6 +225,10 @@ class Workflow:
         """Step names in an order where every step follows its dependencies."""
         graph = {name: set(step.depends_on) for name, step in self.steps.items()}
         return TopologicalSorter(graph).static_order()
+
+    def upstream(self, name: str) -> tuple[str, ...]:
+        """Steps ``name`` depends on directly."""
+        return self.steps[name].depends_on
 
     def downstream(self, name: str) -> list[str]:
         """Steps that depend directly on ``name``."""
@@ -235,8 +258,11 @@ class Workflow:
     @property
     def sinks(self) -> list[str]:
         """Steps nothing depends on: their outputs make the execution's output."""
-        children = self._children()
-        return [name for name in self.steps if not children[name]]
+        # Asked on every completion of a sink: computed once per shape of the DAG.
+        if self._sinks is None:
+            children = self._children()
+            self._sinks = [name for name in self.steps if not children[name]]
+        return self._sinks
 
     def validate_input(self, data: Any) -> Any:
         """The input as JSON data, checked against ``input_model``; errors list each field."""

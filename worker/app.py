@@ -87,10 +87,16 @@ def _register_tasks(app: ConveyorCelery) -> None:
             app.engine.admit(workflow, [execution_id])
 
     @app.task(name=RUN_STEP, base=StepTask, **options)
-    def run_step(task: Task[Any, Any], execution_id: str, step_name: str) -> None:
-        """Claim, run and record one step."""
+    def run_step(
+        task: Task[Any, Any],
+        execution_id: str,
+        step_name: str,
+        workflow: str | None = None,
+        version: int | None = None,
+    ) -> None:
+        """Claim, run and record one step (and the steps it continues with)."""
         with _retry_when_transient(task):
-            app.engine.run_step(execution_id, step_name, task.request.id)
+            app.engine.run_step(execution_id, step_name, task.request.id, workflow, version)
 
     @app.task(name=FIRE_SCHEDULES, **options)
     def fire_schedules(task: Task[Any, Any]) -> None:

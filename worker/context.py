@@ -3,31 +3,63 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-from core import scheduling
+from pydantic import ValidationError
+
+from core import steps
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
+from core.errors import InputValidationError
+from core.outcomes import Claim
 from core.states import StepStatus
+from core.workflows import Workflow
 from worker.heartbeat import Heartbeat
 
 # How long a cancellation answer is reused: steps may poll it in a tight loop.
 CANCEL_CHECK_TTL = 0.5
+_UNREAD = object()
 
 
-@dataclass
 class RunningStep:
     """The StepContext given to step functions."""
 
-    execution_id: str
-    step_name: str
-    attempt: int
-    input: Any
-    manager: SyncEnhancedExecutionStateManager = field(repr=False)
-    heartbeats: Heartbeat = field(repr=False)
-    _cancel_checked_at: float = field(default=0.0, repr=False)
-    _cancelled: bool = field(default=False, repr=False)
+    def __init__(
+        self,
+        claim: Claim,
+        workflow: Workflow,
+        manager: SyncEnhancedExecutionStateManager,
+        heartbeats: Heartbeat,
+    ) -> None:
+        self.execution_id = claim.execution_id
+        self.step_name = claim.step_name
+        self.attempt = claim.attempt
+        self._stored_input = claim.input_data
+        self._input: Any = _UNREAD
+        self._workflow = workflow
+        self._manager = manager
+        self._heartbeats = heartbeats
+        self._cancel_checked_at = 0.0
+        self._cancelled = False
+
+    def __repr__(self) -> str:
+        return f"RunningStep({self.execution_id!r}, {self.step_name!r}, attempt={self.attempt})"
+
+    @property
+    def input(self) -> Any:
+        """The execution's input (an instance of the workflow's ``input_model``).
+
+        Parsed when first read: most steps of a chain never look at it. Stored input
+        the model no longer accepts is a permanent error of the step.
+        """
+        if self._input is _UNREAD:
+            try:
+                self._input = self._workflow.parse_input(self._stored_input)
+            except ValidationError as exc:
+                raise InputValidationError(
+                    f"stored input of workflow {self._workflow.name!r} no longer fits its "
+                    f"input model: {exc}"
+                ) from exc
+        return self._input
 
     @property
     def idempotency_key(self) -> str:
@@ -36,7 +68,7 @@ class RunningStep:
 
     def heartbeat(self) -> None:
         """Refresh this step's heartbeat now (the worker also does it periodically)."""
-        self.manager.heartbeat(self.heartbeats.worker_id, [(self.execution_id, self.step_name)])
+        self._manager.heartbeat(self._heartbeats.worker_id, [(self.execution_id, self.step_name)])
 
     def is_cancelled(self) -> bool:
         """Whether the execution was cancelled or timed out, or this step was cancelled.
@@ -48,6 +80,6 @@ class RunningStep:
         if self._cancelled or now - self._cancel_checked_at < CANCEL_CHECK_TTL:
             return self._cancelled
         self._cancel_checked_at = now
-        step = self.manager.run(partial(scheduling.step_status, self.execution_id, self.step_name))
-        self._cancelled = step in (StepStatus.CANCELLED, None)
+        status = self._manager.run(steps.step_status, self.execution_id, self.step_name)
+        self._cancelled = status in (StepStatus.CANCELLED, None)
         return self._cancelled

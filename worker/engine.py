@@ -1,28 +1,34 @@
-"""The step engine: admits executions, runs steps, records every outcome, publishes.
+"""The step engine: a step's life on a worker, from its message to what it sets in motion.
+
+claim (``core.steps.claim``) -> run the step's code (no transaction open) -> record its
+outcome in one transaction (``core.steps.complete``, or a retry or failure) -> publish
+what that transaction released (commit, then publish) -> continue: run the next
+released step of the same execution here, claimed by the completing transaction,
+without a broker round trip, within a bound (``CONVEYOR_CONTINUE_MAX_STEPS`` and
+``CONVEYOR_CONTINUE_MAX_SECONDS``) so a long chain cannot starve other work.
 
 Every transition is a compare-and-set in ``core``; the engine only decides what to
-ask for and publishes what a committed transaction queued (commit, then publish).
-No transaction is open while a step's own code runs.
+ask for and publishes what a committed transaction queued.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 import traceback
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from pydantic import ValidationError
 
-from core import scheduling
+from core import executions, reconciler, steps
 from core.config import Settings
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import InputValidationError, StepTimedOut, WorkflowNotFound
-from core.operations import check_payload
+from core.models import check_json
+from core.outcomes import Admission, Claim, ReconcileReport, Route
 from core.registry import WorkflowRegistry
 from core.states import StepStatus
 from core.transactions import RetryPolicy
@@ -46,17 +52,6 @@ PATIENT = RetryPolicy(attempts=40, initial_wait=0.1, max_wait=5.0)
 StepKey = tuple[str, str]
 
 
-def _parsed_input(workflow: Workflow, data: Any) -> Any:
-    """The stored input as the step sees it; a stored input its model refuses is a
-    permanent error of the step (it would fail the same way on every attempt)."""
-    try:
-        return workflow.parse_input(data)
-    except ValidationError as exc:
-        raise InputValidationError(
-            f"stored input of workflow {workflow.name!r} no longer fits its input model: {exc}"
-        ) from exc
-
-
 def error_record(error: BaseException) -> dict[str, Any]:
     """An exception as stored on a failed step: type, message, traceback."""
     kind = type(error)
@@ -69,13 +64,22 @@ def error_record(error: BaseException) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class Route:
-    """Where and how a step's message goes: its workflow, version and priority."""
-
-    workflow: str
-    version: int
-    priority: int
+def encode_output(value: Any, max_bytes: int) -> str | None:
+    """A step's output as JSON text, encoded once (None for None); a typed error when it
+    is not strict JSON or larger than ``max_bytes``."""
+    if value is None:
+        return None
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        check_json("output_data", value)  # raises, naming the problem
+        raise
+    if len(encoded) > max_bytes and len(encoded.encode()) > max_bytes:
+        raise InputValidationError(
+            f"output_data is {len(encoded.encode())} bytes of JSON; the limit is {max_bytes} "
+            "(CONVEYOR_MAX_PAYLOAD_BYTES)"
+        )
+    return encoded
 
 
 class Engine:
@@ -94,12 +98,19 @@ class Engine:
         """Who claims steps: this host and process (see Heartbeat.worker_id)."""
         return self.heartbeats.worker_id
 
+    def definition(self, workflow: str, version: int) -> Workflow | None:
+        """The registered workflow, or None when this process does not know it."""
+        try:
+            return self.registry.get(workflow, version)
+        except WorkflowNotFound:
+            return None
+
     # --- publishing (always after the commit that made the work) -------------------
 
-    def publish_starts(self, executions: Iterable[tuple[str, str, int]]) -> None:
+    def publish_starts(self, starts: Iterable[tuple[str, str, int]]) -> None:
         """Send a start message for each (execution_id, workflow, priority)."""
         with self.app.producer_or_acquire() as producer:
-            for execution_id, workflow, priority in executions:
+            for execution_id, workflow, priority in starts:
                 self.app.send_task(
                     START_EXECUTION,
                     # Keyword arguments, so Flower shows what each value is.
@@ -125,48 +136,35 @@ class Engine:
         elif route is not None:
             routes = route
         else:
-            found = self.manager.run(
-                partial(scheduling.execution_routes, sorted({k[0] for k in keys}))
-            )
-            routes = {eid: Route(*values) for eid, values in found.items()}
+            routes = self.manager.run(executions.execution_routes, sorted({k[0] for k in keys}))
         with self.app.producer_or_acquire() as producer:
             for execution_id, step_name in keys:
                 target = routes.get(execution_id)
+                kwargs: dict[str, Any] = {"execution_id": execution_id, "step_name": step_name}
                 options: dict[str, Any] = {}
                 if target is not None:
+                    # The claim then knows the step's upstream steps before it runs.
+                    kwargs.update(workflow=target.workflow, version=target.version)
                     options["priority"] = broker_priority(self.settings, target.priority)
-                    step = self._step_or_none(target, step_name)
+                    workflow = self.definition(target.workflow, target.version)
+                    step = workflow.steps.get(step_name) if workflow else None
                     if step is not None:
                         options["soft_time_limit"] = step.soft_timeout
                         options["time_limit"] = step.timeout
                 self.app.send_task(
-                    RUN_STEP,
-                    kwargs={"execution_id": execution_id, "step_name": step_name},
-                    countdown=countdown,
-                    producer=producer,
-                    **options,
+                    RUN_STEP, kwargs=kwargs, countdown=countdown, producer=producer, **options
                 )
-
-    def _step_or_none(self, route: Route, step_name: str) -> Step | None:
-        try:
-            return self.registry.get(route.workflow, route.version).steps.get(step_name)
-        except WorkflowNotFound:
-            return None
 
     # --- executions ------------------------------------------------------------------
 
-    def admit(self, workflow_name: str, execution_ids: Sequence[str]) -> scheduling.Admission:
+    def admit(self, workflow_name: str, execution_ids: Sequence[str]) -> Admission:
         """Start what may start (concurrency limit, priority, FIFO) and publish its roots."""
         try:
             limit = self.registry.get(workflow_name).max_concurrency
         except WorkflowNotFound:
             limit = None
-        dialect = self.settings.sync_database_url.get_backend_name()
-        admission = self.manager.run(
-            partial(scheduling.admit, dialect, workflow_name, list(execution_ids), limit)
-        )
-        routes = {eid: Route(*values) for eid, values in admission.routes.items()}
-        self.publish_steps(admission.queued, routes)
+        admission = self.manager.run(executions.admit, workflow_name, list(execution_ids), limit)
+        self.publish_steps(admission.queued, admission.routes)
         return admission
 
     def after_finish(self, workflow_name: str) -> None:
@@ -178,167 +176,176 @@ class Engine:
         if limited:
             self.admit(workflow_name, [])
 
-    # --- steps -----------------------------------------------------------------------
+    # --- a step's life ---------------------------------------------------------------
 
-    def run_step(self, execution_id: str, step_name: str, task_id: str | None) -> None:
-        """Claim, run and record one step; a claim that loses is a duplicate: no-op."""
+    def run_step(
+        self,
+        execution_id: str,
+        step_name: str,
+        task_id: str | None,
+        workflow: str | None = None,
+        version: int | None = None,
+    ) -> None:
+        """Claim, run and record a delivered step, then the steps it lets this worker
+        continue with; a claim that loses is a duplicate or early delivery: a no-op."""
+        known = self.definition(workflow, version) if workflow and version else None
+        upstream = known.upstream(step_name) if known and step_name in known.steps else None
+
+        def upstream_of(route: Route) -> Sequence[str]:
+            found = self.definition(route.workflow, route.version)
+            return found.upstream(step_name) if found and step_name in found.steps else ()
+
         claim = self.manager.run(
-            partial(
-                scheduling.claim,
-                execution_id,
-                step_name,
-                self.worker_id,
-                task_id,
-                partial(self._upstream_of, step_name),
-            )
+            steps.claim, execution_id, step_name, self.worker_id, task_id, upstream, upstream_of
         )
-        if not claim.claimed or claim.execution is None:
+        if claim is None:
             log.info(
-                "step %s/%s not claimed (it is %s): duplicate or early delivery",
-                execution_id,
-                step_name,
-                claim.transition.current_status,
+                "step %s/%s not claimed: duplicate or early delivery", *(execution_id, step_name)
             )
             return
-        execution = claim.execution
-        attempt = claim.transition.attempt or 1
-        route = Route(execution.workflow_id, execution.workflow_version, execution.priority)
-        try:
-            workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
-            step = workflow.steps[step_name]
-        except (WorkflowNotFound, KeyError) as exc:
-            problem = (
-                exc
-                if isinstance(exc, WorkflowNotFound)
-                else WorkflowNotFound(f"{execution.workflow_id} (step {step_name})")
+        started = time.monotonic()
+        continued = 0
+        next_step: Claim | None = claim
+        while next_step is not None:
+            within_bound = (
+                continued < self.settings.continue_max_steps
+                and time.monotonic() - started < self.settings.continue_max_seconds
             )
-            self._fail(execution_id, step_name, attempt, problem, None, route)
-            return
-        key = (execution_id, step_name)
+            next_step = self._run(next_step, may_continue=within_bound)
+            if next_step is not None:
+                continued += 1
+                log.info(
+                    "continuing execution %s with step %s in this worker (attempt %d)",
+                    next_step.execution_id,
+                    next_step.step_name,
+                    next_step.attempt,
+                )
+
+    def _run(self, claim: Claim, *, may_continue: bool) -> Claim | None:
+        """Run one claimed step and record its outcome; the step to continue with."""
+        workflow = self.definition(claim.route.workflow, claim.route.version)
+        step = workflow.steps.get(claim.step_name) if workflow else None
+        if workflow is None or step is None:
+            self._fail(claim, self._unknown(claim), workflow)
+            return None
         # Once claimed, the step is ours: every way out of this block records an outcome
         # (success, retry or failure), so no exception can leave it running.
-        with self.heartbeats.beating(key):
+        with self.heartbeats.beating((claim.execution_id, claim.step_name)):
             try:
-                context = RunningStep(
-                    execution_id=execution_id,
-                    step_name=step_name,
-                    attempt=attempt,
-                    input=_parsed_input(workflow, execution.input_data),
-                    manager=self.manager,
-                    heartbeats=self.heartbeats,
-                )
+                context = RunningStep(claim, workflow, self.manager, self.heartbeats)
                 value = step.fn(context, **claim.upstream)
-                output = check_payload(
-                    "output_data", step.to_json(value), self.settings.max_payload_bytes
-                )
+                output = step.to_json(value)
+                encoded = encode_output(output, self.settings.max_payload_bytes)
             except SoftTimeLimitExceeded:
                 timed_out = StepTimedOut(
-                    f"step {step_name} ran past its soft timeout of {step.soft_timeout}s"
+                    f"step {step.name} ran past its soft timeout of {step.soft_timeout}s"
                 )
-                self._failed(execution_id, workflow, step, claim, timed_out, route)
-                return
+                self._failed(claim, workflow, step, timed_out)
+                return None
             except Exception as error:
-                self._failed(execution_id, workflow, step, claim, error, route)
-                return
+                self._failed(claim, workflow, step, error)
+                return None
             # Recorded while still beating: a database that is restarting may keep this
             # waiting, and the step must not look stalled meanwhile.
-            self._succeeded(execution_id, workflow, step, attempt, output, route)
-
-    def _upstream_of(self, step_name: str, workflow: str, version: int) -> Sequence[str]:
-        try:
-            step = self.registry.get(workflow, version).steps.get(step_name)
-        except WorkflowNotFound:
-            return ()
-        return step.depends_on if step is not None else ()
+            return self._succeeded(claim, workflow, output, encoded, may_continue)
 
     def _succeeded(
         self,
-        execution_id: str,
+        claim: Claim,
         workflow: Workflow,
-        step: Step,
-        attempt: int,
         output: Any,
-        route: Route,
-    ) -> None:
-        completion = self.recorder.complete_step(
-            execution_id,
-            step.name,
-            attempt=attempt,
-            output_data=output,
-            downstream=workflow.downstream(step.name),
-            sinks=workflow.sinks,
+        encoded: str | None,
+        may_continue: bool,
+    ) -> Claim | None:
+        continue_as = (
+            self.worker_id if may_continue and self._continuable(workflow, claim) else None
+        )
+        completion = self.recorder.run(
+            steps.complete, claim, output, encoded, workflow, continue_as
         )
         if not completion.transition.applied:
             if completion.transition.current_status == StepStatus.CANCELLED:
                 self.recorder.run(
-                    partial(scheduling.record_late_output, execution_id, step.name, attempt, output)
+                    steps.record_late_output,
+                    claim.execution_id,
+                    claim.step_name,
+                    claim.attempt,
+                    output,
                 )
             log.info(
                 "completion of %s/%s not applied: it is %s",
-                execution_id,
-                step.name,
+                claim.execution_id,
+                claim.step_name,
                 completion.transition.current_status,
             )
-            return
-        self.publish_steps([(execution_id, name) for name in completion.queued], route)
+            return None
+        self.publish_steps([(claim.execution_id, n) for n in completion.queued], claim.route)
         if completion.execution is not None:
             self.after_finish(workflow.name)
+        return completion.continued
 
-    def _failed(
-        self,
-        execution_id: str,
-        workflow: Workflow,
-        step: Step,
-        claim: scheduling.Claim,
-        error: BaseException,
-        route: Route,
-    ) -> None:
-        attempt = claim.transition.attempt or 1
+    @staticmethod
+    def _continuable(workflow: Workflow, claim: Claim) -> bool:
+        # Celery's time limits belong to the delivered task: a step with limits of its
+        # own is published, to run under them, and a task with limits continues nothing.
+        if claim.continued is False:
+            first = workflow.steps[claim.step_name]
+            if first.soft_timeout is not None or first.timeout is not None:
+                return False
+        return all(
+            workflow.steps[name].soft_timeout is None and workflow.steps[name].timeout is None
+            for name in workflow.downstream(claim.step_name)
+        )
+
+    def _failed(self, claim: Claim, workflow: Workflow, step: Step, error: BaseException) -> None:
         # Attempts taken by crash recoveries do not count against the retry policy.
-        tries = attempt - claim.recoveries
+        tries = claim.attempt - claim.recoveries
         permanent = isinstance(error, InputValidationError)
         if not permanent and step.retry.should_retry(error, tries):
             delay = step.retry.delay(tries)
             moved = self.recorder.run(
-                partial(
-                    scheduling.schedule_retry,
-                    execution_id,
-                    step.name,
-                    attempt,
-                    delay,
-                    error_record(error),
-                )
+                steps.schedule_retry,
+                claim.execution_id,
+                step.name,
+                claim.attempt,
+                delay,
+                error_record(error),
             )
             if moved.applied and delay <= self.settings.retry_countdown_max:
                 # Long delays are left to the reconciler, which publishes due retries;
                 # nothing depends on an ETA message held by the broker.
-                self.publish_steps([(execution_id, step.name)], route, countdown=delay)
+                self.publish_steps([(claim.execution_id, step.name)], claim.route, countdown=delay)
             return
-        self._fail(execution_id, step.name, attempt, error, workflow, route)
+        self._fail(claim, error, workflow)
 
-    def _fail(
-        self,
-        execution_id: str,
-        step_name: str,
-        attempt: int,
-        error: BaseException,
-        workflow: Workflow | None,
-        route: Route,
-    ) -> None:
-        descendants = workflow.descendants(step_name) if workflow else None
+    def _unknown(self, claim: Claim) -> WorkflowNotFound:
+        try:
+            self.registry.get(claim.route.workflow, claim.route.version)
+        except WorkflowNotFound as missing:
+            return missing
+        return WorkflowNotFound(f"{claim.route.workflow} (step {claim.step_name})")
+
+    def _fail(self, claim: Claim, error: BaseException, workflow: Workflow | None) -> None:
         failure = self.recorder.run(
-            partial(
-                scheduling.fail_step,
-                execution_id,
-                step_name,
-                attempt,
-                error_record(error),
-                descendants,
-                workflow.sinks if workflow else [],
-            )
+            steps.fail_step,
+            claim.execution_id,
+            claim.step_name,
+            claim.attempt,
+            error_record(error),
+            workflow.descendants(claim.step_name) if workflow else None,
+            workflow.sinks if workflow else [],
         )
+        if failure.transition.applied:
+            log.warning(
+                "step %s/%s failed on attempt %d: %s: %s",
+                claim.execution_id,
+                claim.step_name,
+                claim.attempt,
+                type(error).__name__,
+                error,
+            )
         if failure.execution is not None:
-            self.after_finish(route.workflow)
+            self.after_finish(claim.route.workflow)
 
     def record_hard_timeout(
         self, execution_id: str, step_name: str, task_id: str, limit: float | None
@@ -346,21 +353,16 @@ class Engine:
         """The pool process running this delivery was killed at its hard time limit:
         record the step timed out now (retry or fail by its policy) instead of waiting
         for it to look stalled. Only the claim made by this delivery (``task_id``) moves."""
-        claim = self.manager.run(
-            partial(scheduling.running_claim, execution_id, step_name, task_id)
-        )
-        if claim is None or claim.execution is None:
+        claim = self.manager.run(steps.running_claim, execution_id, step_name, task_id)
+        if claim is None:
             return
-        execution = claim.execution
-        route = Route(execution.workflow_id, execution.workflow_version, execution.priority)
         error = StepTimedOut(f"step {step_name} ran past its hard timeout of {limit}s")
-        try:
-            workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
-            step = workflow.steps[step_name]
-        except (WorkflowNotFound, KeyError):
-            self._fail(execution_id, step_name, claim.transition.attempt or 1, error, None, route)
+        workflow = self.definition(claim.route.workflow, claim.route.version)
+        step = workflow.steps.get(step_name) if workflow else None
+        if workflow is None or step is None:
+            self._fail(claim, error, None)
             return
-        self._failed(execution_id, workflow, step, claim, error, route)
+        self._failed(claim, workflow, step, error)
 
     # --- operations ------------------------------------------------------------------
 
@@ -371,9 +373,9 @@ class Engine:
             for s in self.manager.get_steps(execution_id)
             if s.status == StepStatus.RUNNING and s.celery_task_id
         ]
-        # The plan itself, not the manager's method, which would also dispatch a start
+        # The unit itself, not the manager's method, which would also dispatch a start
         # through the broker: this engine admits the next execution directly below.
-        result = self.manager.run(self.manager.requests.cancel_execution(execution_id, reason))
+        result = self.manager.run(executions.cancel_execution, execution_id, reason)
         if not result.applied:
             return False
         if running:
@@ -390,7 +392,7 @@ class Engine:
         execution = self.manager.get_execution(execution_id)
         workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
         graph = {name: list(step.depends_on) for name, step in workflow.steps.items()}
-        result, queued = self.manager.run(partial(scheduling.retry_execution, execution_id, graph))
+        result, queued = self.manager.run(executions.retry_execution, execution_id, graph)
         if not result.applied:
             return False
         route = Route(execution.workflow_id, execution.workflow_version, execution.priority)
@@ -402,19 +404,17 @@ class Engine:
             )
         return True
 
-    def reconcile(self) -> scheduling.ReconcileReport:
+    def reconcile(self) -> ReconcileReport:
         """One reconciler pass (one transaction); then publish and admit what it found."""
         settings = self.settings
         report = self.manager.run(
-            partial(
-                scheduling.reconcile_scan,
-                stall_timeout=settings.stall_timeout,
-                republish_after=settings.republish_after,
-                start_after=settings.start_after,
-                limit=settings.reconcile_batch,
-                max_recoveries=settings.max_crash_recoveries,
-                dag_of=self._dag_of,
-            )
+            reconciler.reconcile_pass,
+            stall_timeout=settings.stall_timeout,
+            republish_after=settings.republish_after,
+            start_after=settings.start_after,
+            limit=settings.reconcile_batch,
+            max_recoveries=settings.max_crash_recoveries,
+            dag_of=self.definition,
         )
         self.publish_steps(report.republish)
         by_workflow: dict[str, list[str]] = defaultdict(list)
@@ -425,12 +425,6 @@ class Engine:
         for workflow in report.freed:
             if workflow not in by_workflow:
                 self.after_finish(workflow)
-        if report != scheduling.ReconcileReport():
+        if report != ReconcileReport():
             log.info("reconciler: %s", report)
         return report
-
-    def _dag_of(self, workflow: str, version: int) -> Workflow | None:
-        try:
-            return self.registry.get(workflow, version)
-        except WorkflowNotFound:
-            return None

@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from core import operations
+from core import executions
 from core.errors import InputValidationError
-from core.operations import NewExecution
+from core.executions import NewExecution
 from core.outcomes import CreatedExecution
 from core.workflows import Workflow
 
@@ -51,7 +50,7 @@ def _prepare(
     triggered_by: str | None,
 ) -> NewExecution:
     engine = app.engine
-    return operations.execution_of(
+    return executions.execution_of(
         engine.registry,
         workflow if isinstance(workflow, str) else workflow.name,
         input_data,
@@ -114,10 +113,7 @@ def enqueue_many(
         for data, key in zip(batch, keys, strict=True)
     ]
     engine = celery_app.engine
-    dialect = engine.settings.sync_database_url.get_backend_name()
-    created: list[CreatedExecution] = engine.manager.run(
-        partial(operations.create_executions, dialect, news)
-    )
+    created: list[CreatedExecution] = engine.manager.run(executions.create_executions, news)
     fresh = [
         (c.execution_id, new.workflow_id, new.priority)
         for c, new in zip(created, news, strict=True)

@@ -190,7 +190,7 @@ def test_committed_execution_survives_a_failed_publish(
 def test_a_workflow_this_worker_does_not_know_fails_with_a_clear_error(
     worker: ConveyorCelery,
 ) -> None:
-    from core.operations import StepSpec
+    from core.executions import StepSpec
 
     execution_id = insert_execution(
         "retired_workflow", {}, steps=[StepSpec("a"), StepSpec("b", unmet_deps=1)]

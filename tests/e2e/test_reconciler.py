@@ -7,13 +7,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from functools import partial
 
 import redis
 
-from core import scheduling
+from core import reconciler
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
-from core.operations import StepSpec
+from core.executions import StepSpec
 from tests.e2e import workflows
 from tests.e2e.conftest import running_worker, wait_for
 from tests.helpers.state import events, force_step_status, insert_execution, step_row
@@ -123,15 +122,13 @@ def test_a_step_crashed_too_often_fails_its_execution_in_the_recovering_transact
     # depends on it and finishing the execution commit together (no follow-up that a
     # crash could lose).
     report = manager.run(
-        partial(
-            scheduling.reconcile_scan,
-            stall_timeout=settings.stall_timeout,
-            republish_after=settings.republish_after,
-            start_after=settings.start_after,
-            limit=settings.reconcile_batch,
-            max_recoveries=spent,
-            dag_of=engine._dag_of,
-        )
+        reconciler.reconcile_pass,
+        stall_timeout=settings.stall_timeout,
+        republish_after=settings.republish_after,
+        start_after=settings.start_after,
+        limit=settings.reconcile_batch,
+        max_recoveries=spent,
+        dag_of=engine.definition,
     )
     assert report.stalled_failed == [(execution_id, "double")]
     assert report.finished == [execution_id]

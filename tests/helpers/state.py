@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from sqlalchemy import func, select, update
 
 from core.database import get_database, get_db_session
 from core.execution_state_manager import SyncExecutionStateManager
+from core.executions import create_execution, new_execution
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
-from core.operations import create_execution, new_execution
 
 
 def force_execution_status(execution_id: str, status: str) -> None:
@@ -79,7 +78,6 @@ def insert_execution(
     new = new_execution(
         workflow_id, input_data, max_payload_bytes=database.settings.max_payload_bytes, **options
     )
-    dialect = database.settings.sync_database_url.get_backend_name()
     runner = manager or SyncExecutionStateManager()
-    created = runner.run(partial(create_execution, dialect, new))
+    created = runner.run(create_execution, new)
     return created.execution_id

@@ -15,8 +15,8 @@ from core.errors import (
     InvalidTransition,
 )
 from core.execution_state_manager import ExecutionStateManager, SyncExecutionStateManager
+from core.executions import StepSpec
 from core.models import ExecutionEvent, StepExecution, User, WorkflowExecution
-from core.operations import StepSpec
 from core.states import ExecutionStatus
 from tests.conftest import TestDatabase
 from tests.helpers.state import count, events, execution_row, insert_execution

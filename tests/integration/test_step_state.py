@@ -14,7 +14,7 @@ from core.enhanced_execution_state_manager import (
     SyncEnhancedExecutionStateManager,
 )
 from core.errors import InputValidationError, StepNotFound
-from core.operations import StepSpec
+from core.executions import StepSpec
 from core.outcomes import StepCompletion
 from tests.conftest import TestDatabase
 from tests.helpers.state import events, execution_row, force_step_status, insert_execution, step_row
@@ -119,9 +119,9 @@ def test_failed_step_fails_the_execution_when_all_are_final(database: TestDataba
     error = {"type": "ValueError", "message": "bad row"}
     assert manager.transition_step(execution_id, "a", "failed", error=error).applied
     manager.transition_steps(execution_id, ["b"], "skipped", reason="upstream failed")
-    from core import operations
+    from core import executions
 
-    done = manager.run(lambda: operations.finish_if_done(execution_id))
+    done = manager.run(executions.finish_if_done, execution_id)
     assert done is not None
     assert done.to_status == "failed"
     assert step_row(execution_id, "a")["error"] == error

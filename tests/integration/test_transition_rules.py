@@ -18,7 +18,7 @@ from core.database import Database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import InvalidTransition, TransientDatabaseError
 from core.execution_state_manager import SyncExecutionStateManager
-from core.operations import StepSpec
+from core.executions import StepSpec
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 from core.transactions import RetryPolicy
 from tests.conftest import TestDatabase

@@ -1,0 +1,620 @@
+"""An execution's life in SQL: create, start (admit), cancel, retry, finish, read.
+
+Each function is one unit of work on a ``Connection`` inside a transaction its caller
+owns (``core.transactions.Transactions`` runs it, sync or async). Every transition is a
+compare-and-set whose allowed sources come from ``core.states``, written together with
+its event row. A step's own life (claim, complete, retry, fail) is in ``core.steps``;
+the reconciler's pass in ``core.reconciler``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row
+
+from core import statements as sql
+from core.errors import (
+    ExecutionNotFound,
+    IdempotencyConflict,
+    InputValidationError,
+    StepNotFound,
+)
+from core.models import ExecutionEvent, StepExecution, WorkflowExecution, check_json, new_id
+from core.outcomes import Admission, CreatedExecution, Route, TransitionResult
+from core.registry import WorkflowRegistry
+from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
+from core.transactions import orm
+from core.workflows import Workflow
+
+log = logging.getLogger(__name__)
+
+
+INSERT_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """A step to create with its execution: how many upstream steps it waits for."""
+
+    name: str
+    unmet_deps: int = 0
+    max_attempts: int = 1
+
+
+@dataclass(frozen=True)
+class NewExecution:
+    """Everything needed to insert one execution (validated by ``new_execution``)."""
+
+    workflow_id: str
+    input_data: Any
+    workflow_version: int = 1
+    idempotency_key: str | None = None
+    triggered_by: str | None = None
+    priority: int = 0
+    deadline_at: datetime | None = None
+    steps: tuple[StepSpec, ...] = ()
+
+
+def check_payload(field: str, value: Any, max_bytes: int) -> Any:
+    """``value`` if it is strict JSON no larger than ``max_bytes``; else a typed error."""
+    check_json(field, value)
+    size = len(json.dumps(value, allow_nan=False).encode())
+    if size > max_bytes:
+        raise InputValidationError(
+            f"{field} is {size} bytes of JSON; the limit is {max_bytes} "
+            "(CONVEYOR_MAX_PAYLOAD_BYTES)"
+        )
+    return value
+
+
+def new_execution(
+    workflow_id: str,
+    input_data: Any,
+    *,
+    max_payload_bytes: int,
+    workflow_version: int = 1,
+    idempotency_key: str | None = None,
+    triggered_by: str | None = None,
+    priority: int = 0,
+    deadline_at: datetime | None = None,
+    steps: Sequence[StepSpec] = (),
+) -> NewExecution:
+    """Validate a request to create an execution before anything is written."""
+    if not isinstance(workflow_id, str) or not workflow_id.strip():
+        raise InputValidationError(f"workflow_id must be a non-empty string, got {workflow_id!r}")
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 255
+    ):
+        raise InputValidationError("idempotency_key must be a string of 1 to 255 characters")
+    if deadline_at is not None and deadline_at.tzinfo is None:
+        raise InputValidationError("deadline_at must be timezone-aware")
+    names = [step.name for step in steps]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InputValidationError(f"duplicate step names: {', '.join(duplicates)}")
+    check_payload("input_data", input_data, max_payload_bytes)
+    return NewExecution(
+        workflow_id=workflow_id,
+        input_data=input_data,
+        workflow_version=workflow_version,
+        idempotency_key=idempotency_key,
+        triggered_by=triggered_by,
+        priority=priority,
+        deadline_at=deadline_at,
+        steps=tuple(steps),
+    )
+
+
+def execution_of(
+    registry: WorkflowRegistry,
+    workflow_id: str,
+    input_data: Any,
+    *,
+    max_payload_bytes: int,
+    workflow_version: int | None = None,
+    idempotency_key: str | None = None,
+    triggered_by: str | None = None,
+    priority: int = 0,
+    deadline_at: datetime | None = None,
+) -> NewExecution:
+    """A validated execution of a registered workflow, with one row per step.
+
+    Raises WorkflowNotFound for a workflow nobody registered and InputValidationError
+    for input its model refuses, before anything is written.
+    """
+    if not isinstance(workflow_id, str) or not workflow_id.strip():
+        raise InputValidationError(f"workflow_id must be a non-empty string, got {workflow_id!r}")
+    definition = registry.get(workflow_id, workflow_version)
+    if not 0 <= priority <= 9:
+        raise InputValidationError(f"priority must be 0-9, got {priority}")
+    if deadline_at is None and definition.deadline is not None:
+        deadline_at = datetime.now(UTC) + definition.deadline
+    return new_execution(
+        definition.name,
+        definition.validate_input(input_data),
+        max_payload_bytes=max_payload_bytes,
+        workflow_version=definition.version,
+        idempotency_key=idempotency_key,
+        triggered_by=triggered_by,
+        priority=priority,
+        deadline_at=deadline_at,
+        steps=step_specs(definition),
+    )
+
+
+def step_specs(workflow: Workflow) -> list[StepSpec]:
+    """The step rows an execution of ``workflow`` starts with."""
+    return [
+        StepSpec(step.name, len(step.depends_on), step.retry.max_attempts)
+        for step in workflow.steps.values()
+    ]
+
+
+def _event(
+    execution_id: str,
+    step_name: str | None,
+    source: str | None,
+    target: str,
+    attempt: int | None,
+    reason: str | None,
+) -> dict[str, Any]:
+    return {
+        "execution_id": execution_id,
+        "step_name": step_name,
+        "from_status": source,
+        "to_status": target,
+        "attempt": attempt,
+        "reason": reason,
+    }
+
+
+def transition_of(row: Row[Any], step: bool) -> TransitionResult:
+    return TransitionResult(
+        applied=True,
+        execution_id=row.execution_id,
+        step_name=row.step_name if step else None,
+        from_status=row.previous_status,
+        to_status=row.status,
+        attempt=row.attempt,
+    )
+
+
+def event_rows(results: Sequence[TransitionResult], reason: str | None) -> list[dict[str, Any]]:
+    return [
+        _event(r.execution_id, r.step_name, r.from_status, r.to_status, r.attempt, reason)
+        for r in results
+    ]
+
+
+def create_execution(conn: Connection, new: NewExecution) -> CreatedExecution:
+    """Insert an execution, its steps and its first event; reuse one with the same key."""
+    created = create_executions(conn, [new])
+    return created[0]
+
+
+def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[CreatedExecution]:
+    """Insert many executions with one INSERT each for executions, steps and events.
+
+    Executions whose idempotency key is already taken are not inserted: the existing
+    execution is returned (created=False) when it has the same workflow and input, and
+    IdempotencyConflict is raised when it does not.
+    """
+    ids = [new_id() for _ in batch]
+    rows = [
+        {
+            "execution_id": execution_id,
+            "workflow_id": new.workflow_id,
+            "workflow_version": new.workflow_version,
+            "input_data": new.input_data,
+            "status": ExecutionStatus.PENDING.value,
+            "idempotency_key": new.idempotency_key,
+            "triggered_by": new.triggered_by,
+            "priority": new.priority,
+            "deadline_at": new.deadline_at,
+        }
+        for execution_id, new in zip(ids, batch, strict=True)
+    ]
+    keyed = any(new.idempotency_key is not None for new in batch)
+    inserted: set[str] = set()
+    # Chunks keep each statement under SQLite's limit on bound parameters.
+    for start in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[start : start + INSERT_CHUNK]
+        result = conn.execute(sql.insert_executions(conn.dialect.name, chunk, idempotent=keyed))
+        inserted.update(row.execution_id for row in result.all())
+    outcome: list[CreatedExecution] = []
+    for execution_id, new in zip(ids, batch, strict=True):
+        if execution_id in inserted:
+            outcome.append(CreatedExecution(execution_id, created=True))
+            continue
+        assert new.idempotency_key is not None, "only a key conflict skips an insert"
+        existing = conn.execute(sql.select_by_idempotency_key(new.idempotency_key)).one()
+        same_input = json.dumps(existing.input_data, sort_keys=True) == json.dumps(
+            new.input_data, sort_keys=True
+        )
+        if existing.workflow_id != new.workflow_id or not same_input:
+            raise IdempotencyConflict(
+                f"idempotency key {new.idempotency_key!r} is already used by execution "
+                f"{existing.execution_id} of workflow {existing.workflow_id!r} with other input"
+            )
+        outcome.append(CreatedExecution(existing.execution_id, created=False))
+    created = [(c.execution_id, new) for c, new in zip(outcome, batch, strict=True) if c.created]
+    step_rows = [
+        {
+            "execution_id": execution_id,
+            "step_name": step.name,
+            "status": StepStatus.PENDING.value,
+            "unmet_deps": step.unmet_deps,
+            "max_attempts": step.max_attempts,
+        }
+        for execution_id, new in created
+        for step in new.steps
+    ]
+    if step_rows:
+        conn.execute(sql.insert_rows(StepExecution), step_rows)
+    if created:
+        events = [
+            _event(execution_id, None, None, ExecutionStatus.PENDING.value, 1, "created")
+            for execution_id, _ in created
+        ]
+        conn.execute(sql.insert_rows(ExecutionEvent), events)
+    return outcome
+
+
+def get_execution(conn: Connection, execution_id: str) -> WorkflowExecution:
+    """One execution, or ExecutionNotFound."""
+    found: WorkflowExecution | None = (
+        orm(conn).execute(sql.select_execution(execution_id))
+    ).scalar_one_or_none()
+    if found is None:
+        raise ExecutionNotFound(execution_id)
+    return found
+
+
+def list_executions(
+    conn: Connection, status: ExecutionStatus | None, workflow_id: str | None, limit: int
+) -> list[WorkflowExecution]:
+    """Executions, newest first."""
+    query = sql.select_executions(status=status, workflow_id=workflow_id, limit=limit)
+    return list(orm(conn).execute(query).scalars().all())
+
+
+def get_steps(conn: Connection, execution_id: str) -> list[StepExecution]:
+    """The steps of an execution (ExecutionNotFound for an unknown id)."""
+    steps = list(orm(conn).execute(sql.select_steps(execution_id)).scalars().all())
+    if not steps and conn.execute(sql.select_execution_status(execution_id)).first() is None:
+        raise ExecutionNotFound(execution_id)
+    return steps
+
+
+def get_history(conn: Connection, execution_id: str) -> list[ExecutionEvent]:
+    """Every recorded transition of an execution, oldest first."""
+    events = list(orm(conn).execute(sql.select_history(execution_id)).scalars().all())
+    if not events and conn.execute(sql.select_execution_status(execution_id)).first() is None:
+        raise ExecutionNotFound(execution_id)
+    return events
+
+
+def execution_sources(
+    target: ExecutionStatus, expected: Collection[ExecutionStatus] | None, retry: bool
+) -> frozenset[ExecutionStatus]:
+    """The statuses a transition to ``target`` may start from, refusing illegal requests."""
+    allowed = EXECUTIONS.sources_of(target, retry=retry)
+    if expected is None:
+        if not allowed:
+            EXECUTIONS.check(target, target, retry=retry)  # raises: nothing leads there
+        return allowed
+    for source in expected:
+        EXECUTIONS.check(source, target, retry=retry)
+    return frozenset(expected)
+
+
+def step_sources(
+    target: StepStatus, expected: Collection[StepStatus] | None, retry: bool
+) -> frozenset[StepStatus]:
+    """The statuses a step transition to ``target`` may start from."""
+    allowed = STEPS.sources_of(target, retry=retry)
+    if expected is None:
+        if not allowed:
+            STEPS.check(target, target, retry=retry)
+        return allowed
+    for source in expected:
+        STEPS.check(source, target, retry=retry)
+    return frozenset(expected)
+
+
+def transition_execution(
+    conn: Connection,
+    execution_id: str,
+    target: ExecutionStatus,
+    sources: frozenset[ExecutionStatus],
+    *,
+    reason: str | None,
+    retry: bool = False,
+    values: Mapping[str, Any] | None = None,
+) -> TransitionResult:
+    """Move one execution to ``target`` if it is in one of ``sources``; log the event."""
+    update = sql.transition_execution(execution_id, target, sources, retry=retry, values=values)
+    row = conn.execute(update).first()
+    if row is None:
+        current = conn.execute(sql.select_execution_status(execution_id)).scalar_one_or_none()
+        if current is None:
+            raise ExecutionNotFound(execution_id)
+        log.info("execution %s -> %s not applied: it is %s", execution_id, target.value, current)
+        return TransitionResult(
+            applied=False,
+            execution_id=execution_id,
+            to_status=target.value,
+            current_status=current,
+        )
+    result = transition_of(row, step=False)
+    conn.execute(sql.insert_rows(ExecutionEvent), event_rows([result], reason))
+    return result
+
+
+def transition_step(
+    conn: Connection,
+    execution_id: str,
+    step_name: str,
+    target: StepStatus,
+    sources: frozenset[StepStatus],
+    *,
+    reason: str | None,
+    attempt: int | None = None,
+    retry: bool = False,
+    values: Mapping[str, Any] | None = None,
+) -> TransitionResult:
+    """Move one step to ``target`` if it is in one of ``sources`` (and at ``attempt``)."""
+    update = sql.transition_steps(
+        execution_id, [step_name], target, sources, attempt=attempt, retry=retry, values=values
+    )
+    row = conn.execute(update).first()
+    if row is None:
+        current = conn.execute(sql.select_step_status(execution_id, step_name)).first()
+        if current is None:
+            if conn.execute(sql.select_execution_status(execution_id)).first() is None:
+                raise ExecutionNotFound(execution_id)
+            raise StepNotFound(execution_id, step_name)
+        log.info(
+            "step %s/%s -> %s not applied: it is %s (attempt %s)",
+            execution_id,
+            step_name,
+            target.value,
+            current.status,
+            current.attempt,
+        )
+        return TransitionResult(
+            applied=False,
+            execution_id=execution_id,
+            step_name=step_name,
+            to_status=target.value,
+            current_status=current.status,
+            attempt=current.attempt,
+        )
+    result = transition_of(row, step=True)
+    conn.execute(sql.insert_rows(ExecutionEvent), event_rows([result], reason))
+    return result
+
+
+def transition_steps(
+    conn: Connection,
+    execution_id: str,
+    step_names: Sequence[str] | None,
+    target: StepStatus,
+    sources: frozenset[StepStatus],
+    *,
+    reason: str | None,
+) -> list[TransitionResult]:
+    """Move every named step (None: all) that is in ``sources``; one statement, one insert."""
+    rows = conn.execute(sql.transition_steps(execution_id, step_names, target, sources)).all()
+    results = [transition_of(row, step=True) for row in rows]
+    if results:
+        conn.execute(sql.insert_rows(ExecutionEvent), event_rows(results, reason))
+    return results
+
+
+def cancel_execution(conn: Connection, execution_id: str, reason: str | None) -> TransitionResult:
+    """Cancel an open execution and, in the same transaction, all of its open steps."""
+    sources = EXECUTIONS.sources_of(ExecutionStatus.CANCELLED)
+    result = transition_execution(
+        conn, execution_id, ExecutionStatus.CANCELLED, sources, reason=reason
+    )
+    if result.applied:
+        step_sources_ = STEPS.sources_of(StepStatus.CANCELLED)
+        transition_steps(
+            conn, execution_id, None, StepStatus.CANCELLED, step_sources_, reason=reason
+        )
+    return result
+
+
+def admit(
+    conn: Connection,
+    workflow_id: str,
+    execution_ids: Sequence[str],
+    limit: int | None,
+) -> Admission:
+    """Start pending executions and queue their root steps, within the concurrency limit.
+
+    Without a limit the given executions start. With one, as many as there are free
+    slots start, chosen by priority then age among all pending executions of the
+    workflow: the given ids only say that something may be waiting.
+    """
+    if limit is None:
+        candidates = list(execution_ids)
+    else:
+        lock = sql.lock_workflow(conn.dialect.name, workflow_id)
+        if lock is not None:
+            conn.execute(lock)
+        running = conn.execute(sql.count_running(workflow_id)).scalar_one()
+        free = limit - int(running)
+        if free <= 0:
+            return Admission()
+        candidates = list(conn.execute(sql.next_pending(workflow_id, free)).scalars().all())
+    if not candidates:
+        return Admission()
+    start = sql.transition_execution(candidates, ExecutionStatus.RUNNING, {ExecutionStatus.PENDING})
+    started_rows = conn.execute(start).all()
+    started = [transition_of(row, step=False) for row in started_rows]
+    if not started:
+        return Admission()
+    started_ids = [r.execution_id for r in started]
+    queued_rows = conn.execute(sql.queue_roots(started_ids)).all()
+    queued = [transition_of(row, step=True) for row in queued_rows]
+    conn.execute(
+        sql.insert_rows(ExecutionEvent),
+        event_rows(started, "admitted") + event_rows(queued, "root step"),
+    )
+    routes = execution_routes(conn, started_ids)
+    return Admission(
+        started=started_ids,
+        queued=[(r.execution_id, r.step_name or "") for r in queued],
+        routes=routes,
+    )
+
+
+def retry_execution(
+    conn: Connection, execution_id: str, graph: Mapping[str, Sequence[str]]
+) -> tuple[TransitionResult, list[tuple[str, str]]]:
+    """Re-run a failed, cancelled or timed-out execution from its unfinished steps.
+
+    Succeeded steps keep their outputs; every other step goes back to pending with its
+    count of unmet upstream steps recomputed, and those with none are queued.
+    ``graph`` maps each step to its upstream steps (from the workflow definition).
+    """
+
+    sources = EXECUTIONS.sources_of(ExecutionStatus.RUNNING, retry=True)
+    result = transition_execution(
+        conn, execution_id, ExecutionStatus.RUNNING, sources, reason="retry", retry=True
+    )
+    if not result.applied:
+        return result, []
+    steps = conn.execute(sql.select_steps(execution_id)).all()
+    done = {s.step_name for s in steps if s.status == StepStatus.SUCCEEDED.value}
+    retry_from = STEPS.sources_of(StepStatus.PENDING, retry=True)
+    by_unmet: dict[int, list[str]] = {}
+    for step in steps:
+        if step.status in retry_from:
+            unmet = sum(1 for up in graph.get(step.step_name, ()) if up not in done)
+            by_unmet.setdefault(unmet, []).append(step.step_name)
+    queued: list[tuple[str, str]] = []
+    for unmet, names in sorted(by_unmet.items()):
+        target = StepStatus.QUEUED if unmet == 0 else StepStatus.PENDING
+        moved = _retry_steps(conn, execution_id, names, target, unmet, retry_from)
+        if target is StepStatus.QUEUED:
+            queued.extend((execution_id, r.step_name or "") for r in moved)
+    return result, queued
+
+
+def _retry_steps(
+    conn: Connection,
+    execution_id: str,
+    names: list[str],
+    target: StepStatus,
+    unmet: int,
+    sources: frozenset[StepStatus],
+) -> list[TransitionResult]:
+    update = sql.transition_steps(
+        execution_id,
+        names,
+        target,
+        sources,
+        retry=True,
+        values={
+            "unmet_deps": unmet,
+            "attempt": StepExecution.attempt + 1,
+            "next_attempt_at": None,
+            "output_data": None,
+            "worker": None,
+        },
+    )
+    rows = conn.execute(update).all()
+    moved = [transition_of(row, step=True) for row in rows]
+    if moved:
+        conn.execute(sql.insert_rows(ExecutionEvent), event_rows(moved, "execution retried"))
+    return moved
+
+
+def time_out(conn: Connection, execution_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """Move open executions past their deadline to timed_out and cancel their open steps;
+    the (execution, previous status) of those that moved."""
+    if not execution_ids:
+        return []
+    sources = EXECUTIONS.sources_of(ExecutionStatus.TIMED_OUT)
+    update = sql.transition_execution(list(execution_ids), ExecutionStatus.TIMED_OUT, sources)
+    rows = conn.execute(update).all()
+    timed_out = [transition_of(row, step=False) for row in rows]
+    if not timed_out:
+        return []
+    ids = [r.execution_id for r in timed_out]
+    step_rows = conn.execute(sql.cancel_steps_of(ids)).all()
+    cancelled = [transition_of(row, step=True) for row in step_rows]
+    conn.execute(
+        sql.insert_rows(ExecutionEvent),
+        event_rows(timed_out, "deadline passed") + event_rows(cancelled, "deadline passed"),
+    )
+    return [(r.execution_id, r.from_status or "") for r in timed_out]
+
+
+SinksOf = Callable[[str, int], Sequence[str]]
+
+
+def finish_if_done(
+    conn: Connection, execution_id: str, sinks: Sequence[str] = ()
+) -> TransitionResult | None:
+    """Finalize a running execution whose steps are all final; None if it is not done.
+
+    A success records the outputs of the ``sinks`` (steps nothing depends on) as the
+    execution's output; a failure records the first failed step's error.
+    """
+    finished = finish_executions(conn, [execution_id], lambda _w, _v: sinks)
+    return finished[0] if finished else None
+
+
+def finish_executions(
+    conn: Connection, execution_ids: Sequence[str], sinks_of: SinksOf
+) -> list[TransitionResult]:
+    """Finalize those of the given running executions whose steps are all final: one
+    guarded UPDATE over the set, then their outputs (``sinks_of(workflow, version)``
+    names the steps that make a success's output) or errors, one executemany each.
+    """
+    if not execution_ids:
+        return []
+    rows = conn.execute(sql.finish_executions_if_done(execution_ids)).all()
+    if not rows:
+        return []
+    finished = [transition_of(row, step=False) for row in rows]
+    conn.execute(sql.insert_rows(ExecutionEvent), event_rows(finished, "all steps final"))
+    succeeded = [r for r in rows if r.status == ExecutionStatus.SUCCEEDED.value]
+    failed = [r.execution_id for r in rows if r.status == ExecutionStatus.FAILED.value]
+    results: list[dict[str, Any]] = []
+    keys = [
+        (r.execution_id, name)
+        for r in succeeded
+        for name in sinks_of(r.workflow_id, r.workflow_version)
+    ]
+    if keys:
+        outputs: dict[str, dict[str, Any]] = {}
+        for row in conn.execute(sql.steps_of(keys)).all():
+            outputs.setdefault(row.execution_id, {})[row.step_name] = row.output_data
+        results += [{"eid": eid, "out": out, "err": None} for eid, out in outputs.items()]
+    if failed:
+        errors: dict[str, dict[str, Any]] = {}
+        for row in conn.execute(sql.failed_steps_of(failed)).all():
+            errors.setdefault(row.execution_id, {"step": row.step_name, **(row.error or {})})
+        results += [{"eid": eid, "out": None, "err": err} for eid, err in errors.items()]
+    if results:
+        conn.execute(sql.set_execution_results(), results)
+    return finished
+
+
+def execution_routes(conn: Connection, execution_ids: Sequence[str]) -> dict[str, Route]:
+    """The route of each execution: what publishing a step of it needs."""
+    if not execution_ids:
+        return {}
+    rows = conn.execute(sql.execution_routes(execution_ids)).all()
+    return {r.execution_id: Route(r.workflow_id, r.workflow_version, r.priority) for r in rows}

@@ -1,0 +1,136 @@
+"""The reconciler's pass: stalled steps recovered or failed, lost messages republished,
+unstarted executions started, deadlines enforced, finished executions closed.
+
+One pass is one transaction of a handful of bounded, set-based statements, idempotent:
+passes may overlap, and every change is a compare-and-set only one of them wins. Its
+cost follows the work it finds (partial indexes), not the size of the tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from sqlalchemy import Connection
+
+from core import statements as sql
+from core.errors import StepCrashed
+from core.executions import event_rows, execution_routes, finish_executions, time_out, transition_of
+from core.models import ExecutionEvent
+from core.outcomes import ReconcileReport, StallRecovery, TransitionResult
+from core.steps import skip_descendants
+from core.workflows import Dag
+
+# A workflow's definition by (name, version); None when this process does not know it.
+DagOf = Callable[[str, int], Dag | None]
+
+
+def recover_stalled_steps(
+    conn: Connection, keys: Sequence[tuple[str, str]], max_recoveries: int
+) -> StallRecovery:
+    """Requeue stalled running steps that may be recovered again (attempt + 1); fail
+    the rest with StepCrashed, naming the worker and the attempts."""
+    if not keys:
+        return StallRecovery()
+    requeued_rows = (
+        conn.execute(sql.recover_stalled(keys, requeue=True, max_recoveries=max_recoveries))
+    ).all()
+    failed_rows = (
+        conn.execute(sql.recover_stalled(keys, requeue=False, max_recoveries=max_recoveries))
+    ).all()
+    if failed_rows:
+        crashes = [
+            {
+                "eid": row.execution_id,
+                "name": row.step_name,
+                "err": {
+                    "type": "StepCrashed",
+                    "module": StepCrashed.__module__,
+                    "message": str(
+                        StepCrashed(row.step_name, row.worker, row.attempt, row.recoveries)
+                    ),
+                    "worker": row.worker,
+                    "attempts": row.attempt,
+                },
+            }
+            for row in failed_rows
+        ]
+        conn.execute(sql.set_step_errors(), crashes)
+    requeued = [transition_of(row, step=True) for row in requeued_rows]
+    failed = [transition_of(row, step=True) for row in failed_rows]
+    events = event_rows(requeued, "stalled: requeued") + event_rows(
+        failed, "stalled: crashed too often"
+    )
+    if events:
+        conn.execute(sql.insert_rows(ExecutionEvent), events)
+    return StallRecovery(requeued=requeued, failed=failed)
+
+
+def find_stalled_steps(
+    conn: Connection, stall_timeout_seconds: float, limit: int
+) -> list[tuple[str, str]]:
+    """Keys of running steps whose heartbeat is older than the timeout."""
+    rows = conn.execute(sql.stalled_steps(stall_timeout_seconds, limit)).all()
+    return [(row.execution_id, row.step_name) for row in rows]
+
+
+def reconcile_pass(
+    conn: Connection,
+    *,
+    stall_timeout: float,
+    republish_after: float,
+    start_after: float,
+    limit: int,
+    max_recoveries: int,
+    dag_of: DagOf,
+) -> ReconcileReport:
+    """One reconciler pass over stalled, unclaimed and unstarted work and deadlines.
+
+    Each part is one bounded, set-based statement (or two), and idempotent: passes
+    may overlap, and every change is a compare-and-set that only one of them wins.
+    The whole pass is one transaction: a stalled step failed here has its descendants
+    skipped and its execution finished in the same commit, so a crash cannot strand it.
+    """
+
+    stalled_rows = conn.execute(sql.stalled_steps(stall_timeout, limit)).all()
+    stalled = [(r.execution_id, r.step_name) for r in stalled_rows]
+    recovery = recover_stalled_steps(conn, stalled, max_recoveries)
+    if recovery.failed:
+        routes = execution_routes(conn, sorted({r.execution_id for r in recovery.failed}))
+        for failed in recovery.failed:
+            route = routes[failed.execution_id]
+            dag = dag_of(route.workflow, route.version)
+            step_name = failed.step_name or ""
+            skip_descendants(
+                conn, failed.execution_id, step_name, dag.descendants(step_name) if dag else None
+            )
+    due_rows = conn.execute(sql.due_queued_steps(republish_after, limit)).all()
+    due = [(r.execution_id, r.step_name) for r in due_rows]
+    republished: list[TransitionResult] = []
+    if due:
+        republished = [
+            transition_of(row, step=True) for row in conn.execute(sql.republish(due)).all()
+        ]
+        conn.execute(sql.insert_rows(ExecutionEvent), event_rows(republished, "republished"))
+    start_rows = conn.execute(sql.stale_pending_executions(start_after, limit)).all()
+    overdue = list(conn.execute(sql.overdue_executions(limit)).scalars().all())
+    timed_out = time_out(conn, overdue)
+    finishable = set(conn.execute(sql.finishable_executions(limit)).scalars().all())
+    finishable.update(r.execution_id for r in recovery.failed)
+
+    def sinks_of(workflow: str, version: int) -> list[str]:
+        dag = dag_of(workflow, version)
+        return dag.sinks if dag else []
+
+    finished = finish_executions(conn, sorted(finishable), sinks_of)
+    freed_ids = [r.execution_id for r in finished] + [eid for eid, _ in timed_out]
+    freed = execution_routes(conn, freed_ids)
+    return ReconcileReport(
+        requeued=[(r.execution_id, r.step_name or "") for r in recovery.requeued],
+        stalled_failed=[(r.execution_id, r.step_name or "") for r in recovery.failed],
+        republish=[(r.execution_id, r.step_name or "") for r in republished]
+        + [(r.execution_id, r.step_name or "") for r in recovery.requeued],
+        start=[(r.execution_id, r.workflow_id) for r in start_rows],
+        timed_out=[eid for eid, _ in timed_out],
+        finished=[r.execution_id for r in finished],
+        freed=sorted({route.workflow for route in freed.values()}),
+    )
