@@ -232,10 +232,16 @@ def conveyor_database(running: Services, name: str) -> str:
 
 
 def flush_redis(url: str) -> None:
-    """Drop every message and key in the Redis database of ``url``."""
+    """Drop every message and key in the Redis database of ``url``, but kombu's bindings.
+
+    A producer declares its queue once per connection; without the binding kept here,
+    what it sends before a new worker declares the queue again would be dropped.
+    """
     client = redis.Redis.from_url(url)
     try:
-        client.flushdb()
+        doomed = [k for k in client.scan_iter(count=1000) if not k.startswith(b"_kombu.binding.")]
+        for start in range(0, len(doomed), 1000):
+            client.delete(*doomed[start : start + 1000])
     finally:
         client.close()
 
