@@ -161,3 +161,32 @@ def test_a_hard_time_limit_is_recorded_when_celery_kills_the_step(
     assert step["error"]["type"] == "StepTimedOut"
     assert "hard timeout of 1.0s" in step["error"]["message"]
     assert step["attempt"] == 1
+
+
+def test_a_continued_step_whose_worker_is_killed_is_recovered_and_completes_once(
+    database: TestDatabase, redis_url: str, conveyor_app: ConveyorCelery, tmp_path: Path
+) -> None:
+    engine = conveyor_app.engine
+    engine.settings = engine.settings.model_copy(update={"stall_timeout": 2.0})
+    with worker_process(database, redis_url, tmp_path / "first.log") as first:
+        execution_id = enqueue("relay", {"hang": True}, app=conveyor_app)
+        wait_for(execution_id, lambda _: step_row(execution_id, "carry")["status"] == "running")
+        # carry was claimed by the transaction that completed hand_over, in the worker.
+        assert ("carry", "queued", "running") in events(execution_id)
+        assert step_row(execution_id, "carry")["celery_task_id"] is None
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    with worker_process(database, redis_url, tmp_path / "second.log"):
+        deadline = time.monotonic() + 60
+        while not engine.reconcile().requeued:
+            assert time.monotonic() < deadline, "the continued step was never recovered"
+            time.sleep(0.5)
+        execution = wait_for(execution_id, timeout=60)
+    assert execution.status == "succeeded"
+    assert execution.output_data == {"carry": "handed over, carried"}
+    carry = step_row(execution_id, "carry")
+    assert (carry["attempt"], carry["recoveries"]) == (2, 1)
+    history = events(execution_id)
+    assert history.count(("carry", "running", "queued")) == 1
+    assert history.count(("carry", "running", "succeeded")) == 1
+    assert history.count(("hand_over", "running", "succeeded")) == 1

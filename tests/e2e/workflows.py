@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from core.workflows import Retry, StepContext, Workflow
+from core.workflows import Retry, Step, StepContext, Workflow
 
 
 class Numbers(BaseModel):
@@ -303,3 +303,59 @@ def hold(ctx: StepContext) -> str:
             return "released"
         time.sleep(0.05)
     return "held to the end"
+
+
+relay = Workflow("relay")
+RELAY_STARTED = threading.Event()
+RELAY_RELEASE = threading.Event()
+
+
+@relay.step()
+def hand_over(ctx: StepContext) -> str:
+    count_call(ctx)
+    return "handed over"
+
+
+@relay.step(depends_on=["hand_over"])
+def carry(ctx: StepContext, hand_over: str) -> str:
+    """Runs continued from hand_over. With input {"wait": true} it waits for a
+    cancellation or RELAY_RELEASE; with {"hang": true} it hangs on attempt 1 (a test
+    kills its worker there)."""
+    count_call(ctx)
+    RELAY_STARTED.set()
+    if ctx.attempt == 1 and ctx.input == {"hang": True}:
+        time.sleep(120)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and ctx.input == {"wait": True}:
+        if ctx.is_cancelled():
+            return "saw cancellation"
+        if RELAY_RELEASE.is_set():
+            break
+        time.sleep(0.05)
+    return hand_over + ", carried"
+
+
+def _chain(name: str, length: int, pause: float) -> Workflow:
+    workflow = Workflow(name)
+    previous: tuple[str, ...] = ()
+    for index in range(length):
+        step_name = f"s{index:02d}"
+
+        def run(ctx: StepContext, **upstream: Any) -> int:
+            count_call(ctx)
+            time.sleep(pause)
+            return len(upstream)
+
+        workflow.add_step(Step(name=step_name, fn=run, depends_on=previous))
+        previous = (step_name,)
+    return workflow
+
+
+long_chain = _chain("long_chain", 12, 0.02)
+quick = Workflow("quick")
+
+
+@quick.step()
+def at_once(ctx: StepContext) -> str:
+    count_call(ctx)
+    return "done"
