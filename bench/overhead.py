@@ -36,16 +36,15 @@ def _cost_us(run: Callable[[], object], calls: int) -> float:
 
 
 def statement_costs(calls: int) -> None:
-    """CPU to build each statement of a step (and the execution's end), not to run it."""
+    """CPU to build the statements that are still built per call (retries, failures and
+    the reconciler's); the claim and completion are built once (``core.steps.hot_path``)."""
     running = frozenset({StepStatus.RUNNING})
     builders: dict[str, Callable[[], object]] = {
-        "claim_step": lambda: sql.claim_step("e", "s", "worker", "task"),
         "select_execution": lambda: sql.select_execution("e"),
-        "step_outputs": lambda: sql.step_outputs("e", ["a"]),
         "transition_steps": lambda: sql.transition_steps(
-            "e", ["s"], StepStatus.SUCCEEDED, running, attempt=1, values={"output_data": 1}
+            "e", ["s"], StepStatus.FAILED, running, attempt=1, values={"error": {}}
         ),
-        "release_downstream": lambda: sql.release_downstream("e", ["t"]),
+        "hot_path_lookup": lambda: step_units.hot_path("postgresql"),
     }
     for name, build in builders.items():
         emit("statement_build_us", _cost_us(build, calls), statement=name)

@@ -230,33 +230,6 @@ def transition_steps(
     )
 
 
-def release_downstream(execution_id: str, step_names: Sequence[str]) -> Update:
-    """Count one more upstream success for each named step; queue those that reach zero.
-
-    One atomic decrement per row (never read-then-write): of any number of upstream
-    steps finishing at once, exactly one transaction sees the count go from 1 to 0,
-    and that transaction queues the step.
-    """
-    reaches_zero = SE.unmet_deps == 1
-    return (
-        update(SE)
-        .where(
-            SE.execution_id == execution_id,
-            SE.step_name.in_(list(step_names)),
-            SE.status == StepStatus.PENDING.value,
-            SE.unmet_deps > 0,
-        )
-        .values(
-            unmet_deps=SE.unmet_deps - 1,
-            status=case((reaches_zero, StepStatus.QUEUED.value), else_=SE.status),
-            previous_status=case((reaches_zero, SE.status), else_=SE.previous_status),
-            queued_at=case((reaches_zero, utcnow()), else_=SE.queued_at),
-        )
-        .returning(*STEP_RETURNING)
-        .execution_options(**_BULK)
-    )
-
-
 def finish_executions_if_done(execution_ids: Sequence[str]) -> Update:
     """Finalize the given running executions whose steps are all final: one guarded
     statement over the set. Failed if any step failed, cancelled if any was cancelled,
@@ -436,47 +409,6 @@ def queue_roots(execution_ids: Sequence[str]) -> Update:
         .values(status=StepStatus.QUEUED.value, previous_status=SE.status, queued_at=utcnow())
         .returning(*STEP_RETURNING)
         .execution_options(**_BULK)
-    )
-
-
-def claim_step(execution_id: str, step_name: str, worker: str, task_id: str | None) -> Update:
-    """queued -> running, only when the step is due and its execution is running.
-
-    An early or duplicate message (a retry not yet due, a republish, a redelivery after
-    the visibility timeout) matches nothing and is acknowledged as a no-op.
-    """
-    now = utcnow()
-    execution_running = exists().where(
-        WE.execution_id == execution_id, WE.status == ExecutionStatus.RUNNING.value
-    )
-    return (
-        update(SE)
-        .where(
-            SE.execution_id == execution_id,
-            SE.step_name == step_name,
-            SE.status == StepStatus.QUEUED.value,
-            (SE.next_attempt_at.is_(None)) | (SE.next_attempt_at <= now),
-            execution_running,
-        )
-        .values(
-            status=StepStatus.RUNNING.value,
-            previous_status=SE.status,
-            worker=worker,
-            celery_task_id=task_id,
-            started_at=now,
-            heartbeat_at=now,
-            finished_at=None,
-            next_attempt_at=None,
-        )
-        .returning(*STEP_RETURNING)
-        .execution_options(**_BULK)
-    )
-
-
-def step_outputs(execution_id: str, step_names: Sequence[str]) -> Select[str, Any]:
-    """Outputs of the named steps of an execution."""
-    return select(SE.step_name, SE.output_data).where(
-        SE.execution_id == execution_id, SE.step_name.in_(list(step_names))
     )
 
 
