@@ -5,7 +5,8 @@ process when the registry loads; with ``FAULTS_INJECT`` set it wraps the app cla
 ``send_task``, through which the engine sends every start and run-step message:
 
 - ``duplicates``: each run-step message is sent 3 extra times: at once, late (with a
-  countdown) and at another priority.
+  countdown) and at another priority. (A step a worker continues to in-process, in the
+  transaction that completed its upstream step, has no message to duplicate.)
 - ``lost:0.2``: each start or run-step publish fails (raises, as a broker that is down
   would) with that probability. Every such publish happens after its commit.
 
@@ -52,6 +53,7 @@ def faulty(original: SendTask, mode: str) -> SendTask:
         def send_with_duplicates(app: ConveyorCelery, name: str, *args: Any, **options: Any) -> Any:
             result = original(app, name, *args, **options)
             if name == RUN_STEP:
+                _note("original")
                 original(app, name, *args, **options)
                 _note("duplicate early")
                 late = (options.get("countdown") or 0) + random.uniform(*LATE_SECONDS)

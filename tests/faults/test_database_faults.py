@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from core.database import get_database
 from tests.faults.checker import (
     Figures,
     check,
@@ -39,6 +40,12 @@ def _server(postgres_server: PostgresServer | None) -> PostgresServer:
     return postgres_server
 
 
+def forget_connections() -> None:
+    """Drop this test process's pooled connections, dead since the server went down:
+    the test's own reads are not under test (the workers' are)."""
+    get_database().engine.dispose()
+
+
 def wait_held(ids: Sequence[str], timeout: float = 30.0) -> int:
     """Poll until every pool process (2 workers x 2) runs a step; how many run."""
     deadline = time.monotonic() + timeout
@@ -62,6 +69,7 @@ def test_postgres_restarted_twice_mid_run(
         done = succeeded_steps(ids)
         started = time.monotonic()
         server.restart()  # fast: every connection of every process dropped
+        forget_connections()
         cluster.gate.unlink()
         recoveries.append(round(seconds_to_progress(ids, done, started), 1))
     seconds = wait_until_final(ids, FINISH_TIMEOUT)
@@ -94,6 +102,7 @@ def test_outage_longer_than_the_stall_timeout_reruns_nothing(
     time.sleep(OUTAGE / 2)
     started = time.monotonic()
     server.start()
+    forget_connections()
     # A reconciler pass the moment the database is back, as a beat tick may land then
     # (passes may overlap): every heartbeat is older than the stall timeout by now,
     # yet every worker lived, and none of their steps may be taken from them.
