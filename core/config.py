@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     reconcile_batch: Annotated[int, Field(ge=1)] = 500
     republish_after: Annotated[float, Field(gt=0)] = 120.0
     start_after: Annotated[float, Field(gt=0)] = 30.0
+    order: Literal["depth_first", "breadth_first"] = Field(
+        default="depth_first",
+        description="Steps of running executions before starts of new ones, or arrival order.",
+    )
     retry_countdown_max: Annotated[float, Field(ge=0)] = 60.0
     schedule_interval: Annotated[float, Field(gt=0)] = 1.0
     default_queue: str = "conveyor"

@@ -112,7 +112,8 @@ class ReconcileReport:
     requeued: list[tuple[str, str]] = field(default_factory=list)
     stalled_failed: list[tuple[str, str]] = field(default_factory=list)
     republish: list[tuple[str, str]] = field(default_factory=list)
-    start: list[tuple[str, str]] = field(default_factory=list)
+    # (execution, workflow, priority) of pending executions whose start is sent again.
+    start: list[tuple[str, str, int]] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     # Workflows with an execution that ended in this pass: a concurrency slot is free.

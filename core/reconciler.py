@@ -111,7 +111,7 @@ def reconcile_pass(
             transition_of(row, step=True) for row in conn.execute(sql.republish(due)).all()
         ]
         conn.execute(sql.insert_rows(ExecutionEvent), event_rows(republished, "republished"))
-    start_rows = conn.execute(sql.stale_pending_executions(start_after, limit)).all()
+    start_rows = conn.execute(sql.resend_stale_starts(start_after, limit)).all()
     overdue = list(conn.execute(sql.overdue_executions(limit)).scalars().all())
     timed_out = time_out(conn, overdue)
     finishable = set(conn.execute(sql.finishable_executions(limit)).scalars().all())
@@ -129,7 +129,7 @@ def reconcile_pass(
         stalled_failed=[(r.execution_id, r.step_name or "") for r in recovery.failed],
         republish=[(r.execution_id, r.step_name or "") for r in republished]
         + [(r.execution_id, r.step_name or "") for r in recovery.requeued],
-        start=[(r.execution_id, r.workflow_id) for r in start_rows],
+        start=[(r.execution_id, r.workflow_id, r.priority) for r in start_rows],
         timed_out=[eid for eid, _ in timed_out],
         finished=[r.execution_id for r in finished],
         freed=sorted({route.workflow for route in freed.values()}),

@@ -439,13 +439,24 @@ def republish(keys: Sequence[tuple[str, str]]) -> Update:
     )
 
 
-def stale_pending_executions(older_than: float, limit: int) -> Select[str, str]:
-    """Pending executions created a while ago: their start message may be lost."""
-    return (
-        select(WE.execution_id, WE.workflow_id)
-        .where(WE.status == ExecutionStatus.PENDING.value, WE.created_at < utcnow(-older_than))
-        .order_by(WE.created_at)
+def resend_stale_starts(older_than: float, limit: int) -> Update:
+    """Pending executions untouched for ``older_than`` seconds (their start message may be
+    lost, or still queued behind other work): mark them touched now and return them, so
+    that each gets one start message again per ``older_than``, oldest first."""
+    stale = (
+        select(WE.execution_id)
+        .where(WE.status == ExecutionStatus.PENDING.value, WE.updated_at < utcnow(-older_than))
+        .order_by(WE.priority.desc(), WE.created_at, WE.execution_id)
         .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return (
+        update(WE)
+        .where(WE.execution_id.in_(stale), WE.status == ExecutionStatus.PENDING.value)
+        .values(updated_at=utcnow())
+        .returning(WE.execution_id, WE.workflow_id, WE.priority)
+        .execution_options(**_BULK)
     )
 
 

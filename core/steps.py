@@ -454,11 +454,13 @@ def complete(
     }
     queued: list[str] = []
     continued: Row[Any] | None = None
+    released_any = False
     if sql_.fused:
         rows = conn.execute(sql_.complete_pg, params).all()
         if not rows:
             return StepCompletion(transition=_not_applied(conn, sql_, step))
         for row in rows:
+            released_any = released_any or row.step_name is not None
             if row.status == StepStatus.QUEUED.value:
                 queued.append(row.step_name)
             elif row.status == StepStatus.RUNNING.value:
@@ -470,6 +472,7 @@ def complete(
         events = [_event(done, SUCCEEDED)]
         if downstream:
             released = conn.execute(sql_.release, params).all()
+            released_any = bool(released)
             events += [_event(r, RELEASED) for r in released if r.status == StepStatus.QUEUED]
             queued = sorted(r.step_name for r in released if r.status == StepStatus.QUEUED)
         if continue_as is not None and queued:
@@ -485,8 +488,10 @@ def complete(
         to_status=StepStatus.SUCCEEDED.value,
         attempt=step.attempt,
     )
-    # Only a step nothing depends on can be an execution's last open step.
-    finished = finish_if_done(conn, execution_id, workflow.sinks) if not downstream else None
+    # A step that released a downstream step (pending or queued now) cannot have been
+    # its execution's last open step; any other may have been (a sink, or a branch
+    # whose downstream steps were skipped when a sibling failed).
+    finished = None if released_any else finish_if_done(conn, execution_id, workflow.sinks)
     next_step = None
     if continued is not None:
         upstream = workflow.upstream(continued.step_name)

@@ -91,7 +91,11 @@ def celery_config(settings: Settings, registry: WorkflowRegistry) -> dict[str, A
             "conveyor-reconcile": {
                 "task": "conveyor.reconcile",
                 "schedule": settings.reconcile_interval,
-                "options": {"expires": settings.reconcile_interval * 2},
+                # Ahead of queued steps: recovery must not wait behind the backlog.
+                "options": {
+                    "expires": settings.reconcile_interval * 2,
+                    "priority": broker_priority(settings, MAX_PRIORITY),
+                },
             },
             "conveyor-schedules": {
                 "task": FIRE_SCHEDULES,
@@ -107,10 +111,18 @@ def celery_config(settings: Settings, registry: WorkflowRegistry) -> dict[str, A
     }
 
 
-def broker_priority(settings: Settings, priority: int) -> int:
-    """A conveyor priority (0-9, higher runs sooner) as the broker's message priority.
+def broker_priority(settings: Settings, priority: int, kind: str = "step") -> int:
+    """A conveyor priority (0-9, higher runs sooner) of a ``step`` or ``start`` message as
+    the broker's message priority (Redis pops its 0 first; AMQP delivers its 9 first).
 
-    Redis pops its priority 0 first; AMQP delivers its highest number first.
+    Depth-first (``CONVEYOR_ORDER=depth_first``, the default): within a class of two
+    neighbouring priorities (8-9, 6-7, ... 0-1), steps of running executions go ahead of
+    the starts of new ones, so the executions of a burst finish in the order they came;
+    a higher class still goes first. Brokers offer ten levels, so depth-first orders
+    five priority classes; breadth-first orders all ten priorities, steps and starts
+    alike, in arrival order.
     """
     bounded = max(0, min(MAX_PRIORITY, priority))
+    if settings.order == "depth_first":
+        bounded = 2 * (bounded // 2) + (1 if kind == "step" else 0)
     return MAX_PRIORITY - bounded if broker_kind(settings) in ("redis", "rediss") else bounded

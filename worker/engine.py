@@ -17,7 +17,6 @@ import json
 import logging
 import time
 import traceback
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -115,7 +114,7 @@ class Engine:
                     START_EXECUTION,
                     # Keyword arguments, so Flower shows what each value is.
                     kwargs={"execution_id": execution_id, "workflow": workflow},
-                    priority=broker_priority(self.settings, priority),
+                    priority=broker_priority(self.settings, priority, kind="start"),
                     producer=producer,
                 )
 
@@ -417,14 +416,11 @@ class Engine:
             dag_of=self.definition,
         )
         self.publish_steps(report.republish)
-        by_workflow: dict[str, list[str]] = defaultdict(list)
-        for execution_id, workflow in report.start:
-            by_workflow[workflow].append(execution_id)
-        for workflow, ids in by_workflow.items():
-            self.admit(workflow, ids)
+        # Start messages again, not admissions: they wait their turn behind the steps of
+        # running executions, as the first ones did (CONVEYOR_ORDER).
+        self.publish_starts(report.start)
         for workflow in report.freed:
-            if workflow not in by_workflow:
-                self.after_finish(workflow)
+            self.after_finish(workflow)
         if report != ReconcileReport():
             log.info("reconciler: %s", report)
         return report

@@ -359,3 +359,6 @@ quick = Workflow("quick")
 def at_once(ctx: StepContext) -> str:
     count_call(ctx)
     return "done"
+
+
+short_chain = _chain("short_chain", 4, 0.005)
