@@ -205,7 +205,8 @@ CONVEYOR_FINISHED = (
     "SELECT count(*) FROM workflow_executions WHERE execution_id = ANY(%s) AND status = ANY(%s)"
 )
 CONVEYOR_FIRST = (
-    "SELECT output_data FROM execution_steps WHERE execution_id = ANY(%s) AND step_name = %s"
+    "SELECT execution_id, output_data FROM execution_steps"
+    " WHERE execution_id = ANY(%s) AND step_name = %s"
 )
 
 
@@ -276,7 +277,8 @@ class Conveyor:
     def first_starts(self, submission: Submission) -> list[float]:
         first = "root" if submission.shape.kind == "fanout" else "s0000"
         rows = self._observer.rows(CONVEYOR_FIRST, (submission.ids, first))
-        return [float(row[0]) for row in rows]
+        started = {str(execution_id): float(output) for execution_id, output in rows}
+        return [started[execution_id] for execution_id in submission.ids]
 
     def enqueue_rate(self, count: int) -> float:
         flush_redis(self._running.broker_url)

@@ -17,6 +17,15 @@ TINY = [
     "--long-steps", "20",
     "--latency-executions", "3",
     "--enqueue-executions", "20",
+]  # fmt: skip
+EXTRAS = [
+    "--systems", "celery",
+    "--repetitions", "1",
+    "--chain-executions", "1",
+    "--fanout-executions", "1",
+    "--long-steps", "11",
+    "--latency-executions", "1",
+    "--enqueue-executions", "1",
     "--extras", "reconciler", "overhead",
     "--reconciler-rows", "2000",
     "--overhead-calls", "20",
@@ -46,7 +55,14 @@ def test_bench_prints_every_figure_at_a_tiny_size(capsys: pytest.CaptureFixture[
         assert ("fanout", metric, "conveyor") in found
     assert ("fanout", "steps/s", "celery") in found
 
+    assert "chain10    steps/s" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(600)
+def test_bench_extras_run_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) -> None:
+    """The in-process extras use conveyor's statements and plans directly."""
+    run.benchmark(run.parse(EXTRAS))
+
     printed = capsys.readouterr().out
-    assert "chain10    steps/s" in printed
     assert "reconcile_pass_seconds" in printed
     assert "transaction_us" in printed
