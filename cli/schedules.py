@@ -17,18 +17,14 @@ from rich.text import Text
 from sqlalchemy import Connection
 
 from core import schedule_state, schedules
-from core.database import get_database
+from core.execution_state_manager import SyncExecutionStateManager
 from core.registry import WorkflowRegistry
-from core.transactions import RetryPolicy
 
 T = TypeVar("T")
 
 
 def _run(work: Callable[[Connection], T]) -> T:
-    database = get_database()
-    return schedule_state.in_transaction(
-        database.engine, RetryPolicy.from_settings(database.settings), work
-    )
+    return SyncExecutionStateManager().run(work)
 
 
 def local_time(moment: datetime | None, zone: ZoneInfo) -> str:

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     database_max_overflow: Annotated[int, Field(ge=0)] = 10
     database_pool_timeout: Annotated[float, Field(gt=0)] = 30.0
     database_pool_recycle: Annotated[int, Field(ge=-1)] = 3600
-    database_pool_pre_ping: bool = False
+    database_pool_pre_ping: bool = True
     database_null_pool: bool = Field(
         default=False,
         description="Open a connection per session instead of pooling (behind PgBouncer).",

@@ -72,10 +72,14 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def create_sync_engine(settings: Settings) -> Engine:
-    """A sync engine for ``settings`` (SQLite configured for concurrent writers)."""
+def create_sync_engine(settings: Settings, *, pre_ping: bool | None = None) -> Engine:
+    """A sync engine for ``settings`` (SQLite configured for concurrent writers);
+    ``pre_ping`` overrides ``CONVEYOR_DATABASE_POOL_PRE_PING``."""
     url = settings.sync_database_url
-    engine = create_engine(url, **_engine_options(settings, url))
+    options = _engine_options(settings, url)
+    if pre_ping is not None and "pool_pre_ping" in options:
+        options["pool_pre_ping"] = pre_ping
+    engine = create_engine(url, **options)
     if url.get_backend_name() == "sqlite":
         _configure_sqlite(engine, settings.sqlite_busy_timeout_ms)
     return engine
@@ -97,6 +101,7 @@ class Database:
     settings: Settings
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _engine: Engine | None = field(default=None, repr=False)
+    _work_engine: Engine | None = field(default=None, repr=False)
     _async_engine: AsyncEngine | None = field(default=None, repr=False)
     _sessions: sessionmaker[Session] | None = field(default=None, repr=False)
     _async_sessions: async_sessionmaker[AsyncSession] | None = field(default=None, repr=False)
@@ -109,6 +114,16 @@ class Database:
             if self._engine is None:
                 self._engine = create_sync_engine(self.settings)
             return self._engine
+
+    @property
+    def work_engine(self) -> Engine:
+        """The sync engine of conveyor's own units of work (``core.transactions``): no
+        pre-ping, since a dropped connection fails its transaction, which is re-run
+        whole; so the hot path pays no extra round trip per transaction."""
+        with self._lock:
+            if self._work_engine is None:
+                self._work_engine = create_sync_engine(self.settings, pre_ping=False)
+            return self._work_engine
 
     @property
     def async_engine(self) -> AsyncEngine:
@@ -140,6 +155,8 @@ class Database:
         """Close pooled connections (async ones on their own loop, when it is idle)."""
         if self._engine is not None:
             self._engine.dispose()
+        if self._work_engine is not None:
+            self._work_engine.dispose()
         if self._async_engine is not None:
             loop = self._async_loop
             if loop is not None and not loop.is_closed() and not loop.is_running():
@@ -148,7 +165,7 @@ class Database:
                 # Closing async connections needs their loop; without it, drop the pool
                 # and let each connection be closed when it is collected.
                 self._async_engine.sync_engine.dispose(close=False)
-        self._engine = self._async_engine = None
+        self._engine = self._work_engine = self._async_engine = None
         self._sessions = self._async_sessions = None
         self._async_loop = None
 

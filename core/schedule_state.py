@@ -8,26 +8,23 @@ same tick due and the key makes its enqueue a no-op; concurrent passes collide o
 key and only one of them advances the row. Misfires: a pass finds one tick due however
 many passed since the row's ``next_tick_at`` (the latest at or before now).
 
-The units of work take a Connection and own no transaction; ``in_transaction`` runs
+The units of work take a Connection and own no transaction; ``core.transactions`` runs
 one with the retry policy of the rest of conveyor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, select, update
+from sqlalchemy import Connection, Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from tenacity import Retrying
 
-from core.errors import translate_errors
 from core.models import WorkflowSchedule
 from core.schedules import Declared, tick_key
 from core.sql import utcnow
-from core.transactions import RetryPolicy
 from core.types import UTCDateTime
 
 T = TypeVar("T")
@@ -274,11 +271,3 @@ def read_rows(
     if not schedules:
         return {}
     return _select(connection, sorted({d.workflow for d in schedules}))
-
-
-def in_transaction(engine: Engine, policy: RetryPolicy, work: Callable[[Connection], T]) -> T:
-    """Run ``work`` in one transaction, re-run whole on transient database errors."""
-    for attempt in Retrying(**policy.options()):
-        with attempt, translate_errors(), engine.begin() as connection:
-            return work(connection)
-    raise AssertionError("tenacity ends with a result or an error")  # pragma: no cover

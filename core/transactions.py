@@ -91,7 +91,7 @@ class Transactions:
         return result
 
     def _once(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        with translate_errors(), self.database.engine.begin() as connection:
+        with translate_errors(), self.database.work_engine.begin() as connection:
             return work(connection, *args, **kwargs)
 
     async def run_async(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -127,7 +127,9 @@ def _retry_when_transient(task: Task[Any, Any]) -> Iterator[None]:
 @worker_process_init.connect
 def _fresh_connections_in_child(**_: Any) -> None:
     # A forked pool process must not share the parent's pooled database sockets.
-    get_database().engine.dispose(close=False)
+    database = get_database()
+    database.engine.dispose(close=False)
+    database.work_engine.dispose(close=False)
 
 
 def dispatch_starts(starts: Sequence[tuple[str, str, int]]) -> None:

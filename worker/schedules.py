@@ -13,15 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection
 
 from core import schedule_state, schedules
-from core.database import get_database
 from core.errors import ConveyorError, IdempotencyConflict, TransientDatabaseError
-from core.transactions import RetryPolicy
 from worker.producer import enqueue
 
 if TYPE_CHECKING:
@@ -48,8 +45,7 @@ def fire_schedules(app: ConveyorCelery, now: datetime | None = None) -> list[Fir
     declared = schedules.declared(app.engine.registry)
     if not declared:
         return []
-    database = get_database()
-    policy = RetryPolicy.from_settings(database.settings)
+    manager = app.engine.manager
 
     def read(
         connection: Connection,
@@ -57,7 +53,7 @@ def fire_schedules(app: ConveyorCelery, now: datetime | None = None) -> list[Fir
         clock = now or schedule_state.database_now(connection)
         return clock, schedule_state.sync_rows(connection, declared, clock)
 
-    clock, rows = schedule_state.in_transaction(database.engine, policy, read)
+    clock, rows = manager.run(read)
     fired: list[Fired] = []
     for due in schedule_state.due_ticks(declared, rows, clock):
         workflow, schedule = due.declared.workflow, due.declared.schedule
@@ -76,11 +72,7 @@ def fire_schedules(app: ConveyorCelery, now: datetime | None = None) -> list[Fir
                 "schedule %r of %r: tick %s not enqueued", schedule.label, workflow, due.tick
             )
             continue
-        advanced = schedule_state.in_transaction(
-            database.engine,
-            policy,
-            partial(schedule_state.advance, due=due, execution_id=execution_id),
-        )
+        advanced = manager.run(schedule_state.advance, due=due, execution_id=execution_id)
         fired.append(Fired(workflow, schedule.label, due.tick, execution_id, advanced))
         log.info(
             "schedule %r of %r fired for %s: execution %s",

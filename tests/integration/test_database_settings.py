@@ -34,5 +34,6 @@ def test_pool_has_the_guides_defaults(database: object) -> None:
     assert pool._max_overflow == 10  # type: ignore[attr-defined]
     assert pool._timeout == 30  # type: ignore[attr-defined]
     assert pool._recycle == 3600
-    # Off by default: a dropped connection fails its transaction, which is re-run.
-    assert pool._pre_ping is False
+    assert pool._pre_ping is True
+    # conveyor's own transactions never ping: a dropped connection re-runs them whole.
+    assert get_database().work_engine.pool._pre_ping is False

@@ -20,12 +20,12 @@ from cli.main import CliState
 from cli.main import app as cli
 from core import schedule_state, schedules
 from core.config import Settings
-from core.database import get_database, get_db_session
+from core.database import get_db_session
+from core.execution_state_manager import SyncExecutionStateManager
 from core.models import WorkflowExecution, WorkflowSchedule
 from core.registry import WorkflowRegistry
 from core.schedule_state import ScheduleState
 from core.schedules import Schedule
-from core.transactions import RetryPolicy
 from core.workflows import StepContext, Workflow
 from tests.conftest import TestDatabase
 from worker import schedules as worker_schedules
@@ -91,10 +91,7 @@ def key(tick: datetime, name: str = "recent") -> str:
 
 
 def in_transaction(work: Callable[[Connection], Any]) -> Any:
-    database = get_database()
-    return schedule_state.in_transaction(
-        database.engine, RetryPolicy.from_settings(database.settings), work
-    )
+    return SyncExecutionStateManager().run(work)
 
 
 def pause(name: str, paused: bool, now: datetime) -> ScheduleState | None:
