@@ -162,7 +162,7 @@ RUNNING_STEPS = {"ix_execution_steps_running_heartbeat", "ix_execution_steps_run
 GOOD_INDEXES = {
     "stalled_steps": RUNNING_STEPS,
     "due_queued_steps": {"ix_execution_steps_queued_due"},
-    "stale_pending_executions": {"ix_workflow_executions_status_created"},
+    "resend_stale_starts": {"ix_workflow_executions_status_created"},
     "overdue_executions": {"ix_workflow_executions_open_deadline"},
     "finishable_executions": {"ix_workflow_executions_status_created"},
     "worker_heartbeat": RUNNING_STEPS,
@@ -174,7 +174,7 @@ def _scans(settings: Settings) -> dict[str, ClauseElement]:
     return {
         "stalled_steps": sql.stalled_steps(settings.stall_timeout, batch),
         "due_queued_steps": sql.due_queued_steps(settings.republish_after, batch),
-        "stale_pending_executions": sql.stale_pending_executions(settings.start_after, batch),
+        "resend_stale_starts": sql.resend_stale_starts(settings.start_after, batch),
         "overdue_executions": sql.overdue_executions(batch),
         "finishable_executions": sql.finishable_executions(batch),
         "worker_heartbeat": sql.heartbeat(WORKER),

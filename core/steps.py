@@ -45,12 +45,20 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from core import statements as sql
 from core.executions import (
+    admit,
     finish_if_done,
     transition_step,
     transition_steps,
 )
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
-from core.outcomes import Claim, Route, StepCompletion, StepFailure, TransitionResult
+from core.outcomes import (
+    Admission,
+    Claim,
+    Route,
+    StepCompletion,
+    StepFailure,
+    TransitionResult,
+)
 from core.sql import utcnow
 from core.states import STEPS, ExecutionStatus, StepStatus
 from core.workflows import Dag
@@ -75,6 +83,7 @@ CLAIMED = "claimed"
 SUCCEEDED = "step succeeded"
 RELEASED = "upstream steps done"
 CONTINUED = "continued in worker"
+CLAIMED_AT_START = "claimed at start"
 
 
 def _from(source: StepStatus, target: StepStatus) -> str:
@@ -526,6 +535,43 @@ def _not_applied(conn: Connection, sql_: HotPath, step: Claim) -> TransitionResu
         current_status=None if row is None else row.status,
         attempt=None if row is None else row.attempt,
     )
+
+
+def admit_and_claim(
+    conn: Connection,
+    workflow_id: str,
+    execution_ids: Sequence[str],
+    limit: int | None,
+    worker: str,
+) -> tuple[Admission, Claim | None]:
+    """Admit executions (``core.executions.admit``) and, in the same transaction, claim
+    one root step of the first one started for ``worker`` to run itself: a start costs
+    no broker round trip before its first step. The Admission returned lists the other
+    queued root steps, to publish."""
+    admission = admit(conn, workflow_id, execution_ids, limit)
+    if not admission.queued:
+        return admission, None
+    execution_id, step_name = admission.queued[0]
+    sql_ = hot_path(conn.dialect.name)
+    params = {"eid": execution_id, "step": step_name, "worker_id": worker}
+    row = conn.execute(sql_.continue_step, params).first()
+    if row is None:
+        return admission, None
+    conn.execute(sql_.events, [_event(row, CLAIMED_AT_START)])
+    found = conn.execute(sql_.execution, params).one()
+    route = admission.routes[execution_id]
+    claim = Claim(
+        execution_id,
+        step_name,
+        row.attempt,
+        row.recoveries,
+        route,
+        found.input_data,
+        {},
+        continued=True,
+    )
+    rest = Admission(admission.started, admission.queued[1:], admission.routes)
+    return rest, claim
 
 
 # --- retries and failures ------------------------------------------------------------

@@ -82,9 +82,10 @@ def _register_tasks(app: ConveyorCelery) -> None:
 
     @app.task(name=START_EXECUTION, **options)
     def start_execution(task: Task[Any, Any], execution_id: str, workflow: str) -> None:
-        """Admit a pending execution (within its workflow's concurrency limit)."""
+        """Admit a pending execution (within its workflow's concurrency limit) and run
+        its first root step here."""
         with _retry_when_transient(task):
-            app.engine.admit(workflow, [execution_id])
+            app.engine.admit(workflow, [execution_id], run_here=True)
 
     @app.task(name=RUN_STEP, base=StepTask, **options)
     def run_step(

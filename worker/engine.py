@@ -81,6 +81,11 @@ def encode_output(value: Any, max_bytes: int) -> str | None:
     return encoded
 
 
+def _unlimited(step: Step) -> bool:
+    """Whether a step may run under another step's Celery task (it has no time limits)."""
+    return step.soft_timeout is None and step.timeout is None
+
+
 class Engine:
     """Runs workflows on one Celery app against conveyor's state database."""
 
@@ -156,14 +161,30 @@ class Engine:
 
     # --- executions ------------------------------------------------------------------
 
-    def admit(self, workflow_name: str, execution_ids: Sequence[str]) -> Admission:
-        """Start what may start (concurrency limit, priority, FIFO) and publish its roots."""
+    def admit(
+        self, workflow_name: str, execution_ids: Sequence[str], *, run_here: bool = False
+    ) -> Admission:
+        """Start what may start (concurrency limit, priority, FIFO) and publish its roots;
+        with ``run_here`` (a start message), run one root step in this worker at once."""
         try:
-            limit = self.registry.get(workflow_name).max_concurrency
+            workflow: Workflow | None = self.registry.get(workflow_name)
         except WorkflowNotFound:
-            limit = None
-        admission = self.manager.run(executions.admit, workflow_name, list(execution_ids), limit)
+            workflow = None
+        limit = workflow.max_concurrency if workflow else None
+        ids = list(execution_ids)
+        claim: Claim | None = None
+        roots = [s for s in workflow.steps.values() if not s.depends_on] if workflow else []
+        # Breadth-first order starts everything first: its roots wait their turn.
+        depth_first = self.settings.order == "depth_first"
+        if run_here and depth_first and roots and all(_unlimited(s) for s in roots):
+            admission, claim = self.manager.run(
+                steps.admit_and_claim, workflow_name, ids, limit, self.worker_id
+            )
+        else:
+            admission = self.manager.run(executions.admit, workflow_name, ids, limit)
         self.publish_steps(admission.queued, admission.routes)
+        if claim is not None:
+            self._run_from(claim)
         return admission
 
     def after_finish(self, workflow_name: str) -> None:
@@ -202,6 +223,11 @@ class Engine:
                 "step %s/%s not claimed: duplicate or early delivery", *(execution_id, step_name)
             )
             return
+        self._run_from(claim)
+
+    def _run_from(self, claim: Claim) -> None:
+        """Run a claimed step, then each step its completion lets this worker continue
+        with, within the continuation bound."""
         started = time.monotonic()
         continued = 0
         next_step: Claim | None = claim
@@ -287,14 +313,9 @@ class Engine:
     def _continuable(workflow: Workflow, claim: Claim) -> bool:
         # Celery's time limits belong to the delivered task: a step with limits of its
         # own is published, to run under them, and a task with limits continues nothing.
-        if claim.continued is False:
-            first = workflow.steps[claim.step_name]
-            if first.soft_timeout is not None or first.timeout is not None:
-                return False
-        return all(
-            workflow.steps[name].soft_timeout is None and workflow.steps[name].timeout is None
-            for name in workflow.downstream(claim.step_name)
-        )
+        if not claim.continued and not _unlimited(workflow.steps[claim.step_name]):
+            return False
+        return all(_unlimited(workflow.steps[n]) for n in workflow.downstream(claim.step_name))
 
     def _failed(self, claim: Claim, workflow: Workflow, step: Step, error: BaseException) -> None:
         # Attempts taken by crash recoveries do not count against the retry policy.

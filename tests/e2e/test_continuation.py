@@ -50,9 +50,9 @@ def test_a_chain_continues_in_the_worker_and_records_each_continued_step(
     execution = wait_for(execution_id)
     assert execution.status == "succeeded"
     assert execution.output_data == {"describe": {"result": 7, "attempt": 1}}
-    # Only the root came through the broker; each later step was claimed by the
-    # transaction that completed the step before it, and its history says so.
-    assert reasons(execution_id, "double")[1] == "claimed"
+    # The root was claimed by the worker that admitted the execution (no message of
+    # its own); each later step by the transaction that completed the step before it.
+    assert reasons(execution_id, "double") == ["root step", "claimed at start", "step succeeded"]
     for name in ("add_one", "describe"):
         assert reasons(execution_id, name) == [
             "upstream steps done",
@@ -109,12 +109,14 @@ def test_continuation_stops_at_its_bound_and_other_work_gets_the_worker(
     engine.settings = engine.settings.model_copy(update={"continue_max_steps": 3})
     first = enqueue("long_chain", app=conveyor_app)
     second = enqueue("long_chain", app=conveyor_app)
+    # Both running before the worker starts (a new execution would wait its turn).
+    engine.admit("long_chain", [first, second])
     with running_worker(conveyor_app, concurrency=1):
         wait_for(first)
         wait_for(second)
     for execution_id in (first, second):
         claims = [
-            "broker" if reasons(execution_id, f"s{i:02d}")[1] == "claimed" else "continued"
+            "continued" if reasons(execution_id, f"s{i:02d}")[1] == CONTINUED else "first"
             for i in range(12)
         ]
         runs = [

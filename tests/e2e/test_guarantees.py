@@ -178,12 +178,13 @@ def test_committed_execution_survives_a_failed_publish(
         patch.setattr(conveyor_app.engine, "publish_starts", broker_down)
         execution_id = enqueue("linear", {"start": 2}, app=conveyor_app)
     assert wait_for(execution_id, lambda e: True).status == "pending"
-    # The reconciler finds it (here: any pending execution counts as stale) and starts it.
+    # The reconciler finds it (here: any pending execution counts as stale) and sends its
+    # start message again.
     engine = conveyor_app.engine
     engine.settings = engine.settings.model_copy(update={"start_after": 0.001})
     with running_worker(conveyor_app):
         report = engine.reconcile()
-        assert report.start == [(execution_id, "linear")]
+        assert report.start == [(execution_id, "linear", 0)]
         assert wait_for(execution_id).status == "succeeded"
 
 

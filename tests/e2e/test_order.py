@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 
@@ -16,43 +17,24 @@ from worker.producer import enqueue, enqueue_many
 BURST = 40
 
 
+def _times(column: Any, execution_ids: list[str], step: str | None = None) -> list[datetime]:
+    model = StepExecution if step else WorkflowExecution
+    query = select(model.execution_id, column).where(model.execution_id.in_(execution_ids))
+    if step:
+        query = query.where(StepExecution.step_name == step)
+    with get_db_session() as db:
+        found = dict(db.execute(query).all())
+    return [found[i] for i in execution_ids]
+
+
 def finished_at(execution_ids: list[str]) -> list[datetime]:
     """When each execution finished, in the order of ``execution_ids``."""
-    with get_db_session() as db:
-        rows = dict(
-            db.execute(
-                select(WorkflowExecution.execution_id, WorkflowExecution.finished_at).where(
-                    WorkflowExecution.execution_id.in_(execution_ids)
-                )
-            ).all()
-        )
-    return [rows[i] for i in execution_ids]
+    return _times(WorkflowExecution.finished_at, execution_ids)
 
 
 def admitted_at(execution_ids: list[str]) -> list[datetime]:
     """When each execution was started (admitted), in the order of ``execution_ids``."""
-    with get_db_session() as db:
-        rows = dict(
-            db.execute(
-                select(WorkflowExecution.execution_id, WorkflowExecution.started_at).where(
-                    WorkflowExecution.execution_id.in_(execution_ids)
-                )
-            ).all()
-        )
-    return [rows[i] for i in execution_ids]
-
-
-def first_started_at(execution_ids: list[str]) -> list[datetime]:
-    """When each execution's first step started, in the order of ``execution_ids``."""
-    with get_db_session() as db:
-        rows = dict(
-            db.execute(
-                select(StepExecution.execution_id, StepExecution.started_at).where(
-                    StepExecution.execution_id.in_(execution_ids), StepExecution.step_name == "s00"
-                )
-            ).all()
-        )
-    return [rows[i] for i in execution_ids]
+    return _times(WorkflowExecution.started_at, execution_ids)
 
 
 def spearman(values: list[datetime]) -> float:

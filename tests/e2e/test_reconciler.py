@@ -15,7 +15,13 @@ from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateMana
 from core.executions import StepSpec
 from tests.e2e import workflows
 from tests.e2e.conftest import running_worker, wait_for
-from tests.helpers.state import events, force_step_status, insert_execution, step_row
+from tests.helpers.state import (
+    events,
+    force_step_status,
+    insert_execution,
+    step_row,
+    wait_until_database_up_for,
+)
 from worker.app import ConveyorCelery
 from worker.producer import enqueue
 
@@ -80,6 +86,7 @@ def test_deadline_times_out_the_execution_and_cancels_its_steps(
 def test_overlapping_passes_recover_each_stalled_step_once(
     conveyor_app: ConveyorCelery,
 ) -> None:
+    wait_until_database_up_for(conveyor_app.engine.settings.stall_timeout)
     manager = SyncEnhancedExecutionStateManager()
     names = [f"s{i}" for i in range(20)]
     execution_id = insert_execution(
@@ -110,6 +117,7 @@ def test_a_step_crashed_too_often_fails_its_execution_in_the_recovering_transact
 ) -> None:
     engine = conveyor_app.engine
     settings = engine.settings
+    wait_until_database_up_for(settings.stall_timeout)
     execution_id = enqueue("linear", {"start": 1}, app=conveyor_app)
     engine.admit("linear", [execution_id])
     manager = SyncEnhancedExecutionStateManager()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -10,6 +11,7 @@ from core.database import get_database, get_db_session
 from core.execution_state_manager import SyncExecutionStateManager
 from core.executions import create_execution, new_execution
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
+from core.sql import database_started, utcnow
 
 
 def force_execution_status(execution_id: str, status: str) -> None:
@@ -81,3 +83,18 @@ def insert_execution(
     runner = manager or SyncExecutionStateManager()
     created = runner.run(create_execution, new)
     return created.execution_id
+
+
+def wait_until_database_up_for(seconds: float, timeout: float = 120.0) -> None:
+    """Wait until the database server has been up ``seconds``: no step is judged stalled
+    within a stall timeout of its start (``core.sql.database_started``), and the test
+    servers start with the session."""
+    deadline = time.monotonic() + timeout
+    with get_database().engine.connect() as connection:
+        while True:
+            # The comparison the stalled-step scan makes.
+            up = connection.execute(select(database_started() < utcnow(-seconds))).scalar_one()
+            if up:
+                return
+            assert time.monotonic() < deadline, f"the database was not up {seconds}s in time"
+            time.sleep(0.2)

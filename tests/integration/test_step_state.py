@@ -17,7 +17,14 @@ from core.errors import InputValidationError, StepNotFound
 from core.executions import StepSpec
 from core.outcomes import StepCompletion
 from tests.conftest import TestDatabase
-from tests.helpers.state import events, execution_row, force_step_status, insert_execution, step_row
+from tests.helpers.state import (
+    events,
+    execution_row,
+    force_step_status,
+    insert_execution,
+    step_row,
+    wait_until_database_up_for,
+)
 
 DIAMOND = [
     StepSpec("a"),
@@ -151,7 +158,7 @@ def test_heartbeat_touches_all_of_a_workers_steps_in_one_statement(
     before = {s.name: step_row(execution_id, s.name)["heartbeat_at"] for s in steps}
 
     statements: list[str] = []
-    engine = manager.database.engine
+    engine = manager.database.work_engine
 
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         if statement.lstrip().upper().startswith("UPDATE"):
@@ -174,6 +181,7 @@ def test_stalled_steps_are_requeued_until_their_crash_recoveries_are_spent(
 ) -> None:
     # Crash recoveries are counted apart from error retries: a step allowed one attempt
     # is still run again after its worker died, until CONVEYOR_MAX_CRASH_RECOVERIES (3).
+    wait_until_database_up_for(5)
     manager = SyncEnhancedExecutionStateManager()
     execution_id = insert_execution(
         "w", {}, steps=[StepSpec("recoverable"), StepSpec("spent"), StepSpec("fresh")]
@@ -188,7 +196,7 @@ def test_stalled_steps_are_requeued_until_their_crash_recoveries_are_spent(
     force_step_status(execution_id, "recoverable", "running", heartbeat_at=old)
     force_step_status(execution_id, "spent", "running", heartbeat_at=old, recoveries=3, attempt=4)
 
-    stalled = manager.find_stalled_steps(60)
+    stalled = manager.find_stalled_steps(5)
     assert sorted(stalled) == [(execution_id, "recoverable"), (execution_id, "spent")]
     recovery = manager.recover_stalled_steps(stalled)
     assert [(r.step_name, r.attempt) for r in recovery.requeued] == [("recoverable", 2)]

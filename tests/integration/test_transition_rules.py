@@ -148,7 +148,7 @@ def test_connection_killed_mid_transaction_is_retried_once(
     manager = SyncExecutionStateManager(retry_policy=_counting_policy(retries))
     execution_id = manager.create_execution("w", {})
     admin = create_engine(database.url, isolation_level="AUTOCOMMIT")
-    engine = manager.database.engine
+    engine = manager.database.work_engine
     killed: list[int] = []
 
     def kill_before_event_insert(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
