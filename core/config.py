@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     retry_countdown_max: Annotated[float, Field(ge=0)] = 60.0
     schedule_interval: Annotated[float, Field(gt=0)] = 1.0
     default_queue: str = "conveyor"
+    task_sent_events: bool = Field(
+        default=False,
+        description="Publish Celery's task-sent event with every message (Flower's PENDING).",
+    )
     dispatcher: str = Field(
         default="worker.app:dispatch_starts",
         description="module:callable that publishes starts of executions created through core.",
