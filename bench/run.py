@@ -10,7 +10,10 @@ processes (``-P prefork -c 2``; DBOS: 2 processes), through every scenario:
   runs only the chains);
 - ``chain<N>``: one chain of N steps (default 1,000): cost per step against chain10;
 - ``latency``: executions sent one at a time: producer call -> first step start;
-- ``enqueue``: executions enqueued with no worker running.
+- ``enqueue``: executions enqueued with no worker running;
+- ``burst``: executions (default 3,000) of chain10 enqueued with no worker running,
+  then the workers started: steps/s, and whether they finish in the order they came
+  (first repetition only; no DBOS; ``conveyor-bf`` is conveyor in breadth-first order).
 
 One line a figure: each system's median over the repetitions, then conveyor's ratio to
 each other system (taken within each repetition). Lines starting with ``#`` are context.
@@ -38,7 +41,17 @@ import sqlalchemy
 from bench.harness import BenchError, Services, note, services
 from bench.meter import Meter
 from bench.processes import ROOT
-from bench.scenarios import Context, Enqueue, Latency, Results, Scenario, Throughput
+from bench.scenarios import (
+    BREADTH_FIRST,
+    SYSTEMS,
+    Burst,
+    Context,
+    Enqueue,
+    Latency,
+    Results,
+    Scenario,
+    Throughput,
+)
 from bench.systems import CHAIN10, FANOUT, Conveyor, Dbos, PlainCelery, Shape, System
 
 EXTRAS = ("reconciler", "overhead")
@@ -59,8 +72,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--latency-executions", type=int, default=30, help="latency samples (default 30)")
     add("--latency-interval", type=float, default=0.1, help="seconds between them (0.1)")
     add("--enqueue-executions", type=int, default=1000, help="enqueued at once (default 1000)")
+    add("--burst-executions", type=int, default=3000, help="burst executions (default 3000)")
+    add("--burst-repetitions", type=int, default=1, help="repetitions with a burst (1)")
     add("--concurrency", type=int, default=2, help="worker processes per system (default 2)")
-    add("--systems", nargs="+", choices=("celery", "dbos", "conveyor"), default=None)
+    add("--systems", nargs="+", choices=SYSTEMS, default=None)
     add("--extras", nargs="*", choices=EXTRAS, default=[], help="in-process extras (none)")
     add("--reconciler-rows", type=int, nargs="+", default=[100_000, 1_000_000])
     add("--overhead-calls", type=int, default=2000)
@@ -68,6 +83,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if options.long_steps <= 10:
         parser.error("--long-steps must be more than 10")
+    if options.burst_executions < 2:
+        parser.error("--burst-executions must be at least 2")
     return options
 
 
@@ -80,13 +97,14 @@ def scenarios(options: argparse.Namespace) -> list[Scenario]:
         Throughput(long, 1, baseline=CHAIN10.name),
         Latency(CHAIN10, options.latency_executions, options.latency_interval),
         Enqueue(options.enqueue_executions),
+        Burst(options.burst_executions, options.burst_repetitions),
     ]
 
 
 def _systems(
     options: argparse.Namespace, running: Services, folder: Path, results: Results
 ) -> list[System]:
-    chosen = options.systems or ["celery", "dbos", "conveyor"]
+    chosen = options.systems or list(SYSTEMS)
     found: list[System] = []
     if "celery" in chosen:
         found.append(PlainCelery(running, folder, options.concurrency))
@@ -98,6 +116,10 @@ def _systems(
             found.append(Dbos(running, folder))
     if "conveyor" in chosen:
         found.append(Conveyor(running, folder, options.concurrency, options.long_steps))
+    if BREADTH_FIRST in chosen:
+        found.append(
+            Conveyor(running, folder, options.concurrency, options.long_steps, "breadth_first")
+        )
     return found
 
 
@@ -120,12 +142,13 @@ def _turn(
 ) -> None:
     """One system's turn in one repetition: fresh workers, then every scenario."""
     started = time.perf_counter()
-    with system.workers() as workers:
-        _warm_up(system, context, concurrency)
-        for scenario in plan:
-            if scenario.needs_workers and scenario.applies_to(system.name):
-                scenario.run(system, workers, repetition, results, context)
-                workers.check_alive()
+    if any(s.needs_workers and s.applies_to(system.name) for s in plan):
+        with system.workers() as workers:
+            _warm_up(system, context, concurrency)
+            for scenario in plan:
+                if scenario.needs_workers and scenario.applies_to(system.name):
+                    scenario.run(system, workers, repetition, results, context)
+                    workers.check_alive()
     for scenario in plan:
         if not scenario.needs_workers and scenario.applies_to(system.name):
             scenario.run(system, None, repetition, results, context)
@@ -199,7 +222,9 @@ def benchmark(options: argparse.Namespace) -> Results:
         note(
             f"{options.repetitions} repetition(s): chain10 x{options.chain_executions}, "
             f"fanout x{options.fanout_executions}, chain{options.long_steps} x1, "
-            f"latency x{options.latency_executions}, enqueue x{options.enqueue_executions}"
+            f"latency x{options.latency_executions}, enqueue x{options.enqueue_executions}, "
+            f"burst x{options.burst_executions} (first {options.burst_repetitions} "
+            "repetition(s))"
         )
         try:
             results = compare(options, running, Path(tmp))

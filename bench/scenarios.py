@@ -5,12 +5,14 @@ under (scenario, metric, system, repetition). Each printed line is one metric of
 scenario: every system's median over the repetitions, then conveyor's ratio to each
 other system, taken within each repetition and then the median. A new scenario is a
 class with ``name``, ``needs_workers``, ``applies_to``, ``run`` and ``lines``, added to
-the list in ``bench/run.py``.
+the list in ``bench/run.py``. ``conveyor-bf`` (conveyor in breadth-first order) takes
+part in the burst only; a compared system a scenario leaves out is shown ``(not run)``.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +23,9 @@ from bench.meter import Meter, Usage
 from bench.processes import Workers
 from bench.systems import Shape, System
 
-SYSTEMS = ("celery", "dbos", "conveyor")
+COMPARED = ("celery", "dbos", "conveyor")
+BREADTH_FIRST = "conveyor-bf"
+SYSTEMS = (*COMPARED, BREADTH_FIRST)
 SUBJECT = "conveyor"
 
 
@@ -69,6 +73,8 @@ class Results:
                 cells.append(f"{system} {number(median(list(by_rep.values())))}")
             elif system in applies and system in self.unavailable:
                 cells.append(f"{system} ({self.unavailable[system]})")
+            elif system in COMPARED and system not in applies:
+                cells.append(f"{system} (not run)")
         if not measured:
             return None
         ratios = self._ratios(scenario, metric)
@@ -150,7 +156,7 @@ class Throughput:
         self.baseline = baseline  # a scenario to compare the CPU per step with
 
     def applies_to(self, system: str) -> bool:
-        return system != "dbos" or self.shape.kind == "chain"
+        return system in COMPARED and (system != "dbos" or self.shape.kind == "chain")
 
     def run(
         self,
@@ -206,7 +212,7 @@ class Latency:
         self.interval = interval
 
     def applies_to(self, system: str) -> bool:
-        return True
+        return system in COMPARED
 
     def run(
         self,
@@ -243,7 +249,7 @@ class Enqueue:
         self.executions = executions
 
     def applies_to(self, system: str) -> bool:
-        return True
+        return system in COMPARED
 
     def run(
         self,
@@ -258,6 +264,106 @@ class Enqueue:
 
     def lines(self, results: Results) -> list[str]:
         return _lines(results, self, ["executions/s"])
+
+
+BURST_FRACTIONS = (0.1, 0.5, 1.0)
+BURST_METRICS = (
+    "steps/s",
+    "run s (worker start->last)",
+    *(f"{round(100 * f)}% done at (of run)" for f in BURST_FRACTIONS),
+    "enqueue->finish p50 s",
+    "enqueue->finish p95 s",
+    "finish order spearman",
+)
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation of two equally long sequences (ties: mean ranks);
+    0 when either is constant."""
+
+    def ranks(values: Sequence[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        ranked = [0.0] * len(values)
+        start = 0
+        while start < len(order):
+            end = start
+            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+                end += 1
+            for position in range(start, end + 1):
+                ranked[order[position]] = (start + end) / 2
+            start = end + 1
+        return ranked
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    covariance = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    spread = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return covariance / spread if spread > 0 else 0.0
+
+
+class Burst:
+    """``executions`` of the 10-step chain submitted with no worker running (conveyor:
+    one ``enqueue_many``), then the workers started: throughput, and whether the
+    executions finish in the order they came. The run is from the workers' start to the
+    last finish. DBOS is not run; ``conveyor-bf`` is conveyor in breadth-first order.
+    Runs in the first ``repetitions`` repetitions only (it is long)."""
+
+    name = "burst"
+    needs_workers = False
+
+    def __init__(self, executions: int, repetitions: int = 1) -> None:
+        self.executions = executions
+        self.repetitions = repetitions
+
+    def applies_to(self, system: str) -> bool:
+        return system != "dbos"
+
+    def run(
+        self,
+        system: System,
+        workers: Workers | None,
+        repetition: int,
+        results: Results,
+        context: Context,
+    ) -> None:
+        if repetition >= self.repetitions:
+            return
+        submission = system.burst(self.executions)
+        started = time.time()
+        with system.workers():
+            # A longer wait than a workload's: the burst is many workloads long.
+            system.wait(submission, context.timeout + 0.5 * self.executions)
+        system.check(submission)
+        finishes = system.finish_times(submission)
+        for metric, value in burst_figures(
+            submission.sent_at, finishes, started, submission.shape.steps
+        ).items():
+            results.add(self.name, metric, system.name, repetition, value)
+
+    def lines(self, results: Results) -> list[str]:
+        return _lines(results, self, BURST_METRICS)
+
+
+def burst_figures(
+    sent: Sequence[float], finishes: Sequence[float], started: float, steps: int
+) -> dict[str, float]:
+    """The burst's figures from each execution's enqueue and finish times (enqueue
+    order) and the workers' start."""
+    run = max(finishes) - started
+    ordered = sorted(finishes)
+    figures = {
+        "steps/s": steps * len(finishes) / run,
+        "run s (worker start->last)": run,
+    }
+    for fraction in BURST_FRACTIONS:
+        done = ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+        figures[f"{round(100 * fraction)}% done at (of run)"] = (done - started) / run
+    waits = [finish - at for finish, at in zip(finishes, sent, strict=True)]
+    figures["enqueue->finish p50 s"] = percentile(waits, 0.5)
+    figures["enqueue->finish p95 s"] = percentile(waits, 0.95)
+    order = [float(index) for index in range(len(finishes))]
+    figures["finish order spearman"] = spearman(order, finishes)
+    return figures
 
 
 def sane(figures: Sequence[Figure]) -> list[Figure]:

@@ -2,8 +2,10 @@
 
 A system starts its workers (subprocesses), submits executions of a shape (a chain or
 a 1 -> 8 -> 1 fan-out of no-op steps), waits for them, checks they succeeded, and
-reads when each execution's first step started. Producers run here: Celery's
-``apply_async``, conveyor's ``enqueue_many`` / ``enqueue``, DBOS's ``DBOSClient``.
+reads when each execution's first step started and when each finished. Producers run
+here: Celery's ``apply_async``, conveyor's ``enqueue_many`` / ``enqueue``, DBOS's
+``DBOSClient``. ``conveyor-bf`` is conveyor in breadth-first order
+(``CONVEYOR_ORDER=breadth_first``), run in the burst only.
 """
 
 from __future__ import annotations
@@ -91,6 +93,15 @@ class System(Protocol):
         """When each execution's first step started (seconds since the epoch)."""
         ...
 
+    def burst(self, count: int) -> Submission:
+        """An empty broker, then ``count`` chain10 executions submitted at once (no worker
+        running)."""
+        ...
+
+    def finish_times(self, submission: Submission) -> list[float]:
+        """When each chain execution finished (seconds since the epoch), in submission order."""
+        ...
+
     def enqueue_rate(self, count: int) -> float:
         """Executions per second its producer enqueues, with no worker running."""
         ...
@@ -147,7 +158,8 @@ class PlainCelery:
             parts = [self._task(plain_app.NOOP_RESULT) for _ in range(shape.steps - 2)]
             return chain(first, chord(parts, self._task(plain_app.NOOP_RESULT)))
         middle = [self._task(plain_app.NOOP) for _ in range(shape.steps - 2)]
-        return chain(first, *middle, self._task(plain_app.NOOP_RESULT))
+        # The last task stores when it ran: the chain's finish time, under the chain's id.
+        return chain(first, *middle, self._task(plain_app.STAMP))
 
     def submit(self, shape: Shape, count: int, interval: float | None = None) -> Submission:
         submission = Submission(shape)
@@ -185,6 +197,13 @@ class PlainCelery:
     def first_starts(self, submission: Submission) -> list[float]:
         return [float(m["result"]) for m in self._metas(submission.first_ids)]
 
+    def burst(self, count: int) -> Submission:
+        flush_redis(self._running.broker_url)
+        return self.submit(CHAIN10, count)
+
+    def finish_times(self, submission: Submission) -> list[float]:
+        return [float(m["result"]) for m in self._metas(submission.ids)]
+
     def enqueue_rate(self, count: int) -> float:
         flush_redis(self._running.broker_url)
         started = time.perf_counter()
@@ -208,22 +227,39 @@ CONVEYOR_FIRST = (
     "SELECT execution_id, output_data FROM execution_steps"
     " WHERE execution_id = ANY(%s) AND step_name = %s"
 )
+CONVEYOR_FINISHES = (
+    "SELECT execution_id, extract(epoch FROM finished_at)::float8 FROM workflow_executions"
+    " WHERE execution_id = ANY(%s)"
+)
+Order = Literal["depth_first", "breadth_first"]
 
 
 class Conveyor:
-    """conveyor: ``celery -A worker.app worker -P prefork -c N`` on durable PostgreSQL."""
+    """conveyor: ``celery -A worker.app worker -P prefork -c N`` on durable PostgreSQL.
 
-    name = "conveyor"
-    database = "bench_conveyor"
-    databases = (database,)
+    In depth-first order (the default) it is ``conveyor``; in breadth-first order,
+    ``conveyor-bf``, on a database of its own (producer and workers in that order).
+    """
 
-    def __init__(self, running: Services, folder: Path, concurrency: int, long_steps: int) -> None:
+    def __init__(
+        self,
+        running: Services,
+        folder: Path,
+        concurrency: int,
+        long_steps: int,
+        order: Order = "depth_first",
+    ) -> None:
+        suffix = "" if order == "depth_first" else "_bf"
+        self.name = "conveyor" + suffix.replace("_", "-")
+        self.database = "bench_conveyor" + suffix
+        self.databases: tuple[str, ...] = (self.database,)
+        self._order = order
         self._running = running
         self._folder = folder
         self._concurrency = concurrency
         self._long_steps = long_steps
         self._url = conveyor_database(running, self.database)
-        settings = bench_settings(self._url, running.broker_url)
+        settings = bench_settings(self._url, running.broker_url, order=order)
         registry: WorkflowRegistry = workflows.registry(long_steps)
         self._app_context = conveyor_app(settings, registry)
         self.app = self._app_context.__enter__()
@@ -233,10 +269,11 @@ class Conveyor:
         return True
 
     def workers(self) -> Workers:
-        command = celery_worker("worker.app", self._concurrency, "bench-conveyor")
+        command = celery_worker("worker.app", self._concurrency, f"bench-{self.name}")
         env = {
             "CONVEYOR_DATABASE_URL": self._url,
             "CONVEYOR_BROKER_URL": self._running.broker_url,
+            "CONVEYOR_ORDER": self._order,
             "CONVEYOR_WORKFLOW_MODULES": "bench.workflows",
             "BENCH_LONG_STEPS": str(self._long_steps),
         }
@@ -279,6 +316,15 @@ class Conveyor:
         rows = self._observer.rows(CONVEYOR_FIRST, (submission.ids, first))
         started = {str(execution_id): float(output) for execution_id, output in rows}
         return [started[execution_id] for execution_id in submission.ids]
+
+    def burst(self, count: int) -> Submission:
+        flush_redis(self._running.broker_url)
+        return self.submit(CHAIN10, count)
+
+    def finish_times(self, submission: Submission) -> list[float]:
+        rows = self._observer.rows(CONVEYOR_FINISHES, (submission.ids,))
+        finished = {str(execution_id): float(at) for execution_id, at in rows}
+        return [finished[execution_id] for execution_id in submission.ids]
 
     def enqueue_rate(self, count: int) -> float:
         flush_redis(self._running.broker_url)
@@ -381,6 +427,12 @@ class Dbos:
     def first_starts(self, submission: Submission) -> list[float]:
         client = self._connect()
         return [float(client.retrieve_workflow(i).get_result()) for i in submission.ids]
+
+    def burst(self, count: int) -> Submission:
+        raise BenchError("DBOS does not run the burst")
+
+    def finish_times(self, submission: Submission) -> list[float]:
+        raise BenchError("DBOS does not run the burst")
 
     def enqueue_rate(self, count: int) -> float:
         started = time.perf_counter()

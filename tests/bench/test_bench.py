@@ -1,14 +1,16 @@
 """bench/ runs end to end at a tiny size, so that it cannot rot: every figure is produced
-and sane (finite and positive). Timings are not asserted."""
+and sane (finite and positive; the burst's fractions within [0, 1] and its rank
+correlation within [-1, 1]). Timings are not asserted."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 
 from bench import run
-from bench.scenarios import sane
+from bench.scenarios import BURST_METRICS, sane, spearman
 
 TINY = [
     "--repetitions", "1",
@@ -17,6 +19,7 @@ TINY = [
     "--long-steps", "20",
     "--latency-executions", "3",
     "--enqueue-executions", "20",
+    "--burst-executions", "20",
 ]  # fmt: skip
 EXTRAS = [
     "--systems", "celery",
@@ -26,6 +29,7 @@ EXTRAS = [
     "--long-steps", "11",
     "--latency-executions", "1",
     "--enqueue-executions", "1",
+    "--burst-executions", "2",
     "--extras", "reconciler", "overhead",
     "--reconciler-rows", "2000",
     "--overhead-calls", "20",
@@ -37,7 +41,7 @@ def test_bench_prints_every_figure_at_a_tiny_size(capsys: pytest.CaptureFixture[
     results = run.benchmark(run.parse(TINY))
 
     figures = results.figures()
-    assert sane(figures) == []
+    assert sane([f for f in figures if f.scenario != "burst"]) == []
     found = {(f.scenario, f.metric, f.system) for f in figures}
     systems = ["celery", "conveyor"]
     if importlib.util.find_spec("dbos") is not None:
@@ -55,7 +59,30 @@ def test_bench_prints_every_figure_at_a_tiny_size(capsys: pytest.CaptureFixture[
         assert ("fanout", metric, "conveyor") in found
     assert ("fanout", "steps/s", "celery") in found
 
-    assert "chain10    steps/s" in capsys.readouterr().out
+    burst = {(f.metric, f.system): f.value for f in figures if f.scenario == "burst"}
+    for system in ("celery", "conveyor", "conveyor-bf"):
+        for metric in BURST_METRICS:
+            value = burst[(metric, system)]
+            assert math.isfinite(value), (metric, system, value)
+            if metric.endswith("(of run)"):
+                assert 0 <= value <= 1, (metric, system, value)
+            elif metric == "finish order spearman":
+                assert -1 <= value <= 1, (system, value)
+            else:
+                assert value > 0, (metric, system, value)
+    assert ("dbos", "burst") not in {(f.system, f.scenario) for f in figures}
+
+    printed = capsys.readouterr().out
+    assert "chain10    steps/s" in printed
+    assert "burst      finish order spearman" in printed
+    assert "dbos (not run)" in printed
+
+
+def test_spearman_ranks_ties_and_reversals() -> None:
+    assert spearman([0, 1, 2, 3], [10, 20, 30, 40]) == 1
+    assert spearman([0, 1, 2, 3], [4, 3, 2, 1]) == -1
+    assert spearman([0, 1, 2], [5, 5, 5]) == 0
+    assert math.isclose(spearman([0, 1, 2, 3], [1, 1, 2, 3]), 0.9486832980505138)
 
 
 @pytest.mark.timeout(600)
