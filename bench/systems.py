@@ -36,6 +36,7 @@ from bench.harness import (
 )
 from bench.meter import Observer, poll_until
 from bench.processes import Workers, celery_worker
+from core import database as core_database
 from core.registry import WorkflowRegistry
 from worker.producer import enqueue, enqueue_many
 
@@ -259,9 +260,9 @@ class Conveyor:
         self._concurrency = concurrency
         self._long_steps = long_steps
         self._url = conveyor_database(running, self.database)
-        settings = bench_settings(self._url, running.broker_url, order=order)
+        self._settings = bench_settings(self._url, running.broker_url, order=order)
         registry: WorkflowRegistry = workflows.registry(long_steps)
-        self._app_context = conveyor_app(settings, registry)
+        self._app_context = conveyor_app(self._settings, registry)
         self.app = self._app_context.__enter__()
         self._observer = Observer(running, self.database)
 
@@ -283,7 +284,14 @@ class Conveyor:
     def _workflow(shape: Shape) -> str:
         return workflows.FANOUT if shape.kind == "fanout" else workflows.linear_name(shape.steps)
 
+    def _produce_here(self) -> None:
+        """Point ``core.database`` (which the producer's state manager follows) at this
+        system's database: ``conveyor`` and ``conveyor-bf`` share this process."""
+        if core_database.get_database().settings is not self._settings:
+            core_database.configure(self._settings)
+
     def submit(self, shape: Shape, count: int, interval: float | None = None) -> Submission:
+        self._produce_here()
         submission = Submission(shape)
         name = self._workflow(shape)
         if interval is None:
