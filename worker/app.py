@@ -16,7 +16,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 
 from core.config import Settings, get_settings
-from core.database import get_database
+from core.database import Database, get_database
 from core.dispatch import register_dispatcher
 from core.errors import TransientDatabaseError
 from core.registry import WorkflowRegistry, get_registry
@@ -43,6 +43,8 @@ def create_app(
     app = ConveyorCelery("conveyor", set_as_current=False)
     app.conf.update(celery_config(settings, registry))
     app.engine = Engine(app, settings, registry)
+    if app.engine.manager.database is not get_database():
+        _app_databases.append(app.engine.manager.database)
     _register_tasks(app)
     # Executions created through core alone (the seed's ExecutionStateManager, the ORM)
     # are started by this app's engine, in this process.
@@ -128,9 +130,13 @@ def _retry_when_transient(task: Task[Any, Any]) -> Iterator[None]:
 @worker_process_init.connect
 def _fresh_connections_in_child(**_: Any) -> None:
     # A forked pool process must not share the parent's pooled database sockets.
-    database = get_database()
-    database.engine.dispose(close=False)
-    database.work_engine.dispose(close=False)
+    for database in {id(d): d for d in [get_database(), *_app_databases]}.values():
+        database.engine.dispose(close=False)
+        database.work_engine.dispose(close=False)
+
+
+# Databases of apps built for another database than the process's (see Engine).
+_app_databases: list[Database] = []
 
 
 def dispatch_starts(starts: Sequence[tuple[str, str, int]]) -> None:

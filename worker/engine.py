@@ -24,6 +24,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from core import executions, reconciler, steps
 from core.config import Settings
+from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import InputValidationError, StepTimedOut, WorkflowNotFound
 from core.models import check_json
@@ -93,8 +94,13 @@ class Engine:
         self.app = app
         self.settings = settings
         self.registry = registry
-        self.manager = SyncEnhancedExecutionStateManager()
-        self.recorder = SyncEnhancedExecutionStateManager(retry_policy=PATIENT)
+        # The process's database when it is the one these settings name (one pool per
+        # process); an app built for another database gets its own.
+        current = get_database()
+        same = current.settings.database_url == settings.database_url
+        database = current if same else Database(settings)
+        self.manager = SyncEnhancedExecutionStateManager(database)
+        self.recorder = SyncEnhancedExecutionStateManager(database, retry_policy=PATIENT)
         self.heartbeats = Heartbeat(self.manager, settings.heartbeat_interval)
 
     @property
