@@ -74,7 +74,7 @@ def insert_execution(
     **options: Any,
 ) -> str:
     """Insert an execution with the step rows given in ``steps`` (StepSpecs), through the
-    state layer's create plan but without a registered workflow: for tests of the state
+    state layer's create unit but without a registered workflow: for tests of the state
     machine itself, whose DAGs exist only as step rows."""
     database = get_database()
     new = new_execution(
