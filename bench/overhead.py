@@ -22,6 +22,7 @@ from bench.harness import Services, bench_settings, conveyor_app, conveyor_datab
 from core import statements as sql
 from core import steps as step_units
 from core.states import StepStatus
+from core.step_statements import hot_path
 from worker.producer import enqueue
 
 
@@ -37,14 +38,15 @@ def _cost_us(run: Callable[[], object], calls: int) -> float:
 
 def statement_costs(calls: int) -> None:
     """CPU to build the statements that are still built per call (retries, failures and
-    the reconciler's); the claim and completion are built once (``core.steps.hot_path``)."""
+    the reconciler's); the claim and completion are built once
+    (``core.step_statements.hot_path``)."""
     running = frozenset({StepStatus.RUNNING})
     builders: dict[str, Callable[[], object]] = {
         "select_execution": lambda: sql.select_execution("e"),
         "transition_steps": lambda: sql.transition_steps(
             "e", ["s"], StepStatus.FAILED, running, attempt=1, values={"error": {}}
         ),
-        "hot_path_lookup": lambda: step_units.hot_path("postgresql"),
+        "hot_path_lookup": lambda: hot_path("postgresql"),
     }
     for name, build in builders.items():
         emit("statement_build_us", _cost_us(build, calls), statement=name)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from core import executions, reconciler, steps
+from core import executions, reconciler, steps, transitions
 from core.execution_state_manager import (
     ExecutionStateManager,
     StateManagerBase,
@@ -109,7 +109,7 @@ class EnhancedExecutionStateManager(ExecutionStateManager, _StepArguments):
         """Compare-and-set one step (at ``attempt``, when given); see transition_execution."""
         target, sources = self._transition_step_arguments(to, expected, retry, values)
         return await self.run(
-            executions.transition_step,
+            transitions.transition_step,
             execution_id,
             step_name,
             target,
@@ -133,7 +133,7 @@ class EnhancedExecutionStateManager(ExecutionStateManager, _StepArguments):
         target, sources = self._step_move(to, expected, False)
         names = list(step_names) if step_names is not None else None
         return await self.run(
-            executions.transition_steps, execution_id, names, target, sources, reason=reason
+            transitions.transition_steps, execution_id, names, target, sources, reason=reason
         )
 
     async def cancel_open_steps(
@@ -216,7 +216,7 @@ class SyncEnhancedExecutionStateManager(SyncExecutionStateManager, _StepArgument
         """See EnhancedExecutionStateManager.transition_step."""
         target, sources = self._transition_step_arguments(to, expected, retry, values)
         return self.run(
-            executions.transition_step,
+            transitions.transition_step,
             execution_id,
             step_name,
             target,
@@ -240,7 +240,7 @@ class SyncEnhancedExecutionStateManager(SyncExecutionStateManager, _StepArgument
         target, sources = self._step_move(to, expected, False)
         names = list(step_names) if step_names is not None else None
         return self.run(
-            executions.transition_steps, execution_id, names, target, sources, reason=reason
+            transitions.transition_steps, execution_id, names, target, sources, reason=reason
         )
 
     def cancel_open_steps(

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, ParamSpec, TypedDict, TypeVar, Unpack
 
-from core import executions
+from core import executions, transitions
 from core.database import Database, get_database
 from core.dispatch import Start, dispatch_starts
 from core.executions import NewExecution
@@ -111,14 +111,14 @@ class StateManagerBase:
         to: str, expected: Statuses, retry: bool
     ) -> tuple[ExecutionStatus, frozenset[ExecutionStatus]]:
         target = EXECUTIONS.parse(to)
-        return target, executions.execution_sources(
+        return target, transitions.execution_sources(
             target, statuses(EXECUTIONS.parse, expected), retry
         )
 
     @staticmethod
     def _step_move(to: str, expected: Statuses, retry: bool) -> tuple[Any, frozenset[Any]]:
         target = STEPS.parse(to)
-        return target, executions.step_sources(target, statuses(STEPS.parse, expected), retry)
+        return target, transitions.step_sources(target, statuses(STEPS.parse, expected), retry)
 
 
 def _start_of(created: CreatedExecution, new: NewExecution) -> Start:
@@ -193,7 +193,7 @@ class ExecutionStateManager(StateManagerBase):
         """
         target, sources = self._execution_move(to, expected, retry)
         return await self.run(
-            executions.transition_execution,
+            transitions.transition_execution,
             execution_id,
             target,
             sources,
@@ -259,7 +259,7 @@ class SyncExecutionStateManager(StateManagerBase):
         """See ExecutionStateManager.transition_execution."""
         target, sources = self._execution_move(to, expected, retry)
         return self.run(
-            executions.transition_execution,
+            transitions.transition_execution,
             execution_id,
             target,
             sources,

@@ -11,25 +11,31 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row
+from sqlalchemy import Connection
 
 from core import statements as sql
 from core.errors import (
     ExecutionNotFound,
     IdempotencyConflict,
     InputValidationError,
-    StepNotFound,
 )
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution, check_json, new_id
 from core.outcomes import Admission, CreatedExecution, Route, TransitionResult
 from core.registry import WorkflowRegistry
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 from core.transactions import orm
+from core.transitions import (
+    event_dict,
+    event_rows,
+    transition_execution,
+    transition_of,
+    transition_steps,
+)
 from core.workflows import Workflow
 
 log = logging.getLogger(__name__)
@@ -156,42 +162,6 @@ def step_specs(workflow: Workflow) -> list[StepSpec]:
     ]
 
 
-def _event(
-    execution_id: str,
-    step_name: str | None,
-    source: str | None,
-    target: str,
-    attempt: int | None,
-    reason: str | None,
-) -> dict[str, Any]:
-    return {
-        "execution_id": execution_id,
-        "step_name": step_name,
-        "from_status": source,
-        "to_status": target,
-        "attempt": attempt,
-        "reason": reason,
-    }
-
-
-def transition_of(row: Row[Any], step: bool) -> TransitionResult:
-    return TransitionResult(
-        applied=True,
-        execution_id=row.execution_id,
-        step_name=row.step_name if step else None,
-        from_status=row.previous_status,
-        to_status=row.status,
-        attempt=row.attempt,
-    )
-
-
-def event_rows(results: Sequence[TransitionResult], reason: str | None) -> list[dict[str, Any]]:
-    return [
-        _event(r.execution_id, r.step_name, r.from_status, r.to_status, r.attempt, reason)
-        for r in results
-    ]
-
-
 def create_execution(conn: Connection, new: NewExecution) -> CreatedExecution:
     """Insert an execution, its steps and its first event; reuse one with the same key."""
     created = create_executions(conn, [new])
@@ -259,7 +229,7 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
         conn.execute(sql.insert_rows(StepExecution), step_rows)
     if created:
         events = [
-            _event(execution_id, None, None, ExecutionStatus.PENDING.value, 1, "created")
+            event_dict(execution_id, None, None, ExecutionStatus.PENDING.value, 1, "created")
             for execution_id, _ in created
         ]
         conn.execute(sql.insert_rows(ExecutionEvent), events)
@@ -298,124 +268,6 @@ def get_history(conn: Connection, execution_id: str) -> list[ExecutionEvent]:
     if not events and conn.execute(sql.select_execution_status(execution_id)).first() is None:
         raise ExecutionNotFound(execution_id)
     return events
-
-
-def execution_sources(
-    target: ExecutionStatus, expected: Collection[ExecutionStatus] | None, retry: bool
-) -> frozenset[ExecutionStatus]:
-    """The statuses a transition to ``target`` may start from, refusing illegal requests."""
-    allowed = EXECUTIONS.sources_of(target, retry=retry)
-    if expected is None:
-        if not allowed:
-            EXECUTIONS.check(target, target, retry=retry)  # raises: nothing leads there
-        return allowed
-    for source in expected:
-        EXECUTIONS.check(source, target, retry=retry)
-    return frozenset(expected)
-
-
-def step_sources(
-    target: StepStatus, expected: Collection[StepStatus] | None, retry: bool
-) -> frozenset[StepStatus]:
-    """The statuses a step transition to ``target`` may start from."""
-    allowed = STEPS.sources_of(target, retry=retry)
-    if expected is None:
-        if not allowed:
-            STEPS.check(target, target, retry=retry)
-        return allowed
-    for source in expected:
-        STEPS.check(source, target, retry=retry)
-    return frozenset(expected)
-
-
-def transition_execution(
-    conn: Connection,
-    execution_id: str,
-    target: ExecutionStatus,
-    sources: frozenset[ExecutionStatus],
-    *,
-    reason: str | None,
-    retry: bool = False,
-    values: Mapping[str, Any] | None = None,
-) -> TransitionResult:
-    """Move one execution to ``target`` if it is in one of ``sources``; log the event."""
-    update = sql.transition_execution(execution_id, target, sources, retry=retry, values=values)
-    row = conn.execute(update).first()
-    if row is None:
-        current = conn.execute(sql.select_execution_status(execution_id)).scalar_one_or_none()
-        if current is None:
-            raise ExecutionNotFound(execution_id)
-        log.info("execution %s -> %s not applied: it is %s", execution_id, target.value, current)
-        return TransitionResult(
-            applied=False,
-            execution_id=execution_id,
-            to_status=target.value,
-            current_status=current,
-        )
-    result = transition_of(row, step=False)
-    conn.execute(sql.insert_rows(ExecutionEvent), event_rows([result], reason))
-    return result
-
-
-def transition_step(
-    conn: Connection,
-    execution_id: str,
-    step_name: str,
-    target: StepStatus,
-    sources: frozenset[StepStatus],
-    *,
-    reason: str | None,
-    attempt: int | None = None,
-    retry: bool = False,
-    values: Mapping[str, Any] | None = None,
-) -> TransitionResult:
-    """Move one step to ``target`` if it is in one of ``sources`` (and at ``attempt``)."""
-    update = sql.transition_steps(
-        execution_id, [step_name], target, sources, attempt=attempt, retry=retry, values=values
-    )
-    row = conn.execute(update).first()
-    if row is None:
-        current = conn.execute(sql.select_step_status(execution_id, step_name)).first()
-        if current is None:
-            if conn.execute(sql.select_execution_status(execution_id)).first() is None:
-                raise ExecutionNotFound(execution_id)
-            raise StepNotFound(execution_id, step_name)
-        log.info(
-            "step %s/%s -> %s not applied: it is %s (attempt %s)",
-            execution_id,
-            step_name,
-            target.value,
-            current.status,
-            current.attempt,
-        )
-        return TransitionResult(
-            applied=False,
-            execution_id=execution_id,
-            step_name=step_name,
-            to_status=target.value,
-            current_status=current.status,
-            attempt=current.attempt,
-        )
-    result = transition_of(row, step=True)
-    conn.execute(sql.insert_rows(ExecutionEvent), event_rows([result], reason))
-    return result
-
-
-def transition_steps(
-    conn: Connection,
-    execution_id: str,
-    step_names: Sequence[str] | None,
-    target: StepStatus,
-    sources: frozenset[StepStatus],
-    *,
-    reason: str | None,
-) -> list[TransitionResult]:
-    """Move every named step (None: all) that is in ``sources``; one statement, one insert."""
-    rows = conn.execute(sql.transition_steps(execution_id, step_names, target, sources)).all()
-    results = [transition_of(row, step=True) for row in rows]
-    if results:
-        conn.execute(sql.insert_rows(ExecutionEvent), event_rows(results, reason))
-    return results
 
 
 def cancel_execution(conn: Connection, execution_id: str, reason: str | None) -> TransitionResult:

@@ -14,10 +14,11 @@ from sqlalchemy import Connection
 
 from core import statements as sql
 from core.errors import StepCrashed
-from core.executions import event_rows, execution_routes, finish_executions, time_out, transition_of
+from core.executions import execution_routes, finish_executions, time_out
 from core.models import ExecutionEvent
 from core.outcomes import ReconcileReport, StallRecovery, TransitionResult
 from core.steps import skip_descendants
+from core.transitions import event_rows, transition_of
 from core.workflows import Dag
 
 # A workflow's definition by (name, version); None when this process does not know it.

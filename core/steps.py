@@ -2,55 +2,25 @@
 fail, heartbeat.
 
 Each function is one unit of work on a ``Connection`` inside a transaction its caller
-owns. The hot path (claim, complete) runs statements built once, below, with bind
-parameters; on PostgreSQL one statement writes a transition and its event rows
-(data-modifying CTEs), on SQLite the same parts run one after the other.
+owns. The claim and the completion run the statements of ``core.step_statements``
+(built once per dialect): one statement each on PostgreSQL, the same parts in turn on
+SQLite.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import cache
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
-    CTE,
-    Boolean,
     Connection,
-    Insert,
     Row,
-    Select,
-    String,
-    Table,
-    Text,
-    Update,
-    and_,
-    bindparam,
-    case,
-    exists,
-    func,
-    insert,
-    literal,
-    null,
-    or_,
-    select,
-    true,
-    union_all,
-    update,
 )
-from sqlalchemy import cast as cast_
-from sqlalchemy.dialects.postgresql import JSONB
 
 from core import statements as sql
-from core.executions import (
-    admit,
-    finish_if_done,
-    transition_step,
-    transition_steps,
-)
-from core.models import ExecutionEvent, StepExecution, WorkflowExecution
+from core.executions import admit, finish_if_done
+from core.models import StepExecution
 from core.outcomes import (
     Admission,
     Claim,
@@ -60,322 +30,21 @@ from core.outcomes import (
     TransitionResult,
 )
 from core.sql import utcnow
-from core.states import STEPS, ExecutionStatus, StepStatus
+from core.states import StepStatus
+from core.step_statements import (
+    CLAIMED,
+    CLAIMED_AT_START,
+    CONTINUED,
+    RELEASED,
+    SUCCEEDED,
+    HotPath,
+    event_row,
+    hot_path,
+)
+from core.transitions import transition_step, transition_steps
 from core.workflows import Dag
 
 log = logging.getLogger(__name__)
-
-# --- the hot path: statements built once per dialect, with bind parameters ----------
-
-SE = cast(Table, StepExecution.__table__)
-WE = cast(Table, WorkflowExecution.__table__)
-EV = cast(Table, ExecutionEvent.__table__)
-EVENT_COLUMNS = (
-    "execution_id",
-    "step_name",
-    "from_status",
-    "to_status",
-    "attempt",
-    "reason",
-    "created_at",
-)
-CLAIMED = "claimed"
-SUCCEEDED = "step succeeded"
-RELEASED = "upstream steps done"
-CONTINUED = "continued in worker"
-CLAIMED_AT_START = "claimed at start"
-
-
-def _from(source: StepStatus, target: StepStatus) -> str:
-    """``source``'s value, once the state table has confirmed ``source -> target``."""
-    STEPS.check(source, target)
-    return source.value
-
-
-def _sources(target: StepStatus) -> list[str]:
-    """Every status the table lets ``target`` be reached from (a compare-and-set's WHERE)."""
-    return sorted(s.value for s in STEPS.sources_of(target))
-
-
-@dataclass(frozen=True)
-class HotPath:
-    """The statements of a step's claim and completion for one dialect.
-
-    On PostgreSQL each unit is one statement: data-modifying CTEs write the transition,
-    its event rows and the release of downstream steps together, and return what the
-    worker needs. On SQLite (no RETURNING in CTEs) the same parts run in turn.
-    """
-
-    fused: bool
-    claim: Update
-    claim_pg: Select[Any]
-    execution: Select[Any]
-    outputs: Select[Any]
-    complete: Update
-    complete_pg: Select[Any]
-    release: Update
-    continue_step: Update
-    current: Select[Any]
-    events: Insert
-
-
-def _json_param(name: str, postgres: bool) -> Any:
-    # The worker encodes each output once (it measures its size from that text); the
-    # text is bound as it is and read by the database as JSON.
-    text = bindparam(name, type_=Text)
-    return cast_(text, JSONB) if postgres else text
-
-
-@cache
-def hot_path(dialect: str) -> HotPath:
-    """The hot path's statements for ``dialect``, built on first use, then reused."""
-    postgres = dialect == "postgresql"
-    now = utcnow()
-    eid = bindparam("eid", type_=String)
-    running = StepStatus.RUNNING.value
-    queued = StepStatus.QUEUED.value
-    pending = _from(StepStatus.PENDING, StepStatus.QUEUED)
-    execution_running = exists().where(
-        WE.c.execution_id == eid, WE.c.status == ExecutionStatus.RUNNING.value
-    )
-    returning = (
-        SE.c.execution_id,
-        SE.c.step_name,
-        SE.c.previous_status,
-        SE.c.status,
-        SE.c.attempt,
-        SE.c.recoveries,
-    )
-
-    claim = (
-        update(SE)
-        .where(
-            SE.c.execution_id == eid,
-            SE.c.step_name == bindparam("step"),
-            SE.c.status.in_(_sources(StepStatus.RUNNING)),
-            or_(SE.c.next_attempt_at.is_(None), SE.c.next_attempt_at <= now),
-            execution_running,
-        )
-        .values(
-            status=running,
-            previous_status=SE.c.status,
-            worker=bindparam("worker_id"),
-            celery_task_id=bindparam("task_id"),
-            started_at=now,
-            heartbeat_at=now,
-            finished_at=None,
-            next_attempt_at=None,
-        )
-        .returning(*returning)
-    )
-    execution = select(
-        WE.c.workflow_id, WE.c.workflow_version, WE.c.priority, WE.c.input_data
-    ).where(WE.c.execution_id == eid)
-    outputs = select(SE.c.step_name, SE.c.output_data).where(
-        SE.c.execution_id == eid, SE.c.step_name.in_(bindparam("names", expanding=True))
-    )
-
-    complete = (
-        update(SE)
-        .where(
-            SE.c.execution_id == eid,
-            SE.c.step_name == bindparam("step"),
-            SE.c.status.in_(_sources(StepStatus.SUCCEEDED)),
-            SE.c.attempt == bindparam("at_attempt"),
-        )
-        .values(
-            status=StepStatus.SUCCEEDED.value,
-            previous_status=SE.c.status,
-            output_data=_json_param("output", postgres),
-            finished_at=now,
-        )
-        .returning(*returning)
-    )
-    # Of any number of upstream steps finishing at once, exactly one transaction sees
-    # a downstream step's count go from 1 to 0 (an atomic decrement), and it queues it.
-    reaches_zero = SE.c.unmet_deps == 1
-    in_downstream = (
-        SE.c.execution_id == eid,
-        SE.c.step_name.in_(bindparam("downstream", expanding=True)),
-        SE.c.status == pending,
-        SE.c.unmet_deps > 0,
-    )
-    release = (
-        update(SE)
-        .where(*in_downstream)
-        .values(
-            unmet_deps=SE.c.unmet_deps - 1,
-            status=case((reaches_zero, queued), else_=SE.c.status),
-            previous_status=case((reaches_zero, SE.c.status), else_=SE.c.previous_status),
-            queued_at=case((reaches_zero, now), else_=SE.c.queued_at),
-        )
-        .returning(*returning)
-    )
-    continue_step = (
-        update(SE)
-        .where(
-            SE.c.execution_id == eid,
-            SE.c.step_name == bindparam("step"),
-            SE.c.status == _from(StepStatus.QUEUED, StepStatus.RUNNING),
-        )
-        .values(
-            status=running,
-            previous_status=SE.c.status,
-            worker=bindparam("worker_id"),
-            celery_task_id=None,
-            started_at=now,
-            heartbeat_at=now,
-        )
-        .returning(*returning)
-    )
-    current = select(SE.c.status, SE.c.attempt).where(
-        SE.c.execution_id == eid, SE.c.step_name == bindparam("step")
-    )
-    events = insert(EV)
-
-    # PostgreSQL: the same parts as CTEs of one statement each.
-    claimed = claim.cte("claimed")
-    claim_event = (
-        insert(EV)
-        .from_select(EVENT_COLUMNS, _event_select(claimed, CLAIMED), include_defaults=False)
-        .cte("claim_event")
-    )
-    upstream = (
-        select(func.jsonb_object_agg(SE.c.step_name, SE.c.output_data, type_=JSONB))
-        .where(SE.c.execution_id == eid, SE.c.step_name.in_(bindparam("names", expanding=True)))
-        .scalar_subquery()
-    )
-    claim_pg = (
-        select(
-            claimed.c.attempt,
-            claimed.c.recoveries,
-            WE.c.workflow_id,
-            WE.c.workflow_version,
-            WE.c.priority,
-            WE.c.input_data,
-            upstream.label("upstream"),
-        )
-        .select_from(claimed.join(WE, WE.c.execution_id == claimed.c.execution_id))
-        .add_cte(claim_event)
-    )
-
-    done = complete.cte("done")
-    done_event = (
-        insert(EV)
-        .from_select(EVENT_COLUMNS, _event_select(done, SUCCEEDED), include_defaults=False)
-        .cte("done_event")
-    )
-    # The worker continues with the first step (by name) this completion releases;
-    # the subquery reads the rows as they were before this statement.
-    others = SE.alias("others")
-    first_released = (
-        select(func.min(others.c.step_name))
-        .where(
-            others.c.execution_id == eid,
-            others.c.step_name.in_(bindparam("downstream", expanding=True)),
-            others.c.status == pending,
-            others.c.unmet_deps == 1,
-        )
-        .scalar_subquery()
-    )
-    continues = and_(
-        bindparam("continue_here", type_=Boolean), reaches_zero, SE.c.step_name == first_released
-    )
-    released = (
-        update(SE)
-        .where(*in_downstream, exists(select(done.c.step_name)))
-        .values(
-            unmet_deps=SE.c.unmet_deps - 1,
-            status=case((continues, running), (reaches_zero, queued), else_=SE.c.status),
-            previous_status=case(
-                (continues, queued), (reaches_zero, SE.c.status), else_=SE.c.previous_status
-            ),
-            queued_at=case((reaches_zero, now), else_=SE.c.queued_at),
-            worker=case((continues, bindparam("worker_id")), else_=SE.c.worker),
-            celery_task_id=case((continues, null()), else_=SE.c.celery_task_id),
-            started_at=case((continues, now), else_=SE.c.started_at),
-            heartbeat_at=case((continues, now), else_=SE.c.heartbeat_at),
-        )
-        .returning(*returning)
-        .cte("released")
-    )
-    _from(StepStatus.QUEUED, StepStatus.RUNNING)  # continuing is queued -> running
-    released_events = (
-        insert(EV)
-        .from_select(
-            EVENT_COLUMNS,
-            union_all(
-                select(
-                    released.c.execution_id,
-                    released.c.step_name,
-                    literal(pending),
-                    literal(queued),
-                    released.c.attempt,
-                    literal(RELEASED),
-                    now,
-                ).where(released.c.status.in_([queued, running])),
-                select(
-                    released.c.execution_id,
-                    released.c.step_name,
-                    literal(queued),
-                    literal(running),
-                    released.c.attempt,
-                    literal(CONTINUED),
-                    now,
-                ).where(released.c.status == running),
-            ),
-            include_defaults=False,
-        )
-        .cte("released_events")
-    )
-    complete_pg = (
-        select(
-            done.c.attempt.label("done_attempt"),
-            released.c.step_name,
-            released.c.status,
-            released.c.attempt,
-            released.c.recoveries,
-        )
-        .select_from(done.outerjoin(released, true()))
-        .add_cte(done_event)
-        .add_cte(released_events)
-    )
-    return HotPath(
-        fused=postgres,
-        claim=claim,
-        claim_pg=claim_pg,
-        execution=execution,
-        outputs=outputs,
-        complete=complete,
-        complete_pg=complete_pg,
-        release=release,
-        continue_step=continue_step,
-        current=current,
-        events=events,
-    )
-
-
-def _event_select(rows: CTE, reason: str) -> Select[Any]:
-    return select(
-        rows.c.execution_id,
-        rows.c.step_name,
-        rows.c.previous_status,
-        rows.c.status,
-        rows.c.attempt,
-        literal(reason),
-        utcnow(),
-    )
-
-
-def _event(row: Row[Any], reason: str) -> dict[str, Any]:
-    return {
-        "execution_id": row.execution_id,
-        "step_name": row.step_name,
-        "from_status": row.previous_status,
-        "to_status": row.status,
-        "attempt": row.attempt,
-        "reason": reason,
-    }
 
 
 def claim(
@@ -413,7 +82,7 @@ def claim(
         claimed = conn.execute(sql_.claim, params).first()
         if claimed is None:
             return None
-        conn.execute(sql_.events, [_event(claimed, CLAIMED)])
+        conn.execute(sql_.events, [event_row(claimed, CLAIMED)])
         found = conn.execute(sql_.execution, params).one()
         route = Route(found.workflow_id, found.workflow_version, found.priority)
         outputs = _outputs(conn, sql_, execution_id, upstream or ())
@@ -478,15 +147,15 @@ def complete(
         done = conn.execute(sql_.complete, params).first()
         if done is None:
             return StepCompletion(transition=_not_applied(conn, sql_, step))
-        events = [_event(done, SUCCEEDED)]
+        events = [event_row(done, SUCCEEDED)]
         if downstream:
             released = conn.execute(sql_.release, params).all()
             released_any = bool(released)
-            events += [_event(r, RELEASED) for r in released if r.status == StepStatus.QUEUED]
+            events += [event_row(r, RELEASED) for r in released if r.status == StepStatus.QUEUED]
             queued = sorted(r.step_name for r in released if r.status == StepStatus.QUEUED)
         if continue_as is not None and queued:
             continued = conn.execute(sql_.continue_step, {**params, "step": queued[0]}).one()
-            events.append(_event(continued, CONTINUED))
+            events.append(event_row(continued, CONTINUED))
             queued = queued[1:]
         conn.execute(sql_.events, events)
     transition = TransitionResult(
@@ -557,7 +226,7 @@ def admit_and_claim(
     row = conn.execute(sql_.continue_step, params).first()
     if row is None:
         return admission, None
-    conn.execute(sql_.events, [_event(row, CLAIMED_AT_START)])
+    conn.execute(sql_.events, [event_row(row, CLAIMED_AT_START)])
     found = conn.execute(sql_.execution, params).one()
     route = admission.routes[execution_id]
     claim = Claim(

@@ -18,7 +18,7 @@ from sqlalchemy.sql.visitors import iterate
 
 from core import statements as sql
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StateMachine, StepStatus
-from core.steps import hot_path
+from core.step_statements import hot_path
 
 KEYS = [("e", "s")]
 
