@@ -26,13 +26,12 @@ def e2e_registry() -> WorkflowRegistry:
     return registry
 
 
-@pytest.fixture
-def conveyor_app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
-    """An app on the test database and a clean Redis."""
+def clean_app_settings(database: TestDatabase, redis_url: str) -> Settings:
+    """Settings of a test app on the test database and a Redis emptied for it."""
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     client.close()
-    settings = Settings(
+    return Settings(
         database_url=database.url,
         broker_url=redis_url,
         heartbeat_interval=0.5,
@@ -42,6 +41,12 @@ def conveyor_app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
         db_retry_initial_wait=0.01,
         db_retry_max_wait=0.2,
     )
+
+
+@pytest.fixture
+def conveyor_app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
+    """An app on the test database and a clean Redis."""
+    settings = clean_app_settings(database, redis_url)
     registry = e2e_registry()
     # Executions created through core (the seed's manager, the ORM) use these workflows.
     configure_registry(registry)

@@ -18,18 +18,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import redis
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from core.config import Settings
 from core.database import get_db_session
 from core.models import WorkflowExecution, WorkflowSchedule
 from core.registry import WorkflowRegistry
 from core.schedules import Schedule
 from core.workflows import StepContext, Workflow
 from tests.conftest import TestDatabase
-from tests.e2e.conftest import running_worker, wait_for
+from tests.e2e.conftest import clean_app_settings, running_worker, wait_for
 from worker.app import ConveyorCelery, create_app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,17 +59,7 @@ def add_one(ctx: StepContext, double: int) -> int:
 @pytest.fixture
 def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
     """An app on the test database and a clean Redis, with ``ticking`` registered."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
-    settings = Settings(
-        database_url=database.url,
-        broker_url=redis_url,
-        heartbeat_interval=0.5,
-        db_retry_initial_wait=0.01,
-        db_retry_max_wait=0.2,
-    )
-    return create_app(settings, WorkflowRegistry([ticking]))
+    return create_app(clean_app_settings(database, redis_url), WorkflowRegistry([ticking]))
 
 
 @contextlib.contextmanager
