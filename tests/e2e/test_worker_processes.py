@@ -70,6 +70,17 @@ def worker_process(
                 process.wait()
 
 
+def recover_stalled(app: ConveyorCelery, timeout: float = 60) -> list[tuple[str, str]]:
+    """Reconciler passes, as beat runs them, until one requeues a stalled step; those."""
+    deadline = time.monotonic() + timeout
+    while True:
+        requeued = app.engine.reconcile().requeued
+        if requeued:
+            return requeued
+        assert time.monotonic() < deadline, f"no stalled step was recovered in {timeout}s"
+        time.sleep(0.5)
+
+
 def test_soft_timeout_fails_the_attempt_and_follows_the_retry_policy(
     database: TestDatabase, redis_url: str, conveyor_app: ConveyorCelery, tmp_path: Path
 ) -> None:
@@ -98,10 +109,7 @@ def test_worker_killed_mid_step_is_recovered_and_the_execution_finishes(
         first.wait()
     with worker_process(database, redis_url, tmp_path / "second.log"):
         # What beat would do every few seconds: a reconciler pass.
-        deadline = time.monotonic() + 60
-        while not engine.reconcile().requeued:
-            assert time.monotonic() < deadline, "the stalled step was never recovered"
-            time.sleep(0.5)
+        recover_stalled(conveyor_app)
         execution = wait_for(execution_id, timeout=60)
     assert execution.status == "succeeded"
     assert execution.output_data == {"after_crash": "recovered on attempt 2"}
@@ -132,12 +140,7 @@ def test_one_killed_pool_process_is_recovered_while_its_siblings_live(
         child_pid = int(victim_worker.rsplit(":", 1)[1])
         assert child_pid not in (0, worker.pid, os.getpid())
         os.kill(child_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        recovered: list[tuple[str, str]] = []
-        while not recovered:
-            assert time.monotonic() < deadline, "the dead child's step was never recovered"
-            recovered = engine.reconcile().requeued
-            time.sleep(0.5)
+        recovered = recover_stalled(conveyor_app)
         assert recovered == [(victim, "hang_first_time")]
         execution = wait_for(victim, timeout=60)
         # The survivor is still in its first attempt, beating: never taken for stalled.
@@ -177,10 +180,7 @@ def test_a_continued_step_whose_worker_is_killed_is_recovered_and_completes_once
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     with worker_process(database, redis_url, tmp_path / "second.log"):
-        deadline = time.monotonic() + 60
-        while not engine.reconcile().requeued:
-            assert time.monotonic() < deadline, "the continued step was never recovered"
-            time.sleep(0.5)
+        recover_stalled(conveyor_app)
         execution = wait_for(execution_id, timeout=60)
     assert execution.status == "succeeded"
     assert execution.output_data == {"carry": "handed over, carried"}
