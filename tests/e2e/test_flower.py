@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+import httpx2
 
 from tests.servers import free_port
 
@@ -51,15 +51,15 @@ def test_flower_requires_basic_auth(redis_url: str, tmp_path: Path) -> None:
         while True:
             assert process.poll() is None, log.read_text()
             try:
-                anonymous = httpx.get(url, timeout=2)
+                anonymous = httpx2.get(url, timeout=2)
                 break
-            except httpx.TransportError:
+            except httpx2.TransportError:
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
         assert anonymous.status_code == 401
-        wrong = httpx.get(url, auth=("ops", "guess"), timeout=5)
+        wrong = httpx2.get(url, auth=("ops", "guess"), timeout=5)
         assert wrong.status_code == 401
-        right = httpx.get(url, auth=("ops", "s3cret-for-the-test"), timeout=5)
+        right = httpx2.get(url, auth=("ops", "s3cret-for-the-test"), timeout=5)
         assert right.status_code == 200
         assert "Flower" in right.text
         assert b"s3cret-for-the-test" not in log.read_bytes()
