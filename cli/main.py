@@ -3,7 +3,9 @@ schedules, demo.
 
 Commands are thin: reads go through core's state manager, writes through the worker's
 producer and engine. Every ConveyorError becomes one red line on stderr and exit
-status 1; usage errors exit 2. Nothing here prints the database or broker URL.
+status 1; usage errors exit 2. Nothing here prints the database or broker URL. Each
+command that touches state first checks that the schema is at head (``cli.schema``),
+so an unmigrated database is met with "run `conveyor migrate`", and is never created.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 
-from cli import render
+from cli import documents, render, schema
 from cli import schedules as cli_schedules
 from cli.render import stderr, stdout
 from core.database import get_database
@@ -61,6 +63,11 @@ FAILED = 1
 USAGE = 2
 INTERRUPTED = 130
 POLL_SECONDS = 0.2
+# Seconds an execution may stay pending under --wait before asking whether any worker
+# is up: long enough that a normal start never pays for the ping.
+HINT_AFTER = 5.0
+PING_TIMEOUT = 1.0
+START_WORKER = "celery -A worker.app worker"
 FINAL_EXECUTION = frozenset(status.value for status in EXECUTIONS.final)
 FINAL_STEP = frozenset(status.value for status in STEPS.final)
 
@@ -147,6 +154,17 @@ def reported(fn: Callable[P, R]) -> Callable[P, R]:
     return command_body
 
 
+def migrated(fn: Callable[P, R]) -> Callable[P, R]:
+    """Refuse to run ``fn`` unless the database's schema is at head (goes under ``reported``)."""
+
+    @functools.wraps(fn)
+    def command_body(*args: P.args, **kwargs: P.kwargs) -> R:
+        schema.require_migrated(get_database().settings)
+        return fn(*args, **kwargs)
+
+    return command_body
+
+
 app = typer.Typer(
     name="conveyor",
     no_args_is_help=True,
@@ -208,10 +226,39 @@ def parse_input(text: str) -> Any:
         fail(f"{source} is not valid JSON: {error}", USAGE)
 
 
-def watch(execution_id: str, timeout: float | None) -> WorkflowExecution:
-    """Poll the execution with a progress bar of its steps until it ends or ``timeout`` passes."""
+def workers_answering(celery_app: ConveyorCelery) -> int | None:
+    """How many workers answer a ping; None when the broker cannot tell (no broadcast)."""
+    try:
+        return len(celery_app.control.ping(timeout=PING_TIMEOUT) or ())
+    except Exception:  # a hint only: a transport without broadcast, or a broker hiccup
+        return None
+
+
+def no_worker_hint(celery_app: ConveyorCelery, waited: float) -> str | None:
+    """What to tell someone whose execution has been pending ``waited`` seconds, if anything."""
+    answering = workers_answering(celery_app)
+    if answering:  # a worker is up: the execution waits on a concurrency limit or a backlog
+        return None
+    if answering == 0:
+        return (
+            f"no worker has answered in {waited:.0f} s: start one with `{START_WORKER}` "
+            "(the execution stays pending until one does)"
+        )
+    return (
+        f"the execution is still pending after {waited:.0f} s: if no worker runs, start one "
+        f"with `{START_WORKER}` (it stays pending until one does)"
+    )
+
+
+def watch(
+    execution_id: str, timeout: float | None, celery_app: ConveyorCelery
+) -> WorkflowExecution:
+    """Poll the execution with a progress bar of its steps until it ends or ``timeout`` passes;
+    if it stays pending past HINT_AFTER and no worker answers, say how to start one."""
     manager = SyncEnhancedExecutionStateManager()
-    deadline = None if timeout is None else time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    hinted = False
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}", markup=False),
@@ -233,15 +280,22 @@ def watch(execution_id: str, timeout: float | None) -> WorkflowExecution:
             )
             if execution.status in FINAL_EXECUTION:
                 return execution
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 return execution
+            pending = execution.status == ExecutionStatus.PENDING
+            if pending and not hinted and now - started >= HINT_AFTER:
+                hinted = True  # once: the wait goes on, and so would the pings
+                hint = no_worker_hint(celery_app, now - started)
+                if hint is not None:
+                    progress.console.print(f"hint: {hint}", markup=False, soft_wrap=True)
             time.sleep(POLL_SECONDS)
 
 
-def follow(execution_id: str, timeout: float | None) -> NoReturn:
+def follow(execution_id: str, timeout: float | None, celery_app: ConveyorCelery) -> NoReturn:
     """Wait for the execution, print its outcome and output; exit 0 only if it succeeded."""
     try:
-        execution = watch(execution_id, timeout)
+        execution = watch(execution_id, timeout, celery_app)
     except KeyboardInterrupt:
         stderr().print(f"Stopped waiting; execution {execution_id} goes on.", soft_wrap=True)
         raise typer.Exit(INTERRUPTED) from None
@@ -266,10 +320,14 @@ TimeoutOption = Annotated[
     float | None, typer.Option(min=0, help="Stop waiting after this many seconds (implies --wait).")
 ]
 ExecutionId = Annotated[str, typer.Argument(help="The execution's id.", show_default=False)]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")
+]
 
 
 @app.command()
 @reported
+@migrated
 def run(
     ctx: typer.Context,
     workflow: Annotated[str, typer.Argument(help="A registered workflow's name.")],
@@ -291,16 +349,13 @@ def run(
 ) -> None:
     """Enqueue an execution of WORKFLOW and print its id."""
     data = parse_input(input_json)
+    celery_app = ctx.ensure_object(CliState).app
     execution_id = enqueue(
-        workflow,
-        data,
-        idempotency_key=idempotency_key,
-        priority=priority,
-        app=ctx.ensure_object(CliState).app,
+        workflow, data, idempotency_key=idempotency_key, priority=priority, app=celery_app
     )
     typer.echo(execution_id)
     if wait or timeout is not None:
-        follow(execution_id, timeout)
+        follow(execution_id, timeout, celery_app)
 
 
 def definition_of(state: CliState, execution: WorkflowExecution) -> Workflow | None:
@@ -313,6 +368,7 @@ def definition_of(state: CliState, execution: WorkflowExecution) -> Workflow | N
 
 @app.command()
 @reported
+@migrated
 def status(
     ctx: typer.Context,
     execution_id: ExecutionId,
@@ -322,12 +378,17 @@ def status(
     traceback: Annotated[
         bool, typer.Option("--traceback", help="Also print the failure's traceback.")
     ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Show an execution: status, output or error, its steps, and its DAG."""
     manager = SyncEnhancedExecutionStateManager()
     execution = manager.get_execution(execution_id)
     steps = manager.get_steps(execution_id)
     workflow = definition_of(ctx.ensure_object(CliState), execution)
+    if as_json:  # the error, traceback included, is in the document already
+        events = manager.get_history(execution_id) if history else None
+        documents.emit(documents.execution_with_steps(execution, steps, workflow, events))
+        return
     console = stdout()
     console.print(render.execution_summary(execution))
     console.print(render.steps_table(steps, list(workflow.order()) if workflow else ()))
@@ -341,17 +402,22 @@ def status(
 
 @app.command("list")
 @reported
+@migrated
 def list_executions(
     status: Annotated[
         ExecutionStatus | None, typer.Option(help="Only executions in this status.")
     ] = None,
     workflow: Annotated[str | None, typer.Option(help="Only executions of this workflow.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many.")] = 20,
+    as_json: JsonOption = False,
 ) -> None:
     """List executions, newest first."""
     executions = SyncEnhancedExecutionStateManager().list_executions(
         status=status, workflow_id=workflow, limit=limit
     )
+    if as_json:
+        documents.emit([documents.execution(execution) for execution in executions])
+        return
     if not executions:
         stdout().print("No executions found.")
         return
@@ -360,6 +426,7 @@ def list_executions(
 
 @app.command()
 @reported
+@migrated
 def cancel(
     ctx: typer.Context,
     execution_id: ExecutionId,
@@ -384,6 +451,7 @@ def cancel(
 
 @app.command()
 @reported
+@migrated
 def retry(
     ctx: typer.Context,
     execution_id: ExecutionId,
@@ -391,7 +459,8 @@ def retry(
     timeout: TimeoutOption = None,
 ) -> None:
     """Re-run a failed, cancelled or timed-out execution from its unfinished steps."""
-    engine = ctx.ensure_object(CliState).app.engine
+    celery_app = ctx.ensure_object(CliState).app
+    engine = celery_app.engine
     retried = engine.retry(execution_id)
     execution = engine.manager.get_execution(execution_id)
     if not retried:
@@ -401,14 +470,17 @@ def retry(
         )
     stdout().print(f"Retrying {execution_id} (attempt {execution.attempt}).", soft_wrap=True)
     if wait or timeout is not None:
-        follow(execution_id, timeout)
+        follow(execution_id, timeout, celery_app)
 
 
 @app.command()
 @reported
-def workflows(ctx: typer.Context) -> None:
+def workflows(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List the registered workflows (from CONVEYOR_WORKFLOW_MODULES)."""
     registry = ctx.ensure_object(CliState).workflows
+    if as_json:  # definitions only: nothing here reads the database
+        documents.emit([documents.workflow(definition) for definition in registry])
+        return
     if not len(registry):
         stdout().print("No workflows registered: list their modules in CONVEYOR_WORKFLOW_MODULES.")
         return
@@ -431,7 +503,8 @@ ScheduleName = Annotated[
 def schedules(ctx: typer.Context) -> None:
     """List each schedule: when it fires, its next and last run, whether it is paused."""
     if ctx.invoked_subcommand is not None:
-        return
+        return  # pause and resume check the schema themselves
+    schema.require_migrated(get_database().settings)
     table = cli_schedules.schedules_table(ctx.ensure_object(CliState).workflows)
     if table is None:
         stdout().print("No schedules: declare them with Workflow(..., schedules=[Schedule(...)]).")
@@ -441,6 +514,7 @@ def schedules(ctx: typer.Context) -> None:
 
 @schedules_app.command()
 @reported
+@migrated
 def pause(ctx: typer.Context, workflow: ScheduleWorkflow, name: ScheduleName) -> None:
     """Pause a schedule: no tick of it runs until it is resumed (no deploy needed)."""
     registry = ctx.ensure_object(CliState).workflows
@@ -449,6 +523,7 @@ def pause(ctx: typer.Context, workflow: ScheduleWorkflow, name: ScheduleName) ->
 
 @schedules_app.command()
 @reported
+@migrated
 def resume(ctx: typer.Context, workflow: ScheduleWorkflow, name: ScheduleName) -> None:
     """Resume a paused schedule at its next tick (the ticks it missed do not run)."""
     registry = ctx.ensure_object(CliState).workflows
@@ -470,3 +545,8 @@ def demo() -> None:
 
 if __name__ == "__main__":
     app()
+
+
+# ``conveyor users`` and ``conveyor tokens`` live in a module of their own that adds
+# them to ``app``; imported last because it uses this module's decorators.
+from cli import accounts as _accounts  # noqa: E402, F401

@@ -99,13 +99,33 @@ class Settings(BaseSettings):
     retry_countdown_max: Annotated[float, Field(ge=0)] = 60.0
     schedule_interval: Annotated[float, Field(gt=0)] = 1.0
     default_queue: str = "conveyor"
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines of worker and beat: Celery's text, or one JSON object a line.",
+    )
+    tracing: bool = Field(
+        default=False,
+        description="OpenTelemetry spans of execution starts and step runs (conveyor[otel]).",
+    )
     task_sent_events: bool = Field(
         default=False,
         description="Publish Celery's task-sent event with every message (Flower's PENDING).",
     )
+    api_token_ttl_days: Annotated[int, Field(ge=1, le=3650)] = Field(
+        default=30,
+        description="Days an API token lives unless issued with a shorter life.",
+    )
+    api_max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=2_097_152,
+        description="Largest HTTP request body the API reads (larger: 413).",
+    )
     dispatcher: str = Field(
         default="worker.app:dispatch_starts",
         description="module:callable that publishes starts of executions created through core.",
+    )
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        default=None,
+        description="Port of a worker's Prometheus /metrics (None: no server).",
     )
 
     @field_validator("workflow_modules", mode="before")
@@ -114,6 +134,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _blank_port_is_none(cls, value: object) -> object:
+        # CONVEYOR_METRICS_PORT= (set but empty, as compose files leave it) means off.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("database_url", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypedDict
 
 from sqlalchemy import exc as sa_exc
 
@@ -60,6 +61,18 @@ class DefinitionError(ConveyorError):
 class InputValidationError(ConveyorError, ValueError):
     """The input given is not valid."""
 
+    def __init__(self, message: str | None = None, errors: list[FieldError] | None = None) -> None:
+        super().__init__(message)
+        # One entry per bad field, for callers that show them apart (the HTTP API's 422).
+        self.errors: list[FieldError] = errors or []
+
+
+class FieldError(TypedDict):
+    """One field of an input that was refused: where it is and what is wrong."""
+
+    field: str
+    message: str
+
 
 class InvalidStatus(InputValidationError):
     """A status name that the state machine does not know."""
@@ -107,6 +120,28 @@ class AlreadyExists(ConveyorError, ValueError):
 
 class IdempotencyConflict(AlreadyExists):
     """The idempotency key is already used by an execution with other arguments."""
+
+
+class UserNotFound(NotFound):
+    """No user has this id or email."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no user {key!r}")
+
+
+class TokenNotFound(NotFound):
+    """No API token of this user has this id."""
+
+    def __init__(self, token_id: str) -> None:
+        super().__init__(f"no API token with id {token_id!r}")
+
+
+class Unauthenticated(ConveyorError):
+    """A valid API token is required: send ``Authorization: Bearer <token>``."""
+
+
+class Forbidden(ConveyorError):
+    """This user may not do this."""
 
 
 class DatabaseError(ConveyorError):

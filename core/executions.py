@@ -9,6 +9,7 @@ the reconciler's pass in ``core.reconciler``.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -172,8 +173,8 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
     """Insert many executions with one INSERT each for executions, steps and events.
 
     Executions whose idempotency key is already taken are not inserted: the existing
-    execution is returned (created=False) when it has the same workflow and input, and
-    IdempotencyConflict is raised when it does not.
+    execution is returned (created=False) when it has the same workflow, input and
+    triggering user, and IdempotencyConflict is raised when it does not.
     """
     ids = [new_id() for _ in batch]
     rows = [
@@ -207,6 +208,11 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
         same_input = json.dumps(existing.input_data, sort_keys=True) == json.dumps(
             new.input_data, sort_keys=True
         )
+        if existing.triggered_by != new.triggered_by:
+            # Another user's execution: neither its id nor its existence is theirs to learn.
+            raise IdempotencyConflict(
+                f"idempotency key {new.idempotency_key!r} is already used by another user"
+            )
         if existing.workflow_id != new.workflow_id or not same_input:
             raise IdempotencyConflict(
                 f"idempotency key {new.idempotency_key!r} is already used by execution "
@@ -246,12 +252,86 @@ def get_execution(conn: Connection, execution_id: str) -> WorkflowExecution:
     return found
 
 
+@dataclass(frozen=True)
+class ExecutionFilter:
+    """Which executions a listing returns; None means any."""
+
+    statuses: frozenset[ExecutionStatus] | None = None
+    workflow_id: str | None = None
+    triggered_by: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ExecutionPage:
+    """One page of a listing, newest first, and the cursor of the next (None: last)."""
+
+    items: list[WorkflowExecution]
+    next_cursor: str | None
+
+
+def encode_cursor(execution: WorkflowExecution) -> str:
+    """The opaque position just past ``execution`` in newest-first order."""
+    position = json.dumps([execution.created_at.isoformat(), execution.execution_id])
+    return base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position a cursor names (InputValidationError when it is not one of ours)."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, execution_id = json.loads(raw)
+        moment = datetime.fromisoformat(created)
+        if moment.tzinfo is None or not isinstance(execution_id, str):
+            raise ValueError(cursor)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise InputValidationError(
+            "cursor is not valid: pass the next_cursor of a previous page",
+            [{"field": "cursor", "message": "not a cursor this API returned"}],
+        ) from None
+    return moment, execution_id
+
+
+def page_executions(
+    conn: Connection, where: ExecutionFilter, limit: int, cursor: str | None = None
+) -> ExecutionPage:
+    """A page of executions, newest first (created_at, then id, both descending).
+
+    Keyset pagination: a page starts strictly after the cursor's row, so rows inserted
+    while a client pages through neither shift later pages (no row repeats) nor push
+    earlier rows out of reach (no row is skipped).
+    """
+    after = decode_cursor(cursor) if cursor is not None else None
+    rows = list(
+        orm(conn)
+        .execute(
+            sql.page_executions(
+                statuses=where.statuses,
+                workflow_id=where.workflow_id,
+                triggered_by=where.triggered_by,
+                created_after=where.created_after,
+                created_before=where.created_before,
+                limit=limit + 1,
+                after=after,
+            )
+        )
+        .scalars()
+        .all()
+    )
+    more = len(rows) > limit
+    items = rows[:limit]
+    return ExecutionPage(items, encode_cursor(items[-1]) if more else None)
+
+
 def list_executions(
     conn: Connection, status: ExecutionStatus | None, workflow_id: str | None, limit: int
 ) -> list[WorkflowExecution]:
-    """Executions, newest first."""
-    query = sql.select_executions(status=status, workflow_id=workflow_id, limit=limit)
-    return list(orm(conn).execute(query).scalars().all())
+    """The newest ``limit`` executions, optionally of one status and workflow."""
+    where = ExecutionFilter(
+        statuses=frozenset({status}) if status is not None else None, workflow_id=workflow_id
+    )
+    return page_executions(conn, where, limit).items
 
 
 def get_steps(conn: Connection, execution_id: str) -> list[StepExecution]:

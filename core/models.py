@@ -147,9 +147,7 @@ class WorkflowExecution(Timestamped, Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
     priority: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
-    triggered_by: Mapped[str | None] = mapped_column(
-        ForeignKey("users.id", ondelete="SET NULL"), index=True
-    )
+    triggered_by: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     deadline_at: Mapped[datetime | None]
@@ -169,6 +167,10 @@ class WorkflowExecution(Timestamped, Base):
         Index("ix_workflow_executions_status_created", "status", "created_at"),
         # Listing by workflow, and the per-workflow concurrency limit's count of running.
         Index("ix_workflow_executions_workflow_status", "workflow_id", "status", "created_at"),
+        # The API's listings page by (created_at, execution_id): everyone's (admins) and
+        # one user's own executions.
+        Index("ix_workflow_executions_created", "created_at", "execution_id"),
+        Index("ix_workflow_executions_triggered_by_created", "triggered_by", "created_at"),
         # The reconciler's "open executions past their deadline"; partial, so its cost
         # follows the open work, not the table.
         Index(

@@ -4,12 +4,14 @@ Each transition is one ``UPDATE ... WHERE status IN (<allowed sources>) RETURNIN
 the database decides who wins a race, and an empty result means "not applied".
 ``previous_status = status`` in the SET clause records the source status (SET
 expressions read the row's old values), so RETURNING can report where a row came from.
-Nothing here executes anything; ``core.operations`` yields these to a runner.
+Nothing here executes anything; the units of work in ``core.executions``,
+``core.steps`` and ``core.reconciler`` run them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -70,7 +72,9 @@ def insert_executions(
 
 def select_by_idempotency_key(key: str) -> Select[Any]:
     """The execution already holding ``key``, with what a reuse is compared on."""
-    return select(WE.execution_id, WE.workflow_id, WE.input_data).where(WE.idempotency_key == key)
+    return select(WE.execution_id, WE.workflow_id, WE.input_data, WE.triggered_by).where(
+        WE.idempotency_key == key
+    )
 
 
 def insert_rows(model: type[StepExecution] | type[ExecutionEvent]) -> Insert:
@@ -123,18 +127,30 @@ def select_history(execution_id: str) -> Select[ExecutionEvent]:
     )
 
 
-def select_executions(
+def page_executions(
     *,
-    status: ExecutionStatus | None,
+    statuses: Collection[ExecutionStatus] | None,
     workflow_id: str | None,
+    triggered_by: str | None,
+    created_after: datetime | None,
+    created_before: datetime | None,
     limit: int,
+    after: tuple[datetime, str] | None,
 ) -> Select[WorkflowExecution]:
-    """Executions, newest first, filtered by status and workflow (index-backed)."""
-    query = select(WE).order_by(WE.created_at.desc(), WE.execution_id).limit(limit)
-    if status is not None:
-        query = query.where(WE.status == status.value)
+    """Executions newest first, strictly after the keyset position ``after``."""
+    query = select(WE).order_by(WE.created_at.desc(), WE.execution_id.desc()).limit(limit)
+    if after is not None:
+        query = query.where(tuple_(WE.created_at, WE.execution_id) < tuple_(*after))
+    if statuses is not None:
+        query = query.where(WE.status.in_(sorted(s.value for s in statuses)))
     if workflow_id is not None:
         query = query.where(WE.workflow_id == workflow_id)
+    if triggered_by is not None:
+        query = query.where(WE.triggered_by == triggered_by)
+    if created_after is not None:
+        query = query.where(WE.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(WE.created_at < created_before)
     return query
 
 
@@ -220,10 +236,12 @@ def transition_steps(
         update(SE)
         .where(*conditions)
         .values(
-            status=target.value,
-            previous_status=SE.status,
-            **_status_timestamps_step(target, retry),
-            **(values or {}),
+            {
+                "status": target.value,
+                "previous_status": SE.status,
+                **_status_timestamps_step(target, retry),
+                **(values or {}),  # may override a timestamp
+            }
         )
         .returning(*STEP_RETURNING)
         .execution_options(**_BULK)

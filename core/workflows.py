@@ -30,7 +30,7 @@ from typing import Any, Protocol, get_type_hints
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.errors import PydanticSchemaGenerationError
 
-from core.errors import DefinitionError, InputValidationError
+from core.errors import DefinitionError, FieldError, InputValidationError
 from core.schedules import Schedule, check_schedules
 
 NO_ANNOTATION = inspect.Signature.empty
@@ -271,12 +271,16 @@ class Workflow:
         try:
             model = self.input_model.model_validate(data)
         except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(input)'}: {e['msg']}"
-                for e in error.errors()
-            )
+            fields: list[FieldError] = [
+                {
+                    "field": ".".join(str(p) for p in e["loc"]) or "(input)",
+                    "message": e["msg"],
+                }
+                for e in error.errors(include_url=False, include_input=False)
+            ]
+            problems = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
             raise InputValidationError(
-                f"input for workflow {self.name!r} is not valid: {problems}"
+                f"input for workflow {self.name!r} is not valid: {problems}", fields
             ) from None
         return model.model_dump(mode="json")
 

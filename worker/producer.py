@@ -103,6 +103,30 @@ def enqueue_many(
 
     Every input is validated before anything is written; one bad input writes nothing.
     """
+    created = submit_many(
+        workflow,
+        inputs,
+        idempotency_keys=idempotency_keys,
+        priority=priority,
+        deadline=deadline,
+        triggered_by=triggered_by,
+        app=app,
+    )
+    return [c.execution_id for c in created]
+
+
+def submit_many(
+    workflow: Workflow | str,
+    inputs: Iterable[Any],
+    *,
+    idempotency_keys: Sequence[str | None] | None = None,
+    priority: int | None = None,
+    deadline: datetime | timedelta | None = None,
+    triggered_by: str | None = None,
+    app: ConveyorCelery | None = None,
+) -> list[CreatedExecution]:
+    """``enqueue_many``, telling for each execution whether this call created it (False:
+    its idempotency key named an existing one, which was not started again)."""
     celery_app = _app(app)
     batch = list(inputs)
     keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(batch)
@@ -127,4 +151,4 @@ def enqueue_many(
             len(fresh),
             exc_info=True,
         )
-    return [c.execution_id for c in created]
+    return created

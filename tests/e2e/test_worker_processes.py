@@ -4,70 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import TestDatabase
 from tests.e2e.conftest import wait_for
+from tests.helpers.processes import worker_process
 from tests.helpers.state import events, step_row
 from worker.app import ConveyorCelery
 from worker.producer import enqueue
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@contextmanager
-def worker_process(
-    database: TestDatabase, broker_url: str, log: Path, concurrency: int = 2
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A prefork `celery -A worker.app worker` in its own process group, until ready."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "CONVEYOR_DATABASE_URL": database.url,
-        "CONVEYOR_BROKER_URL": broker_url,
-        "CONVEYOR_WORKFLOW_MODULES": "tests.e2e.workflows",
-        "CONVEYOR_HEARTBEAT_INTERVAL": "0.5",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.app",
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        str(concurrency),
-        "--loglevel",
-        "info",
-        "--without-mingle",
-        "--without-gossip",
-    ]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while b"ready." not in log.read_bytes():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
 
 
 def recover_stalled(app: ConveyorCelery, timeout: float = 60) -> list[tuple[str, str]]:

@@ -1,0 +1,1 @@
+"""conveyor's HTTP API and dashboard: ``uvicorn api.app:app`` (install ``conveyor[api]``)."""

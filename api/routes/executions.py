@@ -1,0 +1,181 @@
+"""Executions: enqueue, read (with steps and history), list by keyset pages, cancel, retry.
+
+A member sees and acts on the executions they triggered; others' answer 404, as if
+they did not exist. Admins see all.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+from pydantic import AwareDatetime
+from sqlalchemy import Connection
+
+from api.auth import Caller, owner_filter
+from api.schemas import (
+    CancelRequest,
+    EventOut,
+    ExecutionCreate,
+    ExecutionDetail,
+    ExecutionOut,
+    ExecutionPage,
+    StepOut,
+)
+from api.services import Conveyor
+from core import executions
+from core.accounts import Principal
+from core.errors import (
+    ExecutionNotFound,
+    FieldError,
+    InputValidationError,
+    InvalidTransition,
+    WorkflowNotFound,
+)
+from core.executions import ExecutionFilter
+from core.models import ExecutionEvent, StepExecution, WorkflowExecution
+from core.states import ExecutionStatus
+from worker.producer import submit_many
+
+router = APIRouter(prefix="/executions", tags=["executions"])
+
+
+def _in_input(field: str) -> str:
+    return "input" if field == "(input)" else f"input.{field}"
+
+
+def _visible(execution: WorkflowExecution, caller: Principal) -> WorkflowExecution:
+    if not caller.is_admin and execution.triggered_by != caller.user_id:
+        raise ExecutionNotFound(execution.execution_id)
+    return execution
+
+
+def _detail(
+    conn: Connection, execution_id: str
+) -> tuple[WorkflowExecution, list[StepExecution], list[ExecutionEvent]]:
+    # One transaction, so steps and history are of the same moment as the execution.
+    return (
+        executions.get_execution(conn, execution_id),
+        executions.get_steps(conn, execution_id),
+        executions.get_history(conn, execution_id),
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ExecutionOut,
+    responses={200: {"model": ExecutionOut, "description": "The idempotency key's execution."}},
+)
+def enqueue(
+    body: ExecutionCreate, caller: Caller, conveyor: Conveyor, response: Response
+) -> ExecutionOut:
+    """Validate the input, commit a pending execution and publish its start."""
+    try:
+        (created,) = submit_many(
+            body.workflow,
+            [body.input],
+            idempotency_keys=[body.idempotency_key],
+            priority=body.priority,
+            deadline=body.deadline,
+            triggered_by=caller.user_id,
+            app=conveyor.celery_app,
+        )
+    except WorkflowNotFound as error:
+        raise InputValidationError(
+            str(error), [{"field": "workflow", "message": str(error)}]
+        ) from None
+    except InputValidationError as error:
+        # The workflow's own checks name fields of the input: say where they are.
+        fields: list[FieldError] = [
+            {"field": _in_input(e["field"]), "message": e["message"]} for e in error.errors
+        ]
+        raise InputValidationError(
+            str(error), fields or [{"field": "input", "message": str(error)}]
+        ) from None
+    if not created.created:
+        response.status_code = status.HTTP_200_OK
+    response.headers["Location"] = f"/executions/{created.execution_id}"
+    execution = conveyor.engine.manager.run(executions.get_execution, created.execution_id)
+    return ExecutionOut.of(execution)
+
+
+@router.get("", response_model=ExecutionPage)
+def list_executions(
+    caller: Caller,
+    conveyor: Conveyor,
+    status_: Annotated[
+        list[ExecutionStatus] | None,
+        Query(alias="status", description="Any of these statuses (repeat the parameter)."),
+    ] = None,
+    workflow: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    created_after: Annotated[AwareDatetime | None, Query(description="Inclusive.")] = None,
+    created_before: Annotated[AwareDatetime | None, Query(description="Exclusive.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> ExecutionPage:
+    """Executions newest first, a page at a time: rows inserted meanwhile never make a
+    later page repeat or skip one."""
+    where = ExecutionFilter(
+        statuses=frozenset(status_) if status_ else None,
+        workflow_id=workflow,
+        triggered_by=owner_filter(caller),
+        created_after=created_after,
+        created_before=created_before,
+    )
+    page = conveyor.engine.manager.run(executions.page_executions, where, limit, cursor)
+    return ExecutionPage(
+        items=[ExecutionOut.of(e) for e in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get("/{execution_id}", response_model=ExecutionDetail)
+def read_execution(execution_id: str, caller: Caller, conveyor: Conveyor) -> ExecutionDetail:
+    """An execution, its steps, and every transition it went through."""
+    execution, steps, events = conveyor.engine.manager.run(_detail, execution_id)
+    _visible(execution, caller)
+    return ExecutionDetail(
+        **ExecutionOut.of(execution).model_dump(),
+        steps=[StepOut.of(s) for s in steps],
+        events=[EventOut.of(e) for e in events],
+    )
+
+
+@router.post("/{execution_id}/cancel", response_model=ExecutionOut)
+def cancel_execution(
+    execution_id: str,
+    caller: Caller,
+    conveyor: Conveyor,
+    body: CancelRequest | None = None,
+) -> ExecutionOut:
+    """Cancel a pending or running execution (running steps stop when they check);
+    cancelling a cancelled one again is a no-op; others are 409."""
+    engine = conveyor.engine
+    _visible(engine.manager.run(executions.get_execution, execution_id), caller)
+    reason = (body or CancelRequest()).reason
+    engine.cancel(execution_id, reason=f"{reason} (by {caller.email})")
+    execution = engine.manager.run(executions.get_execution, execution_id)
+    if execution.status != ExecutionStatus.CANCELLED:
+        raise InvalidTransition(
+            "execution",
+            execution.status,
+            ExecutionStatus.CANCELLED,
+            "only pending or running executions can be cancelled",
+        )
+    return ExecutionOut.of(execution)
+
+
+@router.post("/{execution_id}/retry", response_model=ExecutionOut)
+def retry_execution(execution_id: str, caller: Caller, conveyor: Conveyor) -> ExecutionOut:
+    """Run a failed, cancelled or timed-out execution again from its unfinished steps."""
+    engine = conveyor.engine
+    _visible(engine.manager.run(executions.get_execution, execution_id), caller)
+    if not engine.retry(execution_id):
+        current = engine.manager.run(executions.get_execution, execution_id)
+        raise InvalidTransition(
+            "execution",
+            current.status,
+            ExecutionStatus.RUNNING,
+            "only failed, cancelled or timed-out executions can be retried",
+        )
+    return ExecutionOut.of(engine.manager.run(executions.get_execution, execution_id))

@@ -1,0 +1,70 @@
+"""Workflows: what is registered, each with its steps, input schema and schedules."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import Connection
+
+from api.auth import Caller
+from api.schemas import ScheduleOut, StepDefinition, WorkflowOut
+from api.services import Conveyor
+from core import schedule_state, schedules
+from core.schedule_state import ScheduleState
+from core.workflows import Workflow
+
+router = APIRouter(prefix="/workflows", tags=["workflows"])
+
+
+def _schedules(conn: Connection, workflows: list[Workflow]) -> dict[tuple[str, str], ScheduleState]:
+    return schedule_state.read_rows(conn, schedules.declared(workflows))
+
+
+def _body(workflow: Workflow, rows: dict[tuple[str, str], ScheduleState]) -> WorkflowOut:
+    declared: list[ScheduleOut] = []
+    for schedule in workflow.schedules:
+        row = rows.get((workflow.name, schedule.label))
+        declared.append(
+            ScheduleOut(
+                name=schedule.label,
+                spec=schedule.when,
+                timezone=schedule.timezone,
+                paused=row is not None and row.paused,
+                next_run_at=row.next_tick_at if row is not None else None,
+                last_run_at=row.last_tick_at if row is not None else None,
+            )
+        )
+    return WorkflowOut(
+        name=workflow.name,
+        version=workflow.version,
+        description=workflow.description or None,
+        max_concurrency=workflow.max_concurrency,
+        deadline_seconds=workflow.deadline.total_seconds() if workflow.deadline else None,
+        input_schema=workflow.input_model.model_json_schema() if workflow.input_model else None,
+        steps=[
+            StepDefinition(
+                name=step.name,
+                depends_on=list(step.depends_on),
+                max_attempts=step.retry.max_attempts,
+                timeout=step.timeout,
+                soft_timeout=step.soft_timeout,
+            )
+            for step in workflow.steps.values()
+        ],
+        schedules=declared,
+    )
+
+
+@router.get("", response_model=list[WorkflowOut])
+def list_workflows(_: Caller, conveyor: Conveyor) -> list[WorkflowOut]:
+    """Every registered workflow (each version), by name."""
+    workflows = sorted(conveyor.engine.registry, key=lambda w: (w.name, w.version))
+    rows = conveyor.engine.manager.run(_schedules, workflows)
+    return [_body(w, rows) for w in workflows]
+
+
+@router.get("/{name}", response_model=WorkflowOut)
+def read_workflow(name: str, _: Caller, conveyor: Conveyor) -> WorkflowOut:
+    """The newest version of a workflow (404 when none is registered by that name)."""
+    workflow = conveyor.engine.registry.get(name)
+    rows = conveyor.engine.manager.run(_schedules, [workflow])
+    return _body(workflow, rows)
