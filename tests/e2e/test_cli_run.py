@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner, Result
 
+from cli import main as cli_main
 from cli.main import CliState, app
 from tests.helpers.state import execution_row
 from worker.app import ConveyorCelery
@@ -51,3 +53,13 @@ def test_run_wait_of_a_failing_workflow_exits_1_with_the_error_and_retry_reruns_
     assert lines[1].endswith("(attempt 2)")
     row = execution_row(execution_id)
     assert (row["status"], row["attempt"]) == ("failed", 2)
+
+
+def test_run_wait_gives_no_worker_hint_when_a_worker_answers(
+    worker: ConveyorCelery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli_main.workers_answering(worker) == 1  # what the hint asks; one worker runs
+    monkeypatch.setattr(cli_main, "HINT_AFTER", 0.0)  # ping at the first poll that sees pending
+    result = invoke(worker, "run", "linear", "-i", '{"start": 1}', "--wait", "--timeout", "30")
+    assert result.exit_code == 0, result.output
+    assert "hint:" not in result.stderr

@@ -7,26 +7,30 @@ on the test database and Kombu's in-memory broker, so publishing works and goes 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 import types
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text, update
 from sqlalchemy.engine import URL
 from typer.testing import CliRunner, Result
 
+from cli import main as cli_main
 from cli.main import CliState, app
 from core import database as core_database
 from core.config import Settings, get_settings
 from core.database import get_db_session
 from core.models import Base, ExecutionEvent, StepExecution, WorkflowExecution
 from core.registry import WorkflowRegistry
+from core.schedules import Schedule
 from core.workflows import StepContext, Workflow
 from migrations import alembic_config
 from tests.conftest import TestDatabase
@@ -45,6 +49,7 @@ nightly = Workflow(
     max_concurrency=3,
     deadline=timedelta(minutes=30),
     description="rebuild the search index",
+    schedules=[Schedule(every=timedelta(hours=1), name="hourly")],
 )
 
 
@@ -146,6 +151,80 @@ def empty_database(
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             admin.dispose()
+
+
+MIGRATE_FIRST = "run `conveyor migrate` first"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["list"],
+        ["list", "--json"],
+        ["status", "some-id", "--json"],
+        ["run", "linear", "--input", '{"start": 1}', "--wait"],
+        ["cancel", "some-id"],
+        ["retry", "some-id"],
+        ["schedules"],
+        ["schedules", "pause", "nightly", "hourly"],
+    ],
+    ids=lambda args: "-".join(a for a in args if a.isalpha()),
+)
+def test_every_command_on_an_unmigrated_database_says_to_migrate_and_creates_nothing(
+    backend: str, empty_database: URL, args: list[str]
+) -> None:
+    result = invoke(CliState(registry=registry()), *args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: the database has no conveyor tables")
+    assert result.stderr.rstrip().endswith(MIGRATE_FIRST)
+    assert result.stderr.count("\n") == 1
+    assert result.stdout == ""
+    if backend == "sqlite":  # a read must not leave an empty database file behind
+        assert empty_database.database is not None
+        assert not Path(empty_database.database).exists()
+    else:
+        engine = create_engine(empty_database)
+        try:
+            assert inspect(engine).get_table_names() == []
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.sqlite_only
+def test_an_empty_sqlite_file_says_to_migrate_and_is_left_untouched(empty_database: URL) -> None:
+    assert empty_database.database is not None
+    path = Path(empty_database.database)
+    path.touch()
+    result = invoke(None, "list")
+    assert result.exit_code == 1
+    assert result.stderr == f"error: the database has no conveyor tables: {MIGRATE_FIRST}\n"
+    assert path.stat().st_size == 0  # opened read-only: not even switched to WAL
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_a_database_behind_head_says_to_migrate(empty_database: URL) -> None:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    head = scripts.get_current_head()
+    assert head is not None
+    previous = scripts.get_revision(head).down_revision
+    assert isinstance(previous, str)
+    engine = create_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            command.upgrade(alembic_config(connection), previous)
+    finally:
+        engine.dispose()
+    result = invoke(None, "list")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: the database schema is behind (revision {previous}; this conveyor needs "
+        f"{head}): {MIGRATE_FIRST}\n"
+    )
+    migrated = invoke(None, "migrate")
+    assert migrated.exit_code == 0, migrated.output
+    listed = invoke(None, "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert json.loads(listed.stdout) == []
 
 
 def test_migrate_creates_the_tables_on_an_empty_database(backend: str, empty_database: URL) -> None:
@@ -251,6 +330,31 @@ def test_run_reads_the_input_from_a_file_and_from_stdin(state: CliState, tmp_pat
     assert execution_row(from_stdin.stdout.strip())["input_data"]["start"] == 6
 
 
+@pytest.mark.parametrize("broker", ["memory", "filesystem"])
+def test_run_wait_without_a_worker_hints_how_to_start_one_and_keeps_waiting(
+    database: TestDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broker: str
+) -> None:
+    monkeypatch.setattr(cli_main, "HINT_AFTER", 0.2)
+    monkeypatch.setattr(cli_main, "PING_TIMEOUT", 0.5)
+    settings = Settings(
+        database_url=database.url,
+        broker_url=f"{broker}://localhost/",
+        broker_folder=str(tmp_path / "broker"),
+    )
+    state = CliState(celery_app=create_app(settings, registry()))
+    result = invoke(state, "run", "linear", "--input", '{"start": 1}', "--wait", "--timeout", "2")
+    assert result.exit_code == 1
+    execution_id = result.stdout.strip()
+    hint = (
+        "hint: no worker has answered in 0 s: start one with `celery -A worker.app worker` "
+        "(the execution stays pending until one does)"
+    )
+    assert result.stderr.count(hint) == 1
+    # It went on waiting after the hint, until the timeout.
+    assert result.stderr.index(hint) < result.stderr.index("gave up waiting after 2s")
+    assert execution_row(execution_id)["status"] == "pending"
+
+
 def test_run_wait_gives_up_after_the_timeout_and_leaves_the_execution(state: CliState) -> None:
     result = invoke(state, "run", "linear", "--input", '{"start": 1}', "--timeout", "0.3")
     assert result.exit_code == 1
@@ -306,6 +410,31 @@ def test_list_shows_each_execution_with_its_status_and_filters(state: CliState) 
     nothing = invoke(state, "list", "--status", "timed_out")
     assert nothing.exit_code == 0
     assert "No executions found." in nothing.stdout
+
+
+def test_list_json_is_one_document_of_executions(state: CliState) -> None:
+    done = enqueue(state, "linear", '{"start": 1}')
+    waiting = enqueue(state, "broken", "null")
+    set_execution(done, status="succeeded", output_data={"describe": 3})
+
+    result = invoke(state, "list", "--json")
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert [e["execution_id"] for e in listed] == [waiting, done]  # newest first
+    first = listed[1]
+    assert first["workflow"] == "linear"
+    assert first["workflow_version"] == 1
+    assert first["status"] == "succeeded"
+    assert first["input"] == {"start": 1, "times": 1}
+    assert first["output"] == {"describe": 3}
+    assert first["started_at"] is None
+    assert datetime.fromisoformat(first["created_at"]).utcoffset() == timedelta(0)
+    assert "\x1b" not in result.stdout
+
+    only_pending = json.loads(invoke(state, "list", "--json", "--status", "pending").stdout)
+    assert [e["execution_id"] for e in only_pending] == [waiting]
+    nothing = invoke(state, "list", "--json", "--status", "timed_out")
+    assert json.loads(nothing.stdout) == []
 
 
 def test_list_refuses_an_unknown_status_as_a_usage_error(state: CliState) -> None:
@@ -365,6 +494,39 @@ def test_status_without_the_definition_lists_the_steps_from_their_rows(
         assert line in result.stdout
 
 
+def test_status_json_holds_the_execution_its_steps_and_their_dependencies(
+    state: CliState,
+) -> None:
+    execution_id = failed_linear(state)
+    result = invoke(state, "status", execution_id, "--json", "--history")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["execution_id"] == execution_id
+    assert document["status"] == "failed"
+    assert document["error"]["step"] == "add_one"
+    assert document["error"]["traceback"] == "Traceback: ..."
+    steps = {s["name"]: s for s in document["steps"]}
+    assert [s["name"] for s in document["steps"]] == ["double", "add_one", "describe"]
+    assert steps["double"]["depends_on"] == []
+    assert steps["add_one"]["depends_on"] == ["double"]
+    assert (steps["double"]["status"], steps["double"]["output"]) == ("succeeded", 40)
+    assert (steps["add_one"]["status"], steps["add_one"]["attempt"]) == ("failed", 2)
+    assert steps["add_one"]["error"]["type"] == "ValueError"
+    assert steps["describe"]["status"] == "skipped"
+    assert document["history"][0]["to"] == "pending"
+    datetime.fromisoformat(document["history"][0]["at"])
+
+    without = json.loads(invoke(state, "status", execution_id, "--json").stdout)
+    assert "history" not in without
+
+
+def test_status_json_of_an_unknown_id_is_an_error_on_stderr(state: CliState) -> None:
+    result = invoke(state, "status", "0c1d-not-there", "--json")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == "error: no workflow execution with id '0c1d-not-there'\n"
+
+
 def test_status_shows_the_history_and_the_traceback_on_request(state: CliState) -> None:
     execution_id = failed_linear(state)
     result = invoke(state, "status", execution_id, "--history", "--traceback")
@@ -421,6 +583,30 @@ def test_workflows_lists_each_definition(state: CliState) -> None:
     assert table["nightly"][1:] == ["2", "2", "3", "30m00s", "rebuild", "the", "search", "index"]
     assert table["linear"][1:] == ["1", "3", "-", "-"]
     assert table["broken"][1:] == ["1", "3", "-", "-"]
+
+
+def test_workflows_json_holds_steps_input_schema_and_schedules(state: CliState) -> None:
+    result = invoke(state, "workflows", "--json")
+    assert result.exit_code == 0, result.output
+    documents = {w["name"]: w for w in json.loads(result.stdout)}
+    assert set(documents) == {"linear", "broken", "nightly"}
+    linear_doc = documents["linear"]
+    assert linear_doc["version"] == 1
+    assert [(s["name"], s["depends_on"]) for s in linear_doc["steps"]] == [
+        ("double", []),
+        ("add_one", ["double"]),
+        ("describe", ["add_one"]),
+    ]
+    schema = linear_doc["input_schema"]
+    assert schema["required"] == ["start"]
+    assert schema["properties"]["start"]["type"] == "integer"
+    assert linear_doc["schedules"] == []
+    nightly_doc = documents["nightly"]
+    assert nightly_doc["input_schema"] is None
+    assert (nightly_doc["max_concurrency"], nightly_doc["deadline_seconds"]) == (3, 1800)
+    assert nightly_doc["schedules"] == [
+        {"name": "hourly", "cron": None, "every_seconds": 3600, "timezone": "UTC", "input": None}
+    ]
 
 
 def test_workflows_says_when_none_are_registered() -> None:

@@ -1,0 +1,150 @@
+"""The ``--json`` output: executions, steps and workflows as plain JSON documents.
+
+Timestamps are ISO 8601 in UTC, statuses their lowercase values, durations seconds;
+every key is always present (null when unset), so scripts need no existence checks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import typer
+from pydantic_core import to_jsonable_python
+
+from core.models import ExecutionEvent, StepExecution, WorkflowExecution
+from core.schedules import Schedule
+from core.workflows import Workflow
+
+Document = dict[str, Any]
+
+
+def emit(document: Any) -> None:
+    """Write ``document`` to stdout as one JSON document, with no markup or colour."""
+    # to_jsonable_python: schedule inputs are user data (dates, models) checked but kept.
+    text = json.dumps(document, indent=2, ensure_ascii=False, default=to_jsonable_python)
+    typer.echo(text)
+
+
+def timestamp(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC, or None."""
+    return value.astimezone(UTC).isoformat() if value is not None else None
+
+
+def execution(row: WorkflowExecution) -> Document:
+    """An execution's own fields."""
+    return {
+        "execution_id": row.execution_id,
+        "workflow": row.workflow_id,
+        "workflow_version": row.workflow_version,
+        "status": row.status,
+        "attempt": row.attempt,
+        "priority": row.priority,
+        "idempotency_key": row.idempotency_key,
+        "triggered_by": row.triggered_by,
+        "input": row.input_data,
+        "output": row.output_data,
+        "error": row.error,
+        "created_at": timestamp(row.created_at),
+        "started_at": timestamp(row.started_at),
+        "finished_at": timestamp(row.finished_at),
+        "deadline_at": timestamp(row.deadline_at),
+        "updated_at": timestamp(row.updated_at),
+    }
+
+
+def step(row: StepExecution, depends_on: Sequence[str] | None) -> Document:
+    """A step's row; ``depends_on`` is None where the workflow's definition is unknown."""
+    return {
+        "name": row.step_name,
+        "status": row.status,
+        "depends_on": list(depends_on) if depends_on is not None else None,
+        "attempt": row.attempt,
+        "max_attempts": row.max_attempts,
+        "recoveries": row.recoveries,
+        "output": row.output_data,
+        "error": row.error,
+        "worker": row.worker,
+        "celery_task_id": row.celery_task_id,
+        "queued_at": timestamp(row.queued_at),
+        "started_at": timestamp(row.started_at),
+        "finished_at": timestamp(row.finished_at),
+        "heartbeat_at": timestamp(row.heartbeat_at),
+        "next_attempt_at": timestamp(row.next_attempt_at),
+    }
+
+
+def event(row: ExecutionEvent) -> Document:
+    """One recorded transition."""
+    return {
+        "at": timestamp(row.created_at),
+        "step": row.step_name,
+        "from": row.from_status,
+        "to": row.to_status,
+        "attempt": row.attempt,
+        "reason": row.reason,
+    }
+
+
+def execution_with_steps(
+    row: WorkflowExecution,
+    steps: Sequence[StepExecution],
+    workflow: Workflow | None,
+    history: Iterable[ExecutionEvent] | None = None,
+) -> Document:
+    """``conveyor status --json``: the execution, its steps in DAG order, and its history
+    when asked (the key is left out otherwise)."""
+    order = list(workflow.order()) if workflow is not None else []
+    position = {name: index for index, name in enumerate(order)}
+    ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
+    document = execution(row)
+    document["steps"] = [
+        step(
+            s,
+            workflow.steps[s.step_name].depends_on
+            if workflow is not None and s.step_name in workflow.steps
+            else None,
+        )
+        for s in ranked
+    ]
+    if history is not None:
+        document["history"] = [event(e) for e in history]
+    return document
+
+
+def schedule(declared: Schedule) -> Document:
+    """A schedule as declared: its name, cron or interval, time zone and input."""
+    return {
+        "name": declared.label,
+        "cron": " ".join(declared.cron.split()) if declared.cron is not None else None,
+        "every_seconds": int(declared.every.total_seconds()) if declared.every else None,
+        "timezone": declared.timezone,
+        "input": declared.input,
+    }
+
+
+def workflow(definition: Workflow) -> Document:
+    """A registered workflow version: its steps and dependencies, input schema, schedules."""
+    model = definition.input_model
+    deadline = definition.deadline
+    return {
+        "name": definition.name,
+        "version": definition.version,
+        "description": definition.description,
+        "max_concurrency": definition.max_concurrency,
+        "deadline_seconds": deadline.total_seconds() if deadline is not None else None,
+        "input_schema": model.model_json_schema() if model is not None else None,
+        "steps": [
+            {
+                "name": name,
+                "depends_on": list(definition.steps[name].depends_on),
+                "max_attempts": definition.steps[name].retry.max_attempts,
+                "soft_timeout": definition.steps[name].soft_timeout,
+                "timeout": definition.steps[name].timeout,
+            }
+            for name in definition.order()
+        ],
+        "schedules": [schedule(s) for s in definition.schedules],
+    }
