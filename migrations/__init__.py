@@ -16,7 +16,10 @@ def alembic_config(connection: Connection | None = None) -> Config:
     Without a connection, env.py migrates the database the settings name. A transaction
     already begun on ``connection`` is the caller's to commit.
     """
-    config = Config(str(ALEMBIC_INI))
+    # alembic.ini sits beside the package in a checkout (the alembic command reads it);
+    # an installed conveyor has only the package, so the scripts are named directly.
+    config = Config(str(ALEMBIC_INI)) if ALEMBIC_INI.exists() else Config()
+    config.set_main_option("script_location", str(Path(__file__).resolve().parent))
     if connection is not None:
         config.attributes["connection"] = connection
     return config
