@@ -83,7 +83,9 @@ class Claim:
 
     ``recoveries`` counts the attempts given back after a worker died: the retry
     policy judges ``attempt - recoveries``. ``continued`` is True for a step this
-    worker claimed when it completed the step before (no broker message).
+    worker claimed when it completed the step before (no broker message). ``waited``
+    is how long the step was queued and due before this claim, in seconds (0 for a
+    step claimed by the transaction that queued it).
     """
 
     execution_id: str
@@ -94,6 +96,7 @@ class Claim:
     input_data: Any
     upstream: dict[str, Any]
     continued: bool = False
+    waited: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -118,3 +121,7 @@ class ReconcileReport:
     finished: list[str] = field(default_factory=list)
     # Workflows with an execution that ended in this pass: a concurrency slot is free.
     freed: list[str] = field(default_factory=list)
+    # The workflow of each execution named above, and the final status of each one
+    # this pass ended (finished or timed out): what metrics are labelled with.
+    workflows: dict[str, str] = field(default_factory=dict)
+    ended: dict[str, str] = field(default_factory=dict)

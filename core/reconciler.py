@@ -17,6 +17,7 @@ from core.errors import StepCrashed
 from core.executions import execution_routes, finish_executions, time_out
 from core.models import ExecutionEvent
 from core.outcomes import ReconcileReport, StallRecovery, TransitionResult
+from core.states import ExecutionStatus
 from core.steps import skip_descendants
 from core.transitions import event_rows, transition_of
 from core.workflows import Dag
@@ -124,7 +125,10 @@ def reconcile_pass(
 
     finished = finish_executions(conn, sorted(finishable), sinks_of)
     freed_ids = [r.execution_id for r in finished] + [eid for eid, _ in timed_out]
-    freed = execution_routes(conn, freed_ids)
+    recovered_ids = [r.execution_id for r in recovery.requeued + recovery.failed]
+    named = execution_routes(conn, sorted({*freed_ids, *recovered_ids}))
+    ended = {r.execution_id: r.to_status for r in finished}
+    ended.update((eid, ExecutionStatus.TIMED_OUT.value) for eid, _ in timed_out)
     return ReconcileReport(
         requeued=[(r.execution_id, r.step_name or "") for r in recovery.requeued],
         stalled_failed=[(r.execution_id, r.step_name or "") for r in recovery.failed],
@@ -133,5 +137,7 @@ def reconcile_pass(
         start=[(r.execution_id, r.workflow_id, r.priority) for r in start_rows],
         timed_out=[eid for eid, _ in timed_out],
         finished=[r.execution_id for r in finished],
-        freed=sorted({route.workflow for route in freed.values()}),
+        freed=sorted({named[eid].workflow for eid in freed_ids if eid in named}),
+        workflows={eid: route.workflow for eid, route in named.items()},
+        ended=ended,
     )

@@ -142,7 +142,8 @@ def hot_path(dialect: str) -> HotPath:
             finished_at=None,
             next_attempt_at=None,
         )
-        .returning(*returning)
+        # queued_at and the new started_at: how long the step waited (a metric).
+        .returning(*returning, SE.c.queued_at, SE.c.started_at)
     )
     execution = select(
         WE.c.workflow_id, WE.c.workflow_version, WE.c.priority, WE.c.input_data
@@ -225,6 +226,8 @@ def hot_path(dialect: str) -> HotPath:
         select(
             claimed.c.attempt,
             claimed.c.recoveries,
+            claimed.c.queued_at,
+            claimed.c.started_at,
             WE.c.workflow_id,
             WE.c.workflow_version,
             WE.c.priority,

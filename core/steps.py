@@ -78,6 +78,7 @@ def claim(
         route = Route(row.workflow_id, row.workflow_version, row.priority)
         outputs: dict[str, Any] = dict(row.upstream or {})
         attempt, recoveries, input_data = row.attempt, row.recoveries, row.input_data
+        waited = _waited(row)
     else:
         claimed = conn.execute(sql_.claim, params).first()
         if claimed is None:
@@ -87,9 +88,20 @@ def claim(
         route = Route(found.workflow_id, found.workflow_version, found.priority)
         outputs = _outputs(conn, sql_, execution_id, upstream or ())
         attempt, recoveries, input_data = claimed.attempt, claimed.recoveries, found.input_data
+        waited = _waited(claimed)
     if upstream is None:
         outputs = _outputs(conn, sql_, execution_id, upstream_of(route))
-    return Claim(execution_id, step_name, attempt, recoveries, route, input_data, outputs)
+    return Claim(
+        execution_id, step_name, attempt, recoveries, route, input_data, outputs, waited=waited
+    )
+
+
+def _waited(row: Row[Any]) -> float:
+    """Seconds from a claimed step's ``queued_at`` to its ``started_at`` (both the
+    database's clock)."""
+    if row.queued_at is None or row.started_at is None:
+        return 0.0
+    return max(0.0, float((row.started_at - row.queued_at).total_seconds()))
 
 
 def _outputs(
@@ -267,6 +279,9 @@ def schedule_retry(
         values={
             "attempt": StepExecution.attempt + 1,
             "next_attempt_at": utcnow(delay),
+            # Queued from when it is due: the backoff is no time spent waiting in the
+            # queue (the queue-wait metric measures queued_at -> started_at).
+            "queued_at": utcnow(delay),
             "error": dict(error),
             "worker": None,
         },

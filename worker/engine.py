@@ -36,6 +36,7 @@ from core.workflows import Step, Workflow
 from worker.config import broker_priority
 from worker.context import RunningStep
 from worker.heartbeat import Heartbeat
+from worker.metrics import Metrics, get_metrics
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -107,6 +108,11 @@ class Engine:
     def worker_id(self) -> str:
         """Who claims steps: this host and process (see Heartbeat.worker_id)."""
         return self.heartbeats.worker_id
+
+    @property
+    def metrics(self) -> Metrics:
+        """This process's metrics (``worker.metrics``), built on first use."""
+        return get_metrics()
 
     def definition(self, workflow: str, version: int) -> Workflow | None:
         """The registered workflow, or None when this process does not know it."""
@@ -188,6 +194,7 @@ class Engine:
             )
         else:
             admission = self.manager.run(executions.admit, workflow_name, ids, limit)
+        self.metrics.admitted(workflow_name, admission)
         self.publish_steps(admission.queued, admission.routes)
         if claim is not None:
             self._run_from(claim)
@@ -254,6 +261,7 @@ class Engine:
 
     def _run(self, claim: Claim, *, may_continue: bool) -> Claim | None:
         """Run one claimed step and record its outcome; the step to continue with."""
+        self.metrics.claimed(claim)
         workflow = self.definition(claim.route.workflow, claim.route.version)
         step = workflow.steps.get(claim.step_name) if workflow else None
         if workflow is None or step is None:
@@ -264,7 +272,8 @@ class Engine:
         with self.heartbeats.beating((claim.execution_id, claim.step_name)):
             try:
                 context = RunningStep(claim, workflow, self.manager, self.heartbeats)
-                value = step.fn(context, **claim.upstream)
+                with self.metrics.running(claim):
+                    value = step.fn(context, **claim.upstream)
                 output = step.to_json(value)
                 encoded = encode_output(output, self.settings.max_payload_bytes)
             except SoftTimeLimitExceeded:
@@ -311,6 +320,7 @@ class Engine:
             )
             return None
         self.publish_steps([(claim.execution_id, n) for n in completion.queued], claim.route)
+        self.metrics.ended(workflow.name, completion.execution)
         if completion.execution is not None:
             self.after_finish(workflow.name)
         return completion.continued
@@ -337,6 +347,7 @@ class Engine:
                 delay,
                 error_record(error),
             )
+            self.metrics.retried(claim, moved)
             if moved.applied and delay <= self.settings.retry_countdown_max:
                 # Long delays are left to the reconciler, which publishes due retries;
                 # nothing depends on an ETA message held by the broker.
@@ -370,6 +381,7 @@ class Engine:
                 type(error).__name__,
                 error,
             )
+        self.metrics.ended(claim.route.workflow, failure.execution)
         if failure.execution is not None:
             self.after_finish(claim.route.workflow)
 
@@ -410,6 +422,7 @@ class Engine:
             except Exception:  # some transports (the embedded one) have no broadcast
                 log.warning("could not revoke %d running task(s)", len(running), exc_info=True)
         execution = self.manager.get_execution(execution_id)
+        self.metrics.ended(execution.workflow_id, result)
         self.after_finish(execution.workflow_id)
         return True
 
@@ -433,6 +446,7 @@ class Engine:
     def reconcile(self) -> ReconcileReport:
         """One reconciler pass (one transaction); then publish and admit what it found."""
         settings = self.settings
+        began = time.monotonic()
         report = self.manager.run(
             reconciler.reconcile_pass,
             stall_timeout=settings.stall_timeout,
@@ -448,6 +462,7 @@ class Engine:
         self.publish_starts(report.start)
         for workflow in report.freed:
             self.after_finish(workflow)
+        self.metrics.reconciled_pass(report, time.monotonic() - began)
         if report != ReconcileReport():
             log.info("reconciler: %s", report)
         return report

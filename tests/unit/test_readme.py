@@ -21,6 +21,8 @@ def _table() -> dict[str, str]:
 
 def _normalise(cell: object) -> object:
     """A README cell or a default value, compared by meaning (``30`` equals ``30.0``)."""
+    if cell is None:
+        return "(none)"
     if isinstance(cell, SecretStr):
         cell = cell.get_secret_value()
     if isinstance(cell, list):

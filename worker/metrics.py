@@ -1,0 +1,330 @@
+"""Prometheus metrics: what workers did (counters, histograms) and what is open now (gauges
+read from the database at each scrape).
+
+The engine records into this process's ``Metrics`` (``get_metrics()``, built on first
+use) where it records outcomes: admissions, claims, a step's run, retries, executions'
+ends, reconciler passes. A worker started with ``CONVEYOR_METRICS_PORT`` serves them on
+that port from its main process; Celery's prefork pool runs steps in child processes, so
+the worker switches prometheus_client to its multiprocess mode before the pool forks:
+every process writes its values to files in a directory of this worker's, and a scrape
+adds them up (children that exited or were killed included: counters never go back).
+
+The queued and running steps are not counted by workers but read at scrape time from
+the database (one grouped query over partial indexes, ``core.workload``), by the API's
+``/metrics`` (``metrics_app``): one answer for the whole deployment, right after any crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
+from functools import cache
+from threading import Thread
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
+
+from celery.signals import worker_init, worker_process_shutdown, worker_shutdown
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from core.database import Database, get_database
+from core.outcomes import Admission, Claim, ReconcileReport, TransitionResult
+from core.states import StepStatus
+from core.workload import open_steps
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# Steps run from milliseconds to an hour; queue waits and passes are shorter.
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+PASS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """conveyor's counters and histograms, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.executions_started = Counter(
+            "conveyor_executions_started",
+            "Executions admitted (pending -> running).",
+            ["workflow"],
+            registry=registry,
+        )
+        self.executions_finished = Counter(
+            "conveyor_executions_finished",
+            "Executions that ended, by final status.",
+            ["workflow", "status"],
+            registry=registry,
+        )
+        self.step_duration = Histogram(
+            "conveyor_step_duration_seconds",
+            "Run time of a step's code, each attempt that returned or raised.",
+            ["workflow", "step"],
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.step_queue_wait = Histogram(
+            "conveyor_step_queue_wait_seconds",
+            "Time a step was queued and due before a worker claimed it.",
+            ["workflow", "step"],
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.step_retries = Counter(
+            "conveyor_step_retries",
+            "Failed attempts of a step scheduled to run again by its retry policy.",
+            ["workflow", "step"],
+            registry=registry,
+        )
+        self.crash_recoveries = Counter(
+            "conveyor_crash_recoveries",
+            "Stalled steps (their worker died) requeued by the reconciler.",
+            ["workflow"],
+            registry=registry,
+        )
+        self.reconcile_duration = Histogram(
+            "conveyor_reconcile_duration_seconds",
+            "Duration of a reconciler pass (its transaction and what it publishes).",
+            buckets=PASS_BUCKETS,
+            registry=registry,
+        )
+        self.reconciled = Counter(
+            "conveyor_reconciled",
+            "What reconciler passes found and did, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+
+    def admitted(self, workflow: str, admission: Admission) -> None:
+        """Executions an admission started."""
+        if admission.started:
+            self.executions_started.labels(workflow).inc(len(admission.started))
+
+    def claimed(self, claim: Claim) -> None:
+        """A step claimed to run here: how long it waited."""
+        self.step_queue_wait.labels(claim.route.workflow, claim.step_name).observe(claim.waited)
+
+    @contextmanager
+    def running(self, claim: Claim) -> Iterator[None]:
+        """Time a step's code, whether it returns or raises."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            self.step_duration.labels(claim.route.workflow, claim.step_name).observe(elapsed)
+
+    def retried(self, claim: Claim, moved: TransitionResult) -> None:
+        """A failed attempt the retry policy runs again (when the retry was recorded)."""
+        if moved.applied:
+            self.step_retries.labels(claim.route.workflow, claim.step_name).inc()
+
+    def ended(self, workflow: str, execution: TransitionResult | None) -> None:
+        """An execution's final transition, when a write made one."""
+        if execution is not None and execution.applied:
+            self.executions_finished.labels(workflow, execution.to_status).inc()
+
+    def reconciled_pass(self, report: ReconcileReport, seconds: float) -> None:
+        """One reconciler pass: its duration, what it did, the executions it ended."""
+        self.reconcile_duration.observe(seconds)
+        kinds = {
+            "stalled_requeued": len(report.requeued),
+            "stalled_failed": len(report.stalled_failed),
+            "republished": len(report.republish) - len(report.requeued),
+            "starts_resent": len(report.start),
+            "timed_out": len(report.timed_out),
+            "finished": len(report.finished),
+        }
+        for kind, count in kinds.items():
+            self.reconciled.labels(kind).inc(count)  # every kind present, 0 included
+        for execution_id, _ in report.requeued:
+            workflow = report.workflows.get(execution_id, "")
+            self.crash_recoveries.labels(workflow).inc()
+        for execution_id, status in report.ended.items():
+            workflow = report.workflows.get(execution_id, "")
+            self.executions_finished.labels(workflow, status).inc()
+
+
+@cache
+def get_metrics() -> Metrics:
+    """This process's metrics, built on first use (after a worker chose their mode)."""
+    return Metrics(CollectorRegistry())
+
+
+class OpenStepsCollector:
+    """Gauges of queued and running steps by workflow, read from ``database`` (default:
+    the process's) at each scrape; a scrape without them, and a warning, while the
+    database is unreachable."""
+
+    def __init__(self, database: Database | None = None) -> None:
+        self.database = database
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily]:
+        return {
+            StepStatus.QUEUED.value: GaugeMetricFamily(
+                "conveyor_steps_queued", "Steps queued now (waiting or due).", labels=["workflow"]
+            ),
+            StepStatus.RUNNING.value: GaugeMetricFamily(
+                "conveyor_steps_running", "Steps running now.", labels=["workflow"]
+            ),
+        }
+
+    def describe(self) -> Iterable[Metric]:
+        """The families ``collect`` yields (so registering runs no query)."""
+        return list(self._families().values())
+
+    def collect(self) -> Iterable[Metric]:
+        """The counts, from one query."""
+        families = self._families()
+        try:
+            with (self.database or get_database()).engine.connect() as conn:
+                counts = open_steps(conn)
+        except Exception:
+            log.warning("metrics: could not count open steps", exc_info=True)
+            return []
+        for count in counts:
+            families[count.status].add_metric([count.workflow], count.count)
+        return list(families.values())
+
+
+class _ProcessMetrics:
+    """This process's counters and histograms, as a collector of another registry."""
+
+    def collect(self) -> Iterable[Metric]:
+        return get_metrics().registry.collect()
+
+
+def api_registry(database: Database | None = None) -> CollectorRegistry:
+    """What the API's ``/metrics`` serves: queued and running steps from ``database``
+    (default: the process's), and this process's counters (every process's, when the API
+    runs with ``PROMETHEUS_MULTIPROC_DIR`` set)."""
+    registry = CollectorRegistry()
+    registry.register(OpenStepsCollector(database))
+    if os.environ.get(MULTIPROC_DIR):
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_ProcessMetrics())
+    return registry
+
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class MetricsApp:
+    """An ASGI app serving a registry in Prometheus' text format; the collection (the
+    database query) runs in a thread, off the event loop."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = await asyncio.to_thread(generate_latest, self.registry)
+        headers = [(b"content-type", CONTENT_TYPE_LATEST.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def metrics_app(database: Database | None = None) -> MetricsApp:
+    """The API's ``/metrics``: ``api_registry(database)`` as an ASGI app."""
+    return MetricsApp(api_registry(database))
+
+
+def add_metrics_route(api: Starlette, database: Database | None = None) -> None:
+    """Serve ``metrics_app(database)`` at ``/metrics`` of a FastAPI (Starlette) app: a
+    route of exactly that path (a mount would redirect it to ``/metrics/``)."""
+    from starlette.routing import Route  # the API's dependency, not a worker's
+
+    api.router.routes.append(Route("/metrics", metrics_app(database), include_in_schema=False))
+
+
+# --- a worker's server, and prometheus_client's multiprocess mode --------------------
+
+
+class _WorkerServer:
+    """The HTTP server of this worker's main process, and its metric files' directory."""
+
+    server: WSGIServer | None = None
+    thread: Thread | None = None
+    directory: str | None = None
+
+
+def use_multiprocess_mode() -> str:
+    """Give this worker a fresh directory of metric files (under ``PROMETHEUS_MULTIPROC_DIR``
+    when it is set, else the system's temporary directory) and record every metric built
+    from now on, here and in the processes forked from here, in its files."""
+    directory = tempfile.mkdtemp(prefix="conveyor-metrics-", dir=os.environ.get(MULTIPROC_DIR))
+    os.environ[MULTIPROC_DIR] = directory  # inherited by the pool's children
+    # prometheus_client chooses its value class when it is imported, from the variable;
+    # it was imported before the worker read its settings.
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    get_metrics.cache_clear()
+    return directory
+
+
+def serve_worker_metrics(port: int) -> None:
+    """Serve the metrics of this worker and its pool's processes on ``port``."""
+    directory = use_multiprocess_mode()
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    try:
+        server, thread = start_http_server(port, registry=registry)
+    except OSError:
+        # The worker's job is running steps: it runs on, unmeasured.
+        log.error("metrics: cannot serve on port %d", port, exc_info=True)
+        return
+    _WorkerServer.server, _WorkerServer.thread = server, thread
+    _WorkerServer.directory = directory
+    log.info("metrics: serving on port %d (files in %s)", port, directory)
+
+
+@worker_init.connect
+def _serve_when_configured(sender: Any = None, **_: Any) -> None:
+    # In the main worker process, before the pool forks.
+    engine = getattr(getattr(sender, "app", None), "engine", None)
+    port = getattr(getattr(engine, "settings", None), "metrics_port", None)
+    if port is not None and _WorkerServer.server is None:
+        serve_worker_metrics(port)
+
+
+@worker_process_shutdown.connect
+def _mark_child_dead(pid: int | None = None, **_: Any) -> None:
+    # A pool child exiting: its live gauges' files go (its counters stay counted).
+    if os.environ.get(MULTIPROC_DIR):
+        multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
+
+
+@worker_shutdown.connect
+def _stop_serving(**_: Any) -> None:
+    server, directory = _WorkerServer.server, _WorkerServer.directory
+    if server is None:
+        return
+    server.shutdown()
+    server.server_close()
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+    _WorkerServer.server = _WorkerServer.thread = _WorkerServer.directory = None
