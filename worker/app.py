@@ -7,6 +7,7 @@ other settings or another workflow registry (tests, embedding).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -133,6 +134,16 @@ def _fresh_connections_in_child(**_: Any) -> None:
     for database in {id(d): d for d in [get_database(), *_app_databases]}.values():
         database.engine.dispose(close=False)
         database.work_engine.dispose(close=False)
+
+
+@worker_process_init.connect
+def _own_process_group(**_: Any) -> None:
+    # Runners that stop a process with its whole group (honcho, foreman, supervisord's
+    # stopasgroup) would SIGTERM the pool processes as well, killing running steps and
+    # hanging the warm shutdown that was to let them finish. Celery stops its pool itself,
+    # a pool process dies with the main process (Celery sets its parent-death signal),
+    # and at a hard time limit billiard kills a group leader's whole group.
+    os.setpgid(0, 0)
 
 
 # Databases of apps built for another database than the process's (see Engine).
