@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from api import problems, ui
 from api.limits import BodyLimit
-from api.routes import executions, health, tokens, users, workflows
+from api.routes import executions, health, metrics, tokens, users, workflows
 from api.services import Services
 from core.config import get_settings
 
@@ -37,7 +37,7 @@ def create_app(celery_app: ConveyorCelery | None = None) -> FastAPI:
     ).api_max_body_bytes
     api.add_middleware(BodyLimit, max_bytes=max_bytes)
     problems.install(api)
-    for module in (health, users, tokens, executions, workflows):
+    for module in (health, users, tokens, executions, workflows, metrics):
         api.include_router(module.router)
     ui.install(api)  # the dashboard: /ui and /ui/static
     return api

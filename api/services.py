@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from worker.app import ConveyorCelery
     from worker.engine import Engine
 
@@ -18,6 +20,7 @@ class Services:
 
     def __init__(self, celery_app: ConveyorCelery | None = None) -> None:
         self._celery_app = celery_app
+        self._metrics: CollectorRegistry | None = None
         self._lock = threading.Lock()
 
     @property
@@ -34,6 +37,17 @@ class Services:
     def engine(self) -> Engine:
         """The worker engine: state manager, registry, settings, publishing."""
         return self.celery_app.engine
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """What ``/metrics`` serves (built on first scrape, on the engine's database)."""
+        from worker.metrics import api_registry
+
+        database = self.engine.manager.database
+        with self._lock:
+            if self._metrics is None:
+                self._metrics = api_registry(database)
+            return self._metrics
 
 
 def services(request: Request) -> Services:

@@ -11,18 +11,17 @@ adds them up (children that exited or were killed included: counters never go ba
 
 The queued and running steps are not counted by workers but read at scrape time from
 the database (one grouped query over partial indexes, ``core.workload``), by the API's
-``/metrics`` (``metrics_app``): one answer for the whole deployment, right after any crash.
+``/metrics`` (``api_registry``): one answer for the whole deployment, right after any crash.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from threading import Thread
@@ -31,11 +30,9 @@ from wsgiref.simple_server import WSGIServer
 
 from celery.signals import worker_init, worker_process_shutdown, worker_shutdown
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Histogram,
-    generate_latest,
     multiprocess,
     start_http_server,
     values,
@@ -48,7 +45,7 @@ from core.states import StepStatus
 from core.workload import open_steps
 
 if TYPE_CHECKING:
-    from starlette.applications import Starlette
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -226,40 +223,6 @@ def api_registry(database: Database | None = None) -> CollectorRegistry:
     else:
         registry.register(_ProcessMetrics())
     return registry
-
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-
-class MetricsApp:
-    """An ASGI app serving a registry in Prometheus' text format; the collection (the
-    database query) runs in a thread, off the event loop."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        body = await asyncio.to_thread(generate_latest, self.registry)
-        headers = [(b"content-type", CONTENT_TYPE_LATEST.encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-def metrics_app(database: Database | None = None) -> MetricsApp:
-    """The API's ``/metrics``: ``api_registry(database)`` as an ASGI app."""
-    return MetricsApp(api_registry(database))
-
-
-def add_metrics_route(api: Starlette, database: Database | None = None) -> None:
-    """Serve ``metrics_app(database)`` at ``/metrics`` of a FastAPI (Starlette) app: a
-    route of exactly that path (a mount would redirect it to ``/metrics/``)."""
-    from starlette.routing import Route  # the API's dependency, not a worker's
-
-    api.router.routes.append(Route("/metrics", metrics_app(database), include_in_schema=False))
 
 
 # --- a worker's server, and prometheus_client's multiprocess mode --------------------

@@ -14,10 +14,12 @@ from sqlalchemy import update
 from api.app import create_app
 from core.accounts import Role
 from core.database import get_db_session
+from core.executions import StepSpec
 from core.models import UserSession
 from tests.conftest import TestDatabase
 from tests.helpers.api import client, poll, serve, user_with_token
 from tests.helpers.processes import worker_process
+from tests.helpers.state import force_execution_status, force_step_status, insert_execution
 from worker.app import ConveyorCelery
 from worker.producer import enqueue
 
@@ -320,3 +322,19 @@ def test_an_oversize_body_is_refused_unread(database: TestDatabase, admin: httpx
     assert response.status_code == 413
     assert "CONVEYOR_API_MAX_BODY_BYTES" in response.json()["detail"]
     assert admin.get("/executions").json()["items"] == []
+
+
+def test_metrics_are_served_to_admins_with_the_open_steps_of_every_workflow(
+    database: TestDatabase, api_url: str, admin: httpx.Client
+) -> None:
+    execution_id = insert_execution("linear", {"start": 1}, steps=[StepSpec("double")])
+    force_execution_status(execution_id, "running")
+    force_step_status(execution_id, "double", "queued")
+    scraped = admin.get("/metrics", follow_redirects=False)
+    assert scraped.status_code == 200
+    assert scraped.headers["content-type"].startswith("text/plain")
+    assert 'conveyor_steps_queued{workflow="linear"} 1.0' in scraped.text
+    _, bob = member(api_url, "bob@example.com")
+    with bob, client(api_url, None) as anonymous:
+        assert bob.get("/metrics").status_code == 403
+        assert anonymous.get("/metrics").status_code == 401

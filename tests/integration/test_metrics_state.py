@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
-
 from core import steps
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -17,7 +14,7 @@ from core.workload import OpenSteps, open_steps
 from tests.conftest import TestDatabase
 from tests.helpers.state import force_execution_status, force_step_status, step_row
 from tests.helpers.state import insert_execution as insert
-from worker.metrics import add_metrics_route, api_registry
+from worker.metrics import api_registry
 
 
 def _open_world() -> None:
@@ -53,18 +50,6 @@ def test_the_api_registry_reads_the_gauges_at_each_scrape(database: TestDatabase
     # This process's counters come along (a family of them, whatever their values).
     names = {family.name for family in registry.collect()}
     assert {"conveyor_executions_started", "conveyor_step_duration_seconds"} <= names
-
-
-def test_the_metrics_route_serves_under_fastapi(database: TestDatabase) -> None:
-    _open_world()
-    api = FastAPI()
-    add_metrics_route(api, get_database())
-    with TestClient(api) as client:
-        response = client.get("/metrics", follow_redirects=False)
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    assert 'conveyor_steps_running{workflow="b"} 1.0' in response.text
-    assert 'conveyor_steps_queued{workflow="a"} 1.0' in response.text
 
 
 def test_a_claim_says_how_long_its_step_was_queued(database: TestDatabase) -> None:
