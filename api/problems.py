@@ -15,7 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
+from api.schemas import ProblemDetails
 from core.errors import (
     AlreadyExists,
     ConveyorError,
@@ -43,6 +45,25 @@ STATUSES: tuple[tuple[type[ConveyorError], HTTPStatus], ...] = (
     (InputValidationError, HTTPStatus.UNPROCESSABLE_ENTITY),
     (TransientDatabaseError, HTTPStatus.SERVICE_UNAVAILABLE),
 )
+
+
+# What each status means on this API, as its OpenAPI schema documents it.
+MEANINGS: dict[int, str] = {
+    400: "The body is not JSON text (not UTF-8, or not parseable).",
+    401: "No valid API token: missing, unknown, expired, revoked, or its user inactive.",
+    403: "The token's user may not do this (an admin's token is needed).",
+    404: "No such object, or not one the caller may see.",
+    409: "Conflicts with the current state (a taken email or idempotency key, a transition "
+    "the execution's status does not allow).",
+    413: "The body is larger than CONVEYOR_API_MAX_BODY_BYTES.",
+    422: "A field is not valid; ``errors`` names each one.",
+    503: "The database is unavailable for now; retry later.",
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The problem responses a route declares (``APIRouter(responses=...)`` or a route's)."""
+    return {s: {"model": ProblemDetails, "description": MEANINGS[s]} for s in statuses}
 
 
 def status_of(error: ConveyorError) -> HTTPStatus:
@@ -106,7 +127,23 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
     status = HTTPStatus(error.status_code)
     detail = error.detail if isinstance(error.detail, str) else None
-    return problem(status, detail, headers=dict(error.headers) if error.headers else None)
+    headers = dict(error.headers) if error.headers else {}
+    if status is HTTPStatus.METHOD_NOT_ALLOWED:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return problem(status, detail, headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    # Starlette's Allow names the methods of the first route matching the path only; a
+    # path served by several routes (GET and POST /executions) allows all of theirs.
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
@@ -120,9 +157,30 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     return problem(HTTPStatus.INTERNAL_SERVER_ERROR, "the server could not complete the request")
 
 
+def _document_problems(app: FastAPI) -> None:
+    # FastAPI documents a response model under the route's media type (application/json);
+    # problem responses are sent as application/problem+json, so their schema says that.
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    for response in operation.get("responses", {}).values():
+                        content = response.get("content", {})
+                        body = content.get("application/json", {})
+                        if body.get("schema", {}).get("$ref", "").endswith("/ProblemDetails"):
+                            content[MEDIA_TYPE] = content.pop("application/json")
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented extension
+
+
 def install(app: FastAPI) -> None:
-    """Register the handlers on ``app``."""
+    """Register the handlers on ``app``, and document its problem responses as such."""
     app.add_exception_handler(ConveyorError, _conveyor_error)
     app.add_exception_handler(RequestValidationError, _request_invalid)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    _document_problems(app)

@@ -1,22 +1,58 @@
-"""The API's request and response bodies (its OpenAPI schema is built from these)."""
+"""The API's request and response bodies (its OpenAPI schema is built from these).
+
+Every string a request carries is refused (422) if it holds a NUL character: PostgreSQL
+stores none in text or JSON, and the schema says so (``pattern``), so a client learns it
+from the schema rather than from a 500.
+"""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from fastapi import Path
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 from core.models import ExecutionEvent, StepExecution, User, UserSession, WorkflowExecution
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+# Any characters but NUL. Patterns name code points: JSON Schema's (ECMA 262) and
+# pydantic's (Rust) regex dialects agree on those, not on what ``\s`` matches (U+0085).
+NO_NUL = r"^[^\x00]*$"
+# Not stripped: what the schema accepts, the server accepts, character for character.
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=NO_NUL)]
 Email = Annotated[
     str,
     StringConstraints(
-        strip_whitespace=True, min_length=3, max_length=320, pattern=r"^[^@\s]+@\S+$"
+        min_length=3,
+        max_length=320,
+        pattern=r"^[^@\x00-\x20\x7f-\xa0]+@[^\x00-\x20\x7f-\xa0]+$",
     ),
 ]
-Key = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+Key = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=NO_NUL)]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=36, pattern=NO_NUL)]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=NO_NUL)]
+# An id in a path: ours are 36 characters; a longer one names nothing (422, not a lookup).
+PathId = Annotated[str, Path(max_length=36, pattern=NO_NUL)]
+
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+
+
+def _date_time_text(value: Any) -> Any:
+    # pydantic reads a number as seconds since the epoch; the schema says RFC 3339 text.
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError("must be an RFC 3339 date-time with a timezone, e.g. 2030-01-01T00:00:00Z")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_date_time_text)]
 
 
 class Strict(BaseModel):
@@ -69,7 +105,7 @@ class TokenCreate(Strict):
     expires_in_days: Annotated[int, Field(ge=1, le=3650)] | None = Field(
         default=None, description="Days until it expires; at most CONVEYOR_API_TOKEN_TTL_DAYS."
     )
-    user_id: Annotated[str, StringConstraints(min_length=1, max_length=36)] | None = None
+    user_id: Id | None = None
 
 
 class TokenOut(BaseModel):
@@ -117,7 +153,7 @@ class ExecutionCreate(Strict):
         default=None, description="The same key again returns the first execution (200)."
     )
     priority: Annotated[int, Field(ge=0, le=9)] = Field(default=0, description="9 runs first.")
-    deadline: AwareDatetime | None = Field(
+    deadline: Timestamp | None = Field(
         default=None, description="When it times out (default: the workflow's own deadline)."
     )
 
@@ -250,7 +286,7 @@ class ExecutionPage(BaseModel):
 class CancelRequest(Strict):
     """Why an execution is cancelled (recorded in its history)."""
 
-    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)] = "cancelled over HTTP"
+    reason: Reason = "cancelled over HTTP"
 
 
 # --- workflows ------------------------------------------------------------------------
@@ -288,6 +324,29 @@ class WorkflowOut(BaseModel):
     input_schema: dict[str, Any] | None
     steps: list[StepDefinition]
     schedules: list[ScheduleOut]
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+class FieldProblem(BaseModel):
+    """One refused field: where it is (``input.start``, ``cursor``) and what is wrong."""
+
+    field: str
+    message: str
+
+
+class ProblemDetails(BaseModel):
+    """An error as RFC 9457 problem details (``application/problem+json``)."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[FieldProblem] | None = Field(
+        default=None, description="Each refused field (422 only)."
+    )
 
 
 # --- health ---------------------------------------------------------------------------

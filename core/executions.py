@@ -283,7 +283,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, execution_id = json.loads(raw)
         moment = datetime.fromisoformat(created)
-        if moment.tzinfo is None or not isinstance(execution_id, str):
+        # A forged cursor's NUL would reach the database as a bind parameter it refuses.
+        if moment.tzinfo is None or not isinstance(execution_id, str) or "\x00" in execution_id:
             raise ValueError(cursor)
     except (ValueError, TypeError, UnicodeDecodeError):
         raise InputValidationError(

@@ -8,6 +8,7 @@ a statement writes it, comes from the database's clock (``core.sql.utcnow``).
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,12 +61,22 @@ def new_id() -> str:
     return str(uuid6.uuid7())
 
 
+# json.dumps writes NUL as \u0000; an escaped backslash before "u0000" is no NUL.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def check_json(field: str, value: Any) -> Any:
-    """Return ``value`` if it serialises to strict JSON, else InputValidationError naming it."""
+    """Return ``value`` if it serialises to strict JSON that both backends store (no NUL
+    character in a string or key: PostgreSQL's JSONB refuses ``\\u0000``), else
+    InputValidationError naming the field."""
     try:
-        json.dumps(value, allow_nan=False)
+        text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InputValidationError(f"{field} is not JSON-serializable: {exc}") from None
+    if _NUL_ESCAPE.search(text):
+        raise InputValidationError(
+            f"{field} holds a NUL character (\\u0000), which cannot be stored"
+        )
     return value
 
 

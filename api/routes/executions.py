@@ -9,18 +9,21 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
-from pydantic import AwareDatetime
 from sqlalchemy import Connection
 
+from api import problems
 from api.auth import Caller, owner_filter
 from api.schemas import (
+    NO_NUL,
     CancelRequest,
     EventOut,
     ExecutionCreate,
     ExecutionDetail,
     ExecutionOut,
     ExecutionPage,
+    PathId,
     StepOut,
+    Timestamp,
 )
 from api.services import Conveyor
 from core import executions
@@ -37,7 +40,9 @@ from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.states import ExecutionStatus
 from worker.producer import submit_many
 
-router = APIRouter(prefix="/executions", tags=["executions"])
+router = APIRouter(
+    prefix="/executions", tags=["executions"], responses=problems.responses(401, 503)
+)
 
 
 def _in_input(field: str) -> str:
@@ -65,7 +70,10 @@ def _detail(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=ExecutionOut,
-    responses={200: {"model": ExecutionOut, "description": "The idempotency key's execution."}},
+    responses={
+        200: {"model": ExecutionOut, "description": "The idempotency key's execution."},
+        **problems.responses(400, 403, 409, 413, 422),
+    },
 )
 def enqueue(
     body: ExecutionCreate, caller: Caller, conveyor: Conveyor, response: Response
@@ -100,7 +108,7 @@ def enqueue(
     return ExecutionOut.of(execution)
 
 
-@router.get("", response_model=ExecutionPage)
+@router.get("", response_model=ExecutionPage, responses=problems.responses(422))
 def list_executions(
     caller: Caller,
     conveyor: Conveyor,
@@ -108,11 +116,11 @@ def list_executions(
         list[ExecutionStatus] | None,
         Query(alias="status", description="Any of these statuses (repeat the parameter)."),
     ] = None,
-    workflow: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
-    created_after: Annotated[AwareDatetime | None, Query(description="Inclusive.")] = None,
-    created_before: Annotated[AwareDatetime | None, Query(description="Exclusive.")] = None,
+    workflow: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL)] = None,
+    created_after: Annotated[Timestamp | None, Query(description="Inclusive.")] = None,
+    created_before: Annotated[Timestamp | None, Query(description="Exclusive.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    cursor: Annotated[str | None, Query(max_length=500, pattern=NO_NUL)] = None,
 ) -> ExecutionPage:
     """Executions newest first, a page at a time: rows inserted meanwhile never make a
     later page repeat or skip one."""
@@ -129,8 +137,10 @@ def list_executions(
     )
 
 
-@router.get("/{execution_id}", response_model=ExecutionDetail)
-def read_execution(execution_id: str, caller: Caller, conveyor: Conveyor) -> ExecutionDetail:
+@router.get(
+    "/{execution_id}", response_model=ExecutionDetail, responses=problems.responses(404, 422)
+)
+def read_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> ExecutionDetail:
     """An execution, its steps, and every transition it went through."""
     execution, steps, events = conveyor.engine.manager.run(_detail, execution_id)
     _visible(execution, caller)
@@ -141,9 +151,13 @@ def read_execution(execution_id: str, caller: Caller, conveyor: Conveyor) -> Exe
     )
 
 
-@router.post("/{execution_id}/cancel", response_model=ExecutionOut)
+@router.post(
+    "/{execution_id}/cancel",
+    response_model=ExecutionOut,
+    responses=problems.responses(400, 403, 404, 409, 413, 422),
+)
 def cancel_execution(
-    execution_id: str,
+    execution_id: PathId,
     caller: Caller,
     conveyor: Conveyor,
     body: CancelRequest | None = None,
@@ -165,8 +179,12 @@ def cancel_execution(
     return ExecutionOut.of(execution)
 
 
-@router.post("/{execution_id}/retry", response_model=ExecutionOut)
-def retry_execution(execution_id: str, caller: Caller, conveyor: Conveyor) -> ExecutionOut:
+@router.post(
+    "/{execution_id}/retry",
+    response_model=ExecutionOut,
+    responses=problems.responses(403, 404, 409, 422),
+)
+def retry_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> ExecutionOut:
     """Run a failed, cancelled or timed-out execution again from its unfinished steps."""
     engine = conveyor.engine
     _visible(engine.manager.run(executions.get_execution, execution_id), caller)

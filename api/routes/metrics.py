@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api import problems
 from api.auth import Admin
 from api.services import Conveyor
 
@@ -19,7 +20,10 @@ router = APIRouter(tags=["metrics"])
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format."},
+        **problems.responses(401, 403, 503),
+    },
 )
 def metrics(_: Admin, conveyor: Conveyor) -> Response:
     """Queued and running steps by workflow, and this process's counters."""

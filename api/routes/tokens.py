@@ -8,18 +8,24 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response, status
 from sqlalchemy.orm import Session
 
+from api import problems
 from api.auth import Caller
-from api.schemas import TokenCreate, TokenIssued, TokenOut
+from api.schemas import NO_NUL, PathId, TokenCreate, TokenIssued, TokenOut
 from api.services import Conveyor
 from core import accounts
 from core.database import get_db
 from core.errors import Forbidden, InputValidationError
 
-router = APIRouter(prefix="/tokens", tags=["tokens"])
+router = APIRouter(prefix="/tokens", tags=["tokens"], responses=problems.responses(401, 503))
 Db = Annotated[Session, Depends(get_db)]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=TokenIssued)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TokenIssued,
+    responses=problems.responses(400, 403, 404, 413, 422),
+)
 def issue_token(
     body: TokenCreate, db: Db, caller: Caller, conveyor: Conveyor, response: Response
 ) -> TokenIssued:
@@ -42,11 +48,13 @@ def issue_token(
     return TokenIssued(token=issued.token, **TokenOut.of(issued.session).model_dump())
 
 
-@router.get("", response_model=list[TokenOut])
+@router.get("", response_model=list[TokenOut], responses=problems.responses(403, 422))
 def list_tokens(
     db: Db,
     caller: Caller,
-    user_id: Annotated[str | None, Query(max_length=36, description="Admins only.")] = None,
+    user_id: Annotated[
+        str | None, Query(max_length=36, pattern=NO_NUL, description="Admins only.")
+    ] = None,
 ) -> list[TokenOut]:
     """The caller's tokens (an admin may name another user), newest first."""
     owner_id = user_id or caller.user_id
@@ -55,8 +63,12 @@ def list_tokens(
     return [TokenOut.of(t) for t in accounts.list_tokens(db, owner_id)]
 
 
-@router.delete("/{token_id}", status_code=status.HTTP_204_NO_CONTENT)
-def revoke_token(token_id: str, db: Db, caller: Caller) -> Response:
+@router.delete(
+    "/{token_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=problems.responses(403, 404, 422),
+)
+def revoke_token(token_id: PathId, db: Db, caller: Caller) -> Response:
     """Revoke a token at once (idempotent); the caller's own, or any for an admin."""
     accounts.revoke_token(db, token_id, owner_id=None if caller.is_admin else caller.user_id)
     db.commit()

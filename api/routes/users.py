@@ -7,17 +7,23 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response, status
 from sqlalchemy.orm import Session
 
+from api import problems
 from api.auth import Admin, Caller
-from api.schemas import UserCreate, UserOut
+from api.schemas import PathId, UserCreate, UserOut
 from core import accounts
 from core.database import get_db
 from core.errors import UserNotFound
 
-router = APIRouter(prefix="/users", tags=["users"])
+router = APIRouter(prefix="/users", tags=["users"], responses=problems.responses(401, 503))
 Db = Annotated[Session, Depends(get_db)]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=UserOut)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UserOut,
+    responses=problems.responses(400, 403, 409, 413, 422),
+)
 def create_user(body: UserCreate, db: Db, _: Admin, response: Response) -> UserOut:
     """Add a user (admins only); 409 when the email is taken."""
     user = accounts.create_user(
@@ -34,8 +40,8 @@ def read_me(db: Db, caller: Caller) -> UserOut:
     return UserOut.of(accounts.get_user(db, caller.user_id))
 
 
-@router.get("/{user_id}", response_model=UserOut)
-def read_user(user_id: str, db: Db, caller: Caller) -> UserOut:
+@router.get("/{user_id}", response_model=UserOut, responses=problems.responses(404, 422))
+def read_user(user_id: PathId, db: Db, caller: Caller) -> UserOut:
     """A user: oneself, or anyone for an admin (404 otherwise)."""
     if not caller.is_admin and user_id != caller.user_id:
         raise UserNotFound(user_id)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from sqlalchemy import Connection
 
+from api import problems
 from api.auth import Caller
-from api.schemas import ScheduleOut, StepDefinition, WorkflowOut
+from api.schemas import NO_NUL, ScheduleOut, StepDefinition, WorkflowOut
 from api.services import Conveyor
 from core import schedule_state, schedules
 from core.schedule_state import ScheduleState
 from core.workflows import Workflow
 
-router = APIRouter(prefix="/workflows", tags=["workflows"])
+router = APIRouter(prefix="/workflows", tags=["workflows"], responses=problems.responses(401, 503))
 
 
 def _schedules(conn: Connection, workflows: list[Workflow]) -> dict[tuple[str, str], ScheduleState]:
@@ -62,8 +65,10 @@ def list_workflows(_: Caller, conveyor: Conveyor) -> list[WorkflowOut]:
     return [_body(w, rows) for w in workflows]
 
 
-@router.get("/{name}", response_model=WorkflowOut)
-def read_workflow(name: str, _: Caller, conveyor: Conveyor) -> WorkflowOut:
+@router.get("/{name}", response_model=WorkflowOut, responses=problems.responses(404, 422))
+def read_workflow(
+    name: Annotated[str, Path(max_length=200, pattern=NO_NUL)], _: Caller, conveyor: Conveyor
+) -> WorkflowOut:
     """The newest version of a workflow (404 when none is registered by that name)."""
     workflow = conveyor.engine.registry.get(name)
     rows = conveyor.engine.manager.run(_schedules, [workflow])
