@@ -78,7 +78,20 @@ const Dag = (() => {
     tools.querySelector('[data-dag="fit"]').addEventListener("click", fit);
     tools.querySelector('[data-dag="in"]').addEventListener("click", () => zoom(1 / 1.5));
     tools.querySelector('[data-dag="out"]').addEventListener("click", () => zoom(1.5));
-    fit();
+    // As tall as the drawing needs at the page's width (a fan-out stands tall, a chain
+    // lies flat), within a third and three quarters of the window.
+    const tall = (whole.h / whole.w) * container.clientWidth;
+    const height = Math.min(Math.max(tall, window.innerHeight / 3), window.innerHeight * 0.75);
+    container.style.height = Math.round(height) + "px";
+    // A drawing too big to read whole opens at full size on its first steps (left,
+    // centred vertically); "Fit" shows it all.
+    const width = container.clientWidth;
+    if (Math.min(width / whole.w, height / whole.h) < 0.6) {
+      view = { x: whole.x, y: whole.y + whole.h / 2 - height / 2, w: width, h: height };
+      apply();
+    } else {
+      fit();
+    }
     return { svg, fit, zoom };
   }
 

@@ -1,0 +1,202 @@
+"""The dashboard in a real browser (Debian's chromium driven by Playwright) against the
+real API (uvicorn), a real worker, PostgreSQL and Redis.
+
+Screenshots go to the test's tmp_path; with CONVEYOR_UPDATE_SCREENSHOT=1 the execution
+page's is also copied to docs/dashboard.png (the README's picture).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from api.app import create_app
+from core.accounts import Role
+from tests.conftest import TestDatabase
+from tests.helpers.api import client, serve, user_with_token
+from worker.app import ConveyorCelery
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+WAIT_MS = 20_000
+expect.set_options(timeout=WAIT_MS)
+
+pytestmark = pytest.mark.postgresql_only
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """One headless chromium for the module (Debian's: no `playwright install`)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (scripts/bootstrap.sh)")
+    with sync_playwright() as driver:
+        launched = driver.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def api_url(worker: ConveyorCelery) -> Iterator[str]:
+    """The API and dashboard of the running worker's app, served over HTTP."""
+    with serve(create_app(worker)) as url:
+        yield url
+
+
+@pytest.fixture
+def page(browser: Browser, api_url: str) -> Iterator[Page]:
+    """A fresh browser context (no cookies) on the dashboard; console errors fail it."""
+    context = browser.new_context(base_url=api_url, viewport={"width": 1400, "height": 900})
+    context.set_default_timeout(WAIT_MS)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    tab.on(
+        "console",
+        lambda message: errors.append(message.text) if message.type == "error" else None,
+    )
+    yield tab
+    context.close()
+    # The only console errors allowed: the API's refusals the page shows the user.
+    unexpected = [e for e in errors if "status of 4" not in e]
+    assert not unexpected, unexpected
+
+
+def log_in(page: Page, token: str) -> None:
+    """Log in through the form, as a person would."""
+    page.goto("/ui/login")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/ui$"))
+
+
+def test_log_in_enqueue_from_the_form_and_watch_the_dag_turn_green(
+    database: TestDatabase, api_url: str, page: Page, tmp_path: Path
+) -> None:
+    _, token = user_with_token("ada@example.com", Role.ADMIN)
+
+    # Nothing is visible without logging in: every page sends the browser to the form.
+    for path in ("/ui", "/ui/workflows/linear", "/ui/executions/anything"):
+        page.goto(path)
+        expect(page).to_have_url(re.compile(r"/ui/login\?next="))
+        expect(page.locator("table")).to_have_count(0)
+    page.fill("#token", "cvy_not-a-token")
+    page.click("button[type=submit]")
+    expect(page.locator(".error")).to_contain_text("not valid")
+    log_in(page, token)
+    expect(page.locator("h1")).to_have_text("Executions")
+
+    # The form: a per-field error from the API's 422 first, then a good input.
+    page.goto("/ui/workflows/fan")
+    expect(page.locator("#dag g.node")).to_have_count(52)
+    page.fill("#input-json", '{"unexpected": true}')
+    page.fill("#priority", "12")
+    page.click("#enqueue button[type=submit]")
+    priority_error = page.locator('[data-error-for="priority"]')
+    expect(priority_error).to_be_visible()
+    expect(priority_error).to_contain_text("less than or equal to 9")
+    expect(page.locator("#priority")).to_have_attribute("aria-invalid", "true")
+    page.screenshot(path=str(tmp_path / "workflow-form-error.png"))
+
+    page.fill("#input-json", "")
+    page.fill("#priority", "5")
+    page.fill("#idempotency-key", "from-the-browser")
+    page.click("#enqueue button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/ui/executions/[0-9a-f-]+$"))
+
+    # The DAG colours itself as the worker runs it, without a reload.
+    green = page.locator("#dag g.node.status-succeeded")
+    expect(green).to_have_count(52)
+    fill = page.locator("#dag g#step-0 path, #dag g#step-0 polygon").first.evaluate(
+        "node => getComputedStyle(node).fill"
+    )
+    assert fill == "rgb(134, 239, 172)"  # --succeeded
+    expect(page.locator("#execution-status")).to_have_text("succeeded")
+    expect(page.locator("#steps tbody tr")).to_have_count(52)
+    expect(page.locator("#timeline .lane")).to_have_count(52)
+    expect(page.locator("#events tbody tr").last).to_contain_text("succeeded")
+    expect(page.locator("#cancel")).to_be_hidden()
+    expect(page.locator("#retry")).to_be_hidden()
+    # 52 steps open at full size on the first ones; "Fit" shows all, wheel zooms in.
+    view_box = page.locator("#dag svg").get_attribute("viewBox")
+    page.click('[data-dag="fit"]')
+    assert page.locator("#dag svg").get_attribute("viewBox") != view_box
+    fitted = page.locator("#dag svg").get_attribute("viewBox")
+    page.locator("#dag svg").hover(position={"x": 640, "y": 120})
+    for _ in range(4):
+        page.mouse.wheel(0, -200)
+    expect(page.locator("#dag svg")).not_to_have_attribute("viewBox", fitted or "")
+    shot = tmp_path / "execution.png"
+    page.screenshot(path=str(shot))
+    if os.environ.get("CONVEYOR_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(shot, DOCS_SCREENSHOT)
+
+    # The list shows it, with its count, and refreshes by itself.
+    page.goto("/ui")
+    expect(page.locator('[data-count="succeeded"]')).to_have_text("1")
+    expect(page.locator("#executions tbody tr")).to_have_count(1)
+    expect(page.locator("#live-state")).to_contain_text("updated")
+    page.screenshot(path=str(tmp_path / "executions.png"))
+
+
+def test_read_a_failed_steps_error_and_cancel_a_running_execution(
+    database: TestDatabase, api_url: str, page: Page, tmp_path: Path
+) -> None:
+    _, token = user_with_token("bo@example.com")
+    with client(api_url, token) as http:
+        broken = http.post("/executions", json={"workflow": "broken"}).json()["execution_id"]
+        slow = http.post("/executions", json={"workflow": "slow"}).json()["execution_id"]
+    log_in(page, token)
+
+    page.goto(f"/ui/executions/{broken}")
+    expect(page.locator("#execution-status")).to_have_text("failed")
+    expect(page.locator("#dag g.node.status-failed")).to_have_count(1)
+    page.locator("#dag g.node.status-failed").click()
+    detail = page.locator("#step-detail")
+    expect(detail).to_be_visible()
+    expect(detail.locator('[data-detail="name"]')).to_have_text("explode")
+    expect(detail.locator(".step-error")).to_have_text("ValueError: the data is bad")
+    expect(detail.locator(".traceback")).to_contain_text("raise ValueError")
+    expect(page.locator("#retry")).to_be_visible()
+    expect(page.locator("#cancel")).to_be_hidden()
+    page.screenshot(path=str(tmp_path / "failed-step.png"))
+
+    page.goto(f"/ui/executions/{slow}")
+    expect(page.locator("#dag g.node.status-running")).to_have_count(1)
+    cancel = page.locator("#cancel")
+    expect(cancel).to_be_visible()
+    page.once("dialog", lambda dialog: dialog.accept())
+    cancel.click()
+    expect(page.locator("#execution-status")).to_have_text("cancelled")
+    # The running step saw the cancellation and stopped; the one after it never ran.
+    expect(page.locator("#dag g.node.status-cancelled")).to_have_count(2)
+    expect(page.locator("#dag g.node.status-running")).to_have_count(0)
+    expect(cancel).to_be_hidden()
+    expect(page.locator("#retry")).to_be_visible()
+    expect(page.locator("#events")).to_contain_text(
+        "cancelled from the dashboard (by bo@example.com)"
+    )
+    page.screenshot(path=str(tmp_path / "cancelled.png"))
+
+    # Logging out hides everything again.
+    page.click("text=Log out")
+    expect(page).to_have_url(re.compile(r"/ui/login$"))
+    page.goto("/ui")
+    expect(page).to_have_url(re.compile(r"/ui/login\?next="))
