@@ -49,6 +49,10 @@ ENV PATH=/opt/conveyor/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CONVEYOR_WORKFLOW_MODULES=${WORKFLOW_MODULES}
 COPY --from=build /opt/conveyor /opt/conveyor
+# Graphviz's dot lays out the dashboard's DAGs (without it the pages say so).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends graphviz \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 conveyor \
  && mkdir -p /app /var/lib/conveyor \
  && chown conveyor /var/lib/conveyor

@@ -11,6 +11,9 @@ services=yes
 
 need_apt=()
 [ "$services" = no ] || command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# The dashboard draws DAGs with Graphviz's dot; its browser tests drive Debian's chromium.
+[ "$services" = no ] || command -v dot >/dev/null 2>&1 || need_apt+=(graphviz)
+[ "$services" = no ] || command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ "$services" = yes ] && ! command -v pg_ctl >/dev/null 2>&1 \
   && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
   need_apt+=(postgresql)
