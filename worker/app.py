@@ -13,16 +13,18 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 from celery import Celery, Task
-from celery.exceptions import TimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.exceptions import Retry, TimeLimitExceeded
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
 from core.config import Settings, get_settings
 from core.database import Database, get_database
 from core.dispatch import register_dispatcher
 from core.errors import TransientDatabaseError
 from core.registry import WorkflowRegistry, get_registry
-from worker.config import FIRE_SCHEDULES, celery_config
+from worker import logs
+from worker.config import FIRE_SCHEDULES, RECONCILE, celery_config
 from worker.engine import RUN_STEP, START_EXECUTION, Engine
+from worker.failures import StepFailed
 from worker.schedules import fire_schedules as fire_due
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class StepTask(Task):  # type: ignore[type-arg]
     ) -> None:
         # With prefork, Celery calls this in the main worker process after killing the
         # pool process at the hard limit; the step would otherwise wait to look stalled.
+        # Only then: a StepFailed (also reported here) is a failure recorded already.
         if isinstance(exc, TimeLimitExceeded) and "execution_id" in kwargs:
             engine: Engine = cast(ConveyorCelery, self.app).engine
             try:
@@ -82,15 +85,28 @@ class StepTask(Task):  # type: ignore[type-arg]
 def _register_tasks(app: ConveyorCelery) -> None:
     # Not shared: each app (the default one, test apps) carries its own engine.
     options: dict[str, Any] = {"bind": True, "ignore_result": True, "shared": False}
+    # A step's failure is an expected outcome: Celery logs it on one INFO line, without
+    # a traceback (the engine logged the WARNING; the traceback is on the step's row).
+    steps: dict[str, Any] = {**options, "throws": (StepFailed,)}
 
-    @app.task(name=START_EXECUTION, **options)
+    @app.task(name=START_EXECUTION, **steps)
     def start_execution(task: Task[Any, Any], execution_id: str, workflow: str) -> None:
         """Admit a pending execution (within its workflow's concurrency limit) and run
         its first root step here."""
-        with _retry_when_transient(task):
-            app.engine.admit(workflow, [execution_id], run_here=True)
+        with (
+            _retry_when_transient(task),
+            _step_failure_as_task_state(),
+            app.engine.tracing.received(task.request),
+            app.engine.tracing.start_span(execution_id, workflow) as span,
+        ):
+            try:
+                admission = app.engine.admit(workflow, [execution_id], run_here=True)
+            except StepFailed:  # its root step ran here: it started
+                span.set("conveyor.status", "started")
+                raise
+            span.set("conveyor.status", "started" if admission.started else "waiting")
 
-    @app.task(name=RUN_STEP, base=StepTask, **options)
+    @app.task(name=RUN_STEP, base=StepTask, **steps)
     def run_step(
         task: Task[Any, Any],
         execution_id: str,
@@ -99,7 +115,11 @@ def _register_tasks(app: ConveyorCelery) -> None:
         version: int | None = None,
     ) -> None:
         """Claim, run and record one step (and the steps it continues with)."""
-        with _retry_when_transient(task):
+        with (
+            _retry_when_transient(task),
+            _step_failure_as_task_state(),
+            app.engine.tracing.received(task.request),
+        ):
             app.engine.run_step(execution_id, step_name, task.request.id, workflow, version)
 
     @app.task(name=FIRE_SCHEDULES, **options)
@@ -110,7 +130,7 @@ def _register_tasks(app: ConveyorCelery) -> None:
         except TransientDatabaseError:  # the next pass, a second from now, tries again
             log.warning("database unavailable; schedules fired by a later pass")
 
-    @app.task(name="conveyor.reconcile", **options)
+    @app.task(name=RECONCILE, **options)
     def reconcile(task: Task[Any, Any]) -> None:
         """Recover stalled and lost work (scheduled by beat)."""
         app.engine.reconcile()
@@ -126,6 +146,30 @@ def _retry_when_transient(task: Task[Any, Any]) -> Iterator[None]:
         raise task.retry(
             exc=error, countdown=TRANSIENT_RETRY_COUNTDOWN, max_retries=None
         ) from error
+
+
+@contextmanager
+def _step_failure_as_task_state() -> Iterator[None]:
+    """Let Celery (its events, Flower) show a step's failure as the task's state.
+
+    The engine raises ``StepFailed`` only after the outcome is committed and any retry
+    published. A final failure propagates: the task ends FAILURE. A retry becomes
+    Celery's ``Retry`` raised as is (not ``task.retry()``, which would publish a second
+    message): the task ends RETRY. With acks_late, Celery acknowledges the message in
+    both cases (``task_acks_on_failure_or_timeout``), so nothing is redelivered.
+    """
+    try:
+        yield
+    except StepFailed as failure:
+        if failure.retrying:
+            raise Retry(str(failure), exc=failure) from failure
+        raise
+
+
+# Every worker and beat process: the step's fields on its log lines, CONVEYOR_LOG_FORMAT
+# and its housekeeping tasks' lines at DEBUG (worker.logs).
+after_setup_logger.connect(logs.on_setup_logger)
+after_setup_task_logger.connect(logs.on_setup_logger)
 
 
 @worker_process_init.connect

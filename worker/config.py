@@ -16,6 +16,9 @@ VISIBILITY_MARGIN = 60
 # its message may wait in the queue before it is dropped as stale.
 FIRE_SCHEDULES = "conveyor.fire_schedules"
 SCHEDULE_EXPIRES_MIN = 60.0
+RECONCILE = "conveyor.reconcile"
+# Beat sends these every few seconds: their per-message lines are DEBUG (worker.logs).
+HOUSEKEEPING_TASKS = (RECONCILE, FIRE_SCHEDULES)
 
 
 def broker_kind(settings: Settings) -> str:
@@ -91,7 +94,7 @@ def celery_config(settings: Settings, registry: WorkflowRegistry) -> dict[str, A
         "enable_utc": True,
         "beat_schedule": {
             "conveyor-reconcile": {
-                "task": "conveyor.reconcile",
+                "task": RECONCILE,
                 "schedule": settings.reconcile_interval,
                 # Ahead of queued steps: recovery must not wait behind the backlog.
                 "options": {

@@ -35,8 +35,11 @@ from core.transactions import RetryPolicy
 from core.workflows import Step, Workflow
 from worker.config import broker_priority
 from worker.context import RunningStep
+from worker.failures import StepFailed
 from worker.heartbeat import Heartbeat
+from worker.logs import step_context
 from worker.metrics import Metrics, get_metrics
+from worker.tracing import Tracing
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -103,6 +106,7 @@ class Engine:
         self.manager = SyncEnhancedExecutionStateManager(database)
         self.recorder = SyncEnhancedExecutionStateManager(database, retry_policy=PATIENT)
         self.heartbeats = Heartbeat(self.manager, settings.heartbeat_interval)
+        self.tracing = Tracing(settings.tracing)
 
     @property
     def worker_id(self) -> str:
@@ -125,6 +129,7 @@ class Engine:
 
     def publish_starts(self, starts: Iterable[tuple[str, str, int]]) -> None:
         """Send a start message for each (execution_id, workflow, priority)."""
+        headers = self.tracing.headers()
         with self.app.producer_or_acquire() as producer:
             for execution_id, workflow, priority in starts:
                 self.app.send_task(
@@ -133,6 +138,9 @@ class Engine:
                     kwargs={"execution_id": execution_id, "workflow": workflow},
                     priority=broker_priority(self.settings, priority, kind="start"),
                     producer=producer,
+                    # The name Celery's logs, events and Flower show (see README).
+                    shadow=f"{START_EXECUTION}:{workflow}",
+                    headers=headers,
                 )
 
     def publish_steps(
@@ -153,15 +161,17 @@ class Engine:
             routes = route
         else:
             routes = self.manager.run(executions.execution_routes, sorted({k[0] for k in keys}))
+        headers = self.tracing.headers()
         with self.app.producer_or_acquire() as producer:
             for execution_id, step_name in keys:
                 target = routes.get(execution_id)
                 kwargs: dict[str, Any] = {"execution_id": execution_id, "step_name": step_name}
-                options: dict[str, Any] = {}
+                options: dict[str, Any] = {"headers": headers}
                 if target is not None:
                     # The claim then knows the step's upstream steps before it runs.
                     kwargs.update(workflow=target.workflow, version=target.version)
                     options["priority"] = broker_priority(self.settings, target.priority)
+                    options["shadow"] = f"{RUN_STEP}:{target.workflow}.{step_name}"
                     workflow = self.definition(target.workflow, target.version)
                     step = workflow.steps.get(step_name) if workflow else None
                     if step is not None:
@@ -177,7 +187,8 @@ class Engine:
         self, workflow_name: str, execution_ids: Sequence[str], *, run_here: bool = False
     ) -> Admission:
         """Start what may start (concurrency limit, priority, FIFO) and publish its roots;
-        with ``run_here`` (a start message), run one root step in this worker at once."""
+        with ``run_here`` (a start message), run one root step in this worker at once
+        (which raises ``StepFailed`` when it failed: see ``_run_from``)."""
         try:
             workflow: Workflow | None = self.registry.get(workflow_name)
         except WorkflowNotFound:
@@ -220,7 +231,8 @@ class Engine:
         version: int | None = None,
     ) -> None:
         """Claim, run and record a delivered step, then the steps it lets this worker
-        continue with; a claim that loses is a duplicate or early delivery: a no-op."""
+        continue with; a claim that loses is a duplicate or early delivery: a no-op.
+        Raises ``StepFailed`` when a step failed (see ``_run_from``)."""
         known = self.definition(workflow, version) if workflow and version else None
         upstream = known.upstream(step_name) if known and step_name in known.steps else None
 
@@ -240,16 +252,35 @@ class Engine:
 
     def _run_from(self, claim: Claim) -> None:
         """Run a claimed step, then each step its completion lets this worker continue
-        with, within the continuation bound."""
+        with, within the continuation bound.
+
+        A step that fails (or is to be retried) continues nothing, so it is the last one
+        run here: once its outcome is committed and its retry published, ``StepFailed``
+        is raised, so that the Celery task shows FAILURE (or RETRY) instead of SUCCESS.
+        """
         started = time.monotonic()
         continued = 0
         next_step: Claim | None = claim
+        parent = None  # the span of the step that released the next one, once continued
         while next_step is not None:
             within_bound = (
                 continued < self.settings.continue_max_steps
                 and time.monotonic() - started < self.settings.continue_max_seconds
             )
-            next_step = self._run(next_step, may_continue=within_bound)
+            with (
+                step_context(
+                    next_step.execution_id,
+                    next_step.route.workflow,
+                    next_step.step_name,
+                    next_step.attempt,
+                ),
+                self.tracing.step_span(next_step, parent) as span,
+            ):
+                outcome = self._run(next_step, may_continue=within_bound)
+                span.outcome(outcome if isinstance(outcome, StepFailed) else None)
+            if isinstance(outcome, StepFailed):
+                raise outcome
+            next_step, parent = outcome, span.context
             if next_step is not None:
                 continued += 1
                 log.info(
@@ -259,14 +290,14 @@ class Engine:
                     next_step.attempt,
                 )
 
-    def _run(self, claim: Claim, *, may_continue: bool) -> Claim | None:
-        """Run one claimed step and record its outcome; the step to continue with."""
+    def _run(self, claim: Claim, *, may_continue: bool) -> Claim | StepFailed | None:
+        """Run one claimed step and record its outcome; the step to continue with, or the
+        recorded failure."""
         self.metrics.claimed(claim)
         workflow = self.definition(claim.route.workflow, claim.route.version)
         step = workflow.steps.get(claim.step_name) if workflow else None
         if workflow is None or step is None:
-            self._fail(claim, self._unknown(claim), workflow)
-            return None
+            return self._fail(claim, self._unknown(claim), workflow)
         # Once claimed, the step is ours: every way out of this block records an outcome
         # (success, retry or failure), so no exception can leave it running.
         with self.heartbeats.beating((claim.execution_id, claim.step_name)):
@@ -280,11 +311,9 @@ class Engine:
                 timed_out = StepTimedOut(
                     f"step {step.name} ran past its soft timeout of {step.soft_timeout}s"
                 )
-                self._failed(claim, workflow, step, timed_out)
-                return None
+                return self._failed(claim, workflow, step, timed_out)
             except Exception as error:
-                self._failed(claim, workflow, step, error)
-                return None
+                return self._failed(claim, workflow, step, error)
             # Recorded while still beating: a database that is restarting may keep this
             # waiting, and the step must not look stalled meanwhile.
             return self._succeeded(claim, workflow, output, encoded, may_continue)
@@ -333,7 +362,11 @@ class Engine:
             return False
         return all(_unlimited(workflow.steps[n]) for n in workflow.downstream(claim.step_name))
 
-    def _failed(self, claim: Claim, workflow: Workflow, step: Step, error: BaseException) -> None:
+    def _failed(
+        self, claim: Claim, workflow: Workflow, step: Step, error: BaseException
+    ) -> StepFailed | None:
+        """Record a step's error as a retry to come or its failure, by its retry policy;
+        the report (None: another outcome was recorded first)."""
         # Attempts taken by crash recoveries do not count against the retry policy.
         tries = claim.attempt - claim.recoveries
         permanent = isinstance(error, InputValidationError)
@@ -352,8 +385,20 @@ class Engine:
                 # Long delays are left to the reconciler, which publishes due retries;
                 # nothing depends on an ETA message held by the broker.
                 self.publish_steps([(claim.execution_id, step.name)], claim.route, countdown=delay)
-            return
-        self._fail(claim, error, workflow)
+            if not moved.applied:
+                return None
+            retrying = StepFailed.of(
+                error,
+                execution_id=claim.execution_id,
+                workflow=workflow.name,
+                step=step.name,
+                attempt=tries,
+                max_attempts=step.retry.max_attempts,
+                retry_in=delay,
+            )
+            log.warning("%s", retrying)
+            return retrying
+        return self._fail(claim, error, workflow)
 
     def _unknown(self, claim: Claim) -> WorkflowNotFound:
         try:
@@ -362,7 +407,11 @@ class Engine:
             return missing
         return WorkflowNotFound(f"{claim.route.workflow} (step {claim.step_name})")
 
-    def _fail(self, claim: Claim, error: BaseException, workflow: Workflow | None) -> None:
+    def _fail(
+        self, claim: Claim, error: BaseException, workflow: Workflow | None
+    ) -> StepFailed | None:
+        """Record a step's failure (its descendants skipped, its execution finished when
+        nothing else runs); the report (None: another outcome was recorded first)."""
         failure = self.recorder.run(
             steps.fail_step,
             claim.execution_id,
@@ -372,18 +421,23 @@ class Engine:
             workflow.descendants(claim.step_name) if workflow else None,
             workflow.sinks if workflow else [],
         )
+        report = None
         if failure.transition.applied:
-            log.warning(
-                "step %s/%s failed on attempt %d: %s: %s",
-                claim.execution_id,
-                claim.step_name,
-                claim.attempt,
-                type(error).__name__,
+            defined = workflow.steps.get(claim.step_name) if workflow else None
+            tries = claim.attempt - claim.recoveries
+            report = StepFailed.of(
                 error,
+                execution_id=claim.execution_id,
+                workflow=claim.route.workflow,
+                step=claim.step_name,
+                attempt=tries,
+                max_attempts=max(tries, defined.retry.max_attempts if defined else 1),
             )
+            log.warning("%s", report)
         self.metrics.ended(claim.route.workflow, failure.execution)
         if failure.execution is not None:
             self.after_finish(claim.route.workflow)
+        return report
 
     def record_hard_timeout(
         self, execution_id: str, step_name: str, task_id: str, limit: float | None
@@ -397,10 +451,11 @@ class Engine:
         error = StepTimedOut(f"step {step_name} ran past its hard timeout of {limit}s")
         workflow = self.definition(claim.route.workflow, claim.route.version)
         step = workflow.steps.get(step_name) if workflow else None
-        if workflow is None or step is None:
-            self._fail(claim, error, None)
-            return
-        self._failed(claim, workflow, step, error)
+        with step_context(execution_id, claim.route.workflow, step_name, claim.attempt):
+            if workflow is None or step is None:
+                self._fail(claim, error, None)
+            else:
+                self._failed(claim, workflow, step, error)
 
     # --- operations ------------------------------------------------------------------
 
@@ -465,4 +520,6 @@ class Engine:
         self.metrics.reconciled_pass(report, time.monotonic() - began)
         if report != ReconcileReport():
             log.info("reconciler: %s", report)
+        else:  # every few seconds on an idle system: not worth an INFO line
+            log.debug("reconciler: nothing to do")
         return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -362,3 +363,19 @@ def at_once(ctx: StepContext) -> str:
 
 
 short_chain = _chain("short_chain", 4, 0.005)
+
+
+chatty = Workflow("chatty")
+chatty_log = logging.getLogger("tests.e2e.chatty")
+
+
+@chatty.step()
+def speak(ctx: StepContext) -> str:
+    chatty_log.info("speaking for %s", ctx.execution_id)
+    return "said"
+
+
+@chatty.step(depends_on=["speak"])
+def listen(ctx: StepContext, speak: str) -> str:
+    chatty_log.info("heard %s", speak)
+    return speak
