@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import httpx2 as httpx
 import uvicorn
@@ -19,12 +20,14 @@ from tests.servers import free_port
 
 
 @contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` over HTTP on 127.0.0.1 for the block; yields its base URL."""
+def serve(app: FastAPI, **options: Any) -> Iterator[str]:
+    """Serve ``app`` over HTTP on 127.0.0.1 for the block; yields its base URL.
+
+    ``options`` go to ``uvicorn.Config`` (e.g. ``log_level="debug", log_config=None`` to
+    let the access log reach the root logger and pytest's caplog)."""
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
+    config: dict[str, Any] = {"log_level": "warning", "lifespan": "off", **options}
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
