@@ -8,6 +8,7 @@ bare 500 and are logged server-side with their traceback.
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -15,7 +16,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
 
 from api.schemas import ProblemDetails
 from core.errors import (
@@ -128,22 +128,24 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     status = HTTPStatus(error.status_code)
     detail = error.detail if isinstance(error.detail, str) else None
     headers = dict(error.headers) if error.headers else {}
-    if status is HTTPStatus.METHOD_NOT_ALLOWED:
-        headers["Allow"] = ", ".join(_allowed_methods(request))
+    if status is HTTPStatus.METHOD_NOT_ALLOWED and (allowed := _allowed_methods(request)):
+        headers["Allow"] = ", ".join(allowed)
     return problem(status, detail, headers=headers or None)
 
 
 def _allowed_methods(request: Request) -> list[str]:
     # Starlette's Allow names the methods of the first route matching the path only; a
-    # path served by several routes (GET and POST /executions) allows all of theirs.
+    # path served by several routes (GET and POST /executions) allows every method its
+    # OpenAPI path item documents.
+    path = request.scope["path"]
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    if "GET" in methods:
-        methods.add("HEAD")
+    for template, item in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template)), path):
+            methods |= {m.upper() for m in item if m.upper() in _METHODS}
     return sorted(methods)
+
+
+_METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"})
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:

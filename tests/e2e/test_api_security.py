@@ -153,6 +153,9 @@ def test_hostile_strings_in_queries_and_paths_find_nothing_and_break_nothing(
             # An id longer than ours is refused as such; a shorter one names nothing.
             assert response.status_code in (404, 422), (method, path, response.text)
             assert response.headers["content-type"] == "application/problem+json"
+    not_allowed = admin.put("/executions")
+    assert not_allowed.status_code == 405
+    assert not_allowed.headers["allow"] == "GET, POST"
     tables_intact(database)
 
 
