@@ -15,7 +15,7 @@ lint: deps
 	$(BIN)/ruff format --check .
 
 typecheck: deps
-	$(BIN)/mypy core worker cli
+	$(BIN)/mypy core worker cli api
 
 pytest: deps
 	$(BIN)/pytest
