@@ -6,16 +6,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import httpx2 as httpx
 import pytest
 import redis
 from celery.contrib.testing.worker import start_worker
 
+from api.app import create_app as create_api
+from core.accounts import Role
 from core.config import Settings
 from core.execution_state_manager import SyncExecutionStateManager
 from core.models import WorkflowExecution
 from core.registry import WorkflowRegistry, configure_registry
 from tests.conftest import TestDatabase
 from tests.e2e import workflows
+from tests.helpers.api import client, serve, user_with_token
 from worker.app import ConveyorCelery, create_app
 
 
@@ -86,3 +90,18 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"execution {execution_id} still {execution.status} after {timeout}s")
         time.sleep(0.05)
+
+
+@pytest.fixture
+def api_url(conveyor_app: ConveyorCelery) -> Iterator[str]:
+    """The HTTP API (and dashboard) of conveyor_app, served by uvicorn; its base URL."""
+    with serve(create_api(conveyor_app)) as url:
+        yield url
+
+
+@pytest.fixture
+def admin(api_url: str) -> Iterator[httpx.Client]:
+    """A client of the API holding an admin's token."""
+    _, token = user_with_token("root@example.com", Role.ADMIN)
+    with client(api_url, token) as http:
+        yield http

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 from sqlalchemy import update
 
 from api.app import create_app
-from core.accounts import Role
 from core.database import get_db_session
 from core.executions import StepSpec
 from core.models import UserSession
@@ -24,21 +22,6 @@ from worker.app import ConveyorCelery
 from worker.producer import enqueue
 
 FINAL = {"succeeded", "failed", "cancelled", "timed_out"}
-
-
-@pytest.fixture
-def api_url(conveyor_app: ConveyorCelery) -> Iterator[str]:
-    """The API of conveyor_app, served over HTTP."""
-    with serve(create_app(conveyor_app)) as url:
-        yield url
-
-
-@pytest.fixture
-def admin(api_url: str) -> Iterator[httpx.Client]:
-    """A client holding an admin's token."""
-    _, token = user_with_token("root@example.com", Role.ADMIN)
-    with client(api_url, token) as http:
-        yield http
 
 
 def member(api_url: str, email: str) -> tuple[str, httpx.Client]:

@@ -27,7 +27,6 @@ from core.models import Base, User
 from tests.conftest import TestDatabase
 from tests.e2e.conftest import e2e_registry
 from tests.helpers.api import client, serve, user_with_token
-from worker.app import ConveyorCelery
 from worker.app import create_app as create_celery_app
 
 INJECTIONS = [
@@ -44,21 +43,6 @@ INJECTIONS = [
 LONG_UNICODE = ("\U0001d518ñí©ødé ✓ '\" -- " * 40)[:200]
 STORED = [*INJECTIONS, LONG_UNICODE]
 NUL = "before\x00after"
-
-
-@pytest.fixture
-def api_url(conveyor_app: ConveyorCelery) -> Iterator[str]:
-    """The API of conveyor_app, served over HTTP."""
-    with serve(create_app(conveyor_app)) as url:
-        yield url
-
-
-@pytest.fixture
-def admin(api_url: str) -> Iterator[httpx.Client]:
-    """A client holding an admin's token."""
-    _, token = user_with_token("root@example.com", Role.ADMIN)
-    with client(api_url, token) as http:
-        yield http
 
 
 def refused(response: httpx.Response, field: str) -> None:

@@ -8,22 +8,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx2 as httpx
-import pytest
 
-from api.app import create_app
 from api.auth import TOKEN_COOKIE, UI_HEADER
 from core.accounts import Role
 from core.executions import ExecutionFilter
 from tests.conftest import TestDatabase
-from tests.helpers.api import client, serve, user_with_token
+from tests.helpers.api import client, user_with_token
 from worker.app import ConveyorCelery
-
-
-@pytest.fixture
-def api_url(conveyor_app: ConveyorCelery) -> Iterator[str]:
-    """The API (with its dashboard) of conveyor_app, served over HTTP."""
-    with serve(create_app(conveyor_app)) as url:
-        yield url
 
 
 @contextmanager
