@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from api import problems, ui
+from api import problems, redaction, ui
 from api.limits import BodyLimit
 from api.routes import executions, health, metrics, tokens, users, workflows
 from api.services import Services
@@ -37,6 +37,7 @@ def create_app(celery_app: ConveyorCelery | None = None) -> FastAPI:
     ).api_max_body_bytes
     api.add_middleware(BodyLimit, max_bytes=max_bytes)
     problems.install(api)
+    redaction.install()
     for module in (health, users, tokens, executions, workflows, metrics):
         api.include_router(module.router)
     ui.install(api)  # the dashboard: /ui and /ui/static

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -301,8 +303,13 @@ def test_no_secret_reaches_a_log_record_or_a_response_body(
             bodies.append(revoked.get("/users/me").text)
             bodies.append(forged_client.get("/users/me").text)
         with client(url, None) as anonymous:
-            # (A token sent in a URL is refused, but the access log records URLs as sent:
-            # that is why the API never reads one there. The request is not sent here.)
+            # A token sent in a URL is refused, and the access log, which records URLs
+            # as sent, shows it redacted.
+            # (Sent with urllib: the test's own HTTP client logs the URLs it requests.)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{url}/users/me?token={admin_token}", timeout=30)
+            assert refused.value.code == 401
+            bodies.append(refused.value.read().decode())
             bodies.append(anonymous.get("/users/me").text)
             bodies.append(anonymous.get("/readyz").text)
 
@@ -335,6 +342,7 @@ def test_no_secret_reaches_a_log_record_or_a_response_body(
     assert any(r.name == "uvicorn.access" for r in records), "the access log was not captured"
     assert any(r.name == "api.problems" and r.exc_info for r in records), "no 500 was logged"
     logged = "\n".join(f"{r.name} {r.getMessage()} {caplog.handler.format(r)}" for r in records)
+    assert "token=cvy_***" in logged, "the token sent in a URL was not logged redacted"
     for secret in secrets:
         assert secret not in logged, f"a secret ({secret[:8]}...) was logged"
         for body in bodies:
