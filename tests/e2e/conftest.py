@@ -54,7 +54,14 @@ def conveyor_app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
     registry = e2e_registry()
     # Executions created through core (the seed's manager, the ORM) use these workflows.
     configure_registry(registry)
-    return create_app(settings, registry)
+    app = create_app(settings, registry)
+    # An idle in-process worker's consumer sits in a BRPOP that stopping it waits out
+    # (kombu's default: 1 s, a second of teardown per test); 0.1 s keeps stops quick.
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "polling_interval": 0.1,
+    }
+    return app
 
 
 @contextmanager
