@@ -436,11 +436,11 @@ def report(
     return all_expected
 
 
-def conveyor_command() -> str:
-    """How to call the ``conveyor`` CLI from here: its venv path when not on PATH."""
-    script = Path(sys.executable).parent / "conveyor"
-    if not script.exists() or shutil.which("conveyor") == str(script):
-        return "conveyor"
+def venv_command(name: str = "conveyor") -> str:
+    """How to call a script of this venv from here: its path when it is not on PATH."""
+    script = Path(sys.executable).parent / name
+    if not script.exists() or shutil.which(name) == str(script):
+        return name
     return os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
 
 
@@ -451,13 +451,16 @@ def next_steps(
     variables = {**place.variables, "PYTHONPATH": place.python_path}
     exports = " ".join(f"{name}={shlex.quote(value)}" for name, value in variables.items())
     ids = {run.workflow: execution_id for run, execution_id in executions}
-    conveyor = conveyor_command()
+    conveyor = venv_command()
     console.print("\n[bold]Look closer[/] (in this shell, first the export)")
     lines = [
         f"export {exports}",
         f"{conveyor} list",
         f"{conveyor} status {ids.get('charge_order', 'ID')} --traceback",
         f"{conveyor} status {ids.get('supplier_sync', 'ID')} --history",
+        f"{conveyor} users create you@example.com --admin",
+        f"{conveyor} tokens issue you@example.com    # the dashboard's login token",
+        f"{venv_command('uvicorn')} api.app:app      # then open http://127.0.0.1:8000/ui",
         f"worker log: {place.worker_log}",
         f"beat log:   {place.beat_log}",
     ]
