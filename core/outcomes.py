@@ -52,11 +52,22 @@ class StepCompletion:
 
 
 @dataclass(frozen=True)
+class StepCrash:
+    """A step failed because its worker was lost more often than recoveries allow."""
+
+    execution_id: str
+    step_name: str
+    attempt: int
+    message: str
+
+
+@dataclass(frozen=True)
 class StallRecovery:
     """Steps a stall sweep requeued for another attempt, and those it failed for good."""
 
     requeued: list[TransitionResult] = field(default_factory=list)
     failed: list[TransitionResult] = field(default_factory=list)
+    crashes: list[StepCrash] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,8 @@ class ReconcileReport:
 
     requeued: list[tuple[str, str]] = field(default_factory=list)
     stalled_failed: list[tuple[str, str]] = field(default_factory=list)
+    # The error each of those steps now holds (what the worker logs a WARNING about).
+    crashes: list[StepCrash] = field(default_factory=list)
     republish: list[tuple[str, str]] = field(default_factory=list)
     # (execution, workflow, priority) of pending executions whose start is sent again.
     start: list[tuple[str, str, int]] = field(default_factory=list)

@@ -16,7 +16,7 @@ from core import statements as sql
 from core.errors import StepCrashed
 from core.executions import execution_routes, finish_executions, time_out
 from core.models import ExecutionEvent
-from core.outcomes import ReconcileReport, StallRecovery, TransitionResult
+from core.outcomes import ReconcileReport, StallRecovery, StepCrash, TransitionResult
 from core.states import ExecutionStatus
 from core.steps import skip_descendants
 from core.transitions import event_rows, transition_of
@@ -39,24 +39,31 @@ def recover_stalled_steps(
     failed_rows = (
         conn.execute(sql.recover_stalled(keys, requeue=False, max_recoveries=max_recoveries))
     ).all()
+    crashes = [
+        StepCrash(
+            row.execution_id,
+            row.step_name,
+            row.attempt,
+            str(StepCrashed(row.step_name, row.worker, row.attempt, row.recoveries)),
+        )
+        for row in failed_rows
+    ]
     if failed_rows:
-        crashes = [
+        errors = [
             {
                 "eid": row.execution_id,
                 "name": row.step_name,
                 "err": {
                     "type": "StepCrashed",
                     "module": StepCrashed.__module__,
-                    "message": str(
-                        StepCrashed(row.step_name, row.worker, row.attempt, row.recoveries)
-                    ),
+                    "message": crash.message,
                     "worker": row.worker,
                     "attempts": row.attempt,
                 },
             }
-            for row in failed_rows
+            for row, crash in zip(failed_rows, crashes, strict=True)
         ]
-        conn.execute(sql.set_step_errors(), crashes)
+        conn.execute(sql.set_step_errors(), errors)
     requeued = [transition_of(row, step=True) for row in requeued_rows]
     failed = [transition_of(row, step=True) for row in failed_rows]
     events = event_rows(requeued, "stalled: requeued") + event_rows(
@@ -64,7 +71,7 @@ def recover_stalled_steps(
     )
     if events:
         conn.execute(sql.insert_rows(ExecutionEvent), events)
-    return StallRecovery(requeued=requeued, failed=failed)
+    return StallRecovery(requeued=requeued, failed=failed, crashes=crashes)
 
 
 def find_stalled_steps(
@@ -132,6 +139,7 @@ def reconcile_pass(
     return ReconcileReport(
         requeued=[(r.execution_id, r.step_name or "") for r in recovery.requeued],
         stalled_failed=[(r.execution_id, r.step_name or "") for r in recovery.failed],
+        crashes=recovery.crashes,
         republish=[(r.execution_id, r.step_name or "") for r in republished]
         + [(r.execution_id, r.step_name or "") for r in recovery.requeued],
         start=[(r.execution_id, r.workflow_id, r.priority) for r in start_rows],

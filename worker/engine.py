@@ -518,6 +518,19 @@ class Engine:
         for workflow in report.freed:
             self.after_finish(workflow)
         self.metrics.reconciled_pass(report, time.monotonic() - began)
+        for crash in report.crashes:
+            # The one WARNING of a failed step, as a worker logs for an error its code
+            # raised; here its worker is gone, so the pass that failed it speaks for it.
+            workflow = report.workflows.get(crash.execution_id, "?")
+            with step_context(crash.execution_id, workflow, crash.step_name, crash.attempt):
+                log.warning(
+                    "step %s of execution %s (workflow %s) failed on attempt %d: StepCrashed: %s",
+                    crash.step_name,
+                    crash.execution_id,
+                    workflow,
+                    crash.attempt,
+                    crash.message,
+                )
         if report != ReconcileReport():
             log.info("reconciler: %s", report)
         else:  # every few seconds on an idle system: not worth an INFO line

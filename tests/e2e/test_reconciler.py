@@ -3,11 +3,13 @@ deadlines; overlapping passes never do the same work twice."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import redis
 
 from core import reconciler
@@ -23,6 +25,7 @@ from tests.helpers.state import (
     wait_until_database_up_for,
 )
 from worker.app import ConveyorCelery
+from worker.logs import current_step
 from worker.producer import enqueue
 
 
@@ -110,6 +113,47 @@ def test_overlapping_passes_recover_each_stalled_step_once(
     history = events(execution_id)
     assert all(history.count((n, "running", "queued")) == 1 for n in names)
     assert all(step_row(execution_id, n)["attempt"] == 2 for n in names)
+
+
+def test_a_step_failed_for_crashing_too_often_logs_one_warning_naming_it(
+    conveyor_app: ConveyorCelery, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = conveyor_app.engine
+    settings = engine.settings
+    wait_until_database_up_for(settings.stall_timeout)
+    execution_id = enqueue("linear", {"start": 1}, app=conveyor_app)
+    engine.admit("linear", [execution_id])
+    manager = SyncEnhancedExecutionStateManager()
+    assert manager.claim_step(execution_id, "double", worker="gone:8", celery_task_id=None)
+    old = datetime.now(UTC) - timedelta(hours=1)
+    spent = settings.max_crash_recoveries
+    force_step_status(execution_id, "double", "running", heartbeat_at=old, recoveries=spent)
+    seen: list[tuple[str, str] | None] = []
+
+    class Step(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            current = current_step()
+            seen.append((current.execution_id, current.step) if current else None)
+            return True
+
+    engine_log = logging.getLogger("worker.engine")
+    step_filter = Step()
+    engine_log.addFilter(step_filter)
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.engine"):
+            report = engine.reconcile()
+    finally:
+        engine_log.removeFilter(step_filter)
+    assert report.stalled_failed == [(execution_id, "double")]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert message.startswith(
+        f"step double of execution {execution_id} (workflow linear) failed on attempt 1: "
+        "StepCrashed: step double was lost with its worker gone:8"
+    )
+    # The record is about that step (its fields come from the step's log context).
+    assert seen == [(execution_id, "double")]
 
 
 def test_a_step_crashed_too_often_fails_its_execution_in_the_recovering_transaction(
