@@ -211,13 +211,15 @@ def test_pages_neither_skip_nor_repeat_rows_while_others_are_inserted(
         enqueue("linear", {"start": n}, triggered_by=owner_id, app=conveyor_app) for n in range(60)
     }
     stop = threading.Event()
+    grew = threading.Condition()
     inserted: list[str] = []
 
     def insert_meanwhile() -> None:
         while not stop.is_set():
-            inserted.append(
-                enqueue("linear", {"start": -1}, triggered_by=owner_id, app=conveyor_app)
-            )
+            execution_id = enqueue("linear", {"start": -1}, triggered_by=owner_id, app=conveyor_app)
+            with grew:
+                inserted.append(execution_id)
+                grew.notify_all()
 
     writer = threading.Thread(target=insert_meanwhile)
     writer.start()
@@ -226,6 +228,7 @@ def test_pages_neither_skip_nor_repeat_rows_while_others_are_inserted(
     try:
         with http:
             while True:
+                mark = len(inserted)
                 params: dict[str, str | int] = {"limit": 7}
                 if cursor:
                     params["cursor"] = cursor
@@ -234,10 +237,13 @@ def test_pages_neither_skip_nor_repeat_rows_while_others_are_inserted(
                 cursor = page["next_cursor"]
                 if cursor is None:
                     break
+                # Rows were inserted between this page and the next (with OFFSET paging
+                # each would push a row seen already onto the next page).
+                with grew:
+                    assert grew.wait_for(lambda: len(inserted) > mark, timeout=30)  # noqa: B023 (used now)
     finally:
         stop.set()
         writer.join()
-    assert len(inserted) > 0
     assert len(seen) == len(set(seen)), "a row was repeated"
     assert before <= set(seen), "a row that existed before paging began was skipped"
 
