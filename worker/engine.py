@@ -387,18 +387,26 @@ class Engine:
                 self.publish_steps([(claim.execution_id, step.name)], claim.route, countdown=delay)
             if not moved.applied:
                 return None
-            retrying = StepFailed.of(
-                error,
-                execution_id=claim.execution_id,
-                workflow=workflow.name,
-                step=step.name,
-                attempt=tries,
-                max_attempts=step.retry.max_attempts,
-                retry_in=delay,
-            )
-            log.warning("%s", retrying)
-            return retrying
+            return self._reported(claim, error, step.retry.max_attempts, retry_in=delay)
         return self._fail(claim, error, workflow)
+
+    @staticmethod
+    def _reported(
+        claim: Claim, error: BaseException, max_attempts: int, retry_in: float | None = None
+    ) -> StepFailed:
+        """The one WARNING of a recorded failure (or retry), and the report the task raises."""
+        tries = claim.attempt - claim.recoveries  # as the retry policy counts them
+        report = StepFailed.of(
+            error,
+            execution_id=claim.execution_id,
+            workflow=claim.route.workflow,
+            step=claim.step_name,
+            attempt=tries,
+            max_attempts=max(tries, max_attempts),
+            retry_in=retry_in,
+        )
+        log.warning("%s", report)
+        return report
 
     def _unknown(self, claim: Claim) -> WorkflowNotFound:
         try:
@@ -424,16 +432,7 @@ class Engine:
         report = None
         if failure.transition.applied:
             defined = workflow.steps.get(claim.step_name) if workflow else None
-            tries = claim.attempt - claim.recoveries
-            report = StepFailed.of(
-                error,
-                execution_id=claim.execution_id,
-                workflow=claim.route.workflow,
-                step=claim.step_name,
-                attempt=tries,
-                max_attempts=max(tries, defined.retry.max_attempts if defined else 1),
-            )
-            log.warning("%s", report)
+            report = self._reported(claim, error, defined.retry.max_attempts if defined else 1)
         self.metrics.ended(claim.route.workflow, failure.execution)
         if failure.execution is not None:
             self.after_finish(claim.route.workflow)

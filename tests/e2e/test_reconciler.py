@@ -115,19 +115,26 @@ def test_overlapping_passes_recover_each_stalled_step_once(
     assert all(step_row(execution_id, n)["attempt"] == 2 for n in names)
 
 
+def crashed_out_step(app: ConveyorCelery, worker: str) -> str:
+    """An execution of linear whose step ``double`` ran on ``worker``, which stopped beating
+    an hour ago after the step had used up its crash recoveries: its id."""
+    settings = app.engine.settings
+    wait_until_database_up_for(settings.stall_timeout)
+    execution_id = enqueue("linear", {"start": 1}, app=app)
+    app.engine.admit("linear", [execution_id])
+    manager = SyncEnhancedExecutionStateManager()
+    assert manager.claim_step(execution_id, "double", worker=worker, celery_task_id=None)
+    old = datetime.now(UTC) - timedelta(hours=1)
+    spent = settings.max_crash_recoveries
+    force_step_status(execution_id, "double", "running", heartbeat_at=old, recoveries=spent)
+    return execution_id
+
+
 def test_a_step_failed_for_crashing_too_often_logs_one_warning_naming_it(
     conveyor_app: ConveyorCelery, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = conveyor_app.engine
-    settings = engine.settings
-    wait_until_database_up_for(settings.stall_timeout)
-    execution_id = enqueue("linear", {"start": 1}, app=conveyor_app)
-    engine.admit("linear", [execution_id])
-    manager = SyncEnhancedExecutionStateManager()
-    assert manager.claim_step(execution_id, "double", worker="gone:8", celery_task_id=None)
-    old = datetime.now(UTC) - timedelta(hours=1)
-    spent = settings.max_crash_recoveries
-    force_step_status(execution_id, "double", "running", heartbeat_at=old, recoveries=spent)
+    execution_id = crashed_out_step(conveyor_app, worker="gone:8")
     seen: list[tuple[str, str] | None] = []
 
     class Step(logging.Filter):
@@ -161,14 +168,9 @@ def test_a_step_crashed_too_often_fails_its_execution_in_the_recovering_transact
 ) -> None:
     engine = conveyor_app.engine
     settings = engine.settings
-    wait_until_database_up_for(settings.stall_timeout)
-    execution_id = enqueue("linear", {"start": 1}, app=conveyor_app)
-    engine.admit("linear", [execution_id])
+    execution_id = crashed_out_step(conveyor_app, worker="gone:7")
     manager = SyncEnhancedExecutionStateManager()
-    assert manager.claim_step(execution_id, "double", worker="gone:7", celery_task_id=None)
-    old = datetime.now(UTC) - timedelta(hours=1)
     spent = settings.max_crash_recoveries
-    force_step_status(execution_id, "double", "running", heartbeat_at=old, recoveries=spent)
 
     # The reconciler's scan alone, one transaction: failing the step, skipping what
     # depends on it and finishing the execution commit together (no follow-up that a
