@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 from core.config import Settings, get_settings
 from core.errors import translate_errors
@@ -150,6 +150,14 @@ class Database:
         if self._async_sessions is None:
             self._async_sessions = async_sessionmaker(self.async_engine, expire_on_commit=False)
         return self._async_sessions
+
+    def checked_out(self) -> int:
+        """How many connections this process's pools have lent out right now (0 when every
+        unit of work has returned its connection: what must hold before disposing)."""
+        pools = [e.pool for e in (self._engine, self._work_engine) if e is not None]
+        if self._async_engine is not None:
+            pools.append(self._async_engine.sync_engine.pool)
+        return sum(pool.checkedout() for pool in pools if isinstance(pool, QueuePool))
 
     def dispose(self) -> None:
         """Close pooled connections (async ones on their own loop, when it is idle)."""

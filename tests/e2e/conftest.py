@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx2 as httpx
@@ -69,9 +71,25 @@ def running_worker(app: ConveyorCelery, concurrency: int = 4) -> Iterator[Convey
     """Run an in-process worker (threads pool) on ``app`` for the block."""
     with start_worker(
         app, pool="threads", concurrency=concurrency, perform_ping_check=False, shutdown_timeout=30
-    ):
+    ) as controller:
         yield app
+    # start_worker stops the worker cold, and a cold stop of the threads pool does not
+    # wait for running steps: a step still finishing would write through a connection
+    # while the test's database is disposed and dropped, which leaks that connection
+    # into the discarded pool (a ResourceWarning in whichever test collects it).
+    _join_running_steps(controller.pool.executor, timeout=30)
     app.engine.heartbeats.stop()
+
+
+def _join_running_steps(executor: ThreadPoolExecutor, timeout: float) -> None:
+    """Wait until the pool's running steps return; queued ones are dropped unrun."""
+    joining = threading.Thread(
+        target=executor.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True
+    )
+    joining.start()
+    joining.join(timeout)
+    if joining.is_alive():
+        raise RuntimeError(f"a step of the test worker was still running {timeout} s after stop")
 
 
 @pytest.fixture
