@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     Update,
     and_,
+    any_,
     bindparam,
     case,
     exists,
@@ -37,7 +38,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import cast as cast_
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.sql.expression import Alias
 
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.sql import utcnow
@@ -71,6 +73,22 @@ def _from(source: StepStatus, target: StepStatus) -> str:
 def _sources(target: StepStatus) -> list[str]:
     """Every status the table lets ``target`` be reached from (a compare-and-set's WHERE)."""
     return sorted(s.value for s in STEPS.sources_of(target))
+
+
+def _status_in(column: Any, target: StepStatus) -> Any:
+    """``column`` is a status ``target`` may be reached from. Each status is its own bind
+    parameter: a list would be an "expanding" parameter, which SQLAlchemy renders into
+    the SQL text again on every execution."""
+    return column.in_([literal(status) for status in _sources(target)])
+
+
+def _one_of(column: Any, name: str, postgres: bool) -> Any:
+    """``column`` is one of the list bound as ``name``: ``= ANY(array)`` on PostgreSQL,
+    whose SQL text stays the same for any length (no re-rendering per execution, and one
+    prepared statement); an expanding IN on SQLite, which has no arrays."""
+    if postgres:
+        return column == any_(bindparam(name, type_=ARRAY(String)))
+    return column.in_(bindparam(name, expanding=True))
 
 
 @dataclass(frozen=True)
@@ -128,7 +146,7 @@ def hot_path(dialect: str) -> HotPath:
         .where(
             SE.c.execution_id == eid,
             SE.c.step_name == bindparam("step"),
-            SE.c.status.in_(_sources(StepStatus.RUNNING)),
+            _status_in(SE.c.status, StepStatus.RUNNING),
             or_(SE.c.next_attempt_at.is_(None), SE.c.next_attempt_at <= now),
             execution_running,
         )
@@ -149,7 +167,7 @@ def hot_path(dialect: str) -> HotPath:
         WE.c.workflow_id, WE.c.workflow_version, WE.c.priority, WE.c.input_data
     ).where(WE.c.execution_id == eid)
     outputs = select(SE.c.step_name, SE.c.output_data).where(
-        SE.c.execution_id == eid, SE.c.step_name.in_(bindparam("names", expanding=True))
+        SE.c.execution_id == eid, _one_of(SE.c.step_name, "names", postgres)
     )
 
     complete = (
@@ -157,7 +175,7 @@ def hot_path(dialect: str) -> HotPath:
         .where(
             SE.c.execution_id == eid,
             SE.c.step_name == bindparam("step"),
-            SE.c.status.in_(_sources(StepStatus.SUCCEEDED)),
+            _status_in(SE.c.status, StepStatus.SUCCEEDED),
             SE.c.attempt == bindparam("at_attempt"),
         )
         .values(
@@ -173,7 +191,7 @@ def hot_path(dialect: str) -> HotPath:
     reaches_zero = SE.c.unmet_deps == 1
     in_downstream = (
         SE.c.execution_id == eid,
-        SE.c.step_name.in_(bindparam("downstream", expanding=True)),
+        _one_of(SE.c.step_name, "downstream", postgres),
         SE.c.status == pending,
         SE.c.unmet_deps > 0,
     )
@@ -219,7 +237,7 @@ def hot_path(dialect: str) -> HotPath:
     )
     upstream = (
         select(func.jsonb_object_agg(SE.c.step_name, SE.c.output_data, type_=JSONB))
-        .where(SE.c.execution_id == eid, SE.c.step_name.in_(bindparam("names", expanding=True)))
+        .where(SE.c.execution_id == eid, _one_of(SE.c.step_name, "names", postgres))
         .scalar_subquery()
     )
     claim_pg = (
@@ -244,38 +262,59 @@ def hot_path(dialect: str) -> HotPath:
         .from_select(EVENT_COLUMNS, _event_select(done, SUCCEEDED), include_defaults=False)
         .cte("done_event")
     )
-    # The worker continues with the first step (by name) this completion releases;
-    # the subquery reads the rows as they were before this statement.
+    # The worker continues with the first step (by name) this completion releases. The
+    # one-row CTE reads the rows as they were before this statement; whether a row
+    # reaches zero is judged on the row the UPDATE locked (its atomic decrement).
     others = SE.alias("others")
-    first_released = (
-        select(func.min(others.c.step_name))
+    first = (
+        # One row always (an aggregate): no name when nothing continues. Its execution_id
+        # is the join condition that reads it into the UPDATE below.
+        select(eid.label("execution_id"), func.min(others.c.step_name).label("name"))
         .where(
+            bindparam("continue_here", type_=Boolean),
             others.c.execution_id == eid,
-            others.c.step_name.in_(bindparam("downstream", expanding=True)),
+            _one_of(others.c.step_name, "downstream", postgres),
             others.c.status == pending,
             others.c.unmet_deps == 1,
         )
-        .scalar_subquery()
+        .cte("first_released")
     )
-    continues = and_(
-        bindparam("continue_here", type_=Boolean), reaches_zero, SE.c.step_name == first_released
-    )
+    # Aliased as "s", and with continue_here folded into first_released (no name: no
+    # step continues), the statement stays under psycopg's 4 KiB query cache limit:
+    # longer texts are parsed again on every execution.
+    target = cast(Alias, SE.alias("s"))  # typed as a NamedFromClause, which update() refuses
+    zero = target.c.unmet_deps == 1
+    continues = and_(zero, target.c.step_name == first.c.name)
     released = (
-        update(SE)
-        .where(*in_downstream, exists(select(done.c.step_name)))
-        .values(
-            unmet_deps=SE.c.unmet_deps - 1,
-            status=case((continues, running), (reaches_zero, queued), else_=SE.c.status),
-            previous_status=case(
-                (continues, queued), (reaches_zero, SE.c.status), else_=SE.c.previous_status
-            ),
-            queued_at=case((reaches_zero, now), else_=SE.c.queued_at),
-            worker=case((continues, bindparam("worker_id")), else_=SE.c.worker),
-            celery_task_id=case((continues, null()), else_=SE.c.celery_task_id),
-            started_at=case((continues, now), else_=SE.c.started_at),
-            heartbeat_at=case((continues, now), else_=SE.c.heartbeat_at),
+        update(target)
+        .where(
+            target.c.execution_id == first.c.execution_id,
+            _one_of(target.c.step_name, "downstream", postgres),
+            target.c.status == pending,
+            target.c.unmet_deps > 0,
+            exists(select(done.c.step_name)),
         )
-        .returning(*returning)
+        .values(
+            unmet_deps=target.c.unmet_deps - 1,
+            status=case((continues, running), (zero, queued), else_=target.c.status),
+            previous_status=case(
+                (continues, queued), (zero, target.c.status), else_=target.c.previous_status
+            ),
+            queued_at=case((zero, now), else_=target.c.queued_at),
+            worker=case((continues, bindparam("worker_id")), else_=target.c.worker),
+            celery_task_id=case((continues, null()), else_=target.c.celery_task_id),
+            started_at=case((continues, now), else_=target.c.started_at),
+            heartbeat_at=case((continues, now), else_=target.c.heartbeat_at),
+            updated_at=now,
+        )
+        .returning(
+            target.c.execution_id,
+            target.c.step_name,
+            target.c.previous_status,
+            target.c.status,
+            target.c.attempt,
+            target.c.recoveries,
+        )
         .cte("released")
     )
     _from(StepStatus.QUEUED, StepStatus.RUNNING)  # continuing is queued -> running
@@ -292,7 +331,7 @@ def hot_path(dialect: str) -> HotPath:
                     released.c.attempt,
                     literal(RELEASED),
                     now,
-                ).where(released.c.status.in_([queued, running])),
+                ).where(released.c.status.in_([literal(queued), literal(running)])),
                 select(
                     released.c.execution_id,
                     released.c.step_name,

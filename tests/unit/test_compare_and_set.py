@@ -24,12 +24,15 @@ KEYS = [("e", "s")]
 
 
 def _literals(element: Any) -> Iterator[str]:
-    if isinstance(element, BindParameter):
-        value = element.value
-        if isinstance(value, list | tuple | set | frozenset):
-            yield from (str(v) for v in value)
-        elif value is not None:
-            yield str(value)
+    """The values bound in ``element``: one parameter (a value, or an expanding list),
+    or a list of parameters (``IN (:p1, :p2)``)."""
+    for node in iterate(element):
+        if isinstance(node, BindParameter):
+            value = node.value
+            if isinstance(value, list | tuple | set | frozenset):
+                yield from (str(v) for v in value)
+            elif value is not None:
+                yield str(value)
 
 
 def sources(statement: Update) -> set[str]:
