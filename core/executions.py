@@ -29,6 +29,7 @@ from core.models import ExecutionEvent, StepExecution, WorkflowExecution, check_
 from core.outcomes import Admission, CreatedExecution, Route, TransitionResult
 from core.registry import WorkflowRegistry
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
+from core.step_statements import ALL_STEPS_FINAL, hot_path
 from core.transactions import orm
 from core.transitions import (
     event_dict,
@@ -504,6 +505,11 @@ def finish_if_done(
     A success records the outputs of the ``sinks`` (steps nothing depends on) as the
     execution's output; a failure records the first failed step's error.
     """
+    if conn.dialect.name == "postgresql":
+        # One statement on the hot path: the finish, its event, its output or error.
+        finish = hot_path("postgresql").finish_pg
+        row = conn.execute(finish, {"eid": execution_id, "sinks": list(sinks)}).first()
+        return transition_of(row, step=False) if row is not None else None
     finished = finish_executions(conn, [execution_id], lambda _w, _v: sinks)
     return finished[0] if finished else None
 
@@ -521,7 +527,7 @@ def finish_executions(
     if not rows:
         return []
     finished = [transition_of(row, step=False) for row in rows]
-    conn.execute(sql.insert_rows(ExecutionEvent), event_rows(finished, "all steps final"))
+    conn.execute(sql.insert_rows(ExecutionEvent), event_rows(finished, ALL_STEPS_FINAL))
     succeeded = [r for r in rows if r.status == ExecutionStatus.SUCCEEDED.value]
     failed = [r.execution_id for r in rows if r.status == ExecutionStatus.FAILED.value]
     results: list[dict[str, Any]] = []

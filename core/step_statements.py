@@ -62,6 +62,7 @@ SUCCEEDED = "step succeeded"
 RELEASED = "upstream steps done"
 CONTINUED = "continued in worker"
 CLAIMED_AT_START = "claimed at start"
+ALL_STEPS_FINAL = "all steps final"
 
 
 def _from(source: StepStatus, target: StepStatus) -> str:
@@ -111,6 +112,8 @@ class HotPath:
     continue_step: Update
     current: Select[Any]
     events: Insert
+    finish: Update
+    finish_pg: Select[Any]
 
 
 def _json_param(name: str, postgres: bool) -> Any:
@@ -358,6 +361,26 @@ def hot_path(dialect: str) -> HotPath:
         .add_cte(done_event)
         .add_cte(released_events)
     )
+    finish = _finish(eid, now)
+    finished = finish.cte("finished")
+    finished_event = (
+        insert(EV)
+        .from_select(
+            EVENT_COLUMNS,
+            select(
+                finished.c.execution_id,
+                null(),
+                finished.c.previous_status,
+                finished.c.status,
+                finished.c.attempt,
+                literal(ALL_STEPS_FINAL),
+                now,
+            ),
+            include_defaults=False,
+        )
+        .cte("finished_event")
+    )
+    finish_pg = select(*finished.c).add_cte(finished_event)
     return HotPath(
         fused=postgres,
         claim=claim,
@@ -370,6 +393,59 @@ def hot_path(dialect: str) -> HotPath:
         continue_step=continue_step,
         current=current,
         events=events,
+        finish=finish,
+        finish_pg=finish_pg,
+    )
+
+
+def _finish(eid: Any, now: Any) -> Update:
+    """Finish the running execution ``eid`` if none of its steps is open, with its output
+    or error, in one UPDATE (PostgreSQL): failed if a step failed (its error is the
+    earliest failure's, with the step's name), cancelled if one was cancelled, else
+    succeeded (its output is the outputs of the ``sinks`` bound at execution)."""
+
+    def any_step(*statuses: str) -> Any:
+        return exists().where(
+            SE.c.execution_id == WE.c.execution_id,
+            SE.c.status.in_([literal(status) for status in sorted(statuses)]),
+        )
+
+    failed = any_step(StepStatus.FAILED.value)
+    cancelled = any_step(StepStatus.CANCELLED.value)
+    outputs = (
+        select(func.jsonb_object_agg(SE.c.step_name, SE.c.output_data, type_=JSONB))
+        .where(SE.c.execution_id == eid, _one_of(SE.c.step_name, "sinks", postgres=True))
+        .scalar_subquery()
+    )
+    # {"step": name, **error}, as core.executions builds it off PostgreSQL.
+    named = func.jsonb_build_object(literal("step"), SE.c.step_name, type_=JSONB)
+    empty_object = func.jsonb_build_object(type_=JSONB)
+    first_failure = (
+        select(named.op("||", return_type=JSONB)(func.coalesce(SE.c.error, empty_object)))
+        .where(SE.c.execution_id == eid, SE.c.status == literal(StepStatus.FAILED.value))
+        .order_by(SE.c.finished_at, SE.c.step_name)
+        .limit(1)
+        .scalar_subquery()
+    )
+    return (
+        update(WE)
+        .where(
+            WE.c.execution_id == eid,
+            WE.c.status == literal(ExecutionStatus.RUNNING.value),
+            ~any_step(*(status.value for status in STEPS.open)),
+        )
+        .values(
+            status=case(
+                (failed, literal(ExecutionStatus.FAILED.value)),
+                (cancelled, literal(ExecutionStatus.CANCELLED.value)),
+                else_=literal(ExecutionStatus.SUCCEEDED.value),
+            ),
+            previous_status=WE.c.status,
+            finished_at=now,
+            output_data=case((or_(failed, cancelled), WE.c.output_data), else_=outputs),
+            error=case((failed, first_failure), else_=WE.c.error),
+        )
+        .returning(WE.c.execution_id, WE.c.previous_status, WE.c.status, WE.c.attempt)
     )
 
 

@@ -134,6 +134,39 @@ def test_failed_step_fails_the_execution_when_all_are_final(database: TestDataba
     assert step_row(execution_id, "a")["error"] == error
 
 
+def test_a_success_holds_its_sinks_outputs_and_a_failure_its_earliest_error(
+    database: TestDatabase,
+) -> None:
+    manager = SyncEnhancedExecutionStateManager()
+    fork = [StepSpec("a"), StepSpec("b", unmet_deps=1), StepSpec("c", unmet_deps=1)]
+    succeeded = _start(manager, fork)
+    _run(manager, succeeded, "a", ["b", "c"], {"rows": 3})
+    _run(manager, succeeded, "b", [], "from b")
+    manager.claim_step(succeeded, "c", worker="w1", celery_task_id=None)
+    last = manager.complete_step(succeeded, "c", attempt=1, output_data=[1], sinks=["b", "c"])
+
+    assert last.execution is not None
+    assert last.execution.to_status == "succeeded"
+    assert execution_row(succeeded)["output_data"] == {"b": "from b", "c": [1]}
+    assert execution_row(succeeded)["error"] is None
+
+    failed = _start(manager, [StepSpec("x"), StepSpec("y")])
+    for name, message in (("y", "first"), ("x", "second")):
+        manager.claim_step(failed, name, worker="w1", celery_task_id=None)
+        error = {"type": "ValueError", "message": message}
+        assert manager.transition_step(failed, name, "failed", error=error).applied
+    from core import executions
+
+    done = manager.run(executions.finish_if_done, failed, ["x", "y"])
+
+    assert done is not None
+    assert (done.from_status, done.to_status) == ("running", "failed")
+    row = execution_row(failed)
+    assert row["error"] == {"step": "y", "type": "ValueError", "message": "first"}
+    assert row["output_data"] is None
+    assert events(failed)[-1] == (None, "running", "failed")
+
+
 def test_step_errors_are_typed(database: TestDatabase) -> None:
     manager = SyncEnhancedExecutionStateManager()
     execution_id = _start(manager, [StepSpec("a")])

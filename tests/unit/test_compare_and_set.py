@@ -116,6 +116,7 @@ def test_step_statements_move_steps_only_along_the_table() -> None:
 def test_execution_statements_move_executions_only_along_the_table() -> None:
     for statement in (
         sql.finish_executions_if_done(["e"]),
+        hot_path("postgresql").finish,
         sql.transition_execution(["e"], ExecutionStatus.RUNNING, {ExecutionStatus.PENDING}),
         sql.transition_execution(
             ["e"], ExecutionStatus.TIMED_OUT, EXECUTIONS.sources_of(ExecutionStatus.TIMED_OUT)
