@@ -29,7 +29,7 @@ from core.models import ExecutionEvent, StepExecution, WorkflowExecution, check_
 from core.outcomes import Admission, CreatedExecution, Route, TransitionResult
 from core.registry import WorkflowRegistry
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
-from core.step_statements import ALL_STEPS_FINAL, hot_path
+from core.step_statements import ADMITTED, ALL_STEPS_FINAL, ROOT_STEP, hot_path
 from core.transactions import orm
 from core.transitions import (
     event_dict,
@@ -401,7 +401,7 @@ def admit(
     queued = [transition_of(row, step=True) for row in queued_rows]
     conn.execute(
         sql.insert_rows(ExecutionEvent),
-        event_rows(started, "admitted") + event_rows(queued, "root step"),
+        event_rows(started, ADMITTED) + event_rows(queued, ROOT_STEP),
     )
     routes = execution_routes(conn, started_ids)
     return Admission(

@@ -63,6 +63,8 @@ RELEASED = "upstream steps done"
 CONTINUED = "continued in worker"
 CLAIMED_AT_START = "claimed at start"
 ALL_STEPS_FINAL = "all steps final"
+ADMITTED = "admitted"
+ROOT_STEP = "root step"
 
 
 def _from(source: StepStatus, target: StepStatus) -> str:
@@ -114,6 +116,9 @@ class HotPath:
     events: Insert
     finish: Update
     finish_pg: Select[Any]
+    start: Update
+    start_roots: Update
+    start_pg: Select[Any]
 
 
 def _json_param(name: str, postgres: bool) -> Any:
@@ -381,6 +386,7 @@ def hot_path(dialect: str) -> HotPath:
         .cte("finished_event")
     )
     finish_pg = select(*finished.c).add_cte(finished_event)
+    start, start_roots, start_pg = _start(eid, now)
     return HotPath(
         fused=postgres,
         claim=claim,
@@ -395,7 +401,131 @@ def hot_path(dialect: str) -> HotPath:
         events=events,
         finish=finish,
         finish_pg=finish_pg,
+        start=start,
+        start_roots=start_roots,
+        start_pg=start_pg,
     )
+
+
+def _start(eid: Any, now: Any) -> tuple[Update, Update, Select[Any]]:
+    """Start the pending execution ``eid`` (no concurrency limit), queue its root steps
+    and claim the first of them (by name) for ``worker_id``, with every event: one
+    PostgreSQL statement. Returns the two UPDATEs (for the transition table's checks)
+    and the statement, whose rows are the started execution joined to each root."""
+    pending = _from(StepStatus.PENDING, StepStatus.QUEUED)
+    queued = _from(StepStatus.QUEUED, StepStatus.RUNNING)
+    start = (
+        update(WE)
+        .where(WE.c.execution_id == eid, WE.c.status == literal(ExecutionStatus.PENDING.value))
+        .values(
+            status=literal(ExecutionStatus.RUNNING.value),
+            previous_status=WE.c.status,
+            started_at=func.coalesce(WE.c.started_at, now),
+            finished_at=None,
+        )
+        .returning(
+            WE.c.execution_id,
+            WE.c.previous_status,
+            WE.c.status,
+            WE.c.attempt,
+            WE.c.workflow_id,
+            WE.c.workflow_version,
+            WE.c.priority,
+            WE.c.input_data,
+        )
+    )
+    started = start.cte("started")
+    others = SE.alias("others")
+    first = (
+        select(eid.label("execution_id"), func.min(others.c.step_name).label("name"))
+        .where(
+            others.c.execution_id == eid,
+            others.c.status == literal(pending),
+            others.c.unmet_deps == 0,
+        )
+        .cte("first_root")
+    )
+    target = cast(Alias, SE.alias("s"))  # typed as a NamedFromClause, which update() refuses
+    claimed = target.c.step_name == first.c.name
+    start_roots = (
+        update(target)
+        .where(
+            target.c.execution_id == first.c.execution_id,
+            target.c.status == literal(pending),
+            target.c.unmet_deps == 0,
+            exists(select(started.c.execution_id)),
+        )
+        .values(
+            status=case((claimed, literal(StepStatus.RUNNING.value)), else_=literal(queued)),
+            previous_status=case((claimed, literal(queued)), else_=target.c.status),
+            queued_at=now,
+            worker=case((claimed, bindparam("worker_id")), else_=target.c.worker),
+            celery_task_id=case((claimed, null()), else_=target.c.celery_task_id),
+            started_at=case((claimed, now), else_=target.c.started_at),
+            heartbeat_at=case((claimed, now), else_=target.c.heartbeat_at),
+            updated_at=now,
+        )
+        .returning(target.c.step_name, target.c.status, target.c.attempt, target.c.recoveries)
+    )
+    roots = start_roots.cte("roots")
+    started_event = (
+        insert(EV)
+        .from_select(
+            EVENT_COLUMNS,
+            select(
+                started.c.execution_id,
+                null(),
+                started.c.previous_status,
+                started.c.status,
+                started.c.attempt,
+                literal(ADMITTED),
+                now,
+            ),
+            include_defaults=False,
+        )
+        .cte("started_event")
+    )
+    root_events = (
+        insert(EV)
+        .from_select(
+            EVENT_COLUMNS,
+            union_all(
+                select(
+                    eid,
+                    roots.c.step_name,
+                    literal(pending),
+                    literal(queued),
+                    roots.c.attempt,
+                    literal(ROOT_STEP),
+                    now,
+                ),
+                select(
+                    eid,
+                    roots.c.step_name,
+                    literal(queued),
+                    literal(StepStatus.RUNNING.value),
+                    roots.c.attempt,
+                    literal(CLAIMED_AT_START),
+                    now,
+                ).where(roots.c.status == literal(StepStatus.RUNNING.value)),
+            ),
+            include_defaults=False,
+        )
+        .cte("root_events")
+    )
+    start_pg = (
+        select(
+            *started.c,
+            roots.c.step_name,
+            roots.c.status.label("step_status"),
+            roots.c.attempt.label("step_attempt"),
+            roots.c.recoveries,
+        )
+        .select_from(started.outerjoin(roots, true()))
+        .add_cte(started_event)
+        .add_cte(root_events)
+    )
+    return start, start_roots, start_pg
 
 
 def _finish(eid: Any, now: Any) -> Update:

@@ -229,6 +229,8 @@ def admit_and_claim(
     one root step of the first one started for ``worker`` to run itself: a start costs
     no broker round trip before its first step. The Admission returned lists the other
     queued root steps, to publish."""
+    if conn.dialect.name == "postgresql" and limit is None and len(execution_ids) == 1:
+        return _start_and_claim_pg(conn, execution_ids[0], worker)
     admission = admit(conn, workflow_id, execution_ids, limit)
     if not admission.queued:
         return admission, None
@@ -253,6 +255,38 @@ def admit_and_claim(
     )
     rest = Admission(admission.started, admission.queued[1:], admission.routes)
     return rest, claim
+
+
+def _start_and_claim_pg(
+    conn: Connection, execution_id: str, worker: str
+) -> tuple[Admission, Claim | None]:
+    """admit_and_claim of one execution with no concurrency limit: one statement."""
+    sql_ = hot_path("postgresql")
+    rows = conn.execute(sql_.start_pg, {"eid": execution_id, "worker_id": worker}).all()
+    if not rows:
+        return Admission(), None  # not pending: started already, or cancelled
+    first = rows[0]
+    route = Route(first.workflow_id, first.workflow_version, first.priority)
+    queued = sorted(r.step_name for r in rows if r.step_status == StepStatus.QUEUED.value)
+    claimed = next((r for r in rows if r.step_status == StepStatus.RUNNING.value), None)
+    admission = Admission(
+        started=[execution_id],
+        queued=[(execution_id, name) for name in queued],
+        routes={execution_id: route},
+    )
+    if claimed is None:
+        return admission, None
+    claim = Claim(
+        execution_id,
+        claimed.step_name,
+        claimed.step_attempt,
+        claimed.recoveries,
+        route,
+        first.input_data,
+        {},
+        continued=True,
+    )
+    return admission, claim
 
 
 # --- retries and failures ------------------------------------------------------------

@@ -94,6 +94,16 @@ def test_the_hot_path_moves_steps_only_along_the_table(dialect: str) -> None:
         check(STEPS, statement)
 
 
+def test_a_start_claims_its_first_root_through_queued_as_two_recorded_edges() -> None:
+    # One UPDATE moves the claimed root pending -> running: the edges pending -> queued
+    # and queued -> running, each written as its own event by the same statement.
+    statement = hot_path("postgresql").start_roots
+    assert sources(statement) == {StepStatus.PENDING.value}
+    assert targets(statement) == {StepStatus.QUEUED.value, StepStatus.RUNNING.value}
+    assert STEPS.is_allowed(StepStatus.PENDING, StepStatus.QUEUED)
+    assert STEPS.is_allowed(StepStatus.QUEUED, StepStatus.RUNNING)
+
+
 def test_step_statements_move_steps_only_along_the_table() -> None:
     running = frozenset({StepStatus.RUNNING})
     for statement in (
@@ -117,6 +127,7 @@ def test_execution_statements_move_executions_only_along_the_table() -> None:
     for statement in (
         sql.finish_executions_if_done(["e"]),
         hot_path("postgresql").finish,
+        hot_path("postgresql").start,
         sql.transition_execution(["e"], ExecutionStatus.RUNNING, {ExecutionStatus.PENDING}),
         sql.transition_execution(
             ["e"], ExecutionStatus.TIMED_OUT, EXECUTIONS.sources_of(ExecutionStatus.TIMED_OUT)

@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql
 
 from core.step_statements import hot_path
 
-FUSED = ("claim_pg", "complete_pg", "finish_pg", "outputs", "execution", "current")
+FUSED = ("start_pg", "claim_pg", "complete_pg", "finish_pg", "outputs", "execution", "current")
 
 
 @pytest.mark.parametrize("name", FUSED)
