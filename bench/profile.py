@@ -1,6 +1,6 @@
-"""Where a conveyor worker's CPU goes: py-spy samples of its pool processes on chain10.
+"""Where a conveyor worker's CPU goes: py-spy samples of its processes on a workload.
 
-    python -m bench.profile [--executions 300] [--concurrency 2] [--out DIR]
+    python -m bench.profile [--shape chain10|fanout] [--executions 300] [--out DIR]
 
 It starts PostgreSQL and Redis as ``make bench`` does, then the same prefork worker as
 the comparison's conveyor. After a warm-up, py-spy samples the worker's processes while
@@ -23,16 +23,18 @@ from pathlib import Path
 
 from bench.harness import BenchError, note, services
 from bench.processes import ROOT
-from bench.systems import CHAIN10, Conveyor
+from bench.systems import CHAIN10, FANOUT, Conveyor
 
 # py-spy's raw format: "frame;frame;...;frame count", a frame "function (file:line)".
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
+SHAPES = {shape.name: shape for shape in (CHAIN10, FANOUT)}
 _OWN = ("(core/", "(worker/", "(bench/workflows")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--executions", type=int, default=300, help="chain10 executions (300)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="chain10", help="(chain10)")
+    parser.add_argument("--executions", type=int, default=300, help="executions (300)")
     parser.add_argument("--concurrency", type=int, default=2, help="pool processes (2)")
     parser.add_argument("--rate", type=int, default=200, help="samples a second (200)")
     parser.add_argument("--top", type=int, default=30, help="functions listed (30)")
@@ -45,6 +47,7 @@ def main() -> None:
     folder = options.out or Path(tempfile.mkdtemp(prefix="conveyor-profile-"))
     folder.mkdir(parents=True, exist_ok=True)
     stacks = folder / "stacks.txt"
+    shape = SHAPES[options.shape]
     with services() as running:
         system = Conveyor(running, folder, options.concurrency, long_steps=20)
         try:
@@ -58,7 +61,7 @@ def main() -> None:
                 command += ["-o", str(stacks)]
                 recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL)
                 try:
-                    submission = system.submit(CHAIN10, options.executions)
+                    submission = system.submit(shape, options.executions)
                     system.wait(submission, 600)
                     system.check(submission)
                 finally:
@@ -67,7 +70,7 @@ def main() -> None:
                         raise BenchError(f"py-spy exited with {recorder.returncode}")
         finally:
             system.close()
-    report(stacks, options.top, options.executions * CHAIN10.steps)
+    report(stacks, options.top, options.executions * shape.steps)
     note(f"stacks: {stacks}")
 
 
