@@ -24,6 +24,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     select,
     tuple_,
     update,
@@ -248,29 +249,36 @@ def transition_steps(
     )
 
 
+def any_step_of_execution(statuses: Iterable[StepStatus]) -> ColumnElement[bool]:
+    """Some step of the execution row being written has one of ``statuses`` (each status
+    its own bind: no list re-rendered per execution)."""
+    return exists().where(
+        SE.execution_id == WE.execution_id,
+        SE.status.in_([literal(value) for value in sorted(s.value for s in statuses)]),
+    )
+
+
+def final_outcome() -> ColumnElement[str]:
+    """What an execution whose steps are all final ends as: failed if any step failed,
+    cancelled if any was cancelled, else succeeded."""
+    return case(
+        (any_step_of_execution([StepStatus.FAILED]), literal(ExecutionStatus.FAILED.value)),
+        (any_step_of_execution([StepStatus.CANCELLED]), literal(ExecutionStatus.CANCELLED.value)),
+        else_=literal(ExecutionStatus.SUCCEEDED.value),
+    )
+
+
 def finish_executions_if_done(execution_ids: Sequence[str]) -> Update:
     """Finalize the given running executions whose steps are all final: one guarded
-    statement over the set. Failed if any step failed, cancelled if any was cancelled,
-    else succeeded."""
-
-    def any_step(statuses: Iterable[StepStatus]) -> ColumnElement[bool]:
-        return exists().where(
-            SE.execution_id == WE.execution_id, SE.status.in_(sorted(s.value for s in statuses))
-        )
-
-    outcome = case(
-        (any_step([StepStatus.FAILED]), ExecutionStatus.FAILED.value),
-        (any_step([StepStatus.CANCELLED]), ExecutionStatus.CANCELLED.value),
-        else_=ExecutionStatus.SUCCEEDED.value,
-    )
+    statement over the set, to ``final_outcome()``."""
     return (
         update(WE)
         .where(
             WE.execution_id.in_(list(execution_ids)),
             WE.status == ExecutionStatus.RUNNING.value,
-            ~any_step(STEPS.open),
+            ~any_step_of_execution(STEPS.open),
         )
-        .values(status=outcome, previous_status=WE.status, finished_at=utcnow())
+        .values(status=final_outcome(), previous_status=WE.status, finished_at=utcnow())
         .returning(*EXECUTION_RETURNING, WE.workflow_id, WE.workflow_version)
         .execution_options(**_BULK)
     )

@@ -42,6 +42,7 @@ from sqlalchemy.sql.expression import Alias
 
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.sql import utcnow
+from core.statements import any_step_of_execution, final_outcome
 from core.states import STEPS, ExecutionStatus, StepStatus
 
 SE = cast(Table, StepExecution.__table__)
@@ -143,14 +144,7 @@ def hot_path(dialect: str) -> HotPath:
     execution_running = exists().where(
         WE.c.execution_id == eid, WE.c.status == ExecutionStatus.RUNNING.value
     )
-    returning = (
-        SE.c.execution_id,
-        SE.c.step_name,
-        SE.c.previous_status,
-        SE.c.status,
-        SE.c.attempt,
-        SE.c.recoveries,
-    )
+    returning = _transition_columns(SE)
 
     claim = (
         update(SE)
@@ -298,20 +292,10 @@ def hot_path(dialect: str) -> HotPath:
                 (continues, queued), (zero, target.c.status), else_=target.c.previous_status
             ),
             queued_at=case((zero, now), else_=target.c.queued_at),
-            worker=case((continues, bindparam("worker_id")), else_=target.c.worker),
-            celery_task_id=case((continues, null()), else_=target.c.celery_task_id),
-            started_at=case((continues, now), else_=target.c.started_at),
-            heartbeat_at=case((continues, now), else_=target.c.heartbeat_at),
+            **_claimed_here(target, continues, now),
             updated_at=now,
         )
-        .returning(
-            target.c.execution_id,
-            target.c.step_name,
-            target.c.previous_status,
-            target.c.status,
-            target.c.attempt,
-            target.c.recoveries,
-        )
+        .returning(*_transition_columns(target))
         .cte("released")
     )
     _from(StepStatus.QUEUED, StepStatus.RUNNING)  # continuing is queued -> running
@@ -357,23 +341,7 @@ def hot_path(dialect: str) -> HotPath:
     )
     finish = _finish(eid, now)
     finished = finish.cte("finished")
-    finished_event = (
-        insert(EV)
-        .from_select(
-            EVENT_COLUMNS,
-            select(
-                finished.c.execution_id,
-                null(),
-                finished.c.previous_status,
-                finished.c.status,
-                finished.c.attempt,
-                literal(ALL_STEPS_FINAL),
-                now,
-            ),
-            include_defaults=False,
-        )
-        .cte("finished_event")
-    )
+    finished_event = _execution_event(finished, ALL_STEPS_FINAL, now).cte("finished_event")
     finish_pg = select(*finished.c).add_cte(finished_event)
     start, start_roots, start_pg = _start(eid, now)
     return HotPath(
@@ -394,6 +362,37 @@ def hot_path(dialect: str) -> HotPath:
         start_roots=start_roots,
         start_pg=start_pg,
     )
+
+
+def _transition_columns(steps: Table | Alias) -> tuple[Any, ...]:
+    """What a step statement returns of each row it moved (a TransitionResult, an event)."""
+    c = steps.c
+    return (c.execution_id, c.step_name, c.previous_status, c.status, c.attempt, c.recoveries)
+
+
+def _claimed_here(target: Alias, claimed: Any, now: Any) -> dict[str, Any]:
+    """The values of a step an UPDATE moves to running for ``worker_id`` where ``claimed``
+    holds (a continued or a first root step), and leaves as they are elsewhere."""
+    return {
+        "worker": case((claimed, bindparam("worker_id")), else_=target.c.worker),
+        "celery_task_id": case((claimed, null()), else_=target.c.celery_task_id),
+        "started_at": case((claimed, now), else_=target.c.started_at),
+        "heartbeat_at": case((claimed, now), else_=target.c.heartbeat_at),
+    }
+
+
+def _execution_event(rows: CTE, reason: str, now: Any) -> Insert:
+    """The event of each execution transition ``rows`` returned (no step name)."""
+    moved = select(
+        rows.c.execution_id,
+        null(),
+        rows.c.previous_status,
+        rows.c.status,
+        rows.c.attempt,
+        literal(reason),
+        now,
+    )
+    return insert(EV).from_select(EVENT_COLUMNS, moved, include_defaults=False)
 
 
 def _start(eid: Any, now: Any) -> tuple[Update, Update, Select[Any]]:
@@ -448,32 +447,13 @@ def _start(eid: Any, now: Any) -> tuple[Update, Update, Select[Any]]:
             status=case((claimed, literal(StepStatus.RUNNING.value)), else_=literal(queued)),
             previous_status=case((claimed, literal(queued)), else_=target.c.status),
             queued_at=now,
-            worker=case((claimed, bindparam("worker_id")), else_=target.c.worker),
-            celery_task_id=case((claimed, null()), else_=target.c.celery_task_id),
-            started_at=case((claimed, now), else_=target.c.started_at),
-            heartbeat_at=case((claimed, now), else_=target.c.heartbeat_at),
+            **_claimed_here(target, claimed, now),
             updated_at=now,
         )
         .returning(target.c.step_name, target.c.status, target.c.attempt, target.c.recoveries)
     )
     roots = start_roots.cte("roots")
-    started_event = (
-        insert(EV)
-        .from_select(
-            EVENT_COLUMNS,
-            select(
-                started.c.execution_id,
-                null(),
-                started.c.previous_status,
-                started.c.status,
-                started.c.attempt,
-                literal(ADMITTED),
-                now,
-            ),
-            include_defaults=False,
-        )
-        .cte("started_event")
-    )
+    started_event = _execution_event(started, ADMITTED, now).cte("started_event")
     root_events = (
         insert(EV)
         .from_select(
@@ -534,31 +514,19 @@ def _complete(steps: Table | Alias, eid: Any, now: Any, postgres: bool) -> Updat
             finished_at=now,
             updated_at=now,
         )
-        .returning(
-            steps.c.execution_id,
-            steps.c.step_name,
-            steps.c.previous_status,
-            steps.c.status,
-            steps.c.attempt,
-            steps.c.recoveries,
-        )
+        .returning(*_transition_columns(steps))
     )
 
 
 def _finish(eid: Any, now: Any) -> Update:
     """Finish the running execution ``eid`` if none of its steps is open, with its output
-    or error, in one UPDATE (PostgreSQL): failed if a step failed (its error is the
-    earliest failure's, with the step's name), cancelled if one was cancelled, else
-    succeeded (its output is the outputs of the ``sinks`` bound at execution)."""
+    or error, in one UPDATE (PostgreSQL): ``finish_executions_if_done`` for one execution,
+    with what ``core.executions.finish_executions`` then writes: a failure's error is the
+    earliest failure's, with the step's name; a success's output is the outputs of the
+    ``sinks`` bound at execution."""
 
-    def any_step(*statuses: str) -> Any:
-        return exists().where(
-            SE.c.execution_id == WE.c.execution_id,
-            SE.c.status.in_([literal(status) for status in sorted(statuses)]),
-        )
-
-    failed = any_step(StepStatus.FAILED.value)
-    cancelled = any_step(StepStatus.CANCELLED.value)
+    failed = any_step_of_execution([StepStatus.FAILED])
+    cancelled = any_step_of_execution([StepStatus.CANCELLED])
     outputs = (
         select(func.jsonb_object_agg(SE.c.step_name, SE.c.output_data, type_=JSONB))
         .where(SE.c.execution_id == eid, _step_named(SE.c.step_name, "sinks"))
@@ -579,14 +547,10 @@ def _finish(eid: Any, now: Any) -> Update:
         .where(
             WE.c.execution_id == eid,
             WE.c.status == literal(ExecutionStatus.RUNNING.value),
-            ~any_step(*(status.value for status in STEPS.open)),
+            ~any_step_of_execution(STEPS.open),
         )
         .values(
-            status=case(
-                (failed, literal(ExecutionStatus.FAILED.value)),
-                (cancelled, literal(ExecutionStatus.CANCELLED.value)),
-                else_=literal(ExecutionStatus.SUCCEEDED.value),
-            ),
+            status=final_outcome(),
             previous_status=WE.c.status,
             finished_at=now,
             output_data=case((or_(failed, cancelled), WE.c.output_data), else_=outputs),
