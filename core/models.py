@@ -22,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     event,
     inspect,
     text,
@@ -157,7 +158,13 @@ class WorkflowExecution(Timestamped, Base):
     previous_status: Mapped[str | None] = mapped_column(String(20))
     attempt: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
     priority: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # Whose namespace the key lives in: the triggering user's id for keys sent through
+    # the HTTP API, '' for producers (Python, CLI, schedules). Keys are unique per scope,
+    # so one user can neither take nor probe another's keys.
+    idempotency_scope: Mapped[str] = mapped_column(
+        String(36), default="", server_default=text("''"), nullable=False
+    )
     triggered_by: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -174,6 +181,9 @@ class WorkflowExecution(Timestamped, Base):
     )
 
     __table_args__ = (
+        UniqueConstraint(
+            "idempotency_scope", "idempotency_key", name="uq_workflow_executions_idempotency"
+        ),
         # Listing by status (API, CLI) and the reconciler's "pending, never started".
         Index("ix_workflow_executions_status_created", "status", "created_at"),
         # Listing by workflow, and the per-workflow concurrency limit's count of running.
@@ -238,6 +248,12 @@ class StepExecution(Timestamped, Base):
     finished_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     next_attempt_at: Mapped[datetime | None]
+    # The reconciler's re-sends of this queued step's message: when it last sent one and
+    # how many it sent, so a step in a deep backlog is not re-sent every pass.
+    republished_at: Mapped[datetime | None]
+    republishes: Mapped[int] = mapped_column(
+        Integer, default=0, server_default=text("0"), nullable=False
+    )
 
     execution: Mapped[WorkflowExecution] = relationship(back_populates="steps")
 
@@ -322,6 +338,23 @@ class WorkflowSchedule(Timestamped, Base):
     last_tick_at: Mapped[datetime | None]
     # No foreign key: executions may be purged; the schedule's history stays.
     last_execution_id: Mapped[str | None] = mapped_column(String(36))
+
+
+class DatabaseLiveness(Base):
+    """One row: when a reconciler pass last reached the database, and since when it has
+    reached it without a gap.
+
+    A running step is judged stalled only when its heartbeat is older than the stall
+    timeout counted from ``reachable_since``: after any outage (a restart, crash
+    recovery, a hung server or a partition) every worker gets a whole timeout of
+    reachable database to beat again before its steps are taken for lost.
+    """
+
+    __tablename__ = "database_liveness"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_seen_at: Mapped[datetime] = mapped_column(nullable=False)
+    reachable_since: Mapped[datetime] = mapped_column(nullable=False)
 
 
 @event.listens_for(Session, "before_flush")

@@ -66,7 +66,7 @@ def insert_executions(
     return (
         dialect_insert(WE)
         .values(list(rows))
-        .on_conflict_do_nothing(index_elements=[WE.idempotency_key])
+        .on_conflict_do_nothing(index_elements=[WE.idempotency_scope, WE.idempotency_key])
         .returning(WE.execution_id)
     )
 

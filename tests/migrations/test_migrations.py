@@ -35,6 +35,7 @@ TABLES = {
     "execution_steps",
     "execution_events",
     "workflow_schedules",
+    "database_liveness",
 }
 _counter = itertools.count()
 
