@@ -7,6 +7,7 @@ from typing import Any
 
 from core.config import Settings
 from core.registry import WorkflowRegistry
+from worker import filesystem_transport
 
 MAX_PRIORITY = 9
 # Longest any step may run before the broker may hand its message to another worker;
@@ -41,12 +42,14 @@ def transport_options(settings: Settings, registry: WorkflowRegistry) -> dict[st
     kind = broker_kind(settings)
     if kind == "filesystem":
         root = Path(settings.broker_folder).resolve()
-        for sub in ("queue", "processed", "control"):
+        for sub in ("queue", "processed", "control", filesystem_transport.QUARANTINE):
             (root / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(root / "queue"),
             "data_folder_out": str(root / "queue"),
             "processed_folder": str(root / "processed"),
+            # Message files that cannot be decoded, set aside (worker.filesystem_transport).
+            "quarantine_folder": str(root / filesystem_transport.QUARANTINE),
             # Fanout tables (revokes, pings): kombu's default is ./control in the cwd.
             "control_folder": str(root / "control"),
             "store_processed": False,
@@ -67,6 +70,11 @@ def celery_config(settings: Settings, registry: WorkflowRegistry) -> dict[str, A
     """Everything Celery reads from ``app.conf``."""
     return {
         "broker_url": settings.broker_url.get_secret_value(),
+        # filesystem:// URLs get conveyor's transport, whose messages appear whole
+        # (kombu's own can hand a consumer a half-written file; see the module).
+        "broker_transport": (
+            filesystem_transport.TRANSPORT if broker_kind(settings) == "filesystem" else None
+        ),
         "broker_transport_options": transport_options(settings, registry),
         "broker_connection_retry_on_startup": True,
         # JSON only: pickle would let whoever can write to the broker run code.

@@ -50,14 +50,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.timeout(DEMO_TIMEOUT + 30)
-def test_demo_runs_every_example_to_its_expected_end(tmp_path: Path) -> None:
+def _run_demo(cwd: Path) -> None:
+    """Run the demo as ``make run`` does, in ``cwd``, and check what it printed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "cli.demo"],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -78,5 +78,27 @@ def test_demo_runs_every_example_to_its_expected_end(tmp_path: Path) -> None:
     pids = [int(pid) for pid in re.findall(r"^\s+(?:worker|beat)\s+pid (\d+)", output, re.M)]
     assert len(pids) == 2, output
     assert not [pid for pid in pids if _alive(pid)]
-    assert _processes_in(tmp_path) == []
-    assert (tmp_path / ".conveyor-demo" / "conveyor.db").exists()
+    assert _processes_in(cwd) == []
+    assert (cwd / ".conveyor-demo" / "conveyor.db").exists()
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT + 30)
+def test_demo_runs_every_example_to_its_expected_end(tmp_path: Path) -> None:
+    _run_demo(tmp_path)
+
+
+REPEATS = 3
+
+
+@pytest.mark.timeout(REPEATS * DEMO_TIMEOUT + 30)
+def test_demo_run_again_and_again_in_one_folder_ends_as_expected_each_time(
+    tmp_path: Path,
+) -> None:
+    """``make run`` repeated, as a user does: each run starts afresh on the embedded
+    broker, and its worker neither dies nor sets a message aside."""
+    for _ in range(REPEATS):
+        _run_demo(tmp_path)
+        worker_log = (tmp_path / ".conveyor-demo" / "worker.log").read_text()
+        assert "Unrecoverable error" not in worker_log, worker_log
+        assert "undecodable message" not in worker_log, worker_log
+        assert list((tmp_path / ".conveyor-demo" / "broker" / "quarantine").iterdir()) == []
