@@ -150,7 +150,11 @@ class ExecutionCreate(Strict):
         default=None, description="JSON checked against the workflow's input schema."
     )
     idempotency_key: Key | None = Field(
-        default=None, description="The same key again returns the first execution (200)."
+        default=None,
+        description=(
+            "Yours alone: the same key again returns your first execution (200). Keys "
+            "beginning `schedule:` are reserved to schedules (422)."
+        ),
     )
     priority: Annotated[int, Field(ge=0, le=9)] = Field(default=0, description="9 runs first.")
     deadline: Timestamp | None = Field(
@@ -231,7 +235,7 @@ class StepOut(BaseModel):
             status=step.status,
             attempt=step.attempt,
             max_attempts=step.max_attempts,
-            recoveries=step.recoveries,
+            recoveries=step.crash_recoveries,
             output=step.output_data,
             error=step.error,
             worker=step.worker,

@@ -38,6 +38,7 @@ from bench.harness import (
 from core import statements as sql
 from core.config import Settings
 from core.outcomes import ReconcileReport
+from core.reconciler import outage_gap
 from worker.app import ConveyorCelery
 
 WORKER = "bench-host:1"
@@ -155,6 +156,15 @@ STRANDED = text(
     """
 )
 
+SEED_LIVENESS = text(
+    """
+    INSERT INTO database_liveness (id, last_seen_at, reachable_since)
+    VALUES (1, clock_timestamp(), clock_timestamp() - interval '1 hour')
+    ON CONFLICT (id) DO UPDATE
+    SET last_seen_at = excluded.last_seen_at, reachable_since = excluded.reachable_since
+    """
+)
+
 # Each scan of a pass, and the indexes that keep it proportional to the open work: the
 # partial ones (only running or queued steps, only open executions with a deadline), or
 # the one led by status. Both partial indexes on running steps hold the same rows.
@@ -172,7 +182,11 @@ GOOD_INDEXES = {
 def _scans(settings: Settings) -> dict[str, ClauseElement]:
     batch = settings.reconcile_batch
     return {
-        "stalled_steps": sql.stalled_steps(settings.stall_timeout, batch),
+        "stalled_steps": sql.stalled_steps(
+            settings.stall_timeout,
+            outage_gap(settings.stall_timeout, settings.reconcile_interval),
+            batch,
+        ),
         "due_queued_steps": sql.due_queued_steps(settings.republish_after, batch),
         "resend_stale_starts": sql.resend_stale_starts(settings.start_after, batch),
         "overdue_executions": sql.overdue_executions(batch),
@@ -204,6 +218,8 @@ def _reseed_work(engine: Engine, per_kind: int) -> None:
         connection.execute(
             SEED_WORK, {"kinds": list(KINDS), "per_kind": per_kind, "worker": WORKER}
         )
+        # Passes have seen the database for an hour: the stalled rows are judged stalled.
+        connection.execute(SEED_LIVENESS)
 
 
 def _clear_work(engine: Engine) -> None:

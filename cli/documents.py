@@ -63,7 +63,7 @@ def step(row: StepExecution, depends_on: Sequence[str] | None) -> Document:
         "depends_on": list(depends_on) if depends_on is not None else None,
         "attempt": row.attempt,
         "max_attempts": row.max_attempts,
-        "recoveries": row.recoveries,
+        "recoveries": row.crash_recoveries,
         "output": row.output_data,
         "error": row.error,
         "worker": row.worker,

@@ -458,7 +458,8 @@ def retry(
     wait: WaitOption = False,
     timeout: TimeoutOption = None,
 ) -> None:
-    """Re-run a failed, cancelled or timed-out execution from its unfinished steps."""
+    """Re-run a failed, cancelled or timed-out execution from its unfinished steps (it
+    starts again like a new one: within its workflow's max_concurrency)."""
     celery_app = ctx.ensure_object(CliState).app
     engine = celery_app.engine
     retried = engine.retry(execution_id)

@@ -7,10 +7,16 @@ is created; a process that never imported it loads the one named by
 ``CONVEYOR_DISPATCHER`` (``worker.app:dispatch_starts``) on first use. Dispatching
 happens after the commit and may fail: the execution stays pending and the
 reconciler starts it after ``CONVEYOR_START_AFTER``, so nothing is lost.
+
+Loading is done once, under a lock, by whichever caller comes first (the others wait
+for it); an import that fails is logged as an ERROR and tried again by the next call.
+A caller on an event loop's thread (the ORM's commit hook under ``AsyncSession``) never
+publishes there: the dispatch runs on the loop's default executor.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import threading
@@ -24,56 +30,89 @@ log = logging.getLogger(__name__)
 Start = tuple[str, str, int]
 Dispatcher = Callable[[Sequence[Start]], None]
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards _dispatcher
+# One import at a time: importing the worker's app registers its dispatcher (taking
+# _lock), so the import is made holding this lock only; reentrant, so that an import
+# that itself dispatches cannot deadlock its thread.
+_loading = threading.RLock()
 _dispatcher: Dispatcher | None = None
-_loaded_from: str | None = None
 
 
 def register_dispatcher(dispatcher: Dispatcher | None) -> None:
     """Make ``dispatcher`` the one this process uses (None: back to the setting)."""
-    global _dispatcher, _loaded_from
+    global _dispatcher
     with _lock:
         _dispatcher = dispatcher
-        _loaded_from = None
+
+
+def _registered() -> Dispatcher | None:
+    with _lock:
+        return _dispatcher
 
 
 def get_dispatcher() -> Dispatcher | None:
-    """The registered dispatcher, else the one ``CONVEYOR_DISPATCHER`` names (None: off)."""
-    global _dispatcher, _loaded_from
-    with _lock:
-        if _dispatcher is not None:
-            return _dispatcher
-        target = get_database().settings.dispatcher
-        if not target or target == _loaded_from:
+    """The registered dispatcher, else the one ``CONVEYOR_DISPATCHER`` names, loaded
+    (None: the setting is empty, or what it names cannot be loaded now)."""
+    global _dispatcher
+    found = _registered()
+    if found is not None:
+        return found
+    target = get_database().settings.dispatcher
+    if not target:
+        return None
+    with _loading:
+        found = _registered()  # loaded by the caller this one waited for
+        if found is not None:
+            return found
+        loaded = _load(target)
+        if loaded is None:
             return None
-        _loaded_from = target
+        with _lock:
+            if _dispatcher is None:
+                _dispatcher = loaded
+            return _dispatcher
+
+
+def _load(target: str) -> Dispatcher | None:
+    """What ``target`` (module:attribute) names; None, logged as an ERROR, when it
+    cannot be had (the next call tries again: the module may be fixed or installed)."""
     module_name, _, attribute = target.partition(":")
     try:
         # Importing the worker package registers its app's dispatcher as a side effect.
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError):
-        log.warning(
-            "CONVEYOR_DISPATCHER=%s cannot be loaded: new executions start when the "
-            "reconciler finds them (CONVEYOR_START_AFTER)",
+        found: Dispatcher = getattr(importlib.import_module(module_name), attribute)
+    except Exception:
+        log.error(
+            "CONVEYOR_DISPATCHER=%s cannot be loaded: executions created through core "
+            "start when the reconciler finds them (CONVEYOR_START_AFTER) until it can; "
+            "tried again at the next start",
             target,
             exc_info=True,
         )
         return None
-    with _lock:
-        if _dispatcher is None:
-            _dispatcher = found
-        return _dispatcher
+    return found
 
 
 def dispatch_starts(starts: Sequence[Start]) -> None:
-    """Ask the workers to start these committed executions; never raises."""
+    """Ask the workers to start these committed executions; never raises.
+
+    On an event loop's thread the work (loading the dispatcher, publishing: blocking
+    I/O) is handed to the loop's default executor and this returns at once.
+    """
     if not starts:
         return
-    dispatcher = get_dispatcher()
-    if dispatcher is None:
-        return
     try:
-        dispatcher(starts)
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs on this thread
+        _dispatch(list(starts))
+        return
+    loop.run_in_executor(None, _dispatch, list(starts))
+
+
+def _dispatch(starts: Sequence[Start]) -> None:
+    try:
+        dispatcher = get_dispatcher()
+        if dispatcher is not None:
+            dispatcher(starts)
     except Exception:  # committed: the reconciler starts what was not dispatched
         log.warning(
             "dispatching %d start(s) failed; the reconciler will start them",

@@ -211,3 +211,26 @@ def translate_errors() -> Iterator[None]:
         yield
     except sa_exc.DBAPIError as error:
         raise translate(error) from error
+
+
+class ReservedIdempotencyKey(InputValidationError):
+    """The idempotency key begins with a prefix only conveyor's schedules may use."""
+
+    def __init__(self, key: str, prefix: str) -> None:
+        message = (
+            f"idempotency_key {key!r} begins with {prefix!r}, a prefix reserved to the keys "
+            "of schedules' ticks; choose another key"
+        )
+        super().__init__(message, [{"field": "idempotency_key", "message": message}])
+        self.key = key
+        self.prefix = prefix
+
+
+class OutputNotStorable(ConveyorError):
+    """A step's output cannot be stored as it is: it fails the step at once, unretried
+    (returning the same value again would be refused again)."""
+
+    def __init__(self, step: str, problem: str) -> None:
+        super().__init__(f"the output of step {step!r} cannot be stored: {problem}")
+        self.step = step
+        self.problem = problem

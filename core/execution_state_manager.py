@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypedDict, TypeVar, Unpack
 
 from core import executions, transitions
 from core.database import Database, get_database
 from core.dispatch import Start, dispatch_starts
+from core.errors import InvalidTransition
 from core.executions import NewExecution
 from core.models import WorkflowExecution
 from core.outcomes import CreatedExecution, TransitionResult
@@ -27,6 +28,7 @@ from core.transactions import RetryPolicy, Transactions, Work
 T = TypeVar("T")
 P = ParamSpec("P")
 Statuses = str | Iterable[str] | None
+RetryArguments = tuple[dict[str, list[str]], timedelta | None]
 
 
 class ExecutionOptions(TypedDict, total=False):
@@ -111,9 +113,23 @@ class StateManagerBase:
         to: str, expected: Statuses, retry: bool
     ) -> tuple[ExecutionStatus, frozenset[ExecutionStatus]]:
         target = EXECUTIONS.parse(to)
+        if retry and target is not ExecutionStatus.PENDING:
+            raise InvalidTransition(
+                "execution",
+                " | ".join(sorted(EXECUTIONS.sources_of(ExecutionStatus.PENDING, retry=True))),
+                target,
+                "a retry goes back to pending, to be admitted like a start",
+            )
         return target, transitions.execution_sources(
             target, statuses(EXECUTIONS.parse, expected), retry
         )
+
+    def _retry_of(self, execution: WorkflowExecution) -> RetryArguments:
+        """What retrying ``execution`` needs of its workflow: the graph and the deadline
+        (WorkflowNotFound when this process does not know the workflow)."""
+        workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
+        graph = {name: list(step.depends_on) for name, step in workflow.steps.items()}
+        return graph, workflow.deadline
 
     @staticmethod
     def _step_move(to: str, expected: Statuses, retry: bool) -> tuple[Any, frozenset[Any]]:
@@ -127,7 +143,8 @@ def _start_of(created: CreatedExecution, new: NewExecution) -> Start:
 
 def _slot_freed_by(execution: WorkflowExecution) -> Start:
     # A start of the finished execution is a no-op for it, and admits the next waiting
-    # execution of its workflow when a concurrency limit held that one back.
+    # execution of its workflow when a concurrency limit held that one back. For a
+    # retried (pending again) execution it is its own start.
     return (execution.execution_id, execution.workflow_id, execution.priority)
 
 
@@ -189,17 +206,43 @@ class ExecutionStateManager(StateManagerBase):
         ``expected`` narrows the statuses it may move from; an edge the state machine
         does not have raises InvalidTransition before anything is sent. A row in some
         other status is *not applied* (``result.applied`` is False), never an error.
-        ``retry=True`` allows the explicit retry edges out of final statuses.
+
+        The steps follow (``core.executions.move_execution``): a final status cancels
+        the open steps in the same transaction, and ``succeeded`` is refused with
+        InvalidTransition while a step is open. A final status frees a concurrency
+        slot: the workflow's next waiting execution may start. ``retry=True`` allows
+        the explicit retry edges out of final statuses, to ``pending``: that is
+        ``retry_execution``.
         """
         target, sources = self._execution_move(to, expected, retry)
-        return await self.run(
-            transitions.transition_execution,
-            execution_id,
-            target,
-            sources,
-            reason=reason,
-            retry=retry,
+        if retry:
+            return await self.retry_execution(execution_id, reason=reason, expected=sources)
+        result = await self.run(executions.move_execution, execution_id, target, sources, reason)
+        if result.applied and target in EXECUTIONS.final:
+            execution = await self.get_execution(execution_id)
+            await asyncio.to_thread(dispatch_starts, [_slot_freed_by(execution)])
+        return result
+
+    async def retry_execution(
+        self,
+        execution_id: str,
+        *,
+        reason: str | None = "retry",
+        expected: frozenset[ExecutionStatus] | None = None,
+    ) -> TransitionResult:
+        """Run a failed, cancelled or timed-out execution again from its unfinished steps
+        (``core.executions.retry_execution``): back to pending with a new deadline and
+        its steps' attempts whole again, then its start is dispatched, to be admitted
+        like a new execution (priority, max_concurrency). Not applied when it is in
+        no status a retry leaves (or not in ``expected``)."""
+        execution = await self.get_execution(execution_id)
+        graph, deadline = self._retry_of(execution)
+        result = await self.run(
+            executions.retry_execution, execution_id, graph, deadline, reason, expected
         )
+        if result.applied:
+            await asyncio.to_thread(dispatch_starts, [_slot_freed_by(execution)])
+        return result
 
     async def cancel_execution(
         self, execution_id: str, *, reason: str | None = "cancelled"
@@ -258,14 +301,29 @@ class SyncExecutionStateManager(StateManagerBase):
     ) -> TransitionResult:
         """See ExecutionStateManager.transition_execution."""
         target, sources = self._execution_move(to, expected, retry)
-        return self.run(
-            transitions.transition_execution,
-            execution_id,
-            target,
-            sources,
-            reason=reason,
-            retry=retry,
+        if retry:
+            return self.retry_execution(execution_id, reason=reason, expected=sources)
+        result = self.run(executions.move_execution, execution_id, target, sources, reason)
+        if result.applied and target in EXECUTIONS.final:
+            dispatch_starts([_slot_freed_by(self.get_execution(execution_id))])
+        return result
+
+    def retry_execution(
+        self,
+        execution_id: str,
+        *,
+        reason: str | None = "retry",
+        expected: frozenset[ExecutionStatus] | None = None,
+    ) -> TransitionResult:
+        """See ExecutionStateManager.retry_execution."""
+        execution = self.get_execution(execution_id)
+        graph, deadline = self._retry_of(execution)
+        result = self.run(
+            executions.retry_execution, execution_id, graph, deadline, reason, expected
         )
+        if result.applied:
+            dispatch_starts([_slot_freed_by(execution)])
+        return result
 
     def cancel_execution(
         self, execution_id: str, *, reason: str | None = "cancelled"

@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection
@@ -24,10 +24,13 @@ from core.errors import (
     ExecutionNotFound,
     IdempotencyConflict,
     InputValidationError,
+    InvalidTransition,
 )
-from core.models import ExecutionEvent, StepExecution, WorkflowExecution, check_json, new_id
+from core.models import ExecutionEvent, StepExecution, WorkflowExecution, encode_json, new_id
 from core.outcomes import Admission, CreatedExecution, Route, TransitionResult
 from core.registry import WorkflowRegistry
+from core.schedules import refuse_reserved_key
+from core.sql import utcnow
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 from core.step_statements import ADMITTED, ALL_STEPS_FINAL, ROOT_STEP, hot_path
 from core.transactions import orm
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 
 
 INSERT_CHUNK = 500
+# The idempotency scope of every producer but the HTTP API, whose keys are per user.
+PRODUCER_SCOPE = ""
 
 
 @dataclass(frozen=True)
@@ -63,22 +68,26 @@ class NewExecution:
     input_data: Any
     workflow_version: int = 1
     idempotency_key: str | None = None
+    # Whose namespace the key is in: the HTTP API's caller (their user id), or the
+    # producers' (''; Python, the CLI, the seed's manager, schedules).
+    idempotency_scope: str = PRODUCER_SCOPE
     triggered_by: str | None = None
     priority: int = 0
     deadline_at: datetime | None = None
     steps: tuple[StepSpec, ...] = ()
 
 
-def check_payload(field: str, value: Any, max_bytes: int) -> Any:
-    """``value`` if it is strict JSON no larger than ``max_bytes``; else a typed error."""
-    check_json(field, value)
-    size = len(json.dumps(value, allow_nan=False).encode())
-    if size > max_bytes:
+def check_payload(field: str, value: Any, max_bytes: int) -> str:
+    """``value`` as JSON text if it is storable JSON (``core.models.encode_json``) no
+    larger than ``max_bytes``; else InputValidationError naming the problem."""
+    text = encode_json(field, value)
+    # json.dumps escapes every non-ASCII character: its length is its size in bytes.
+    if len(text) > max_bytes:
         raise InputValidationError(
-            f"{field} is {size} bytes of JSON; the limit is {max_bytes} "
+            f"{field} is {len(text)} bytes of JSON; the limit is {max_bytes} "
             "(CONVEYOR_MAX_PAYLOAD_BYTES)"
         )
-    return value
+    return text
 
 
 def new_execution(
@@ -88,18 +97,28 @@ def new_execution(
     max_payload_bytes: int,
     workflow_version: int = 1,
     idempotency_key: str | None = None,
+    idempotency_scope: str = PRODUCER_SCOPE,
+    schedule_tick: bool = False,
     triggered_by: str | None = None,
     priority: int = 0,
     deadline_at: datetime | None = None,
     steps: Sequence[StepSpec] = (),
 ) -> NewExecution:
-    """Validate a request to create an execution before anything is written."""
+    """Validate a request to create an execution before anything is written.
+
+    A key beginning ``schedule:`` is refused (ReservedIdempotencyKey) unless
+    ``schedule_tick``, which only the schedules' firing pass passes.
+    """
     if not isinstance(workflow_id, str) or not workflow_id.strip():
         raise InputValidationError(f"workflow_id must be a non-empty string, got {workflow_id!r}")
     if idempotency_key is not None and (
         not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 255
     ):
         raise InputValidationError("idempotency_key must be a string of 1 to 255 characters")
+    if not schedule_tick:
+        refuse_reserved_key(idempotency_key)
+    if not isinstance(idempotency_scope, str) or len(idempotency_scope) > 36:
+        raise InputValidationError("idempotency_scope must be a string of at most 36 characters")
     if deadline_at is not None and deadline_at.tzinfo is None:
         raise InputValidationError("deadline_at must be timezone-aware")
     names = [step.name for step in steps]
@@ -112,6 +131,7 @@ def new_execution(
         input_data=input_data,
         workflow_version=workflow_version,
         idempotency_key=idempotency_key,
+        idempotency_scope=idempotency_scope,
         triggered_by=triggered_by,
         priority=priority,
         deadline_at=deadline_at,
@@ -127,6 +147,8 @@ def execution_of(
     max_payload_bytes: int,
     workflow_version: int | None = None,
     idempotency_key: str | None = None,
+    idempotency_scope: str = PRODUCER_SCOPE,
+    schedule_tick: bool = False,
     triggered_by: str | None = None,
     priority: int = 0,
     deadline_at: datetime | None = None,
@@ -134,7 +156,7 @@ def execution_of(
     """A validated execution of a registered workflow, with one row per step.
 
     Raises WorkflowNotFound for a workflow nobody registered and InputValidationError
-    for input its model refuses, before anything is written.
+    for input its model refuses, before anything is written; keys as ``new_execution``.
     """
     if not isinstance(workflow_id, str) or not workflow_id.strip():
         raise InputValidationError(f"workflow_id must be a non-empty string, got {workflow_id!r}")
@@ -149,6 +171,8 @@ def execution_of(
         max_payload_bytes=max_payload_bytes,
         workflow_version=definition.version,
         idempotency_key=idempotency_key,
+        idempotency_scope=idempotency_scope,
+        schedule_tick=schedule_tick,
         triggered_by=triggered_by,
         priority=priority,
         deadline_at=deadline_at,
@@ -173,9 +197,11 @@ def create_execution(conn: Connection, new: NewExecution) -> CreatedExecution:
 def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[CreatedExecution]:
     """Insert many executions with one INSERT each for executions, steps and events.
 
-    Executions whose idempotency key is already taken are not inserted: the existing
-    execution is returned (created=False) when it has the same workflow, input and
-    triggering user, and IdempotencyConflict is raised when it does not.
+    Executions whose idempotency key is already taken in their scope are not inserted:
+    the existing execution is returned (created=False) when it has the same workflow,
+    input and triggering user, and IdempotencyConflict is raised when it does not. Keys
+    are unique per scope, so the execution a reuse finds or names is always one of the
+    caller's own: a key held in another scope is never seen here.
     """
     ids = [new_id() for _ in batch]
     rows = [
@@ -186,6 +212,7 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
             "input_data": new.input_data,
             "status": ExecutionStatus.PENDING.value,
             "idempotency_key": new.idempotency_key,
+            "idempotency_scope": new.idempotency_scope,
             "triggered_by": new.triggered_by,
             "priority": new.priority,
             "deadline_at": new.deadline_at,
@@ -205,19 +232,29 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
             outcome.append(CreatedExecution(execution_id, created=True))
             continue
         assert new.idempotency_key is not None, "only a key conflict skips an insert"
-        existing = conn.execute(sql.select_by_idempotency_key(new.idempotency_key)).one()
+        existing = conn.execute(
+            sql.select_by_idempotency_key(new.idempotency_scope, new.idempotency_key)
+        ).one()
         same_input = json.dumps(existing.input_data, sort_keys=True) == json.dumps(
             new.input_data, sort_keys=True
         )
-        if existing.triggered_by != new.triggered_by:
-            # Another user's execution: neither its id nor its existence is theirs to learn.
-            raise IdempotencyConflict(
-                f"idempotency key {new.idempotency_key!r} is already used by another user"
+        # In a user's scope every execution is triggered by that user; only producers
+        # (trusted code, one scope) can reuse a key for another triggering user.
+        differs = [
+            what
+            for what, same in (
+                ("workflow", existing.workflow_id == new.workflow_id),
+                ("input", same_input),
+                ("triggering user", existing.triggered_by == new.triggered_by),
             )
-        if existing.workflow_id != new.workflow_id or not same_input:
+            if not same
+        ]
+        if differs:
             raise IdempotencyConflict(
                 f"idempotency key {new.idempotency_key!r} is already used by execution "
-                f"{existing.execution_id} of workflow {existing.workflow_id!r} with other input"
+                f"{existing.execution_id} of workflow {existing.workflow_id!r}: its "
+                f"{' and '.join(differs)} {'differs' if len(differs) == 1 else 'differ'} "
+                "from this request's"
             )
         outcome.append(CreatedExecution(existing.execution_id, created=False))
     created = [(c.execution_id, new) for c, new in zip(outcome, batch, strict=True) if c.created]
@@ -355,13 +392,43 @@ def get_history(conn: Connection, execution_id: str) -> list[ExecutionEvent]:
 def cancel_execution(conn: Connection, execution_id: str, reason: str | None) -> TransitionResult:
     """Cancel an open execution and, in the same transaction, all of its open steps."""
     sources = EXECUTIONS.sources_of(ExecutionStatus.CANCELLED)
-    result = transition_execution(
-        conn, execution_id, ExecutionStatus.CANCELLED, sources, reason=reason
-    )
-    if result.applied:
-        step_sources_ = STEPS.sources_of(StepStatus.CANCELLED)
+    return move_execution(conn, execution_id, ExecutionStatus.CANCELLED, sources, reason)
+
+
+def move_execution(
+    conn: Connection,
+    execution_id: str,
+    target: ExecutionStatus,
+    sources: frozenset[ExecutionStatus],
+    reason: str | None,
+) -> TransitionResult:
+    """Compare-and-set an execution from ``sources`` to ``target`` (a forward edge: the
+    state managers' ``transition_execution``), keeping its steps consistent with it.
+
+    A final ``target`` closes the execution's open steps in the same transaction
+    (cancelled, with ``reason`` in their events): nothing of a finished execution is
+    left queued or running for a worker or the reconciler. ``succeeded`` is refused
+    with InvalidTransition while a step is open (a success is its steps' success: end
+    them first, or cancel or fail the execution), before anything is written. Not
+    applied (``applied`` False) when the execution is in none of ``sources``.
+    """
+    if target is ExecutionStatus.SUCCEEDED:
+        current = conn.execute(sql.select_execution_status(execution_id)).scalar_one_or_none()
+        still_open = conn.execute(sql.open_steps_of(execution_id)).scalars().all()
+        if current in sources and still_open:
+            raise InvalidTransition(
+                "execution",
+                current,
+                target,
+                f"step {', '.join(still_open)} {'is' if len(still_open) == 1 else 'are'} "
+                "still open: end the steps first, or cancel or fail the execution",
+            )
+    result = transition_execution(conn, execution_id, target, sources, reason=reason)
+    if result.applied and target in EXECUTIONS.final:
+        step_sources = STEPS.sources_of(StepStatus.CANCELLED)
+        step_reason = reason or f"execution {target.value}"
         transition_steps(
-            conn, execution_id, None, StepStatus.CANCELLED, step_sources_, reason=reason
+            conn, execution_id, None, StepStatus.CANCELLED, step_sources, reason=step_reason
         )
     return result
 
@@ -404,29 +471,53 @@ def admit(
         event_rows(started, ADMITTED) + event_rows(queued, ROOT_STEP),
     )
     routes = execution_routes(conn, started_ids)
+    first_run = {r.execution_id for r in started if r.attempt == 1}
     return Admission(
         started=started_ids,
         queued=[(r.execution_id, r.step_name or "") for r in queued],
         routes=routes,
+        first_run=[
+            (r.execution_id, r.step_name or "") for r in queued if r.execution_id in first_run
+        ],
     )
 
 
 def retry_execution(
-    conn: Connection, execution_id: str, graph: Mapping[str, Sequence[str]]
-) -> tuple[TransitionResult, list[tuple[str, str]]]:
-    """Re-run a failed, cancelled or timed-out execution from its unfinished steps.
+    conn: Connection,
+    execution_id: str,
+    graph: Mapping[str, Sequence[str]],
+    deadline: timedelta | None,
+    reason: str | None = "retry",
+    sources: frozenset[ExecutionStatus] | None = None,
+) -> TransitionResult:
+    """Put a failed, cancelled or timed-out execution back to pending, to be started
+    again like a new one: its caller dispatches its start after the commit, and
+    admission (``admit``) runs it by priority within its workflow's max_concurrency.
 
-    Succeeded steps keep their outputs; every other step goes back to pending with its
-    count of unmet upstream steps recomputed, and those with none are queued.
-    ``graph`` maps each step to its upstream steps (from the workflow definition).
+    Its deadline counts again from now (``deadline``, the workflow's, or none without
+    one). Succeeded steps keep their outputs; every other step goes back to pending with
+    its count of unmet upstream steps recomputed (``graph`` maps each step to its
+    upstream steps), and with its retry policy and crash recoveries whole again: its
+    ``attempt`` counts on (a late message of an earlier attempt can never complete a
+    new one), and the attempts before the retry go to ``attempt_base`` and
+    ``recoveries``, which the retry policy does not count. Not applied (``applied``
+    False) when the execution is in no final status a retry leaves (or in none of
+    ``sources``, when given).
     """
-
-    sources = EXECUTIONS.sources_of(ExecutionStatus.RUNNING, retry=True)
+    if sources is None:
+        sources = EXECUTIONS.sources_of(ExecutionStatus.PENDING, retry=True)
+    new_deadline = None if deadline is None else utcnow(deadline.total_seconds())
     result = transition_execution(
-        conn, execution_id, ExecutionStatus.RUNNING, sources, reason="retry", retry=True
+        conn,
+        execution_id,
+        ExecutionStatus.PENDING,
+        sources,
+        reason=reason,
+        retry=True,
+        values={"deadline_at": new_deadline, "finished_at": None},
     )
     if not result.applied:
-        return result, []
+        return result
     steps = conn.execute(sql.select_steps(execution_id)).all()
     done = {s.step_name for s in steps if s.status == StepStatus.SUCCEEDED.value}
     retry_from = STEPS.sources_of(StepStatus.PENDING, retry=True)
@@ -435,42 +526,38 @@ def retry_execution(
         if step.status in retry_from:
             unmet = sum(1 for up in graph.get(step.step_name, ()) if up not in done)
             by_unmet.setdefault(unmet, []).append(step.step_name)
-    queued: list[tuple[str, str]] = []
     for unmet, names in sorted(by_unmet.items()):
-        target = StepStatus.QUEUED if unmet == 0 else StepStatus.PENDING
-        moved = _retry_steps(conn, execution_id, names, target, unmet, retry_from)
-        if target is StepStatus.QUEUED:
-            queued.extend((execution_id, r.step_name or "") for r in moved)
-    return result, queued
+        _retry_steps(conn, execution_id, names, unmet, retry_from)
+    return result
 
 
 def _retry_steps(
     conn: Connection,
     execution_id: str,
     names: list[str],
-    target: StepStatus,
     unmet: int,
     sources: frozenset[StepStatus],
-) -> list[TransitionResult]:
+) -> None:
     update = sql.transition_steps(
         execution_id,
         names,
-        target,
+        StepStatus.PENDING,
         sources,
         retry=True,
         values={
             "unmet_deps": unmet,
+            # SET reads the row's old values: the attempts so far become this run's base.
             "attempt": StepExecution.attempt + 1,
+            "attempt_base": StepExecution.attempt,
+            "recoveries": StepExecution.attempt,
             "next_attempt_at": None,
             "output_data": None,
             "worker": None,
         },
     )
-    rows = conn.execute(update).all()
-    moved = [transition_of(row, step=True) for row in rows]
+    moved = [transition_of(row, step=True) for row in conn.execute(update).all()]
     if moved:
         conn.execute(sql.insert_rows(ExecutionEvent), event_rows(moved, "execution retried"))
-    return moved
 
 
 def time_out(conn: Connection, execution_ids: Sequence[str]) -> list[tuple[str, str]]:
@@ -498,16 +585,30 @@ SinksOf = Callable[[str, int], Sequence[str]]
 
 
 def finish_if_done(
-    conn: Connection, execution_id: str, sinks: Sequence[str] = ()
+    conn: Connection, execution_id: str, sinks: Sequence[str] = (), *, contended: bool = True
 ) -> TransitionResult | None:
     """Finalize a running execution whose steps are all final; None if it is not done.
 
     A success records the outputs of the ``sinks`` (steps nothing depends on) as the
     execution's output; a failure records the first failed step's error.
+
+    Call it after the step's own update, in the same transaction: of two last steps
+    ending at once (two sinks), each transaction would otherwise see the other step
+    still running (READ COMMITTED) and neither would finish the execution. On
+    PostgreSQL a per-execution advisory lock, held to commit, orders them: the check
+    runs as its own statement once the lock is held, so its snapshot sees every step
+    committed by an earlier holder, and the later of the two finishes. (SQLite's
+    write transactions are serial: BEGIN IMMEDIATE.) Only the possibly-last steps
+    take it: a completion that released a downstream step does not call this, and
+    ``contended=False`` says no other step can end at the same moment (the DAG's only
+    sink completing).
     """
     if conn.dialect.name == "postgresql":
-        # One statement on the hot path: the finish, its event, its output or error.
-        finish = hot_path("postgresql").finish_pg
+        statements = hot_path("postgresql")
+        if contended:
+            conn.execute(statements.lock_execution, {"eid": execution_id})
+        # One statement: the finish, its event, its output or error.
+        finish = statements.finish_pg
         row = conn.execute(finish, {"eid": execution_id, "sinks": list(sinks)}).first()
         return transition_of(row, step=False) if row is not None else None
     finished = finish_executions(conn, [execution_id], lambda _w, _v: sinks)
@@ -523,6 +624,10 @@ def finish_executions(
     """
     if not execution_ids:
         return []
+    if conn.dialect.name == "postgresql":
+        # As finish_if_done: a pass that failed a stalled step may race another step of
+        # the same execution ending; the lock orders them, the check below sees both.
+        conn.execute(sql.lock_executions(execution_ids))
     rows = conn.execute(sql.finish_executions_if_done(execution_ids)).all()
     if not rows:
         return []

@@ -8,6 +8,7 @@ a statement writes it, comes from the database's clock (``core.sql.utcnow``).
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +40,7 @@ from sqlalchemy.orm import (
 )
 
 from core.errors import InputValidationError
+from core.schedules import refuse_reserved_key
 from core.sql import utcnow
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 from core.types import UTCDateTime, json_type
@@ -62,23 +64,92 @@ def new_id() -> str:
     return str(uuid6.uuid7())
 
 
-# json.dumps writes NUL as \u0000; an escaped backslash before "u0000" is no NUL.
-_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+def encode_json(field: str, value: Any) -> str:
+    """``value`` as the JSON text both backends store, else InputValidationError naming
+    ``field``, where in the value (``$.rows[2]``) and the problem: a value JSON has no
+    form for (a set, bytes, any other object), NaN or Infinity, a key that is not a
+    string (JSON would turn it into one), or a NUL character in a string or key
+    (PostgreSQL's JSONB refuses ``\\u0000``). The one check of every stored JSON value."""
+    text: str | None = None
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except ValueError as exc:
+        if "ircular" in str(exc):  # the walk below would never end
+            raise InputValidationError(
+                f"{field} is not JSON-serializable: it contains itself"
+            ) from None
+    except RecursionError:
+        raise InputValidationError(
+            f"{field} is not JSON-serializable: it is nested too deeply"
+        ) from None
+    except TypeError:
+        pass
+    problem = _json_problem(value)
+    if problem is not None or text is None:
+        raise InputValidationError(f"{field} is not JSON-serializable: {problem or 'not JSON'}")
+    return text
 
 
 def check_json(field: str, value: Any) -> Any:
-    """Return ``value`` if it serialises to strict JSON that both backends store (no NUL
-    character in a string or key: PostgreSQL's JSONB refuses ``\\u0000``), else
-    InputValidationError naming the field."""
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InputValidationError(f"{field} is not JSON-serializable: {exc}") from None
-    if _NUL_ESCAPE.search(text):
-        raise InputValidationError(
-            f"{field} holds a NUL character (\\u0000), which cannot be stored"
-        )
+    """Return ``value`` if it is storable JSON (see ``encode_json``), else
+    InputValidationError naming the field and the problem."""
+    encode_json(field, value)
     return value
+
+
+# A lone UTF-16 surrogate (from decoding with "surrogateescape", say) is no character:
+# JSONB refuses it, SQLite would keep it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_TEXT = "a lone UTF-16 surrogate, which is not text (JSONB refuses it)"
+
+# Where a value sits in the JSON being checked: (parent, key or index), "$" at the root;
+# built as the walk descends, spelled out only for the problem found.
+JsonPath = tuple[Any, str | int] | str
+
+
+def _spelled(path: JsonPath) -> str:
+    parts: list[str] = []
+    while not isinstance(path, str):
+        path, key = path
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    return path + "".join(reversed(parts))
+
+
+def _json_problem(value: Any) -> str | None:
+    """The first thing in ``value`` that strict, storable JSON cannot hold, or None."""
+    stack: list[tuple[Any, JsonPath]] = [(value, "$")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                where = _spelled(path)
+                return f"the string at {where} holds a NUL character (\\u0000), which JSONB refuses"
+            if _SURROGATE.search(item):
+                return f"the string at {_spelled(path)} holds {_SURROGATE_TEXT}"
+        elif item is None or isinstance(item, int):  # bool is an int
+            continue
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return f"{item!r} at {_spelled(path)} (JSON has no NaN or Infinity)"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return (
+                        f"the key {key!r} at {_spelled(path)} is of type {type(key).__name__}, "
+                        "not a string"
+                    )
+                if "\x00" in key:
+                    return f"the key {key!r} at {_spelled(path)} holds a NUL character (\\u0000)"
+                if _SURROGATE.search(key):
+                    return f"the key {key!r} at {_spelled(path)} holds {_SURROGATE_TEXT}"
+                stack.append((child, (path, key)))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, (path, index)) for index, child in enumerate(item))
+        else:
+            kind = type(item)
+            name = kind.__name__ if kind.__module__ == "builtins" else kind.__qualname__
+            return f"{_spelled(path)} is of type {name}, which JSON has no form for"
+    return None
 
 
 class Base(DeclarativeBase):
@@ -231,9 +302,18 @@ class StepExecution(Timestamped, Base):
     previous_status: Mapped[str | None] = mapped_column(String(20))
     attempt: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
     max_attempts: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
-    # Times this step was taken back from a worker that died (stall recovery); counted
-    # apart from ``attempt`` so a deploy or an OOM kill does not spend its error retries.
+    # Attempts the step's retry policy does not count (it judges ``attempt - recoveries``):
+    # each time the step was taken back from a worker that died (stall recovery), so a
+    # deploy or an OOM kill does not spend its error retries, and, after an execution
+    # retry, every attempt of the earlier runs.
     recoveries: Mapped[int] = mapped_column(
+        Integer, default=0, server_default=text("0"), nullable=False
+    )
+    # The attempts this step took before its execution's latest retry (0 before any).
+    # ``attempt`` counts on across retries, so that a late message of an earlier run's
+    # attempt can never complete this run's; this run's crash recoveries are
+    # ``recoveries - attempt_base`` (see ``crash_recoveries``).
+    attempt_base: Mapped[int] = mapped_column(
         Integer, default=0, server_default=text("0"), nullable=False
     )
     # Upstream steps not yet succeeded; the transaction that brings it to zero queues
@@ -256,6 +336,11 @@ class StepExecution(Timestamped, Base):
     )
 
     execution: Mapped[WorkflowExecution] = relationship(back_populates="steps")
+
+    @property
+    def crash_recoveries(self) -> int:
+        """Times this run of the step was taken back from a worker that died."""
+        return self.recoveries - self.attempt_base
 
     __table_args__ = (
         # The reconciler's stalled-step scan: running steps by heartbeat age.
@@ -367,6 +452,8 @@ def _record_orm_transitions(session: Session, _flush: UOWTransaction, _instances
     new_steps = {obj.execution_id for obj in session.new if isinstance(obj, StepExecution)}
     for obj in list(session.new):
         if isinstance(obj, WorkflowExecution):
+            # A producer path like any other: ticks' keys are the schedules' own.
+            refuse_reserved_key(obj.idempotency_key)
             obj.status = obj.status or ExecutionStatus.PENDING.value
             if obj.execution_id is None:
                 obj.execution_id = new_id()

@@ -72,11 +72,18 @@ class StallRecovery:
 
 @dataclass(frozen=True)
 class Admission:
-    """Executions moved from pending to running, and their root steps now queued."""
+    """Executions moved from pending to running, and their root steps now queued.
+
+    ``first_run`` are the queued steps of executions started for the first time (not
+    retried): true root steps, one of which the admitting worker may run itself. A
+    retried execution's first steps may need their upstream steps' outputs and their
+    own time limits: they are published.
+    """
 
     started: list[str] = field(default_factory=list)
     queued: list[tuple[str, str]] = field(default_factory=list)
     routes: dict[str, Route] = field(default_factory=dict)
+    first_run: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -138,3 +145,6 @@ class ReconcileReport:
     # this pass ended (finished or timed out): what metrics are labelled with.
     workflows: dict[str, str] = field(default_factory=dict)
     ended: dict[str, str] = field(default_factory=dict)
+    # For each step in ``republish``: the parameters that make it due again at the next
+    # pass should its message fail to publish (``reconciler.restore_unsent``).
+    unsent: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict, repr=False)

@@ -8,7 +8,8 @@ cost follows the work it finds (partial indexes), not the size of the tables.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -44,7 +45,11 @@ def recover_stalled_steps(
             row.execution_id,
             row.step_name,
             row.attempt,
-            str(StepCrashed(row.step_name, row.worker, row.attempt, row.recoveries)),
+            str(
+                StepCrashed(
+                    row.step_name, row.worker, row.attempt, row.recoveries - row.attempt_base
+                )
+            ),
         )
         for row in failed_rows
     ]
@@ -74,12 +79,47 @@ def recover_stalled_steps(
     return StallRecovery(requeued=requeued, failed=failed, crashes=crashes)
 
 
+def outage_gap(stall_timeout: float, reconcile_interval: float = 0.0) -> float:
+    """How long the database may go unseen by reconciler passes before it is taken to
+    have been out of reach (see ``statements.database_seen``): half the stall timeout,
+    and never less than two reconcile intervals.
+
+    Half the stall timeout is as long as it can safely be: an outage shorter than the
+    gap goes unseen, and a live worker must still beat within the timeout after it (the
+    other half is for its heartbeat interval and reconnecting). As long as it can be,
+    because mistaking a quiet spell for an outage delays stall recovery by a timeout:
+    beat sends a pass every interval and drops one unrun after two (``expires``), and a
+    pass may wait for a free pool process. Two intervals at least, or every pass would
+    reset the evidence and no stall would ever be judged (a reconcile interval longer
+    than a quarter of the stall timeout: an outage shorter than the gap may then cost a
+    re-run, as a lost worker would).
+    """
+    return max(stall_timeout / 2, 2 * reconcile_interval)
+
+
+def observe_database(conn: Connection, gap_seconds: float) -> None:
+    """Record that the database is reachable now (``database_liveness``): the evidence the
+    stall scan judges on. The first statement of a pass, and of a lone stall scan."""
+    conn.execute(sql.database_seen(conn.dialect.name, gap_seconds))
+
+
 def find_stalled_steps(
-    conn: Connection, stall_timeout_seconds: float, limit: int
+    conn: Connection, stall_timeout_seconds: float, limit: int, gap_seconds: float | None = None
 ) -> list[tuple[str, str]]:
-    """Keys of running steps whose heartbeat is older than the timeout."""
-    rows = conn.execute(sql.stalled_steps(stall_timeout_seconds, limit)).all()
+    """Keys of running steps whose heartbeat is older than the timeout, counted on time
+    the database was reachable (see ``statements.stalled_steps``)."""
+    gap = outage_gap(stall_timeout_seconds) if gap_seconds is None else gap_seconds
+    observe_database(conn, gap)
+    rows = conn.execute(sql.stalled_steps(stall_timeout_seconds, gap, limit)).all()
     return [(row.execution_id, row.step_name) for row in rows]
+
+
+def restore_unsent(conn: Connection, undo: Sequence[Mapping[str, Any]]) -> int:
+    """Make steps whose reconciler message failed to publish due at the next pass (the
+    rows of ``ReconcileReport.unsent``); how many were still as the pass left them."""
+    if not undo:
+        return 0
+    return conn.execute(sql.restore_unsent(), list(undo)).rowcount
 
 
 def reconcile_pass(
@@ -91,6 +131,7 @@ def reconcile_pass(
     limit: int,
     max_recoveries: int,
     dag_of: DagOf,
+    gap: float | None = None,
 ) -> ReconcileReport:
     """One reconciler pass over stalled, unclaimed and unstarted work and deadlines.
 
@@ -98,10 +139,11 @@ def reconcile_pass(
     may overlap, and every change is a compare-and-set that only one of them wins.
     The whole pass is one transaction: a stalled step failed here has its descendants
     skipped and its execution finished in the same commit, so a crash cannot strand it.
+    It first records that the database is reachable (``gap``: see ``outage_gap``; the
+    row's lock makes overlapping passes take turns), and judges stalls on that evidence.
     """
 
-    stalled_rows = conn.execute(sql.stalled_steps(stall_timeout, limit)).all()
-    stalled = [(r.execution_id, r.step_name) for r in stalled_rows]
+    stalled = find_stalled_steps(conn, stall_timeout, limit, gap)
     recovery = recover_stalled_steps(conn, stalled, max_recoveries)
     if recovery.failed:
         routes = execution_routes(conn, sorted({r.execution_id for r in recovery.failed}))
@@ -113,13 +155,38 @@ def reconcile_pass(
                 conn, failed.execution_id, step_name, dag.descendants(step_name) if dag else None
             )
     due_rows = conn.execute(sql.due_queued_steps(republish_after, limit)).all()
-    due = [(r.execution_id, r.step_name) for r in due_rows]
+    due = {(r.execution_id, r.step_name): r for r in due_rows}
     republished: list[TransitionResult] = []
+    # What each step sent by this pass returns to if its publish fails (restore_unsent).
+    unsent: dict[tuple[str, str], dict[str, Any]] = {}
     if due:
-        republished = [
-            transition_of(row, step=True) for row in conn.execute(sql.republish(due)).all()
-        ]
+        sent_rows = conn.execute(sql.republish(list(due))).all()
+        republished = [transition_of(row, step=True) for row in sent_rows]
         conn.execute(sql.insert_rows(ExecutionEvent), event_rows(republished, "republished"))
+        for row in sent_rows:
+            before = due[(row.execution_id, row.step_name)]
+            unsent[(row.execution_id, row.step_name)] = {
+                "eid": row.execution_id,
+                "name": row.step_name,
+                "att": row.attempt,
+                "sent_count": row.republishes,
+                "prev_at": before.republished_at,
+                "prev_count": before.republishes,
+                "prev_next": before.next_attempt_at,
+                "due_now": False,
+            }
+    for step in recovery.requeued:
+        # Queued anew, never sent: if its first message fails, it is due at once.
+        unsent[(step.execution_id, step.step_name or "")] = {
+            "eid": step.execution_id,
+            "name": step.step_name,
+            "att": step.attempt,
+            "sent_count": 0,
+            "prev_at": None,
+            "prev_count": 0,
+            "prev_next": None,
+            "due_now": True,
+        }
     start_rows = conn.execute(sql.resend_stale_starts(start_after, limit)).all()
     overdue = list(conn.execute(sql.overdue_executions(limit)).scalars().all())
     timed_out = time_out(conn, overdue)
@@ -148,4 +215,5 @@ def reconcile_pass(
         freed=sorted({named[eid].workflow for eid in freed_ids if eid in named}),
         workflows={eid: route.workflow for eid, route in named.items()},
         ended=ended,
+        unsent=unsent,
     )

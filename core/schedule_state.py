@@ -22,8 +22,10 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import Connection, Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from core import statements
+from core.executions import PRODUCER_SCOPE
 from core.models import WorkflowSchedule
-from core.schedules import Declared, tick_key
+from core.schedules import MAX_KEY_LENGTH, Declared, tick_key
 from core.sql import utcnow
 from core.types import UTCDateTime
 
@@ -72,6 +74,28 @@ class DueTick:
     def idempotency_key(self) -> str:
         """The key its execution is enqueued with."""
         return tick_key(self.declared.workflow, self.declared.schedule, self.tick)
+
+    def fired_by(self, holder: KeyHolder) -> bool:
+        """Whether ``holder``, found holding this tick's key, is this tick's execution:
+        one of its workflow that no user triggered (maybe with an earlier deploy's
+        input). Anything else holding the key (a user's execution from before keys were
+        scoped, another schedule whose names join into the same key) is not."""
+        return holder.workflow_id == self.declared.workflow and holder.triggered_by is None
+
+    def fallback_key(self, holder: KeyHolder) -> str:
+        """The key to enqueue the tick with when ``holder`` holds its own and is not its
+        execution: the same in every pass (so still one execution), and no one else's."""
+        suffix = f"#{holder.execution_id}"
+        return self.idempotency_key[: MAX_KEY_LENGTH - len(suffix)] + suffix
+
+
+@dataclass(frozen=True)
+class KeyHolder:
+    """The execution holding an idempotency key in the producers' scope."""
+
+    execution_id: str
+    workflow_id: str
+    triggered_by: str | None
 
 
 # --- statements (built once; bind parameters are prefixed ``b_``, as SQLAlchemy
@@ -224,7 +248,7 @@ def due_ticks(
     return due
 
 
-def advance(connection: Connection, due: DueTick, execution_id: str | None) -> bool:
+def advance(connection: Connection, due: DueTick, execution_id: str) -> bool:
     """Record ``due`` as fired by ``execution_id`` and move the row to the next tick.
 
     False means the row had already been moved this far (a concurrent pass fired the
@@ -242,6 +266,14 @@ def advance(connection: Connection, due: DueTick, execution_id: str | None) -> b
         },
     )
     return result.rowcount == 1
+
+
+def key_holder(connection: Connection, key: str) -> KeyHolder | None:
+    """The execution holding ``key`` in the producers' scope (ticks' keys are there)."""
+    row = connection.execute(
+        statements.select_by_idempotency_key(PRODUCER_SCOPE, key)
+    ).one_or_none()
+    return KeyHolder(row.execution_id, row.workflow_id, row.triggered_by) if row else None
 
 
 def set_paused(

@@ -13,7 +13,9 @@ A tick is one instant a schedule fires at. Cron ticks come from ``cronsim`` in t
 schedule's time zone (Debian cron's rules across DST changes: a time skipped by the
 spring change runs when the clock jumps, a repeated hour runs once); ``every`` ticks
 are multiples of the interval counted from 1970-01-01 UTC, so every process computes
-the same ticks. Each tick is enqueued with the idempotency key ``tick_key()`` names.
+the same ticks. Each tick is enqueued with the idempotency key ``tick_key()`` names,
+in the producers' scope; keys beginning ``schedule:`` are reserved to ticks, and every
+other producer path refuses them (``refuse_reserved_key``).
 
 Their state in the database, and the firing pass's units of work, are in
 ``core.schedule_state``.
@@ -29,14 +31,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
-from core.errors import DefinitionError, InputValidationError, NotFound
+from core.errors import DefinitionError, InputValidationError, NotFound, ReservedIdempotencyKey
 
 if TYPE_CHECKING:
     from core.registry import WorkflowRegistry
     from core.workflows import Workflow
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-KEY_PREFIX = "schedule"
+# Idempotency keys beginning with this are the schedules' own (``refuse_reserved_key``).
+RESERVED_PREFIX = "schedule:"
 MAX_KEY_LENGTH = 255  # workflow_executions.idempotency_key
 MAX_NAME_LENGTH = 100
 # Found by the tick computation at definition time: a cron that never matches.
@@ -184,7 +187,18 @@ def _aware(moment: datetime) -> datetime:
 def tick_key(workflow: str, schedule: Schedule, tick: datetime) -> str:
     """The idempotency key of one tick: ``schedule:<workflow>:<name>:<tick UTC ISO>``."""
     stamp = _aware(tick).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return f"{KEY_PREFIX}:{workflow}:{schedule.label}:{stamp}"
+    return f"{RESERVED_PREFIX}{workflow}:{schedule.label}:{stamp}"
+
+
+def refuse_reserved_key(key: str | None) -> None:
+    """Refuse a key that begins with ``schedule:`` (ReservedIdempotencyKey).
+
+    Ticks' keys are predictable: anyone else holding one would make its tick look
+    already fired. Every producer path checks its keys here; only the firing pass
+    (``worker.schedules``) may use the prefix.
+    """
+    if key is not None and key.startswith(RESERVED_PREFIX):
+        raise ReservedIdempotencyKey(key, RESERVED_PREFIX)
 
 
 def check_schedules(workflow: Workflow, schedules: Iterable[Schedule]) -> tuple[Schedule, ...]:

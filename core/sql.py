@@ -52,26 +52,26 @@ def _utcnow_sqlite(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
     return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', ({offset}) || ' seconds') || '000')"
 
 
-class database_started(FunctionElement[Any]):
-    """When the database server last started (PostgreSQL); SQLite, embedded, never restarts.
+class clock_now(utcnow):
+    """The database's clock as it reads when evaluated (PostgreSQL ``clock_timestamp()``),
+    optionally shifted by ``offset_seconds``; not the statement's start like ``utcnow``.
 
-    Heartbeats cannot be written while the database is down, so staleness is only
-    judged on time the database has been up: after a restart, every running step gets
-    a full stall timeout to beat again before it is taken for lost.
+    For a write that may wait on a lock: its time is when it wrote, not when it asked.
     """
 
-    type = UTCDateTime()
     inherit_cache = True
-    name = "database_started"
+    name = "clock_now"
 
 
-@compiles(database_started, "postgresql")
-def _database_started_postgresql(
-    element: database_started, compiler: SQLCompiler, **kw: Any
-) -> str:
-    return "pg_postmaster_start_time()"
+@compiles(clock_now, "postgresql")
+def _clock_now_postgresql(element: clock_now, compiler: SQLCompiler, **kw: Any) -> str:
+    if not element.clauses.clauses:
+        return "clock_timestamp()"
+    offset = compiler.process(element.clauses, **kw)
+    return f"(clock_timestamp() + make_interval(secs => {offset}))"
 
 
-@compiles(database_started, "sqlite")
-def _database_started_sqlite(element: database_started, compiler: SQLCompiler, **kw: Any) -> str:
-    return "'0001-01-01 00:00:00.000000'"
+@compiles(clock_now, "sqlite")
+def _clock_now_sqlite(element: clock_now, compiler: SQLCompiler, **kw: Any) -> str:
+    # SQLite's 'now' is that of the statement; its writes are serial, so nothing waits.
+    return _utcnow_sqlite(element, compiler, **kw)

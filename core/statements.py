@@ -15,12 +15,15 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
+    Boolean,
     Insert,
     Select,
+    String,
     Table,
     Update,
     bindparam,
     case,
+    column,
     exists,
     func,
     insert,
@@ -28,12 +31,13 @@ from sqlalchemy import (
     select,
     tuple_,
     update,
+    values,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
-from core.models import ExecutionEvent, StepExecution, WorkflowExecution
-from core.sql import database_started, utcnow
+from core.models import DatabaseLiveness, ExecutionEvent, StepExecution, WorkflowExecution
+from core.sql import clock_now, utcnow
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 
 WE = WorkflowExecution
@@ -71,10 +75,11 @@ def insert_executions(
     )
 
 
-def select_by_idempotency_key(key: str) -> Select[Any]:
-    """The execution already holding ``key``, with what a reuse is compared on."""
+def select_by_idempotency_key(scope: str, key: str) -> Select[Any]:
+    """The execution already holding ``key`` in ``scope``, with what a reuse is compared
+    on (keys are unique per scope: the API user's id, or '' for producers)."""
     return select(WE.execution_id, WE.workflow_id, WE.input_data, WE.triggered_by).where(
-        WE.idempotency_key == key
+        WE.idempotency_scope == scope, WE.idempotency_key == key
     )
 
 
@@ -117,6 +122,15 @@ def select_running_claim(execution_id: str, step_name: str, task_id: str) -> Sel
 def select_steps(execution_id: str) -> Select[StepExecution]:
     """Every step of an execution, by name."""
     return select(SE).where(SE.execution_id == execution_id).order_by(SE.step_name)
+
+
+def open_steps_of(execution_id: str) -> Select[str]:
+    """The names of an execution's steps that are not final, by name."""
+    return (
+        select(SE.step_name)
+        .where(SE.execution_id == execution_id, SE.status.in_(sorted(STEPS.open)))
+        .order_by(SE.step_name)
+    )
 
 
 def select_history(execution_id: str) -> Select[ExecutionEvent]:
@@ -193,11 +207,18 @@ def transition_execution(
     )
 
 
+# A step queued anew (a retry, a stall recovery, an execution retry) has had no message
+# re-sent yet: the reconciler's republish backoff starts again from its queued_at.
+FRESH_QUEUE: Mapping[str, Any] = {"republished_at": None, "republishes": 0}
+
+
 def _status_timestamps_step(target: StepStatus, retry: bool) -> dict[str, Any]:
     now = utcnow()
     values: dict[str, Any] = {}
     if target is StepStatus.QUEUED:
         values["queued_at"] = now
+    if target is StepStatus.QUEUED or retry:
+        values.update(FRESH_QUEUE)
     elif target is StepStatus.RUNNING:
         values["started_at"] = now
         values["heartbeat_at"] = now
@@ -268,13 +289,30 @@ def final_outcome() -> ColumnElement[str]:
     )
 
 
+def unlocked_executions(execution_ids: Any) -> Select[str]:
+    """Those of the executions (ids, or a statement's bind of one) whose row nobody else
+    holds, locked for this transaction (FOR NO KEY UPDATE SKIP LOCKED).
+
+    A finish checks only these: whoever else holds an execution's row is ending it (a
+    cancel, a time-out, a manual final transition: each updates the row, then cancels
+    the open steps, so it may be waiting for the finishing transaction's step row);
+    the finish leaves the end to it instead of waiting, and no deadlock cycle forms.
+    """
+    held = WE.__table__.alias("held")
+    ids = held.c.execution_id
+    match = (
+        ids.in_(list(execution_ids)) if isinstance(execution_ids, list) else ids == execution_ids
+    )
+    return select(ids).where(match).with_for_update(key_share=True, skip_locked=True)
+
+
 def finish_executions_if_done(execution_ids: Sequence[str]) -> Update:
     """Finalize the given running executions whose steps are all final: one guarded
     statement over the set, to ``final_outcome()``."""
     return (
         update(WE)
         .where(
-            WE.execution_id.in_(list(execution_ids)),
+            WE.execution_id.in_(unlocked_executions(list(execution_ids))),
             WE.status == ExecutionStatus.RUNNING.value,
             ~any_step_of_execution(STEPS.open),
         )
@@ -284,19 +322,63 @@ def finish_executions_if_done(execution_ids: Sequence[str]) -> Update:
     )
 
 
-def stalled_steps(stall_timeout_seconds: float, limit: int) -> Select[str, str]:
-    """Running steps whose last heartbeat is older than the timeout (bounded, oldest first).
+LIVENESS_ROW = 1
+DL = DatabaseLiveness
 
-    Only time the database was up counts: right after it restarted nobody could beat,
-    so nothing is judged before a whole timeout has passed since (see database_started).
+
+def database_seen(dialect: str, gap_seconds: float) -> Insert:
+    """Record that a reconciler pass reached the database now (one row, upserted).
+
+        INSERT INTO database_liveness VALUES (1, clock_timestamp(), clock_timestamp())
+        ON CONFLICT (id) DO UPDATE SET
+          reachable_since = CASE WHEN last_seen_at < clock_timestamp() - gap
+                                 THEN clock_timestamp() ELSE reachable_since END,
+          last_seen_at = clock_timestamp()
+
+    A previous sighting older than ``gap_seconds`` means the database was out of reach
+    (down, in crash recovery, hung, partitioned) or no pass ran: either way nobody can
+    tell whether workers could beat, so ``reachable_since`` starts again. The clock is
+    read when the row is written (``clock_timestamp()``), not when the statement began:
+    a pass that waited on another pass's lock, or on a hung server, sees the gap it
+    waited through. The first pass ever inserts the row: reachable since now.
+    """
+    now = clock_now()
+    insert_row = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(DL)
+    statement = insert_row.values(id=LIVENESS_ROW, last_seen_at=now, reachable_since=now)
+    return statement.on_conflict_do_update(
+        index_elements=[DL.id],
+        set_={
+            "reachable_since": case(
+                (DL.last_seen_at < clock_now(-gap_seconds), now), else_=DL.reachable_since
+            ),
+            "last_seen_at": now,
+        },
+    )
+
+
+def stalled_steps(stall_timeout_seconds: float, gap_seconds: float, limit: int) -> Select[str, str]:
+    """Running steps stalled on the evidence of a reachable database (bounded, oldest first).
+
+    A step is stalled when its heartbeat is older than the timeout AND the database has
+    been reachable (``database_liveness.reachable_since``, see database_seen) for longer
+    than the timeout: ``greatest(heartbeat_at, reachable_since) < now - timeout``. So
+    after an outage of any kind every live worker has a whole timeout of reachable
+    database to beat again. The liveness row counts only if this pass saw it within
+    ``gap_seconds`` of this statement's clock: a pass held up (a hung server) between
+    its sighting and this scan judges nothing. No row, or a stale one: nothing stalled.
     """
     cutoff = utcnow(-stall_timeout_seconds)
+    reachable_since = (
+        select(DL.reachable_since)
+        .where(DL.id == LIVENESS_ROW, DL.last_seen_at > utcnow(-gap_seconds))
+        .scalar_subquery()
+    )
     return (
         select(SE.execution_id, SE.step_name)
         .where(
             SE.status == StepStatus.RUNNING.value,
             SE.heartbeat_at < cutoff,
-            database_started() < cutoff,
+            reachable_since < cutoff,
         )
         .order_by(SE.heartbeat_at)
         .limit(limit)
@@ -311,10 +393,12 @@ def recover_stalled(
     again, or fail those that may not: one statement each way over the whole set.
 
     Crash recoveries are counted apart from the step's error retries: a deploy or an
-    OOM kill does not spend the attempts its retry policy allows.
+    OOM kill does not spend the attempts its retry policy allows. Only this run's count
+    (``recoveries - attempt_base``: an execution retry gives every step its recoveries
+    back) is held against ``max_recoveries``.
     """
     key_match = _key_match(keys)
-    may_recover = SE.recoveries < max_recoveries
+    may_recover = SE.recoveries - SE.attempt_base < max_recoveries
     if requeue:
         return (
             update(SE)
@@ -326,17 +410,18 @@ def recover_stalled(
                 recoveries=SE.recoveries + 1,
                 queued_at=utcnow(),
                 next_attempt_at=None,
+                **FRESH_QUEUE,
                 worker=None,
                 error={"type": "StepStalled", "message": "no heartbeat within the stall timeout"},
             )
-            .returning(*STEP_RETURNING)
+            .returning(*STEP_RETURNING, SE.attempt_base)
             .execution_options(**_BULK)
         )
     return (
         update(SE)
         .where(SE.status == StepStatus.RUNNING.value, key_match, ~may_recover)
         .values(status=StepStatus.FAILED.value, previous_status=SE.status, finished_at=utcnow())
-        .returning(*STEP_RETURNING)
+        .returning(*STEP_RETURNING, SE.attempt_base)
         .execution_options(**_BULK)
     )
 
@@ -375,6 +460,11 @@ def failed_steps_of(execution_ids: Sequence[str]) -> Select[str, str, Any]:
     )
 
 
+def _execution_is(status: ExecutionStatus) -> ColumnElement[bool]:
+    """The execution of the step row being read is in ``status``."""
+    return exists().where(WE.execution_id == SE.execution_id, WE.status == status.value)
+
+
 def _key_match(keys: Sequence[tuple[str, str]]) -> ColumnElement[bool]:
     return tuple_(SE.execution_id, SE.step_name).in_([tuple(k) for k in keys])
 
@@ -392,6 +482,24 @@ def heartbeat(worker: str, keys: Sequence[tuple[str, str]] | None = None) -> Upd
 
 
 # --- scheduling: admission, claims, reconciler scans --------------------------------
+
+
+# The class of the per-execution advisory lock that whoever may end an execution's last
+# open step takes before the finish check (``core.executions.finish_if_done`` and
+# ``finish_executions``): the two-key form, whose key space is apart from the one-key
+# workflow admission locks.
+FINISH_LOCK = 0x66696E  # "fin"
+
+
+def lock_executions(execution_ids: Sequence[str]) -> Select[Any]:
+    """Take the finish lock of each execution (PostgreSQL, held to commit), in the
+    order of the lock keys, so that overlapping passes cannot deadlock on them."""
+    ids = values(column("execution_id", String), name="ids").data(
+        [(execution_id,) for execution_id in sorted(set(execution_ids))]
+    )
+    key = func.hashtext(ids.c.execution_id)
+    # A volatile function in the select list runs after ORDER BY: in key order.
+    return select(func.pg_advisory_xact_lock(literal(FINISH_LOCK), key)).order_by(key)
 
 
 def lock_workflow(dialect: str, workflow_id: str) -> Select[Any] | None:
@@ -438,15 +546,43 @@ def queue_roots(execution_ids: Sequence[str]) -> Update:
     )
 
 
-def due_queued_steps(republish_after: float, limit: int) -> Select[str, str]:
-    """Queued steps that are due and whose message has gone unclaimed for a while."""
+# The republish delay doubles with each re-send of a step's message, up to this many
+# times ``republish_after``: a step waiting behind a deep backlog (its message is in the
+# broker) gets a handful of duplicates, not one every pass, and a message the broker
+# truly lost is still re-sent within 8 x republish_after (16 min at the defaults).
+REPUBLISH_BACKOFF_MAX = 8
+_BACKOFF = case(
+    *((SE.republishes == n, 2**n) for n in range(REPUBLISH_BACKOFF_MAX.bit_length() - 1)),
+    else_=REPUBLISH_BACKOFF_MAX,
+)
+
+
+def due_queued_steps(
+    republish_after: float, limit: int
+) -> Select[str, str, datetime | None, int, datetime | None]:
+    """Queued steps that are due (a retry's backoff elapsed), or whose last message went
+    unclaimed for ``republish_after * 2**republishes`` seconds (capped); with what a
+    failed publish restores (see restore_unsent).
+
+    The last message is the latest re-send (``republished_at``), else the one the step
+    was queued with (``queued_at``).
+    """
     now = utcnow()
+    last_sent = func.coalesce(SE.republished_at, SE.queued_at)
     return (
-        select(SE.execution_id, SE.step_name)
+        select(
+            SE.execution_id,
+            SE.step_name,
+            SE.republished_at,
+            SE.republishes,
+            SE.next_attempt_at,
+        )
         .where(
             SE.status == StepStatus.QUEUED.value,
-            (SE.next_attempt_at.is_(None) & (SE.queued_at < utcnow(-republish_after)))
+            (SE.next_attempt_at.is_(None) & (last_sent < utcnow(-republish_after * _BACKOFF)))
             | (SE.next_attempt_at <= now),
+            # Only a running execution's step can be claimed: never re-send the others.
+            _execution_is(ExecutionStatus.RUNNING),
         )
         .order_by(SE.queued_at)
         .limit(limit)
@@ -455,13 +591,58 @@ def due_queued_steps(republish_after: float, limit: int) -> Select[str, str]:
 
 
 def republish(keys: Sequence[tuple[str, str]]) -> Update:
-    """queued -> queued for steps about to be published again."""
+    """queued -> queued for steps about to be published again.
+
+    ``queued_at`` stays when the step was queued (the queue-wait metric reads it); the
+    time of this message is ``republished_at``. A due retry's first message is no
+    re-send: only a step whose message went unclaimed counts in ``republishes``.
+    """
     return (
         update(SE)
         .where(SE.status == StepStatus.QUEUED.value, _key_match(keys))
-        .values(previous_status=SE.status, queued_at=utcnow(), next_attempt_at=None)
-        .returning(*STEP_RETURNING)
+        .values(
+            previous_status=SE.status,
+            republished_at=utcnow(),
+            republishes=case(
+                (SE.next_attempt_at.is_(None), SE.republishes + 1), else_=SE.republishes
+            ),
+            next_attempt_at=None,
+        )
+        .returning(*STEP_RETURNING, SE.republishes)
         .execution_options(**_BULK)
+    )
+
+
+def restore_unsent() -> Update:
+    """Undo, for one step per parameter set (executemany), a re-send that was committed
+    but whose publish failed: the step is due again at the next pass, not after a
+    backoff, since no message was sent.
+
+    Parameters: ``eid``, ``name``, ``att`` (the attempt), ``sent_count`` (``republishes`` as the
+    pass left it: the guard that nothing moved the step since), ``prev_at``,
+    ``prev_count``, ``prev_next`` (as they were before), and ``due_now`` (no earlier
+    state to restore: a stall-recovered step's first message; it is marked due now).
+    Zero rows for a step claimed or sent again meanwhile.
+    """
+    table = cast(Table, SE.__table__)
+    return (
+        update(table)
+        .where(
+            table.c.execution_id == bindparam("eid"),
+            table.c.step_name == bindparam("name"),
+            table.c.status == StepStatus.QUEUED.value,
+            table.c.attempt == bindparam("att"),
+            table.c.republishes == bindparam("sent_count"),
+            table.c.next_attempt_at.is_(None),
+        )
+        .values(
+            republished_at=bindparam("prev_at", type_=table.c.republished_at.type),
+            republishes=bindparam("prev_count"),
+            next_attempt_at=case(
+                (bindparam("due_now", type_=Boolean()), utcnow()),
+                else_=bindparam("prev_next", type_=table.c.next_attempt_at.type),
+            ),
+        )
     )
 
 

@@ -66,11 +66,12 @@ STEP_TRANSITIONS: Mapping[StepStatus, frozenset[StepStatus]] = {
     S.CANCELLED: frozenset(),
 }
 
-# Only an explicit retry of a finished execution may leave a final state.
+# Only an explicit retry of a finished execution may leave a final state, and it goes
+# back to pending: admitted again like a start (priority, max_concurrency).
 EXECUTION_RETRY_TRANSITIONS: Mapping[ExecutionStatus, frozenset[ExecutionStatus]] = {
-    E.FAILED: frozenset({E.RUNNING}),
-    E.CANCELLED: frozenset({E.RUNNING}),
-    E.TIMED_OUT: frozenset({E.RUNNING}),
+    E.FAILED: frozenset({E.PENDING}),
+    E.CANCELLED: frozenset({E.PENDING}),
+    E.TIMED_OUT: frozenset({E.PENDING}),
 }
 STEP_RETRY_TRANSITIONS: Mapping[StepStatus, frozenset[StepStatus]] = {
     S.FAILED: frozenset({S.PENDING, S.QUEUED}),

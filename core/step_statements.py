@@ -42,7 +42,7 @@ from sqlalchemy.sql.expression import Alias
 
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.sql import utcnow
-from core.statements import any_step_of_execution, final_outcome
+from core.statements import FINISH_LOCK, any_step_of_execution, final_outcome, unlocked_executions
 from core.states import STEPS, ExecutionStatus, StepStatus
 
 SE = cast(Table, StepExecution.__table__)
@@ -120,6 +120,7 @@ class HotPath:
     events: Insert
     finish: Update
     finish_pg: Select[Any]
+    lock_execution: Select[Any]
     start: Update
     start_roots: Update
     start_pg: Select[Any]
@@ -343,6 +344,7 @@ def hot_path(dialect: str) -> HotPath:
     finished = finish.cte("finished")
     finished_event = _execution_event(finished, ALL_STEPS_FINAL, now).cte("finished_event")
     finish_pg = select(*finished.c).add_cte(finished_event)
+    lock_execution = select(func.pg_advisory_xact_lock(literal(FINISH_LOCK), func.hashtext(eid)))
     start, start_roots, start_pg = _start(eid, now)
     return HotPath(
         fused=postgres,
@@ -358,6 +360,7 @@ def hot_path(dialect: str) -> HotPath:
         events=events,
         finish=finish,
         finish_pg=finish_pg,
+        lock_execution=lock_execution,
         start=start,
         start_roots=start_roots,
         start_pg=start_pg,
@@ -430,6 +433,10 @@ def _start(eid: Any, now: Any) -> tuple[Update, Update, Select[Any]]:
             others.c.execution_id == eid,
             others.c.status == literal(pending),
             others.c.unmet_deps == 0,
+            # A first start's root (a retry's steps are past attempt 1): a retried
+            # execution's first steps may need upstream outputs and their own time
+            # limits, so they are published (``Admission.first_run``).
+            others.c.attempt == literal(1),
         )
         .cte("first_root")
     )
@@ -545,7 +552,8 @@ def _finish(eid: Any, now: Any) -> Update:
     return (
         update(WE)
         .where(
-            WE.c.execution_id == eid,
+            # Never waits for the row: see unlocked_executions.
+            WE.c.execution_id.in_(unlocked_executions(eid)),
             WE.c.status == literal(ExecutionStatus.RUNNING.value),
             ~any_step_of_execution(STEPS.open),
         )

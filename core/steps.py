@@ -180,8 +180,13 @@ def complete(
     )
     # A step that released a downstream step (pending or queued now) cannot have been
     # its execution's last open step; any other may have been (a sink, or a branch
-    # whose downstream steps were skipped when a sibling failed).
-    finished = None if released_any else finish_if_done(conn, execution_id, workflow.sinks)
+    # whose downstream steps were skipped when a sibling failed). The DAG's only sink
+    # is necessarily the last (every other step is upstream of it, and succeeded before
+    # it was queued): no other step can end at the same moment, so it takes no lock.
+    finished = None
+    if not released_any:
+        alone = list(workflow.sinks) == [step_name]
+        finished = finish_if_done(conn, execution_id, workflow.sinks, contended=not alone)
     next_step = None
     if continued is not None:
         upstream = workflow.upstream(continued.step_name)
@@ -228,13 +233,14 @@ def admit_and_claim(
     """Admit executions (``core.executions.admit``) and, in the same transaction, claim
     one root step of the first one started for ``worker`` to run itself: a start costs
     no broker round trip before its first step. The Admission returned lists the other
-    queued root steps, to publish."""
+    queued root steps, to publish. A retried execution's steps are all published (see
+    ``Admission.first_run``)."""
     if conn.dialect.name == "postgresql" and limit is None and len(execution_ids) == 1:
         return _start_and_claim_pg(conn, execution_ids[0], worker)
     admission = admit(conn, workflow_id, execution_ids, limit)
-    if not admission.queued:
+    if not admission.first_run:
         return admission, None
-    execution_id, step_name = admission.queued[0]
+    execution_id, step_name = admission.first_run[0]
     sql_ = hot_path(conn.dialect.name)
     params = {"eid": execution_id, "step": step_name, "worker_id": worker}
     row = conn.execute(sql_.continue_step, params).first()
@@ -253,8 +259,8 @@ def admit_and_claim(
         {},
         continued=True,
     )
-    rest = Admission(admission.started, admission.queued[1:], admission.routes)
-    return rest, claim
+    rest = [key for key in admission.queued if key != (execution_id, step_name)]
+    return Admission(admission.started, rest, admission.routes), claim
 
 
 def _start_and_claim_pg(

@@ -12,9 +12,10 @@
 
 A step function takes its context first, then one keyword argument per upstream
 step, named after it, holding that step's output. Errors in a definition are raised
-as DefinitionError naming the offender: duplicate names, parameters that do not match
-the dependencies and return types that cannot be JSON when a step is declared;
-unknown dependencies and cycles when the workflow is validated (at registration).
+as DefinitionError naming the offender: duplicate names, a dependency on itself or
+named twice, parameters that do not match the dependencies and return types that
+cannot be JSON when a step is declared; unknown dependencies and cycles when the
+workflow is validated (at registration).
 """
 
 from __future__ import annotations
@@ -168,9 +169,16 @@ class Workflow:
         """Declare the decorated function a step of this workflow."""
 
         def register(fn: StepFunction) -> StepFunction:
+            step_name = name or fn.__name__
+            if isinstance(depends_on, str):
+                # A string iterates as one-letter names: "up" would mean steps u and p.
+                raise DefinitionError(
+                    f"workflow {self.name!r}, step {step_name!r}: depends_on takes a list of "
+                    f"step names, got the string {depends_on!r}"
+                )
             self.add_step(
                 Step(
-                    name=name or fn.__name__,
+                    name=step_name,
                     fn=fn,
                     depends_on=tuple(depends_on),
                     retry=retry or Retry(),
@@ -189,8 +197,16 @@ class Workflow:
             raise DefinitionError(f"{where}: a step name must be a Python identifier")
         if step.name in self.steps:
             raise DefinitionError(f"{where}: a step of this name is already defined")
+        for dependency in step.depends_on:
+            if not isinstance(dependency, str):
+                raise DefinitionError(f"{where}: depends_on holds {dependency!r}, not a step name")
         if step.name in step.depends_on:
             raise DefinitionError(f"{where}: a step cannot depend on itself")
+        # A step waits for as many completions as it names upstream steps, and each
+        # upstream step completes once: a repeated name would leave it pending forever.
+        repeated = sorted({d for d in step.depends_on if step.depends_on.count(d) > 1})
+        if repeated:
+            raise DefinitionError(f"{where}: depends on {', '.join(repeated)} more than once")
         # Dependencies may be declared later in the module: unknown names and cycles are
         # found by validate(), which registration runs.
         if (
@@ -324,11 +340,19 @@ def _with_output_adapter(where: str, step: Step) -> Step:
         return step
     try:
         adapter: TypeAdapter[Any] = TypeAdapter(annotation)
-        adapter.json_schema(mode="serialization")
+        schema = adapter.json_schema(mode="serialization")
     except (PydanticSchemaGenerationError, TypeError) as exc:
         raise DefinitionError(
             f"{where}: its return type {annotation!r} cannot be stored as JSON"
         ) from exc
+    # Bytes would be stored decoded as UTF-8 text: any other bytes fail when the step
+    # returns, and a NUL byte is refused; sets (stored as lists), models, dataclasses and
+    # dates convert to JSON as pydantic dumps them.
+    if _holds_bytes(schema):
+        raise DefinitionError(
+            f"{where}: its return type {annotation!r} holds bytes, which JSON cannot hold; "
+            "return text (for example base64) instead"
+        )
     return Step(
         name=step.name,
         fn=step.fn,
@@ -338,3 +362,14 @@ def _with_output_adapter(where: str, step: Step) -> Step:
         timeout=step.timeout,
         output=adapter,
     )
+
+
+def _holds_bytes(schema: Any) -> bool:
+    """Whether a JSON Schema (pydantic's, of a return type) has bytes anywhere in it."""
+    if isinstance(schema, dict):
+        if schema.get("format") == "binary":
+            return True
+        return any(_holds_bytes(part) for part in schema.values())
+    if isinstance(schema, list):
+        return any(_holds_bytes(part) for part in schema)
+    return False

@@ -13,7 +13,6 @@ ask for and publishes what a committed transaction queued.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -26,8 +25,13 @@ from core import executions, reconciler, steps
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
-from core.errors import InputValidationError, StepTimedOut, WorkflowNotFound
-from core.models import check_json
+from core.errors import (
+    InputValidationError,
+    OutputNotStorable,
+    StepTimedOut,
+    TransientDatabaseError,
+    WorkflowNotFound,
+)
 from core.outcomes import Admission, Claim, ReconcileReport, Route
 from core.registry import WorkflowRegistry
 from core.states import StepStatus
@@ -49,41 +53,64 @@ log = logging.getLogger(__name__)
 RUN_STEP = "conveyor.run_step"
 START_EXECUTION = "conveyor.start_execution"
 TRACEBACK_LIMIT = 16_000
+MESSAGE_LIMIT = 4_000
 # Recording an outcome after the step's code ran is worth waiting for: if the database
 # is restarting, keep trying for about two minutes before leaving it to stall recovery.
 PATIENT = RetryPolicy(attempts=40, initial_wait=0.1, max_wait=5.0)
 
 StepKey = tuple[str, str]
+# Failed publishes in a row after which a reconciler pass takes the broker to be down
+# and leaves the rest of its messages for the next pass.
+BROKER_DOWN_AFTER = 3
 
 
 def error_record(error: BaseException) -> dict[str, Any]:
-    """An exception as stored on a failed step: type, message, traceback."""
+    """An exception as stored on a failed step: type, message, traceback; always storable
+    (see ``storable_text``), whatever the exception holds."""
+    record = bare_error_record(error)
+    try:
+        message, text = str(error), "".join(traceback.format_exception(error))
+    except Exception:  # an exception whose __str__ raises: keep what can be had
+        return record
+    record["message"] = storable_text(message, MESSAGE_LIMIT)
+    record["traceback"] = storable_text(text, TRACEBACK_LIMIT, keep_end=True)
+    return record
+
+
+def bare_error_record(error: BaseException) -> dict[str, Any]:
+    """An exception's type alone, as stored when nothing more of it can be."""
     kind = type(error)
-    text = "".join(traceback.format_exception(error))
     return {
         "type": kind.__name__ if kind.__module__ == "builtins" else kind.__qualname__,
         "module": kind.__module__,
-        "message": str(error),
-        "traceback": text[-TRACEBACK_LIMIT:],
+        "message": f"({kind.__name__} whose message could not be stored)",
+        "traceback": "",
     }
 
 
-def encode_output(value: Any, max_bytes: int) -> str | None:
-    """A step's output as JSON text, encoded once (None for None); a typed error when it
-    is not strict JSON or larger than ``max_bytes``."""
+def storable_text(text: str, limit: int, *, keep_end: bool = False) -> str:
+    """``text`` as an error record stores it: each NUL character written as ``\\x00``
+    and each lone surrogate as ``\\udcXX`` (PostgreSQL's JSONB refuses both), at most
+    ``limit`` characters, cut with a marker at the start (``keep_end``: a traceback's
+    last frames matter most) or at the end."""
+    # Lone surrogates come from bytes decoded with "surrogateescape", say.
+    text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
+    if len(text) <= limit:
+        return text
+    marker = f"[... {len(text) - limit} characters cut ...]"
+    return marker + text[-limit:] if keep_end else text[:limit] + marker
+
+
+def storable_output(step: str, value: Any, max_bytes: int) -> str | None:
+    """A step's output as the JSON text its row stores (None for None), checked once,
+    here, before anything is recorded (``core.executions.check_payload``: storable
+    JSON no larger than ``max_bytes``); else OutputNotStorable naming the step."""
     if value is None:
         return None
     try:
-        encoded = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        check_json("output_data", value)  # raises, naming the problem
-        raise
-    if len(encoded) > max_bytes and len(encoded.encode()) > max_bytes:
-        raise InputValidationError(
-            f"output_data is {len(encoded.encode())} bytes of JSON; the limit is {max_bytes} "
-            "(CONVEYOR_MAX_PAYLOAD_BYTES)"
-        )
-    return encoded
+        return executions.check_payload("output_data", value, max_bytes)
+    except InputValidationError as problem:
+        raise OutputNotStorable(step, str(problem)) from None
 
 
 def _unlimited(step: Step) -> bool:
@@ -181,6 +208,29 @@ class Engine:
                     RUN_STEP, kwargs=kwargs, countdown=countdown, producer=producer, **options
                 )
 
+    def _publish_committed(
+        self,
+        keys: Sequence[StepKey],
+        route: Route | Mapping[str, Route] | None = None,
+        *,
+        countdown: float | None = None,
+    ) -> None:
+        """``publish_steps`` for steps a transaction just committed as queued; a failure
+        is logged, not raised: the reconciler sends queued steps nobody claimed
+        (``CONVEYOR_REPUBLISH_AFTER``), and raising here would abandon the step this
+        worker claimed in the same transaction to run next (running, to be recovered only
+        past the stall timeout)."""
+        try:
+            self.publish_steps(keys, route, countdown=countdown)
+        except Exception:
+            log.warning(
+                "publishing %d step message(s) (%s) failed after their commit; the reconciler "
+                "will send them",
+                len(keys),
+                ", ".join(f"{execution_id}/{name}" for execution_id, name in keys),
+                exc_info=True,
+            )
+
     # --- executions ------------------------------------------------------------------
 
     def admit(
@@ -206,7 +256,7 @@ class Engine:
         else:
             admission = self.manager.run(executions.admit, workflow_name, ids, limit)
         self.metrics.admitted(workflow_name, admission)
-        self.publish_steps(admission.queued, admission.routes)
+        self._publish_committed(admission.queued, admission.routes)
         if claim is not None:
             self._run_from(claim)
         return admission
@@ -258,15 +308,15 @@ class Engine:
         run here: once its outcome is committed and its retry published, ``StepFailed``
         is raised, so that the Celery task shows FAILURE (or RETRY) instead of SUCCESS.
         """
-        started = time.monotonic()
+        # The bound's time is judged as each step's outcome is recorded (``_succeeded``),
+        # so that the time the step just took counts: a step that ran past it hands its
+        # successor to the broker.
+        deadline = time.monotonic() + self.settings.continue_max_seconds
         continued = 0
         next_step: Claim | None = claim
         parent = None  # the span of the step that released the next one, once continued
         while next_step is not None:
-            within_bound = (
-                continued < self.settings.continue_max_steps
-                and time.monotonic() - started < self.settings.continue_max_seconds
-            )
+            more_steps = continued < self.settings.continue_max_steps
             with (
                 step_context(
                     next_step.execution_id,
@@ -276,7 +326,7 @@ class Engine:
                 ),
                 self.tracing.step_span(next_step, parent) as span,
             ):
-                outcome = self._run(next_step, may_continue=within_bound)
+                outcome = self._run(next_step, may_continue=more_steps, deadline=deadline)
                 span.outcome(outcome if isinstance(outcome, StepFailed) else None)
             if isinstance(outcome, StepFailed):
                 raise outcome
@@ -290,9 +340,12 @@ class Engine:
                     next_step.attempt,
                 )
 
-    def _run(self, claim: Claim, *, may_continue: bool) -> Claim | StepFailed | None:
-        """Run one claimed step and record its outcome; the step to continue with, or the
-        recorded failure."""
+    def _run(
+        self, claim: Claim, *, may_continue: bool, deadline: float
+    ) -> Claim | StepFailed | None:
+        """Run one claimed step and record its outcome; the step to continue with (only
+        with ``may_continue``, and before the monotonic ``deadline``), or the recorded
+        failure."""
         self.metrics.claimed(claim)
         workflow = self.definition(claim.route.workflow, claim.route.version)
         step = workflow.steps.get(claim.step_name) if workflow else None
@@ -306,7 +359,7 @@ class Engine:
                 with self.metrics.running(claim):
                     value = step.fn(context, **claim.upstream)
                 output = step.to_json(value)
-                encoded = encode_output(output, self.settings.max_payload_bytes)
+                encoded = storable_output(step.name, output, self.settings.max_payload_bytes)
             except SoftTimeLimitExceeded:
                 timed_out = StepTimedOut(
                     f"step {step.name} ran past its soft timeout of {step.soft_timeout}s"
@@ -316,7 +369,9 @@ class Engine:
                 return self._failed(claim, workflow, step, error)
             # Recorded while still beating: a database that is restarting may keep this
             # waiting, and the step must not look stalled meanwhile.
-            return self._succeeded(claim, workflow, output, encoded, may_continue)
+            return self._succeeded(
+                claim, workflow, output, encoded, may_continue and time.monotonic() < deadline
+            )
 
     def _succeeded(
         self,
@@ -325,13 +380,30 @@ class Engine:
         output: Any,
         encoded: str | None,
         may_continue: bool,
-    ) -> Claim | None:
+    ) -> Claim | StepFailed | None:
         continue_as = (
             self.worker_id if may_continue and self._continuable(workflow, claim) else None
         )
-        completion = self.recorder.run(
-            steps.complete, claim, output, encoded, workflow, continue_as
-        )
+        try:
+            completion = self.recorder.run(
+                steps.complete, claim, output, encoded, workflow, continue_as
+            )
+        except TransientDatabaseError:
+            # The database stayed away through every retry (PATIENT): recording anything
+            # else would fail alike. The task is retried, the step recovered if it stalls.
+            raise
+        except Exception as error:
+            # storable_output let through what the database refuses: the last resort is
+            # recording the step failed, never leaving it running (to be recovered and
+            # re-run as if its worker had died).
+            log.error(
+                "recording the output of step %s of execution %s failed; failing the step",
+                claim.step_name,
+                claim.execution_id,
+                exc_info=True,
+            )
+            refused = OutputNotStorable(claim.step_name, f"the database refused it: {error}")
+            return self._fail(claim, refused, workflow)
         if not completion.transition.applied:
             if completion.transition.current_status == StepStatus.CANCELLED:
                 self.recorder.run(
@@ -348,7 +420,7 @@ class Engine:
                 completion.transition.current_status,
             )
             return None
-        self.publish_steps([(claim.execution_id, n) for n in completion.queued], claim.route)
+        self._publish_committed([(claim.execution_id, n) for n in completion.queued], claim.route)
         self.metrics.ended(workflow.name, completion.execution)
         if completion.execution is not None:
             self.after_finish(workflow.name)
@@ -369,22 +441,36 @@ class Engine:
         the report (None: another outcome was recorded first)."""
         # Attempts taken by crash recoveries do not count against the retry policy.
         tries = claim.attempt - claim.recoveries
-        permanent = isinstance(error, InputValidationError)
+        # Deterministic errors: another attempt would end the same way.
+        permanent = isinstance(error, InputValidationError | OutputNotStorable)
         if not permanent and step.retry.should_retry(error, tries):
             delay = step.retry.delay(tries)
-            moved = self.recorder.run(
-                steps.schedule_retry,
-                claim.execution_id,
-                step.name,
-                claim.attempt,
-                delay,
-                error_record(error),
-            )
+            try:
+                moved = self.recorder.run(
+                    steps.schedule_retry,
+                    claim.execution_id,
+                    step.name,
+                    claim.attempt,
+                    delay,
+                    error_record(error),
+                )
+            except TransientDatabaseError:
+                raise  # as in _succeeded
+            except Exception:
+                log.error(
+                    "recording a retry of step %s of execution %s failed; failing the step",
+                    step.name,
+                    claim.execution_id,
+                    exc_info=True,
+                )
+                return self._fail(claim, error, workflow)
             self.metrics.retried(claim, moved)
             if moved.applied and delay <= self.settings.retry_countdown_max:
                 # Long delays are left to the reconciler, which publishes due retries;
                 # nothing depends on an ETA message held by the broker.
-                self.publish_steps([(claim.execution_id, step.name)], claim.route, countdown=delay)
+                self._publish_committed(
+                    [(claim.execution_id, step.name)], claim.route, countdown=delay
+                )
             if not moved.applied:
                 return None
             return self._reported(claim, error, step.retry.max_attempts, retry_in=delay)
@@ -420,15 +506,40 @@ class Engine:
     ) -> StepFailed | None:
         """Record a step's failure (its descendants skipped, its execution finished when
         nothing else runs); the report (None: another outcome was recorded first)."""
-        failure = self.recorder.run(
-            steps.fail_step,
-            claim.execution_id,
-            claim.step_name,
-            claim.attempt,
-            error_record(error),
-            workflow.descendants(claim.step_name) if workflow else None,
-            workflow.sinks if workflow else [],
-        )
+        descendants = workflow.descendants(claim.step_name) if workflow else None
+        sinks = workflow.sinks if workflow else []
+        record = error_record(error)
+        try:
+            failure = self.recorder.run(
+                steps.fail_step,
+                claim.execution_id,
+                claim.step_name,
+                claim.attempt,
+                record,
+                descendants,
+                sinks,
+            )
+        except TransientDatabaseError:
+            raise  # as in _succeeded
+        except Exception:
+            # The last resort: the failure without the error's text, which error_record
+            # makes storable, so this is not expected to be reached.
+            log.error(
+                "recording the failure of step %s of execution %s failed; recording it "
+                "without its error's text",
+                claim.step_name,
+                claim.execution_id,
+                exc_info=True,
+            )
+            failure = self.recorder.run(
+                steps.fail_step,
+                claim.execution_id,
+                claim.step_name,
+                claim.attempt,
+                bare_error_record(error),
+                descendants,
+                sinks,
+            )
         report = None
         if failure.transition.applied:
             defined = workflow.steps.get(claim.step_name) if workflow else None
@@ -481,21 +592,61 @@ class Engine:
         return True
 
     def retry(self, execution_id: str) -> bool:
-        """Re-run a failed, cancelled or timed-out execution from its unfinished steps."""
+        """Re-run a failed, cancelled or timed-out execution from its unfinished steps:
+        it goes back to pending, with a new deadline and its steps' attempts whole again
+        (``core.executions.retry_execution``), and its start message is sent, to be
+        admitted like a new execution (priority, max_concurrency). False when it is in
+        no status a retry leaves."""
         execution = self.manager.get_execution(execution_id)
         workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
         graph = {name: list(step.depends_on) for name, step in workflow.steps.items()}
-        result, queued = self.manager.run(executions.retry_execution, execution_id, graph)
+        result = self.manager.run(
+            executions.retry_execution, execution_id, graph, workflow.deadline
+        )
         if not result.applied:
             return False
-        route = Route(execution.workflow_id, execution.workflow_version, execution.priority)
         try:
-            self.publish_steps(queued, route)
-        except Exception:  # committed: the reconciler republishes unclaimed queued steps
+            self.publish_starts([(execution_id, execution.workflow_id, execution.priority)])
+        except Exception:  # committed: the reconciler sends starts of pending executions
             log.warning(
-                "publishing the retried steps failed; the reconciler will send them", exc_info=True
+                "publishing the start of retried execution %s failed; the reconciler will send it",
+                execution_id,
+                exc_info=True,
             )
         return True
+
+    def publish_each(self, keys: Sequence[StepKey]) -> list[StepKey]:
+        """Send a run message for each step, each on its own: one that fails (logged) does
+        not keep the others from being sent. The keys whose message was not sent.
+
+        After a few failures in a row the broker is taken to be down, and the rest are
+        not tried: each attempt would wait out the publish retries, holding the pass (and
+        its pool process) for minutes on a large batch.
+        """
+        if not keys:
+            return []
+        routes = self.manager.run(executions.execution_routes, sorted({k[0] for k in keys}))
+        failed: list[StepKey] = []
+        in_a_row = 0
+        for index, key in enumerate(keys):
+            if in_a_row == BROKER_DOWN_AFTER:
+                log.warning(
+                    "%d publishes failed in a row; %d more step message(s) left for the next pass",
+                    in_a_row,
+                    len(keys) - index,
+                )
+                return failed + list(keys[index:])
+            try:
+                self.publish_steps([key], routes)
+            except Exception:
+                log.warning(
+                    "publishing step %s of execution %s failed", key[1], key[0], exc_info=True
+                )
+                failed.append(key)
+                in_a_row += 1
+            else:
+                in_a_row = 0
+        return failed
 
     def reconcile(self) -> ReconcileReport:
         """One reconciler pass (one transaction); then publish and admit what it found."""
@@ -509,14 +660,26 @@ class Engine:
             limit=settings.reconcile_batch,
             max_recoveries=settings.max_crash_recoveries,
             dag_of=self.definition,
+            gap=reconciler.outage_gap(settings.stall_timeout, settings.reconcile_interval),
         )
-        self.publish_steps(report.republish)
+        unsent = self.publish_each(report.republish)
+        if unsent:
+            restored = self.manager.run(
+                reconciler.restore_unsent, [report.unsent[key] for key in unsent]
+            )
+            log.warning(
+                "reconciler: publishing %d of %d step message(s) failed; %d are due again "
+                "at the next pass",
+                len(unsent),
+                len(report.republish),
+                restored,
+            )
         # Start messages again, not admissions: they wait their turn behind the steps of
         # running executions, as the first ones did (CONVEYOR_ORDER).
         self.publish_starts(report.start)
         for workflow in report.freed:
             self.after_finish(workflow)
-        self.metrics.reconciled_pass(report, time.monotonic() - began)
+        self.metrics.reconciled_pass(report, time.monotonic() - began, unsent=len(unsent))
         for crash in report.crashes:
             # The one WARNING of a failed step, as a worker logs for an error its code
             # raised; here its worker is gone, so the pass that failed it speaks for it.

@@ -141,13 +141,15 @@ class Metrics:
         if execution is not None and execution.applied:
             self.executions_finished.labels(workflow, execution.to_status).inc()
 
-    def reconciled_pass(self, report: ReconcileReport, seconds: float) -> None:
-        """One reconciler pass: its duration, what it did, the executions it ended."""
+    def reconciled_pass(self, report: ReconcileReport, seconds: float, *, unsent: int = 0) -> None:
+        """One reconciler pass: its duration, what it did, the executions it ended;
+        ``unsent``: step messages it failed to publish (due again at the next pass)."""
         self.reconcile_duration.observe(seconds)
         kinds = {
             "stalled_requeued": len(report.requeued),
             "stalled_failed": len(report.stalled_failed),
             "republished": len(report.republish) - len(report.requeued),
+            "publish_failed": unsent,
             "starts_resent": len(report.start),
             "timed_out": len(report.timed_out),
             "finished": len(report.finished),

@@ -48,6 +48,8 @@ def _prepare(
     priority: int | None,
     deadline: datetime | timedelta | None,
     triggered_by: str | None,
+    idempotency_scope: str,
+    schedule_tick: bool,
 ) -> NewExecution:
     engine = app.engine
     return executions.execution_of(
@@ -57,6 +59,8 @@ def _prepare(
         max_payload_bytes=engine.settings.max_payload_bytes,
         workflow_version=None if isinstance(workflow, str) else workflow.version,
         idempotency_key=idempotency_key,
+        idempotency_scope=idempotency_scope,
+        schedule_tick=schedule_tick,
         triggered_by=triggered_by,
         priority=priority or 0,
         deadline_at=_deadline(deadline),
@@ -72,13 +76,16 @@ def enqueue(
     deadline: datetime | timedelta | None = None,
     triggered_by: str | None = None,
     app: ConveyorCelery | None = None,
+    schedule_tick: bool = False,
 ) -> str:
     """Validate ``input_data``, commit a pending execution, publish its start; its id.
 
     The same ``idempotency_key`` again returns the first execution's id and sends
-    nothing. ``priority`` runs from 0 to 9, higher first.
+    nothing; keys beginning ``schedule:`` are refused (ReservedIdempotencyKey), except
+    with ``schedule_tick``, which only the schedules' firing pass passes. ``priority``
+    runs from 0 to 9, higher first.
     """
-    return enqueue_many(
+    (created,) = submit_many(
         workflow,
         [input_data],
         idempotency_keys=[idempotency_key],
@@ -86,7 +93,9 @@ def enqueue(
         deadline=deadline,
         triggered_by=triggered_by,
         app=app,
-    )[0]
+        schedule_tick=schedule_tick,
+    )
+    return created.execution_id
 
 
 def enqueue_many(
@@ -124,16 +133,32 @@ def submit_many(
     deadline: datetime | timedelta | None = None,
     triggered_by: str | None = None,
     app: ConveyorCelery | None = None,
+    idempotency_scope: str = executions.PRODUCER_SCOPE,
+    schedule_tick: bool = False,
 ) -> list[CreatedExecution]:
     """``enqueue_many``, telling for each execution whether this call created it (False:
-    its idempotency key named an existing one, which was not started again)."""
+    its idempotency key named an existing one, which was not started again).
+
+    Keys are looked up in ``idempotency_scope``: the producers' by default; the HTTP
+    API passes its caller's user id, so that users neither share nor see others' keys.
+    """
     celery_app = _app(app)
     batch = list(inputs)
     keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(batch)
     if len(keys) != len(batch):
         raise InputValidationError(f"{len(keys)} idempotency keys for {len(batch)} inputs")
     news = [
-        _prepare(celery_app, workflow, data, key, priority, deadline, triggered_by)
+        _prepare(
+            celery_app,
+            workflow,
+            data,
+            key,
+            priority,
+            deadline,
+            triggered_by,
+            idempotency_scope,
+            schedule_tick,
+        )
         for data, key in zip(batch, keys, strict=True)
     ]
     engine = celery_app.engine

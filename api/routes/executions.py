@@ -33,6 +33,7 @@ from core.errors import (
     FieldError,
     InputValidationError,
     InvalidTransition,
+    ReservedIdempotencyKey,
     WorkflowNotFound,
 )
 from core.executions import ExecutionFilter
@@ -78,7 +79,11 @@ def _detail(
 def enqueue(
     body: ExecutionCreate, caller: Caller, conveyor: Conveyor, response: Response
 ) -> ExecutionOut:
-    """Validate the input, commit a pending execution and publish its start."""
+    """Validate the input, commit a pending execution and publish its start.
+
+    Idempotency keys are the caller's own: another user's key of the same name is
+    neither found nor a conflict, and keys beginning ``schedule:`` are refused (422).
+    """
     try:
         (created,) = submit_many(
             body.workflow,
@@ -88,11 +93,14 @@ def enqueue(
             deadline=body.deadline,
             triggered_by=caller.user_id,
             app=conveyor.celery_app,
+            idempotency_scope=caller.user_id,
         )
     except WorkflowNotFound as error:
         raise InputValidationError(
             str(error), [{"field": "workflow", "message": str(error)}]
         ) from None
+    except ReservedIdempotencyKey:
+        raise  # names the request's own field, idempotency_key
     except InputValidationError as error:
         # The workflow's own checks name fields of the input: say where they are.
         fields: list[FieldError] = [
@@ -185,7 +193,12 @@ def cancel_execution(
     responses=problems.responses(403, 404, 409, 422),
 )
 def retry_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> ExecutionOut:
-    """Run a failed, cancelled or timed-out execution again from its unfinished steps."""
+    """Run a failed, cancelled or timed-out execution again from its unfinished steps.
+
+    It goes back to pending, with a new deadline and every unfinished step's retry
+    policy whole again, and starts like a new execution: at once when its workflow has
+    a free slot (max_concurrency), by priority otherwise.
+    """
     engine = conveyor.engine
     _visible(engine.manager.run(executions.get_execution, execution_id), caller)
     if not engine.retry(execution_id):
@@ -193,7 +206,7 @@ def retry_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) ->
         raise InvalidTransition(
             "execution",
             current.status,
-            ExecutionStatus.RUNNING,
+            ExecutionStatus.PENDING,
             "only failed, cancelled or timed-out executions can be retried",
         )
     return ExecutionOut.of(engine.manager.run(executions.get_execution, execution_id))

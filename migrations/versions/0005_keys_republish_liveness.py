@@ -4,6 +4,8 @@
   being the API user's id or '' for producers, replacing the table-wide unique key.
 - execution_steps.republished_at / republishes: when the reconciler last re-sent a
   queued step's message and how often.
+- execution_steps.attempt_base: the attempts a step took before its execution's latest
+  retry, from which the retry's run counts its attempts and crash recoveries.
 - database_liveness: one row the reconciler's passes keep, the evidence a stall is
   judged on (time the database was reachable, not the wall clock alone).
 
@@ -101,6 +103,10 @@ def upgrade() -> None:
         "execution_steps",
         sa.Column("republishes", sa.Integer(), server_default=sa.text("0"), nullable=False),
     )
+    op.add_column(
+        "execution_steps",
+        sa.Column("attempt_base", sa.Integer(), server_default=sa.text("0"), nullable=False),
+    )
     op.create_table(
         "database_liveness",
         sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
@@ -113,6 +119,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("database_liveness")
     with op.batch_alter_table("execution_steps") as batch:
+        batch.drop_column("attempt_base")
         batch.drop_column("republishes")
         batch.drop_column("republished_at")
     with op.batch_alter_table("workflow_executions") as batch:

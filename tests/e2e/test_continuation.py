@@ -144,3 +144,21 @@ def test_a_high_priority_execution_starts_within_one_slice_of_a_long_chain(
     # The chain gave the worker up after its slice: the urgent step ran in the middle
     # of the chain, not after it.
     assert urgent_start < step_row(chain, "s11")["started_at"]
+
+
+def test_a_step_that_runs_past_the_bound_hands_its_successor_to_the_broker(
+    conveyor_app: ConveyorCelery,
+) -> None:
+    """The bound is judged after each step, its run included: lingering's first step
+    starts well within 0.1 s and runs 0.3 s, so its successor is published, not
+    continued."""
+    engine = conveyor_app.engine
+    engine.settings = engine.settings.model_copy(update={"continue_max_seconds": 0.1})
+    execution_id = enqueue("lingering", app=conveyor_app)
+    with running_worker(conveyor_app):
+        execution = wait_for(execution_id)
+    assert execution.status == "succeeded"
+    assert reasons(execution_id, "s00")[1] == "claimed at start"
+    assert reasons(execution_id, "s01") == ["upstream steps done", "claimed", "step succeeded"]
+    # Delivered by a message of its own.
+    assert step_row(execution_id, "s01")["celery_task_id"] is not None

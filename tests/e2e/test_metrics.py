@@ -15,7 +15,7 @@ from core import steps
 from tests.conftest import TestDatabase
 from tests.e2e.conftest import wait_for
 from tests.helpers.processes import worker_process
-from tests.helpers.state import force_step_status, step_row, wait_until_database_up_for
+from tests.helpers.state import database_reachable_for, force_step_status, step_row
 from worker.app import ConveyorCelery
 from worker.metrics import get_metrics
 from worker.producer import enqueue
@@ -90,7 +90,7 @@ def test_a_reconciler_pass_counts_its_crash_recoveries(
     force_step_status(
         execution_id, "double", "running", heartbeat_at=datetime.now(UTC) - timedelta(hours=1)
     )
-    wait_until_database_up_for(engine.settings.stall_timeout)
+    database_reachable_for(engine.settings.stall_timeout)
 
     report = engine.reconcile()
 

@@ -18,11 +18,11 @@ from core.executions import StepSpec
 from tests.e2e import workflows
 from tests.e2e.conftest import running_worker, wait_for
 from tests.helpers.state import (
+    database_reachable_for,
     events,
     force_step_status,
     insert_execution,
     step_row,
-    wait_until_database_up_for,
 )
 from worker.app import ConveyorCelery
 from worker.logs import current_step
@@ -89,7 +89,7 @@ def test_deadline_times_out_the_execution_and_cancels_its_steps(
 def test_overlapping_passes_recover_each_stalled_step_once(
     conveyor_app: ConveyorCelery,
 ) -> None:
-    wait_until_database_up_for(conveyor_app.engine.settings.stall_timeout)
+    database_reachable_for(conveyor_app.engine.settings.stall_timeout)
     manager = SyncEnhancedExecutionStateManager()
     names = [f"s{i}" for i in range(20)]
     execution_id = insert_execution(
@@ -119,7 +119,7 @@ def crashed_out_step(app: ConveyorCelery, worker: str) -> str:
     """An execution of linear whose step ``double`` ran on ``worker``, which stopped beating
     an hour ago after the step had used up its crash recoveries: its id."""
     settings = app.engine.settings
-    wait_until_database_up_for(settings.stall_timeout)
+    database_reachable_for(settings.stall_timeout)
     execution_id = enqueue("linear", {"start": 1}, app=app)
     app.engine.admit("linear", [execution_id])
     manager = SyncEnhancedExecutionStateManager()

@@ -379,3 +379,55 @@ def speak(ctx: StepContext) -> str:
 def listen(ctx: StepContext, speak: str) -> str:
     chatty_log.info("heard %s", speak)
     return speak
+
+
+unstorable = Workflow("unstorable")
+# What the step returns, by its input's "kind" ("oversize": "size" characters of text).
+UNSTORABLE: dict[str, Any] = {"nul": "a\x00b", "set": {1, 2}, "nan": float("nan")}
+
+
+# Every error earns a retry here: an output that cannot be stored must get none.
+@unstorable.step(retry=Retry(max_attempts=3, backoff=0.01))
+def produce(ctx: StepContext):  # type: ignore[no-untyped-def]  # no annotation: checked as returned
+    count_call(ctx)
+    if ctx.input["kind"] == "oversize":
+        return "x" * ctx.input["size"]
+    return UNSTORABLE[ctx.input["kind"]]
+
+
+@unstorable.step(depends_on=["produce"])
+def consume(ctx: StepContext, produce: Any) -> str:
+    return "never"
+
+
+nul_error = Workflow("nul_error")
+
+
+@nul_error.step()
+def complain(ctx: StepContext) -> str:
+    count_call(ctx)
+    raise ValueError("bad byte \x00 in the record")
+
+
+pair = Workflow("pair")
+
+
+@pair.step()
+def one(ctx: StepContext) -> int:
+    count_call(ctx)
+    return 1
+
+
+@pair.step()
+def two(ctx: StepContext) -> int:
+    count_call(ctx)
+    return 2
+
+
+@pair.step(depends_on=["one", "two"])
+def joined(ctx: StepContext, one: int, two: int) -> int:
+    return one + two
+
+
+# Each step runs longer than the continuation bound its test sets.
+lingering = _chain("lingering", 2, 0.3)

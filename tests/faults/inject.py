@@ -9,15 +9,23 @@ process when the registry loads; with ``FAULTS_INJECT`` set it wraps the app cla
   transaction that completed its upstream step, has no message to duplicate.)
 - ``lost:0.2``: each start or run-step publish fails (raises, as a broker that is down
   would) with that probability. Every such publish happens after its commit.
+- ``fail:<step>``: every run-step publish of the step named ``<step>`` fails; the others
+  are sent.
 
 Each injected fault appends a line to ``FAULTS_INJECT_LOG`` for the test's figures.
+
+The PostgreSQL process faults below (a hung server, a backend killed) are sent from the
+test process to the test's own server, by signal: no hook in the server either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-from collections.abc import Callable
+import signal
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +84,15 @@ def faulty(original: SendTask, mode: str) -> SendTask:
             return original(app, name, *args, **options)
 
         return send_or_lose
+    if kind == "fail":
+
+        def send_or_fail(app: ConveyorCelery, name: str, *args: Any, **options: Any) -> Any:
+            if name == RUN_STEP and (options.get("kwargs") or {}).get("step_name") == rate:
+                _note(f"failed {name} {rate}")
+                raise OperationalError(f"injected fault: publishing step {rate} failed")
+            return original(app, name, *args, **options)
+
+        return send_or_fail
     raise ValueError(f"unknown {MODE_ENV} mode {mode!r}")
 
 
@@ -87,3 +104,103 @@ def injected_lines(path: Path) -> list[str]:
 _mode = os.environ.get(MODE_ENV)
 if _mode:
     ConveyorCelery.send_task = faulty(ConveyorCelery.send_task, _mode)  # type: ignore[method-assign]
+
+
+# --- PostgreSQL processes ---------------------------------------------------------------
+
+SIGQUIT_BIT = 1 << (signal.SIGQUIT - 1)
+
+
+def postmaster_pid(data_dir: Path) -> int:
+    """The pid of the server's postmaster (first line of ``postmaster.pid``)."""
+    return int((data_dir / "postmaster.pid").read_text().split()[0])
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after ")".
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def server_processes(data_dir: Path) -> tuple[int, list[int]]:
+    """The postmaster and its children (client backends and auxiliary processes)."""
+    postmaster = postmaster_pid(data_dir)
+    return postmaster, _children(postmaster)
+
+
+def _signal_all(pids: Iterable[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.kill(pid, signum)
+
+
+def hang_server(data_dir: Path) -> list[int]:
+    """SIGSTOP every process of the server (a hung server; to its clients, a network
+    partition): connections stay open and nothing answers. The pids, for resume_server."""
+    postmaster, children = server_processes(data_dir)
+    stopped = [postmaster, *children]
+    _signal_all(stopped, signal.SIGSTOP)
+    return stopped
+
+
+def resume_server(stopped: Iterable[int]) -> None:
+    """SIGCONT what hang_server stopped."""
+    _signal_all(stopped, signal.SIGCONT)
+
+
+def _quit_pending(pid: int) -> bool:
+    """Whether ``pid`` has a SIGQUIT pending, or is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    masks = [
+        int(line.split()[1], 16)
+        for line in status.splitlines()
+        if line.startswith(("SigPnd:", "ShdPnd:"))
+    ]
+    return any(mask & SIGQUIT_BIT for mask in masks) or "State:\tZ" in status
+
+
+def kill_a_backend_held_in_recovery(data_dir: Path, hold: float) -> int:
+    """SIGKILL one client backend so that the server goes through crash recovery (every
+    connection dropped, the postmaster, and so ``pg_postmaster_start_time()``, kept),
+    with the server answering nothing for ``hold`` seconds first; the killed pid.
+
+    A small server recovers in well under a second, so the outage is made to last: the
+    postmaster and every other child are stopped before the kill, and resumed after
+    ``hold``: the postmaster first, which finds its child killed, sends every other child
+    SIGQUIT and reinitialises; the others are resumed once their SIGQUIT is pending, so
+    none of them serves another statement before it quits.
+    """
+    postmaster, children = server_processes(data_dir)
+    backends = [pid for pid in children if "127.0.0.1(" in _cmdline(pid)]
+    if not backends:
+        raise RuntimeError("no client backend to kill")
+    victim = backends[0]
+    others = [pid for pid in children if pid != victim]
+    _signal_all([postmaster, *others], signal.SIGSTOP)
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(hold)  # the outage itself: the server stays unanswering this long
+    os.kill(postmaster, signal.SIGCONT)
+    deadline = time.monotonic() + 30.0
+    while not all(_quit_pending(pid) for pid in others):
+        if time.monotonic() > deadline:
+            break  # resume them anyway: the postmaster SIGKILLs children that linger
+        time.sleep(0.01)
+    _signal_all(others, signal.SIGCONT)
+    return victim

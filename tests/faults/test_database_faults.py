@@ -1,14 +1,17 @@
-"""PostgreSQL restarted twice mid-run, and down for 15 s (longer than the stall timeout).
+"""PostgreSQL restarted twice mid-run; down for 15 s; a backend SIGKILLed, the server in
+crash recovery (the postmaster kept) for 10 s; every server process SIGSTOPped for 10 s
+(a hung server, or a network partition). Each outage is longer than the stall timeout.
 
-Workers live through both: no step's code may run twice, since no worker died.
+Workers live through all of them: no step's code may run twice, since no worker died.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
+from sqlalchemy import func, select, text
 
 from core.database import get_database
 from tests.faults.checker import (
@@ -22,6 +25,7 @@ from tests.faults.checker import (
 )
 from tests.faults.cluster import SETTINGS
 from tests.faults.conftest import StartCluster
+from tests.faults.inject import hang_server, kill_a_backend_held_in_recovery, resume_server
 from tests.servers import PostgresServer
 
 pytestmark = [pytest.mark.postgresql_only, pytest.mark.timeout(240)]
@@ -30,6 +34,7 @@ CHAINS = 12
 FANS = 4
 STEPS = 10 * (CHAINS + FANS)
 OUTAGE = 15.0
+HOLD = 10.0  # the backend kill's and the hang's outage
 POOL = 4  # pool processes: 2 workers of 2
 FINISH_TIMEOUT = 150.0
 
@@ -125,3 +130,100 @@ def test_outage_longer_than_the_stall_timeout_reruns_nothing(
     finally:
         print(f"\nPostgreSQL down {OUTAGE:.0f}s: {figures.line()}")
     assert not taken, figures.line()
+
+
+def _postmaster_started() -> object:
+    with get_database().engine.connect() as connection:
+        return connection.execute(select(func.pg_postmaster_start_time())).scalar_one()
+
+
+def durable_commits() -> None:
+    """Commits of this test's database survive a crash, as in production: the suite's
+    server runs with ``synchronous_commit=off`` for speed, and a crash would then lose
+    the last acknowledged transactions (a lost write, not the fault under test)."""
+    engine = get_database().engine
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        name = connection.execute(select(func.current_database())).scalar_one()
+        quoted = connection.dialect.identifier_preparer.quote(name)
+        connection.execute(text(f"ALTER DATABASE {quoted} SET synchronous_commit = on"))
+    engine.dispose()  # sessions take the setting when they start
+
+
+def _first_pass_takes_nothing(
+    start_cluster: StartCluster, name: str, fault: Callable[[], object]
+) -> None:
+    """Every pool process holds a step across ``fault`` (an outage of about HOLD seconds
+    that leaves the postmaster as it was); then a reconciler pass the moment the server
+    answers again, as a beat tick may land then. Every heartbeat is older than the stall
+    timeout by then, yet every worker lived: no step may be taken, none may run twice."""
+    assert float(SETTINGS["CONVEYOR_STALL_TIMEOUT"]) < HOLD
+    cluster = start_cluster()
+    ids = cluster.enqueue_workload(CHAINS, FANS)
+    wait_mid_run(ids, STEPS, 0.3)
+    cluster.gate.touch()
+    held = wait_held(ids)
+    done = succeeded_steps(ids)
+    postmaster = _postmaster_started()
+    started = time.monotonic()
+    fault()
+    forget_connections()
+    first_pass = cluster.app.engine.reconcile()
+    taken = first_pass.requeued + first_pass.stalled_failed
+    outage = time.monotonic() - started
+    # The old guard's evidence cannot see this outage: the postmaster never restarted.
+    assert _postmaster_started() == postmaster
+    cluster.gate.unlink()
+    recovered = seconds_to_progress(ids, done, started)
+    seconds = wait_until_final(ids, FINISH_TIMEOUT)
+    figures = Figures(
+        seconds_to_finish=seconds,
+        extra={
+            "outage seconds": round(outage, 1),
+            "stall timeout": float(SETTINGS["CONVEYOR_STALL_TIMEOUT"]),
+            "steps held across it": held,
+            "steps the first pass took as stalled": len(taken),
+            "seconds to progress after it": round(recovered, 1),
+        },
+    )
+    try:
+        check(ids, cluster.run_log, figures=figures)
+    finally:
+        print(f"\n{name}: {figures.line()}")
+    assert not taken, figures.line()
+
+
+def test_backend_killed_crash_recovery_longer_than_the_stall_timeout_reruns_nothing(
+    start_cluster: StartCluster, postgres_server: PostgresServer | None
+) -> None:
+    server = _server(postgres_server)
+    data = server.root / "data"
+    log = server.root / "postgres.log"
+    logged = log.stat().st_size
+    durable_commits()
+
+    _first_pass_takes_nothing(
+        start_cluster,
+        "PostgreSQL backend SIGKILLed, crash recovery",
+        lambda: kill_a_backend_held_in_recovery(data, HOLD),
+    )
+
+    # It was crash recovery: the postmaster reinitialised, it did not restart.
+    with log.open("rb") as lines:
+        lines.seek(logged)
+        recovery = lines.read().decode(errors="replace")
+    assert "terminated by signal 9" in recovery
+    assert "all server processes terminated; reinitializing" in recovery
+
+
+def test_hung_server_longer_than_the_stall_timeout_reruns_nothing(
+    start_cluster: StartCluster, postgres_server: PostgresServer | None
+) -> None:
+    server = _server(postgres_server)
+    data = server.root / "data"
+
+    def hang() -> None:
+        stopped = hang_server(data)
+        time.sleep(HOLD)  # the outage itself: nothing answers this long
+        resume_server(stopped)
+
+    _first_pass_takes_nothing(start_cluster, "PostgreSQL hung (SIGSTOP)", hang)

@@ -86,6 +86,7 @@ def test_sigkill_storm_loses_nothing(start_cluster: StartCluster) -> None:
             "kills of pool children": kills["child"],
             "kills of worker main processes": kills["main"],
             "stall recoveries": transitions(ids, "running", "queued"),
+            "reconciler republishes": transitions(ids, "queued", "queued"),
             "seconds to recover after the last kill": round(time.monotonic() - last_kill, 1),
         },
     )

@@ -1,13 +1,16 @@
 """Random interleavings of the state manager's units of work keep the state invariants.
 
 A hypothesis ``RuleBasedStateMachine`` drives a few executions of small DAGs (a chain
-a -> b -> c and a fan-out a -> b1, b2, b3 -> d) through the units of work the engine
-runs (``core.executions``, ``core.steps``, ``core.reconciler``): admission, claims,
-completions (with in-worker continuation), error retries, failures, cancels,
-execution retries, deadlines, workers dying mid-step (heartbeats moved into the past)
-and reconciler passes. Rules may deliver a message twice, or speak for a worker whose
-attempt was taken back. After every rule the invariants below are checked against
-the rows and the event log, on both backends.
+a -> b -> c with a deadline, a fan-out a -> b1, b2, b3 -> d limited to one running
+execution at a time, and a -> s1, s2 with two sinks) through the units of work the
+engine runs (``core.executions``, ``core.steps``, ``core.reconciler``): admission
+within concurrency limits, claims, completions (with in-worker continuation, and two
+sinks completing at once on PostgreSQL), error retries, failures, cancels, execution
+retries, manual final transitions through the public state manager, deadlines,
+workers dying mid-step (heartbeats moved into the past) and reconciler passes. Rules
+may deliver a message twice, or speak for a worker whose attempt was taken back.
+After every rule the invariants below are checked against the rows and the event
+log, on both backends.
 
 Reproducible: derandomized by default. ``CONVEYOR_HYPOTHESIS_SEED=<n>`` explores
 from seed ``n`` instead, and ``CONVEYOR_HYPOTHESIS_EXAMPLES`` sets the budget.
@@ -20,6 +23,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -37,12 +41,15 @@ from sqlalchemy import Connection, delete, func, select, update
 
 from core import executions, reconciler, steps
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
+from core.errors import InvalidTransition
 from core.executions import StepSpec
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.outcomes import Claim, TransitionResult
 from core.sql import utcnow
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 from tests.conftest import TestDatabase
+from tests.helpers.race import complete_together
+from tests.helpers.state import database_reachable
 
 SE = StepExecution
 WE = WorkflowExecution
@@ -58,6 +65,9 @@ class Dag:
 
     workflow_id: str
     parents: Mapping[str, tuple[str, ...]]
+    # What the workflow's definition declares: its deadline, its max_concurrency.
+    deadline: timedelta | None = None
+    limit: int | None = None
 
     @property
     def steps(self) -> list[str]:
@@ -91,18 +101,21 @@ class Dag:
         return {name: list(ups) for name, ups in self.parents.items()}
 
 
-CHAIN = Dag("sm-chain", {"a": (), "b": ("a",), "c": ("b",)})
+CHAIN = Dag("sm-chain", {"a": (), "b": ("a",), "c": ("b",)}, deadline=timedelta(hours=1))
 FAN = Dag(
     "sm-fan",
     {"a": (), "b1": ("a",), "b2": ("a",), "b3": ("a",), "d": ("b1", "b2", "b3")},
+    limit=1,
 )
+SINKS = Dag("sm-sinks", {"a": (), "s1": ("a",), "s2": ("a",)})
 # (dag, max_attempts) of each execution a run starts with.
-EXECUTION_SPECS: list[tuple[Dag, int]] = [(CHAIN, 2), (FAN, 1), (FAN, 2)]
+EXECUTION_SPECS: list[tuple[Dag, int]] = [(CHAIN, 2), (FAN, 1), (FAN, 2), (SINKS, 1)]
 DAGS = {dag.workflow_id: dag for dag, _ in EXECUTION_SPECS}
 INDEXES = list(range(len(EXECUTION_SPECS)))
 STEP_KEYS = [(i, name) for i, (dag, _) in enumerate(EXECUTION_SPECS) for name in dag.steps]
 WORKERS = ["w1", "w2"]
 OPERATOR_ACTIONS = ["cancel", "retry", "deadline"]
+MANUAL_FINAL = [s.value for s in sorted(EXECUTIONS.final)]
 MESSAGES = ["queued step", "twice", "any step", "every queued step"]
 
 STALL_TIMEOUT = 1.0  # a heartbeat moved an hour back is stalled; live workers beat first
@@ -127,8 +140,17 @@ class Snapshot:
 
 def read_state(conn: Connection, execution_ids: Sequence[str]) -> Snapshot:
     ids = list(execution_ids)
+    # Whether each deadline is still ahead, on the database's clock (as the reconciler).
+    ahead = WE.deadline_at > utcnow()
     execution_rows = conn.execute(
-        select(WE.execution_id, WE.status, WE.attempt).where(WE.execution_id.in_(ids))
+        select(
+            WE.execution_id,
+            WE.workflow_id,
+            WE.status,
+            WE.attempt,
+            WE.deadline_at,
+            ahead.label("deadline_ahead"),
+        ).where(WE.execution_id.in_(ids))
     ).all()
     step_rows = conn.execute(
         select(
@@ -228,6 +250,9 @@ class StateManagerMachine(RuleBasedStateMachine):
         # Each worker process has an id per life: one that died is replaced by a new one.
         self.lives = dict.fromkeys(WORKERS, 1)
         self.max_recoveries = 0
+        # Executions whose deadline the test moved into the past (until a retry sets a
+        # new one): the others' deadlines are ahead of them, or they have none.
+        self.overdue: set[int] = set()
 
     # -- helpers --
 
@@ -256,11 +281,13 @@ class StateManagerMachine(RuleBasedStateMachine):
         """The executions, and how often a step may be taken back from a dead worker."""
         self.max_recoveries = max_recoveries
         self.run(clear_executions)
+        now = datetime.now(UTC)
         batch = [
             executions.new_execution(
                 dag.workflow_id,
                 {"n": i},
                 max_payload_bytes=10_000,
+                deadline_at=None if dag.deadline is None else now + dag.deadline,
                 steps=dag.specs(max_attempts),
             )
             for i, (dag, max_attempts) in enumerate(EXECUTION_SPECS)
@@ -272,19 +299,38 @@ class StateManagerMachine(RuleBasedStateMachine):
 
     @rule(index=st.sampled_from(INDEXES))
     def admit(self, index: int) -> None:
+        """A start message (or an admission after a slot freed up) arrives."""
         dag = self.dag(index)
-        self.run(executions.admit, dag.workflow_id, [self.ids[index]], None)
+        self.run(executions.admit, dag.workflow_id, [self.ids[index]], dag.limit)
 
     @rule(index=st.sampled_from(INDEXES), action=st.sampled_from(OPERATOR_ACTIONS))
     def operator(self, index: int, action: str) -> None:
         """Someone cancels or retries an execution, or its deadline passes."""
         execution_id = self.ids[index]
+        dag = self.dag(index)
         if action == "cancel":
             self.run(executions.cancel_execution, execution_id, "cancelled by the test")
         elif action == "retry":
-            self.run(executions.retry_execution, execution_id, self.dag(index).graph)
+            retried = self.run(executions.retry_execution, execution_id, dag.graph, dag.deadline)
+            if retried.applied:
+                self.overdue.discard(index)  # a new deadline (or none)
         else:
             self.run(pass_deadline, execution_id)
+            self.overdue.add(index)
+
+    @rule(index=st.sampled_from(INDEXES), status=st.sampled_from(MANUAL_FINAL))
+    def manual_final(self, index: int, status: str) -> None:
+        """Someone moves an execution to a final status through the public manager (the
+        seed's ``transition_execution``): its open steps close with it; a success is
+        refused while a step is open."""
+        execution_id = self.ids[index]
+        try:
+            self.manager.transition_execution(execution_id, status, reason="by the test")
+        except InvalidTransition:
+            assert status == ExecutionStatus.SUCCEEDED.value, status
+            assert self.manager.get_execution(execution_id).status == "running"
+            still_open = {s.status for s in self.manager.get_steps(execution_id)} & OPEN_STEP
+            assert still_open, "a success refused with no step open"
 
     # -- workers --
 
@@ -356,6 +402,42 @@ class StateManagerMachine(RuleBasedStateMachine):
     def complete(self, data: st.DataObject) -> None:
         """A worker reports success (possibly again, possibly for an attempt taken back)."""
         self._complete(self._token(data), continues=False)
+
+    @rule(index=st.sampled_from([i for i in INDEXES if len(EXECUTION_SPECS[i][0].sinks) > 1]))
+    def sinks_complete_together(self, index: int) -> None:
+        """Two workers hold the two sinks of an execution (starting it and running its
+        queued upstream steps first, and claiming sinks still queued) and complete them
+        at the same moment: on PostgreSQL both transactions make their step's update
+        before either checks for the end (two connections, a barrier); SQLite's writers
+        are serial, so there they complete one after the other."""
+        dag = self.dag(index)
+        first, second = dag.sinks[:2]
+        self.admit(index)  # its start message, if it has not started
+        for step in dag.steps:
+            if step not in dag.sinks and (index, step) in self.queued_steps():
+                token = self._claim(index, step, WORKERS[0])
+                if token is not None:
+                    self._complete(token, continues=False)
+        held = {t.step: t for t in self.tokens if t.index == index and self.holds(t)}
+        queued = self.queued_steps()
+        for step, worker in [(first, WORKERS[0]), (second, WORKERS[1])]:
+            if step not in held and (index, step) in queued:
+                token = self._claim(index, step, worker)
+                if token is not None:
+                    held[step] = token
+        if first not in held or second not in held:
+            return
+        claims = [held[first].claim, held[second].claim]
+        outputs = [{"step": c.step_name, "attempt": c.attempt} for c in claims]
+        engine = self.manager.database.engine
+        if engine.dialect.name == "postgresql":
+            completions = complete_together(engine, claims, dag, outputs)
+        else:
+            completions = [
+                self.run(steps.complete, c, out, json.dumps(out), dag, None)
+                for c, out in zip(claims, outputs, strict=True)
+            ]
+        assert all(c.transition.applied for c in completions), completions
 
     def _complete(self, token: Token, continues: bool) -> Token | None:
         """Record the token's success; the token of the step it continued with, if any."""
@@ -430,6 +512,9 @@ class StateManagerMachine(RuleBasedStateMachine):
         # Live workers beat every few seconds: only the steps of dead ones are stalled.
         for worker in WORKERS:
             self.manager.heartbeat(self.worker_id(worker))
+        # The database has been reachable all along: stalls are judged on that evidence.
+        self.run(database_reachable, STALL_TIMEOUT)
+        before = self.run(read_state, self.ids).executions
         report = self.run(
             reconciler.reconcile_pass,
             stall_timeout=STALL_TIMEOUT,
@@ -441,8 +526,12 @@ class StateManagerMachine(RuleBasedStateMachine):
             max_recoveries=self.max_recoveries,
             dag_of=lambda workflow, _version: DAGS.get(workflow),
         )
+        # Nothing of an execution that had finished is ever sent again.
+        finished = {eid for eid, row in before.items() if row.status in FINAL_EXECUTION}
+        stray = [key for key in report.republish if key[0] in finished]
+        assert not stray, f"republished steps of finished executions: {stray}"
         for found in report.start:  # (execution, workflow, ...) of unstarted executions
-            self.run(executions.admit, found[1], [found[0]], None)
+            self.run(executions.admit, found[1], [found[0]], DAGS[found[1]].limit)
 
     # -- invariants --
 
@@ -454,6 +543,14 @@ class StateManagerMachine(RuleBasedStateMachine):
         check_event_log(snapshot)
         for index, execution_id in enumerate(self.ids):
             check_execution(self.dag(index), execution_id, snapshot)
+        check_limits(snapshot)
+        for index, execution_id in enumerate(self.ids):
+            row = snapshot.executions[execution_id]
+            if index not in self.overdue and row.status not in FINAL_EXECUTION:
+                # Set at creation, or by the latest retry: never one already passed.
+                where = f"execution {execution_id} ({row.status}, deadline {row.deadline_at})"
+                assert row.deadline_at is None or row.deadline_ahead, f"{where}: overdue"
+                assert (row.deadline_at is None) == (self.dag(index).deadline is None), where
 
 
 def check_event_log(snapshot: Snapshot) -> None:
@@ -511,6 +608,18 @@ def check_event_log(snapshot: Snapshot) -> None:
         assert succeeded <= 1, f"step {key} succeeded {succeeded} times"
 
 
+def check_limits(snapshot: Snapshot) -> None:
+    """No workflow runs more executions at once than its max_concurrency allows."""
+    running = Counter(
+        row.workflow_id
+        for row in snapshot.executions.values()
+        if row.status == ExecutionStatus.RUNNING.value
+    )
+    for workflow, count in running.items():
+        limit = DAGS[workflow].limit
+        assert limit is None or count <= limit, f"{count} of {workflow} running, limit {limit}"
+
+
 def check_execution(dag: Dag, execution_id: str, snapshot: Snapshot) -> None:
     """The rows of one execution agree with its DAG and its status."""
     status = snapshot.executions[execution_id].status
@@ -528,7 +637,9 @@ def check_execution(dag: Dag, execution_id: str, snapshot: Snapshot) -> None:
         if row.status == StepStatus.SUCCEEDED.value:
             assert row.output_data == {"step": name, "attempt": row.attempt}, f"{where}: {row}"
     if status == ExecutionStatus.PENDING.value:
-        assert set(statuses) == {StepStatus.PENDING.value}, f"{where}: steps moved before start"
+        # Before its (next) start: only a retry's kept successes have moved.
+        moved = set(statuses) - {StepStatus.PENDING.value, StepStatus.SUCCEEDED.value}
+        assert not moved, f"{where}: steps moved before start"
     if status in FINAL_EXECUTION:
         assert not set(statuses) & OPEN_STEP, f"{where}: finished with open steps"
     if status == ExecutionStatus.SUCCEEDED.value:

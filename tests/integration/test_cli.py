@@ -268,6 +268,11 @@ def test_migrate_creates_the_tables_on_an_empty_database(backend: str, empty_dat
             1,
             "1 to 255",
         ),
+        (
+            ["run", "linear", "--input", '{"start": 1}', "--idempotency-key", "schedule:linear"],
+            1,
+            "begins with 'schedule:', a prefix reserved to the keys of schedules' ticks",
+        ),
         (["run", "linear", "--input", "@/nonexistent/input.json"], 2, "cannot read --input file"),
     ],
     ids=[
@@ -277,6 +282,7 @@ def test_migrate_creates_the_tables_on_an_empty_database(backend: str, empty_dat
         "nan",
         "oversize",
         "long-key",
+        "schedule-key",
         "missing-file",
     ],
 )
@@ -558,14 +564,14 @@ def test_cancel_then_retry_moves_the_execution_and_its_steps(state: CliState) ->
     retried = invoke(state, "retry", execution_id)
     assert retried.exit_code == 0, retried.output
     assert retried.stdout == f"Retrying {execution_id} (attempt 2).\n"
+    # Back to pending, its steps too: its start message admits it like a new one.
     row = execution_row(execution_id)
-    assert (row["status"], row["attempt"]) == ("running", 2)
-    assert step_row(execution_id, "double")["status"] == "queued"
-    assert step_row(execution_id, "describe")["status"] == "pending"
+    assert (row["status"], row["attempt"]) == ("pending", 2)
+    assert {step_row(execution_id, name)["status"] for name in linear.steps} == {"pending"}
 
     refused = invoke(state, "retry", execution_id)
     assert refused.exit_code == 1
-    assert "is running: only failed, cancelled or timed-out executions" in refused.stderr
+    assert "is pending: only failed, cancelled or timed-out executions" in refused.stderr
 
 
 def test_cancel_refuses_a_finished_execution(state: CliState) -> None:

@@ -19,7 +19,7 @@ from core.executions import StepSpec
 from core.models import ExecutionEvent, StepExecution, User, WorkflowExecution
 from core.states import ExecutionStatus
 from tests.conftest import TestDatabase
-from tests.helpers.state import count, events, execution_row, insert_execution
+from tests.helpers.state import count, events, execution_row, insert_execution, step_row
 
 
 @pytest.mark.asyncio
@@ -88,15 +88,17 @@ def test_transition_applies_once_then_reports_not_applied(database: TestDatabase
     again = manager.transition_execution(execution_id, "running")
     assert not again.applied
     assert again.current_status == "running"
-    done = manager.transition_execution(execution_id, "succeeded", expected="running")
+    # Its step never ran: it can fail (which closes the step), not succeed.
+    done = manager.transition_execution(execution_id, "failed", expected="running")
     assert done.applied
     row = execution_row(execution_id)
-    assert row["status"] == "succeeded"
+    assert row["status"] == "failed"
     assert row["previous_status"] == "running"
     assert row["finished_at"] >= row["started_at"]
     assert events(execution_id)[1:] == [
         (None, "pending", "running"),
-        (None, "running", "succeeded"),
+        (None, "running", "failed"),
+        ("only", "pending", "cancelled"),
     ]
 
 
@@ -107,10 +109,15 @@ def test_explicit_retry_leaves_a_final_status(database: TestDatabase) -> None:
     with pytest.raises(InvalidTransition, match="failed -> running is not allowed"):
         manager.transition_execution(execution_id, "running", expected="failed")
     assert not manager.transition_execution(execution_id, "running").applied
-    retried = manager.transition_execution(execution_id, "running", retry=True, reason="retry")
+    # A retry goes back to pending, to be admitted like a start: never straight to running.
+    with pytest.raises(InvalidTransition, match="a retry goes back to pending"):
+        manager.transition_execution(execution_id, "running", retry=True)
+    retried = manager.transition_execution(execution_id, "pending", retry=True, reason="retry")
     assert retried.applied
     assert retried.attempt == 2
-    assert execution_row(execution_id)["finished_at"] is None
+    row = execution_row(execution_id)
+    assert (row["status"], row["finished_at"]) == ("pending", None)
+    assert step_row(execution_id, "only")["status"] == "pending"
 
 
 def test_unknown_ids_and_bad_statuses_are_typed_errors(database: TestDatabase) -> None:

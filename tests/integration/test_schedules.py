@@ -18,11 +18,14 @@ from typer.testing import CliRunner, Result
 
 from cli.main import CliState
 from cli.main import app as cli
-from core import schedule_state, schedules
+from core import accounts, schedule_state, schedules
 from core.config import Settings
 from core.database import get_db_session
-from core.execution_state_manager import SyncExecutionStateManager
+from core.errors import ReservedIdempotencyKey
+from core.execution_state_manager import ExecutionStateManager, SyncExecutionStateManager
+from core.executions import NewExecution, create_execution
 from core.models import WorkflowExecution, WorkflowSchedule
+from core.outcomes import CreatedExecution
 from core.registry import WorkflowRegistry
 from core.schedule_state import ScheduleState
 from core.schedules import Schedule
@@ -30,6 +33,7 @@ from core.workflows import StepContext, Workflow
 from tests.conftest import TestDatabase
 from worker import schedules as worker_schedules
 from worker.app import ConveyorCelery, create_app
+from worker.producer import enqueue, enqueue_many
 from worker.schedules import Fired, fire_schedules
 
 T0 = datetime(2026, 11, 25, 10, 0, 30, tzinfo=UTC)
@@ -345,3 +349,93 @@ def test_cli_says_when_no_workflow_has_a_schedule(database: TestDatabase) -> Non
     listed = invoke(app, "schedules")
     assert listed.exit_code == 0
     assert "No schedules" in listed.stdout
+
+
+# --- ticks' keys belong to schedules ---------------------------------------------------
+
+
+def plant(tick_key_: str, input_data: Any, triggered_by: str | None) -> str:
+    """An execution of ``report`` holding a tick's key in the producers' scope, written
+    as rows from before keys were scoped and ``schedule:`` reserved could be (directly,
+    past the producers' checks). Its id."""
+    new = NewExecution("report", input_data, idempotency_key=tick_key_, triggered_by=triggered_by)
+    created: CreatedExecution = in_transaction(lambda c: create_execution(c, new))
+    return created.execution_id
+
+
+def test_a_tick_whose_key_a_users_execution_holds_still_runs_once(
+    app: ConveyorCelery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fire_schedules(app, now=T0)
+    tick = datetime(2026, 11, 25, 10, 5, tzinfo=UTC)
+    with get_db_session(commit=True) as db:
+        mallory = accounts.create_user(db, "mallory@example.com").id
+    # The member's execution, with the tick's own input: before this change the pass
+    # took it for the tick, advanced the row and never ran the tick.
+    planted = plant(key(tick), {"scope": "recent"}, mallory)
+
+    class BeatKilled(BaseException):
+        """The process running the pass died between the enqueue and the advance."""
+
+    def die(*_: Any, **__: Any) -> bool:
+        raise BeatKilled
+
+    monkeypatch.setattr(schedule_state, "advance", die)
+    with pytest.raises(BeatKilled):
+        fire_schedules(app, now=tick + timedelta(seconds=1))
+    monkeypatch.undo()
+    [fired] = fire_schedules(app, now=tick + timedelta(seconds=2))
+    assert (fired.tick, fired.advanced) == (tick, True)
+    assert fired.execution_id != planted
+    assert row().last_execution_id == fired.execution_id
+    # Both passes enqueued under the same key derived from the holder: one execution.
+    assert executions() == [
+        (key(tick), {"scope": "recent"}),
+        (f"{key(tick)}#{planted}", {"scope": "recent"}),
+    ]
+    ran = SyncExecutionStateManager().get_execution(fired.execution_id)
+    assert (ran.workflow_id, ran.triggered_by, ran.idempotency_scope) == ("report", None, "")
+
+
+def test_a_tick_whose_key_another_workflows_execution_holds_still_runs(
+    app: ConveyorCelery,
+) -> None:
+    fire_schedules(app, now=T0)
+    tick = datetime(2026, 11, 25, 10, 5, tzinfo=UTC)
+    other = NewExecution("ingest", {"scope": "recent"}, idempotency_key=key(tick))
+    planted: CreatedExecution = in_transaction(lambda c: create_execution(c, other))
+    [fired] = fire_schedules(app, now=tick + timedelta(seconds=1))
+    assert fired.execution_id != planted.execution_id
+    assert SyncExecutionStateManager().get_execution(fired.execution_id).workflow_id == "report"
+
+
+def test_a_tick_fired_before_with_an_earlier_deploys_input_counts_as_fired(
+    app: ConveyorCelery,
+) -> None:
+    fire_schedules(app, now=T0)
+    tick = datetime(2026, 11, 25, 10, 5, tzinfo=UTC)
+    earlier = plant(key(tick), {"scope": "older"}, None)
+    [fired] = fire_schedules(app, now=tick + timedelta(seconds=1))
+    assert (fired.execution_id, fired.advanced) == (earlier, True)
+    assert row().last_execution_id == earlier
+    assert executions() == [(key(tick), {"scope": "older"})]
+
+
+@pytest.mark.asyncio
+async def test_every_producer_but_the_schedules_refuses_a_schedule_key(
+    app: ConveyorCelery,
+) -> None:
+    tick_key_ = key(datetime(2026, 11, 25, 10, 5, tzinfo=UTC))
+    reserved = r"begins with 'schedule:', a prefix reserved to the keys of schedules' ticks"
+    with pytest.raises(ReservedIdempotencyKey, match=reserved) as refused:
+        enqueue("report", {"scope": "recent"}, idempotency_key=tick_key_, app=app)
+    assert refused.value.errors == [{"field": "idempotency_key", "message": str(refused.value)}]
+    with pytest.raises(ReservedIdempotencyKey, match=reserved):
+        enqueue_many("report", [{"scope": "a"}], idempotency_keys=["schedule:x"], app=app)
+    with pytest.raises(ReservedIdempotencyKey, match=reserved):
+        SyncExecutionStateManager().create_execution("report", {}, idempotency_key=tick_key_)
+    with pytest.raises(ReservedIdempotencyKey, match=reserved):
+        await ExecutionStateManager().create_execution("report", {}, idempotency_key=tick_key_)
+    with pytest.raises(ReservedIdempotencyKey, match=reserved), get_db_session(commit=True) as db:
+        db.add(WorkflowExecution(workflow_id="report", input_data={}, idempotency_key=tick_key_))
+    assert executions() == []

@@ -18,12 +18,12 @@ from core.executions import StepSpec
 from core.outcomes import StepCompletion
 from tests.conftest import TestDatabase
 from tests.helpers.state import (
+    database_reachable_for,
     events,
     execution_row,
     force_step_status,
     insert_execution,
     step_row,
-    wait_until_database_up_for,
 )
 
 DIAMOND = [
@@ -214,7 +214,7 @@ def test_stalled_steps_are_requeued_until_their_crash_recoveries_are_spent(
 ) -> None:
     # Crash recoveries are counted apart from error retries: a step allowed one attempt
     # is still run again after its worker died, until CONVEYOR_MAX_CRASH_RECOVERIES (3).
-    wait_until_database_up_for(5)
+    database_reachable_for(5)
     manager = SyncEnhancedExecutionStateManager()
     execution_id = insert_execution(
         "w", {}, steps=[StepSpec("recoverable"), StepSpec("spent"), StepSpec("fresh")]

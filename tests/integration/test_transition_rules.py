@@ -62,7 +62,12 @@ def test_one_winner_among_processes(database: TestDatabase) -> None:
             )
     assert outcomes.count(True) == 1
     assert execution_row(execution_id)["status"] == "cancelled"
-    assert events(execution_id) == [(None, None, "pending"), (None, "pending", "cancelled")]
+    # The winner closed the execution's step with it, once.
+    assert events(execution_id) == [
+        (None, None, "pending"),
+        (None, "pending", "cancelled"),
+        ("only", "pending", "cancelled"),
+    ]
 
 
 ILLEGAL_EXECUTION_EDGES = [

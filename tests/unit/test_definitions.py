@@ -6,11 +6,14 @@ import datetime as dt
 from typing import Any
 
 import pytest
+from hypothesis import event, given, settings
 from pydantic import BaseModel
 
 from core.errors import DefinitionError, InputValidationError, WorkflowNotFound
+from core.executions import step_specs
 from core.registry import WorkflowRegistry
-from core.workflows import Retry, StepContext, Workflow
+from core.workflows import Retry, Step, StepContext, Workflow
+from tests.helpers.dags import DagSpec, dag_specs
 
 
 def _noop(ctx: StepContext) -> None:
@@ -134,3 +137,72 @@ def test_retry_backoff_doubles_and_is_capped() -> None:
     assert all(0 <= jittered.delay(3) <= 4.0 for _ in range(100))
     with pytest.raises(DefinitionError, match="max_attempts must be at least 1"):
         Retry(max_attempts=0)
+
+
+def test_a_dependency_named_twice_is_refused_naming_the_step_and_the_name() -> None:
+    # Accepted before, every execution hung: the step waited for two upstream
+    # completions and its one upstream step completes once.
+    flow = Workflow("twice")
+    flow.step("up")(_noop)
+    with pytest.raises(
+        DefinitionError, match=r"workflow 'twice', step 'down': depends on up more than once"
+    ):
+
+        @flow.step(depends_on=["up", "up"])
+        def down(ctx: StepContext, up: Any) -> None: ...
+
+    assert "down" not in flow.steps
+
+
+def test_self_and_unknown_dependencies_and_a_bare_string_are_refused() -> None:
+    flow = Workflow("odd")
+    flow.step("up")(_noop)
+    with pytest.raises(DefinitionError, match=r"step 'me': a step cannot depend on itself"):
+
+        @flow.step(depends_on=["me"])
+        def me(ctx: StepContext, me: Any) -> None: ...
+
+    # A string is an iterable of one-letter names: "up" would mean steps u and p.
+    with pytest.raises(DefinitionError, match=r"step 'down': depends_on takes a list of step"):
+
+        @flow.step(depends_on="up")
+        def down(ctx: StepContext, up: Any) -> None: ...
+
+    with pytest.raises(DefinitionError, match=r"step 'num': depends_on holds 3, not a step name"):
+        flow.add_step(Step(name="num", fn=_noop, depends_on=(3,)))  # type: ignore[arg-type]
+
+    @flow.step(depends_on=["ghost"])
+    def haunted(ctx: StepContext, ghost: Any) -> None: ...
+
+    with pytest.raises(DefinitionError, match=r"step 'haunted': depends on unknown step.* ghost"):
+        WorkflowRegistry([flow])
+
+
+def refused_at(spec: DagSpec) -> tuple[str | None, str, Workflow | None]:
+    """Where conveyor refuses ``spec`` ('declaration', 'registration' or None), its
+    message, and the workflow when it is accepted."""
+    try:
+        workflow = spec.build("unit")
+    except DefinitionError as error:
+        return "declaration", str(error), None
+    try:
+        WorkflowRegistry([workflow])
+    except DefinitionError as error:
+        return "registration", str(error), None
+    return None, "", workflow
+
+
+@settings(max_examples=500, deadline=None)
+@given(dag_specs())
+def test_random_definitions_are_refused_exactly_where_a_reference_check_refuses_them(
+    spec: DagSpec,
+) -> None:
+    expected = spec.refusal()
+    event(f"refused at {expected}" if expected else "accepted")
+    where, message, workflow = refused_at(spec)
+    assert where == expected, f"{spec}: refused at {where} ({message}); expected {expected}"
+    if workflow is not None:
+        # Each step waits for as many completions as it has distinct upstream steps.
+        assert {s.name: s.unmet_deps for s in step_specs(workflow)} == {
+            name: len(set(deps)) for name, deps in spec.deps.items()
+        }

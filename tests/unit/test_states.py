@@ -25,7 +25,9 @@ def test_final_statuses_have_no_forward_edges() -> None:
 
 def test_sources_follow_the_table() -> None:
     assert EXECUTIONS.sources_of(ExecutionStatus.RUNNING) == {ExecutionStatus.PENDING}
-    assert EXECUTIONS.sources_of(ExecutionStatus.RUNNING, retry=True) == {
+    # A retry goes back to pending, to be admitted like a start.
+    assert EXECUTIONS.sources_of(ExecutionStatus.RUNNING, retry=True) == frozenset()
+    assert EXECUTIONS.sources_of(ExecutionStatus.PENDING, retry=True) == {
         ExecutionStatus.FAILED,
         ExecutionStatus.CANCELLED,
         ExecutionStatus.TIMED_OUT,
