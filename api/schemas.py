@@ -215,6 +215,9 @@ class StepOut(BaseModel):
     name: str
     status: str
     attempt: int
+    # The try of its Retry policy (1..max_attempts); ``attempt`` counts on across crash
+    # recoveries and execution retries.
+    policy_attempt: int
     max_attempts: int
     recoveries: int
     output: Any
@@ -234,6 +237,7 @@ class StepOut(BaseModel):
             name=step.step_name,
             status=step.status,
             attempt=step.attempt,
+            policy_attempt=step.policy_attempt,
             max_attempts=step.max_attempts,
             recoveries=step.crash_recoveries,
             output=step.output_data,

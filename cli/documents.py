@@ -62,6 +62,7 @@ def step(row: StepExecution, depends_on: Sequence[str] | None) -> Document:
         "status": row.status,
         "depends_on": list(depends_on) if depends_on is not None else None,
         "attempt": row.attempt,
+        "policy_attempt": row.policy_attempt,
         "max_attempts": row.max_attempts,
         "recoveries": row.crash_recoveries,
         "output": row.output_data,

@@ -174,7 +174,7 @@ def steps_table(steps: Sequence[StepExecution], order: Sequence[str] = ()) -> Ta
         table.add_row(
             step.step_name,
             status_text(step.status),
-            f"{step.attempt}/{step.max_attempts}",
+            f"{step.policy_attempt}/{step.max_attempts}",
             elapsed(step.started_at, step.finished_at),
             Text(error_type(step.error), style="red"),
         )

@@ -342,6 +342,12 @@ class StepExecution(Timestamped, Base):
         """Times this run of the step was taken back from a worker that died."""
         return self.recoveries - self.attempt_base
 
+    @property
+    def policy_attempt(self) -> int:
+        """The try of its ``Retry`` policy this step is on (1 to ``max_attempts``): what a
+        reader compares with ``max_attempts``, whereas ``attempt`` counts every attempt."""
+        return self.attempt - self.recoveries
+
     __table_args__ = (
         # The reconciler's stalled-step scan: running steps by heartbeat age.
         Index(

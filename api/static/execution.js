@@ -39,7 +39,7 @@
     return execution.steps.map((s) => el("tr", { "data-step": s.name, class: s.name === openStep ? "selected" : null },
       el("td", {}, el("button", { type: "button", class: "link step-link", text: s.name, onclick: () => showStep(s.name) })),
       el("td", {}, status(s.status)),
-      el("td", { class: "num", text: `${s.attempt}/${s.max_attempts}` + (s.recoveries ? ` (+${s.recoveries} recovered)` : "") }),
+      el("td", { class: "num", text: `${s.policy_attempt}/${s.max_attempts}` + (s.recoveries ? ` (+${s.recoveries} recovered)` : "") }),
       el("td", { class: "num", text: duration(s.queued_at && (s.started_at || s.status === "queued") ? seconds(s.queued_at, s.started_at) : null) }),
       el("td", { class: "num", text: duration(seconds(s.started_at, s.finished_at || (s.status === "running" ? null : s.started_at))) }),
       el("td", { class: "mono small", text: s.worker || "–" }),
@@ -95,7 +95,7 @@
     detail.hidden = false;
     detail.querySelector('[data-detail="name"]').textContent = name;
     const facts = [
-      ["Status", status(step.status)], ["Attempt", `${step.attempt} of ${step.max_attempts}`],
+      ["Status", status(step.status)], ["Attempt", `${step.policy_attempt} of ${step.max_attempts}`],
       ["Crash recoveries", step.recoveries], ["Worker", step.worker || "–"],
       ["Celery task", step.celery_task_id || "–"], ["Queued", when(step.queued_at)],
       ["Started", when(step.started_at)], ["Finished", when(step.finished_at)],

@@ -16,9 +16,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
+from cli import documents
 from core import reconciler, steps
 from core.database import get_db_session
-from core.models import WorkflowExecution
+from core.models import StepExecution, WorkflowExecution
 from core.registry import WorkflowRegistry, configure_registry
 from core.workflows import Retry, StepContext, Workflow
 from tests.conftest import TestDatabase
@@ -162,6 +163,13 @@ def test_a_retried_step_gets_its_whole_retry_policy_again(app: ConveyorCelery) -
     # Attempts count on across runs (a late message from attempt 3 cannot touch attempt
     # 6): the second run's attempts are 4, 5 and 6.
     assert step_row(execution_id, "three_tries")["attempt"] == 6
+    # What the CLI, the API and the dashboard show against max_attempts is the try of
+    # this run's policy, not the attempt counted across runs ("3/3", never "6/3").
+    with get_db_session() as session:
+        step = session.get(StepExecution, (execution_id, "three_tries"))
+        assert step is not None
+        assert (step.policy_attempt, step.max_attempts) == (3, 3)
+        assert documents.step(step, None)["policy_attempt"] == 3
 
 
 def test_a_retried_step_gets_its_crash_recoveries_again(app: ConveyorCelery) -> None:
