@@ -240,6 +240,14 @@ class WorkflowExecution(Timestamped, Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     deadline_at: Mapped[datetime | None]
+    # The reconciler's re-sends of this pending execution's start message: when it last
+    # sent one and how many it sent since the execution (last) became pending, so an
+    # execution waiting behind a deep backlog or a concurrency limit is not re-sent a
+    # start every period.
+    start_resent_at: Mapped[datetime | None]
+    starts_resent: Mapped[int] = mapped_column(
+        Integer, default=0, server_default=text("0"), nullable=False
+    )
 
     steps: Mapped[list[StepExecution]] = relationship(
         back_populates="execution", cascade="all, delete-orphan", order_by="StepExecution.step_name"

@@ -141,6 +141,10 @@ class ReconcileReport:
     finished: list[str] = field(default_factory=list)
     # Workflows with an execution that ended in this pass: a concurrency slot is free.
     freed: list[str] = field(default_factory=list)
+    # Workflows with an execution pending longer than the start delay: if a concurrency
+    # limit holds it, a slot may have freed unseen (the finishing process died before
+    # admitting). Not what the pass did: left out of the report's text and equality.
+    waiting: list[str] = field(default_factory=list, repr=False, compare=False)
     # The workflow of each execution named above, and the final status of each one
     # this pass ended (finished or timed out): what metrics are labelled with.
     workflows: dict[str, str] = field(default_factory=dict)
@@ -148,3 +152,5 @@ class ReconcileReport:
     # For each step in ``republish``: the parameters that make it due again at the next
     # pass should its message fail to publish (``reconciler.restore_unsent``).
     unsent: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict, repr=False)
+    # The same for each execution in ``start`` (``reconciler.restore_unsent_starts``).
+    unsent_starts: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)

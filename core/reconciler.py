@@ -122,6 +122,15 @@ def restore_unsent(conn: Connection, undo: Sequence[Mapping[str, Any]]) -> int:
     return conn.execute(sql.restore_unsent(), list(undo)).rowcount
 
 
+def restore_unsent_starts(conn: Connection, undo: Sequence[Mapping[str, Any]]) -> int:
+    """Make pending executions whose start message failed to publish due at the next
+    pass (the rows of ``ReconcileReport.unsent_starts``); how many were still as the pass
+    left them."""
+    if not undo:
+        return 0
+    return conn.execute(sql.restore_unsent_starts(), list(undo)).rowcount
+
+
 def reconcile_pass(
     conn: Connection,
     *,
@@ -187,7 +196,18 @@ def reconcile_pass(
             "prev_next": None,
             "due_now": True,
         }
-    start_rows = conn.execute(sql.resend_stale_starts(start_after, limit)).all()
+    due_starts = {r.execution_id: r for r in conn.execute(sql.due_starts(start_after, limit))}
+    start_rows = conn.execute(sql.resend_starts(list(due_starts))).all() if due_starts else []
+    # What each start sent by this pass returns to if its publish fails.
+    unsent_starts = {
+        row.execution_id: {
+            "eid": row.execution_id,
+            "sent_count": row.starts_resent,
+            "prev_at": due_starts[row.execution_id].start_resent_at,
+            "prev_count": due_starts[row.execution_id].starts_resent,
+        }
+        for row in start_rows
+    }
     overdue = list(conn.execute(sql.overdue_executions(limit)).scalars().all())
     timed_out = time_out(conn, overdue)
     finishable = set(conn.execute(sql.finishable_executions(limit)).scalars().all())
@@ -216,4 +236,6 @@ def reconcile_pass(
         workflows={eid: route.workflow for eid, route in named.items()},
         ended=ended,
         unsent=unsent,
+        unsent_starts=unsent_starts,
+        waiting=list(conn.execute(sql.waiting_workflows(start_after, limit)).scalars()),
     )

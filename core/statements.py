@@ -169,9 +169,16 @@ def page_executions(
     return query
 
 
+# An execution pending anew (a retry) has had no start re-sent yet: the reconciler's
+# start backoff starts again from the time it became pending (its updated_at).
+FRESH_PENDING: Mapping[str, Any] = {"start_resent_at": None, "starts_resent": 0}
+
+
 def _status_timestamps_execution(target: ExecutionStatus, retry: bool) -> dict[str, Any]:
     now = utcnow()
     values: dict[str, Any] = {}
+    if target is ExecutionStatus.PENDING:
+        values.update(FRESH_PENDING)
     if target is ExecutionStatus.RUNNING:
         values["started_at"] = func.coalesce(WE.started_at, now)
         values["finished_at"] = None
@@ -646,24 +653,88 @@ def restore_unsent() -> Update:
     )
 
 
-def resend_stale_starts(older_than: float, limit: int) -> Update:
-    """Pending executions untouched for ``older_than`` seconds (their start message may be
-    lost, or still queued behind other work): mark them touched now and return them, so
-    that each gets one start message again per ``older_than``, oldest first."""
-    stale = (
-        select(WE.execution_id)
-        .where(WE.status == ExecutionStatus.PENDING.value, WE.updated_at < utcnow(-older_than))
+# The start re-send delay doubles as the republish delay does (REPUBLISH_BACKOFF_MAX): an
+# execution pending behind a deep backlog or a concurrency limit (its start message is
+# in the broker, or was taken and left it waiting) gets a handful of duplicate starts,
+# not one every period; a start the broker truly lost is still re-sent within
+# 8 x start_after (4 min at the defaults).
+START_BACKOFF_MAX = 8
+_START_BACKOFF = case(
+    *((WE.starts_resent == n, 2**n) for n in range(START_BACKOFF_MAX.bit_length() - 1)),
+    else_=START_BACKOFF_MAX,
+)
+
+
+def due_starts(older_than: float, limit: int) -> Select[str, str, int, datetime | None, int]:
+    """Pending executions whose last start message is older than ``older_than *
+    2**starts_resent`` seconds (capped; the message may be lost, or still queued behind
+    other work), highest priority and oldest first; with what a failed publish restores
+    (see restore_unsent_starts).
+
+    The last start message is the latest re-send (``start_resent_at``), else the one
+    sent when the execution became pending (its ``updated_at``: created or retried).
+    """
+    last_sent = func.coalesce(WE.start_resent_at, WE.updated_at)
+    return (
+        select(WE.execution_id, WE.workflow_id, WE.priority, WE.start_resent_at, WE.starts_resent)
+        .where(
+            WE.status == ExecutionStatus.PENDING.value,
+            last_sent < utcnow(-older_than * _START_BACKOFF),
+        )
         .order_by(WE.priority.desc(), WE.created_at, WE.execution_id)
         .limit(limit)
         .with_for_update(skip_locked=True)
-        .scalar_subquery()
     )
+
+
+def resend_starts(execution_ids: Sequence[str]) -> Update:
+    """Count a start re-send on pending executions about to get their start message
+    again. ``updated_at`` is left as it was: it keeps saying when the execution last
+    changed, and a restored re-send is due from it again (restore_unsent_starts)."""
     return (
         update(WE)
-        .where(WE.execution_id.in_(stale), WE.status == ExecutionStatus.PENDING.value)
-        .values(updated_at=utcnow())
-        .returning(WE.execution_id, WE.workflow_id, WE.priority)
+        .where(WE.execution_id.in_(list(execution_ids)), WE.status == ExecutionStatus.PENDING.value)
+        .values(
+            start_resent_at=utcnow(), starts_resent=WE.starts_resent + 1, updated_at=WE.updated_at
+        )
+        .returning(WE.execution_id, WE.workflow_id, WE.priority, WE.starts_resent)
         .execution_options(**_BULK)
+    )
+
+
+def waiting_workflows(older_than: float, limit: int) -> Select[str]:
+    """Workflows with an execution pending for more than ``older_than`` seconds."""
+    return (
+        select(WE.workflow_id)
+        .where(WE.status == ExecutionStatus.PENDING.value, WE.updated_at < utcnow(-older_than))
+        .distinct()
+        .order_by(WE.workflow_id)
+        .limit(limit)
+    )
+
+
+def restore_unsent_starts() -> Update:
+    """Undo, for one execution per parameter set (executemany), a start re-send that was
+    committed but whose publish failed: it is due again at the next pass, not after a
+    backoff, since no message was sent.
+
+    Parameters: ``eid``, ``sent_count`` (``starts_resent`` as the pass left it: the guard
+    that nothing moved the execution since), ``prev_at`` and ``prev_count`` (as they were
+    before). Zero rows for an execution admitted, retried or sent again meanwhile.
+    """
+    table = cast(Table, WE.__table__)
+    return (
+        update(table)
+        .where(
+            table.c.execution_id == bindparam("eid"),
+            table.c.status == ExecutionStatus.PENDING.value,
+            table.c.starts_resent == bindparam("sent_count"),
+        )
+        .values(
+            start_resent_at=bindparam("prev_at", type_=table.c.start_resent_at.type),
+            starts_resent=bindparam("prev_count"),
+            updated_at=table.c.updated_at,
+        )
     )
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -59,9 +59,45 @@ MESSAGE_LIMIT = 4_000
 PATIENT = RetryPolicy(attempts=40, initial_wait=0.1, max_wait=5.0)
 
 StepKey = tuple[str, str]
+# A start message's (execution_id, workflow, priority).
+Start = tuple[str, str, int]
+T = TypeVar("T")
 # Failed publishes in a row after which a reconciler pass takes the broker to be down
 # and leaves the rest of its messages for the next pass.
 BROKER_DOWN_AFTER = 3
+
+
+def _send_each(
+    items: Sequence[T], send: Callable[[T], None], describe: Callable[[T], str], kind: str
+) -> list[T]:
+    """Send each item's message on its own (``send``): one that fails (logged, naming
+    it with ``describe``) does not keep the others from being sent. The items whose
+    message was not sent.
+
+    After a few failures in a row the broker is taken to be down, and the rest are not
+    tried: each attempt would wait out the publish retries, holding the pass (and its
+    pool process) for minutes on a large batch.
+    """
+    failed: list[T] = []
+    in_a_row = 0
+    for index, item in enumerate(items):
+        if in_a_row == BROKER_DOWN_AFTER:
+            log.warning(
+                "%d publishes failed in a row; %d more %s message(s) left for the next pass",
+                in_a_row,
+                len(items) - index,
+                kind,
+            )
+            return failed + list(items[index:])
+        try:
+            send(item)
+        except Exception:
+            log.warning("publishing %s failed", describe(item), exc_info=True)
+            failed.append(item)
+            in_a_row += 1
+        else:
+            in_a_row = 0
+    return failed
 
 
 def error_record(error: BaseException) -> dict[str, Any]:
@@ -617,36 +653,27 @@ class Engine:
 
     def publish_each(self, keys: Sequence[StepKey]) -> list[StepKey]:
         """Send a run message for each step, each on its own: one that fails (logged) does
-        not keep the others from being sent. The keys whose message was not sent.
-
-        After a few failures in a row the broker is taken to be down, and the rest are
-        not tried: each attempt would wait out the publish retries, holding the pass (and
-        its pool process) for minutes on a large batch.
-        """
+        not keep the others from being sent (see ``_send_each``). The keys whose message
+        was not sent."""
         if not keys:
             return []
         routes = self.manager.run(executions.execution_routes, sorted({k[0] for k in keys}))
-        failed: list[StepKey] = []
-        in_a_row = 0
-        for index, key in enumerate(keys):
-            if in_a_row == BROKER_DOWN_AFTER:
-                log.warning(
-                    "%d publishes failed in a row; %d more step message(s) left for the next pass",
-                    in_a_row,
-                    len(keys) - index,
-                )
-                return failed + list(keys[index:])
-            try:
-                self.publish_steps([key], routes)
-            except Exception:
-                log.warning(
-                    "publishing step %s of execution %s failed", key[1], key[0], exc_info=True
-                )
-                failed.append(key)
-                in_a_row += 1
-            else:
-                in_a_row = 0
-        return failed
+        return _send_each(
+            keys,
+            lambda key: self.publish_steps([key], routes),
+            lambda key: f"step {key[1]} of execution {key[0]}",
+            "step",
+        )
+
+    def publish_starts_each(self, starts: Sequence[Start]) -> list[Start]:
+        """``publish_each`` for start messages: each (execution_id, workflow, priority)
+        on its own; those whose message was not sent."""
+        return _send_each(
+            starts,
+            lambda start: self.publish_starts([start]),
+            lambda start: f"the start of execution {start[0]} (workflow {start[1]})",
+            "start",
+        )
 
     def reconcile(self) -> ReconcileReport:
         """One reconciler pass (one transaction); then publish and admit what it found."""
@@ -676,10 +703,27 @@ class Engine:
             )
         # Start messages again, not admissions: they wait their turn behind the steps of
         # running executions, as the first ones did (CONVEYOR_ORDER).
-        self.publish_starts(report.start)
-        for workflow in report.freed:
+        unsent_starts = self.publish_starts_each(report.start)
+        if unsent_starts:
+            restored = self.manager.run(
+                reconciler.restore_unsent_starts,
+                [report.unsent_starts[execution_id] for execution_id, _, _ in unsent_starts],
+            )
+            log.warning(
+                "reconciler: publishing %d of %d start message(s) failed; %d are due again "
+                "at the next pass",
+                len(unsent_starts),
+                len(report.start),
+                restored,
+            )
+        # A slot this pass freed, and one freed by a process that died between committing
+        # a finish and admitting the next execution (after_finish never ran): admitted
+        # now, not when a waiting execution's backed-off start comes due.
+        for workflow in sorted({*report.freed, *report.waiting}):
             self.after_finish(workflow)
-        self.metrics.reconciled_pass(report, time.monotonic() - began, unsent=len(unsent))
+        self.metrics.reconciled_pass(
+            report, time.monotonic() - began, unsent=len(unsent) + len(unsent_starts)
+        )
         for crash in report.crashes:
             # The one WARNING of a failed step, as a worker logs for an error its code
             # raised; here its worker is gone, so the pass that failed it speaks for it.

@@ -143,7 +143,8 @@ class Metrics:
 
     def reconciled_pass(self, report: ReconcileReport, seconds: float, *, unsent: int = 0) -> None:
         """One reconciler pass: its duration, what it did, the executions it ended;
-        ``unsent``: step messages it failed to publish (due again at the next pass)."""
+        ``unsent``: step and start messages it failed to publish (due again at the next
+        pass)."""
         self.reconcile_duration.observe(seconds)
         kinds = {
             "stalled_requeued": len(report.requeued),

@@ -4,6 +4,8 @@
   being the API user's id or '' for producers, replacing the table-wide unique key.
 - execution_steps.republished_at / republishes: when the reconciler last re-sent a
   queued step's message and how often.
+- workflow_executions.start_resent_at / starts_resent: the same for a pending
+  execution's start message.
 - execution_steps.attempt_base: the attempts a step took before its execution's latest
   retry, from which the retry's run counts its attempts and crash recoveries.
 - database_liveness: one row the reconciler's passes keep, the evidence a stall is
@@ -98,6 +100,13 @@ def upgrade() -> None:
             "workflow_executions",
             ["idempotency_scope", "idempotency_key"],
         )
+    # Outside the batch on SQLite too: adding a nullable or defaulted column is a plain
+    # ALTER TABLE there (the copy above is only for the unique constraint).
+    op.add_column("workflow_executions", sa.Column("start_resent_at", UTCDateTime(), nullable=True))
+    op.add_column(
+        "workflow_executions",
+        sa.Column("starts_resent", sa.Integer(), server_default=sa.text("0"), nullable=False),
+    )
     op.add_column("execution_steps", sa.Column("republished_at", UTCDateTime(), nullable=True))
     op.add_column(
         "execution_steps",
@@ -123,6 +132,8 @@ def downgrade() -> None:
         batch.drop_column("republishes")
         batch.drop_column("republished_at")
     with op.batch_alter_table("workflow_executions") as batch:
+        batch.drop_column("starts_resent")
+        batch.drop_column("start_resent_at")
         batch.drop_constraint("uq_workflow_executions_idempotency", type_="unique")
         batch.create_unique_constraint(
             "uq_workflow_executions_idempotency_key", ["idempotency_key"]

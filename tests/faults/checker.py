@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from core.database import get_db_session
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
@@ -300,6 +300,18 @@ def transitions(execution_ids: Collection[str], from_status: str, to_status: str
                 )
             ).all()
         )
+
+
+def start_resends(execution_ids: Collection[str]) -> int:
+    """Start messages the reconciler re-sent for ``execution_ids`` while they were (last)
+    pending: the sum of their ``starts_resent``."""
+    with get_db_session() as db:
+        total = db.execute(
+            select(func.coalesce(func.sum(executions_table.c.starts_resent), 0)).where(
+                executions_table.c.execution_id.in_(list(execution_ids))
+            )
+        ).scalar_one()
+        return int(total)
 
 
 def summarize_steps(execution_ids: Collection[str]) -> Mapping[str, int]:

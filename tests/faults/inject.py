@@ -11,6 +11,8 @@ process when the registry loads; with ``FAULTS_INJECT`` set it wraps the app cla
   would) with that probability. Every such publish happens after its commit.
 - ``fail:<step>``: every run-step publish of the step named ``<step>`` fails; the others
   are sent.
+- ``fail-start:<execution>``: every start publish of the execution with that id fails;
+  the others are sent.
 
 Each injected fault appends a line to ``FAULTS_INJECT_LOG`` for the test's figures.
 
@@ -93,6 +95,18 @@ def faulty(original: SendTask, mode: str) -> SendTask:
             return original(app, name, *args, **options)
 
         return send_or_fail
+    if kind == "fail-start":
+
+        def send_or_fail_start(app: ConveyorCelery, name: str, *args: Any, **options: Any) -> Any:
+            if (
+                name == START_EXECUTION
+                and (options.get("kwargs") or {}).get("execution_id") == rate
+            ):
+                _note(f"failed {name} {rate}")
+                raise OperationalError(f"injected fault: publishing the start of {rate} failed")
+            return original(app, name, *args, **options)
+
+        return send_or_fail_start
     raise ValueError(f"unknown {MODE_ENV} mode {mode!r}")
 
 

@@ -19,6 +19,7 @@ from tests.faults.checker import (
     check,
     open_executions,
     running_workers,
+    start_resends,
     transitions,
     wait_until_final,
 )
@@ -87,6 +88,7 @@ def test_sigkill_storm_loses_nothing(start_cluster: StartCluster) -> None:
             "kills of worker main processes": kills["main"],
             "stall recoveries": transitions(ids, "running", "queued"),
             "reconciler republishes": transitions(ids, "queued", "queued"),
+            "reconciler start re-sends": start_resends(ids),
             "seconds to recover after the last kill": round(time.monotonic() - last_kill, 1),
         },
     )

@@ -15,23 +15,26 @@ from typing import Any
 
 from sqlalchemy import Connection, Interval, func, literal, select, update
 
-from core import reconciler
+from core import executions, reconciler
 from core import statements as sql
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.executions import StepSpec
-from core.models import DatabaseLiveness, StepExecution
+from core.models import DatabaseLiveness, StepExecution, WorkflowExecution
 from core.outcomes import ReconcileReport
-from core.statements import REPUBLISH_BACKOFF_MAX
+from core.statements import REPUBLISH_BACKOFF_MAX, START_BACKOFF_MAX
 from tests.conftest import TestDatabase
 from tests.helpers.state import (
     database_reachable_for,
     events,
+    execution_row,
+    force_execution_status,
     force_step_status,
     insert_execution,
     step_row,
 )
 
 SE = StepExecution
+WE = WorkflowExecution
 DL = DatabaseLiveness
 STALL_TIMEOUT = 5.0
 GAP = 2.5
@@ -39,13 +42,15 @@ REPUBLISH_AFTER = 60.0
 
 
 def _pass(
-    manager: SyncEnhancedExecutionStateManager, republish_after: float = 3600.0
+    manager: SyncEnhancedExecutionStateManager,
+    republish_after: float = 3600.0,
+    start_after: float = 3600.0,
 ) -> ReconcileReport:
     report: ReconcileReport = manager.run(
         reconciler.reconcile_pass,
         stall_timeout=STALL_TIMEOUT,
         republish_after=republish_after,
-        start_after=3600.0,
+        start_after=start_after,
         limit=1000,
         max_recoveries=3,
         dag_of=lambda _workflow, _version: None,
@@ -232,3 +237,109 @@ def test_a_step_queued_anew_starts_its_republish_count_again(database: TestDatab
     assert _pass(manager).requeued == [(execution_id, "s0")]
     row = step_row(execution_id, "s0")
     assert (row["status"], row["republishes"], row["republished_at"]) == ("queued", 0, None)
+
+
+# --- hole 14: start messages of pending executions back off too -------------------------
+
+START_AFTER = 30.0
+
+
+def _shift_executions_back(conn: Connection, seconds: float) -> None:
+    """Move every execution's updated_at and start_resent_at ``seconds`` into the past:
+    as if that much time went by before the next pass."""
+    columns = ("updated_at", "start_resent_at")
+    if conn.dialect.name == "postgresql":
+        delta = literal(timedelta(seconds=seconds), Interval())
+        values = {name: WE.__table__.c[name] - delta for name in columns}
+    else:
+        values = {
+            name: func.strftime("%Y-%m-%d %H:%M:%f", WE.__table__.c[name], f"-{seconds} seconds")
+            + "000"
+            for name in columns
+        }
+    conn.execute(update(WE).values(values))
+
+
+def _pending(executions: int) -> list[str]:
+    return [insert_execution("w", {}, steps=[StepSpec("s")]) for _ in range(executions)]
+
+
+def test_a_deep_backlog_of_pending_executions_gets_its_starts_with_a_doubling_delay(
+    database: TestDatabase,
+) -> None:
+    # 200 pending executions whose start messages wait behind a backlog (or a
+    # max_concurrency limit), 16 passes one start delay apart: each start is re-sent
+    # after 1, 3, 7 and 15 delays (the delay doubles: 1, 2, 4, 8), not on every pass.
+    manager = SyncEnhancedExecutionStateManager()
+    ids = _pending(200)
+    passes = 16
+    sent: Counter[str] = Counter()
+    for _ in range(passes):
+        manager.run(_shift_executions_back, START_AFTER)
+        report = _pass(manager, start_after=START_AFTER)
+        sent.update(execution_id for execution_id, _workflow, _priority in report.start)
+
+    most = math.ceil(math.log2(passes))
+    assert set(sent) == set(ids)
+    assert max(sent.values()) <= most, (
+        f"a start was re-sent {max(sent.values())} times in {passes} passes"
+    )
+    assert set(sent.values()) == {4}
+    assert {execution_row(eid)["starts_resent"] for eid in ids} == {4}
+
+
+def test_the_start_delay_stops_doubling_at_its_cap(database: TestDatabase) -> None:
+    manager = SyncEnhancedExecutionStateManager()
+    (execution_id,) = _pending(1)
+    manager.run(
+        lambda conn: conn.execute(
+            update(WE).values(starts_resent=10, start_resent_at=datetime.now(UTC))
+        )
+    )
+    manager.run(_shift_executions_back, START_AFTER * START_BACKOFF_MAX - 1)
+    assert _pass(manager, start_after=START_AFTER).start == []
+    manager.run(_shift_executions_back, 2)
+    assert [s[0] for s in _pass(manager, start_after=START_AFTER).start] == [execution_id]
+    assert execution_row(execution_id)["starts_resent"] == 11
+
+
+def test_a_retried_execution_starts_its_start_count_again(database: TestDatabase) -> None:
+    # Its start was re-sent 3 times while it was pending before; it ran, failed and is
+    # retried: pending again, a new start message, and its backoff from one delay again.
+    manager = SyncEnhancedExecutionStateManager()
+    (execution_id,) = _pending(1)
+    for _ in range(3):
+        manager.run(_shift_executions_back, START_AFTER * 8)
+        assert [s[0] for s in _pass(manager, start_after=START_AFTER).start] == [execution_id]
+    assert execution_row(execution_id)["starts_resent"] == 3
+    manager.transition_execution(execution_id, "running")
+    force_execution_status(execution_id, "failed")
+
+    retried = manager.run(executions.retry_execution, execution_id, {"s": []}, None)
+
+    assert retried.applied
+    row = execution_row(execution_id)
+    assert (row["status"], row["starts_resent"], row["start_resent_at"]) == ("pending", 0, None)
+    assert _pass(manager, start_after=START_AFTER).start == []
+    manager.run(_shift_executions_back, START_AFTER + 1)
+    assert [s[0] for s in _pass(manager, start_after=START_AFTER).start] == [execution_id]
+    assert execution_row(execution_id)["starts_resent"] == 1
+
+
+def test_an_unsent_start_is_due_again_at_the_next_pass(database: TestDatabase) -> None:
+    # The pass committed the re-send, then its publish failed: nothing was sent, so the
+    # start is as the pass found it, due at once, and no backoff was spent.
+    manager = SyncEnhancedExecutionStateManager()
+    (execution_id,) = _pending(1)
+    manager.run(_shift_executions_back, START_AFTER + 1)
+    report = _pass(manager, start_after=START_AFTER)
+    assert [s[0] for s in report.start] == [execution_id]
+    assert execution_row(execution_id)["starts_resent"] == 1
+
+    restored = manager.run(reconciler.restore_unsent_starts, [report.unsent_starts[execution_id]])
+
+    assert restored == 1
+    row = execution_row(execution_id)
+    assert (row["starts_resent"], row["start_resent_at"]) == (0, None)
+    assert [s[0] for s in _pass(manager, start_after=START_AFTER).start] == [execution_id]
+    assert execution_row(execution_id)["starts_resent"] == 1
