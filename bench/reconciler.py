@@ -172,7 +172,11 @@ RUNNING_STEPS = {"ix_execution_steps_running_heartbeat", "ix_execution_steps_run
 GOOD_INDEXES = {
     "stalled_steps": RUNNING_STEPS,
     "due_queued_steps": {"ix_execution_steps_queued_due"},
-    "resend_stale_starts": {"ix_workflow_executions_status_created"},
+    "due_starts": {"ix_workflow_executions_status_created"},
+    "waiting_workflows": {
+        "ix_workflow_executions_status_created",
+        "ix_workflow_executions_workflow_status",
+    },
     "overdue_executions": {"ix_workflow_executions_open_deadline"},
     "finishable_executions": {"ix_workflow_executions_status_created"},
     "worker_heartbeat": RUNNING_STEPS,
@@ -188,7 +192,8 @@ def _scans(settings: Settings) -> dict[str, ClauseElement]:
             batch,
         ),
         "due_queued_steps": sql.due_queued_steps(settings.republish_after, batch),
-        "resend_stale_starts": sql.resend_stale_starts(settings.start_after, batch),
+        "due_starts": sql.due_starts(settings.start_after, batch),
+        "waiting_workflows": sql.waiting_workflows(settings.start_after, batch),
         "overdue_executions": sql.overdue_executions(batch),
         "finishable_executions": sql.finishable_executions(batch),
         "worker_heartbeat": sql.heartbeat(WORKER),
