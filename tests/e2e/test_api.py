@@ -8,12 +8,13 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from api.app import create_app
 from core.database import get_db_session
 from core.executions import StepSpec
 from core.models import UserSession
+from core.sql import utcnow
 from tests.conftest import TestDatabase
 from tests.helpers.api import client, poll, serve, user_with_token
 from tests.helpers.processes import worker_process
@@ -255,6 +256,12 @@ def test_listing_filters_by_status_workflow_and_time(
 ) -> None:
     first = enqueue("linear", {"start": 1}, app=conveyor_app)
     middle = datetime.now(UTC)
+    # created_at comes from the database's clock, which on SQLite counts milliseconds:
+    # the second execution is created once that clock has passed ``middle`` (at most a
+    # millisecond), or both could carry the millisecond ``middle`` falls in.
+    with get_db_session() as db:
+        while db.execute(select(utcnow())).scalar_one() <= middle:
+            pass
     second = enqueue("broken", None, app=conveyor_app)
     ids = lambda response: [e["execution_id"] for e in response.json()["items"]]  # noqa: E731
     assert ids(admin.get("/executions")) == [second, first]
