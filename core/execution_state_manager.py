@@ -28,7 +28,7 @@ from core.transactions import RetryPolicy, Transactions, Work
 T = TypeVar("T")
 P = ParamSpec("P")
 Statuses = str | Iterable[str] | None
-RetryArguments = tuple[dict[str, list[str]], timedelta | None]
+RetryArguments = tuple[dict[str, tuple[str, ...]], timedelta | None]
 
 
 class ExecutionOptions(TypedDict, total=False):
@@ -128,8 +128,7 @@ class StateManagerBase:
         """What retrying ``execution`` needs of its workflow: the graph and the deadline
         (WorkflowNotFound when this process does not know the workflow)."""
         workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
-        graph = {name: list(step.depends_on) for name, step in workflow.steps.items()}
-        return graph, workflow.deadline
+        return workflow.upstream_map(), workflow.deadline
 
     @staticmethod
     def _step_move(to: str, expected: Statuses, retry: bool) -> tuple[Any, frozenset[Any]]:

@@ -246,6 +246,10 @@ class Workflow:
         """Steps ``name`` depends on directly."""
         return self.steps[name].depends_on
 
+    def upstream_map(self) -> dict[str, tuple[str, ...]]:
+        """Each step's direct dependencies, by step name."""
+        return {name: step.depends_on for name, step in self.steps.items()}
+
     def downstream(self, name: str) -> list[str]:
         """Steps that depend directly on ``name``."""
         return self._children().get(name, [])

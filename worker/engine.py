@@ -635,9 +635,8 @@ class Engine:
         no status a retry leaves."""
         execution = self.manager.get_execution(execution_id)
         workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
-        graph = {name: list(step.depends_on) for name, step in workflow.steps.items()}
         result = self.manager.run(
-            executions.retry_execution, execution_id, graph, workflow.deadline
+            executions.retry_execution, execution_id, workflow.upstream_map(), workflow.deadline
         )
         if not result.applied:
             return False
