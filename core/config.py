@@ -97,6 +97,18 @@ class Settings(BaseSettings):
         description="Steps of running executions before starts of new ones, or arrival order.",
     )
     retry_countdown_max: Annotated[float, Field(ge=0)] = 60.0
+    wake_interval: Annotated[float, Field(gt=0)] = Field(
+        default=1.0,
+        description="Seconds between the waker's passes over due sleeps and wait timeouts.",
+    )
+    wake_batch: Annotated[int, Field(ge=1)] = Field(
+        default=500,
+        description="Due waits the waker takes per transaction.",
+    )
+    event_ttl: Annotated[float, Field(gt=0)] = Field(
+        default=7 * 24 * 3600.0,
+        description="Seconds an event nobody waits for is kept for a wait to come.",
+    )
     schedule_interval: Annotated[float, Field(gt=0)] = 1.0
     default_queue: str = "conveyor"
     log_format: Literal["text", "json"] = Field(

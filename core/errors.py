@@ -234,3 +234,23 @@ class OutputNotStorable(ConveyorError):
         super().__init__(f"the output of step {step!r} cannot be stored: {problem}")
         self.step = step
         self.problem = problem
+
+
+class WaitTimedOut(ConveyorError):
+    """An event wait's timeout passed with no event or signal: the step fails with it
+    (then follows its ``Retry``), unless the wait gives ``on_timeout`` a value."""
+
+
+class ChildFailed(ConveyorError):
+    """A child execution ended failed, cancelled or timed out: its parent step fails."""
+
+
+class WaitNotOpen(InvalidTransition):
+    """A signal or wake for a step that is not waiting for one (HTTP 409): the execution
+    or the step is named with the status it holds."""
+
+    def __init__(self, what: str, status: str, detail: str = "") -> None:
+        ConveyorError.__init__(self, f"{what} is {status}" + (f": {detail}" if detail else ""))
+        self.source = status
+        self.target = "signalled"
+        self.status = status

@@ -58,6 +58,8 @@ class StepSpec:
     name: str
     unmet_deps: int = 0
     max_attempts: int = 1
+    # sleep, event or child for a wait node; None for a task step.
+    wait_kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,12 @@ def execution_of(
 def step_specs(workflow: Workflow) -> list[StepSpec]:
     """The step rows an execution of ``workflow`` starts with."""
     return [
-        StepSpec(step.name, len(step.depends_on), step.retry.max_attempts)
+        StepSpec(
+            step.name,
+            len(step.depends_on),
+            step.retry.max_attempts,
+            None if step.wait is None else step.wait.kind,
+        )
         for step in workflow.steps.values()
     ]
 
@@ -265,6 +272,7 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
             "status": StepStatus.PENDING.value,
             "unmet_deps": step.unmet_deps,
             "max_attempts": step.max_attempts,
+            "wait_kind": step.wait_kind,
         }
         for execution_id, new in created
         for step in new.steps

@@ -152,6 +152,17 @@ def _json_problem(value: Any) -> str | None:
     return None
 
 
+# Partial indexes' predicates, shared with migration 0006 (and matched exactly by the
+# statements that must use them).
+WAITING_WAKE = "status = 'waiting' AND wake_at IS NOT NULL"
+WAITING_EVENT = "status = 'waiting' AND wait_event IS NOT NULL"
+OPEN_SIGNAL = "consumed_at IS NULL AND target_execution_id IS NOT NULL"
+UNWOKEN_CHILD = (
+    "parent_execution_id IS NOT NULL AND parent_woken_at IS NULL "
+    "AND status IN ('succeeded', 'failed', 'cancelled', 'timed_out')"
+)
+
+
 class Base(DeclarativeBase):
     """Declarative base with constraint names Alembic can rely on."""
 
@@ -248,6 +259,19 @@ class WorkflowExecution(Timestamped, Base):
     starts_resent: Mapped[int] = mapped_column(
         Integer, default=0, server_default=text("0"), nullable=False
     )
+    # A child execution: the parent step waiting on it (at that step's attempt), the
+    # root of its tree and its depth below it; ``parent_woken_at`` is set when the
+    # parent step was told of the child's end (the reconciler's safety net finds
+    # finished children without it).
+    parent_execution_id: Mapped[str | None] = mapped_column(String(36))
+    parent_step_name: Mapped[str | None] = mapped_column(String(200))
+    parent_attempt: Mapped[int | None] = mapped_column(Integer)
+    root_execution_id: Mapped[str | None] = mapped_column(String(36))
+    depth: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"), nullable=False)
+    parent_woken_at: Mapped[datetime | None]
+    # Running with every open step waiting (none queued or running): the execution holds
+    # no max_concurrency slot meanwhile.
+    parked_at: Mapped[datetime | None]
 
     steps: Mapped[list[StepExecution]] = relationship(
         back_populates="execution", cascade="all, delete-orphan", order_by="StepExecution.step_name"
@@ -278,6 +302,20 @@ class WorkflowExecution(Timestamped, Base):
             "deadline_at",
             postgresql_where=text("deadline_at IS NOT NULL AND status IN ('pending', 'running')"),
             sqlite_where=text("deadline_at IS NOT NULL AND status IN ('pending', 'running')"),
+        ),
+        # A parent's children (cascading a cancel, the API's links).
+        Index(
+            "ix_workflow_executions_parent",
+            "parent_execution_id",
+            postgresql_where=text("parent_execution_id IS NOT NULL"),
+            sqlite_where=text("parent_execution_id IS NOT NULL"),
+        ),
+        # The reconciler's safety net: finished children whose parent was not told.
+        Index(
+            "ix_workflow_executions_unwoken_child",
+            "finished_at",
+            postgresql_where=text(UNWOKEN_CHILD),
+            sqlite_where=text(UNWOKEN_CHILD),
         ),
     )
 
@@ -342,6 +380,16 @@ class StepExecution(Timestamped, Base):
     republishes: Mapped[int] = mapped_column(
         Integer, default=0, server_default=text("0"), nullable=False
     )
+    # What a wait node waits for: sleep, event or child (written when the step row is
+    # created, from its definition), or slot for a task step held by max_concurrency.
+    # NULL for a task step. The rest is set when the wait is established (armed).
+    wait_kind: Mapped[str | None] = mapped_column(String(10))
+    waiting_since: Mapped[datetime | None]
+    # When the waker acts on it: a sleep's end, an event's timeout, a retry's re-arm.
+    wake_at: Mapped[datetime | None]
+    wait_event: Mapped[str | None] = mapped_column(String(200))
+    wait_key: Mapped[str | None] = mapped_column(String(255))
+    child_execution_id: Mapped[str | None] = mapped_column(String(36))
 
     execution: Mapped[WorkflowExecution] = relationship(back_populates="steps")
 
@@ -377,6 +425,23 @@ class StepExecution(Timestamped, Base):
             "worker",
             postgresql_where=text("status = 'running'"),
             sqlite_where=text("status = 'running'"),
+        ),
+        # The waker's due scan: it names no execution, so it leads with wake_at (as the
+        # stall scan leads with heartbeat_at); partial, so its cost follows the waits.
+        Index(
+            "ix_execution_steps_waiting_wake",
+            "wake_at",
+            postgresql_where=text(WAITING_WAKE),
+            sqlite_where=text(WAITING_WAKE),
+        ),
+        # send_event's oldest open wait for (name, key).
+        Index(
+            "ix_execution_steps_waiting_event",
+            "wait_event",
+            "wait_key",
+            "waiting_since",
+            postgresql_where=text(WAITING_EVENT),
+            sqlite_where=text(WAITING_EVENT),
         ),
     )
 
@@ -437,6 +502,67 @@ class WorkflowSchedule(Timestamped, Base):
     last_tick_at: Mapped[datetime | None]
     # No foreign key: executions may be purged; the schedule's history stays.
     last_execution_id: Mapped[str | None] = mapped_column(String(36))
+
+
+class InboxEvent(Base):
+    """An event sent to waits by (name, key), or a signal to one execution's wait.
+
+    Kept until a wait consumes it (``consumed_at``, once) or, unconsumed, until
+    ``expires_at`` (``CONVEYOR_EVENT_TTL``). Consumed rows stay as the audit.
+    """
+
+    __tablename__ = "event_inbox"
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    event_key: Mapped[str | None] = mapped_column(String(255))
+    # A signal: meant for this execution's wait of this name only.
+    target_execution_id: Mapped[str | None] = mapped_column(String(36))
+    target_step: Mapped[str | None] = mapped_column(String(200))
+    payload: Mapped[Any] = mapped_column(json_type(), nullable=True)
+    idempotency_scope: Mapped[str] = mapped_column(
+        String(36), default="", server_default=text("''"), nullable=False
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    sent_by: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    actor: Mapped[str | None] = mapped_column(String(320))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow(), nullable=False)
+    expires_at: Mapped[datetime | None]
+    consumed_at: Mapped[datetime | None]
+    consumed_by_execution: Mapped[str | None] = mapped_column(String(36))
+    consumed_by_step: Mapped[str | None] = mapped_column(String(200))
+
+    __table_args__ = (
+        UniqueConstraint("idempotency_scope", "idempotency_key", name="uq_event_inbox_idempotency"),
+        # Establishing an event wait: the oldest open event for (name, key).
+        Index(
+            "ix_event_inbox_open",
+            "name",
+            "event_key",
+            "id",
+            postgresql_where=text("consumed_at IS NULL"),
+            sqlite_where=text("consumed_at IS NULL"),
+        ),
+        # Establishing a wait: a signal sent to it before it existed.
+        Index(
+            "ix_event_inbox_signal",
+            "target_execution_id",
+            "target_step",
+            "id",
+            postgresql_where=text(OPEN_SIGNAL),
+            sqlite_where=text(OPEN_SIGNAL),
+        ),
+        # The reconciler's expiry of events nobody consumed.
+        Index(
+            "ix_event_inbox_expiry",
+            "expires_at",
+            postgresql_where=text("consumed_at IS NULL"),
+            sqlite_where=text("consumed_at IS NULL"),
+        ),
+    )
 
 
 class DatabaseLiveness(Base):
@@ -526,6 +652,7 @@ def _add_steps(session: Session, execution: WorkflowExecution) -> None:
                 status=StepStatus.PENDING.value,
                 unmet_deps=len(step.depends_on),
                 max_attempts=step.retry.max_attempts,
+                wait_kind=None if step.wait is None else step.wait.kind,
             )
         )
     starts: list[tuple[str, str, int]] = session.info.setdefault(_STARTS, [])

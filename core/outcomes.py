@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 
@@ -49,6 +50,8 @@ class StepCompletion:
     queued: tuple[str, ...] = ()
     execution: TransitionResult | None = None
     continued: Claim | None = None
+    # What wait nodes this released set in motion (None: it released none).
+    woken: WaitOutcome | None = None
 
 
 @dataclass(frozen=True)
@@ -154,3 +157,27 @@ class ReconcileReport:
     unsent: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict, repr=False)
     # The same for each execution in ``start`` (``reconciler.restore_unsent_starts``).
     unsent_starts: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class WaitOutcome:
+    """What a wait transaction set in motion, for its caller to publish after commit."""
+
+    queued: list[tuple[str, str]] = field(default_factory=list)
+    routes: dict[str, Route] = field(default_factory=dict)
+    # Child executions created: (execution id, workflow, priority), to start.
+    starts: list[tuple[str, str, int]] = field(default_factory=list)
+    # Executions this ended, each with its workflow's name (metrics, freed slots).
+    finished: list[tuple[TransitionResult, str]] = field(default_factory=list)
+    # (workflow, kind, how) per wait ended: due, early, event, signal, child, timeout.
+    woken: list[tuple[str, str, str]] = field(default_factory=list)
+    # The waker's: due rows it took, and the earliest wake time left after it.
+    taken: int = 0
+    next_due: datetime | None = None
+
+    def merge(self, other: WaitOutcome) -> None:
+        self.queued += other.queued
+        self.routes.update(other.routes)
+        self.starts += other.starts
+        self.finished += other.finished
+        self.woken += other.woken

@@ -10,6 +10,8 @@ import importlib
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 
+from pydantic import BaseModel
+
 from core.config import get_settings
 from core.errors import DefinitionError, WorkflowNotFound
 from core.workflows import Workflow
@@ -20,6 +22,7 @@ class WorkflowRegistry:
 
     def __init__(self, workflows: Iterable[Workflow] = ()) -> None:
         self._workflows: dict[tuple[str, int], Workflow] = {}
+        self._event_schemas: dict[str, type[BaseModel] | None] = {}
         for workflow in workflows:
             self.register(workflow)
 
@@ -32,8 +35,25 @@ class WorkflowRegistry:
             raise DefinitionError(
                 f"workflow {workflow.name!r} version {workflow.version} is registered twice"
             )
+        # The events its waits take must mean one payload everywhere: send_event checks
+        # the payload against that schema before storing anything.
+        for event, schema in workflow.event_schemas().items():
+            known = self._event_schemas.setdefault(event, schema)
+            if known is not schema:
+                raise DefinitionError(
+                    f"workflow {workflow.name!r} waits for event {event!r} with another "
+                    "schema than a registered workflow does: one event, one schema"
+                )
         self._workflows[key] = workflow
+        # A child runs on the workers that run its parent: it is registered with it.
+        for child in workflow.child_workflows():
+            if self._workflows.get((child.name, child.version)) is not child:
+                self.register(child)
         return workflow
+
+    def event_schema(self, event: str) -> type[BaseModel] | None:
+        """The payload schema of ``event`` (None: any JSON, or no workflow waits for it)."""
+        return self._event_schemas.get(event)
 
     def load_module(self, module_name: str) -> list[Workflow]:
         """Import ``module_name`` and register every module-level Workflow in it."""

@@ -546,6 +546,8 @@ def queue_roots(execution_ids: Sequence[str]) -> Update:
             SE.execution_id.in_(list(execution_ids)),
             SE.status == StepStatus.PENDING.value,
             SE.unmet_deps == 0,
+            # Wait nodes enter waiting instead (core.waits.arm_root_waits).
+            SE.wait_kind.is_(None),
         )
         .values(status=StepStatus.QUEUED.value, previous_status=SE.status, queued_at=utcnow())
         .returning(*STEP_RETURNING)

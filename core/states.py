@@ -32,6 +32,9 @@ class StepStatus(StrEnum):
     PENDING = "pending"
     QUEUED = "queued"
     RUNNING = "running"
+    # A sleep, an event or signal, a child execution or a held slot: a row with what it
+    # waits for (``wait_kind``) and when it gives up (``wake_at``); no message, no worker.
+    WAITING = "waiting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SKIPPED = "skipped"
@@ -54,12 +57,17 @@ EXECUTION_TRANSITIONS: Mapping[ExecutionStatus, frozenset[ExecutionStatus]] = {
 }
 
 STEP_TRANSITIONS: Mapping[StepStatus, frozenset[StepStatus]] = {
-    S.PENDING: frozenset({S.QUEUED, S.SKIPPED, S.CANCELLED}),
+    S.PENDING: frozenset({S.QUEUED, S.WAITING, S.SKIPPED, S.CANCELLED}),
     # queued -> queued is a republish (reconciler, due retry); queued -> failed is a
     # message that can never run (e.g. its workflow is no longer registered).
     S.QUEUED: frozenset({S.QUEUED, S.RUNNING, S.FAILED, S.SKIPPED, S.CANCELLED}),
     # running -> queued is a retry with backoff or a stalled step recovered.
     S.RUNNING: frozenset({S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    # A wait ends by its own compare-and-set: succeeded (woken, event, child output),
+    # failed (timed out, child failed), cancelled with its execution; waiting -> waiting
+    # re-arms it for a retry, waiting -> queued admits a task step held for a slot. There
+    # is no waiting -> running: a stray message can never claim a wait.
+    S.WAITING: frozenset({S.WAITING, S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),
     S.SKIPPED: frozenset(),

@@ -511,7 +511,8 @@ def _complete(steps: Table | Alias, eid: Any, now: Any, postgres: bool) -> Updat
         .where(
             steps.c.execution_id == eid,
             steps.c.step_name == bindparam("step"),
-            _status_in(steps.c.status, StepStatus.SUCCEEDED),
+            # Only what a worker ran: a wait leaves waiting through core.waits.
+            steps.c.status == _from(StepStatus.RUNNING, StepStatus.SUCCEEDED),
             steps.c.attempt == bindparam("at_attempt"),
         )
         .values(

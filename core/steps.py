@@ -42,7 +42,10 @@ from core.step_statements import (
     hot_path,
 )
 from core.transitions import transition_step, transition_steps
-from core.workflows import Dag
+from core.waits import enter_waits, registered
+from core.workflows import Dag, Workflow
+
+DefinitionOf = Callable[[str, int], Workflow | None]
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +123,16 @@ def complete(
     encoded: str | None,
     workflow: Dag,
     continue_as: str | None = None,
+    definition_of: DefinitionOf | None = None,
 ) -> StepCompletion:
     """Record a step's success and everything it sets in motion, in one transaction:
     its output and event, the release of its downstream steps (atomic decrements),
     the execution's end when this was its last open step, and, with ``continue_as``
     (this worker's id), the claim of one released step for the worker to run next.
+
+    Wait nodes it releases enter ``waiting`` and are established here too
+    (``core.waits.enter_waits``; ``definition_of`` finds workflows by name and version,
+    for what they set in motion), reported in ``woken``.
 
     ``encoded`` is ``output`` as JSON text (None for None). Not applied
     (``transition.applied`` False) when the step is no longer running at this attempt:
@@ -132,7 +140,14 @@ def complete(
     """
     sql_ = hot_path(conn.dialect.name)
     execution_id, step_name = step.execution_id, step.step_name
-    downstream = workflow.downstream(step_name)
+    # Wait nodes downstream enter waiting by their own statement (core.waits), after
+    # this one: the fused completion's text stays as it is for every workflow.
+    waits = workflow.wait_downstream(step_name) if isinstance(workflow, Workflow) else []
+    downstream = (
+        workflow.task_downstream(step_name)
+        if waits and isinstance(workflow, Workflow)
+        else workflow.downstream(step_name)
+    )
     params = {
         "eid": execution_id,
         "step": step_name,
@@ -178,6 +193,13 @@ def complete(
         to_status=StepStatus.SUCCEEDED.value,
         attempt=step.attempt,
     )
+    woken = None
+    if waits:
+        assert isinstance(workflow, Workflow)
+        entered, woken = enter_waits(
+            conn, execution_id, waits, workflow, {step_name: output}, definition_of or registered
+        )
+        released_any = released_any or entered
     # A step that released a downstream step (pending or queued now) cannot have been
     # its execution's last open step; any other may have been (a sink, or a branch
     # whose downstream steps were skipped when a sibling failed). The DAG's only sink
@@ -206,7 +228,11 @@ def complete(
             continued=True,
         )
     return StepCompletion(
-        transition=transition, queued=tuple(queued), execution=finished, continued=next_step
+        transition=transition,
+        queued=tuple(queued),
+        execution=finished,
+        continued=next_step,
+        woken=woken,
     )
 
 

@@ -83,11 +83,67 @@ class Retry:
 
 
 StepFunction = Callable[..., Any]
+# How many child workflows may nest below a root execution.
+MAX_CHILD_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """A durable sleep node: for ``duration``, or until the datetime ``until(ctx, **up)``
+    returns (timezone-aware), computed once when the node is released. Its output is the
+    wake time."""
+
+    duration: timedelta | None = None
+    until: StepFunction | None = None
+
+    kind = "sleep"
+
+
+@dataclass(frozen=True)
+class EventWait:
+    """A node that waits for event ``event`` with key ``key`` (text, or ``key(ctx, **up)``),
+    or for a signal to this step; its output is the payload (checked against ``schema``
+    when the event is sent). Past ``timeout`` it fails with WaitTimedOut, or, when
+    ``on_timeout`` is a value other than ``"fail"``, succeeds with that value."""
+
+    event: str
+    key: str | StepFunction | None = None
+    schema: type[BaseModel] | None = None
+    timeout: timedelta | None = None
+    on_timeout: Any = "fail"
+
+    kind = "event"
+
+    @property
+    def fails_on_timeout(self) -> bool:
+        """Whether a timeout fails the step (rather than completing it with a value)."""
+        return isinstance(self.on_timeout, str) and self.on_timeout == "fail"
+
+
+@dataclass(frozen=True)
+class ChildWait:
+    """A node that starts an execution of ``workflow`` with ``input(ctx, **up)`` and
+    waits for it: its output is the child's output, its failure the child's failure."""
+
+    workflow: Workflow
+    input: StepFunction | None = None
+
+    kind = "child"
+
+
+Wait = Sleep | EventWait | ChildWait
+WAIT_KINDS = ("sleep", "event", "child")
+
+
+def _never_run(ctx: Any, **_upstream: Any) -> None:
+    """A wait node's ``fn``: no worker ever runs a wait (there is no waiting -> running)."""
+    raise RuntimeError(f"step {ctx.step_name} is a wait and is never run by a worker")
 
 
 @dataclass(frozen=True)
 class Step:
-    """One node of a workflow's DAG."""
+    """One node of a workflow's DAG: a task (``fn`` run by a worker) or, with ``wait``,
+    a wait node (a sleep, an event wait or a child workflow) that no worker runs."""
 
     name: str
     fn: StepFunction
@@ -96,6 +152,12 @@ class Step:
     soft_timeout: float | None = None
     timeout: float | None = None
     output: TypeAdapter[Any] | None = None
+    wait: Wait | None = None
+
+    @property
+    def kind(self) -> str:
+        """``task``, or the wait's kind: ``sleep``, ``event`` or ``child``."""
+        return "task" if self.wait is None else self.wait.kind
 
     def to_json(self, value: Any) -> Any:
         """The step's return value as JSON data (pydantic models and dates included)."""
@@ -151,6 +213,7 @@ class Workflow:
         self.steps: dict[str, Step] = {}
         self._children_map: dict[str, list[str]] | None = None
         self._sinks: list[str] | None = None
+        self._wait_nodes: frozenset[str] | None = None
         # When beat runs it by itself (core.schedules); inputs checked here, at definition.
         self.schedules: tuple[Schedule, ...] = check_schedules(self, schedules)
 
@@ -190,6 +253,129 @@ class Workflow:
 
         return register
 
+    def sleep(
+        self,
+        name: str,
+        *,
+        depends_on: Iterable[str] = (),
+        duration: timedelta | None = None,
+        until: StepFunction | None = None,
+    ) -> None:
+        """Declare a durable sleep node: for ``duration``, or until ``until(ctx, **up)``
+        (a timezone-aware datetime from upstream outputs). No worker is held meanwhile."""
+        where = f"workflow {self.name!r}, sleep {name!r}"
+        if (duration is None) == (until is None):
+            raise DefinitionError(f"{where}: give either duration= or until=, not both or none")
+        if duration is not None and (
+            not isinstance(duration, timedelta) or duration < timedelta(0)
+        ):
+            raise DefinitionError(f"{where}: duration must be a timedelta of 0 or more")
+        if until is not None and not callable(until):
+            raise DefinitionError(f"{where}: until must be a function (ctx, **upstream)")
+        self._add_wait(name, depends_on, Sleep(duration=duration, until=until), until, None)
+
+    def wait(
+        self,
+        name: str,
+        *,
+        event: str,
+        depends_on: Iterable[str] = (),
+        key: str | StepFunction | None = None,
+        schema: type[BaseModel] | None = None,
+        timeout: timedelta | None = None,
+        on_timeout: Any = "fail",
+        retry: Retry | None = None,
+    ) -> None:
+        """Declare a node that waits for event ``event`` (with ``key``: text, or a
+        function ``(ctx, **upstream)`` returning it) or a signal to this step; its output
+        is the payload, checked against ``schema`` when it is sent."""
+        where = f"workflow {self.name!r}, wait {name!r}"
+        if not isinstance(event, str) or not 0 < len(event) <= 200:
+            raise DefinitionError(f"{where}: event must be a name of 1-200 characters")
+        if key is not None and not (callable(key) or isinstance(key, str)):
+            raise DefinitionError(f"{where}: key must be text or a function (ctx, **upstream)")
+        if schema is not None and not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+            raise DefinitionError(f"{where}: schema must be a pydantic model class")
+        if timeout is not None and (not isinstance(timeout, timedelta) or timeout <= timedelta(0)):
+            raise DefinitionError(f"{where}: timeout must be a positive timedelta")
+        spec = EventWait(
+            event=event, key=key, schema=schema, timeout=timeout, on_timeout=on_timeout
+        )
+        self._add_wait(name, depends_on, spec, key if callable(key) else None, retry)
+
+    def child(
+        self,
+        name: str,
+        *,
+        workflow: Workflow,
+        depends_on: Iterable[str] = (),
+        input: StepFunction | None = None,
+        retry: Retry | None = None,
+    ) -> None:
+        """Declare a node that starts an execution of ``workflow`` with
+        ``input(ctx, **upstream)`` and completes with its output (or fails with its error,
+        then follows ``retry``: a retry starts a new child)."""
+        where = f"workflow {self.name!r}, child {name!r}"
+        if not isinstance(workflow, Workflow):
+            raise DefinitionError(f"{where}: workflow must be a Workflow, got {workflow!r}")
+        if input is not None and not callable(input):
+            raise DefinitionError(f"{where}: input must be a function (ctx, **upstream)")
+        self._add_wait(name, depends_on, ChildWait(workflow=workflow, input=input), input, retry)
+
+    def _add_wait(
+        self,
+        name: str,
+        depends_on: Iterable[str],
+        wait: Wait,
+        function: StepFunction | None,
+        retry: Retry | None,
+    ) -> None:
+        if isinstance(depends_on, str):
+            raise DefinitionError(
+                f"workflow {self.name!r}, step {name!r}: depends_on takes a list of step "
+                f"names, got the string {depends_on!r}"
+            )
+        self.add_step(
+            Step(
+                name=name,
+                fn=function or _never_run,
+                depends_on=tuple(depends_on),
+                retry=retry or Retry(),
+                wait=wait,
+            )
+        )
+
+    @property
+    def wait_nodes(self) -> frozenset[str]:
+        """The names of the steps that are waits (sleeps, event waits, children)."""
+        if self._wait_nodes is None:
+            self._wait_nodes = frozenset(n for n, s in self.steps.items() if s.wait is not None)
+        return self._wait_nodes
+
+    def task_downstream(self, name: str) -> list[str]:
+        """``downstream(name)`` without its wait nodes: what a completion queues."""
+        waits = self.wait_nodes
+        return (
+            [n for n in self.downstream(name) if n not in waits] if waits else self.downstream(name)
+        )
+
+    def wait_downstream(self, name: str) -> list[str]:
+        """The wait nodes directly downstream of ``name``."""
+        waits = self.wait_nodes
+        return [n for n in self.downstream(name) if n in waits] if waits else []
+
+    def child_workflows(self) -> list[Workflow]:
+        """The workflows this one starts as children, directly."""
+        return [s.wait.workflow for s in self.steps.values() if isinstance(s.wait, ChildWait)]
+
+    def event_schemas(self) -> dict[str, type[BaseModel] | None]:
+        """Each event this workflow waits for, with its payload schema."""
+        return {
+            s.wait.event: s.wait.schema
+            for s in self.steps.values()
+            if isinstance(s.wait, EventWait)
+        }
+
     def add_step(self, step: Step) -> None:
         """Add a step, refusing anything that would make the definition invalid."""
         where = f"workflow {self.name!r}, step {step.name!r}"
@@ -215,10 +401,12 @@ class Workflow:
             and step.soft_timeout >= step.timeout
         ):
             raise DefinitionError(f"{where}: soft_timeout must be below timeout")
-        _check_signature(where, step)
-        self.steps[step.name] = _with_output_adapter(where, step)
+        if step.fn is not _never_run:
+            _check_signature(where, step)
+        self.steps[step.name] = step if step.wait else _with_output_adapter(where, step)
         self._children_map = None
         self._sinks = None
+        self._wait_nodes = None
 
     def validate(self) -> None:
         """Check the whole DAG: at least one step, known dependencies, no cycles."""
@@ -236,6 +424,23 @@ class Workflow:
         except CycleError as cycle:
             path = " -> ".join(cycle.args[1])
             raise DefinitionError(f"workflow {self.name!r} has a cycle: {path}") from None
+        self._check_children((self.name,))
+
+    def _check_children(self, path: tuple[str, ...]) -> None:
+        """Refuse workflows that start themselves (directly or not) as children, and
+        nesting deeper than MAX_CHILD_DEPTH."""
+        for child in self.child_workflows():
+            chain = (*path, child.name)
+            if child.name in path:
+                raise DefinitionError(
+                    f"workflow {path[0]!r}: child workflows form a cycle: {' -> '.join(chain)}"
+                )
+            if len(chain) - 1 > MAX_CHILD_DEPTH:
+                raise DefinitionError(
+                    f"workflow {path[0]!r}: child workflows nest deeper than "
+                    f"{MAX_CHILD_DEPTH} levels: {' -> '.join(chain)}"
+                )
+            child._check_children(chain)
 
     def order(self) -> Iterable[str]:
         """Step names in an order where every step follows its dependencies."""

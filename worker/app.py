@@ -22,7 +22,7 @@ from core.dispatch import register_dispatcher
 from core.errors import TransientDatabaseError
 from core.registry import WorkflowRegistry, get_registry
 from worker import logs
-from worker.config import FIRE_SCHEDULES, RECONCILE, celery_config
+from worker.config import FIRE_SCHEDULES, RECONCILE, WAKE, celery_config
 from worker.engine import RUN_STEP, START_EXECUTION, Engine
 from worker.failures import StepFailed
 from worker.schedules import fire_schedules as fire_due
@@ -129,6 +129,14 @@ def _register_tasks(app: ConveyorCelery) -> None:
             fire_due(app)
         except TransientDatabaseError:  # the next pass, a second from now, tries again
             log.warning("database unavailable; schedules fired by a later pass")
+
+    @app.task(name=WAKE, **options)
+    def wake(task: Task[Any, Any]) -> None:
+        """Wake the sleeps and wait timeouts that are due (sent by beat every second)."""
+        try:
+            app.engine.wake()
+        except TransientDatabaseError:  # the next pass, a second from now, tries again
+            log.warning("database unavailable; due waits woken by a later pass")
 
     @app.task(name=RECONCILE, **options)
     def reconcile(task: Task[Any, Any]) -> None:

@@ -18,8 +18,9 @@ VISIBILITY_MARGIN = 60
 FIRE_SCHEDULES = "conveyor.fire_schedules"
 SCHEDULE_EXPIRES_MIN = 60.0
 RECONCILE = "conveyor.reconcile"
+WAKE = "conveyor.wake"
 # Beat sends these every few seconds: their per-message lines are DEBUG (worker.logs).
-HOUSEKEEPING_TASKS = (RECONCILE, FIRE_SCHEDULES)
+HOUSEKEEPING_TASKS = (RECONCILE, FIRE_SCHEDULES, WAKE)
 
 
 def broker_kind(settings: Settings) -> str:
@@ -107,6 +108,15 @@ def celery_config(settings: Settings, registry: WorkflowRegistry) -> dict[str, A
                 # Ahead of queued steps: recovery must not wait behind the backlog.
                 "options": {
                     "expires": settings.reconcile_interval * 2,
+                    "priority": broker_priority(settings, MAX_PRIORITY),
+                },
+            },
+            "conveyor-wake": {
+                "task": WAKE,
+                "schedule": settings.wake_interval,
+                # Ahead of queued steps: a due sleep or timeout wakes on time.
+                "options": {
+                    "expires": settings.wake_interval * 2,
                     "priority": broker_priority(settings, MAX_PRIORITY),
                 },
             },

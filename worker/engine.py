@@ -17,11 +17,12 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import executions, reconciler, steps
+from core import executions, reconciler, steps, waits
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -32,12 +33,12 @@ from core.errors import (
     TransientDatabaseError,
     WorkflowNotFound,
 )
-from core.outcomes import Admission, Claim, ReconcileReport, Route
+from core.outcomes import Admission, Claim, ReconcileReport, Route, WaitOutcome
 from core.registry import WorkflowRegistry
 from core.states import StepStatus
 from core.transactions import RetryPolicy
 from core.workflows import Step, Workflow
-from worker.config import broker_priority
+from worker.config import WAKE, broker_priority
 from worker.context import RunningStep
 from worker.failures import StepFailed
 from worker.heartbeat import Heartbeat
@@ -285,6 +286,14 @@ class Engine:
         roots = [s for s in workflow.steps.values() if not s.depends_on] if workflow else []
         # Breadth-first order starts everything first: its roots wait their turn.
         depth_first = self.settings.order == "depth_first"
+        if workflow is not None and workflow.wait_nodes:
+            # Its waits enter waiting at the start (root waits, and after a retry those
+            # whose upstream steps had succeeded): admitted without the fused claim.
+            admission, woken = self.manager.run(waits.admit, workflow, ids, limit, self.definition)
+            self.metrics.admitted(workflow_name, admission)
+            self._publish_committed(admission.queued, admission.routes)
+            self.publish_outcome(woken)
+            return admission
         if run_here and depth_first and roots and all(_unlimited(s) for s in roots):
             admission, claim = self.manager.run(
                 steps.admit_and_claim, workflow_name, ids, limit, self.worker_id
@@ -296,6 +305,47 @@ class Engine:
         if claim is not None:
             self._run_from(claim)
         return admission
+
+    def publish_outcome(self, outcome: WaitOutcome) -> None:
+        """Send what a committed wait transaction set in motion: the steps it queued,
+        the child executions it created; count the waits it ended and the executions it
+        finished, and admit the next execution where a slot freed. A failed publish is
+        logged: the reconciler sends queued steps and starts of pending executions."""
+        self._publish_committed(outcome.queued, outcome.routes)
+        if outcome.starts:
+            unsent = self.publish_starts_each(outcome.starts)
+            if unsent:
+                log.warning("%d child start(s) unsent; the reconciler will send them", len(unsent))
+        for workflow, kind, how in outcome.woken:
+            self.metrics.wait_ended(workflow, kind, how)
+        for result, workflow in outcome.finished:
+            self.metrics.ended(workflow, result)
+        for workflow in sorted({workflow for _, workflow in outcome.finished}):
+            self.after_finish(workflow)
+
+    def wake(self) -> int:
+        """Wake the waits that are due (the beat's ``conveyor.wake``): batches of
+        ``CONVEYOR_WAKE_BATCH`` until one comes back short, or ``CONVEYOR_WAKE_INTERVAL``
+        of work has passed (the next tick goes on). How many waits it took."""
+        settings = self.settings
+        began = time.monotonic()
+        taken = 0
+        while True:
+            outcome = self.manager.run(waits.wake_due, settings.wake_batch, self.definition)
+            taken += outcome.taken
+            self.publish_outcome(outcome)
+            if outcome.taken < settings.wake_batch:
+                break
+            if time.monotonic() - began > settings.wake_interval:
+                break
+        self.metrics.wake_pass(time.monotonic() - began, taken)
+        if outcome.next_due is not None:
+            # Due before the next tick: one housekeeping message for that moment, so a
+            # short sleep wakes on time (a lost one costs at most one tick).
+            left = (outcome.next_due - datetime.now(UTC)).total_seconds()
+            if 0 < left < settings.wake_interval:
+                self.app.send_task(WAKE, countdown=left, expires=settings.wake_interval * 2)
+        return taken
 
     def after_finish(self, workflow_name: str) -> None:
         """A slot freed up: admit the next waiting execution of a limited workflow."""
@@ -422,7 +472,7 @@ class Engine:
         )
         try:
             completion = self.recorder.run(
-                steps.complete, claim, output, encoded, workflow, continue_as
+                steps.complete, claim, output, encoded, workflow, continue_as, self.definition
             )
         except TransientDatabaseError:
             # The database stayed away through every retry (PATIENT): recording anything
@@ -460,6 +510,8 @@ class Engine:
         self.metrics.ended(workflow.name, completion.execution)
         if completion.execution is not None:
             self.after_finish(workflow.name)
+        if completion.woken is not None:
+            self.publish_outcome(completion.woken)
         return completion.continued
 
     @staticmethod

@@ -111,6 +111,25 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.waits_woken = Counter(
+            "conveyor_waits_woken",
+            "Waits that ended or were re-armed, by kind (sleep, event, child) and how "
+            "(due, early, event, signal, child, timeout, failed).",
+            ["workflow", "kind", "how"],
+            registry=registry,
+        )
+        self.wake_duration = Histogram(
+            "conveyor_wake_pass_seconds",
+            "Duration of a waker pass over due waits (its transactions and publishing).",
+            buckets=PASS_BUCKETS,
+            registry=registry,
+        )
+        self.events_sent = Counter(
+            "conveyor_events",
+            "Events and signals sent, by outcome (consumed, stored, duplicate).",
+            ["outcome"],
+            registry=registry,
+        )
 
     def admitted(self, workflow: str, admission: Admission) -> None:
         """Executions an admission started."""
@@ -140,6 +159,18 @@ class Metrics:
         """An execution's final transition, when a write made one."""
         if execution is not None and execution.applied:
             self.executions_finished.labels(workflow, execution.to_status).inc()
+
+    def wait_ended(self, workflow: str, kind: str, how: str) -> None:
+        """A wait ended (or was re-armed for a retry)."""
+        self.waits_woken.labels(workflow, kind, how).inc()
+
+    def wake_pass(self, seconds: float, taken: int) -> None:
+        """One waker pass: its duration (``taken``: due waits it took)."""
+        self.wake_duration.observe(seconds)
+
+    def event_sent(self, outcome: str) -> None:
+        """An event or signal: consumed by a wait, stored for one to come, or a duplicate."""
+        self.events_sent.labels(outcome).inc()
 
     def reconciled_pass(self, report: ReconcileReport, seconds: float, *, unsent: int = 0) -> None:
         """One reconciler pass: its duration, what it did, the executions it ended;

@@ -14,11 +14,12 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from core import executions
-from core.errors import InputValidationError
+from core import executions, waits
+from core.errors import InputValidationError, StepNotFound
 from core.executions import NewExecution
 from core.outcomes import CreatedExecution
-from core.workflows import Workflow
+from core.waits import EventReceipt
+from core.workflows import EventWait, Workflow
 
 if TYPE_CHECKING:
     from worker.app import ConveyorCelery
@@ -177,3 +178,100 @@ def submit_many(
             exc_info=True,
         )
     return created
+
+
+def send_event(
+    name: str,
+    *,
+    key: str = "",
+    payload: Any = None,
+    idempotency_key: str | None = None,
+    actor: str | None = None,
+    app: ConveyorCelery | None = None,
+    scope: str = executions.PRODUCER_SCOPE,
+    sent_by: str | None = None,
+) -> EventReceipt:
+    """Send event ``name`` for ``key``: the oldest execution waiting for (name, key)
+    (``wf.wait``) takes it now; with none waiting, it is kept for a wait established
+    later (``CONVEYOR_EVENT_TTL``). ``payload`` is checked against the waits' schema
+    first (InputValidationError naming each field; nothing stored). A repeated
+    ``idempotency_key`` stores one event."""
+    conveyor = _app(app)
+    engine = conveyor.engine
+    if not isinstance(name, str) or not 0 < len(name) <= 200:
+        raise InputValidationError(f"event name must be 1-200 characters, got {name!r}")
+    if not isinstance(key, str) or len(key) > 255:
+        raise InputValidationError(f"event key must be text of at most 255 characters, got {key!r}")
+    checked = waits.payload_of(
+        name, engine.registry.event_schema(name), payload, engine.settings.max_payload_bytes
+    )
+    receipt, outcome = engine.manager.run(
+        waits.send_event,
+        name,
+        key,
+        checked,
+        ttl_seconds=engine.settings.event_ttl,
+        definition_of=engine.definition,
+        idempotency_key=idempotency_key,
+        scope=scope,
+        sent_by=sent_by,
+        actor=actor,
+    )
+    engine.metrics.event_sent(
+        "duplicate" if receipt.duplicate else "consumed" if receipt.consumed_by else "stored"
+    )
+    engine.publish_outcome(outcome)
+    return receipt
+
+
+def signal(
+    execution_id: str,
+    step: str,
+    payload: Any = None,
+    *,
+    actor: str | None = None,
+    app: ConveyorCelery | None = None,
+    sent_by: str | None = None,
+) -> EventReceipt:
+    """Send ``payload`` to execution ``execution_id``'s event wait ``step``: it completes
+    now if it waits, or takes the signal when it is established. Checked against the
+    wait's schema (InputValidationError); WaitNotOpen when the execution or step has
+    ended."""
+    conveyor = _app(app)
+    engine = conveyor.engine
+    execution = engine.manager.get_execution(execution_id)
+    workflow = engine.registry.get(execution.workflow_id, execution.workflow_version)
+    defined = workflow.steps.get(step)
+    if defined is None:
+        raise StepNotFound(execution_id, step)
+    schema = defined.wait.schema if isinstance(defined.wait, EventWait) else None
+    checked = waits.payload_of(step, schema, payload, engine.settings.max_payload_bytes)
+    receipt, outcome = engine.manager.run(
+        waits.signal,
+        execution_id,
+        step,
+        checked,
+        ttl_seconds=engine.settings.event_ttl,
+        definition_of=engine.definition,
+        actor=actor,
+        sent_by=sent_by,
+    )
+    engine.metrics.event_sent("consumed" if receipt.consumed_by else "stored")
+    engine.publish_outcome(outcome)
+    return receipt
+
+
+def wake(
+    execution_id: str,
+    step: str,
+    *,
+    actor: str | None = None,
+    app: ConveyorCelery | None = None,
+) -> None:
+    """Wake sleep ``step`` of execution ``execution_id`` now (audited as woken early by
+    ``actor``); WaitNotOpen (409) when it is not sleeping."""
+    engine = _app(app).engine
+    outcome = engine.manager.run(
+        waits.wake, execution_id, step, definition_of=engine.definition, actor=actor
+    )
+    engine.publish_outcome(outcome)

@@ -36,6 +36,7 @@ TABLES = {
     "execution_events",
     "workflow_schedules",
     "database_liveness",
+    "event_inbox",
 }
 _counter = itertools.count()
 

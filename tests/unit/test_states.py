@@ -36,7 +36,12 @@ def test_sources_follow_the_table() -> None:
         StepStatus.PENDING,
         StepStatus.QUEUED,
         StepStatus.RUNNING,
+        StepStatus.WAITING,  # a task step held for a slot, admitted
     }
+    # A wait is entered from pending only, and no message can claim one.
+    assert STEPS.sources_of(StepStatus.WAITING) == {StepStatus.PENDING, StepStatus.WAITING}
+    assert StepStatus.WAITING not in STEPS.sources_of(StepStatus.RUNNING)
+    assert StepStatus.WAITING in STEPS.open
     assert EXECUTIONS.sources_of(ExecutionStatus.PENDING) == frozenset()
 
 
