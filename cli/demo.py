@@ -1,10 +1,11 @@
 """``make run``: the example workflows on the embedded default, start to finish.
 
 Migrates a fresh SQLite file, starts ``celery -A worker.app worker`` and ``beat`` on
-the filesystem broker, enqueues the four workflows of ``examples.workflows``, shows
-their progress, and checks that each ended as expected (``charge_order`` is meant to
-fail). Everything lives in ``./.conveyor-demo/``, recreated on every run, unless
-CONVEYOR_DATABASE_URL, CONVEYOR_BROKER_URL or CONVEYOR_BROKER_FOLDER name others.
+the filesystem broker, enqueues the five workflows of ``examples.workflows`` (and
+signals the approval the invoice waits for), shows their progress, and checks that
+each ended as expected (``charge_order`` is meant to fail). Everything lives in
+``./.conveyor-demo/``, recreated on every run, unless CONVEYOR_DATABASE_URL,
+CONVEYOR_BROKER_URL or CONVEYOR_BROKER_FOLDER name others.
 Exit status: 0 when every execution ended as expected, 1 otherwise, 130 if interrupted.
 """
 
@@ -116,6 +117,13 @@ def _charge_check(outcome: Outcome) -> list[str]:
     return problems
 
 
+def _approval_check(outcome: Outcome) -> list[str]:
+    paid = (outcome.execution.output_data or {}).get("pay_invoice", "")
+    if "approved by demo@example.com" not in str(paid):
+        return [f"expected the invoice paid on the demo's approval, got {paid!r}"]
+    return []
+
+
 RUNS = (
     DemoRun(
         "daily_report",
@@ -141,7 +149,15 @@ RUNS = (
         ExecutionStatus.FAILED,
         _charge_check,
     ),
+    DemoRun(
+        "invoice_approval",
+        {"invoice_id": "inv-42", "amount_cents": 99_00},
+        ExecutionStatus.SUCCEEDED,
+        _approval_check,
+    ),
 )
+# What the demo sends as a person approving the invoice (a signal to its wait).
+APPROVAL = {"approved": True, "approver": "demo@example.com", "note": "looks right"}
 
 
 class Interrupted(Exception):
@@ -486,7 +502,7 @@ def run_demo(console: Console) -> bool:
     console.print(f"  database  {database} (migrated to head)", soft_wrap=True, highlight=False)
 
     from worker.app import app
-    from worker.producer import enqueue
+    from worker.producer import enqueue, signal
 
     console.print(f"  broker    {broker_line(app, settings)}", soft_wrap=True, highlight=False)
     env = child_environment(os.environ, place)
@@ -499,6 +515,11 @@ def run_demo(console: Console) -> bool:
                 highlight=False,
             )
         executions = [(run, enqueue(run.workflow, run.input, app=app)) for run in RUNS]
+        # A person approves the invoice at once: the signal is kept until the wait for
+        # it is established (its request step may not have run yet), then delivered.
+        for run, execution_id in executions:
+            if run.workflow == "invoice_approval":
+                signal(execution_id, "approval", APPROVAL, actor="demo@example.com", app=app)
         console.print(f"\nEnqueued {len(executions)} executions; waiting for them:\n")
         problem = watch(console, manager, executions, started)
     console.print(

@@ -174,6 +174,9 @@ class WaitOutcome:
     # The waker's: due rows it took, and the earliest wake time left after it.
     taken: int = 0
     next_due: datetime | None = None
+    # Workflows with an execution parked here (all its open steps wait): a
+    # max_concurrency slot is free, to admit the next pending execution.
+    freed: list[str] = field(default_factory=list)
 
     def merge(self, other: WaitOutcome) -> None:
         self.queued += other.queued
@@ -181,3 +184,4 @@ class WaitOutcome:
         self.starts += other.starts
         self.finished += other.finished
         self.woken += other.woken
+        self.freed += other.freed

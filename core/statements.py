@@ -520,11 +520,16 @@ def lock_workflow(dialect: str, workflow_id: str) -> Select[Any] | None:
 
 
 def count_running(workflow_id: str) -> Select[int]:
-    """How many executions of the workflow are running (the concurrency limit's count)."""
+    """How many executions of the workflow hold a slot (the concurrency limit's count):
+    running, and not parked (an execution whose open steps all wait holds none)."""
     return (
         select(func.count())
         .select_from(WE)
-        .where(WE.workflow_id == workflow_id, WE.status == ExecutionStatus.RUNNING.value)
+        .where(
+            WE.workflow_id == workflow_id,
+            WE.status == ExecutionStatus.RUNNING.value,
+            WE.parked_at.is_(None),
+        )
     )
 
 

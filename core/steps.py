@@ -23,6 +23,7 @@ from core.executions import admit, finish_if_done
 from core.models import StepExecution
 from core.outcomes import (
     Admission,
+    WaitOutcome,
     Claim,
     Route,
     StepCompletion,
@@ -42,7 +43,7 @@ from core.step_statements import (
     hot_path,
 )
 from core.transitions import transition_step, transition_steps
-from core.waits import enter_waits, registered
+from core.waits import enter_waits, registered, settle
 from core.workflows import Dag, Workflow
 
 DefinitionOf = Callable[[str, int], Workflow | None]
@@ -209,6 +210,11 @@ def complete(
     if not released_any:
         alone = list(workflow.sinks) == [step_name]
         finished = finish_if_done(conn, execution_id, workflow.sinks, contended=not alone)
+        if finished is None and isinstance(workflow, Workflow) and workflow.wait_nodes:
+            # Its last running branch ended beside a waiting one: parked, it frees its
+            # max_concurrency slot while it waits.
+            woken = woken or WaitOutcome()
+            settle(conn, [execution_id], woken)
     next_step = None
     if continued is not None:
         upstream = workflow.upstream(continued.step_name)

@@ -23,7 +23,9 @@ from sqlalchemy import (
     Table,
     Update,
     bindparam,
+    and_,
     case,
+    exists,
     func,
     insert,
     literal,
@@ -33,7 +35,7 @@ from sqlalchemy import (
 
 from core.models import InboxEvent, StepExecution, WorkflowExecution
 from core.sql import utcnow
-from core.states import STEPS, StepStatus
+from core.states import STEPS, ExecutionStatus, StepStatus
 
 SE = cast(Table, StepExecution.__table__)
 WE = cast(Table, WorkflowExecution.__table__)
@@ -282,4 +284,24 @@ def wait_statements() -> WaitStatements:
         oldest_wait=oldest_wait,
         consume=consume,
         event_lock=event_lock,
+    )
+
+
+def repark(execution_ids: list[str]) -> Update:
+    """Set ``parked_at`` on those running executions whose open steps all wait (some
+    waiting, none queued or running), clear it on the others: a parked execution holds
+    no max_concurrency slot. Run after the executions' finish locks
+    (``core.statements.lock_executions``): its snapshot then sees every step committed
+    by an earlier holder."""
+
+    def has(statuses: list[str]) -> Any:
+        return exists().where(SE.c.execution_id == WE.c.execution_id, SE.c.status.in_(statuses))
+
+    busy = has([StepStatus.QUEUED.value, StepStatus.RUNNING.value])
+    parked = and_(~busy, has([WAITING]))
+    return (
+        update(WE)
+        .where(WE.c.execution_id.in_(execution_ids), WE.c.status == ExecutionStatus.RUNNING.value)
+        .values(parked_at=case((parked, func.coalesce(WE.c.parked_at, utcnow())), else_=None))
+        .returning(WE.c.execution_id, WE.c.workflow_id, WE.c.parked_at)
     )

@@ -51,7 +51,7 @@ from core.sql import utcnow
 from core.states import ExecutionStatus, StepStatus
 from core.step_statements import RELEASED, event_row, hot_path
 from core.transitions import transition_steps
-from core.wait_statements import IB, SE, WE, wait_statements
+from core.wait_statements import IB, SE, WE, repark, wait_statements
 from core.workflows import ChildWait, EventWait, Sleep, Step, Workflow
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,8 @@ def enter_waits(
         conn.execute(hot_path(conn.dialect.name).events, [event_row(r, ENTERED) for r in entered])
         execution = _read_execution(conn, execution_id, workflow)
         establish(conn, execution, entered, known_outputs, definition_of, outcome)
+        if not any(result.execution_id == execution_id for result, _ in outcome.finished):
+            settle(conn, [execution_id], outcome)
     return bool(rows), outcome
 
 
@@ -224,6 +226,8 @@ def arm_root_waits(
     for execution_id, entered in by_execution.items():
         execution = _read_execution(conn, execution_id, workflow)
         establish(conn, execution, entered, {}, definition_of, outcome)
+    ended = {result.execution_id for result, _ in outcome.finished}
+    settle(conn, [e for e in by_execution if e not in ended], outcome)
     return outcome
 
 
@@ -438,6 +442,20 @@ def _error_record(error: BaseException) -> dict[str, Any]:
     return {"type": type(error).__name__, "message": str(error)[:4000]}
 
 
+def settle(conn: Connection, execution_ids: Sequence[str], outcome: WaitOutcome) -> None:
+    """Park the running executions among ``execution_ids`` whose open steps all wait,
+    unpark the others (``parked_at``; a parked execution holds no max_concurrency
+    slot); a workflow with an execution parked is reported freed, to admit the next."""
+    if not execution_ids:
+        return
+    ids = sorted(set(execution_ids))
+    if conn.dialect.name == "postgresql":
+        conn.execute(sql.lock_executions(ids))
+    for row in conn.execute(repark(ids)).all():
+        if row.parked_at is not None and row.workflow_id not in outcome.freed:
+            outcome.freed.append(row.workflow_id)
+
+
 # --- ending -------------------------------------------------------------------------
 
 
@@ -507,13 +525,20 @@ def _end_waits(
             _skip_descendants(
                 conn, end.execution_id, end.step_name, workflow.descendants(end.step_name)
             )
+    unfinished: list[str] = []
     for execution_id in touched:
         if execution_id in released_in:
+            unfinished.append(execution_id)
             continue
         workflow = executions[execution_id].workflow
         finished = finish_if_done(conn, execution_id, workflow.sinks)
         if finished is not None:
             outcome.finished.append((finished, workflow.name))
+        else:
+            unfinished.append(execution_id)
+    # A wait that ended queued a task step (the execution takes a slot again), or
+    # left only waits open.
+    settle(conn, unfinished, outcome)
     if outcome.finished:
         from core.children import wake_parents
 

@@ -1,4 +1,4 @@
-"""Four example workflows: copy this module, rename the workflows, replace the step bodies.
+"""Five example workflows: copy this module, rename the workflows, replace the step bodies.
 
 Run them with ``CONVEYOR_WORKFLOW_MODULES=examples.workflows`` (``make run`` does):
 
@@ -6,6 +6,9 @@ Run them with ``CONVEYOR_WORKFLOW_MODULES=examples.workflows`` (``make run`` doe
 - ``gallery_thumbnails``: fan-out to 20 parallel steps, fan-in to one.
 - ``supplier_sync``: a step that fails twice, then recovers through its Retry policy.
 - ``charge_order``: a step that fails for good; the step after it is skipped.
+- ``invoice_approval``: waits for a person's approval (an event or a signal, checked
+  against a schema), then a durable grace period (a sleep), then pays; no worker is
+  held while it waits.
 
 A step takes its context first (``ctx.input`` is the validated input model,
 ``ctx.attempt`` counts from 1), then one argument per upstream step, named after
@@ -241,3 +244,60 @@ def send_receipt(ctx: StepContext, charge_card: str) -> str:
     """Never runs in the demo: its upstream failed, so it is skipped."""
     params: ChargeInput = ctx.input
     return f"receipt for {params.order_id} ({charge_card})"
+
+
+# --- 5. waiting: request -> approval (event or signal) -> grace period (sleep) -> pay --
+
+
+class InvoiceInput(BaseModel):
+    """The invoice to approve and pay."""
+
+    invoice_id: str = Field(min_length=1, max_length=100)
+    amount_cents: int = Field(ge=1)
+
+
+class Approval(BaseModel):
+    """A person's answer, sent as the event ``invoice.approved`` (key: the invoice id) or
+    as a signal to the ``approval`` step; the dashboard builds its form from this."""
+
+    approved: bool
+    approver: str = Field(min_length=1, max_length=320)
+    note: str = Field(default="", max_length=500)
+
+
+invoice_approval = Workflow(
+    "invoice_approval",
+    input_model=InvoiceInput,
+    description="Ask for approval, wait for it (up to 7 days), wait a grace period, pay.",
+)
+
+
+@invoice_approval.step()
+def request_approval(ctx: StepContext) -> dict[str, str]:
+    """Tell the approvers (pretend): they answer through the dashboard, the API or CLI."""
+    params: InvoiceInput = ctx.input
+    time.sleep(WORK_SECONDS)
+    return {"invoice_id": params.invoice_id}
+
+
+# A row in waiting, not a held worker: an approval that arrives first is kept for it.
+invoice_approval.wait(
+    "approval",
+    depends_on=["request_approval"],
+    event="invoice.approved",
+    key=lambda ctx, request_approval: request_approval["invoice_id"],
+    schema=Approval,
+    timeout=timedelta(days=7),
+)
+# Durable: a restart of every worker mid-sleep does not restart the duration.
+invoice_approval.sleep("grace_period", depends_on=["approval"], duration=timedelta(seconds=1))
+
+
+@invoice_approval.step(depends_on=["approval", "grace_period"])
+def pay_invoice(ctx: StepContext, approval: dict[str, object], grace_period: str) -> str:
+    """Pay an approved invoice; a refusal is recorded as such."""
+    params: InvoiceInput = ctx.input
+    if not approval["approved"]:
+        return f"{params.invoice_id} refused by {approval['approver']}"
+    approver = approval["approver"]
+    return f"{params.invoice_id} paid ({params.amount_cents} cents), approved by {approver}"

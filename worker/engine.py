@@ -320,7 +320,7 @@ class Engine:
             self.metrics.wait_ended(workflow, kind, how)
         for result, workflow in outcome.finished:
             self.metrics.ended(workflow, result)
-        for workflow in sorted({workflow for _, workflow in outcome.finished}):
+        for workflow in sorted({*(workflow for _, workflow in outcome.finished), *outcome.freed}):
             self.after_finish(workflow)
 
     def wake(self) -> int:

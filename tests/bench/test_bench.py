@@ -1,6 +1,6 @@
 """bench/ runs end to end at a tiny size, so that it cannot rot: every figure is produced
-and sane (finite and positive, CPU figures non-negative; the burst's fractions within [0, 1] and its rank
-correlation within [-1, 1]). Timings are not asserted."""
+and sane (finite and positive, CPU figures non-negative; the burst's fractions within
+[0, 1] and its rank correlation within [-1, 1]). Timings are not asserted."""
 
 from __future__ import annotations
 

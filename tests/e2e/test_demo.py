@@ -21,6 +21,7 @@ EXPECTED = {
     "gallery_thumbnails": "succeeded",
     "supplier_sync": "succeeded",
     "charge_order": "failed",
+    "invoice_approval": "succeeded",
 }
 DEMO_TIMEOUT = 90
 
@@ -72,6 +73,8 @@ def _run_demo(cwd: Path) -> None:
     assert "PaymentDeclined in step charge_card" in output
     assert "skipped: send_receipt" in output
     assert "pull_stock_levels took 3 attempts" in output
+    # The approval the demo signalled before its wait existed, then the grace period.
+    assert "inv-42 paid (9900 cents), approved by demo@example.com" in output
     assert "polled every 0.1 s" in output
     assert elapsed < 60, f"the demo took {elapsed:.1f}s"
 

@@ -7,7 +7,6 @@ every second) when it wants due waits woken.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -84,11 +83,11 @@ def done(ctx: StepContext, rest: str) -> str:
 
 
 @pytest.fixture
-def app(database: TestDatabase, redis_url: str) -> Iterator[ConveyorCelery]:
+def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
     registry = WorkflowRegistry([napper, approver, long_sleeper])
     configure_registry(registry)
     RAN.clear()
-    yield create_app(clean_app_settings(database, redis_url), registry)
+    return create_app(clean_app_settings(database, redis_url), registry)
 
 
 def _waiting(execution_id: str, step: str, timeout: float = 20) -> dict[str, Any]:
@@ -128,7 +127,7 @@ def test_a_sleep_holds_no_message_and_wakes_when_due(app: ConveyorCelery) -> Non
     woke = step_row(execution_id, "nap")["finished_at"]
     assert timedelta(0) <= woke - wake_at < timedelta(seconds=1)
     assert finished.status == "succeeded"
-    assert RAN == [(execution_id, "after", wake_at.isoformat())]
+    assert [(execution_id, "after", wake_at.isoformat())] == RAN
     assert _reasons(execution_id, "nap") == ["upstream steps done", "woke up"]
 
 
@@ -155,7 +154,7 @@ def test_an_event_sent_before_its_wait_exists_is_delivered(app: ConveyorCelery) 
     with running_worker(app):
         finished = wait_for(execution_id)
     assert finished.status == "succeeded", finished.error
-    assert RAN == [(execution_id, "pay", {"approved": True, "by": "ann"})]
+    assert [(execution_id, "pay", {"approved": True, "by": "ann"})] == RAN
 
 
 def test_an_event_sent_to_an_established_wait_completes_it_once(app: ConveyorCelery) -> None:
@@ -173,7 +172,8 @@ def test_an_event_sent_to_an_established_wait_completes_it_once(app: ConveyorCel
         repeat = send_event(
             "invoice.approved", key="inv-2", payload=payload, idempotency_key="k1", app=app
         )
-        assert again.event_id == repeat.event_id and repeat.duplicate
+        assert again.event_id == repeat.event_id
+        assert repeat.duplicate
         assert again.consumed_by == f"{second}/approval"
         assert wait_for(first).status == "succeeded"
         assert wait_for(second).status == "succeeded"
@@ -194,7 +194,7 @@ def test_a_signal_completes_one_executions_wait(app: ConveyorCelery) -> None:
         _waiting(execution_id, "approval")
         signal(execution_id, "approval", {"approved": False, "by": "cy"}, actor="cy", app=app)
         assert wait_for(execution_id).status == "succeeded"
-    assert RAN == [(execution_id, "pay", {"approved": False, "by": "cy"})]
+    assert [(execution_id, "pay", {"approved": False, "by": "cy"})] == RAN
     with pytest.raises(WaitNotOpen, match="succeeded"):
         signal(execution_id, "approval", {"approved": True, "by": "cy"}, app=app)
 
