@@ -17,7 +17,10 @@ import re
 import pytest
 from psycopg import _queries
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.visitors import iterate
 
+from core.states import StepStatus
 from core.step_statements import hot_path
 
 FUSED = ("start_pg", "claim_pg", "complete_pg", "finish_pg", "outputs", "execution", "current")
@@ -38,3 +41,17 @@ def test_a_hot_statement_stays_within_psycopgs_query_cache(name: str, names: int
     )
     assert len(executed.statement.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
     assert len(executed.parameters) <= _queries.MAX_CACHED_STATEMENT_PARAMS
+
+
+def test_the_completion_completes_only_what_a_worker_ran() -> None:
+    # A wait leaves waiting through core.waits, never through a worker's completion: the
+    # fused completion's text does not grow with the waiting status.
+    compiled = str(hot_path("postgresql").complete_pg.compile(dialect=postgresql.dialect()))
+    assert "waiting" not in compiled
+    where = hot_path("postgresql").complete.whereclause
+    assert where is not None
+    statuses = {b.value for b in iterate(where) if isinstance(b, BindParameter)} & STATUSES
+    assert statuses == {"running"}
+
+
+STATUSES = {s.value for s in StepStatus}
