@@ -181,6 +181,19 @@ class ExecutionOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     deadline_at: datetime | None
+    parent_execution_id: str | None = Field(
+        description="The execution whose child node started this one (null: a top one)."
+    )
+    root_execution_id: str | None = Field(
+        description="The top execution of this one's tree of children (null: a top one)."
+    )
+    depth: int = Field(description="Levels below its root: 0 for a top execution.")
+    parked_at: datetime | None = Field(
+        description=(
+            "Since when every open step of this running execution waits (it then holds "
+            "no max_concurrency slot); listed as status `waiting`."
+        )
+    )
 
     @classmethod
     def of(cls, execution: WorkflowExecution) -> ExecutionOut:
@@ -206,7 +219,38 @@ def _execution_fields(e: WorkflowExecution) -> dict[str, Any]:
         "started_at": e.started_at,
         "finished_at": e.finished_at,
         "deadline_at": e.deadline_at,
+        "parent_execution_id": e.parent_execution_id,
+        "root_execution_id": e.root_execution_id,
+        "depth": e.depth,
+        "parked_at": e.parked_at,
     }
+
+
+class WaitOut(BaseModel):
+    """What a waiting step waits for."""
+
+    kind: Literal["sleep", "event", "child"]
+    since: datetime | None = Field(description="When it began waiting.")
+    wake_at: datetime | None = Field(
+        description="A sleep: when it wakes. An event wait: when it times out (null: never)."
+    )
+    event: str | None = Field(description="An event wait: the event's name.")
+    key: str | None = Field(description="An event wait: the key the event must carry.")
+    child_execution_id: str | None = Field(description="A child node: the child execution.")
+
+    @classmethod
+    def of(cls, step: StepExecution) -> WaitOut | None:
+        """What ``step`` waits for, or None when it is not waiting on a wait node."""
+        if step.wait_kind is None or step.status != "waiting":
+            return None
+        return cls(
+            kind=step.wait_kind,
+            since=step.waiting_since,
+            wake_at=step.wake_at,
+            event=step.wait_event,
+            key=step.wait_key,
+            child_execution_id=step.child_execution_id,
+        )
 
 
 class StepOut(BaseModel):
@@ -229,6 +273,10 @@ class StepOut(BaseModel):
     finished_at: datetime | None
     heartbeat_at: datetime | None
     next_attempt_at: datetime | None
+    kind: Literal["task", "sleep", "event", "child"] = Field(
+        description="A task runs code; the others are wait nodes (no worker held)."
+    )
+    wait: WaitOut | None = Field(description="What it waits for while waiting (else null).")
 
     @classmethod
     def of(cls, step: StepExecution) -> StepOut:
@@ -236,6 +284,7 @@ class StepOut(BaseModel):
         return cls(
             name=step.step_name,
             status=step.status,
+            kind=step.wait_kind or "task",
             attempt=step.attempt,
             policy_attempt=step.policy_attempt,
             max_attempts=step.max_attempts,
@@ -249,6 +298,7 @@ class StepOut(BaseModel):
             finished_at=step.finished_at,
             heartbeat_at=step.heartbeat_at,
             next_attempt_at=step.next_attempt_at,
+            wait=WaitOut.of(step),
         )
 
 
@@ -277,11 +327,21 @@ class EventOut(BaseModel):
         )
 
 
+class ChildOut(BaseModel):
+    """A child execution, started by one of this execution's child nodes."""
+
+    execution_id: str
+    workflow: str
+    status: str
+    step: str | None = Field(description="The parent's child node that started it.")
+
+
 class ExecutionDetail(ExecutionOut):
-    """An execution with its steps and its whole history."""
+    """An execution with its steps, its whole history and its child executions."""
 
     steps: list[StepOut]
     events: list[EventOut]
+    children: list[ChildOut] = Field(default_factory=list)
 
 
 class ExecutionPage(BaseModel):
@@ -289,6 +349,39 @@ class ExecutionPage(BaseModel):
 
     items: list[ExecutionOut]
     next_cursor: str | None
+
+
+class EventCreate(Strict):
+    """An event to send: the oldest execution waiting for (name, key) takes it, else it
+    is kept for a wait established later (CONVEYOR_EVENT_TTL)."""
+
+    name: Name
+    key: Annotated[str, StringConstraints(max_length=255, pattern=NO_NUL)] = Field(
+        default="", description="The key the waits' expressions gave (empty: a wait with none)."
+    )
+    payload: Any = Field(
+        default=None, description="JSON checked against the waits' schema for this event."
+    )
+    idempotency_key: Key | None = Field(
+        default=None,
+        description="Yours alone: the same key again returns your first event (200).",
+    )
+
+
+class EventReceiptOut(BaseModel):
+    """A sent event (or signal): its id, and the wait that took it, if one did."""
+
+    event_id: int
+    consumed_by: str | None = Field(
+        description="`execution_id/step` of the wait it completed; null: kept for one to come."
+    )
+    duplicate: bool = Field(description="An earlier send with this idempotency key stored it.")
+
+
+class SignalCreate(Strict):
+    """A payload for one execution's event wait."""
+
+    payload: Any = Field(default=None, description="JSON checked against the wait's schema.")
 
 
 class CancelRequest(Strict):
@@ -300,6 +393,19 @@ class CancelRequest(Strict):
 # --- workflows ------------------------------------------------------------------------
 
 
+class WaitDefinition(BaseModel):
+    """A wait node as declared."""
+
+    kind: Literal["sleep", "event", "child"]
+    duration_seconds: float | None = Field(description="A sleep of a fixed duration.")
+    event: str | None = Field(description="An event wait: the event's name.")
+    timeout_seconds: float | None = Field(description="An event wait: its timeout.")
+    payload_schema: dict[str, Any] | None = Field(
+        description="An event wait: its payload's JSON Schema (null: any JSON)."
+    )
+    workflow: str | None = Field(description="A child node: the workflow it starts.")
+
+
 class StepDefinition(BaseModel):
     """A step as declared."""
 
@@ -308,6 +414,8 @@ class StepDefinition(BaseModel):
     max_attempts: int
     timeout: float | None
     soft_timeout: float | None
+    kind: Literal["task", "sleep", "event", "child"] = "task"
+    wait: WaitDefinition | None = None
 
 
 class ScheduleOut(BaseModel):

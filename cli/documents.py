@@ -52,6 +52,24 @@ def execution(row: WorkflowExecution) -> Document:
         "finished_at": timestamp(row.finished_at),
         "deadline_at": timestamp(row.deadline_at),
         "updated_at": timestamp(row.updated_at),
+        "parent_execution_id": row.parent_execution_id,
+        "root_execution_id": row.root_execution_id,
+        "depth": row.depth,
+        "parked_at": timestamp(row.parked_at),
+    }
+
+
+def wait(row: StepExecution) -> Document | None:
+    """What a waiting wait node waits for (None for any other step)."""
+    if row.wait_kind is None or row.status != "waiting":
+        return None
+    return {
+        "kind": row.wait_kind,
+        "since": timestamp(row.waiting_since),
+        "wake_at": timestamp(row.wake_at),
+        "event": row.wait_event,
+        "key": row.wait_key,
+        "child_execution_id": row.child_execution_id,
     }
 
 
@@ -60,6 +78,7 @@ def step(row: StepExecution, depends_on: Sequence[str] | None) -> Document:
     return {
         "name": row.step_name,
         "status": row.status,
+        "kind": row.wait_kind or "task",
         "depends_on": list(depends_on) if depends_on is not None else None,
         "attempt": row.attempt,
         "policy_attempt": row.policy_attempt,
@@ -74,6 +93,7 @@ def step(row: StepExecution, depends_on: Sequence[str] | None) -> Document:
         "finished_at": timestamp(row.finished_at),
         "heartbeat_at": timestamp(row.heartbeat_at),
         "next_attempt_at": timestamp(row.next_attempt_at),
+        "wait": wait(row),
     }
 
 
@@ -140,6 +160,7 @@ def workflow(definition: Workflow) -> Document:
         "steps": [
             {
                 "name": name,
+                "kind": definition.steps[name].kind,
                 "depends_on": list(definition.steps[name].depends_on),
                 "max_attempts": definition.steps[name].retry.max_attempts,
                 "soft_timeout": definition.steps[name].soft_timeout,

@@ -1,5 +1,5 @@
-"""The ``conveyor`` command: migrate, run, status, list, cancel, retry, workflows,
-schedules, demo.
+"""The ``conveyor`` command: migrate, run, status, list, cancel, retry, wake, signal,
+events, workflows, schedules, demo.
 
 Commands are thin: reads go through core's state manager, writes through the worker's
 producer and engine. Every ConveyorError becomes one red line on stderr and exit
@@ -11,6 +11,7 @@ so an unmigrated database is met with "run `conveyor migrate`", and is never cre
 from __future__ import annotations
 
 import functools
+import getpass
 import importlib
 import json
 import sys
@@ -46,12 +47,14 @@ from cli.render import stderr, stdout
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import ConveyorError, translate
+from core.executions import ListedStatus
+from core.executions import list_executions as list_rows
 from core.models import WorkflowExecution
 from core.registry import WorkflowRegistry, get_registry
 from core.states import EXECUTIONS, STEPS, ExecutionStatus
 from core.workflows import Workflow
 from migrations import alembic_config
-from worker.producer import enqueue
+from worker.producer import enqueue, send_event, signal, wake
 
 if TYPE_CHECKING:
     from worker.app import ConveyorCelery
@@ -208,14 +211,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_input(text: str) -> Any:
-    """The ``--input`` value as JSON data (``@FILE`` reads a file, ``-`` stdin); else exit 2."""
-    source = "--input"
+def parse_input(text: str, option: str = "--input") -> Any:
+    """The ``--input`` (or ``option``'s) value as JSON data (``@FILE`` reads a file, ``-``
+    stdin); else exit 2."""
+    source = option
     if text == "-":
-        text, source = sys.stdin.read(), "--input from stdin"
+        text, source = sys.stdin.read(), f"{option} from stdin"
     elif text.startswith("@"):
         path = Path(text[1:])
-        source = f"--input file {path}"
+        source = f"{option} file {path}"
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
@@ -389,9 +393,16 @@ def status(
         events = manager.get_history(execution_id) if history else None
         documents.emit(documents.execution_with_steps(execution, steps, workflow, events))
         return
+    # The status of each child a waiting child node waits for.
+    children = {
+        s.child_execution_id: manager.get_execution(s.child_execution_id).status
+        for s in steps
+        if s.child_execution_id is not None and s.status == "waiting"
+    }
     console = stdout()
     console.print(render.execution_summary(execution))
-    console.print(render.steps_table(steps, list(workflow.order()) if workflow else ()))
+    order = list(workflow.order()) if workflow else ()
+    console.print(render.steps_table(steps, order, children))
     console.print(render.dag_tree(execution, steps, workflow))
     if history:
         console.print(render.history_table(manager.get_history(execution_id)))
@@ -405,16 +416,23 @@ def status(
 @migrated
 def list_executions(
     status: Annotated[
-        ExecutionStatus | None, typer.Option(help="Only executions in this status.")
+        ListedStatus | None,
+        typer.Option(
+            help="Only executions in this status (waiting: running, every open step waiting)."
+        ),
     ] = None,
     workflow: Annotated[str | None, typer.Option(help="Only executions of this workflow.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many.")] = 20,
     as_json: JsonOption = False,
 ) -> None:
     """List executions, newest first."""
-    executions = SyncEnhancedExecutionStateManager().list_executions(
-        status=status, workflow_id=workflow, limit=limit
-    )
+    manager = SyncEnhancedExecutionStateManager()
+    if status is ListedStatus.WAITING:
+        executions = manager.run(list_rows, None, workflow, limit, waiting=True)
+    else:
+        executions = manager.list_executions(
+            status=status.value if status else None, workflow_id=workflow, limit=limit
+        )
     if as_json:
         documents.emit([documents.execution(execution) for execution in executions])
         return
@@ -472,6 +490,90 @@ def retry(
     stdout().print(f"Retrying {execution_id} (attempt {execution.attempt}).", soft_wrap=True)
     if wait or timeout is not None:
         follow(execution_id, timeout, celery_app)
+
+
+def actor() -> str:
+    """Who acts from this command line, for the execution's history."""
+    try:
+        return f"{getpass.getuser()} (command line)"
+    except (OSError, KeyError):  # no login name: a container's anonymous uid
+        return "the command line"
+
+
+StepArgument = Annotated[str, typer.Argument(help="The step's name.", show_default=False)]
+PayloadOption = Annotated[
+    str,
+    typer.Option(
+        "--payload", "-p", metavar="JSON", help="The payload: JSON, @FILE, or - for stdin."
+    ),
+]
+
+
+@app.command("wake")
+@reported
+@migrated
+def wake_command(ctx: typer.Context, execution_id: ExecutionId, step: StepArgument) -> None:
+    """Wake a sleeping step now: it succeeds with the time it woke, and the execution's
+    history records who woke it early."""
+    wake(execution_id, step, actor=actor(), app=ctx.ensure_object(CliState).app)
+    stdout().print(f"Woke {step} of {execution_id}.", soft_wrap=True)
+
+
+@app.command("signal")
+@reported
+@migrated
+def signal_command(
+    ctx: typer.Context, execution_id: ExecutionId, step: StepArgument, payload: PayloadOption
+) -> None:
+    """Send a payload to one execution's event wait STEP: it completes now if it waits,
+    or takes the payload when it begins to."""
+    data = parse_input(payload, "--payload")
+    receipt = signal(execution_id, step, data, actor=actor(), app=ctx.ensure_object(CliState).app)
+    if receipt.consumed_by:
+        stdout().print(f"Signalled {step} of {execution_id}: it completed.", soft_wrap=True)
+    else:
+        kept = f"kept until it waits (signal #{receipt.event_id})"
+        stdout().print(f"Signalled {step} of {execution_id}: {kept}.", soft_wrap=True)
+
+
+events_app = typer.Typer(
+    help="Events: send one to the execution waiting for it (wf.wait), now or later.",
+    no_args_is_help=True,
+)
+app.add_typer(events_app, name="events")
+
+
+@events_app.command("send")
+@reported
+@migrated
+def send_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The event's name.", show_default=False)],
+    key: Annotated[str, typer.Argument(help="The key it carries.", show_default=False)],
+    payload: PayloadOption = "null",
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Send once per key: the same key again stores nothing.")
+    ] = None,
+) -> None:
+    """Send event NAME for KEY: the oldest execution waiting for it takes it now; with
+    none waiting it is kept for one that begins to (CONVEYOR_EVENT_TTL)."""
+    data = parse_input(payload, "--payload")
+    celery_app = ctx.ensure_object(CliState).app
+    receipt = send_event(
+        name, key=key, payload=data, idempotency_key=idempotency_key, actor=actor(), app=celery_app
+    )
+    if receipt.duplicate:
+        line = f"Event #{receipt.event_id} was sent before with idempotency key {idempotency_key}"
+        line += f" (taken by {receipt.consumed_by})." if receipt.consumed_by else "."
+    elif receipt.consumed_by:
+        line = f"Event #{receipt.event_id} taken by {receipt.consumed_by}."
+    else:
+        ttl = render.duration(celery_app.engine.settings.event_ttl)
+        line = (
+            f"Event #{receipt.event_id} stored: no execution waits for {name} key {key} yet; "
+            f"kept {ttl} for one that does."
+        )
+    stdout().print(line, soft_wrap=True)
 
 
 @app.command()

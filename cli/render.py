@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ STATUS_STYLES: dict[str, str] = {
     "pending": "dim",
     "queued": "blue",
     "running": "cyan",
+    "waiting": "bright_blue",
     "succeeded": "green",
     "failed": "bold red",
     "skipped": "dim",
@@ -70,6 +71,59 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def moment(value: datetime) -> str:
+    """A moment to the minute, named in UTC: '2026-12-07 10:00 UTC'."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def relative(value: datetime, now: datetime | None = None) -> str:
+    """How far ``value`` is from now in its two largest units: 'in 2d 3h', 'in 4m 05s',
+    '12s ago'."""
+    seconds = int((value - (now or datetime.now(UTC))).total_seconds())
+    left = abs(seconds)
+    days, left = divmod(left, 86400)
+    hours, left = divmod(left, 3600)
+    minutes, secs = divmod(left, 60)
+    if days:
+        text = f"{days}d {hours}h"
+    elif hours:
+        text = f"{hours}h {minutes:02d}m"
+    elif minutes:
+        text = f"{minutes}m {secs:02d}s"
+    else:
+        text = f"{secs}s"
+    return f"in {text}" if seconds >= 0 else f"{text} ago"
+
+
+def waits_for(
+    step: StepExecution,
+    children: Mapping[str, str] | None = None,
+    now: datetime | None = None,
+) -> str:
+    """What a waiting step waits for ('until 2026-12-07 10:00 UTC (in 2d 3h)', 'event
+    invoice.approved key inv-42 (times out ...)', 'child <id> (running)'); '' for a step
+    that is not waiting on a wait node. ``children``: child execution statuses by id."""
+    if step.status != "waiting" or step.wait_kind is None:
+        return ""
+    if step.wait_kind == "sleep":
+        if step.wake_at is None:
+            return "sleep (not armed yet)"
+        return f"until {moment(step.wake_at)} ({relative(step.wake_at, now)})"
+    if step.wait_kind == "event":
+        if step.wait_event is None:
+            return "event (not armed yet)"
+        text = f"event {step.wait_event}"
+        if step.wait_key:
+            text += f" key {step.wait_key}"
+        if step.wake_at is not None:
+            text += f" (times out {moment(step.wake_at)}, {relative(step.wake_at, now)})"
+        return text
+    if step.child_execution_id is None:
+        return "child (not started yet)"
+    status = (children or {}).get(step.child_execution_id)
+    return f"child {step.child_execution_id}" + (f" ({status})" if status else "")
+
+
 def elapsed(started: datetime | None, finished: datetime | None) -> str:
     """How long something ran (so far, while it runs), or '-' if it has not started."""
     if started is None:
@@ -108,10 +162,13 @@ def executions_table(executions: Iterable[WorkflowExecution]) -> Table:
     table.add_column("created (UTC)", no_wrap=True)
     table.add_column("took", justify="right", no_wrap=True)
     for execution in executions:
+        status = status_text(execution.status)
+        if execution.status == "running" and execution.parked_at is not None:
+            status.append(" (waiting)", style=STATUS_STYLES["waiting"])  # every open step waits
         table.add_row(
             execution.execution_id,
             f"{execution.workflow_id} v{execution.workflow_version}",
-            status_text(execution.status),
+            status,
             str(execution.attempt),
             when(execution.created_at),
             elapsed(execution.started_at, execution.finished_at),
@@ -138,6 +195,7 @@ def execution_summary(execution: WorkflowExecution) -> Table:
     status.append(f"  (attempt {execution.attempt})", style="default")
     rows: list[tuple[str, RenderableType]] = [
         ("execution", execution.execution_id),
+        *([("parent", execution.parent_execution_id)] if execution.parent_execution_id else []),
         ("workflow", f"{execution.workflow_id} v{execution.workflow_version}"),
         ("status", status),
         ("created", when(execution.created_at)),
@@ -145,6 +203,8 @@ def execution_summary(execution: WorkflowExecution) -> Table:
         ("finished", when(execution.finished_at)),
         ("took", elapsed(execution.started_at, execution.finished_at)),
     ]
+    if execution.parked_at is not None and execution.status == "running":
+        rows.append(("waiting since", when(execution.parked_at)))
     if execution.deadline_at is not None:
         rows.append(("deadline", when(execution.deadline_at)))
     if execution.priority:
@@ -160,29 +220,47 @@ def execution_summary(execution: WorkflowExecution) -> Table:
     return grid
 
 
-def steps_table(steps: Sequence[StepExecution], order: Sequence[str] = ()) -> Table:
-    """One row per step (in DAG order when ``order`` is given): status, attempt, time, error."""
+def steps_table(
+    steps: Sequence[StepExecution],
+    order: Sequence[str] = (),
+    children: Mapping[str, str] | None = None,
+) -> Table:
+    """One row per step (in DAG order when ``order`` is given): status, attempt, time,
+    error, and, while any step waits, what each waiting one waits for (``children``:
+    child execution statuses by id)."""
     position = {name: index for index, name in enumerate(order)}
     ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
+    now = datetime.now(UTC)
+    waits = {s.step_name: waits_for(s, children, now) for s in ranked}
     table = Table(box=box.SIMPLE_HEAD)
     table.add_column("step", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("attempt", justify="right", no_wrap=True)
     table.add_column("took", justify="right", no_wrap=True)
     table.add_column("error")
+    waiting = any(waits.values())
+    if waiting:
+        table.add_column("waits for")
     for step in ranked:
-        table.add_row(
+        cells: list[RenderableType] = [
             step.step_name,
             status_text(step.status),
             f"{step.policy_attempt}/{step.max_attempts}",
             elapsed(step.started_at, step.finished_at),
             Text(error_type(step.error), style="red"),
-        )
+        ]
+        if waiting:
+            cells.append(waits[step.step_name])
+        table.add_row(*cells)
     return table
 
 
-def _step_label(name: str, row: StepExecution | None, also_after: Sequence[str]) -> Text:
+def _step_label(
+    name: str, row: StepExecution | None, also_after: Sequence[str], kind: str | None = None
+) -> Text:
     label = Text(name, style="bold")
+    if kind is not None and kind != "task":
+        label.append(f" [{kind}]", style="bright_blue")  # a wait node: it holds no worker
     label.append("  ")
     if row is None:
         label.append("(no row)", style="dim")
@@ -215,7 +293,7 @@ def dag_tree(
     root = Tree(label)
     if workflow is None:
         for name in sorted(rows):
-            root.add(_step_label(name, rows[name], ()))
+            root.add(_step_label(name, rows[name], (), rows[name].wait_kind))
         return root
     order = list(workflow.order())
     position = {name: index for index, name in enumerate(order)}
@@ -223,9 +301,10 @@ def dag_tree(
     for name in order:
         upstream = sorted(workflow.steps[name].depends_on, key=position.__getitem__)
         parent = nodes[upstream[-1]] if upstream else root
-        nodes[name] = parent.add(_step_label(name, rows.get(name), upstream[:-1]))
+        kind = workflow.steps[name].kind
+        nodes[name] = parent.add(_step_label(name, rows.get(name), upstream[:-1], kind))
     for name in sorted(set(rows) - set(order)):  # rows the definition no longer has
-        root.add(_step_label(name, rows[name], ()))
+        root.add(_step_label(name, rows[name], (), rows[name].wait_kind))
     return root
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Connection
@@ -27,7 +28,7 @@ from core.errors import (
     InvalidTransition,
 )
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution, encode_json, new_id
-from core.outcomes import Admission, CreatedExecution, Route, TransitionResult
+from core.outcomes import Admission, CreatedExecution, Route, TransitionResult, WaitOutcome
 from core.registry import WorkflowRegistry
 from core.schedules import refuse_reserved_key
 from core.sql import utcnow
@@ -45,6 +46,9 @@ from core.workflows import Workflow
 
 log = logging.getLogger(__name__)
 
+
+# A workflow's definition by name and version (None: this process does not know it).
+DefinitionOf = Callable[[str, int], Workflow | None]
 
 INSERT_CHUNK = 500
 # The idempotency scope of every producer but the HTTP API, whose keys are per user.
@@ -77,6 +81,14 @@ class NewExecution:
     priority: int = 0
     deadline_at: datetime | None = None
     steps: tuple[StepSpec, ...] = ()
+    # A child execution (core.children): its id derives from the parent step and attempt
+    # that start it; it records where it hangs in its tree.
+    execution_id: str | None = None
+    parent_execution_id: str | None = None
+    parent_step_name: str | None = None
+    parent_attempt: int | None = None
+    root_execution_id: str | None = None
+    depth: int = 0
 
 
 def check_payload(field: str, value: Any, max_bytes: int) -> str:
@@ -265,6 +277,40 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
             )
         outcome.append(CreatedExecution(existing.execution_id, created=False))
     created = [(c.execution_id, new) for c, new in zip(outcome, batch, strict=True) if c.created]
+    _insert_steps(conn, created)
+    return outcome
+
+
+def create_child_execution(conn: Connection, new: NewExecution) -> bool:
+    """Insert a child execution (``new.execution_id`` and the parent fields set), its
+    steps and first event; False, inserting nothing, when that id exists already (a
+    replay of the transaction that started it)."""
+    assert new.execution_id is not None
+    assert new.parent_execution_id is not None
+    row = {
+        "execution_id": new.execution_id,
+        "workflow_id": new.workflow_id,
+        "workflow_version": new.workflow_version,
+        "input_data": new.input_data,
+        "status": ExecutionStatus.PENDING.value,
+        "triggered_by": new.triggered_by,
+        "priority": new.priority,
+        "deadline_at": new.deadline_at,
+        "parent_execution_id": new.parent_execution_id,
+        "parent_step_name": new.parent_step_name,
+        "parent_attempt": new.parent_attempt,
+        "root_execution_id": new.root_execution_id,
+        "depth": new.depth,
+    }
+    inserted = conn.execute(sql.insert_child_execution(conn.dialect.name, row)).first()
+    if inserted is None:
+        return False
+    _insert_steps(conn, [(new.execution_id, new)])
+    return True
+
+
+def _insert_steps(conn: Connection, created: Sequence[tuple[str, NewExecution]]) -> None:
+    """The step rows and the first event of executions just inserted."""
     step_rows = [
         {
             "execution_id": execution_id,
@@ -285,7 +331,6 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
             for execution_id, _ in created
         ]
         conn.execute(sql.insert_rows(ExecutionEvent), events)
-    return outcome
 
 
 def get_execution(conn: Connection, execution_id: str) -> WorkflowExecution:
@@ -300,13 +345,38 @@ def get_execution(conn: Connection, execution_id: str) -> WorkflowExecution:
 
 @dataclass(frozen=True)
 class ExecutionFilter:
-    """Which executions a listing returns; None means any."""
+    """Which executions a listing returns; None means any. ``waiting`` is the listing's
+    pseudo-status (WAITING): running executions that are parked, every open step of
+    theirs waiting (``parked_at`` set); with ``statuses`` too, either matches."""
 
     statuses: frozenset[ExecutionStatus] | None = None
     workflow_id: str | None = None
     triggered_by: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    waiting: bool = False
+
+
+class ListedStatus(StrEnum):
+    """What a listing's status filter names: an execution status, or ``waiting``, a
+    pseudo-status (no column holds it): a running execution that is parked."""
+
+    PENDING = ExecutionStatus.PENDING.value
+    RUNNING = ExecutionStatus.RUNNING.value
+    WAITING = "waiting"
+    SUCCEEDED = ExecutionStatus.SUCCEEDED.value
+    FAILED = ExecutionStatus.FAILED.value
+    CANCELLED = ExecutionStatus.CANCELLED.value
+    TIMED_OUT = ExecutionStatus.TIMED_OUT.value
+
+
+def listed_statuses(values: Iterable[str]) -> tuple[frozenset[ExecutionStatus] | None, bool]:
+    """The ``statuses`` and ``waiting`` of an ExecutionFilter for the statuses a listing
+    names, ``waiting`` among them (InvalidStatus for any other)."""
+    named = set(values)
+    waiting = ListedStatus.WAITING.value in named
+    statuses = frozenset(EXECUTIONS.parse(v) for v in named - {ListedStatus.WAITING.value})
+    return (statuses if statuses or not waiting else None), waiting
 
 
 @dataclass(frozen=True)
@@ -361,6 +431,7 @@ def page_executions(
                 created_before=where.created_before,
                 limit=limit + 1,
                 after=after,
+                waiting=where.waiting,
             )
         )
         .scalars()
@@ -372,11 +443,19 @@ def page_executions(
 
 
 def list_executions(
-    conn: Connection, status: ExecutionStatus | None, workflow_id: str | None, limit: int
+    conn: Connection,
+    status: ExecutionStatus | None,
+    workflow_id: str | None,
+    limit: int,
+    *,
+    waiting: bool = False,
 ) -> list[WorkflowExecution]:
-    """The newest ``limit`` executions, optionally of one status and workflow."""
+    """The newest ``limit`` executions, optionally of one status (or ``waiting``: the
+    running ones parked on their waits) and workflow."""
     where = ExecutionFilter(
-        statuses=frozenset({status}) if status is not None else None, workflow_id=workflow_id
+        statuses=frozenset({status}) if status is not None else None,
+        workflow_id=workflow_id,
+        waiting=waiting,
     )
     return page_executions(conn, where, limit).items
 
@@ -418,8 +497,25 @@ def move_execution(
     left queued or running for a worker or the reconciler. ``succeeded`` is refused
     with InvalidTransition while a step is open (a success is its steps' success: end
     them first, or cancel or fail the execution), before anything is written. Not
-    applied (``applied`` False) when the execution is in none of ``sources``.
+    applied (``applied`` False) when the execution is in none of ``sources``. Its
+    child executions are ended with it (``end_execution``).
     """
+    return end_execution(conn, execution_id, target, sources, reason)[0]
+
+
+def end_execution(
+    conn: Connection,
+    execution_id: str,
+    target: ExecutionStatus,
+    sources: frozenset[ExecutionStatus],
+    reason: str | None,
+    definition_of: DefinitionOf | None = None,
+) -> tuple[TransitionResult, WaitOutcome]:
+    """``move_execution``, with what a final status set in motion beyond the execution:
+    its open descendants (child executions, theirs, ...) cancelled with their open steps,
+    and, when it is a child, its parent step told (``core.children``: it fails, then
+    follows its Retry). The WaitOutcome holds the descendants ended and what the parent's
+    wake set in motion, for the caller to publish after commit."""
     if target is ExecutionStatus.SUCCEEDED:
         current = conn.execute(sql.select_execution_status(execution_id)).scalar_one_or_none()
         still_open = conn.execute(sql.open_steps_of(execution_id)).scalars().all()
@@ -431,6 +527,7 @@ def move_execution(
                 f"step {', '.join(still_open)} {'is' if len(still_open) == 1 else 'are'} "
                 "still open: end the steps first, or cancel or fail the execution",
             )
+    outcome = WaitOutcome()
     result = transition_execution(conn, execution_id, target, sources, reason=reason)
     if result.applied and target in EXECUTIONS.final:
         step_sources = STEPS.sources_of(StepStatus.CANCELLED)
@@ -438,7 +535,39 @@ def move_execution(
         transition_steps(
             conn, execution_id, None, StepStatus.CANCELLED, step_sources, reason=step_reason
         )
-    return result
+        ended_as = target.value.replace("_", " ")
+        end_trees(conn, [execution_id], f"parent {ended_as}", outcome, definition_of)
+    return result, outcome
+
+
+def end_trees(
+    conn: Connection,
+    execution_ids: Sequence[str],
+    reason: str,
+    outcome: WaitOutcome,
+    definition_of: DefinitionOf | None = None,
+) -> list[str]:
+    """After the given executions ended (in this transaction): cancel their open
+    descendants and those descendants' open steps (``reason``), then tell the parents of
+    those that are children (``core.children.wake_parents_of``); the children whose
+    parent was told. One recursive probe of ix_workflow_executions_parent and one
+    primary-key probe when there is no tree."""
+    from core.children import wake_parents_of
+    from core.waits import registered
+
+    below = list(conn.execute(sql.descendants_of(execution_ids)).scalars())
+    if below:
+        rows = conn.execute(sql.cancel_executions(below)).all()
+        ended = [transition_of(row, step=False) for row in rows]
+        if ended:
+            step_rows = conn.execute(sql.cancel_steps_of([r.execution_id for r in ended])).all()
+            cancelled = [transition_of(row, step=True) for row in step_rows]
+            conn.execute(
+                sql.insert_rows(ExecutionEvent),
+                event_rows(ended, reason) + event_rows(cancelled, reason),
+            )
+            outcome.finished += [(r, row.workflow_id) for r, row in zip(ended, rows, strict=True)]
+    return wake_parents_of(conn, execution_ids, outcome, definition_of or registered)
 
 
 def admit(
@@ -522,7 +651,7 @@ def retry_execution(
         sources,
         reason=reason,
         retry=True,
-        values={"deadline_at": new_deadline, "finished_at": None},
+        values={"deadline_at": new_deadline, "finished_at": None, "parked_at": None},
     )
     if not result.applied:
         return result
@@ -561,6 +690,13 @@ def _retry_steps(
             "next_attempt_at": None,
             "output_data": None,
             "worker": None,
+            # A retried wait waits afresh: a sleep its whole duration, an event wait
+            # for a new event (consumed ones stay consumed), a child node a new child.
+            "waiting_since": None,
+            "wake_at": None,
+            "wait_event": None,
+            "wait_key": None,
+            "child_execution_id": None,
         },
     )
     moved = [transition_of(row, step=True) for row in conn.execute(update).all()]
@@ -568,9 +704,19 @@ def _retry_steps(
         conn.execute(sql.insert_rows(ExecutionEvent), event_rows(moved, "execution retried"))
 
 
-def time_out(conn: Connection, execution_ids: Sequence[str]) -> list[tuple[str, str]]:
-    """Move open executions past their deadline to timed_out and cancel their open steps;
-    the (execution, previous status) of those that moved."""
+def time_out(
+    conn: Connection,
+    execution_ids: Sequence[str],
+    outcome: WaitOutcome | None = None,
+    definition_of: DefinitionOf | None = None,
+    told: list[str] | None = None,
+) -> list[tuple[str, str]]:
+    """Move open executions past their deadline to timed_out and cancel their open steps
+    and their open descendants (``end_trees``: "parent timed out"); the parent step of
+    a child timed out here fails (its Retry decides) in this transaction. The
+    (execution, previous status) of those that moved; ``outcome`` collects what the
+    trees' ends set in motion, for the caller to publish, ``told`` the children whose
+    parent was told."""
     if not execution_ids:
         return []
     sources = EXECUTIONS.sources_of(ExecutionStatus.TIMED_OUT)
@@ -586,6 +732,10 @@ def time_out(conn: Connection, execution_ids: Sequence[str]) -> list[tuple[str, 
         sql.insert_rows(ExecutionEvent),
         event_rows(timed_out, "deadline passed") + event_rows(cancelled, "deadline passed"),
     )
+    woken = WaitOutcome() if outcome is None else outcome
+    parents_told = end_trees(conn, ids, "parent timed out", woken, definition_of)
+    if told is not None:
+        told += parents_told
     return [(r.execution_id, r.from_status or "") for r in timed_out]
 
 

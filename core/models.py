@@ -434,6 +434,13 @@ class StepExecution(Timestamped, Base):
             postgresql_where=text(WAITING_WAKE),
             sqlite_where=text(WAITING_WAKE),
         ),
+        # The open-steps gauge's waiting part (conveyor_steps_waiting), by kind.
+        Index(
+            "ix_execution_steps_waiting",
+            "wait_kind",
+            postgresql_where=text("status = 'waiting'"),
+            sqlite_where=text("status = 'waiting'"),
+        ),
         # send_event's oldest open wait for (name, key).
         Index(
             "ix_execution_steps_waiting_event",

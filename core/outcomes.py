@@ -127,6 +127,8 @@ class StepFailure:
     transition: TransitionResult
     skipped: list[str] = field(default_factory=list)
     execution: TransitionResult | None = None
+    # What the execution's end set in motion when it was a child (its parent told).
+    woken: WaitOutcome | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,16 @@ class ReconcileReport:
     unsent: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict, repr=False)
     # The same for each execution in ``start`` (``reconciler.restore_unsent_starts``).
     unsent_starts: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    # Events nobody consumed before they expired, dropped by this pass.
+    events_expired: int = 0
+    # Child executions whose end this pass told their parent (or found the parent no
+    # longer waiting): those it timed out or finished, and the safety net's. A parent
+    # that ended so tells its own parent in turn (in ``woken.finished``).
+    parents_woken: list[str] = field(default_factory=list)
+    # What telling those parents set in motion (steps queued, children started,
+    # executions ended), and executions cancelled below those timed out: to publish
+    # after the commit (``Engine.publish_outcome``).
+    woken: WaitOutcome | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

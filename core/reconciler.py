@@ -1,5 +1,6 @@
 """The reconciler's pass: stalled steps recovered or failed, lost messages republished,
-unstarted executions started, deadlines enforced, finished executions closed.
+unstarted executions started, deadlines enforced, finished executions closed, parents
+of ended child executions told, expired events dropped.
 
 One pass is one transaction of a handful of bounded, set-based statements, idempotent:
 passes may overlap, and every change is a compare-and-set only one of them wins. Its
@@ -14,14 +15,22 @@ from typing import Any
 from sqlalchemy import Connection
 
 from core import statements as sql
+from core.children import wake_parents_of, wake_unwoken
 from core.errors import StepCrashed
 from core.executions import execution_routes, finish_executions, time_out
 from core.models import ExecutionEvent
-from core.outcomes import ReconcileReport, StallRecovery, StepCrash, TransitionResult
+from core.outcomes import (
+    ReconcileReport,
+    StallRecovery,
+    StepCrash,
+    TransitionResult,
+    WaitOutcome,
+)
 from core.states import ExecutionStatus
 from core.steps import skip_descendants
 from core.transitions import event_rows, transition_of
-from core.workflows import Dag
+from core.waits import expire_events, registered
+from core.workflows import Dag, Workflow
 
 # A workflow's definition by (name, version); None when this process does not know it.
 DagOf = Callable[[str, int], Dag | None]
@@ -208,8 +217,17 @@ def reconcile_pass(
         }
         for row in start_rows
     }
+
+    def definition_of(workflow: str, version: int) -> Workflow | None:
+        found = dag_of(workflow, version)
+        return found if isinstance(found, Workflow) else registered(workflow, version)
+
+    # What ending children set in motion in their parents (published by the caller).
+    woken = WaitOutcome()
     overdue = list(conn.execute(sql.overdue_executions(limit)).scalars().all())
-    timed_out = time_out(conn, overdue)
+    # A child timed out here fails its parent step in this transaction.
+    told: list[str] = []
+    timed_out = time_out(conn, overdue, woken, definition_of, told)
     finishable = set(conn.execute(sql.finishable_executions(limit)).scalars().all())
     finishable.update(r.execution_id for r in recovery.failed)
 
@@ -218,6 +236,10 @@ def reconcile_pass(
         return dag.sinks if dag else []
 
     finished = finish_executions(conn, sorted(finishable), sinks_of)
+    told += wake_parents_of(conn, [r.execution_id for r in finished], woken, definition_of)
+    # The safety net: children whose end did not reach their parent (see wake_unwoken).
+    told += wake_unwoken(conn, limit, woken, definition_of)
+    events_expired = expire_events(conn, limit)
     freed_ids = [r.execution_id for r in finished] + [eid for eid, _ in timed_out]
     recovered_ids = [r.execution_id for r in recovery.requeued + recovery.failed]
     named = execution_routes(conn, sorted({*freed_ids, *recovered_ids}))
@@ -238,4 +260,7 @@ def reconcile_pass(
         unsent=unsent,
         unsent_starts=unsent_starts,
         waiting=list(conn.execute(sql.waiting_workflows(start_after, limit)).scalars()),
+        events_expired=events_expired,
+        parents_woken=told,
+        woken=woken,
     )

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Table,
     Update,
+    and_,
     bindparam,
     case,
     column,
@@ -28,7 +29,9 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
+    text,
     tuple_,
     update,
     values,
@@ -36,7 +39,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
-from core.models import DatabaseLiveness, ExecutionEvent, StepExecution, WorkflowExecution
+from core.models import (
+    UNWOKEN_CHILD,
+    DatabaseLiveness,
+    ExecutionEvent,
+    StepExecution,
+    WorkflowExecution,
+)
 from core.sql import clock_now, utcnow
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 
@@ -151,13 +160,21 @@ def page_executions(
     created_before: datetime | None,
     limit: int,
     after: tuple[datetime, str] | None,
+    waiting: bool = False,
 ) -> Select[WorkflowExecution]:
-    """Executions newest first, strictly after the keyset position ``after``."""
+    """Executions newest first, strictly after the keyset position ``after``; ``waiting``
+    adds the running executions that are parked (every open step waiting) to
+    ``statuses`` (or takes only those when ``statuses`` is None)."""
     query = select(WE).order_by(WE.created_at.desc(), WE.execution_id.desc()).limit(limit)
     if after is not None:
         query = query.where(tuple_(WE.created_at, WE.execution_id) < tuple_(*after))
+    wanted: list[ColumnElement[bool]] = []
     if statuses is not None:
-        query = query.where(WE.status.in_(sorted(s.value for s in statuses)))
+        wanted.append(WE.status.in_(sorted(s.value for s in statuses)))
+    if waiting:
+        wanted.append(and_(WE.status == ExecutionStatus.RUNNING.value, WE.parked_at.is_not(None)))
+    if wanted:
+        query = query.where(or_(*wanted))
     if workflow_id is not None:
         query = query.where(WE.workflow_id == workflow_id)
     if triggered_by is not None:
@@ -805,4 +822,134 @@ def execution_routes(execution_ids: Sequence[str]) -> Select[str, str, int, int]
     """Workflow, version and priority of executions."""
     return select(WE.execution_id, WE.workflow_id, WE.workflow_version, WE.priority).where(
         WE.execution_id.in_(list(execution_ids))
+    )
+
+
+# --- child executions (core.children) -------------------------------------------------
+
+
+def insert_child_execution(dialect: str, row: Mapping[str, Any]) -> Insert:
+    """Insert a child execution whose id derives from its parent step and attempt: a
+    replay of the transaction that starts it inserts nothing (ON CONFLICT DO NOTHING)
+    and RETURNING is empty."""
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        dialect_insert(WE)
+        .values(dict(row))
+        .on_conflict_do_nothing(index_elements=[WE.execution_id])
+        .returning(WE.execution_id)
+    )
+
+
+def select_child(execution_id: str) -> Select[Any]:
+    """A child execution's status and result (a replayed start finds it)."""
+    return select(WE.status, WE.output_data, WE.error, WE.workflow_id).where(
+        WE.execution_id == execution_id
+    )
+
+
+_CHILD_COLUMNS = (
+    WE.execution_id,
+    WE.workflow_id,
+    WE.status,
+    WE.output_data,
+    WE.error,
+    WE.parent_execution_id,
+    WE.parent_step_name,
+    WE.parent_attempt,
+)
+
+
+def unwoken_children(execution_ids: Sequence[str]) -> Select[Any]:
+    """Those of the given (final) executions that are children whose parent was not told
+    of their end yet: by primary key, so an execution that is no child costs one probe."""
+    return select(*_CHILD_COLUMNS).where(
+        WE.execution_id.in_(list(execution_ids)),
+        WE.parent_execution_id.is_not(None),
+        WE.parent_woken_at.is_(None),
+        WE.status.in_(sorted(s.value for s in EXECUTIONS.final)),
+    )
+
+
+def unwoken_children_due(limit: int) -> Select[Any]:
+    """The reconciler's safety net: up to ``limit`` final children whose parent was not
+    told (a finish that skipped a locked parent step, a process that did not know the
+    parent's workflow). Exactly the predicate of ix_workflow_executions_unwoken_child."""
+    return (
+        select(*_CHILD_COLUMNS)
+        .where(text(UNWOKEN_CHILD))
+        .order_by(WE.finished_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def parent_step(execution_id: str, step_name: str) -> Select[str, int, int, str | None, str | None]:
+    """A parent's child step, locked (PostgreSQL) unless someone holds it: whoever holds
+    a waiting step's row is ending it (a cancel or time-out of the parent cancels its
+    steps, then its children: waiting for it here would close a deadlock cycle with the
+    child's finish). None then, and the safety net looks again."""
+    return (
+        select(SE.status, SE.attempt, SE.recoveries, SE.child_execution_id, SE.wait_kind)
+        .where(SE.execution_id == execution_id, SE.step_name == step_name)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def mark_parent_woken(execution_ids: Sequence[str]) -> Update:
+    """Record that the parents of these children were told of their end."""
+    return (
+        update(WE)
+        .where(WE.execution_id.in_(list(execution_ids)), WE.parent_woken_at.is_(None))
+        .values(parent_woken_at=utcnow())
+        .execution_options(**_BULK)
+    )
+
+
+def _tree_below(execution_ids: Sequence[str]) -> Any:
+    """Every execution below the given ones (children, their children, ...), walking
+    ix_workflow_executions_parent: a recursive CTE of execution ids."""
+    top = WE.__table__.alias("top")
+    below = WE.__table__.alias("below")
+    tree = (
+        select(top.c.execution_id)
+        .where(top.c.parent_execution_id.in_(list(execution_ids)))
+        .cte("tree", recursive=True)
+    )
+    return tree.union_all(
+        select(below.c.execution_id).where(below.c.parent_execution_id == tree.c.execution_id)
+    )
+
+
+def descendants_of(execution_ids: Sequence[str]) -> Select[str]:
+    """The ids of every execution below the given ones."""
+    tree = _tree_below(execution_ids)
+    return select(tree.c.execution_id)
+
+
+def cancel_executions(execution_ids: Sequence[str]) -> Update:
+    """Cancel the open ones of the given executions (a cascade from their ended
+    ancestor, which has no step left to wake: their parent_woken_at is set too)."""
+    sources = sorted(s.value for s in EXECUTIONS.sources_of(ExecutionStatus.CANCELLED))
+    return (
+        update(WE)
+        .where(WE.execution_id.in_(list(execution_ids)), WE.status.in_(sources))
+        .values(
+            status=ExecutionStatus.CANCELLED.value,
+            previous_status=WE.status,
+            finished_at=utcnow(),
+            parent_woken_at=utcnow(),
+        )
+        .returning(*EXECUTION_RETURNING, WE.workflow_id)
+        .execution_options(**_BULK)
+    )
+
+
+def running_tasks_of_tree(execution_id: str) -> Select[str | None]:
+    """The Celery task ids of the running steps of an execution and its descendants."""
+    tree = _tree_below([execution_id])
+    return select(SE.celery_task_id).where(
+        or_(SE.execution_id == execution_id, SE.execution_id.in_(select(tree.c.execution_id))),
+        SE.status == StepStatus.RUNNING.value,
+        SE.celery_task_id.is_not(None),
     )

@@ -19,16 +19,17 @@ from sqlalchemy import (
 )
 
 from core import statements as sql
+from core.children import wake_parents_of
 from core.executions import admit, finish_if_done
 from core.models import StepExecution
 from core.outcomes import (
     Admission,
-    WaitOutcome,
     Claim,
     Route,
     StepCompletion,
     StepFailure,
     TransitionResult,
+    WaitOutcome,
 )
 from core.sql import utcnow
 from core.states import StepStatus
@@ -215,6 +216,13 @@ def complete(
             # max_concurrency slot while it waits.
             woken = woken or WaitOutcome()
             settle(conn, [execution_id], woken)
+        elif finished is not None:
+            # A child execution that ended tells its parent step (one primary-key probe
+            # when it is no child).
+            told = WaitOutcome()
+            if wake_parents_of(conn, [execution_id], told, definition_of or registered):
+                woken = woken or WaitOutcome()
+                woken.merge(told)
     next_step = None
     if continued is not None:
         upstream = workflow.upstream(continued.step_name)
@@ -391,7 +399,13 @@ def fail_step(
     skipped, finished = skip_downstream_and_finish(
         conn, execution_id, step_name, descendants, sinks
     )
-    return StepFailure(transition=failed, skipped=skipped, execution=finished)
+    woken = None
+    if finished is not None:
+        # A child execution that failed tells its parent step.
+        told = WaitOutcome()
+        if wake_parents_of(conn, [execution_id], told, registered):
+            woken = told
+    return StepFailure(transition=failed, skipped=skipped, execution=finished, woken=woken)
 
 
 def skip_downstream_and_finish(

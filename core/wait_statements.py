@@ -22,8 +22,8 @@ from sqlalchemy import (
     String,
     Table,
     Update,
-    bindparam,
     and_,
+    bindparam,
     case,
     exists,
     func,
@@ -35,6 +35,7 @@ from sqlalchemy import (
 
 from core.models import InboxEvent, StepExecution, WorkflowExecution
 from core.sql import utcnow
+from core.statements import unlocked_executions
 from core.states import STEPS, ExecutionStatus, StepStatus
 
 SE = cast(Table, StepExecution.__table__)
@@ -301,7 +302,12 @@ def repark(execution_ids: list[str]) -> Update:
     parked = and_(~busy, has([WAITING]))
     return (
         update(WE)
-        .where(WE.c.execution_id.in_(execution_ids), WE.c.status == ExecutionStatus.RUNNING.value)
+        .where(
+            # Never waits for an execution row another transaction holds: whoever holds
+            # it is ending the execution (a cancel, a time-out), as finish_pg assumes.
+            WE.c.execution_id.in_(unlocked_executions(list(execution_ids))),
+            WE.c.status == ExecutionStatus.RUNNING.value,
+        )
         .values(parked_at=case((parked, func.coalesce(WE.c.parked_at, utcnow())), else_=None))
         .returning(WE.c.execution_id, WE.c.workflow_id, WE.c.parked_at)
     )

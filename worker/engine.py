@@ -635,6 +635,8 @@ class Engine:
         self.metrics.ended(claim.route.workflow, failure.execution)
         if failure.execution is not None:
             self.after_finish(claim.route.workflow)
+        if failure.woken is not None:
+            self.publish_outcome(failure.woken)
         return report
 
     def record_hard_timeout(
@@ -658,15 +660,15 @@ class Engine:
     # --- operations ------------------------------------------------------------------
 
     def cancel(self, execution_id: str, reason: str = "cancelled") -> bool:
-        """Cancel an execution: open steps cancelled at once, running tasks revoked."""
-        running = [
-            s.celery_task_id
-            for s in self.manager.get_steps(execution_id)
-            if s.status == StepStatus.RUNNING and s.celery_task_id
-        ]
+        """Cancel an execution and every open execution below it (its child workflows,
+        theirs, ...) in one transaction: open steps cancelled at once, running tasks of
+        the whole tree revoked; a parent waiting on it is told (its step fails)."""
+        from core.children import cancel_tree
+
         # The unit itself, not the manager's method, which would also dispatch a start
         # through the broker: this engine admits the next execution directly below.
-        result = self.manager.run(executions.cancel_execution, execution_id, reason)
+        cancelled = self.manager.run(cancel_tree, execution_id, reason, self.definition)
+        result, running = cancelled.result, cancelled.running
         if not result.applied:
             return False
         if running:
@@ -677,6 +679,7 @@ class Engine:
         execution = self.manager.get_execution(execution_id)
         self.metrics.ended(execution.workflow_id, result)
         self.after_finish(execution.workflow_id)
+        self.publish_outcome(cancelled.woken)
         return True
 
     def retry(self, execution_id: str) -> bool:
@@ -770,6 +773,9 @@ class Engine:
         # A slot this pass freed, and one freed by a process that died between committing
         # a finish and admitting the next execution (after_finish never ran): admitted
         # now, not when a waiting execution's backed-off start comes due.
+        # What telling parents of children this pass ended set in motion.
+        if report.woken is not None:
+            self.publish_outcome(report.woken)
         for workflow in sorted({*report.freed, *report.waiting}):
             self.after_finish(workflow)
         self.metrics.reconciled_pass(

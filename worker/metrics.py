@@ -9,9 +9,9 @@ the worker switches prometheus_client to its multiprocess mode before the pool f
 every process writes its values to files in a directory of this worker's, and a scrape
 adds them up (children that exited or were killed included: counters never go back).
 
-The queued and running steps are not counted by workers but read at scrape time from
-the database (one grouped query over partial indexes, ``core.workload``), by the API's
-``/metrics`` (``api_registry``): one answer for the whole deployment, right after any crash.
+The queued, running and waiting steps are not counted by workers but read at scrape
+time from the database (one grouped query, ``core.workload``), by the API's ``/metrics``
+(``api_registry``): one answer for the whole deployment, right after any crash.
 """
 
 from __future__ import annotations
@@ -185,6 +185,7 @@ class Metrics:
             "starts_resent": len(report.start),
             "timed_out": len(report.timed_out),
             "finished": len(report.finished),
+            "events_expired": report.events_expired,
         }
         for kind, count in kinds.items():
             self.reconciled.labels(kind).inc(count)  # every kind present, 0 included
@@ -203,9 +204,9 @@ def get_metrics() -> Metrics:
 
 
 class OpenStepsCollector:
-    """Gauges of queued and running steps by workflow, read from ``database`` (default:
-    the process's) at each scrape; a scrape without them, and a warning, while the
-    database is unreachable."""
+    """Gauges of queued and running steps by workflow, and of waiting ones by workflow and
+    wait kind, read from ``database`` (default: the process's) at each scrape; a scrape
+    without them, and a warning, while the database is unreachable."""
 
     def __init__(self, database: Database | None = None) -> None:
         self.database = database
@@ -218,6 +219,11 @@ class OpenStepsCollector:
             ),
             StepStatus.RUNNING.value: GaugeMetricFamily(
                 "conveyor_steps_running", "Steps running now.", labels=["workflow"]
+            ),
+            StepStatus.WAITING.value: GaugeMetricFamily(
+                "conveyor_steps_waiting",
+                "Wait nodes waiting now (sleeps, event waits, children), holding no worker.",
+                labels=["workflow", "kind"],
             ),
         }
 
@@ -235,7 +241,8 @@ class OpenStepsCollector:
             log.warning("metrics: could not count open steps", exc_info=True)
             return []
         for count in counts:
-            families[count.status].add_metric([count.workflow], count.count)
+            labels = [count.workflow] if count.kind is None else [count.workflow, count.kind]
+            families[count.status].add_metric(labels, count.count)
         return list(families.values())
 
 

@@ -1,4 +1,5 @@
-"""Executions: enqueue, read (with steps and history), list by keyset pages, cancel, retry.
+"""Executions: enqueue, read (with steps, history and children), list by keyset pages,
+cancel, retry; signal an event wait, wake a sleep.
 
 A member sees and acts on the executions they triggered; others' answer 404, as if
 they did not exist. Admins see all.
@@ -8,20 +9,23 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
-from sqlalchemy import Connection
+from fastapi import APIRouter, Path, Query, Response, status
+from sqlalchemy import Connection, select
 
 from api import problems
 from api.auth import Caller, owner_filter
 from api.schemas import (
     NO_NUL,
     CancelRequest,
+    ChildOut,
     EventOut,
+    EventReceiptOut,
     ExecutionCreate,
     ExecutionDetail,
     ExecutionOut,
     ExecutionPage,
     PathId,
+    SignalCreate,
     StepOut,
     Timestamp,
 )
@@ -36,14 +40,18 @@ from core.errors import (
     ReservedIdempotencyKey,
     WorkflowNotFound,
 )
-from core.executions import ExecutionFilter
+from core.executions import ExecutionFilter, ListedStatus, listed_statuses
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.states import ExecutionStatus
-from worker.producer import submit_many
+from worker.producer import signal, submit_many, wake
 
 router = APIRouter(
     prefix="/executions", tags=["executions"], responses=problems.responses(401, 503)
 )
+
+
+StepName = Annotated[str, Path(max_length=200, pattern=NO_NUL)]
+WE = WorkflowExecution
 
 
 def _in_input(field: str) -> str:
@@ -56,14 +64,28 @@ def _visible(execution: WorkflowExecution, caller: Principal) -> WorkflowExecuti
     return execution
 
 
+def _children(conn: Connection, execution_id: str) -> list[ChildOut]:
+    # The partial index on parent_execution_id: its children, oldest first.
+    query = (
+        select(WE.execution_id, WE.workflow_id, WE.status, WE.parent_step_name)
+        .where(WE.parent_execution_id == execution_id)
+        .order_by(WE.created_at, WE.execution_id)
+    )
+    return [
+        ChildOut(execution_id=row[0], workflow=row[1], status=row[2], step=row[3])
+        for row in conn.execute(query)
+    ]
+
+
 def _detail(
     conn: Connection, execution_id: str
-) -> tuple[WorkflowExecution, list[StepExecution], list[ExecutionEvent]]:
+) -> tuple[WorkflowExecution, list[StepExecution], list[ExecutionEvent], list[ChildOut]]:
     # One transaction, so steps and history are of the same moment as the execution.
     return (
         executions.get_execution(conn, execution_id),
         executions.get_steps(conn, execution_id),
         executions.get_history(conn, execution_id),
+        _children(conn, execution_id),
     )
 
 
@@ -121,8 +143,14 @@ def list_executions(
     caller: Caller,
     conveyor: Conveyor,
     status_: Annotated[
-        list[ExecutionStatus] | None,
-        Query(alias="status", description="Any of these statuses (repeat the parameter)."),
+        list[ListedStatus] | None,
+        Query(
+            alias="status",
+            description=(
+                "Any of these statuses (repeat the parameter). `waiting` is no column "
+                "value: the running executions whose every open step waits (parked)."
+            ),
+        ),
     ] = None,
     workflow: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL)] = None,
     created_after: Annotated[Timestamp | None, Query(description="Inclusive.")] = None,
@@ -132,8 +160,10 @@ def list_executions(
 ) -> ExecutionPage:
     """Executions newest first, a page at a time: rows inserted meanwhile never make a
     later page repeat or skip one."""
+    statuses, waiting = listed_statuses(status_) if status_ else (None, False)
     where = ExecutionFilter(
-        statuses=frozenset(status_) if status_ else None,
+        statuses=statuses,
+        waiting=waiting,
         workflow_id=workflow,
         triggered_by=owner_filter(caller),
         created_after=created_after,
@@ -149,13 +179,15 @@ def list_executions(
     "/{execution_id}", response_model=ExecutionDetail, responses=problems.responses(404, 422)
 )
 def read_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> ExecutionDetail:
-    """An execution, its steps, and every transition it went through."""
-    execution, steps, events = conveyor.engine.manager.run(_detail, execution_id)
+    """An execution, its steps (what each waiting one waits for), every transition it
+    went through, and the child executions its child nodes started."""
+    execution, steps, events, children = conveyor.engine.manager.run(_detail, execution_id)
     _visible(execution, caller)
     return ExecutionDetail(
         **ExecutionOut.of(execution).model_dump(),
         steps=[StepOut.of(s) for s in steps],
         events=[EventOut.of(e) for e in events],
+        children=children,
     )
 
 
@@ -210,3 +242,52 @@ def retry_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) ->
             "only failed, cancelled or timed-out executions can be retried",
         )
     return ExecutionOut.of(engine.manager.run(executions.get_execution, execution_id))
+
+
+@router.post(
+    "/{execution_id}/signals/{step}",
+    response_model=EventReceiptOut,
+    responses=problems.responses(400, 403, 404, 409, 413, 422),
+)
+def signal_step(
+    execution_id: PathId,
+    step: StepName,
+    caller: Caller,
+    conveyor: Conveyor,
+    body: SignalCreate | None = None,
+) -> EventReceiptOut:
+    """Send ``payload`` to this execution's event wait ``step``: it completes now if it
+    waits (``consumed_by``), or takes the signal when it begins waiting. 422 names each
+    bad ``payload.<field>`` (nothing stored) or a step that is no event wait; 409 when
+    the execution or the step has ended (naming its status)."""
+    engine = conveyor.engine
+    _visible(engine.manager.run(executions.get_execution, execution_id), caller)
+    receipt = signal(
+        execution_id,
+        step,
+        (body or SignalCreate()).payload,
+        actor=caller.email,
+        app=conveyor.celery_app,
+        sent_by=caller.user_id,
+    )
+    return EventReceiptOut(
+        event_id=receipt.event_id, consumed_by=receipt.consumed_by, duplicate=receipt.duplicate
+    )
+
+
+@router.post(
+    "/{execution_id}/steps/{step}/wake",
+    response_model=StepOut,
+    responses=problems.responses(403, 404, 409, 422),
+)
+def wake_step(execution_id: PathId, step: StepName, caller: Caller, conveyor: Conveyor) -> StepOut:
+    """Wake this execution's sleep ``step`` now: it succeeds with the time it woke, and
+    its history says who woke it early. 422 for a step that is no sleep; 409 when it is
+    not sleeping (naming its status, or the execution's once that has ended)."""
+    engine = conveyor.engine
+    _visible(engine.manager.run(executions.get_execution, execution_id), caller)
+    wake(execution_id, step, actor=caller.email, app=conveyor.celery_app)
+    woken = next(
+        s for s in engine.manager.run(executions.get_steps, execution_id) if s.step_name == step
+    )
+    return StepOut.of(woken)

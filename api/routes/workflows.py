@@ -9,17 +9,34 @@ from sqlalchemy import Connection
 
 from api import problems
 from api.auth import Caller
-from api.schemas import NO_NUL, ScheduleOut, StepDefinition, WorkflowOut
+from api.schemas import NO_NUL, ScheduleOut, StepDefinition, WaitDefinition, WorkflowOut
 from api.services import Conveyor
 from core import schedule_state, schedules
 from core.schedule_state import ScheduleState
-from core.workflows import Workflow
+from core.workflows import ChildWait, EventWait, Sleep, Step, Workflow
 
 router = APIRouter(prefix="/workflows", tags=["workflows"], responses=problems.responses(401, 503))
 
 
 def _schedules(conn: Connection, workflows: list[Workflow]) -> dict[tuple[str, str], ScheduleState]:
     return schedule_state.read_rows(conn, schedules.declared(workflows))
+
+
+def _wait(step: Step) -> WaitDefinition | None:
+    wait = step.wait
+    if wait is None:
+        return None
+    sleep = wait if isinstance(wait, Sleep) else None
+    event = wait if isinstance(wait, EventWait) else None
+    return WaitDefinition(
+        kind=wait.kind,
+        duration_seconds=sleep.duration.total_seconds() if sleep and sleep.duration else None,
+        event=event.event if event else None,
+        timeout_seconds=event.timeout.total_seconds() if event and event.timeout else None,
+        # What a form (the dashboard's approval form) builds its fields from.
+        payload_schema=event.schema.model_json_schema() if event and event.schema else None,
+        workflow=wait.workflow.name if isinstance(wait, ChildWait) else None,
+    )
 
 
 def _body(workflow: Workflow, rows: dict[tuple[str, str], ScheduleState]) -> WorkflowOut:
@@ -50,6 +67,8 @@ def _body(workflow: Workflow, rows: dict[tuple[str, str], ScheduleState]) -> Wor
                 max_attempts=step.retry.max_attempts,
                 timeout=step.timeout,
                 soft_timeout=step.soft_timeout,
+                kind=step.kind,
+                wait=_wait(step),
             )
             for step in workflow.steps.values()
         ],

@@ -69,6 +69,7 @@ def upgrade() -> None:
     ):
         op.add_column("workflow_executions", column)
     _partial("ix_execution_steps_waiting_wake", "execution_steps", ["wake_at"], WAITING_WAKE)
+    _partial("ix_execution_steps_waiting", "execution_steps", ["wait_kind"], "status = 'waiting'")
     _partial(
         "ix_execution_steps_waiting_event",
         "execution_steps",
@@ -139,6 +140,7 @@ def downgrade() -> None:
         ("ix_workflow_executions_parent", "workflow_executions"),
         ("ix_execution_steps_waiting_event", "execution_steps"),
         ("ix_execution_steps_waiting_wake", "execution_steps"),
+        ("ix_execution_steps_waiting", "execution_steps"),
     ):
         op.drop_index(name, table_name=table)
     with op.batch_alter_table("workflow_executions") as batch:

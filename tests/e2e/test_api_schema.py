@@ -66,17 +66,26 @@ enabled = true
 "path.user_id" = {{ dictionary = "users", probability = 0.5 }}
 "path.token_id" = {{ dictionary = "tokens", probability = 0.5 }}
 "path.name" = {{ dictionary = "workflows", probability = 0.5 }}
+"path.step" = {{ dictionary = "steps", probability = 0.5 }}
 "query.workflow" = {{ dictionary = "workflows", probability = 0.5 }}
 "query.user_id" = {{ dictionary = "users", probability = 0.5 }}
 "body.workflow" = {{ dictionary = "workflows", probability = 0.5 }}
 "body.user_id" = {{ dictionary = "users", probability = 0.5 }}
 
-# positive_data_acceptance expects every schema-valid request to succeed. These three
+# positive_data_acceptance expects every schema-valid request to succeed. These
 # also validate against state no static schema can hold: the registered workflows (an
-# unknown one is 422), CONVEYOR_API_TOKEN_TTL_DAYS (a longer expiry is 422), and cursors
-# only the API issues (an invented one is 422). Every other check still runs on them.
+# unknown one is 422), CONVEYOR_API_TOKEN_TTL_DAYS (a longer expiry is 422), cursors
+# only the API issues (an invented one is 422), and a step's kind and its wait's payload
+# schema (a signal to a task step, a wake of an event wait: 422). Every other check
+# still runs on them.
 [[operations]]
-include-name = ["POST /executions", "POST /tokens", "GET /executions"]
+include-name = [
+    "POST /executions",
+    "POST /tokens",
+    "GET /executions",
+    "POST /executions/{{execution_id}}/signals/{{step}}",
+    "POST /executions/{{execution_id}}/steps/{{step}}/wake",
+]
 checks.positive_data_acceptance.enabled = false
 """
 
@@ -137,10 +146,18 @@ def test_every_endpoint_answers_as_its_schema_says(
     executions = [
         enqueue("linear", {"start": n}, triggered_by=admin_id, app=conveyor_app) for n in range(3)
     ] + [enqueue("broken", None, triggered_by=member_id, app=conveyor_app)]
+    # Executions with wait nodes, for the signal and wake operations (pending: no worker).
+    executions += [
+        enqueue("nap", None, triggered_by=admin_id, app=conveyor_app),
+        enqueue(
+            "invoice-approval", {"invoice_id": "inv-1"}, triggered_by=admin_id, app=conveyor_app
+        ),
+    ]
     known = {
         "executions": executions,
         "users": [admin_id, member_id],
         "tokens": [spare],
+        "steps": ["approval", "nap", "double"],
         "workflows": sorted({w.name for w in conveyor_app.engine.registry}),
     }
     with serve(create_app(conveyor_app)) as url:

@@ -206,3 +206,100 @@ def test_random_definitions_are_refused_exactly_where_a_reference_check_refuses_
         assert {s.name: s.unmet_deps for s in step_specs(workflow)} == {
             name: len(set(deps)) for name, deps in spec.deps.items()
         }
+
+
+# --- wait nodes: wf.sleep, wf.wait, wf.child ---------------------------------------------
+
+
+def _chain_of_children(levels: int) -> Workflow:
+    """A root workflow whose child node starts a workflow whose child node starts ...,
+    ``levels`` workflows below the root."""
+    below = Workflow(f"level-{levels}")
+    below.step("work")(_noop)
+    for level in range(levels - 1, -1, -1):
+        above = Workflow(f"level-{level}")
+        above.child("down", workflow=below)
+        below = above
+    return below
+
+
+def test_child_workflows_nesting_past_the_depth_limit_are_refused_at_registration() -> None:
+    WorkflowRegistry().register(_chain_of_children(8))  # 8 levels below the root: allowed
+    with pytest.raises(DefinitionError, match=r"nest deeper than 8 levels: level-0 -> .*level-9"):
+        WorkflowRegistry().register(_chain_of_children(9))
+
+
+def test_child_workflows_starting_each_other_are_refused_at_registration() -> None:
+    itself = Workflow("itself")
+    itself.child("again", workflow=itself)
+    with pytest.raises(DefinitionError, match="form a cycle: itself -> itself"):
+        WorkflowRegistry().register(itself)
+    ping, pong = Workflow("ping"), Workflow("pong")
+    ping.child("serve", workflow=pong)
+    pong.child("answer", workflow=ping)
+    registry = WorkflowRegistry()
+    with pytest.raises(DefinitionError, match="form a cycle: ping -> pong -> ping"):
+        registry.register(ping)
+    with pytest.raises(WorkflowNotFound):
+        registry.get("ping")
+
+
+def test_a_child_that_is_no_workflow_is_refused() -> None:
+    flow = Workflow("parent")
+    with pytest.raises(DefinitionError, match="child 'load': workflow must be a Workflow"):
+        flow.child("load", workflow="etl")  # type: ignore[arg-type]
+
+
+def test_a_sleep_takes_either_a_duration_or_until() -> None:
+    flow = Workflow("sleeper")
+    with pytest.raises(DefinitionError, match="sleep 'nap': give either duration= or until="):
+        flow.sleep("nap")
+    with pytest.raises(DefinitionError, match="not both or none"):
+        flow.sleep(
+            "nap",
+            duration=dt.timedelta(seconds=1),
+            until=lambda ctx: dt.datetime.now(dt.UTC),
+        )
+    with pytest.raises(DefinitionError, match="duration must be a timedelta of 0 or more"):
+        flow.sleep("nap", duration=dt.timedelta(seconds=-1))
+    assert "nap" not in flow.steps
+
+
+class Approval(BaseModel):
+    approved: bool
+
+
+def test_a_wait_refuses_a_bad_timeout_a_schema_that_is_no_model_and_a_bare_string() -> None:
+    flow = Workflow("approvals")
+    flow.step("request")(_noop)
+    with pytest.raises(DefinitionError, match="wait 'ok': timeout must be a positive timedelta"):
+        flow.wait("ok", event="approved", timeout=dt.timedelta(0))
+    with pytest.raises(DefinitionError, match="timeout must be a positive timedelta"):
+        flow.wait("ok", event="approved", timeout=7)  # type: ignore[arg-type]
+    with pytest.raises(DefinitionError, match="schema must be a pydantic model class"):
+        flow.wait("ok", event="approved", schema=dict)  # type: ignore[arg-type]
+    with pytest.raises(DefinitionError, match="event must be a name of 1-200 characters"):
+        flow.wait("ok", event="")
+    with pytest.raises(DefinitionError, match="depends_on takes a list of step names"):
+        flow.wait("ok", event="approved", depends_on="request")
+    with pytest.raises(DefinitionError, match="depends_on takes a list of step names"):
+        flow.sleep("nap", depends_on="request", duration=dt.timedelta(seconds=1))
+    with pytest.raises(DefinitionError, match="depends_on takes a list of step names"):
+        flow.child("load", workflow=Workflow("other"), depends_on="request")
+    flow.wait("ok", event="approved", depends_on=["request"], schema=Approval)
+    assert flow.wait_nodes == {"ok"}
+
+
+def test_a_waits_callable_takes_the_context_and_its_upstream_steps() -> None:
+    flow = Workflow("callables")
+    flow.step("request")(_noop)
+    child = Workflow("child")
+    child.step("work")(_noop)
+    with pytest.raises(DefinitionError, match=r"'ok'.*missing: request"):
+        flow.wait("ok", event="approved", depends_on=["request"], key=lambda ctx: "k")
+    with pytest.raises(DefinitionError, match=r"'nap'.*surprise are not upstream steps"):
+        flow.sleep("nap", until=lambda ctx, surprise: surprise)
+    with pytest.raises(DefinitionError, match=r"'load'.*missing: request"):
+        flow.child("load", workflow=child, depends_on=["request"], input=lambda ctx: {})
+    flow.child("load", workflow=child, depends_on=["request"], input=lambda ctx, request: {})
+    assert [s.wait_kind for s in step_specs(flow)] == [None, "child"]
