@@ -23,6 +23,8 @@ class TransitionResult:
     from_status: str | None = None
     current_status: str | None = None
     attempt: int | None = None
+    # An execution's transition: the parent execution when it is a child.
+    parent_execution_id: str | None = None
 
     def __bool__(self) -> bool:
         return self.applied

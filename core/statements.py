@@ -56,7 +56,15 @@ SE = StepExecution
 # in step with a bulk UPDATE, so skip the ORM's synchronisation work.
 _BULK = {"synchronize_session": False}
 
-EXECUTION_RETURNING = (WE.execution_id, WE.previous_status, WE.status, WE.attempt)
+# parent_execution_id: an execution that ends tells its parent step only when it is a
+# child (core.children), known from the row the transition returned.
+EXECUTION_RETURNING = (
+    WE.execution_id,
+    WE.previous_status,
+    WE.status,
+    WE.attempt,
+    WE.parent_execution_id,
+)
 STEP_RETURNING = (
     SE.execution_id,
     SE.step_name,

@@ -565,7 +565,13 @@ def _finish(eid: Any, now: Any) -> Update:
             output_data=case((or_(failed, cancelled), WE.c.output_data), else_=outputs),
             error=case((failed, first_failure), else_=WE.c.error),
         )
-        .returning(WE.c.execution_id, WE.c.previous_status, WE.c.status, WE.c.attempt)
+        .returning(
+            WE.c.execution_id,
+            WE.c.previous_status,
+            WE.c.status,
+            WE.c.attempt,
+            WE.c.parent_execution_id,
+        )
     )
 
 

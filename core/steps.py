@@ -216,9 +216,9 @@ def complete(
             # max_concurrency slot while it waits.
             woken = woken or WaitOutcome()
             settle(conn, [execution_id], woken)
-        elif finished is not None:
-            # A child execution that ended tells its parent step (one primary-key probe
-            # when it is no child).
+        elif finished is not None and finished.parent_execution_id is not None:
+            # A child execution that ended tells its parent step (the finish returned
+            # its parent: an execution that is no child pays nothing more).
             told = WaitOutcome()
             if wake_parents_of(conn, [execution_id], told, definition_of or registered):
                 woken = woken or WaitOutcome()
@@ -400,7 +400,7 @@ def fail_step(
         conn, execution_id, step_name, descendants, sinks
     )
     woken = None
-    if finished is not None:
+    if finished is not None and finished.parent_execution_id is not None:
         # A child execution that failed tells its parent step.
         told = WaitOutcome()
         if wake_parents_of(conn, [execution_id], told, registered):

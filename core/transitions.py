@@ -51,6 +51,7 @@ def transition_of(row: Row[Any], step: bool) -> TransitionResult:
         from_status=row.previous_status,
         to_status=row.status,
         attempt=row.attempt,
+        parent_execution_id=None if step else row._mapping.get("parent_execution_id"),
     )
 
 
