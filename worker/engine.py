@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import executions, reconciler, steps, waits
+from core import children, executions, reconciler, steps, waits
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -663,11 +663,9 @@ class Engine:
         """Cancel an execution and every open execution below it (its child workflows,
         theirs, ...) in one transaction: open steps cancelled at once, running tasks of
         the whole tree revoked; a parent waiting on it is told (its step fails)."""
-        from core.children import cancel_tree
-
         # The unit itself, not the manager's method, which would also dispatch a start
         # through the broker: this engine admits the next execution directly below.
-        cancelled = self.manager.run(cancel_tree, execution_id, reason, self.definition)
+        cancelled = self.manager.run(children.cancel_tree, execution_id, reason, self.definition)
         result, running = cancelled.result, cancelled.running
         if not result.applied:
             return False

@@ -64,7 +64,7 @@ def _visible(execution: WorkflowExecution, caller: Principal) -> WorkflowExecuti
     return execution
 
 
-def _children(conn: Connection, execution_id: str) -> list[ChildOut]:
+def children_of(conn: Connection, execution_id: str) -> list[ChildOut]:
     # The partial index on parent_execution_id: its children, oldest first.
     query = (
         select(WE.execution_id, WE.workflow_id, WE.status, WE.parent_step_name)
@@ -85,7 +85,7 @@ def _detail(
         executions.get_execution(conn, execution_id),
         executions.get_steps(conn, execution_id),
         executions.get_history(conn, execution_id),
-        _children(conn, execution_id),
+        children_of(conn, execution_id),
     )
 
 

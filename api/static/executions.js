@@ -12,7 +12,8 @@
       el("td", {}, el("a", { class: "mono", href: "/ui/executions/" + e.execution_id, text: e.execution_id.slice(0, 8) + "…" })),
       el("td", {}, el("a", { href: "/ui/workflows/" + encodeURIComponent(e.workflow), text: e.workflow }), " ",
         el("span", { class: "muted", text: "v" + e.workflow_version })),
-      el("td", {}, status(e.status)),
+      // A running execution whose every open step waits is "waiting" too (parked).
+      el("td", {}, status(e.status), ...(e.status === "running" && e.parked_at ? [" ", status("waiting")] : [])),
       el("td", { class: "num", text: e.attempt }),
       el("td", { class: "num", text: e.priority }),
       el("td", {}, when(e.created_at)),

@@ -1,7 +1,8 @@
 """A workflow's DAG drawn by Graphviz (``dot -Tsvg``) for the dashboard.
 
-The layout depends only on the workflow's steps and their dependencies, so it is
-computed once per (workflow, version, shape) and cached; the pages colour the nodes by
+The layout depends only on the workflow's steps, their dependencies and each step's kind
+(a task is a rounded box; a wait node has its own shape: ``KIND_SHAPES``), so it is
+computed once per (workflow, version, shape, kinds) and cached; the pages colour the nodes by
 step status in the browser (each node's ``<g>`` has ``id="step-<index>"``), so live
 updates never lay the graph out again.
 
@@ -30,6 +31,11 @@ LARGE_DAG_OPTIONS = ("-Gmclimit=0.2", "-Gnslimit=2", "-Gnslimit1=2")
 CACHED_LAYOUTS = 64
 
 Shape = tuple[tuple[str, tuple[str, ...]], ...]
+# Each step's kind, in the shape's order ("task", "sleep", "event" or "child").
+Kinds = tuple[str, ...]
+# A wait node's outline tells what it waits for at a glance (the legend names them):
+# a sleep is an oval, an event wait (approvals) a hexagon, a child workflow a 3-D box.
+KIND_SHAPES = {"sleep": "ellipse", "event": "hexagon", "child": "box3d"}
 
 
 class LayoutError(Exception):
@@ -51,6 +57,11 @@ def shape_of(workflow: Workflow) -> Shape:
     return tuple((step.name, tuple(step.depends_on)) for step in workflow.steps.values())
 
 
+def kinds_of(workflow: Workflow) -> Kinds:
+    """Each step's kind, in declaration order (what picks its node's shape)."""
+    return tuple(step.kind for step in workflow.steps.values())
+
+
 def node_ids(shape: Shape) -> dict[str, str]:
     """The SVG element id of each step's node."""
     return {name: f"step-{index}" for index, (name, _) in enumerate(shape)}
@@ -60,8 +71,9 @@ def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def dot_source(shape: Shape) -> str:
-    """The DOT text of a DAG, left to right, one box per step."""
+def dot_source(shape: Shape, kinds: Kinds = ()) -> str:
+    """The DOT text of a DAG, left to right, one box per task and a shape per wait kind
+    (``kinds`` in the shape's order; missing ones are tasks)."""
     ids = node_ids(shape)
     lines = [
         "digraph workflow {",
@@ -70,8 +82,13 @@ def dot_source(shape: Shape) -> str:
         ' fontname="sans-serif", fontsize=10, height=0.3, margin="0.12,0.04"];',
         '  edge [color="#9ca3af", arrowsize=0.6];',
     ]
-    for name, _ in shape:
-        lines.append(f'  {_quoted(name)} [id="{ids[name]}", class="step"];')
+    for index, (name, _) in enumerate(shape):
+        kind = kinds[index] if index < len(kinds) else "task"
+        outline = KIND_SHAPES.get(kind)
+        # A task's node is class "step" alone (as before waits); a wait's names its kind.
+        classes = "step" if outline is None else f"step kind-{kind}"
+        drawn = "" if outline is None else f', shape={outline}, style="filled"'
+        lines.append(f'  {_quoted(name)} [id="{ids[name]}", class="{classes}"{drawn}];')
     for name, upstream in shape:
         lines.extend(f"  {_quoted(parent)} -> {_quoted(name)};" for parent in upstream)
     lines.append("}")
@@ -111,21 +128,22 @@ def run_dot(source: str, *, steps: int, timeout: float = DOT_TIMEOUT) -> str:
     return tag + svg[start.end() :].strip()
 
 
-_locks: dict[tuple[str, int, Shape], threading.Lock] = {}
+_locks: dict[tuple[str, int, Shape, Kinds], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
 @lru_cache(maxsize=CACHED_LAYOUTS)
-def _cached(name: str, version: int, shape: Shape) -> Drawing:
+def _cached(name: str, version: int, shape: Shape, kinds: Kinds = ()) -> Drawing:
     began = time.monotonic()
-    svg = run_dot(dot_source(shape), steps=len(shape))
+    svg = run_dot(dot_source(shape, kinds), steps=len(shape))
     return Drawing(svg, node_ids(shape), time.monotonic() - began)
 
 
 def draw(workflow: Workflow) -> Drawing:
-    """The workflow's DAG, laid out once per (name, version, shape): LayoutError when it
-    cannot be (not cached, so installing Graphviz fixes the page without a restart)."""
-    key = (workflow.name, workflow.version, shape_of(workflow))
+    """The workflow's DAG, laid out once per (name, version, shape, kinds): LayoutError
+    when it cannot be (not cached, so installing Graphviz fixes the page without a
+    restart)."""
+    key = (workflow.name, workflow.version, shape_of(workflow), kinds_of(workflow))
     with _locks_guard:
         lock = _locks.setdefault(key, threading.Lock())
     # One layout per key at a time: concurrent first views wait for it, not run dot too.
@@ -133,7 +151,8 @@ def draw(workflow: Workflow) -> Drawing:
         return _cached(*key)
 
 
-def draw_steps(names: Sequence[str]) -> Drawing:
-    """Steps without a registered definition (its version is gone): unconnected boxes."""
+def draw_steps(names: Sequence[str], kinds: Kinds = ()) -> Drawing:
+    """Steps without a registered definition (its version is gone): unconnected nodes,
+    shaped by ``kinds`` (the step rows' kinds, in the same order)."""
     shape: Shape = tuple((name, ()) for name in names)
-    return _cached("(unregistered)", 0, shape)
+    return _cached("(unregistered)", 0, shape, tuple(kinds))

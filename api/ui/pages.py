@@ -1,4 +1,5 @@
-"""The dashboard's pages: executions, one execution with its DAG, workflows, and login.
+"""The dashboard's pages: executions, one execution with its DAG (and what its waiting
+steps wait for: an approval form, "Wake now"), workflows, and login.
 
 Pages are rendered on the server (Jinja2) from the same units of work as the JSON API
 and with the same visibility (members see their own executions); their scripts then
@@ -19,10 +20,11 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import Connection
 
 from api.auth import UI_HEADER, owner_filter
-from api.routes.workflows import _body, _schedules  # the JSON API's own reading
+from api.routes.executions import children_of
+from api.routes.workflows import _body, _schedules
 from api.schemas import EventOut, ExecutionDetail, ExecutionOut, StepOut
 from api.services import Conveyor, Services
-from api.ui import graph
+from api.ui import graph, waits
 from api.ui.session import (
     HOME_PATH,
     LOGIN_PATH,
@@ -36,7 +38,7 @@ from api.ui.session import (
 from core import execution_counts, executions
 from core.accounts import Principal
 from core.errors import ExecutionNotFound, WorkflowNotFound
-from core.executions import ExecutionFilter
+from core.executions import ExecutionFilter, ListedStatus, listed_statuses
 from core.states import EXECUTION_RETRY_TRANSITIONS, EXECUTIONS, ExecutionStatus
 from core.workflows import Workflow
 
@@ -47,6 +49,8 @@ RECENT = 20
 MAX_LOGIN_BODY = 4096
 CANCELLABLE = frozenset(s.value for s in ExecutionStatus if s not in EXECUTIONS.final)
 RETRYABLE = frozenset(s.value for s in EXECUTION_RETRY_TRANSITIONS)
+# The list's statuses: the execution statuses and `waiting` (running, parked on waits).
+LISTED = [s.value for s in ListedStatus]
 # Scripts and styles only from this origin (nothing inline, no CDN); no framing.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -68,7 +72,7 @@ def page(
     response = templates.TemplateResponse(
         request,
         name,
-        {"ui_header": UI_HEADER, "statuses": [s.value for s in ExecutionStatus], **context},
+        {"ui_header": UI_HEADER, "statuses": LISTED, **context},
         status_code=status_code,
         headers=SECURITY_HEADERS,
     )
@@ -127,7 +131,14 @@ def _moment(value: str | None) -> datetime | None:
 
 def _counts(conn: Connection, where: ExecutionFilter) -> dict[str, int]:
     found = {c.status: c.count for c in execution_counts.count_by_status(conn, where)}
-    return {status.value: found.get(status.value, 0) for status in ExecutionStatus}
+    counts = {status.value: found.get(status.value, 0) for status in ExecutionStatus}
+    # Waiting executions are running ones (parked): a part of `running`, not beside it.
+    counts[ListedStatus.WAITING.value] = waits.count_waiting(conn, where)
+    return counts
+
+
+def _total(counts: dict[str, int]) -> int:
+    return sum(n for status, n in counts.items() if status != ListedStatus.WAITING.value)
 
 
 def _row(execution: ExecutionOut) -> dict[str, Any]:
@@ -144,6 +155,7 @@ ROW_FIELDS = (
     "created_at",
     "started_at",
     "finished_at",
+    "parked_at",
 )
 
 
@@ -159,10 +171,12 @@ def executions_page(
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> HTMLResponse:
     """Executions newest first, filtered, with counts by status; refreshed live."""
-    chosen = [s for s in (status or []) if s in {e.value for e in ExecutionStatus}]
+    chosen = [s for s in (status or []) if s in LISTED]
     after, before = _moment(created_after), _moment(created_before)
+    statuses, waiting = listed_statuses(chosen) if chosen else (None, False)
     where = ExecutionFilter(
-        statuses=frozenset(ExecutionStatus(s) for s in chosen) or None,
+        statuses=statuses,
+        waiting=waiting,
         workflow_id=workflow or None,
         triggered_by=owner_filter(viewer),
         created_after=after,
@@ -198,7 +212,7 @@ def executions_page(
             "active": "executions",
             "rows": rows,
             "counts": counts,
-            "total": sum(counts.values()),
+            "total": _total(counts),
             "workflows": sorted({w.name for w in conveyor.engine.registry}),
             "filters": {
                 "workflow": workflow or "",
@@ -230,12 +244,17 @@ def counts(
         created_before=created_before if created_before is None or created_before.tzinfo else None,
     )
     found = conveyor.engine.manager.run(_counts, where)
-    return JSONResponse({"counts": found, "total": sum(found.values())})
+    return JSONResponse({"counts": found, "total": _total(found)})
 
 
-def _drawing(workflow: Workflow | None, step_names: list[str]) -> dict[str, Any]:
+def _drawing(
+    workflow: Workflow | None, step_names: list[str], kinds: tuple[str, ...] = ()
+) -> dict[str, Any]:
     try:
-        drawn = graph.draw(workflow) if workflow is not None else graph.draw_steps(step_names)
+        if workflow is not None:
+            drawn = graph.draw(workflow)
+        else:
+            drawn = graph.draw_steps(step_names, kinds)
     except graph.LayoutError as error:
         return {"svg": None, "problem": str(error), "node_ids": {}}
     return {"svg": drawn.svg, "problem": None, "node_ids": dict(drawn.node_ids)}
@@ -252,7 +271,9 @@ def _definition(services: Services, name: str, version: int | None = None) -> Wo
 def execution_page(
     request: Request, execution_id: str, viewer: Viewer, conveyor: Conveyor
 ) -> HTMLResponse:
-    """One execution: its DAG coloured by step status, steps, timeline and history."""
+    """One execution: its DAG coloured by step status, steps, timeline and history, what
+    its waiting steps wait for (with an approval form and "Wake now"), its parent and
+    children."""
 
     def read(conn: Connection) -> ExecutionDetail:
         execution = executions.get_execution(conn, execution_id)
@@ -262,6 +283,7 @@ def execution_page(
             **ExecutionOut.of(execution).model_dump(),
             steps=[StepOut.of(s) for s in steps],
             events=[EventOut.of(e) for e in events],
+            children=children_of(conn, execution_id),
         )
 
     try:
@@ -272,10 +294,13 @@ def execution_page(
         context = {"viewer": viewer, "message": f"No execution {execution_id!r}."}
         return page(request, "missing.html", context, status_code=404)
     definition = _definition(conveyor, detail.workflow, detail.workflow_version)
-    drawing = _drawing(definition, [s.name for s in detail.steps])
+    kinds = tuple(s.kind for s in detail.steps)
+    drawing = _drawing(definition, [s.name for s in detail.steps], kinds)
     data = {
         "execution": detail.model_dump(mode="json"),
         "node_ids": drawing["node_ids"],
+        # Each wait node's declaration: its event, timeout, and approval form fields.
+        "waits": waits.wait_views(definition),
         "cancellable": sorted(CANCELLABLE),
         "retryable": sorted(RETRYABLE),
         "may_act": viewer.is_admin or detail.triggered_by == viewer.user_id,

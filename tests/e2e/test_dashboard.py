@@ -1,18 +1,26 @@
 """The dashboard over HTTP (no browser): login, what is hidden without it, the cookie's
-CSRF header rule on the JSON API, counts by status, and each page rendered."""
+CSRF header rule on the JSON API, counts by status (waiting ones too), each page
+rendered, and the approval form a wait's payload schema becomes."""
 
 from __future__ import annotations
 
+import html
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
+from typing import Any, Literal
 
 import httpx2 as httpx
+from pydantic import BaseModel, Field
 
 from api.auth import TOKEN_COOKIE, UI_HEADER
+from api.ui.waits import form_fields
 from core.accounts import Role
 from core.executions import ExecutionFilter
 from tests.conftest import TestDatabase
+from tests.e2e.conftest import running_worker, wait_for
 from tests.helpers.api import client, user_with_token
 from worker.app import ConveyorCelery
 
@@ -163,3 +171,133 @@ def test_pages_render_the_workflow_its_dag_and_a_paged_listing(
         assert browser.get("/ui/executions/nope").status_code == 404
         listing = browser.get("/ui/workflows")
         assert "/ui/workflows/slow" in listing.text
+
+
+def page_data(text: str) -> Any:
+    """The JSON a page hands its script (the ``page-data`` element)."""
+    found = re.search(r'<script type="application/json" id="page-data">(.*?)</script>', text, re.S)
+    assert found is not None
+    return json.loads(html.unescape(found.group(1)))
+
+
+def test_waiting_executions_are_counted_listed_and_their_waits_described(
+    database: TestDatabase, api_url: str, conveyor_app: ConveyorCelery
+) -> None:
+    _, token = user_with_token("wes@example.com")
+    _, other_token = user_with_token("otto@example.com")
+    with running_worker(conveyor_app), client(api_url, token) as http:
+        invoice = {"workflow": "invoice-approval", "input": {"invoice_id": "inv-9"}}
+        approval = http.post("/executions", json=invoice).json()["execution_id"]
+        nap = http.post("/executions", json={"workflow": "nap"}).json()["execution_id"]
+        ran = http.post("/executions", json={"workflow": "linear", "input": {"start": 1}})
+        linear = ran.json()["execution_id"]
+        for execution_id in (approval, nap):
+            wait_for(execution_id, lambda e: e.parked_at is not None)
+        wait_for(linear)
+    with client(api_url, other_token) as other:
+        other.post("/executions", json={"workflow": "nap"})
+
+    with logged_in(api_url, token) as browser:
+        # Waiting ones are running ones (parked): counted apart, but not twice in all.
+        counts = browser.get("/ui/counts").json()
+        assert counts["counts"]["waiting"] == 2
+        assert counts["counts"]["running"] == 2
+        assert counts["counts"]["succeeded"] == 1
+        assert counts["total"] == 3
+        assert browser.get("/ui/counts", params={"workflow": "nap"}).json()["counts"] == {
+            **dict.fromkeys(counts["counts"], 0),
+            "running": 1,
+            "waiting": 1,
+        }
+        listing = browser.get("/ui", params={"status": "waiting"})
+        assert listing.status_code == 200
+        assert set(re.findall(r'<tr data-id="([^"]+)"', listing.text)) == {approval, nap}
+        assert 'value="waiting" checked' in listing.text
+        assert page_data(listing.text)["api_query"].startswith("status=waiting")
+        both = browser.get("/ui", params=[("status", "waiting"), ("status", "succeeded")])
+        assert set(re.findall(r'<tr data-id="([^"]+)"', both.text)) == {approval, nap, linear}
+
+        # The execution page hands its script each wait node's declaration and form.
+        page = browser.get(f"/ui/executions/{approval}")
+        assert page.status_code == 200
+        # Graphviz writes "-" in attributes as &#45;; the event wait is a hexagon.
+        assert 'class="node step kind&#45;event"' in page.text
+        data = page_data(page.text)
+        wait = data["waits"]["approval"]
+        assert (wait["kind"], wait["event"], wait["timeout_seconds"]) == (
+            "event",
+            "invoice.approved",
+            7 * 24 * 3600.0,
+        )
+        assert wait["on_timeout"] == "fail"
+        assert [(f["name"], f["widget"], f["required"]) for f in wait["fields"]] == [
+            ("approved", "choice", True),
+            ("note", "text", False),
+        ]
+        assert data["execution"]["children"] == []
+        step = next(s for s in data["execution"]["steps"] if s["name"] == "approval")
+        assert (step["kind"], step["wait"]["key"]) == ("event", "inv-9")
+        assert data["may_act"] is True
+        slept = page_data(browser.get(f"/ui/executions/{nap}").text)["waits"]["nap"]
+        assert (slept["kind"], slept["duration_seconds"], slept["until"]) == (
+            "sleep",
+            3600.0,
+            False,
+        )
+
+
+class Colour(Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Everything(BaseModel):
+    approved: bool
+    urgent: bool = False
+    note: str = Field(default="", max_length=200, description="Why")
+    amount: int = Field(ge=1, le=1000)
+    rate: float | None = None
+    colour: Colour = Colour.RED
+    size: Literal["s", "m", "l"]
+    tags: list[str] = []
+
+
+def test_a_payload_schema_becomes_form_fields_of_the_matching_inputs() -> None:
+    fields = {f["name"]: f for f in form_fields(Everything.model_json_schema())}
+    assert list(fields) == [
+        "approved",
+        "urgent",
+        "note",
+        "amount",
+        "rate",
+        "colour",
+        "size",
+        "tags",
+    ]
+    widgets = {name: (f["widget"], f["required"]) for name, f in fields.items()}
+    assert widgets == {
+        # A required yes/no with no default must be chosen: radios, neither checked.
+        "approved": ("choice", True),
+        "urgent": ("checkbox", False),
+        "note": ("text", False),
+        "amount": ("number", True),
+        "rate": ("number", False),
+        "colour": ("select", False),
+        "size": ("select", True),
+        "tags": ("json", False),
+    }
+    assert (fields["note"]["maxlength"], fields["note"]["description"]) == (200, "Why")
+    assert (fields["amount"]["min"], fields["amount"]["max"], fields["amount"]["integer"]) == (
+        1,
+        1000,
+        True,
+    )
+    assert (fields["rate"]["integer"], fields["rate"]["nullable"]) == (False, True)
+    assert (fields["colour"]["options"], fields["colour"]["default"]) == (["red", "blue"], "red")
+    assert fields["size"]["options"] == ["s", "m", "l"]
+    assert fields["urgent"]["default"] is False
+    # No schema (any JSON), or one without properties: the payload as one JSON field.
+    for schema in (None, {"type": "array", "items": {"type": "integer"}}):
+        assert form_fields(schema) == [
+            {"name": "", "label": "Payload (JSON)", "widget": "json", "required": False}
+        ]

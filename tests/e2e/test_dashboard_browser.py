@@ -18,7 +18,9 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from api.app import create_app
 from core.accounts import Role
+from core.workflows import Workflow
 from tests.conftest import TestDatabase
+from tests.e2e.wait_workflows import nap
 from tests.helpers.api import client, serve, user_with_token
 from worker.app import ConveyorCelery
 
@@ -38,6 +40,10 @@ WAIT_MS = 20_000
 expect.set_options(timeout=WAIT_MS)
 
 pytestmark = pytest.mark.postgresql_only
+
+# A parent whose child node runs "nap" (an hour's sleep) as its child execution.
+family = Workflow("dashboard-family")
+family.child("doze", workflow=nap)
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +205,133 @@ def test_read_a_failed_steps_error_and_cancel_a_running_execution(
     expect(page).to_have_url(re.compile(r"/ui/login$"))
     page.goto("/ui")
     expect(page).to_have_url(re.compile(r"/ui/login\?next="))
+
+
+def test_an_approval_form_shows_a_422_beside_its_field_then_approves_the_invoice(
+    database: TestDatabase, api_url: str, page: Page, tmp_path: Path
+) -> None:
+    _, token = user_with_token("cy@example.com")
+    with client(api_url, token) as http:
+        made = http.post(
+            "/executions", json={"workflow": "invoice-approval", "input": {"invoice_id": "inv-42"}}
+        )
+        execution_id = made.json()["execution_id"]
+    log_in(page, token)
+    page.goto(f"/ui/executions/{execution_id}")
+
+    # The page follows the execution until its approval waits: the node turns the
+    # waiting colour, and the Waiting card says for what, with a form built from the
+    # schema (approved: bool required, note: str = "").
+    approval = page.locator('#waits [data-wait="approval"]')
+    expect(approval).to_be_visible()
+    expect(page.locator("#dag g.node.kind-event.status-waiting")).to_have_count(1)
+    expect(page.locator("#execution-status")).to_contain_text("waiting")
+    expect(approval.locator(".wait-event")).to_have_text("invoice.approved")
+    expect(approval.locator(".wait-key")).to_have_text("inv-42")
+    expect(approval.locator(".times-out")).to_contain_text(re.compile(r"\(in (6d 23h|7d)\)"))
+    form = approval.locator('form[data-signal="approval"]')
+    approved = form.locator('fieldset[data-name="approved"]')
+    expect(approved).to_have_attribute("aria-required", "true")
+    expect(approved.locator(".required")).to_be_visible()
+    note = form.locator('input[data-name="note"]')
+    expect(note).to_have_attribute("type", "text")
+    expect(form.locator('[data-field="note"] .required')).to_have_count(0)
+    # The step panel says what it waits for too.
+    page.locator("#dag g.node.kind-event").click()
+    expect(page.locator("#step-detail .waits-for")).to_contain_text("invoice.approved")
+
+    # Sent without the required yes/no: the API's 422 is shown beside that field, and
+    # what was typed stays while the page keeps refreshing.
+    note.fill("checked against the PO")
+    form.locator("button[type=submit]").click()
+    approved_error = form.locator('[data-error-for="approved"]')
+    expect(approved_error).to_be_visible()
+    expect(approved_error).to_contain_text(re.compile("required", re.IGNORECASE))
+    expect(approved).to_have_attribute("aria-invalid", "true")
+    expect(form.locator('[data-error-for="note"]')).to_be_hidden()
+    expect(page.locator("#dag g.node.status-waiting")).to_have_count(1)
+    page.screenshot(path=str(tmp_path / "approval-422.png"))
+    # Two more polls of the execution: the first one's refresh has rendered by the time
+    # the second is asked for (the page polls again only after it rendered).
+    for _ in range(2):
+        with page.expect_response(lambda r: r.url.endswith(f"/executions/{execution_id}")):
+            pass
+    expect(note).to_have_value("checked against the PO")
+    expect(approved_error).to_be_visible()
+
+    # Approved: the signal completes the step, the worker pays, the execution succeeds.
+    approved.get_by_label("yes").check()
+    form.locator("button[type=submit]").click()
+    expect(page.locator("#execution-status")).to_have_text("succeeded")
+    expect(page.locator("#dag g.node.status-succeeded")).to_have_count(3)
+    expect(page.locator("#waiting")).to_be_hidden()
+    expect(page.locator("#output")).to_contain_text('"paid": true')
+    expect(page.locator("#output")).to_contain_text("checked against the PO")
+    expect(page.locator("#events")).to_contain_text("cy@example.com")
+    page.screenshot(path=str(tmp_path / "approved.png"))
+
+
+def test_a_sleeping_step_shows_its_wake_time_and_wake_now_finishes_it(
+    database: TestDatabase, api_url: str, page: Page, tmp_path: Path
+) -> None:
+    _, token = user_with_token("di@example.com")
+    with client(api_url, token) as http:
+        execution_id = http.post("/executions", json={"workflow": "nap"}).json()["execution_id"]
+    log_in(page, token)
+
+    # The list counts it as waiting (parked on its sleep) and filters on it.
+    expect(page.locator('[data-count="waiting"]')).to_have_text("1")
+    page.locator("a.count.status-waiting").click()
+    expect(page).to_have_url(re.compile(r"status=waiting"))
+    row = page.locator(f'#executions tr[data-id="{execution_id}"]')
+    expect(row).to_be_visible()
+    expect(row.locator(".status-waiting")).to_have_text("waiting")
+    row.locator("a.mono").click()
+
+    expect(page).to_have_url(re.compile(f"/ui/executions/{execution_id}$"))
+    nap = page.locator('#waits [data-wait="nap"]')
+    expect(nap).to_be_visible()
+    expect(page.locator("#dag g.node.kind-sleep.status-waiting")).to_have_count(1)
+    # An hour's sleep: it wakes "in 59m …" (or "in 1h" within its first second).
+    expect(nap.locator(".wake-at")).to_contain_text(re.compile(r"\(in (59m( \d+s)?|1h)\)"))
+    expect(nap.locator(".wake-at time")).to_have_attribute("datetime", re.compile(r"^\d{4}-"))
+    page.screenshot(path=str(tmp_path / "sleeping.png"))
+
+    nap.get_by_role("button", name="Wake now").click()
+    expect(page.locator("#execution-status")).to_have_text("succeeded")
+    expect(page.locator("#dag g.node.status-succeeded")).to_have_count(2)
+    expect(page.locator("#waiting")).to_be_hidden()
+    expect(page.locator("#events")).to_contain_text("woken early by di@example.com")
+
+
+def test_a_child_links_to_its_parent_and_waking_it_finishes_both(
+    database: TestDatabase, worker: ConveyorCelery, api_url: str, page: Page, tmp_path: Path
+) -> None:
+    worker.engine.registry.register(family)
+    _, token = user_with_token("ed@example.com")
+    with client(api_url, token) as http:
+        made = http.post("/executions", json={"workflow": "dashboard-family"})
+        parent_id = made.json()["execution_id"]
+    log_in(page, token)
+    page.goto(f"/ui/executions/{parent_id}")
+
+    # The parent's child node waits on its child: a 3-D box, and a link to the child.
+    expect(page.locator("#dag g.node.kind-child.status-waiting")).to_have_count(1)
+    doze = page.locator('#waits [data-wait="doze"]')
+    expect(doze.locator("a.child-link")).to_be_visible()
+    children = page.locator("#children tbody tr")
+    expect(children).to_have_count(1)
+    expect(children.first).to_contain_text("nap")
+    expect(children.first).to_contain_text("doze")
+    page.screenshot(path=str(tmp_path / "parent.png"))
+    children.first.locator("a.child-link").click()
+
+    # The child's page links back to its parent; waking its sleep ends both.
+    expect(page.locator("#parent-link")).to_have_attribute("href", f"/ui/executions/{parent_id}")
+    page.get_by_role("button", name="Wake now").click()
+    expect(page.locator("#execution-status")).to_have_text("succeeded")
+    page.locator("#parent-link").click()
+    expect(page).to_have_url(re.compile(f"/ui/executions/{parent_id}$"))
+    expect(page.locator("#execution-status")).to_have_text("succeeded")
+    expect(page.locator("#children tbody tr").first).to_contain_text("succeeded")
+    expect(page.locator("#waiting")).to_be_hidden()
