@@ -226,3 +226,105 @@ def test_a_sleeping_execution_holds_no_concurrency_slot(app: ConveyorCelery) -> 
         wake(second, "rest", app=app)
         assert wait_for(second).status == "succeeded"
         assert step_row(first, "rest")["status"] == "waiting"
+
+
+planner = Workflow("waits-planner")
+
+
+@planner.step()
+def plan(ctx: StepContext) -> dict[str, str]:
+    return {"due_at": ctx.input["due_at"]}
+
+
+def _due_at(ctx: StepContext, plan: dict[str, str]) -> datetime:
+    return datetime.fromisoformat(plan["due_at"])
+
+
+planner.sleep("until_due", depends_on=["plan"], until=_due_at)
+
+
+@planner.step(depends_on=["until_due"])
+def go(ctx: StepContext, until_due: str) -> str:
+    RAN.append((ctx.execution_id, "go", until_due))
+    return until_due
+
+
+lenient = Workflow("waits-lenient")
+lenient.wait(
+    "maybe",
+    event="lenient.answer",
+    key=lambda ctx: ctx.input["id"],
+    timeout=timedelta(hours=1),
+    on_timeout={"answer": "no reply"},
+)
+
+
+@lenient.step(depends_on=["maybe"])
+def use(ctx: StepContext, maybe: dict[str, str]) -> dict[str, str]:
+    return maybe
+
+
+@pytest.fixture
+def more_app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
+    registry = WorkflowRegistry([planner, lenient])
+    configure_registry(registry)
+    RAN.clear()
+    return create_app(clean_app_settings(database, redis_url), registry)
+
+
+def test_a_wake_time_in_the_past_wakes_in_the_upstreams_transaction(
+    more_app: ConveyorCelery,
+) -> None:
+    past = datetime(2020, 1, 1, tzinfo=UTC)
+    with running_worker(more_app):
+        execution_id = enqueue(planner, {"due_at": past.isoformat()}, app=more_app)
+        finished = wait_for(execution_id)
+    assert finished.status == "succeeded"
+    assert [(execution_id, "go", past.isoformat())] == RAN
+    # No waker pass ran: the sleep ended where plan's completion entered it.
+    assert _reasons(execution_id, "until_due") == ["upstream steps done", "wake time passed"]
+
+
+def test_a_wait_whose_own_function_fails_fails_alone_and_its_upstream_stands(
+    more_app: ConveyorCelery,
+) -> None:
+    with running_worker(more_app):
+        execution_id = enqueue(planner, {"due_at": "2030-01-01T00:00:00"}, app=more_app)
+        finished = wait_for(execution_id)
+    assert finished.status == "failed"
+    assert step_row(execution_id, "plan")["status"] == "succeeded"
+    sleep = step_row(execution_id, "until_due")
+    assert sleep["status"] == "failed"
+    assert sleep["error"]["type"] == "InputValidationError"
+    assert "timezone-aware" in sleep["error"]["message"]
+    assert step_row(execution_id, "go")["status"] == "skipped"
+
+
+def test_a_root_wait_times_out_to_its_on_timeout_value(more_app: ConveyorCelery) -> None:
+    with running_worker(more_app):
+        execution_id = enqueue(lenient, {"id": "a-1"}, app=more_app)
+        row = _waiting(execution_id, "maybe")
+        assert row["wait_key"] == "a-1"
+        with get_db_session(commit=True) as session:
+            session.execute(
+                update(StepExecution)
+                .where(StepExecution.execution_id == execution_id)
+                .where(StepExecution.step_name == "maybe")
+                .values(wake_at=datetime.now(UTC) - timedelta(seconds=1))
+            )
+        more_app.engine.wake()
+        finished = wait_for(execution_id)
+    assert finished.status == "succeeded"
+    assert finished.output_data == {"use": {"answer": "no reply"}}
+
+
+def test_a_cancelled_execution_cancels_its_wait_and_a_later_event_is_kept(
+    more_app: ConveyorCelery,
+) -> None:
+    with running_worker(more_app):
+        execution_id = enqueue(lenient, {"id": "a-2"}, app=more_app)
+        _waiting(execution_id, "maybe")
+        assert more_app.engine.cancel(execution_id)
+        receipt = send_event("lenient.answer", key="a-2", payload={"answer": "late"}, app=more_app)
+    assert step_row(execution_id, "maybe")["status"] == "cancelled"
+    assert receipt.consumed_by is None  # nobody waits: kept for a wait to come
