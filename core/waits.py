@@ -631,10 +631,9 @@ def wake_due(conn: Connection, limit: int, definition_of: DefinitionOf) -> WaitO
     ws = wait_statements()
     rows = conn.execute(ws.due, {"limit": limit}).all()
     outcome = WaitOutcome(taken=len(rows))
-    if len(rows) < limit:
-        # Nothing more is due now: when the next one is, for the caller's next tick.
-        outcome.next_due = conn.execute(ws.next_due).scalar()
     if not rows:
+        # Nothing is due now: when the next one is, for the caller's next tick.
+        outcome.next_due = conn.execute(ws.next_due).scalar()
         return outcome
     executions: dict[str, _Execution | None] = {}
     for row in rows:
@@ -694,6 +693,10 @@ def wake_due(conn: Connection, limit: int, definition_of: DefinitionOf) -> WaitO
             establish(conn, execution, [row], {}, definition_of, outcome)
     if ends:
         _end_waits(conn, ends, known, definition_of, outcome)
+    if len(rows) < limit:
+        # Read after the ends: the rows just taken were still waiting before them, and
+        # would make the next due look past (so no follow-up would be sent).
+        outcome.next_due = conn.execute(ws.next_due).scalar()
     return outcome
 
 

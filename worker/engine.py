@@ -343,8 +343,12 @@ class Engine:
             # Due before the next tick: one housekeeping message for that moment, so a
             # short sleep wakes on time (a lost one costs at most one tick).
             left = (outcome.next_due - datetime.now(UTC)).total_seconds()
-            if 0 < left < settings.wake_interval:
-                self.app.send_task(WAKE, countdown=left, expires=settings.wake_interval * 2)
+            # Already due (it became due while this pass ran, after its scan): at once.
+            # Not for one due long before: a row no pass can end would loop wakes.
+            if -settings.wake_interval < left < settings.wake_interval:
+                self.app.send_task(
+                    WAKE, countdown=max(0.0, left), expires=settings.wake_interval * 2
+                )
         return taken
 
     def after_finish(self, workflow_name: str) -> None:

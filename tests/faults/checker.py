@@ -5,39 +5,51 @@ After a fault test's executions are final, ``check`` reads ``workflow_executions
 steps append to (see ``workflows.py``), and asserts, for every execution:
 
 - it reached its expected final status (succeeded);
-- no step row is left pending, queued or running; every step succeeded exactly once
-  (one event into ``succeeded``), joins included, with the correct output, and the
-  execution's output is its sinks' outputs;
+- no step row is left pending, queued, running or waiting; every step succeeded exactly
+  once (one event into ``succeeded``), joins and wait nodes included, with the correct
+  output (a sleep's: its ``wake_at``, never reached before it), and the execution's
+  output is its sinks' outputs;
+- a child execution is checked as the others are (they are found from their parents),
+  and each child step started one child per attempt, the one its row names;
+- every event in ``event_inbox`` was consumed (none lost), each by one event wait of
+  these executions, the one waiting for its key, and no wait consumed two: the wait's
+  ``succeeded`` event names the inbox row it took;
 - the event log replays: each event's ``from_status`` is the previous event's
   ``to_status``, and the last one is the row's status (steps and executions);
 - no step ran again unless the process that ran it before was killed: every run but a
-  step's last is by a pid in ``dead_pids`` (so with no kills, each step ran once).
+  step's last is by a pid in ``dead_pids`` (so with no kills, each step ran once);
+  wait nodes run no code: they are absent from the run log.
 
 It returns the figures each test prints: executions, steps, runs, re-runs, ...
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
 from core.database import get_db_session
-from core.models import ExecutionEvent, StepExecution, WorkflowExecution
+from core.models import ExecutionEvent, InboxEvent, StepExecution, WorkflowExecution
 from tests.faults import workflows
 
 FINAL_EXECUTION = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
-OPEN_STEP = frozenset({"pending", "queued", "running"})
+OPEN_STEP = frozenset({"pending", "queued", "running", "waiting"})
 SHOWN_PROBLEMS = 25
 
 executions_table = WorkflowExecution.__table__
 steps_table = StepExecution.__table__
 events_table = ExecutionEvent.__table__
+inbox_table = InboxEvent.__table__
+# The inbox row an event wait took, as its ``succeeded`` event names it ("... #12").
+TAKEN_EVENT = re.compile(r"#(\d+)")
 
 
 @dataclass(frozen=True)
@@ -184,6 +196,7 @@ def check(
     figures = figures or Figures()
     ids = list(execution_ids)
     with get_db_session() as db:
+        ids += descendants(db, ids)
         executions = {
             row.execution_id: row
             for row in db.execute(
@@ -194,6 +207,9 @@ def check(
                     executions_table.c.input_data,
                     executions_table.c.output_data,
                     executions_table.c.error,
+                    executions_table.c.parent_execution_id,
+                    executions_table.c.parent_step_name,
+                    executions_table.c.parent_attempt,
                 ).where(executions_table.c.execution_id.in_(ids))
             )
         }
@@ -204,6 +220,9 @@ def check(
                 steps_table.c.status,
                 steps_table.c.attempt,
                 steps_table.c.output_data,
+                steps_table.c.wake_at,
+                steps_table.c.finished_at,
+                steps_table.c.child_execution_id,
             ).where(steps_table.c.execution_id.in_(ids))
         ).all()
         events = db.execute(
@@ -212,15 +231,32 @@ def check(
                 events_table.c.step_name,
                 events_table.c.from_status,
                 events_table.c.to_status,
+                events_table.c.reason,
             )
             .where(events_table.c.execution_id.in_(ids))
             .order_by(events_table.c.id)
         ).all()
+        inbox = db.execute(
+            select(
+                inbox_table.c.id,
+                inbox_table.c.name,
+                inbox_table.c.event_key,
+                inbox_table.c.consumed_at,
+                inbox_table.c.consumed_by_execution,
+                inbox_table.c.consumed_by_step,
+            ).order_by(inbox_table.c.id)
+        ).all()
     histories: dict[tuple[str, str | None], list[tuple[str | None, str]]] = defaultdict(list)
+    # The inbox row each event wait's success names: (execution, step) -> ids.
+    took: dict[tuple[str, str], list[int]] = defaultdict(list)
     for event in events:
         histories[(event.execution_id, event.step_name)].append(
             (event.from_status, event.to_status)
         )
+        if event.step_name and event.to_status == "succeeded" and event.from_status == "waiting":
+            took[(event.execution_id, event.step_name)] += [
+                int(found) for found in TAKEN_EVENT.findall(event.reason or "")
+            ]
     runs: dict[tuple[str, str], list[Run]] = defaultdict(list)
     wanted = set(ids)
     for run in read_runs(run_log):
@@ -250,8 +286,10 @@ def check(
         if set(rows) != set(expected):
             problems.append(f"execution {eid} has steps {sorted(rows)}, not {sorted(expected)}")
         joins = set(workflows.joins(execution.workflow_id))
+        waits = workflows.wait_nodes(execution.workflow_id)
         for name, step in rows.items():
-            what = f"step {eid}/{name}" + (" (join)" if name in joins else "")
+            kind = " (join)" if name in joins else f" ({waits[name]})" if name in waits else ""
+            what = f"step {eid}/{name}{kind}"
             if step.status in OPEN_STEP:
                 problems.append(f"{what} left {step.status}")
             elif step.status != "succeeded":
@@ -260,11 +298,18 @@ def check(
             completions = sum(1 for _, to_status in history if to_status == "succeeded")
             if completions != 1:
                 problems.append(f"{what} recorded {completions} successful completions")
-            if step.status == "succeeded" and step.output_data != expected.get(name):
-                problems.append(f"{what} output {step.output_data} != {expected.get(name)}")
+            if step.status == "succeeded":
+                if expected.get(name) == workflows.WAKE_TIME:
+                    problems += _sleep_problems(what, step)
+                elif step.output_data != expected.get(name):
+                    problems.append(f"{what} output {step.output_data} != {expected.get(name)}")
             problems += _replay_problems(what, step.status, history)
             step_runs = sorted(runs[(eid, name)], key=lambda r: r.attempt)
             figures.steps += 1
+            if name in waits:
+                if step_runs:
+                    problems.append(f"{what} is a wait node, yet code ran for it: {step_runs}")
+                continue
             figures.runs += len(step_runs)
             figures.reruns += max(0, len(step_runs) - 1)
             if step.status == "succeeded" and not step_runs:
@@ -275,6 +320,8 @@ def check(
                     f"{what} ran again though the process of an earlier run lived: "
                     + ", ".join(f"attempt {r.attempt} in pid {r.pid}" for r in step_runs)
                 )
+    problems += _inbox_problems(inbox, took, executions)
+    problems += _child_problems(executions, steps_by_execution)
     figures.executions = len(executions)
     if problems:
         shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
@@ -284,6 +331,106 @@ def check(
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
     return figures
+
+
+def descendants(db: Any, execution_ids: Collection[str]) -> list[str]:
+    """The child executions of ``execution_ids``, their children, and so on."""
+    found: list[str] = []
+    frontier = list(execution_ids)
+    while frontier:
+        frontier = list(
+            db.execute(
+                select(executions_table.c.execution_id).where(
+                    executions_table.c.parent_execution_id.in_(frontier)
+                )
+            ).scalars()
+        )
+        found += frontier
+    return found
+
+
+def _child_problems(
+    executions: Mapping[str, Any], steps_by_execution: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    """Each child step started one child per attempt, and its row names the last."""
+    problems = []
+    started: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for execution in executions.values():
+        if execution.parent_execution_id is not None:
+            started[(execution.parent_execution_id, execution.parent_step_name)].append(execution)
+    for eid, execution in executions.items():
+        for name, kind in workflows.wait_nodes(execution.workflow_id).items():
+            if kind != "child" or name not in steps_by_execution[eid]:
+                continue
+            step = steps_by_execution[eid][name]
+            children = started[(eid, name)]
+            what = f"step {eid}/{name} (child)"
+            attempts = sorted(child.parent_attempt for child in children)
+            if len(set(attempts)) != len(attempts):
+                problems.append(f"{what} started two children for one attempt: {attempts}")
+            if step.attempt not in attempts:
+                problems.append(f"{what} started no child at attempt {step.attempt}")
+            named = [child for child in children if child.execution_id == step.child_execution_id]
+            if not named or named[0].parent_attempt != step.attempt:
+                problems.append(f"{what} names child {step.child_execution_id}, not its own")
+    return problems
+
+
+def _sleep_problems(what: str, step: Any) -> list[str]:
+    """A sleep that succeeded: its output is its wake time, and it ended no earlier."""
+    if step.wake_at is None or step.finished_at is None:
+        return [f"{what} succeeded with wake_at {step.wake_at}, finished_at {step.finished_at}"]
+    try:
+        woke = datetime.fromisoformat(str(step.output_data))
+    except ValueError:
+        return [f"{what} output {step.output_data!r} is not a wake time"]
+    problems = []
+    if woke != step.wake_at:
+        problems.append(f"{what} output {woke} is not its wake_at {step.wake_at}")
+    if step.finished_at < step.wake_at:
+        problems.append(f"{what} ended at {step.finished_at}, before its wake_at {step.wake_at}")
+    return problems
+
+
+def _inbox_problems(
+    inbox: Iterable[Any], took: Mapping[tuple[str, str], list[int]], executions: Mapping[str, Any]
+) -> list[str]:
+    """Every inbox row consumed, by the one wait of its (name, key) that names it, and
+    no wait of ``executions`` took two or none."""
+    problems = []
+    consumers: dict[tuple[str, str], list[int]] = defaultdict(list)
+    rows = {row.id: row for row in inbox}
+    for row in rows.values():
+        what = f"event #{row.id} ({row.name}/{row.event_key})"
+        if row.consumed_at is None or row.consumed_by_execution is None:
+            problems.append(f"{what} was never consumed: lost")
+            continue
+        consumer = (row.consumed_by_execution, row.consumed_by_step)
+        consumers[consumer].append(row.id)
+        if took.get(consumer) != [row.id]:
+            problems.append(
+                f"{what} consumed by {consumer[0]}/{consumer[1]}, whose events name "
+                f"{took.get(consumer, [])}"
+            )
+        execution = executions.get(row.consumed_by_execution)
+        if (
+            execution is not None
+            and row.name == workflows.APPROVAL_EVENT
+            and row.event_key != workflows.approval_key(execution.input_data["start"])
+        ):
+            problems.append(f"{what} consumed by {consumer[0]}, which waits for another key")
+    for consumer, ids in consumers.items():
+        if len(ids) > 1:
+            problems.append(f"wait {consumer[0]}/{consumer[1]} consumed {len(ids)} events: {ids}")
+    for (eid, step), ids in took.items():
+        if eid not in executions:
+            continue
+        waits = workflows.wait_nodes(executions[eid].workflow_id)
+        if waits.get(step) != "event":
+            continue
+        if len(ids) != 1 or ids[0] not in rows:
+            problems.append(f"wait {eid}/{step} succeeded naming inbox rows {ids}")
+    return problems
 
 
 def transitions(execution_ids: Collection[str], from_status: str, to_status: str) -> int:

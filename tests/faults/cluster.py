@@ -4,18 +4,23 @@ Two ``celery -A worker.app worker`` processes (prefork, 2 children each) and one
 ``celery -A worker.app beat``, on the test's database and its own Redis, with short
 heartbeat, stall and reconcile settings; each in its own process group, so that
 ``stop()`` ends everything (orphaned pool children included) whatever the test did.
+``stop_all()`` kills every process and keeps the folder and the database;
+``start_again()`` starts a fresh set on them (a whole deployment restarted).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -31,6 +36,8 @@ from worker.producer import enqueue
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0
+# A Celery log line's start: "[2026-12-04 16:02:22,559: INFO/MainProcess] ..." (local time).
+LOGGED_AT = re.compile(rb"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ")
 SETTINGS = {
     "CONVEYOR_HEARTBEAT_INTERVAL": "0.5",
     "CONVEYOR_STALL_TIMEOUT": "4",
@@ -64,6 +71,26 @@ class Process:
             if int(fields[1]) == self.pid and fields[0] != "Z":
                 found.append(int(stat.parent.name))
         return found
+
+    def logged_at(self, text: str) -> datetime | None:
+        """When this process first logged a line containing ``text`` (None: not yet)."""
+        for line in self.log.read_bytes().splitlines():
+            if text.encode() in line and (found := LOGGED_AT.match(line)):
+                # The processes log in this machine's local time (naive): made aware here.
+                logged = datetime.strptime(found.group(1).decode(), "%Y-%m-%d %H:%M:%S,%f")  # noqa: DTZ007
+                return logged.astimezone()
+        return None
+
+
+@dataclass
+class WaitMix:
+    """Executions enqueued by ``Cluster.enqueue_mix``: their ids and step count, and the
+    start numbers of the approvals armed early (``early``) and enqueued last (``late``)."""
+
+    ids: list[str]
+    steps: int
+    early: list[int]
+    late: list[int]
 
 
 class Cluster:
@@ -101,6 +128,7 @@ class Cluster:
             self.env[inject.MODE_ENV] = inject_mode
         self.processes: list[Process] = []
         self.workers: list[Process] = []
+        self.beat: Process | None = None
         registry = WorkflowRegistry()
         registry.load_module(workflows.__name__)
         # The same settings as the processes: a test may run a reconciler pass itself.
@@ -159,12 +187,49 @@ class Cluster:
             assert time.monotonic() < deadline, worker.log.read_text()
             time.sleep(0.1)
 
-    def start(self, workers: int = 2) -> None:
-        """Start the workers and beat; return once every worker is ready."""
+    def start(self, workers: int = 2) -> list[Process]:
+        """Start the workers and beat; return them once every worker is ready."""
         started = [self.spawn_worker() for _ in range(workers)]
-        self._spawn("beat", ["beat", "--schedule", str(self.folder / "beat-schedule")])
+        beats = len([p for p in self.processes if p.name.startswith("beat")])
+        self.beat = self._spawn(
+            f"beat{beats + 1}" if beats else "beat",
+            [
+                "beat",
+                "--schedule",
+                str(self.folder / "beat-schedule"),
+                # Each tick's "Sending due task" line (DEBUG for conveyor's own tasks):
+                # when beat began ticking.
+                "--loglevel",
+                "debug",
+            ],
+        )
         for worker in started:
             self.wait_ready(worker)
+        return started
+
+    def stop_all(self) -> list[int]:
+        """SIGKILL every worker (pools included) and beat at once; the database, Redis and
+        the folder stay. The pids it ended."""
+        ended: list[int] = []
+        live = [p for p in self.processes if p.popen.poll() is None]
+        for process in live:
+            ended += [process.pid, *process.children()]
+        for process in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in live:
+            process.popen.wait()
+        self.workers.clear()
+        self.beat = None
+        return ended
+
+    def start_again(self, workers: int = 2) -> list[Process]:
+        """After ``stop_all()``: a new set of workers and beat on the same database,
+        Redis and folder (beat keeps its schedule file); returns once every worker is
+        ready, with the new workers."""
+        assert not self.workers, "stop_all() first"
+        assert self.beat is None, "stop_all() first"
+        return self.start(workers)
 
     def kill_worker(self, worker: Process) -> list[int]:
         """SIGKILL a worker's main process (its pool is orphaned); the pids it ends."""
@@ -213,9 +278,50 @@ class Cluster:
 
     # --- work ------------------------------------------------------------------------
 
-    def enqueue(self, workflow: str, starts: range) -> list[str]:
+    def enqueue(self, workflow: str, starts: Sequence[int]) -> list[str]:
         """One execution of ``workflow`` per start number, each enqueued on its own."""
         return [enqueue(workflow, {"start": start}, app=self.app) for start in starts]
+
+    def enqueue_sleepy(self, starts: Sequence[int], seconds: Sequence[float]) -> list[str]:
+        """One ``sleepy`` (a -> sleep -> b) per start number, sleeping ``seconds[i]``."""
+        return [
+            enqueue(workflows.sleepy.name, {"start": start, "seconds": nap}, app=self.app)
+            for start, nap in zip(starts, seconds, strict=True)
+        ]
+
+    def enqueue_approval(self, starts: Sequence[int]) -> list[str]:
+        """One ``approval`` (a -> wait for ``fault.approved`` -> b) per start number; the
+        test sends the events (``tests.faults.senders``)."""
+        return self.enqueue(workflows.approval.name, starts)
+
+    def enqueue_mix(
+        self,
+        chains: int,
+        fans: int,
+        *,
+        sleepies: int,
+        approvals: int,
+        parents: int,
+        sleep_seconds: tuple[float, float],
+        rng: random.Random,
+    ) -> WaitMix:
+        """The workload with waits around it: half the ``approval`` executions, the
+        ``sleepy`` ones (sleeping a random number of ``sleep_seconds``) and the ``parent``
+        ones (each starting a child chain) ahead of the chains and fans, so their waits
+        are armed early in the run; the other half of the approvals behind them, so that
+        events sent at once come before their waits."""
+        early = list(range(3000, 3000 + approvals // 2))
+        late = list(range(4000, 4000 + approvals - len(early)))
+        ids = self.enqueue_approval(early)
+        ids += self.enqueue_sleepy(
+            range(2000, 2000 + sleepies), [rng.uniform(*sleep_seconds) for _ in range(sleepies)]
+        )
+        ids += self.enqueue(workflows.parent.name, range(5000, 5000 + parents))
+        ids += self.enqueue_workload(chains, fans)
+        ids += self.enqueue_approval(late)
+        # The steps of ``ids`` (their children's are not counted).
+        steps = 10 * (chains + fans) + 3 * (sleepies + approvals + parents)
+        return WaitMix(ids, steps, early, late)
 
     def enqueue_workload(self, chains: int, fans: int) -> list[str]:
         """``chains`` executions of the 10-step chain and ``fans`` of the 1 -> 8 -> 1 fan."""

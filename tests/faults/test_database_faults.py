@@ -3,10 +3,16 @@ crash recovery (the postmaster kept) for 10 s; every server process SIGSTOPped f
 (a hung server, or a network partition). Each outage is longer than the stall timeout.
 
 Workers live through all of them: no step's code may run twice, since no worker died.
+
+The restarts' mix holds waits too (``Cluster.enqueue_mix``), armed early: child
+workflows, sleeps of 1-4 s (some span a restart) and event waits; the events of the
+approvals enqueued last are sent at once (before their waits exist), those of the
+early ones after the restarts. Each wait ends once; no wake, child or event is lost.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Sequence
 
@@ -26,6 +32,7 @@ from tests.faults.checker import (
 from tests.faults.cluster import SETTINGS
 from tests.faults.conftest import StartCluster
 from tests.faults.inject import hang_server, kill_a_backend_held_in_recovery, resume_server
+from tests.faults.senders import send_events
 from tests.servers import PostgresServer
 
 pytestmark = [pytest.mark.postgresql_only, pytest.mark.timeout(240)]
@@ -33,6 +40,10 @@ pytestmark = [pytest.mark.postgresql_only, pytest.mark.timeout(240)]
 CHAINS = 12
 FANS = 4
 STEPS = 10 * (CHAINS + FANS)
+SLEEPIES = 6
+SLEEP_SECONDS = (1.0, 4.0)
+PARENTS = 4  # a -> child (a three-step chain) -> b
+APPROVALS = 8
 OUTAGE = 15.0
 HOLD = 10.0  # the backend kill's and the hang's outage
 POOL = 4  # pool processes: 2 workers of 2
@@ -65,10 +76,20 @@ def test_postgres_restarted_twice_mid_run(
 ) -> None:
     server = _server(postgres_server)
     cluster = start_cluster()
-    ids = cluster.enqueue_workload(CHAINS, FANS)
+    mix = cluster.enqueue_mix(
+        CHAINS,
+        FANS,
+        sleepies=SLEEPIES,
+        approvals=APPROVALS,
+        parents=PARENTS,
+        sleep_seconds=SLEEP_SECONDS,
+        rng=random.Random(),
+    )
+    ids = mix.ids
+    sent = send_events(cluster.app, mix.late)  # behind the chains: before their waits
     recoveries = []
     for fraction in (0.25, 0.6):
-        wait_mid_run(ids, STEPS, fraction)
+        wait_mid_run(ids, mix.steps, fraction)
         cluster.gate.touch()  # every pool process holds a step across the restart
         wait_held(ids)
         done = succeeded_steps(ids)
@@ -77,10 +98,15 @@ def test_postgres_restarted_twice_mid_run(
         forget_connections()
         cluster.gate.unlink()
         recoveries.append(round(seconds_to_progress(ids, done, started), 1))
+    send_events(cluster.app, mix.early, sent)  # armed long ago: to waiting waits
     seconds = wait_until_final(ids, FINISH_TIMEOUT)
     figures = Figures(
         seconds_to_finish=seconds,
-        extra={"restarts": len(recoveries), "seconds to progress after each": recoveries},
+        extra={
+            "restarts": len(recoveries),
+            "seconds to progress after each": recoveries,
+            **sent.figures(),
+        },
     )
     try:
         check(ids, cluster.run_log, figures=figures)

@@ -2,6 +2,13 @@
 
 Every step keeps the default ``Retry`` (one attempt): crash recoveries, counted apart
 from error retries, must carry the steps a kill interrupted.
+
+Waits ride the storm too (``Cluster.enqueue_mix``): ``sleepy`` executions (a -> sleep
+of 1-4 s -> b), woken by whichever worker lives; ``parent`` executions (a -> child, a
+three-step chain -> b); and ``approval`` executions (a -> wait for ``fault.approved`` ->
+b) whose events a thread of this process sends through the storm, some before their
+wait exists (``tests.faults.senders``): every wait ends exactly once, each child step
+started one child, every event is taken by its own wait, none is lost.
 """
 
 from __future__ import annotations
@@ -25,11 +32,18 @@ from tests.faults.checker import (
 )
 from tests.faults.cluster import Cluster
 from tests.faults.conftest import StartCluster
+from tests.faults.senders import EventSender
 
 pytestmark = [pytest.mark.postgresql_only, pytest.mark.timeout(300)]
 
 CHAINS = 40
 FANS = 10
+SLEEPIES = 10
+SLEEP_SECONDS = (1.0, 4.0)
+PARENTS = 6  # a -> child (a three-step chain) -> b
+APPROVALS = 20  # half armed early, their events sent through the storm; half behind the
+# chains and fans, their events sent at once: before their waits exist
+SEND_PAUSE = (0.2, 1.2)  # seconds between the early ones' sends: moments of the storm
 CHILD_KILLS = 7
 MAIN_KILLS = 3
 PAUSE = (0.5, 3.0)  # seconds between kills: random moments of the run
@@ -65,7 +79,18 @@ def _kill_a_main(cluster: Cluster, rng: random.Random) -> list[int]:
 def test_sigkill_storm_loses_nothing(start_cluster: StartCluster) -> None:
     cluster = start_cluster()
     rng = random.Random()
-    ids = cluster.enqueue_workload(CHAINS, FANS)
+    mix = cluster.enqueue_mix(
+        CHAINS,
+        FANS,
+        sleepies=SLEEPIES,
+        approvals=APPROVALS,
+        parents=PARENTS,
+        sleep_seconds=SLEEP_SECONDS,
+        rng=rng,
+    )
+    ids = mix.ids
+    sender = EventSender(cluster.app, at_once=mix.late, later=mix.early, pause=SEND_PAUSE, rng=rng)
+    sender.start()
     plan = ["child"] * CHILD_KILLS + ["main"] * MAIN_KILLS
     rng.shuffle(plan)
     dead: set[int] = set()
@@ -80,6 +105,7 @@ def test_sigkill_storm_loses_nothing(start_cluster: StartCluster) -> None:
         kills[target] += bool(ended)
         dead.update(ended)
     last_kill = time.monotonic()
+    sent = sender.join()
     seconds = wait_until_final(ids, FINISH_TIMEOUT)
     figures = Figures(
         seconds_to_finish=seconds,
@@ -90,6 +116,7 @@ def test_sigkill_storm_loses_nothing(start_cluster: StartCluster) -> None:
             "reconciler republishes": transitions(ids, "queued", "queued"),
             "reconciler start re-sends": start_resends(ids),
             "seconds to recover after the last kill": round(time.monotonic() - last_kill, 1),
+            **sent.figures(),
         },
     )
     try:
@@ -97,3 +124,6 @@ def test_sigkill_storm_loses_nothing(start_cluster: StartCluster) -> None:
     finally:
         print(f"\nSIGKILL storm: {figures.line()}")
     assert kills["child"] + kills["main"] >= CHILD_KILLS + MAIN_KILLS, figures.line()
+    # Both orders happened: events before their wait, and waits before their event.
+    assert sent.stored_for_later, figures.line()
+    assert sent.to_a_waiting_wait, figures.line()

@@ -5,7 +5,10 @@ named by ``FAULTS_RUN_LOG`` (O_APPEND: one write per line, safe across processes
 untouched by a broker flush), so the checker counts runs wherever they happened.
 While the file named by ``FAULTS_GATE`` exists, steps finish their work but do not
 return: a test holds them mid-step across a fault.
-Outputs are arithmetic on the input, so the checker can recompute every one of them.
+Outputs are arithmetic on the input, so the checker can recompute every one of them
+(a sleep's output is its wake time: the checker compares it with the row's ``wake_at``).
+Wait nodes (``sleepy``'s sleep, ``approval``'s event wait, ``parent``'s child) run no
+code: they never appear in the run log (a child's own steps do).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -101,8 +105,142 @@ def join(ctx: StepContext, **branches: int) -> int:
     return sum(branches.values())
 
 
+# a -> sleep -> b: the sleep lasts the input's ``seconds`` (decided as it is entered).
+class Nap(BaseModel):
+    """Input of ``sleepy``: the number, and how long its sleep lasts."""
+
+    start: int
+    seconds: float = 4.0
+
+
+sleepy = Workflow("fault_sleepy", input_model=Nap)
+
+
+@sleepy.step("a")
+def _nap_a(ctx: StepContext) -> int:
+    _work(ctx)
+    return int(ctx.input.start)
+
+
+def _wake_time(ctx: StepContext, a: int) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=float(ctx.input.seconds))
+
+
+sleepy.sleep("nap", depends_on=["a"], until=_wake_time)
+
+
+@sleepy.step("b", depends_on=["nap"])
+def _nap_b(ctx: StepContext, nap: str) -> int:
+    datetime.fromisoformat(nap)  # the sleep's output is its wake time
+    _work(ctx)
+    return int(ctx.input.start) + 1
+
+
+# a -> wait for "fault.approved" with the input's key -> b.
+APPROVAL_EVENT = "fault.approved"
+
+
+class Approved(BaseModel):
+    """The payload of ``fault.approved``."""
+
+    value: int
+
+
+def approval_key(start: int) -> str:
+    """The event key of the ``approval`` execution started from ``start``."""
+    return f"ticket-{start}"
+
+
+def approval_payload(start: int) -> dict[str, int]:
+    """The payload a test sends for the ``approval`` execution started from ``start``."""
+    return {"value": start * 3}
+
+
+approval = Workflow("fault_approval", input_model=Seed)
+
+
+@approval.step("a")
+def _approval_a(ctx: StepContext) -> int:
+    _work(ctx)
+    return int(ctx.input.start)
+
+
+def _approval_key(ctx: StepContext, a: int) -> str:
+    return approval_key(int(ctx.input.start))
+
+
+approval.wait(
+    "approval", depends_on=["a"], event=APPROVAL_EVENT, key=_approval_key, schema=Approved
+)
+
+
+@approval.step("b", depends_on=["approval"])
+def _approval_b(ctx: StepContext, approval: dict[str, int]) -> int:
+    _work(ctx)
+    return int(approval["value"]) + int(ctx.input.start)
+
+
+# a -> child (a three-step chain from a * 10) -> b.
+CHILD_CHAIN = 3
+chain3 = Workflow("fault_chain3", input_model=Seed)
+
+
+@chain3.step("link_0")
+def _child_first_link(ctx: StepContext) -> int:
+    _work(ctx)
+    return int(ctx.input.start)
+
+
+for _i in range(1, CHILD_CHAIN):
+    chain3.step(f"link_{_i}", depends_on=[f"link_{_i - 1}"])(_link(_i))
+
+parent = Workflow("fault_parent", input_model=Seed)
+
+
+@parent.step("a")
+def _parent_a(ctx: StepContext) -> int:
+    _work(ctx)
+    return int(ctx.input.start)
+
+
+def _child_input(ctx: StepContext, a: int) -> dict[str, int]:
+    return {"start": a * 10}
+
+
+parent.child("child", depends_on=["a"], workflow=chain3, input=_child_input)
+
+
+@parent.step("b", depends_on=["child"])
+def _parent_b(ctx: StepContext, child: dict[str, int]) -> int:
+    _work(ctx)
+    return int(child[f"link_{CHILD_CHAIN - 1}"]) + 1
+
+
+WORKFLOWS = {w.name: w for w in (chain, fan, sleepy, approval, chain3, parent)}
+# A sleep's expected output: its wake time, which the checker reads from the row.
+WAKE_TIME = "<the sleep's wake_at>"
+
+
+def definition(workflow: str) -> Workflow:
+    """The fault-suite workflow called ``workflow``."""
+    if workflow not in WORKFLOWS:
+        raise ValueError(f"not a fault-suite workflow: {workflow}")
+    return WORKFLOWS[workflow]
+
+
 def expected_outputs(workflow: str, start: int) -> dict[str, Any]:
-    """Every step's correct output for an execution of ``workflow`` from ``start``."""
+    """Every step's correct output for an execution of ``workflow`` from ``start``
+    (``WAKE_TIME`` for a sleep)."""
+    if workflow == chain3.name:
+        return {f"link_{i}": start + i for i in range(CHILD_CHAIN)}
+    if workflow == parent.name:
+        last = start * 10 + CHILD_CHAIN - 1
+        return {"a": start, "child": {f"link_{CHILD_CHAIN - 1}": last}, "b": last + 1}
+    if workflow == sleepy.name:
+        return {"a": start, "nap": WAKE_TIME, "b": start + 1}
+    if workflow == approval.name:
+        payload = approval_payload(start)
+        return {"a": start, "approval": payload, "b": payload["value"] + start}
     if workflow == chain.name:
         return {f"link_{i}": start + i for i in range(CHAIN_LENGTH)}
     if workflow == fan.name:
@@ -117,10 +255,16 @@ def expected_outputs(workflow: str, start: int) -> dict[str, Any]:
 
 def joins(workflow: str) -> list[str]:
     """Steps of ``workflow`` with more than one upstream step."""
-    definition = chain if workflow == chain.name else fan
-    return [name for name, step in definition.steps.items() if len(step.depends_on) > 1]
+    steps = definition(workflow).steps
+    return [name for name, step in steps.items() if len(step.depends_on) > 1]
 
 
 def sinks(workflow: str) -> list[str]:
     """Steps of ``workflow`` nothing depends on (their outputs are the execution's)."""
-    return list((chain if workflow == chain.name else fan).sinks)
+    return list(definition(workflow).sinks)
+
+
+def wait_nodes(workflow: str) -> dict[str, str]:
+    """The wait nodes of ``workflow`` (they run no code), each with its kind."""
+    steps = definition(workflow).steps
+    return {name: steps[name].kind for name in definition(workflow).wait_nodes}
