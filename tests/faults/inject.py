@@ -13,6 +13,10 @@ process when the registry loads; with ``FAULTS_INJECT`` set it wraps the app cla
   are sent.
 - ``fail-start:<execution>``: every start publish of the execution with that id fails;
   the others are sent.
+- ``kill-at-start:<workflow>``: the first process about to publish the start of an
+  execution of that workflow SIGKILLs itself (once across all processes): for a child
+  workflow, the worker dies after the commit that created the child and armed its
+  parent's wait, before the child's start is sent.
 
 Each injected fault appends a line to ``FAULTS_INJECT_LOG`` for the test's figures.
 
@@ -107,6 +111,20 @@ def faulty(original: SendTask, mode: str) -> SendTask:
             return original(app, name, *args, **options)
 
         return send_or_fail_start
+    if kind == "kill-at-start":
+
+        def send_or_die(app: ConveyorCelery, name: str, *args: Any, **options: Any) -> Any:
+            if name == START_EXECUTION and (options.get("kwargs") or {}).get("workflow") == rate:
+                log = os.environ.get(LOG_ENV, "")
+                try:  # once across every process: the marker is created exclusively
+                    os.close(os.open(f"{log}.killed", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    return original(app, name, *args, **options)
+                _note(f"killed before {name} {rate}")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(app, name, *args, **options)
+
+        return send_or_die
     raise ValueError(f"unknown {MODE_ENV} mode {mode!r}")
 
 

@@ -21,9 +21,17 @@ import pytest
 from sqlalchemy import select
 
 from core.database import get_db_session
-from tests.faults.checker import Figures, check, steps_table, wait_until_final
+from tests.faults import workflows
+from tests.faults.checker import (
+    Figures,
+    check,
+    executions_table,
+    steps_table,
+    wait_until_final,
+)
 from tests.faults.cluster import Cluster, Process
 from tests.faults.conftest import StartCluster
+from tests.faults.inject import injected_lines
 
 pytestmark = [pytest.mark.postgresql_only, pytest.mark.timeout(180)]
 
@@ -176,3 +184,34 @@ def test_a_deployment_restarted_mid_sleep_wakes_each_sleep_on_time(
         print(f"\nDeployment restarted mid-sleep: {figures.line()}")
     assert figures.reruns == 0, figures.line()
     assert all(0 <= lateness < ON_TIME for lateness in late), late
+
+
+PARENTS = 4
+
+
+def test_a_worker_killed_between_creating_a_child_and_starting_it_leaves_one_child(
+    start_cluster: StartCluster,
+) -> None:
+    """The worker that completed a parent's upstream step (creating the child and arming
+    the parent's wait in that commit) is SIGKILLed before it publishes the child's start:
+    the reconciler sends the start of the pending child, the child runs once, and the
+    parent resumes with its output."""
+    cluster = start_cluster(inject_mode=f"kill-at-start:{workflows.chain3.name}")
+    ids = cluster.enqueue(workflows.parent.name, range(6000, 6000 + PARENTS))
+    elapsed = wait_until_final(ids, FINISH_TIMEOUT)
+    killed = [line.split() for line in injected_lines(cluster.inject_log)]
+    assert [line[:2] for line in killed] == [["killed", "before"]], killed
+    figures = Figures(seconds_to_finish=elapsed, extra={"killed before a child's start": 1})
+    try:
+        check(ids, cluster.run_log, dead_pids=[int(killed[0][-1])], figures=figures)
+    finally:
+        print(f"\nKilled between a child's creation and its start: {figures.line()}")
+    with get_db_session() as db:
+        children = db.execute(
+            select(executions_table.c.parent_execution_id, executions_table.c.status).where(
+                executions_table.c.parent_execution_id.in_(ids)
+            )
+        ).all()
+    # One child per parent, each succeeded: the lost start was sent again, never a new child.
+    assert sorted(parent for parent, _ in children) == sorted(ids)
+    assert {status for _, status in children} == {"succeeded"}
