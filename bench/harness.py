@@ -273,8 +273,9 @@ def conveyor_app(settings: Settings, registry: WorkflowRegistry) -> Iterator[Con
 
 
 def state_engine() -> Engine:
-    """The sync engine the state manager runs on (what ``SqlCounter`` watches)."""
-    return core_database.get_database().engine
+    """The sync engine the state manager runs its units of work on (what ``SqlCounter``
+    watches): ``work_engine``, not the sessions' ``engine``."""
+    return core_database.get_database().work_engine
 
 
 class SqlCounter:

@@ -17,7 +17,8 @@ processes (``-P prefork -c 2``; DBOS: 2 processes), through every scenario:
 
 One line a figure: each system's median over the repetitions, then conveyor's ratio to
 each other system (taken within each repetition). Lines starting with ``#`` are context.
-``--extras reconciler overhead`` adds conveyor's in-process benchmarks.
+``--extras reconciler overhead waits`` adds conveyor's in-process benchmarks (waits:
+sleeping executions as rows, the waker, send_event -> step started; bench/waits.py).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from bench.scenarios import (
 )
 from bench.systems import CHAIN10, FANOUT, Conveyor, Dbos, PlainCelery, Shape, System
 
-EXTRAS = ("reconciler", "overhead")
+EXTRAS = ("reconciler", "overhead", "waits")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -79,6 +80,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--extras", nargs="*", choices=EXTRAS, default=[], help="in-process extras (none)")
     add("--reconciler-rows", type=int, nargs="+", default=[100_000, 1_000_000])
     add("--overhead-calls", type=int, default=2000)
+    add("--wait-sleepers", type=int, default=100_000, help="waits: executions asleep")
+    add("--wait-due", type=int, default=10_000, help="waits: sleeps due at once")
+    add("--wait-events", type=int, default=30, help="waits: events sent, one at a time")
     add("--timeout", type=float, default=600.0, help="longest wait for one workload (s)")
     options = parser.parse_args(argv)
     if options.long_steps <= 10:
@@ -212,6 +216,10 @@ def _extras(options: argparse.Namespace, running: Services) -> None:
         from bench.overhead import overhead
 
         overhead(running, options.overhead_calls)
+    if "waits" in options.extras:
+        from bench.waits import waits_extra
+
+        waits_extra(running, options.wait_sleepers, options.wait_due, options.wait_events)
 
 
 def benchmark(options: argparse.Namespace) -> Results:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 from typing import Any
 
 from core.registry import WorkflowRegistry
@@ -20,6 +21,9 @@ DAG = "bench_dag"
 FANOUT = "bench_fanout"
 WORK = "bench_work"
 DAG_STEPS = 4
+SLEEPER = "bench_sleeper"
+WAITER = "bench_waiter"
+GO = "bench.go"
 
 
 def stamp(ctx: StepContext) -> float:
@@ -29,6 +33,11 @@ def stamp(ctx: StepContext) -> float:
 
 def noop(ctx: StepContext, **upstream: Any) -> None:
     """A step that does nothing (it takes whatever upstream outputs it is given)."""
+
+
+def stamp_after(ctx: StepContext, **upstream: Any) -> float:
+    """Return the time the step started, after whatever upstream steps it has."""
+    return time.time()
 
 
 def linear_name(steps: int) -> str:
@@ -76,6 +85,24 @@ def work() -> Workflow:
     return workflow
 
 
+def sleeper() -> Workflow:
+    """``nap`` (a sleep of 30 days) -> ``after``: the waits extra's sleeping executions,
+    bulk-loaded as rows (bench/waits.py)."""
+    workflow = Workflow(SLEEPER, description="benchmark: a long sleep, then a no-op")
+    workflow.sleep("nap", duration=timedelta(days=30))
+    workflow.add_step(Step(name="after", fn=noop, depends_on=("nap",)))
+    return workflow
+
+
+def waiter() -> Workflow:
+    """``go`` (a wait for event ``bench.go`` keyed by the input's ``key``) -> ``started``
+    (returns the time it started): send_event -> dependent step started."""
+    workflow = Workflow(WAITER, description="benchmark: wait for an event, then a step")
+    workflow.wait("go", event=GO, key=lambda ctx: str(ctx.input["key"]))
+    workflow.add_step(Step(name="started", fn=stamp_after, depends_on=("go",)))
+    return workflow
+
+
 def long_steps() -> int:
     """Steps of the long chain: ``BENCH_LONG_STEPS``, default 1,000."""
     return int(os.environ.get("BENCH_LONG_STEPS", "1000"))
@@ -83,7 +110,7 @@ def long_steps() -> int:
 
 def registry(long: int | None = None) -> WorkflowRegistry:
     """Every benchmark workflow, with a long chain of ``long`` steps (or none)."""
-    found = [linear(CHAIN_STEPS), fan_out(), dag(), work()]
+    found = [linear(CHAIN_STEPS), fan_out(), dag(), work(), sleeper(), waiter()]
     if long is not None and long != CHAIN_STEPS:
         found.append(linear(long))
     return WorkflowRegistry(found)
@@ -92,4 +119,6 @@ def registry(long: int | None = None) -> WorkflowRegistry:
 # What the workers register (module-level Workflow objects).
 chain = linear(CHAIN_STEPS)
 fanout = fan_out()
+sleeping = sleeper()
+waiting = waiter()
 chain_long = linear(long_steps()) if long_steps() != CHAIN_STEPS else chain

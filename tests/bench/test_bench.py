@@ -30,9 +30,12 @@ EXTRAS = [
     "--latency-executions", "1",
     "--enqueue-executions", "1",
     "--burst-executions", "2",
-    "--extras", "reconciler", "overhead",
+    "--extras", "reconciler", "overhead", "waits",
     "--reconciler-rows", "2000",
     "--overhead-calls", "20",
+    "--wait-sleepers", "200",
+    "--wait-due", "50",
+    "--wait-events", "3",
 ]  # fmt: skip
 
 
@@ -93,3 +96,17 @@ def test_bench_extras_run_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) -> 
     printed = capsys.readouterr().out
     assert "reconcile_pass_seconds" in printed
     assert "transaction_us" in printed
+    # The waits extra: an empty waker pass reads twice and writes nothing, sleepers send
+    # no message, every due sleep is woken and its next step published.
+    assert "empty_wake_pass_ms sleeping=200 via=wake_due" in printed
+    assert "empty_wake_pass_statements sleeping=200 value=2.00" in printed
+    assert "empty_wake_pass_writes sleeping=200 value=0.000" in printed
+    assert "broker_messages_while_asleep sleeping=200 after_passes=43 value=0.000" in printed
+    assert "ix_execution_steps_waiting_wake" in printed
+    assert "steps_published due=50 batch=500 worker=none value=50.0" in printed
+    assert "event_to_start_p50_ms system=conveyor" in printed
+    assert "enqueue_to_start_p50_ms system=conveyor" in printed
+    assert "producer_statements call=send_event" in printed
+    assert "waits      event->start p50 ms    conveyor " in printed
+    if importlib.util.find_spec("dbos") is not None:
+        assert "send_to_recv_p50_ms system=dbos" in printed
