@@ -10,6 +10,7 @@ waker's scan, which names no execution and leads with ``wake_at``
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, cast
@@ -25,13 +26,17 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    column,
     exists,
     func,
     insert,
     literal,
     select,
     update,
+    values,
 )
+from sqlalchemy import cast as cast_
+from sqlalchemy.dialects.postgresql import JSONB
 
 from core.models import InboxEvent, StepExecution, WorkflowExecution
 from core.sql import utcnow
@@ -46,6 +51,20 @@ IB = cast(Table, InboxEvent.__table__)
 EVENT_LOCK = 0x657674
 
 WAITING = StepStatus.WAITING.value
+# What establishing a wait reads of its execution (its id first).
+EXECUTION_COLUMNS = (
+    WE.c.execution_id,
+    WE.c.workflow_id,
+    WE.c.workflow_version,
+    WE.c.priority,
+    WE.c.input_data,
+    WE.c.created_at,
+    WE.c.deadline_at,
+    WE.c.triggered_by,
+    WE.c.depth,
+    WE.c.root_execution_id,
+    WE.c.status,
+)
 STEP_COLUMNS = (
     SE.c.execution_id,
     SE.c.step_name,
@@ -122,16 +141,7 @@ def wait_statements() -> WaitStatements:
         .returning(*STEP_COLUMNS)
     )
     execution = select(
-        WE.c.workflow_id,
-        WE.c.workflow_version,
-        WE.c.priority,
-        WE.c.input_data,
-        WE.c.created_at,
-        WE.c.deadline_at,
-        WE.c.triggered_by,
-        WE.c.depth,
-        WE.c.root_execution_id,
-        WE.c.status,
+        *EXECUTION_COLUMNS[1:],
     ).where(WE.c.execution_id == eid)
     waiting_here = (
         SE.c.execution_id == eid,
@@ -220,9 +230,11 @@ def wait_statements() -> WaitStatements:
         .limit(1)
         .scalar_subquery()
     )
+    # consumed_at IS NULL again on the row itself: the lock already orders the takes,
+    # and an event is never taken twice even where it would not.
     take_signal = (
         update(IB)
-        .where(IB.c.id == signal_id)
+        .where(IB.c.id == signal_id, IB.c.consumed_at.is_(None))
         .values(**consumed)
         .returning(IB.c.id, IB.c.payload, IB.c.actor)
     )
@@ -243,7 +255,7 @@ def wait_statements() -> WaitStatements:
     )
     take_event = (
         update(IB)
-        .where(IB.c.id == event_id)
+        .where(IB.c.id == event_id, IB.c.consumed_at.is_(None))
         .values(**consumed)
         .returning(IB.c.id, IB.c.payload, IB.c.actor)
     )
@@ -311,3 +323,71 @@ def repark(execution_ids: list[str]) -> Update:
         .values(parked_at=case((parked, func.coalesce(WE.c.parked_at, utcnow())), else_=None))
         .returning(WE.c.execution_id, WE.c.workflow_id, WE.c.parked_at)
     )
+
+
+def end_many(ends: Sequence[Any]) -> Update:
+    """PostgreSQL: end many waits in one UPDATE, each still waiting at its attempt, to
+    its own status, output and error (``ends``: objects with execution_id, step_name,
+    attempt, to, output, error)."""
+    rows = values(
+        column("eid", String),
+        column("step", String),
+        column("att", Integer),
+        column("to", String),
+        column("out", JSONB),
+        column("err", JSONB),
+        name="v",
+    ).data([(e.execution_id, e.step_name, e.attempt, e.to, e.output, e.error) for e in ends])
+    now = utcnow()
+    return (
+        update(SE)
+        .where(
+            SE.c.execution_id == rows.c.eid,
+            SE.c.step_name == rows.c.step,
+            SE.c.attempt == rows.c.att,
+            SE.c.status == WAITING,
+        )
+        .values(
+            status=rows.c.to,
+            previous_status=SE.c.status,
+            # A column of NULLs only would be read as text: cast, as the columns are.
+            output_data=cast_(rows.c.out, JSONB),
+            error=cast_(rows.c.err, JSONB),
+            finished_at=now,
+            updated_at=now,
+        )
+        .returning(*STEP_COLUMNS)
+    )
+
+
+def release_many(countdowns: Mapping[tuple[str, str], int]) -> Update:
+    """PostgreSQL: count down many (execution, step) pairs by their number of upstream
+    steps just ended, queueing each that reaches zero: the atomic decrement of
+    ``hot_path().release``, over a set."""
+    rows = values(
+        column("eid", String), column("step", String), column("n", Integer), name="r"
+    ).data([(eid, step, n) for (eid, step), n in countdowns.items()])
+    now = utcnow()
+    reaches_zero = SE.c.unmet_deps == rows.c.n
+    return (
+        update(SE)
+        .where(
+            SE.c.execution_id == rows.c.eid,
+            SE.c.step_name == rows.c.step,
+            SE.c.status == StepStatus.PENDING.value,
+            SE.c.unmet_deps >= rows.c.n,
+        )
+        .values(
+            unmet_deps=SE.c.unmet_deps - rows.c.n,
+            status=case((reaches_zero, StepStatus.QUEUED.value), else_=SE.c.status),
+            previous_status=case((reaches_zero, SE.c.status), else_=SE.c.previous_status),
+            queued_at=case((reaches_zero, now), else_=SE.c.queued_at),
+            updated_at=now,
+        )
+        .returning(*STEP_COLUMNS)
+    )
+
+
+def executions_many(execution_ids: Sequence[str]) -> Select[Any]:
+    """What establishing and ending waits read of many executions: one SELECT."""
+    return select(*EXECUTION_COLUMNS).where(WE.c.execution_id.in_(list(execution_ids)))

@@ -51,7 +51,16 @@ from core.sql import utcnow
 from core.states import ExecutionStatus, StepStatus
 from core.step_statements import RELEASED, event_row, hot_path
 from core.transitions import transition_steps
-from core.wait_statements import IB, SE, WE, repark, wait_statements
+from core.wait_statements import (
+    IB,
+    SE,
+    WE,
+    end_many,
+    executions_many,
+    release_many,
+    repark,
+    wait_statements,
+)
 from core.workflows import ChildWait, EventWait, Sleep, Step, Workflow
 
 log = logging.getLogger(__name__)
@@ -469,27 +478,20 @@ def _end_waits(
     """End each wait by a compare-and-set (waiting at its attempt; a row elsewhere lost a
     race and is left alone), with its event row, then set its dependents in motion: a
     success releases them (task steps queued, wait nodes entered), a failure skips its
-    descendants; an execution left with nothing open is finished."""
-    ws = wait_statements()
+    descendants; an execution left with nothing open is finished.
+
+    Set-based on PostgreSQL: one UPDATE ends every wait of the batch, one releases every
+    task step they count down, one INSERT each writes their events (a waker's batch of
+    500 is a handful of statements, not five per wait)."""
     sql_ = hot_path(conn.dialect.name)
+    ended = _end_rows(conn, ends)
+    if not ended:
+        return
+    conn.execute(sql_.events, [event_row(row, end.reason) for end, row in ended])
     released_in: set[str] = set()
     touched: list[str] = []
-    for end in ends:
-        row = conn.execute(
-            ws.end,
-            {
-                "eid": end.execution_id,
-                "step": end.step_name,
-                "att": end.attempt,
-                "to": end.to,
-                "out": end.output,
-                "err": end.error,
-            },
-        ).first()
-        if row is None:
-            log.info("wait %s/%s already ended", end.execution_id, end.step_name)
-            continue
-        conn.execute(sql_.events, [event_row(row, end.reason)])
+    countdowns: dict[tuple[str, str], int] = {}
+    for end, _row in ended:
         execution = executions[end.execution_id]
         workflow = execution.workflow
         step = workflow.steps.get(end.step_name)
@@ -497,34 +499,33 @@ def _end_waits(
         outcome.routes[end.execution_id] = execution.route
         if end.execution_id not in touched:
             touched.append(end.execution_id)
-        if end.to == StepStatus.SUCCEEDED.value:
-            tasks = workflow.task_downstream(end.step_name)
-            if tasks:
-                params = {"eid": end.execution_id, "downstream": tasks}
-                released = conn.execute(sql_.release, params).all()
-                if released:
-                    released_in.add(end.execution_id)
-                queued = [r for r in released if r.status == StepStatus.QUEUED.value]
-                if queued:
-                    conn.execute(sql_.events, [event_row(r, RELEASED) for r in queued])
-                    outcome.queued += [(r.execution_id, r.step_name) for r in queued]
-            waits = workflow.wait_downstream(end.step_name)
-            if waits:
-                any_released, more = enter_waits(
-                    conn,
-                    end.execution_id,
-                    waits,
-                    workflow,
-                    {end.step_name: end.output},
-                    definition_of,
-                )
-                if any_released:
-                    released_in.add(end.execution_id)
-                outcome.merge(more)
-        else:
+        if end.to != StepStatus.SUCCEEDED.value:
             _skip_descendants(
                 conn, end.execution_id, end.step_name, workflow.descendants(end.step_name)
             )
+            continue
+        for task in workflow.task_downstream(end.step_name):
+            key = (end.execution_id, task)
+            countdowns[key] = countdowns.get(key, 0) + 1
+        waits = workflow.wait_downstream(end.step_name)
+        if waits:
+            any_released, more = enter_waits(
+                conn,
+                end.execution_id,
+                waits,
+                workflow,
+                {end.step_name: end.output},
+                definition_of,
+            )
+            if any_released:
+                released_in.add(end.execution_id)
+            outcome.merge(more)
+    released = _release_tasks(conn, countdowns)
+    released_in.update(r.execution_id for r in released)
+    queued = [r for r in released if r.status == StepStatus.QUEUED.value]
+    if queued:
+        conn.execute(sql_.events, [event_row(r, RELEASED) for r in queued])
+        outcome.queued += [(r.execution_id, r.step_name) for r in queued]
     unfinished: list[str] = []
     for execution_id in touched:
         if execution_id in released_in:
@@ -543,6 +544,54 @@ def _end_waits(
         from core.children import wake_parents
 
         wake_parents(conn, outcome, definition_of)
+
+
+def _end_rows(conn: Connection, ends: Sequence[_End]) -> list[tuple[_End, Row[Any]]]:
+    """waiting -> succeeded | failed for each of ``ends`` still waiting at its attempt
+    (the others lost a race: logged, left alone); each applied end with its row."""
+    if not ends:
+        return []
+    if conn.dialect.name == "postgresql":
+        by_key = {(e.execution_id, e.step_name, e.attempt): e for e in ends}
+        rows = conn.execute(end_many(list(by_key.values()))).all()
+        applied = [(by_key[(r.execution_id, r.step_name, r.attempt)], r) for r in rows]
+    else:
+        applied = []
+        for end in ends:
+            params = {
+                "eid": end.execution_id,
+                "step": end.step_name,
+                "att": end.attempt,
+                "to": end.to,
+                "out": end.output,
+                "err": end.error,
+            }
+            row = conn.execute(wait_statements().end, params).first()
+            if row is not None:
+                applied.append((end, row))
+    if len(applied) < len(ends):
+        done = {(e.execution_id, e.step_name) for e, _ in applied}
+        for end in ends:
+            if (end.execution_id, end.step_name) not in done:
+                log.info("wait %s/%s already ended", end.execution_id, end.step_name)
+    return applied
+
+
+def _release_tasks(conn: Connection, countdowns: Mapping[tuple[str, str], int]) -> list[Row[Any]]:
+    """Count down each (execution, task step) by the number of its upstream waits just
+    ended; a step whose count reaches zero is queued (the atomic decrement of every
+    release). The rows moved."""
+    if not countdowns:
+        return []
+    if conn.dialect.name == "postgresql":
+        return list(conn.execute(release_many(countdowns)).all())
+    sql_ = hot_path(conn.dialect.name)
+    rows: list[Row[Any]] = []
+    for (execution_id, task), times in countdowns.items():
+        for _ in range(times):
+            params = {"eid": execution_id, "downstream": [task]}
+            rows += conn.execute(sql_.release, params).all()
+    return rows
 
 
 def _skip_descendants(
@@ -635,10 +684,7 @@ def wake_due(conn: Connection, limit: int, definition_of: DefinitionOf) -> WaitO
         # Nothing is due now: when the next one is, for the caller's next tick.
         outcome.next_due = conn.execute(ws.next_due).scalar()
         return outcome
-    executions: dict[str, _Execution | None] = {}
-    for row in rows:
-        if row.execution_id not in executions:
-            executions[row.execution_id] = _execution_of(conn, row.execution_id, definition_of)
+    executions = _executions_of(conn, sorted({row.execution_id for row in rows}), definition_of)
     ends: list[_End] = []
     known = {k: v for k, v in executions.items() if v is not None}
     for row in rows:
@@ -735,6 +781,21 @@ def _execution_of(
         return None
     route = Route(row.workflow_id, row.workflow_version, row.priority)
     return _Execution(execution_id, workflow, route, row)
+
+
+def _executions_of(
+    conn: Connection, execution_ids: Sequence[str], definition_of: DefinitionOf
+) -> dict[str, _Execution | None]:
+    """``_execution_of`` for many executions: one read (None: a workflow this process
+    does not know)."""
+    found: dict[str, _Execution | None] = {}
+    for row in conn.execute(executions_many(execution_ids)):
+        workflow = definition_of(row.workflow_id, row.workflow_version)
+        route = Route(row.workflow_id, row.workflow_version, row.priority)
+        found[row.execution_id] = (
+            None if workflow is None else _Execution(row.execution_id, workflow, route, row)
+        )
+    return found
 
 
 # --- events, signals, early wakes ----------------------------------------------------
