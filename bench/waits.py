@@ -50,7 +50,7 @@ from bench.harness import (
 )
 from bench.meter import Observer, poll_until
 from bench.processes import Workers, celery_worker
-from core import waits
+from core import waker
 from core.outcomes import WaitOutcome
 from core.wait_statements import wait_statements
 from worker.app import ConveyorCelery
@@ -178,7 +178,7 @@ def asleep(app: ConveyorCelery, running: Services, sleepers: int) -> None:
     note(f"waits: {sleepers} executions asleep (30 days), bulk-loaded; no worker running")
 
     def unit() -> WaitOutcome:
-        return engine.manager.run(waits.wake_due, batch, engine.definition)
+        return engine.manager.run(waker.wake_due, batch, engine.definition)
 
     emit("empty_wake_pass_ms", _timed_ms(unit, PASSES), sleeping=sleepers, via="wake_due")
     emit("empty_wake_pass_ms", _timed_ms(engine.wake, PASSES), sleeping=sleepers, via="Engine.wake")

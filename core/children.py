@@ -45,14 +45,14 @@ from core.states import EXECUTIONS, ExecutionStatus, StepStatus
 from core.wait_statements import wait_statements
 from core.waits import (
     NotEstablished,
-    _call,
-    _context,
-    _End,
-    _end_waits,
-    _Execution,
-    _execution_of,
-    _upstream,
+    WaitEnd,
+    WaitingExecution,
+    call_user,
+    context_of,
+    end_waits,
+    execution_of,
     fail_or_retry,
+    upstream_outputs,
 )
 from core.workflows import MAX_CHILD_DEPTH, ChildWait, Step, Workflow
 
@@ -71,13 +71,13 @@ def child_id(parent_id: str, step_name: str, attempt: int) -> str:
 
 def start_child(
     conn: Connection,
-    execution: _Execution,
+    execution: WaitingExecution,
     step: Step,
     attempt: int,
     wait: ChildWait,
     known_outputs: Mapping[str, Any],
     outcome: WaitOutcome,
-) -> _End | None:
+) -> WaitEnd | None:
     """Insert the child execution of this attempt of ``step`` (pending, with its steps)
     unless it exists, and arm the parent step with its id; its start goes to
     ``outcome.starts``. A child found already ended (a replay after its end) ends the
@@ -100,10 +100,10 @@ def start_child(
             )
         data = None
         if wait.input is not None:
-            data = _call(
+            data = call_user(
                 wait.input,
-                _context(execution, step, attempt),
-                **_upstream(conn, execution, step, known_outputs),
+                context_of(execution, step, attempt),
+                **upstream_outputs(conn, execution, step, known_outputs),
             )
         new = new_execution(
             child.name,
@@ -135,7 +135,7 @@ def start_child(
         # have ended it.
         conn.execute(sql.mark_parent_woken([identifier]))
         if found.status == ExecutionStatus.SUCCEEDED.value:
-            return _End(
+            return WaitEnd(
                 parent_id,
                 step.name,
                 attempt,
@@ -145,7 +145,7 @@ def start_child(
                 how="child",
             )
         message = _failure(identifier, found.workflow_id, found.status, found.error)
-        return _End(
+        return WaitEnd(
             parent_id,
             step.name,
             attempt,
@@ -250,7 +250,7 @@ def _tell_parents(
             told.append(child.execution_id)
             continue
         assert row is not None
-        execution = _execution_of(conn, parent_id, definition_of)
+        execution = execution_of(conn, parent_id, definition_of)
         step = None if execution is None else execution.workflow.steps.get(step_name)
         if execution is None or step is None:
             log.warning(
@@ -263,7 +263,7 @@ def _tell_parents(
         conn.execute(sql.mark_parent_woken([child.execution_id]))
         told.append(child.execution_id)
         if child.status == ExecutionStatus.SUCCEEDED.value:
-            end = _End(
+            end = WaitEnd(
                 parent_id,
                 step_name,
                 child.parent_attempt,
@@ -272,7 +272,7 @@ def _tell_parents(
                 reason=f"child {child.execution_id} succeeded",
                 how="child",
             )
-            _end_waits(conn, [end], {parent_id: execution}, definition_of, outcome)
+            end_waits(conn, [end], {parent_id: execution}, definition_of, outcome)
         else:
             error = ChildFailed(
                 _failure(child.execution_id, child.workflow_id, child.status, child.error)

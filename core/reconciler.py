@@ -17,6 +17,7 @@ from sqlalchemy import Connection
 from core import statements as sql
 from core.children import wake_parents_of, wake_unwoken
 from core.errors import StepCrashed
+from core.events import expire_events
 from core.executions import execution_routes, finish_executions, time_out
 from core.models import ExecutionEvent
 from core.outcomes import (
@@ -29,7 +30,7 @@ from core.outcomes import (
 from core.states import ExecutionStatus
 from core.steps import skip_descendants
 from core.transitions import event_rows, transition_of
-from core.waits import expire_events, registered
+from core.waits import registered
 from core.workflows import Dag, Workflow
 
 # A workflow's definition by (name, version); None when this process does not know it.

@@ -9,7 +9,7 @@ A wait's life, each part a unit of work on a ``Connection`` in its caller's tran
   waiting, then *established*: its callable runs (``until``, ``key``, ``input``) and the
   wait is armed (``wake_at``, ``wait_event``/``wait_key``, ``child_execution_id``), or
   ends at once when already satisfied (a past wake time, an event already sent);
-- *ended* (``_end_waits``) by the waker (``wake_due``: sleeps due, event timeouts, a
+- *ended* (``end_waits``) by the waker (``wake_due``: sleeps due, event timeouts, a
   retry's backoff over), an event or signal (``send_event``, ``signal``), an early wake
   (``wake``), or its child's end (``core.children``): waiting -> succeeded | failed by a
   compare-and-set, with its event row and the release of its dependents, or waiting ->
@@ -22,39 +22,26 @@ the caller's, after its commit: ``WaitOutcome``.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-from sqlalchemy import Connection, Row, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Row
 
 from core import statements as sql
 from core.errors import (
-    ExecutionNotFound,
-    FieldError,
-    IdempotencyConflict,
     InputValidationError,
-    StepNotFound,
-    WaitNotOpen,
-    WaitTimedOut,
 )
 from core.executions import admit as _admit
 from core.executions import finish_if_done
-from core.models import encode_json
 from core.outcomes import Admission, Route, WaitOutcome
 from core.sql import utcnow
-from core.states import ExecutionStatus, StepStatus
+from core.states import StepStatus
 from core.step_statements import RELEASED, event_row, hot_path
 from core.transitions import transition_steps
 from core.wait_statements import (
-    IB,
-    SE,
-    WE,
     end_many,
     executions_many,
     release_many,
@@ -82,16 +69,6 @@ def registered(name: str, version: int) -> Workflow | None:
 
 WAITING = StepStatus.WAITING.value
 ENTERED = "upstream steps done"
-
-
-@dataclass(frozen=True)
-class EventReceipt:
-    """A sent event: its id, the wait that consumed it (``execution/step``) if one did,
-    and whether an earlier send with the same idempotency key stored it."""
-
-    event_id: int
-    consumed_by: str | None
-    duplicate: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,7 +101,7 @@ class NotEstablished(Exception):
         self.error = error
 
 
-def _call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def call_user(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run a wait's user callable; any error it raises becomes NotEstablished."""
     try:
         return function(*args, **kwargs)
@@ -133,7 +110,7 @@ def _call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class _End:
+class WaitEnd:
     """A wait to end: to succeeded (with ``output``) or failed (with ``error``)."""
 
     execution_id: str
@@ -147,42 +124,13 @@ class _End:
 
 
 @dataclass(frozen=True)
-class _Execution:
+class WaitingExecution:
     """What establishing a wait reads of its execution."""
 
     execution_id: str
     workflow: Workflow
     route: Route
     row: Row[Any]
-
-
-def payload_of(event: str, schema: type[BaseModel] | None, payload: Any, max_bytes: int) -> Any:
-    """``payload`` as it is stored: checked against the wait's ``schema`` and storable as
-    JSON within ``max_bytes``; InputValidationError naming each bad field
-    (``payload.<field>``) otherwise, before anything is written."""
-    if schema is not None:
-        try:
-            payload = schema.model_validate(payload).model_dump(mode="json")
-        except ValidationError as error:
-            fields: list[FieldError] = [
-                {
-                    "field": ".".join(["payload", *(str(p) for p in e["loc"])]),
-                    "message": e["msg"],
-                }
-                for e in error.errors(include_url=False, include_input=False)
-            ]
-            problems = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-            raise InputValidationError(
-                f"payload for event {event!r} is not valid: {problems}", fields
-            ) from None
-    text = encode_json("payload", payload)
-    if len(text) > max_bytes:
-        raise InputValidationError(
-            f"payload is {len(text)} bytes of JSON; the limit is {max_bytes} "
-            "(CONVEYOR_MAX_PAYLOAD_BYTES)",
-            [{"field": "payload", "message": "too large"}],
-        )
-    return payload
 
 
 # --- entering and establishing -----------------------------------------------------
@@ -208,7 +156,7 @@ def enter_waits(
     entered = [r for r in rows if r.status == WAITING]
     if entered:
         conn.execute(hot_path(conn.dialect.name).events, [event_row(r, ENTERED) for r in entered])
-        execution = _read_execution(conn, execution_id, workflow)
+        execution = read_execution(conn, execution_id, workflow)
         establish(conn, execution, entered, known_outputs, definition_of, outcome)
         if not any(result.execution_id == execution_id for result, _ in outcome.finished):
             settle(conn, [execution_id], outcome)
@@ -233,22 +181,22 @@ def arm_root_waits(
     for row in rows:
         by_execution.setdefault(row.execution_id, []).append(row)
     for execution_id, entered in by_execution.items():
-        execution = _read_execution(conn, execution_id, workflow)
+        execution = read_execution(conn, execution_id, workflow)
         establish(conn, execution, entered, {}, definition_of, outcome)
     ended = {result.execution_id for result, _ in outcome.finished}
     settle(conn, [e for e in by_execution if e not in ended], outcome)
     return outcome
 
 
-def _read_execution(conn: Connection, execution_id: str, workflow: Workflow) -> _Execution:
+def read_execution(conn: Connection, execution_id: str, workflow: Workflow) -> WaitingExecution:
     row = conn.execute(wait_statements().execution, {"eid": execution_id}).one()
     route = Route(row.workflow_id, row.workflow_version, row.priority)
-    return _Execution(execution_id, workflow, route, row)
+    return WaitingExecution(execution_id, workflow, route, row)
 
 
 def establish(
     conn: Connection,
-    execution: _Execution,
+    execution: WaitingExecution,
     rows: Sequence[Row[Any]],
     known_outputs: Mapping[str, Any],
     definition_of: DefinitionOf,
@@ -259,7 +207,7 @@ def establish(
     when that is already there. A callable that raises fails the node (never the
     upstream completion that released it) and skips its descendants."""
     workflow = execution.workflow
-    ends: list[_End] = []
+    ends: list[WaitEnd] = []
     for row in rows:
         step = workflow.steps[row.step_name]
         try:
@@ -273,29 +221,29 @@ def establish(
                 step.name,
                 error,
             )
-            end = _End(
+            end = WaitEnd(
                 execution.execution_id,
                 step.name,
                 row.attempt,
                 StepStatus.FAILED.value,
-                error=_error_record(error),
+                error=wait_error(error),
                 reason=f"wait not established: {type(error).__name__}",
                 how="failed",
             )
         if end is not None:
             ends.append(end)
     if ends:
-        _end_waits(conn, ends, {execution.execution_id: execution}, definition_of, outcome)
+        end_waits(conn, ends, {execution.execution_id: execution}, definition_of, outcome)
 
 
 def _arm(
     conn: Connection,
-    execution: _Execution,
+    execution: WaitingExecution,
     step: Step,
     attempt: int,
     known_outputs: Mapping[str, Any],
     outcome: WaitOutcome,
-) -> _End | None:
+) -> WaitEnd | None:
     """Arm one wait node; the end to record now when it is already satisfied."""
     wait = step.wait
     ws = wait_statements()
@@ -304,10 +252,10 @@ def _arm(
     arm = {"wake_at": None, "event": None, "key": None, "child": None}
     if isinstance(wait, Sleep):
         if wait.until is not None:
-            until = _call(
+            until = call_user(
                 wait.until,
-                _context(execution, step, attempt),
-                **_upstream(conn, execution, step, known_outputs),
+                context_of(execution, step, attempt),
+                **upstream_outputs(conn, execution, step, known_outputs),
             )
             if not isinstance(until, datetime) or until.tzinfo is None:
                 raise InputValidationError(
@@ -324,7 +272,7 @@ def _arm(
                 {**where, **{k: v for k, v in arm.items() if k != "wake_at"}},
             ).scalar_one()
         if wake_at <= datetime.now(UTC):
-            return _End(
+            return WaitEnd(
                 eid,
                 step.name,
                 attempt,
@@ -346,7 +294,7 @@ def _arm(
 
 def _event_key(
     conn: Connection,
-    execution: _Execution,
+    execution: WaitingExecution,
     step: Step,
     attempt: int,
     wait: EventWait,
@@ -356,10 +304,10 @@ def _event_key(
         return ""
     if isinstance(wait.key, str):
         return wait.key
-    key = _call(
+    key = call_user(
         wait.key,
-        _context(execution, step, attempt),
-        **_upstream(conn, execution, step, known_outputs),
+        context_of(execution, step, attempt),
+        **upstream_outputs(conn, execution, step, known_outputs),
     )
     if not isinstance(key, str | int) or isinstance(key, bool):
         raise InputValidationError(f"key of wait {step.name!r} must be text, got {key!r}")
@@ -370,8 +318,13 @@ def _event_key(
 
 
 def _arm_event(
-    conn: Connection, execution: _Execution, step: Step, attempt: int, wait: EventWait, key: str
-) -> _End | None:
+    conn: Connection,
+    execution: WaitingExecution,
+    step: Step,
+    attempt: int,
+    wait: EventWait,
+    key: str,
+) -> WaitEnd | None:
     """Take a signal or an event already sent for this wait, or arm the wait for one.
 
     Sending takes the same (name, key) advisory lock before it looks for a wait; each
@@ -392,13 +345,13 @@ def _arm_event(
         ).first()
         how = "event"
     if taken is not None:
-        return _End(
+        return WaitEnd(
             eid,
             step.name,
             attempt,
             StepStatus.SUCCEEDED.value,
             output=taken.payload,
-            reason=_received(how, wait.event, key, taken.id, taken.actor),
+            reason=received_reason(how, wait.event, key, taken.id, taken.actor),
             how=how,
         )
     wake_at = None
@@ -417,14 +370,14 @@ def _arm_event(
     return None
 
 
-def _received(how: str, event: str, key: str, event_id: int, actor: str | None) -> str:
+def received_reason(how: str, event: str, key: str, event_id: int, actor: str | None) -> str:
     sender = f" by {actor}" if actor else ""
     if how == "signal":
         return f"signal{sender} (#{event_id})"
     return f"event {event}/{key} #{event_id}{sender}"
 
 
-def _context(execution: _Execution, step: Step, attempt: int) -> WaitContext:
+def context_of(execution: WaitingExecution, step: Step, attempt: int) -> WaitContext:
     return WaitContext(
         execution.execution_id,
         step.name,
@@ -433,8 +386,8 @@ def _context(execution: _Execution, step: Step, attempt: int) -> WaitContext:
     )
 
 
-def _upstream(
-    conn: Connection, execution: _Execution, step: Step, known: Mapping[str, Any]
+def upstream_outputs(
+    conn: Connection, execution: WaitingExecution, step: Step, known: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The wait's upstream outputs, by step name: those in hand, the rest read."""
     missing = [name for name in step.depends_on if name not in known]
@@ -447,7 +400,7 @@ def _upstream(
     return found
 
 
-def _error_record(error: BaseException) -> dict[str, Any]:
+def wait_error(error: BaseException) -> dict[str, Any]:
     return {"type": type(error).__name__, "message": str(error)[:4000]}
 
 
@@ -468,10 +421,10 @@ def settle(conn: Connection, execution_ids: Sequence[str], outcome: WaitOutcome)
 # --- ending -------------------------------------------------------------------------
 
 
-def _end_waits(
+def end_waits(
     conn: Connection,
-    ends: Sequence[_End],
-    executions: Mapping[str, _Execution],
+    ends: Sequence[WaitEnd],
+    executions: Mapping[str, WaitingExecution],
     definition_of: DefinitionOf,
     outcome: WaitOutcome,
 ) -> None:
@@ -500,7 +453,7 @@ def _end_waits(
         if end.execution_id not in touched:
             touched.append(end.execution_id)
         if end.to != StepStatus.SUCCEEDED.value:
-            _skip_descendants(
+            skip_wait_descendants(
                 conn, end.execution_id, end.step_name, workflow.descendants(end.step_name)
             )
             continue
@@ -546,7 +499,7 @@ def _end_waits(
         wake_parents(conn, outcome, definition_of)
 
 
-def _end_rows(conn: Connection, ends: Sequence[_End]) -> list[tuple[_End, Row[Any]]]:
+def _end_rows(conn: Connection, ends: Sequence[WaitEnd]) -> list[tuple[WaitEnd, Row[Any]]]:
     """waiting -> succeeded | failed for each of ``ends`` still waiting at its attempt
     (the others lost a race: logged, left alone); each applied end with its row."""
     if not ends:
@@ -594,7 +547,7 @@ def _release_tasks(conn: Connection, countdowns: Mapping[tuple[str, str], int]) 
     return rows
 
 
-def _skip_descendants(
+def skip_wait_descendants(
     conn: Connection, execution_id: str, step_name: str, descendants: Sequence[str] | None
 ) -> None:
     """Skip the pending descendants of a wait that failed for good (None: every pending
@@ -613,7 +566,7 @@ def _skip_descendants(
 
 def fail_or_retry(
     conn: Connection,
-    execution: _Execution,
+    execution: WaitingExecution,
     step: Step,
     attempt: int,
     recoveries: int,
@@ -625,7 +578,7 @@ def fail_or_retry(
     """A wait that failed (timed out, its child failed): waiting again at the next
     attempt, due after its ``Retry``'s backoff (the waker arms it afresh: a new event
     wait, a new child), or failed for good when its attempts are spent."""
-    record = _error_record(error)
+    record = wait_error(error)
     tries = attempt - recoveries
     if step.retry.should_retry(error, tries):
         delay = step.retry.delay(tries)
@@ -644,7 +597,7 @@ def fail_or_retry(
             conn.execute(hot_path(conn.dialect.name).events, [event_row(row, reason)])
             outcome.woken.append((execution.workflow.name, step.kind, how))
         return
-    end = _End(
+    end = WaitEnd(
         execution.execution_id,
         step.name,
         attempt,
@@ -653,7 +606,7 @@ def fail_or_retry(
         reason=f"failed: {record['type']}",
         how=how,
     )
-    _end_waits(conn, [end], {execution.execution_id: execution}, definition_of, outcome)
+    end_waits(conn, [end], {execution.execution_id: execution}, definition_of, outcome)
 
 
 def admit(
@@ -669,368 +622,27 @@ def admit(
     return admission, arm_root_waits(conn, admission.started, workflow, definition_of)
 
 
-# --- the waker ----------------------------------------------------------------------
-
-
-def wake_due(conn: Connection, limit: int, definition_of: DefinitionOf) -> WaitOutcome:
-    """Take up to ``limit`` waits due now (``wake_at`` passed; ``FOR UPDATE SKIP LOCKED``
-    on PostgreSQL, so overlapping wakers take disjoint rows) and act on each: a sleep
-    succeeds with its wake time, an event wait times out, a wait whose retry backoff
-    ended is armed afresh. With nothing due this is one index probe and writes nothing."""
-    ws = wait_statements()
-    rows = conn.execute(ws.due, {"limit": limit}).all()
-    outcome = WaitOutcome(taken=len(rows))
-    if not rows:
-        # Nothing is due now: when the next one is, for the caller's next tick.
-        outcome.next_due = conn.execute(ws.next_due).scalar()
-        return outcome
-    executions = _executions_of(conn, sorted({row.execution_id for row in rows}), definition_of)
-    ends: list[_End] = []
-    known = {k: v for k, v in executions.items() if v is not None}
-    for row in rows:
-        execution = executions[row.execution_id]
-        if execution is None:
-            _fail_unknown(conn, row)
-            continue
-        step = execution.workflow.steps.get(row.step_name)
-        wait = None if step is None else step.wait
-        if step is None or wait is None:
-            _fail_unknown(conn, row)
-        elif isinstance(wait, Sleep):
-            ends.append(
-                _End(
-                    row.execution_id,
-                    row.step_name,
-                    row.attempt,
-                    StepStatus.SUCCEEDED.value,
-                    output=row.wake_at.isoformat(),
-                    reason="woke up",
-                    how="due",
-                )
-            )
-        elif isinstance(wait, EventWait) and row.wait_event is not None:
-            message = f"no event {wait.event} for key {row.wait_key!r} within {wait.timeout}"
-            if wait.fails_on_timeout:
-                fail_or_retry(
-                    conn,
-                    execution,
-                    step,
-                    row.attempt,
-                    row.recoveries,
-                    WaitTimedOut(message),
-                    "timeout",
-                    definition_of,
-                    outcome,
-                )
-            else:
-                ends.append(
-                    _End(
-                        row.execution_id,
-                        row.step_name,
-                        row.attempt,
-                        StepStatus.SUCCEEDED.value,
-                        output=wait.on_timeout,
-                        reason=f"timed out: {message}; using on_timeout",
-                        how="timeout",
-                    )
-                )
-        elif row.wait_event is None and row.child_execution_id is None:
-            # A retry's backoff ended: arm the wait afresh at its new attempt.
-            establish(conn, execution, [row], {}, definition_of, outcome)
-    if ends:
-        _end_waits(conn, ends, known, definition_of, outcome)
-    if len(rows) < limit:
-        # Read after the ends: the rows just taken were still waiting before them, and
-        # would make the next due look past (so no follow-up would be sent).
-        outcome.next_due = conn.execute(ws.next_due).scalar()
-    return outcome
-
-
-def _fail_unknown(conn: Connection, row: Row[Any]) -> None:
-    """A due wait of a workflow (or step) this process does not know: failed, with every
-    pending step of its execution skipped and the execution finished, as a task step
-    of an unknown workflow is (its wake_at would otherwise make it due on every tick)."""
-    message = "this process does not know the wait's workflow or step"
-    failed = conn.execute(
-        wait_statements().end,
-        {
-            "eid": row.execution_id,
-            "step": row.step_name,
-            "att": row.attempt,
-            "to": StepStatus.FAILED.value,
-            "out": None,
-            "err": {"type": "WorkflowNotFound", "message": message},
-        },
-    ).first()
-    if failed is None:
-        return
-    log.error("wait %s/%s failed: %s", row.execution_id, row.step_name, message)
-    conn.execute(
-        hot_path(conn.dialect.name).events, [event_row(failed, "failed: WorkflowNotFound")]
-    )
-    _skip_descendants(conn, row.execution_id, row.step_name, None)
-    finish_if_done(conn, row.execution_id, ())
-
-
-def _execution_of(
+def execution_of(
     conn: Connection, execution_id: str, definition_of: DefinitionOf
-) -> _Execution | None:
+) -> WaitingExecution | None:
     row = conn.execute(wait_statements().execution, {"eid": execution_id}).one()
     workflow = definition_of(row.workflow_id, row.workflow_version)
     if workflow is None:
         return None
     route = Route(row.workflow_id, row.workflow_version, row.priority)
-    return _Execution(execution_id, workflow, route, row)
+    return WaitingExecution(execution_id, workflow, route, row)
 
 
-def _executions_of(
+def executions_of(
     conn: Connection, execution_ids: Sequence[str], definition_of: DefinitionOf
-) -> dict[str, _Execution | None]:
-    """``_execution_of`` for many executions: one read (None: a workflow this process
+) -> dict[str, WaitingExecution | None]:
+    """``execution_of`` for many executions: one read (None: a workflow this process
     does not know)."""
-    found: dict[str, _Execution | None] = {}
+    found: dict[str, WaitingExecution | None] = {}
     for row in conn.execute(executions_many(execution_ids)):
         workflow = definition_of(row.workflow_id, row.workflow_version)
         route = Route(row.workflow_id, row.workflow_version, row.priority)
         found[row.execution_id] = (
-            None if workflow is None else _Execution(row.execution_id, workflow, route, row)
+            None if workflow is None else WaitingExecution(row.execution_id, workflow, route, row)
         )
     return found
-
-
-# --- events, signals, early wakes ----------------------------------------------------
-
-
-def send_event(
-    conn: Connection,
-    name: str,
-    key: str,
-    payload: Any,
-    *,
-    ttl_seconds: float,
-    definition_of: DefinitionOf,
-    idempotency_key: str | None = None,
-    scope: str = "",
-    sent_by: str | None = None,
-    actor: str | None = None,
-) -> tuple[EventReceipt, WaitOutcome]:
-    """Store event ``name`` for ``key`` and deliver it to the oldest open wait for
-    (name, key), if any; else it is kept for ``ttl_seconds`` for a wait established
-    later. ``payload`` must already be checked (``payload_of``). A repeated
-    ``idempotency_key`` stores nothing and returns the first event (IdempotencyConflict
-    when its payload differs)."""
-    ws = wait_statements()
-    outcome = WaitOutcome()
-    if conn.dialect.name == "postgresql":
-        conn.execute(ws.event_lock, {"name": name, "key": key})
-    values = {
-        "name": name,
-        "event_key": key,
-        "payload": payload,
-        "idempotency_scope": scope,
-        "idempotency_key": idempotency_key,
-        "sent_by": sent_by,
-        "actor": actor,
-        "created_at": utcnow(),
-        "expires_at": utcnow(ttl_seconds),
-    }
-    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    statement = dialect_insert(IB).values(**values)
-    if idempotency_key is not None:
-        statement = statement.on_conflict_do_nothing(
-            index_elements=[IB.c.idempotency_scope, IB.c.idempotency_key]
-        )
-    event_id = conn.execute(statement.returning(IB.c.id)).scalar()
-    if event_id is None:
-        existing = conn.execute(
-            select(
-                IB.c.id,
-                IB.c.name,
-                IB.c.event_key,
-                IB.c.payload,
-                IB.c.consumed_by_execution,
-                IB.c.consumed_by_step,
-            ).where(IB.c.idempotency_scope == scope, IB.c.idempotency_key == idempotency_key)
-        ).one()
-        same = (
-            existing.name == name
-            and existing.event_key == key
-            and json.dumps(existing.payload, sort_keys=True) == json.dumps(payload, sort_keys=True)
-        )
-        if not same:
-            raise IdempotencyConflict(
-                f"idempotency key {idempotency_key!r} was used for event #{existing.id} "
-                f"({existing.name}/{existing.event_key}) with another name, key or payload"
-            )
-        consumed = (
-            f"{existing.consumed_by_execution}/{existing.consumed_by_step}"
-            if existing.consumed_by_execution
-            else None
-        )
-        return EventReceipt(existing.id, consumed, duplicate=True), outcome
-    wait = conn.execute(ws.oldest_wait, {"name": name, "key": key}).first()
-    if wait is None:
-        return EventReceipt(event_id, None), outcome
-    conn.execute(
-        ws.consume, {"event_id": event_id, "eid": wait.execution_id, "step": wait.step_name}
-    )
-    execution = _execution_of(conn, wait.execution_id, definition_of)
-    if execution is None:
-        raise ExecutionNotFound(wait.execution_id)
-    end = _End(
-        wait.execution_id,
-        wait.step_name,
-        wait.attempt,
-        StepStatus.SUCCEEDED.value,
-        output=payload,
-        reason=_received("event", name, key, event_id, actor),
-        how="event",
-    )
-    _end_waits(conn, [end], {wait.execution_id: execution}, definition_of, outcome)
-    return EventReceipt(event_id, f"{wait.execution_id}/{wait.step_name}"), outcome
-
-
-def _waiting_step(conn: Connection, execution_id: str, step_name: str) -> Any:
-    """The step and its execution's status, the step's row locked (PostgreSQL): a
-    signal or wake is ordered with the wait's own establishment on this row."""
-    query = (
-        select(
-            WE.c.status.label("execution_status"),
-            SE.c.status,
-            SE.c.attempt,
-            SE.c.wait_kind,
-            SE.c.wait_event,
-            SE.c.wake_at,
-        )
-        .select_from(SE.join(WE, WE.c.execution_id == SE.c.execution_id))
-        .where(SE.c.execution_id == execution_id, SE.c.step_name == step_name)
-    )
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(of=SE)
-    row = conn.execute(query).first()
-    if row is None:
-        if conn.execute(sql.select_execution_status(execution_id)).first() is None:
-            raise ExecutionNotFound(execution_id)
-        raise StepNotFound(execution_id, step_name)
-    if row.execution_status not in (ExecutionStatus.PENDING.value, ExecutionStatus.RUNNING.value):
-        raise WaitNotOpen(f"execution {execution_id}", row.execution_status)
-    return row
-
-
-def signal(
-    conn: Connection,
-    execution_id: str,
-    step_name: str,
-    payload: Any,
-    *,
-    ttl_seconds: float,
-    definition_of: DefinitionOf,
-    actor: str | None = None,
-    sent_by: str | None = None,
-) -> tuple[EventReceipt, WaitOutcome]:
-    """Deliver ``payload`` to one execution's event wait ``step_name``: it completes now
-    when it is waiting for an event; a signal to a wait not yet established (pending,
-    or between retries) is kept and taken when it is. ``payload`` must already be
-    checked against the wait's schema (``payload_of``)."""
-    outcome = WaitOutcome()
-    row = _waiting_step(conn, execution_id, step_name)
-    if row.wait_kind != "event":
-        kind = row.wait_kind or "task"
-        hint = ": use wake" if kind == "sleep" else ""
-        raise InputValidationError(
-            f"step {step_name!r} is a {kind} step, not an event wait{hint}",
-            [{"field": "step", "message": f"a {kind} step takes no signal"}],
-        )
-    armed = row.status == WAITING and row.wait_event is not None
-    if row.status not in (StepStatus.PENDING.value, WAITING):
-        raise WaitNotOpen(f"step {step_name}", row.status)
-    ws = wait_statements()
-    values = {
-        "name": row.wait_event or step_name,
-        "event_key": None,
-        "target_execution_id": execution_id,
-        "target_step": step_name,
-        "payload": payload,
-        "sent_by": sent_by,
-        "actor": actor,
-        "created_at": utcnow(),
-        "expires_at": utcnow(ttl_seconds),
-    }
-    if armed:
-        values |= {
-            "consumed_at": utcnow(),
-            "consumed_by_execution": execution_id,
-            "consumed_by_step": step_name,
-        }
-    event_id = conn.execute(ws.insert_event.values(**values)).scalar_one()
-    if not armed:
-        return EventReceipt(event_id, None), outcome
-    execution = _execution_of(conn, execution_id, definition_of)
-    if execution is None:
-        raise ExecutionNotFound(execution_id)
-    end = _End(
-        execution_id,
-        step_name,
-        row.attempt,
-        StepStatus.SUCCEEDED.value,
-        output=payload,
-        reason=_received("signal", "", "", event_id, actor),
-        how="signal",
-    )
-    _end_waits(conn, [end], {execution_id: execution}, definition_of, outcome)
-    return EventReceipt(event_id, f"{execution_id}/{step_name}"), outcome
-
-
-def wake(
-    conn: Connection,
-    execution_id: str,
-    step_name: str,
-    *,
-    definition_of: DefinitionOf,
-    actor: str | None = None,
-) -> WaitOutcome:
-    """Wake a sleeping step now: it succeeds with the time it woke, recorded as woken
-    early by ``actor``. WaitNotOpen (409) when it is not sleeping."""
-    outcome = WaitOutcome()
-    row = _waiting_step(conn, execution_id, step_name)
-    if row.wait_kind != "sleep":
-        kind = row.wait_kind or "task"
-        raise InputValidationError(
-            f"step {step_name!r} is a {kind} step, not a sleep",
-            [{"field": "step", "message": f"a {kind} step cannot be woken"}],
-        )
-    if row.status != WAITING:
-        detail = "not sleeping yet" if row.status == StepStatus.PENDING.value else ""
-        raise WaitNotOpen(f"step {step_name}", row.status, detail)
-    execution = _execution_of(conn, execution_id, definition_of)
-    if execution is None:
-        raise ExecutionNotFound(execution_id)
-    now = datetime.now(UTC).isoformat()
-    by = f" by {actor}" if actor else ""
-    end = _End(
-        execution_id,
-        step_name,
-        row.attempt,
-        StepStatus.SUCCEEDED.value,
-        output=now,
-        reason=f"woken early{by}",
-        how="early",
-    )
-    _end_waits(conn, [end], {execution_id: execution}, definition_of, outcome)
-    return outcome
-
-
-def expire_events(conn: Connection, limit: int) -> int:
-    """Drop up to ``limit`` events nobody consumed before they expired (the reconciler's
-    pass); consumed events stay as the audit."""
-    expired = (
-        select(IB.c.id)
-        .where(IB.c.consumed_at.is_(None), IB.c.expires_at < utcnow())
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    ids = list(conn.execute(expired).scalars())
-    if not ids:
-        return 0
-    conn.execute(IB.delete().where(IB.c.id.in_(ids)))
-    return len(ids)

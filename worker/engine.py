@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import children, executions, reconciler, steps, waits
+from core import children, executions, reconciler, steps, waits, waker
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -331,7 +331,7 @@ class Engine:
         began = time.monotonic()
         taken = 0
         while True:
-            outcome = self.manager.run(waits.wake_due, settings.wake_batch, self.definition)
+            outcome = self.manager.run(waker.wake_due, settings.wake_batch, self.definition)
             taken += outcome.taken
             self.publish_outcome(outcome)
             if outcome.taken < settings.wake_batch:

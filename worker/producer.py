@@ -14,11 +14,11 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from core import executions, waits
+from core import events, executions
 from core.errors import InputValidationError, StepNotFound
+from core.events import EventReceipt
 from core.executions import NewExecution
 from core.outcomes import CreatedExecution
-from core.waits import EventReceipt
 from core.workflows import EventWait, Workflow
 
 if TYPE_CHECKING:
@@ -202,11 +202,11 @@ def send_event(
         raise InputValidationError(f"event name must be 1-200 characters, got {name!r}")
     if not isinstance(key, str) or len(key) > 255:
         raise InputValidationError(f"event key must be text of at most 255 characters, got {key!r}")
-    checked = waits.payload_of(
+    checked = events.payload_of(
         name, engine.registry.event_schema(name), payload, engine.settings.max_payload_bytes
     )
     receipt, outcome = engine.manager.run(
-        waits.send_event,
+        events.send_event,
         name,
         key,
         checked,
@@ -245,9 +245,9 @@ def signal(
     if defined is None:
         raise StepNotFound(execution_id, step)
     schema = defined.wait.schema if isinstance(defined.wait, EventWait) else None
-    checked = waits.payload_of(step, schema, payload, engine.settings.max_payload_bytes)
+    checked = events.payload_of(step, schema, payload, engine.settings.max_payload_bytes)
     receipt, outcome = engine.manager.run(
-        waits.signal,
+        events.signal,
         execution_id,
         step,
         checked,
@@ -272,6 +272,6 @@ def wake(
     ``actor``); WaitNotOpen (409) when it is not sleeping."""
     engine = _app(app).engine
     outcome = engine.manager.run(
-        waits.wake, execution_id, step, definition_of=engine.definition, actor=actor
+        events.wake, execution_id, step, definition_of=engine.definition, actor=actor
     )
     engine.publish_outcome(outcome)

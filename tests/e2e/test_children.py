@@ -25,7 +25,7 @@ from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.outcomes import WaitOutcome
 from core.registry import WorkflowRegistry, configure_registry
 from core.sql import utcnow
-from core.waits import _read_execution, establish
+from core.waits import establish, read_execution
 from core.workflows import Retry, StepContext, Workflow
 from tests.conftest import TestDatabase
 from tests.e2e.conftest import clean_app_settings, running_worker, wait_for
@@ -272,7 +272,7 @@ def test_a_replayed_establishment_finds_the_child_it_started(app: ConveyorCelery
     def replay(conn: Any) -> WaitOutcome:
         # The establishing transaction once more, as a replay after a lost commit
         # acknowledgement would run it.
-        execution = _read_execution(conn, execution_id, middle)
+        execution = read_execution(conn, execution_id, middle)
         row = conn.execute(
             select(StepExecution.execution_id, StepExecution.step_name, StepExecution.attempt)
             .where(StepExecution.execution_id == execution_id)

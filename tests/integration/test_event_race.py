@@ -4,7 +4,7 @@ commit. Every wait completes once, no event is consumed twice, none is lost.
 
 Each side is a real unit of work in its own transaction on its own connection:
 establishing is ``core.steps.complete`` of the step upstream of an event wait (it enters
-the wait and looks for an event already sent), sending is ``core.waits.send_event``.
+the wait and looks for an event already sent), sending is ``core.events.send_event``.
 Every racer is held just before its ``pg_advisory_xact_lock`` on the event lock class
 until all have come that far (each has done everything before its critical section:
 the completion its row updates, uncommitted), then they are let at the lock one by one
@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, Engine, event, literal, select, text
 
-from core import steps, waits
+from core import events, steps, waits
 from core.database import get_database
 from core.executions import create_executions, execution_of
 from core.models import ExecutionEvent, InboxEvent, StepExecution
@@ -228,7 +228,7 @@ def sending(key: str, number: int) -> Racer:
     """Side B: ``send_event`` for the same (name, key)."""
 
     def work(conn: Connection) -> Any:
-        return waits.send_event(
+        return events.send_event(
             conn,
             EVENT,
             key,
@@ -386,12 +386,14 @@ def test_an_event_racing_its_wait_is_consumed_once_and_never_lost(
 
 @pytest.fixture
 def no_event_lock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """core.waits with an event lock statement that locks nothing (the class stays a
-    parameter, so that the racers are held at the same place)."""
+    """core.waits (establishing) and core.events (sending) with an event lock statement
+    that locks nothing (the class stays a parameter, so that the racers are held at the
+    same place)."""
     statements = dataclasses.replace(
         wait_statements(), event_lock=select(literal(EVENT_LOCK).label("no_event_lock"))
     )
     monkeypatch.setattr(waits, "wait_statements", lambda: statements)
+    monkeypatch.setattr(events, "wait_statements", lambda: statements)
 
 
 FORCED = [("A", "B"), ("B", "A"), ("A", "B", "B"), ("B", "A", "A"), ("A", "B", "A", "B")]

@@ -1,4 +1,4 @@
-"""The waker (``core.waits.wake_due``): with nothing due it reads the due index once and
+"""The waker (``core.waker.wake_due``): with nothing due it reads the due index once and
 the next wake time once and writes nothing; it takes at most its limit; overlapping
 wakers take disjoint rows (PostgreSQL: ``FOR UPDATE SKIP LOCKED``); it reports when
 the next wait falls due."""
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, event, select, update
 
-from core import waits
+from core import waits, waker
 from core.database import get_database
 from core.executions import create_executions, execution_of
 from core.models import ExecutionEvent, StepExecution
@@ -118,7 +118,7 @@ def test_with_nothing_due_the_waker_reads_twice_and_writes_nothing(
     ids = sleeping(4)
     before = naps(ids)
     with get_database().engine.begin() as conn, counted(conn) as sent:
-        outcome = waits.wake_due(conn, LIMIT, definition_of)
+        outcome = waker.wake_due(conn, LIMIT, definition_of)
     # The due scan (ix_execution_steps_waiting_wake), then the next wake time: no write.
     assert len(sent) == 2, sent
     assert all(s.lstrip().upper().startswith("SELECT") for s in sent), sent
@@ -135,7 +135,7 @@ def test_a_limit_of_three_takes_three_of_ten_due(database: TestDatabase) -> None
     ids = sleeping(10)
     fall_due(ids)
     with get_database().engine.begin() as conn:
-        outcome = waits.wake_due(conn, LIMIT, definition_of)
+        outcome = waker.wake_due(conn, LIMIT, definition_of)
     assert outcome.taken == LIMIT
     # A full batch: more may be due, so no next wake time is read.
     assert outcome.next_due is None
@@ -148,7 +148,7 @@ def test_a_limit_of_three_takes_three_of_ten_due(database: TestDatabase) -> None
     taken = [LIMIT]
     while taken[-1] == LIMIT:
         with get_database().engine.begin() as conn:
-            more = waits.wake_due(conn, LIMIT, definition_of)
+            more = waker.wake_due(conn, LIMIT, definition_of)
         taken.append(more.taken)
     assert taken == [3, 3, 3, 1]
     assert more.next_due is None
@@ -161,11 +161,11 @@ def test_overlapping_wakers_take_disjoint_rows(database: TestDatabase) -> None:
     fall_due(ids)
     engine = get_database().engine
     with engine.connect() as first, engine.connect() as second, first.begin():
-        one = waits.wake_due(first, 4, definition_of)
+        one = waker.wake_due(first, 4, definition_of)
         # The first waker's transaction is still open, its rows locked: the second
         # skips them without waiting for it.
         with second.begin():
-            two = waits.wake_due(second, 10, definition_of)
+            two = waker.wake_due(second, 10, definition_of)
     assert (one.taken, two.taken) == (4, 6)
     ones = {e for e, _ in one.queued}
     twos = {e for e, _ in two.queued}
@@ -179,7 +179,7 @@ def test_the_next_wake_time_is_reported_after_a_short_batch(database: TestDataba
     later = sleeping(3)
     fall_due(due)
     with get_database().engine.begin() as conn:
-        outcome = waits.wake_due(conn, LIMIT, definition_of)
+        outcome = waker.wake_due(conn, LIMIT, definition_of)
     assert outcome.taken == 2
     assert outcome.next_due == min(wake_at for _, wake_at, _ in naps(later).values())
     assert sorted(woken_events(due + later)) == sorted(due)

@@ -1,0 +1,133 @@
+"""The waker: due waits (a sleep's end, an event wait's timeout, a retry's backoff over),
+taken in batches by ``wake_due`` (beat's ``conveyor.wake``, through ``Engine.wake``).
+
+It names no execution: its scan leads with ``wake_at`` (``ix_execution_steps_waiting_wake``)
+and takes rows ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so overlapping passes take
+disjoint rows; with nothing due it is one probe of that index and writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import Connection, Row
+
+from core.errors import WaitTimedOut
+from core.executions import finish_if_done
+from core.outcomes import WaitOutcome
+from core.states import StepStatus
+from core.step_statements import event_row, hot_path
+from core.wait_statements import wait_statements
+from core.waits import (
+    DefinitionOf,
+    WaitEnd,
+    end_waits,
+    establish,
+    executions_of,
+    fail_or_retry,
+    skip_wait_descendants,
+)
+from core.workflows import EventWait, Sleep
+
+log = logging.getLogger(__name__)
+
+
+def wake_due(conn: Connection, limit: int, definition_of: DefinitionOf) -> WaitOutcome:
+    """Take up to ``limit`` waits due now (``wake_at`` passed; ``FOR UPDATE SKIP LOCKED``
+    on PostgreSQL, so overlapping wakers take disjoint rows) and act on each: a sleep
+    succeeds with its wake time, an event wait times out, a wait whose retry backoff
+    ended is armed afresh. With nothing due this is one index probe and writes nothing."""
+    ws = wait_statements()
+    rows = conn.execute(ws.due, {"limit": limit}).all()
+    outcome = WaitOutcome(taken=len(rows))
+    if not rows:
+        # Nothing is due now: when the next one is, for the caller's next tick.
+        outcome.next_due = conn.execute(ws.next_due).scalar()
+        return outcome
+    executions = executions_of(conn, sorted({row.execution_id for row in rows}), definition_of)
+    ends: list[WaitEnd] = []
+    known = {k: v for k, v in executions.items() if v is not None}
+    for row in rows:
+        execution = executions[row.execution_id]
+        if execution is None:
+            _fail_unknown(conn, row)
+            continue
+        step = execution.workflow.steps.get(row.step_name)
+        wait = None if step is None else step.wait
+        if step is None or wait is None:
+            _fail_unknown(conn, row)
+        elif isinstance(wait, Sleep):
+            ends.append(
+                WaitEnd(
+                    row.execution_id,
+                    row.step_name,
+                    row.attempt,
+                    StepStatus.SUCCEEDED.value,
+                    output=row.wake_at.isoformat(),
+                    reason="woke up",
+                    how="due",
+                )
+            )
+        elif isinstance(wait, EventWait) and row.wait_event is not None:
+            message = f"no event {wait.event} for key {row.wait_key!r} within {wait.timeout}"
+            if wait.fails_on_timeout:
+                fail_or_retry(
+                    conn,
+                    execution,
+                    step,
+                    row.attempt,
+                    row.recoveries,
+                    WaitTimedOut(message),
+                    "timeout",
+                    definition_of,
+                    outcome,
+                )
+            else:
+                ends.append(
+                    WaitEnd(
+                        row.execution_id,
+                        row.step_name,
+                        row.attempt,
+                        StepStatus.SUCCEEDED.value,
+                        output=wait.on_timeout,
+                        reason=f"timed out: {message}; using on_timeout",
+                        how="timeout",
+                    )
+                )
+        elif row.wait_event is None and row.child_execution_id is None:
+            # A retry's backoff ended: arm the wait afresh at its new attempt.
+            establish(conn, execution, [row], {}, definition_of, outcome)
+    if ends:
+        end_waits(conn, ends, known, definition_of, outcome)
+    if len(rows) < limit:
+        # Read after the ends: the rows just taken were still waiting before them, and
+        # would make the next due look past (so no follow-up would be sent).
+        outcome.next_due = conn.execute(ws.next_due).scalar()
+    return outcome
+
+
+def _fail_unknown(conn: Connection, row: Row[Any]) -> None:
+    """A due wait of a workflow (or step) this process does not know: failed, with every
+    pending step of its execution skipped and the execution finished, as a task step
+    of an unknown workflow is (its wake_at would otherwise make it due on every tick)."""
+    message = "this process does not know the wait's workflow or step"
+    failed = conn.execute(
+        wait_statements().end,
+        {
+            "eid": row.execution_id,
+            "step": row.step_name,
+            "att": row.attempt,
+            "to": StepStatus.FAILED.value,
+            "out": None,
+            "err": {"type": "WorkflowNotFound", "message": message},
+        },
+    ).first()
+    if failed is None:
+        return
+    log.error("wait %s/%s failed: %s", row.execution_id, row.step_name, message)
+    conn.execute(
+        hot_path(conn.dialect.name).events, [event_row(failed, "failed: WorkflowNotFound")]
+    )
+    skip_wait_descendants(conn, row.execution_id, row.step_name, None)
+    finish_if_done(conn, row.execution_id, ())
