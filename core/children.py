@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, select
 
 from core import statements as sql
+from core.config import get_settings
 from core.database import get_database
 from core.errors import ChildFailed, DefinitionError
 from core.executions import (
@@ -54,7 +55,7 @@ from core.waits import (
     fail_or_retry,
     upstream_outputs,
 )
-from core.workflows import MAX_CHILD_DEPTH, ChildWait, Step, Workflow
+from core.workflows import ChildWait, Step, Workflow
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def start_child(
     ``outcome.starts``. A child found already ended (a replay after its end) ends the
     parent step at once: the end is returned. NotEstablished or InputValidationError
     (the node fails) for an input that cannot be computed or that the child refuses,
-    and for nesting deeper than MAX_CHILD_DEPTH."""
+    and for nesting deeper than CONVEYOR_MAX_CHILD_DEPTH."""
     parent = execution.row
     child = wait.workflow
     parent_id = execution.execution_id
@@ -91,11 +92,12 @@ def start_child(
     found = conn.execute(sql.select_child(identifier)).first()
     if found is None:
         depth = int(parent.depth or 0) + 1
-        if depth > MAX_CHILD_DEPTH:
+        limit = get_settings().max_child_depth
+        if depth > limit:
             raise NotEstablished(
                 DefinitionError(
                     f"child {step.name!r} of execution {parent_id} would nest {depth} levels "
-                    f"below its root execution; the limit is {MAX_CHILD_DEPTH}"
+                    f"below its root execution; the limit is {limit} (CONVEYOR_MAX_CHILD_DEPTH)"
                 )
             )
         data = None

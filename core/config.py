@@ -105,6 +105,10 @@ class Settings(BaseSettings):
         default=500,
         description="Due waits the waker takes per transaction.",
     )
+    max_child_depth: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=8,
+        description="Levels of child workflows allowed below a root execution.",
+    )
     event_ttl: Annotated[float, Field(gt=0)] = Field(
         default=7 * 24 * 3600.0,
         description="Seconds an event nobody waits for is kept for a wait to come.",

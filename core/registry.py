@@ -28,7 +28,7 @@ class WorkflowRegistry:
 
     def register(self, workflow: Workflow) -> Workflow:
         """Validate and add ``workflow``; the same name and version twice is an error."""
-        workflow.validate()
+        workflow.validate(get_settings().max_child_depth)
         key = (workflow.name, workflow.version)
         existing = self._workflows.get(key)
         if existing is not None and existing is not workflow:

@@ -83,7 +83,8 @@ class Retry:
 
 
 StepFunction = Callable[..., Any]
-# How many child workflows may nest below a root execution.
+# How many child workflows may nest below a root execution, unless
+# CONVEYOR_MAX_CHILD_DEPTH says otherwise (the registry passes the setting).
 MAX_CHILD_DEPTH = 8
 
 
@@ -408,8 +409,9 @@ class Workflow:
         self._sinks = None
         self._wait_nodes = None
 
-    def validate(self) -> None:
-        """Check the whole DAG: at least one step, known dependencies, no cycles."""
+    def validate(self, max_child_depth: int = MAX_CHILD_DEPTH) -> None:
+        """Check the whole DAG: at least one step, known dependencies, no cycles; child
+        workflows that start no cycle and nest at most ``max_child_depth`` deep."""
         if not self.steps:
             raise DefinitionError(f"workflow {self.name!r} has no steps")
         for step in self.steps.values():
@@ -424,23 +426,23 @@ class Workflow:
         except CycleError as cycle:
             path = " -> ".join(cycle.args[1])
             raise DefinitionError(f"workflow {self.name!r} has a cycle: {path}") from None
-        self._check_children((self.name,))
+        self._check_children((self.name,), max_child_depth)
 
-    def _check_children(self, path: tuple[str, ...]) -> None:
+    def _check_children(self, path: tuple[str, ...], max_depth: int) -> None:
         """Refuse workflows that start themselves (directly or not) as children, and
-        nesting deeper than MAX_CHILD_DEPTH."""
+        nesting deeper than ``max_depth``."""
         for child in self.child_workflows():
             chain = (*path, child.name)
             if child.name in path:
                 raise DefinitionError(
                     f"workflow {path[0]!r}: child workflows form a cycle: {' -> '.join(chain)}"
                 )
-            if len(chain) - 1 > MAX_CHILD_DEPTH:
+            if len(chain) - 1 > max_depth:
                 raise DefinitionError(
                     f"workflow {path[0]!r}: child workflows nest deeper than "
-                    f"{MAX_CHILD_DEPTH} levels: {' -> '.join(chain)}"
+                    f"{max_depth} levels: {' -> '.join(chain)}"
                 )
-            child._check_children(chain)
+            child._check_children(chain, max_depth)
 
     def order(self) -> Iterable[str]:
         """Step names in an order where every step follows its dependencies."""

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import event, given, settings
 from pydantic import BaseModel
 
+from core.config import get_settings
 from core.errors import DefinitionError, InputValidationError, WorkflowNotFound
 from core.executions import step_specs
 from core.registry import WorkflowRegistry
@@ -227,6 +228,18 @@ def test_child_workflows_nesting_past_the_depth_limit_are_refused_at_registratio
     WorkflowRegistry().register(_chain_of_children(8))  # 8 levels below the root: allowed
     with pytest.raises(DefinitionError, match=r"nest deeper than 8 levels: level-0 -> .*level-9"):
         WorkflowRegistry().register(_chain_of_children(9))
+
+
+def test_the_depth_limit_of_child_workflows_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_MAX_CHILD_DEPTH", "2")
+    get_settings.cache_clear()
+    try:
+        WorkflowRegistry().register(_chain_of_children(2))
+        with pytest.raises(DefinitionError, match=r"nest deeper than 2 levels"):
+            WorkflowRegistry().register(_chain_of_children(3))
+    finally:
+        monkeypatch.delenv("CONVEYOR_MAX_CHILD_DEPTH")
+        get_settings.cache_clear()
 
 
 def test_child_workflows_starting_each_other_are_refused_at_registration() -> None:
