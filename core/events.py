@@ -26,13 +26,21 @@ from core.errors import (
     InputValidationError,
     StepNotFound,
     WaitNotOpen,
+    WorkflowNotFound,
 )
 from core.models import encode_json
-from core.outcomes import WaitOutcome
+from core.outcomes import Route, WaitOutcome
 from core.sql import utcnow
 from core.states import ExecutionStatus, StepStatus
 from core.wait_statements import IB, SE, WE, wait_statements
-from core.waits import DefinitionOf, WaitEnd, end_waits, execution_of, received_reason
+from core.waits import (
+    DefinitionOf,
+    WaitEnd,
+    WaitingExecution,
+    end_waits,
+    execution_of,
+    received_reason,
+)
 
 WAITING = StepStatus.WAITING.value
 
@@ -98,6 +106,16 @@ def send_event(
     outcome = WaitOutcome()
     if conn.dialect.name == "postgresql":
         conn.execute(ws.event_lock, {"name": name, "key": key})
+    # The wait is found first, so the event is stored consumed by it in one INSERT (and
+    # a repeated key, which stores nothing, ends nothing).
+    wait = conn.execute(ws.oldest_wait, {"name": name, "key": key}).first()
+    taken: dict[str, Any] = {}
+    if wait is not None:
+        taken = {
+            "consumed_at": utcnow(),
+            "consumed_by_execution": wait.execution_id,
+            "consumed_by_step": wait.step_name,
+        }
     values = {
         "name": name,
         "event_key": key,
@@ -108,6 +126,7 @@ def send_event(
         "actor": actor,
         "created_at": utcnow(),
         "expires_at": utcnow(ttl_seconds),
+        **taken,
     }
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     statement = dialect_insert(IB).values(**values)
@@ -143,15 +162,13 @@ def send_event(
             else None
         )
         return EventReceipt(existing.id, consumed, duplicate=True), outcome
-    wait = conn.execute(ws.oldest_wait, {"name": name, "key": key}).first()
     if wait is None:
         return EventReceipt(event_id, None), outcome
-    conn.execute(
-        ws.consume, {"event_id": event_id, "eid": wait.execution_id, "step": wait.step_name}
-    )
-    execution = execution_of(conn, wait.execution_id, definition_of)
-    if execution is None:
-        raise ExecutionNotFound(wait.execution_id)
+    workflow = definition_of(wait.workflow_id, wait.workflow_version)
+    if workflow is None:
+        raise WorkflowNotFound(wait.workflow_id, wait.workflow_version)
+    route = Route(wait.workflow_id, wait.workflow_version, wait.priority)
+    execution = WaitingExecution(wait.execution_id, workflow, route, wait)
     end = WaitEnd(
         wait.execution_id,
         wait.step_name,

@@ -96,7 +96,6 @@ class WaitStatements:
     take_event: Update
     insert_event: Insert
     oldest_wait: Select[Any]
-    consume: Update
     event_lock: Select[Any]
 
 
@@ -260,8 +259,11 @@ def wait_statements() -> WaitStatements:
         .returning(IB.c.id, IB.c.payload, IB.c.actor)
     )
     insert_event = insert(IB).returning(IB.c.id)
+    # The oldest open wait for (name, key), with what ending it needs of its execution;
+    # only the step row is locked (SKIP LOCKED: whoever holds a waiting row is ending it).
     oldest_wait = (
-        select(SE.c.execution_id, SE.c.step_name, SE.c.attempt)
+        select(SE.c.execution_id, SE.c.step_name, SE.c.attempt, *EXECUTION_COLUMNS[1:])
+        .join_from(SE, WE, WE.c.execution_id == SE.c.execution_id)
         .where(
             SE.c.status == WAITING,
             SE.c.wait_event == bindparam("name", type_=String),
@@ -269,9 +271,8 @@ def wait_statements() -> WaitStatements:
         )
         .order_by(SE.c.waiting_since, SE.c.execution_id, SE.c.step_name)
         .limit(1)
-        .with_for_update(skip_locked=True)
+        .with_for_update(of=SE, skip_locked=True)
     )
-    consume = update(IB).where(IB.c.id == bindparam("event_id", type_=Integer)).values(**consumed)
     event_lock = select(
         func.pg_advisory_xact_lock(
             literal(EVENT_LOCK),
@@ -295,7 +296,6 @@ def wait_statements() -> WaitStatements:
         take_event=take_event,
         insert_event=insert_event,
         oldest_wait=oldest_wait,
-        consume=consume,
         event_lock=event_lock,
     )
 
