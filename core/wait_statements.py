@@ -90,6 +90,7 @@ class WaitStatements:
     arm: Update
     end: Update
     rearm: Update
+    defer: Update
     due: Select[Any]
     next_due: Select[Any]
     take_signal: Update
@@ -192,6 +193,13 @@ def wait_statements() -> WaitStatements:
         )
         .returning(*STEP_COLUMNS)
     )
+    # A due wait its waker cannot act on (it does not know the workflow): due later.
+    defer = (
+        update(SE)
+        .where(*waiting_here)
+        .values(wake_at=utcnow(bindparam("delay", type_=Float)), updated_at=now)
+        .returning(SE.c.wake_at)
+    )
     # The waker's scan: exactly the predicate of ix_execution_steps_waiting_wake.
     due_rows = (
         select(
@@ -290,6 +298,7 @@ def wait_statements() -> WaitStatements:
         arm=arm,
         end=end,
         rearm=rearm,
+        defer=defer,
         due=due_rows,
         next_due=next_due,
         take_signal=take_signal,

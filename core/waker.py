@@ -14,10 +14,8 @@ from typing import Any
 from sqlalchemy import Connection, Row
 
 from core.errors import WaitTimedOut
-from core.executions import finish_if_done
 from core.outcomes import WaitOutcome
 from core.states import StepStatus
-from core.step_statements import event_row, hot_path
 from core.wait_statements import wait_statements
 from core.waits import (
     DefinitionOf,
@@ -26,11 +24,14 @@ from core.waits import (
     establish,
     executions_of,
     fail_or_retry,
-    skip_wait_descendants,
 )
 from core.workflows import EventWait, Sleep
 
 log = logging.getLogger(__name__)
+
+# How far a due wait of a workflow this process does not know is put off, for a waker
+# that knows it (its wake_at would otherwise make it due on every tick here).
+UNKNOWN_DEFER_SECONDS = 30.0
 
 
 def wake_due(conn: Connection, limit: int, definition_of: DefinitionOf) -> WaitOutcome:
@@ -51,12 +52,12 @@ def wake_due(conn: Connection, limit: int, definition_of: DefinitionOf) -> WaitO
     for row in rows:
         execution = executions[row.execution_id]
         if execution is None:
-            _fail_unknown(conn, row)
+            _defer_unknown(conn, row)
             continue
         step = execution.workflow.steps.get(row.step_name)
         wait = None if step is None else step.wait
         if step is None or wait is None:
-            _fail_unknown(conn, row)
+            _defer_unknown(conn, row)
         elif isinstance(wait, Sleep):
             ends.append(
                 WaitEnd(
@@ -107,27 +108,25 @@ def wake_due(conn: Connection, limit: int, definition_of: DefinitionOf) -> WaitO
     return outcome
 
 
-def _fail_unknown(conn: Connection, row: Row[Any]) -> None:
-    """A due wait of a workflow (or step) this process does not know: failed, with every
-    pending step of its execution skipped and the execution finished, as a task step
-    of an unknown workflow is (its wake_at would otherwise make it due on every tick)."""
-    message = "this process does not know the wait's workflow or step"
-    failed = conn.execute(
-        wait_statements().end,
+def _defer_unknown(conn: Connection, row: Row[Any]) -> None:
+    """A due wait of a workflow (or step) this process does not know, as in a rolling
+    deploy where older and newer workers share the beat: never failed here. Its wake
+    time moves UNKNOWN_DEFER_SECONDS on, so a waker that knows the workflow takes it
+    then, and it stays visibly waiting (and cancellable) until one does."""
+    deferred = conn.execute(
+        wait_statements().defer,
         {
             "eid": row.execution_id,
             "step": row.step_name,
             "att": row.attempt,
-            "to": StepStatus.FAILED.value,
-            "out": None,
-            "err": {"type": "WorkflowNotFound", "message": message},
+            "delay": UNKNOWN_DEFER_SECONDS,
         },
     ).first()
-    if failed is None:
-        return
-    log.error("wait %s/%s failed: %s", row.execution_id, row.step_name, message)
-    conn.execute(
-        hot_path(conn.dialect.name).events, [event_row(failed, "failed: WorkflowNotFound")]
-    )
-    skip_wait_descendants(conn, row.execution_id, row.step_name, None)
-    finish_if_done(conn, row.execution_id, ())
+    if deferred is not None:
+        log.warning(
+            "wait %s/%s is due but this process does not know its workflow or step: "
+            "left waiting for a worker that does (again in %.0f s)",
+            row.execution_id,
+            row.step_name,
+            UNKNOWN_DEFER_SECONDS,
+        )

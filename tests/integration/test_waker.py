@@ -183,3 +183,24 @@ def test_the_next_wake_time_is_reported_after_a_short_batch(database: TestDataba
     assert outcome.taken == 2
     assert outcome.next_due == min(wake_at for _, wake_at, _ in naps(later).values())
     assert sorted(woken_events(due + later)) == sorted(due)
+
+
+def test_a_due_wait_of_a_workflow_this_process_does_not_know_is_put_off_not_failed(
+    database: TestDatabase,
+) -> None:
+    ids = sleeping(2)
+    fall_due(ids)
+    with get_database().engine.begin() as conn:
+        outcome = waker.wake_due(conn, LIMIT, lambda _name, _version: None)
+    assert outcome.taken == 2
+    assert (outcome.queued, outcome.woken, outcome.finished) == ([], [], [])
+    # Still waiting, due again later for a waker that knows the workflow, which then
+    # wakes it as usual.
+    rows = naps(ids)
+    assert {status for status, _, _ in rows.values()} == {"waiting"}
+    with get_database().engine.begin() as conn:
+        assert waker.wake_due(conn, LIMIT, definition_of).taken == 0
+    fall_due(ids)
+    with get_database().engine.begin() as conn:
+        assert waker.wake_due(conn, LIMIT, definition_of).taken == 2
+    assert sorted(woken_events(ids)) == sorted(ids)
