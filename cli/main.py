@@ -556,7 +556,8 @@ def send_command(
     ] = None,
 ) -> None:
     """Send event NAME for KEY: the oldest execution waiting for it takes it now; with
-    none waiting it is kept for one that begins to (CONVEYOR_EVENT_TTL)."""
+    none waiting it is kept for one that begins to (CONVEYOR_EVENT_TTL): a wait of an
+    execution created before the event, never of a later one."""
     data = parse_input(payload, "--payload")
     celery_app = ctx.ensure_object(CliState).app
     receipt = send_event(
@@ -571,7 +572,8 @@ def send_command(
         ttl = render.duration(celery_app.engine.settings.event_ttl)
         line = (
             f"Event #{receipt.event_id} stored: no execution waits for {name} key {key} yet; "
-            f"kept {ttl} for one that does."
+            f"kept {ttl} for one that does (an execution created before now: later ones "
+            "never take an earlier event)."
         )
     stdout().print(line, soft_wrap=True)
 
