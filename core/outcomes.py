@@ -148,6 +148,8 @@ class ReconcileReport:
     finished: list[str] = field(default_factory=list)
     # Workflows with an execution that ended in this pass: a concurrency slot is free.
     freed: list[str] = field(default_factory=list)
+    # (workflow, seconds) of each sleep the waker woke: how late after its wake time.
+    lags: list[tuple[str, float]] = field(default_factory=list)
     # Workflows with an execution pending longer than the start delay: if a concurrency
     # limit holds it, a slot may have freed unseen (the finishing process died before
     # admitting). Not what the pass did: left out of the report's text and equality.
@@ -191,6 +193,8 @@ class WaitOutcome:
     # Workflows with an execution parked here (all its open steps wait): a
     # max_concurrency slot is free, to admit the next pending execution.
     freed: list[str] = field(default_factory=list)
+    # (workflow, seconds) of each sleep the waker woke: how late after its wake time.
+    lags: list[tuple[str, float]] = field(default_factory=list)
 
     def merge(self, other: WaitOutcome) -> None:
         self.queued += other.queued
@@ -199,3 +203,4 @@ class WaitOutcome:
         self.finished += other.finished
         self.woken += other.woken
         self.freed += other.freed
+        self.lags += other.lags

@@ -9,6 +9,7 @@ disjoint rows; with nothing due it is one probe of that index and writes nothing
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Row
@@ -59,6 +60,8 @@ def wake_due(conn: Connection, limit: int, definition_of: DefinitionOf) -> WaitO
         if step is None or wait is None:
             _defer_unknown(conn, row)
         elif isinstance(wait, Sleep):
+            late = (datetime.now(UTC) - row.wake_at).total_seconds()
+            outcome.lags.append((execution.workflow.name, max(0.0, late)))
             ends.append(
                 WaitEnd(
                     row.execution_id,

@@ -318,6 +318,8 @@ class Engine:
                 log.warning("%d child start(s) unsent; the reconciler will send them", len(unsent))
         for workflow, kind, how in outcome.woken:
             self.metrics.wait_ended(workflow, kind, how)
+        for workflow, seconds in outcome.lags:
+            self.metrics.woke_late(workflow, seconds)
         for result, workflow in outcome.finished:
             self.metrics.ended(workflow, result)
         for workflow in sorted({*(workflow for _, workflow in outcome.finished), *outcome.freed}):

@@ -118,6 +118,13 @@ class Metrics:
             ["workflow", "kind", "how"],
             registry=registry,
         )
+        self.wake_lag = Histogram(
+            "conveyor_wake_lag_seconds",
+            "How long after its wake time the waker woke a sleep.",
+            ["workflow"],
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
         self.wake_duration = Histogram(
             "conveyor_wake_pass_seconds",
             "Duration of a waker pass over due waits (its transactions and publishing).",
@@ -163,6 +170,10 @@ class Metrics:
     def wait_ended(self, workflow: str, kind: str, how: str) -> None:
         """A wait ended (or was re-armed for a retry)."""
         self.waits_woken.labels(workflow, kind, how).inc()
+
+    def woke_late(self, workflow: str, seconds: float) -> None:
+        """A sleep the waker woke, ``seconds`` after its wake time."""
+        self.wake_lag.labels(workflow).observe(seconds)
 
     def wake_pass(self, seconds: float, taken: int) -> None:
         """One waker pass: its duration (``taken``: due waits it took)."""

@@ -114,7 +114,16 @@ def _reasons(execution_id: str, step: str) -> list[str | None]:
         )
 
 
+def _lags_observed(app: ConveyorCelery) -> float:
+    """How many sleeps of ``napper`` this process's waker woke (its lateness observed)."""
+    found = app.engine.metrics.registry.get_sample_value(
+        "conveyor_wake_lag_seconds_count", {"workflow": napper.name}
+    )
+    return found or 0.0
+
+
 def test_a_sleep_holds_no_message_and_wakes_when_due(app: ConveyorCelery) -> None:
+    lags_before = _lags_observed(app)
     with running_worker(app):
         execution_id = enqueue(napper, {}, app=app)
         row = _waiting(execution_id, "nap")
@@ -126,6 +135,8 @@ def test_a_sleep_holds_no_message_and_wakes_when_due(app: ConveyorCelery) -> Non
         finished = wait_for(execution_id)
     woke = step_row(execution_id, "nap")["finished_at"]
     assert timedelta(0) <= woke - wake_at < timedelta(seconds=1)
+    # The waker's lateness is observed for the workflow (conveyor_wake_lag_seconds).
+    assert _lags_observed(app) == lags_before + 1
     assert finished.status == "succeeded"
     assert [(execution_id, "after", wake_at.isoformat())] == RAN
     assert _reasons(execution_id, "nap") == ["upstream steps done", "woke up"]
