@@ -48,7 +48,7 @@ from core.wait_statements import (
     repark,
     wait_statements,
 )
-from core.workflows import ChildWait, EventWait, Sleep, Step, Workflow
+from core.workflows import ChildWait, EventWait, MapSpec, Sleep, Step, Workflow
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +289,10 @@ def _arm(
         from core.children import start_child
 
         return start_child(conn, execution, step, attempt, wait, known_outputs, outcome)
+    if isinstance(wait, MapSpec):
+        from core.maps import expand
+
+        return expand(conn, execution, step, attempt, known_outputs, outcome)
     raise AssertionError(f"step {step.name} is not a wait")
 
 

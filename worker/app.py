@@ -25,6 +25,7 @@ from worker import logs
 from worker.config import FIRE_SCHEDULES, RECONCILE, WAKE, celery_config
 from worker.engine import RUN_STEP, START_EXECUTION, Engine
 from worker.failures import StepFailed
+from worker.items import RUN_ITEM
 from worker.schedules import fire_schedules as fire_due
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,22 @@ class StepTask(Task):  # type: ignore[type-arg]
         # Only then: a StepFailed (also reported here) is a failure recorded already.
         if isinstance(exc, TimeLimitExceeded) and "execution_id" in kwargs:
             engine: Engine = cast(ConveyorCelery, self.app).engine
+            limit = exc.args[0] if exc.args else None
             try:
-                engine.record_hard_timeout(
-                    kwargs["execution_id"],
-                    kwargs["step_name"],
-                    task_id,
-                    exc.args[0] if exc.args else None,
-                )
+                if "index" in kwargs:  # a map item (conveyor.run_item)
+                    engine.items.record_hard_timeout(
+                        kwargs["execution_id"],
+                        kwargs["step_name"],
+                        kwargs["index"],
+                        task_id,
+                        limit,
+                        kwargs["workflow"],
+                        kwargs["version"],
+                    )
+                else:
+                    engine.record_hard_timeout(
+                        kwargs["execution_id"], kwargs["step_name"], task_id, limit
+                    )
             except Exception:  # the reconciler recovers it as a stalled step
                 log.warning("could not record the hard timeout of %s", task_id, exc_info=True)
 
@@ -121,6 +131,23 @@ def _register_tasks(app: ConveyorCelery) -> None:
             app.engine.tracing.received(task.request),
         ):
             app.engine.run_step(execution_id, step_name, task.request.id, workflow, version)
+
+    @app.task(name=RUN_ITEM, base=StepTask, **steps)
+    def run_item(
+        task: Task[Any, Any],
+        execution_id: str,
+        step_name: str,
+        index: int,
+        workflow: str,
+        version: int,
+    ) -> None:
+        """Claim, run and record one item of a map step (and the items it continues with)."""
+        with (
+            _retry_when_transient(task),
+            _step_failure_as_task_state(),
+            app.engine.tracing.received(task.request),
+        ):
+            app.engine.items.run(execution_id, step_name, index, task.request.id, workflow, version)
 
     @app.task(name=FIRE_SCHEDULES, **options)
     def fire_schedules(task: Task[Any, Any]) -> None:

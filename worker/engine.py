@@ -42,6 +42,7 @@ from worker.config import WAKE, broker_priority
 from worker.context import RunningStep
 from worker.failures import StepFailed
 from worker.heartbeat import Heartbeat
+from worker.items import ItemRunner
 from worker.logs import step_context
 from worker.metrics import Metrics, get_metrics
 from worker.tracing import Tracing
@@ -171,6 +172,7 @@ class Engine:
         self.recorder = SyncEnhancedExecutionStateManager(database, retry_policy=PATIENT)
         self.heartbeats = Heartbeat(self.manager, settings.heartbeat_interval)
         self.tracing = Tracing(settings.tracing)
+        self.items = ItemRunner(self)
 
     @property
     def worker_id(self) -> str:
@@ -312,6 +314,9 @@ class Engine:
         finished, and admit the next execution where a slot freed. A failed publish is
         logged: the reconciler sends queued steps and starts of pending executions."""
         self._publish_committed(outcome.queued, outcome.routes)
+        self.items.publish_committed(outcome.items, outcome.routes)
+        for workflow, step, result, count in outcome.item_counts:
+            self.metrics.items(workflow, step, result, count)
         if outcome.starts:
             unsent = self.publish_starts_each(outcome.starts)
             if unsent:

@@ -22,6 +22,7 @@ class Heartbeat:
         self._host = socket.gethostname()
         self._interval = interval
         self._running: set[tuple[str, str]] = set()
+        self._items: set[tuple[str, str, int]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -49,15 +50,32 @@ class Heartbeat:
             with self._lock:
                 self._running.discard(key)
 
+    @contextmanager
+    def beating_item(self, key: tuple[str, str, int]) -> Iterator[None]:
+        """Keep a map item's heartbeat fresh while the block runs."""
+        self._ensure_thread()
+        with self._lock:
+            self._items.add(key)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._items.discard(key)
+
     def beat(self) -> int:
-        """One bulk heartbeat now; how many steps it refreshed."""
+        """One bulk heartbeat now (one more for map items, when it runs any); how many
+        steps and items it refreshed."""
         with self._lock:
             held = sorted(self._running)
-        if not held:
-            return 0
+            items = sorted(self._items)
         # Only the steps held right now: a row this process claimed but no longer runs
         # (an exception, a recording out of retries) must go stale and be recovered.
-        return self._manager.heartbeat(self.worker_id, held)
+        beaten = self._manager.heartbeat(self.worker_id, held) if held else 0
+        if items:
+            from core.maps import heartbeat_items
+
+            beaten += self._manager.run(heartbeat_items, self.worker_id, items)
+        return beaten
 
     def stop(self) -> None:
         """Stop the thread (tests, worker shutdown)."""

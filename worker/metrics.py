@@ -131,6 +131,13 @@ class Metrics:
             buckets=PASS_BUCKETS,
             registry=registry,
         )
+        self.map_items = Counter(
+            "conveyor_map_items",
+            "Items of map steps, by what happened to them: expanded (admitted to run), "
+            "succeeded, failed (for good), retried, recovered (worker lost).",
+            ["workflow", "step", "result"],
+            registry=registry,
+        )
         self.events_sent = Counter(
             "conveyor_events",
             "Events and signals sent, by outcome (consumed, stored, duplicate).",
@@ -170,6 +177,11 @@ class Metrics:
     def wait_ended(self, workflow: str, kind: str, how: str) -> None:
         """A wait ended (or was re-armed for a retry)."""
         self.waits_woken.labels(workflow, kind, how).inc()
+
+    def items(self, workflow: str, step: str, result: str, count: int = 1) -> None:
+        """Items of a map step that were expanded, succeeded, failed, retried, ..."""
+        if count:
+            self.map_items.labels(workflow, step, result).inc(count)
 
     def woke_late(self, workflow: str, seconds: float) -> None:
         """A sleep the waker woke, ``seconds`` after its wake time."""

@@ -1,0 +1,258 @@
+"""The statements of a map step's items (``core.maps``), built once per dialect with
+bind parameters.
+
+Every item statement names its rows by primary key, (execution_id, step_name,
+item_index), or by (execution_id, step_name) with a status the partial indexes cover;
+only the reconciler's scans (stalled and due items) span executions, as their step
+twins do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    Integer,
+    Select,
+    String,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
+from sqlalchemy.sql.dml import Delete, Insert, Update
+
+from core.models import MapItem, StepExecution, WorkflowExecution
+from core.sql import utcnow
+from core.states import ExecutionStatus, StepStatus
+from core.types import json_type
+
+MI = MapItem.__table__.c
+SE = StepExecution.__table__.c
+WE = WorkflowExecution.__table__.c
+ITEMS = MapItem.__table__
+
+PENDING = StepStatus.PENDING.value
+QUEUED = StepStatus.QUEUED.value
+RUNNING = StepStatus.RUNNING.value
+SUCCEEDED = StepStatus.SUCCEEDED.value
+FAILED = StepStatus.FAILED.value
+CANCELLED = StepStatus.CANCELLED.value
+WAITING = StepStatus.WAITING.value
+OPEN = (PENDING, QUEUED, RUNNING)
+
+
+def _item() -> Any:
+    return and_(
+        MI.execution_id == bindparam("eid"),
+        MI.step_name == bindparam("step"),
+        MI.item_index == bindparam("idx"),
+    )
+
+
+def _map_row() -> Any:
+    return and_(SE.execution_id == bindparam("eid"), SE.step_name == bindparam("step"))
+
+
+def _map_waiting() -> Any:
+    """The map step is still waiting for its items (not ended, failed or cancelled)."""
+    return exists().where(
+        SE.execution_id == MI.execution_id, SE.step_name == MI.step_name, SE.status == WAITING
+    )
+
+
+def _execution_running() -> Any:
+    return exists().where(
+        WE.execution_id == MI.execution_id, WE.status == ExecutionStatus.RUNNING.value
+    )
+
+
+@dataclass(frozen=True)
+class MapStatements:
+    """One dialect's item statements (see each field's comment for what it touches)."""
+
+    # The map step's counters at expansion: compare-and-set on waiting at its attempt.
+    start: Update
+    # n item rows in one statement, the first ``p`` queued: no per-row parameters.
+    expand: Insert
+    # A plain re-run drops the earlier run's items before expanding again.
+    drop: Delete
+    # queued -> running (a delivered item), of a waiting map of a running execution.
+    claim: Update
+    # An item's input: element ``idx`` of the ``over`` step's stored output, read in
+    # place (PostgreSQL ``->``; SQLite ``json_extract``, quoted back to JSON).
+    item_input: Select[Any]
+    # running -> succeeded at its attempt.
+    succeed: Update
+    # running -> failed at its attempt.
+    fail: Update
+    # running -> queued at the next attempt, due after the retry's backoff.
+    retry: Update
+    # The map row's fan-in counter, decremented by the transaction that ends an item.
+    count: Update
+    # The lowest pending item (locked, SKIP LOCKED: two ends admit two items).
+    next_pending: Select[Any]
+    # pending -> queued (published after commit) or running here (continued).
+    admit: Update
+    # The items' outputs in item order: the aggregation, once, by the last item.
+    outputs: Select[Any]
+    # Every open item of one map -> cancelled (the map failed, or was cancelled).
+    cancel: Update
+    # The map's counts by status (status, CLI, API, dashboard).
+    counts: Select[Any]
+
+
+@cache
+def map_statements(dialect: str) -> MapStatements:
+    """The item statements for ``dialect`` (built once per process)."""
+    now = utcnow()
+    if dialect == "postgresql":
+        series = (
+            func.generate_series(0, bindparam("n", type_=Integer) - 1)
+            .table_valued("value")
+            .render_derived(name="series")
+        )
+        index = series.c.value
+        source: Any = series
+    else:
+        numbers = select(literal(0, Integer).label("value")).cte("numbers", recursive=True)
+        numbers = numbers.union_all(
+            select((numbers.c.value + 1).label("value")).where(
+                numbers.c.value + 1 < bindparam("n", type_=Integer)
+            )
+        )
+        index = numbers.c.value
+        source = numbers
+    first = index < bindparam("p", type_=Integer)
+    expand = insert(ITEMS).from_select(
+        [
+            "execution_id",
+            "step_name",
+            "item_index",
+            "status",
+            "attempt",
+            "recoveries",
+            "republishes",
+            "queued_at",
+        ],
+        select(
+            bindparam("eid"),
+            bindparam("step"),
+            index,
+            case((first, QUEUED), else_=PENDING),
+            bindparam("att", type_=Integer),
+            bindparam("att", type_=Integer) - 1,
+            literal(0, Integer),
+            case((first, now), else_=None),
+        ).select_from(source),
+    )
+    over = StepExecution.__table__.alias("over_step")
+    element = over.c.output_data[bindparam("idx", type_=Integer)]
+    item_input = select(type_coerce(element, json_type()).label("item")).where(
+        over.c.execution_id == bindparam("eid"), over.c.step_name == bindparam("over")
+    )
+    returning = (MI.item_index, MI.status, MI.attempt, MI.recoveries)
+    return MapStatements(
+        start=update(StepExecution)
+        .where(_map_row(), SE.status == WAITING, SE.attempt == bindparam("att"))
+        .values(
+            map_total=bindparam("n"),
+            map_left=bindparam("left"),
+            map_failed=0,
+            map_max_failed=bindparam("max_failed"),
+            updated_at=now,
+        )
+        .returning(SE.attempt),
+        expand=expand,
+        drop=delete(MapItem).where(
+            MI.execution_id == bindparam("eid"), MI.step_name == bindparam("step")
+        ),
+        claim=update(MapItem)
+        .where(
+            _item(),
+            MI.status == QUEUED,
+            or_(MI.next_attempt_at.is_(None), MI.next_attempt_at <= now),
+            _map_waiting(),
+            _execution_running(),
+        )
+        .values(
+            status=RUNNING,
+            worker=bindparam("worker"),
+            celery_task_id=bindparam("task_id"),
+            started_at=now,
+            heartbeat_at=now,
+            next_attempt_at=None,
+            finished_at=None,
+        )
+        .returning(MI.attempt, MI.recoveries, MI.queued_at, MI.started_at),
+        item_input=item_input,
+        succeed=update(MapItem)
+        .where(_item(), MI.status == RUNNING, MI.attempt == bindparam("att"))
+        .values(status=SUCCEEDED, output_data=bindparam("out", type_=json_type()), finished_at=now)
+        .returning(MI.item_index),
+        fail=update(MapItem)
+        .where(_item(), MI.status == RUNNING, MI.attempt == bindparam("att"))
+        .values(status=FAILED, error=bindparam("err", type_=json_type()), finished_at=now)
+        .returning(MI.item_index),
+        retry=update(MapItem)
+        .where(_item(), MI.status == RUNNING, MI.attempt == bindparam("att"))
+        .values(
+            status=QUEUED,
+            attempt=MI.attempt + 1,
+            error=bindparam("err", type_=json_type()),
+            queued_at=now,
+            next_attempt_at=utcnow(bindparam("delay", type_=Float)),
+            worker=None,
+            started_at=None,
+            heartbeat_at=None,
+        )
+        .returning(MI.attempt),
+        count=update(StepExecution)
+        .where(_map_row(), SE.status == WAITING)
+        .values(
+            map_left=SE.map_left - 1,
+            map_failed=SE.map_failed + bindparam("failed", type_=Integer),
+            updated_at=now,
+        )
+        .returning(SE.map_left, SE.map_failed, SE.map_max_failed, SE.map_total, SE.attempt),
+        next_pending=select(MI.item_index)
+        .where(MI.execution_id == bindparam("eid"), MI.step_name == bindparam("step"))
+        .where(MI.status == PENDING)
+        .order_by(MI.item_index)
+        .limit(bindparam("n", type_=Integer))
+        .with_for_update(skip_locked=True),
+        admit=update(MapItem)
+        .where(_item(), MI.status == PENDING)
+        .values(
+            status=bindparam("to", type_=String),
+            queued_at=now,
+            worker=bindparam("worker"),
+            started_at=case((bindparam("to", type_=String) == RUNNING, now), else_=None),
+            heartbeat_at=case((bindparam("to", type_=String) == RUNNING, now), else_=None),
+        )
+        .returning(*returning),
+        outputs=select(MI.item_index, MI.status, MI.output_data)
+        .where(MI.execution_id == bindparam("eid"), MI.step_name == bindparam("step"))
+        .order_by(MI.item_index),
+        cancel=update(MapItem)
+        .where(
+            MI.execution_id == bindparam("eid"),
+            MI.step_name == bindparam("step"),
+            MI.status.in_(OPEN),
+        )
+        .values(status=CANCELLED, finished_at=now, next_attempt_at=None),
+        counts=select(MI.status, func.count())
+        .where(MI.execution_id == bindparam("eid"), MI.step_name == bindparam("step"))
+        .group_by(MI.status),
+    )

@@ -1,0 +1,80 @@
+"""Workflows with map steps that the map tests (e2e, API, CLI, dashboard, faults) run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.workflows import Retry, StepContext, Tolerate, Workflow
+
+
+def _poisoned(ctx: StepContext, item: Any) -> bool:
+    """Items the input names as poison fail on every attempt."""
+    return isinstance(ctx.input, dict) and item in ctx.input.get("poison", [])
+
+
+summaries = Workflow("maps-summaries")
+
+
+@summaries.step()
+def extract(ctx: StepContext) -> Any:
+    return ctx.input["files"]
+
+
+@summaries.step()
+def prefix(ctx: StepContext) -> str:
+    return ctx.input.get("prefix", "sum")
+
+
+@summaries.map(over="extract", depends_on=["prefix"], max_parallel=4)
+def summarise(ctx: StepContext, item: Any, prefix: str) -> dict[str, Any]:
+    if _poisoned(ctx, item):
+        raise ValueError(f"cannot summarise {item!r}")
+    return {"file": item, "summary": f"{prefix}:{item}", "index": ctx.map_index}
+
+
+@summaries.step(depends_on=["summarise"])
+def publish(ctx: StepContext, summarise: list[dict[str, Any] | None]) -> dict[str, Any]:
+    return {"count": len(summarise), "summaries": summarise}
+
+
+tolerant = Workflow("maps-tolerant")
+
+
+@tolerant.step()
+def numbers(ctx: StepContext) -> list[int]:
+    return list(range(ctx.input["n"]))
+
+
+@tolerant.map(
+    over="numbers",
+    max_parallel=8,
+    on_item_failure=Tolerate(max_failed=3),
+    retry=Retry(max_attempts=2, backoff=0.0, jitter=False),
+)
+def square(ctx: StepContext, item: int) -> int:
+    if _poisoned(ctx, item):
+        raise ValueError(f"poisoned item {item}")
+    return item * item
+
+
+@tolerant.step(depends_on=["square"])
+def total(ctx: StepContext, square: list[int | None]) -> dict[str, Any]:
+    return {"sum": sum(v for v in square if v is not None), "missing": square.count(None)}
+
+
+nested = Workflow("maps-nested")
+
+
+@nested.step()
+def rows(ctx: StepContext) -> list[list[int]]:
+    return [[1, 2], [3], []]
+
+
+@nested.map(over="rows", max_parallel=2)
+def widths(ctx: StepContext, item: list[int]) -> list[int]:
+    return [len(item)] * max(1, len(item))
+
+
+@nested.map(over="widths", max_parallel=2)
+def flat(ctx: StepContext, item: list[int]) -> int:
+    return sum(item)

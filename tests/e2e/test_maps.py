@@ -1,0 +1,170 @@
+"""Map steps through a real worker, database and broker (both backends)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from core.database import get_db_session
+from core.models import MapItem
+from core.registry import WorkflowRegistry, configure_registry
+from tests.conftest import TestDatabase
+from tests.e2e.conftest import clean_app_settings, running_worker, wait_for
+from tests.e2e.map_workflows import nested, summaries, tolerant
+from tests.helpers.state import step_row
+from worker.app import ConveyorCelery, create_app
+from worker.producer import enqueue
+
+
+@pytest.fixture
+def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
+    registry = WorkflowRegistry([summaries, tolerant, nested])
+    configure_registry(registry)
+    return create_app(clean_app_settings(database, redis_url), registry)
+
+
+def _items(execution_id: str, step: str) -> list[MapItem]:
+    with get_db_session() as session:
+        return list(
+            session.scalars(
+                select(MapItem)
+                .where(MapItem.execution_id == execution_id, MapItem.step_name == step)
+                .order_by(MapItem.item_index)
+            )
+        )
+
+
+def _item_rows(execution_id: str) -> int:
+    with get_db_session() as session:
+        count = session.scalar(
+            select(func.count()).select_from(MapItem).where(MapItem.execution_id == execution_id)
+        )
+    return int(count or 0)
+
+
+def test_a_map_runs_each_item_and_its_dependent_gets_the_outputs_in_order(
+    app: ConveyorCelery,
+) -> None:
+    files = [f"f{i}.txt" for i in range(25)]
+    with running_worker(app):
+        execution_id = enqueue(summaries, {"files": files, "prefix": "s"}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "succeeded", finished.error
+    out = finished.output_data["publish"]
+    assert out["count"] == 25
+    assert out["summaries"] == [
+        {"file": f, "summary": f"s:{f}", "index": i} for i, f in enumerate(files)
+    ]
+    items = _items(execution_id, "summarise")
+    assert [i.item_index for i in items] == list(range(25))
+    assert {i.status for i in items} == {"succeeded"}
+    assert all(i.attempt == 1 for i in items)
+    row = step_row(execution_id, "summarise")
+    assert (row["status"], row["map_total"], row["map_left"]) == ("succeeded", 25, 0)
+
+
+def test_an_empty_list_completes_the_map_with_an_empty_list(app: ConveyorCelery) -> None:
+    with running_worker(app):
+        execution_id = enqueue(summaries, {"files": []}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "succeeded", finished.error
+    assert finished.output_data["publish"] == {"count": 0, "summaries": []}
+    assert _item_rows(execution_id) == 0
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"a": 1}, "map summarise needs a list from extract, got an object"),
+        ("abc", "map summarise needs a list from extract, got text"),
+    ],
+)
+def test_an_upstream_output_that_is_not_a_list_fails_the_map_naming_what_it_got(
+    app: ConveyorCelery, files: Any, message: str
+) -> None:
+    with running_worker(app):
+        execution_id = enqueue(summaries, {"files": files}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "failed"
+    row = step_row(execution_id, "summarise")
+    assert row["status"] == "failed"
+    assert row["error"]["type"] == "MapInputError"
+    assert row["error"]["message"] == message
+    assert step_row(execution_id, "publish")["status"] == "skipped"
+    assert _item_rows(execution_id) == 0
+
+
+def test_a_list_longer_than_max_items_fails_the_map_naming_the_length_and_limit(
+    app: ConveyorCelery,
+) -> None:
+    limit = summaries.steps["summarise"].wait.max_items  # type: ignore[union-attr]
+    with running_worker(app):
+        execution_id = enqueue(summaries, {"files": list(range(limit + 1))}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "failed"
+    error = step_row(execution_id, "summarise")["error"]
+    assert error["type"] == "MapInputError"
+    assert error["message"] == (
+        f"extract returned {limit + 1:,} items; map summarise allows at most "
+        f"max_items={limit:,}"
+    )
+    assert _item_rows(execution_id) == 0
+
+
+def test_a_failed_item_fails_the_map_and_cancels_the_items_not_finished(
+    app: ConveyorCelery,
+) -> None:
+    files = [f"f{i}" for i in range(40)]
+    with running_worker(app):
+        execution_id = enqueue(summaries, {"files": files, "poison": ["f5"]}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "failed"
+    row = step_row(execution_id, "summarise")
+    assert row["status"] == "failed"
+    assert row["error"]["type"] == "MapItemsFailed"
+    assert row["error"]["item"] == 5
+    statuses = {i.item_index: i.status for i in _items(execution_id, "summarise")}
+    assert statuses[5] == "failed"
+    # Nothing left to run: every item that had not ended is cancelled.
+    assert set(statuses.values()) <= {"succeeded", "failed", "cancelled"}
+    assert "cancelled" in statuses.values()
+    assert step_row(execution_id, "publish")["status"] == "skipped"
+
+
+def test_tolerated_failures_give_none_at_their_index(app: ConveyorCelery) -> None:
+    with running_worker(app):
+        execution_id = enqueue(tolerant, {"n": 30, "poison": [3, 17, 29]}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "succeeded", finished.error
+    squares = step_row(execution_id, "square")["output_data"]
+    assert squares == [None if i in (3, 17, 29) else i * i for i in range(30)]
+    assert finished.output_data["total"]["missing"] == 3
+    items = {i.item_index: i for i in _items(execution_id, "square")}
+    # Each poisoned item was retried once (Retry(max_attempts=2)) before it failed.
+    assert [items[i].attempt for i in (3, 17, 29)] == [2, 2, 2]
+    assert {items[i].status for i in (3, 17, 29)} == {"failed"}
+
+
+def test_failures_over_the_tolerance_fail_the_map_and_leave_nothing_queued(
+    app: ConveyorCelery,
+) -> None:
+    with running_worker(app):
+        execution_id = enqueue(tolerant, {"n": 60, "poison": [1, 2, 3, 4]}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "failed"
+    error = step_row(execution_id, "square")["error"]
+    assert error["type"] == "MapItemsFailed"
+    assert "4 item(s) failed (at most 3 may)" in error["message"]
+    statuses = [i.status for i in _items(execution_id, "square")]
+    assert not {"pending", "queued", "running"} & set(statuses)
+
+
+def test_a_map_consumes_a_map(app: ConveyorCelery) -> None:
+    with running_worker(app):
+        execution_id = enqueue(nested, {}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "succeeded", finished.error
+    assert step_row(execution_id, "widths")["output_data"] == [[2, 2], [1], [0]]
+    assert finished.output_data == {"flat": [4, 1, 0]}
