@@ -21,6 +21,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    cast,
     delete,
     exists,
     func,
@@ -158,7 +159,13 @@ def map_statements(dialect: str) -> MapStatements:
         ).select_from(source),
     )
     over = StepExecution.__table__.alias("over_step")
-    element = over.c.output_data[bindparam("idx", type_=Integer)]
+    if dialect == "postgresql":
+        element: Any = over.c.output_data[bindparam("idx", type_=Integer)]
+    else:
+        # json_extract returns SQL text for a string element: json_quote makes it JSON
+        # again (and leaves an object or array, which it returns as JSON, as it is).
+        path = literal("$[") + cast(bindparam("idx", type_=Integer), String) + literal("]")
+        element = func.json_quote(func.json_extract(over.c.output_data, path))
     item_input = select(type_coerce(element, json_type()).label("item")).where(
         over.c.execution_id == bindparam("eid"), over.c.step_name == bindparam("over")
     )
