@@ -27,6 +27,7 @@ from core.errors import (
     InputValidationError,
     InvalidTransition,
 )
+from core.map_statements import cancel_items_of
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution, encode_json, new_id
 from core.outcomes import Admission, CreatedExecution, Route, TransitionResult, WaitOutcome
 from core.registry import WorkflowRegistry
@@ -535,6 +536,7 @@ def end_execution(
         transition_steps(
             conn, execution_id, None, StepStatus.CANCELLED, step_sources, reason=step_reason
         )
+        conn.execute(cancel_items_of([execution_id]))
         ended_as = target.value.replace("_", " ")
         end_trees(conn, [execution_id], f"parent {ended_as}", outcome, definition_of)
     return result, outcome
@@ -561,6 +563,7 @@ def end_trees(
         ended = [transition_of(row, step=False) for row in rows]
         if ended:
             step_rows = conn.execute(sql.cancel_steps_of([r.execution_id for r in ended])).all()
+            conn.execute(cancel_items_of([r.execution_id for r in ended]))
             cancelled = [transition_of(row, step=True) for row in step_rows]
             conn.execute(
                 sql.insert_rows(ExecutionEvent),
@@ -727,6 +730,7 @@ def time_out(
         return []
     ids = [r.execution_id for r in timed_out]
     step_rows = conn.execute(sql.cancel_steps_of(ids)).all()
+    conn.execute(cancel_items_of(ids))
     cancelled = [transition_of(row, step=True) for row in step_rows]
     conn.execute(
         sql.insert_rows(ExecutionEvent),

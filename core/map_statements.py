@@ -9,19 +9,20 @@ twins do.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Float,
     Integer,
     Select,
     String,
+    Table,
     and_,
     bindparam,
     case,
-    cast,
     delete,
     exists,
     func,
@@ -29,20 +30,24 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    tuple_,
     type_coerce,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.sql.dml import Delete, Insert, Update
 
-from core.models import MapItem, StepExecution, WorkflowExecution
+from core.models import DatabaseLiveness, MapItem, StepExecution, WorkflowExecution
 from core.sql import utcnow
+from core.statements import LIVENESS_ROW, REPUBLISH_BACKOFF_MAX
 from core.states import ExecutionStatus, StepStatus
 from core.types import json_type
 
 MI = MapItem.__table__.c
 SE = StepExecution.__table__.c
 WE = WorkflowExecution.__table__.c
-ITEMS = MapItem.__table__
+ITEMS = cast(Table, MapItem.__table__)
+DL = DatabaseLiveness.__table__.c
 
 PENDING = StepStatus.PENDING.value
 QUEUED = StepStatus.QUEUED.value
@@ -144,6 +149,7 @@ def map_statements(dialect: str) -> MapStatements:
             "status",
             "attempt",
             "recoveries",
+            "attempt_base",
             "republishes",
             "queued_at",
         ],
@@ -153,6 +159,7 @@ def map_statements(dialect: str) -> MapStatements:
             index,
             case((first, QUEUED), else_=PENDING),
             bindparam("att", type_=Integer),
+            bindparam("att", type_=Integer) - 1,
             bindparam("att", type_=Integer) - 1,
             literal(0, Integer),
             case((first, now), else_=None),
@@ -164,7 +171,7 @@ def map_statements(dialect: str) -> MapStatements:
     else:
         # json_extract returns SQL text for a string element: json_quote makes it JSON
         # again (and leaves an object or array, which it returns as JSON, as it is).
-        path = literal("$[") + cast(bindparam("idx", type_=Integer), String) + literal("]")
+        path = literal("$[") + sql_cast(bindparam("idx", type_=Integer), String) + literal("]")
         element = func.json_quote(func.json_extract(over.c.output_data, path))
     item_input = select(type_coerce(element, json_type()).label("item")).where(
         over.c.execution_id == bindparam("eid"), over.c.step_name == bindparam("over")
@@ -262,4 +269,112 @@ def map_statements(dialect: str) -> MapStatements:
         counts=select(MI.status, func.count())
         .where(MI.execution_id == bindparam("eid"), MI.step_name == bindparam("step"))
         .group_by(MI.status),
+    )
+
+
+def cancel_items_of(execution_ids: Sequence[str]) -> Update:
+    """Every open item of the executions' maps -> cancelled (the executions ended:
+    cancelled, timed out, failed): none is left queued to be claimed."""
+    return (
+        update(MapItem)
+        .where(MI.execution_id.in_(list(execution_ids)), MI.status.in_(OPEN))
+        .values(status=CANCELLED, finished_at=utcnow(), next_attempt_at=None)
+    )
+
+
+def _key_match(keys: Sequence[tuple[str, str, int]]) -> Any:
+    return tuple_(MI.execution_id, MI.step_name, MI.item_index).in_([tuple(k) for k in keys])
+
+
+def stalled_items(stall_timeout_seconds: float, gap_seconds: float, limit: int) -> Select[Any]:
+    """Running items stalled on the evidence of a reachable database (bounded, oldest
+    first): ``core.statements.stalled_steps``' predicate on items."""
+    cutoff = utcnow(-stall_timeout_seconds)
+    reachable_since = (
+        select(DL.reachable_since)
+        .where(DL.id == LIVENESS_ROW, DL.last_seen_at > utcnow(-gap_seconds))
+        .scalar_subquery()
+    )
+    return (
+        select(
+            MI.execution_id,
+            MI.step_name,
+            MI.item_index,
+            MI.attempt,
+            MI.recoveries,
+            MI.attempt_base,
+            MI.worker,
+        )
+        .where(MI.status == RUNNING, MI.heartbeat_at < cutoff, reachable_since < cutoff)
+        .order_by(MI.heartbeat_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def recover_items(keys: Sequence[tuple[str, str, int]]) -> Update:
+    """running -> queued at attempt + 1 (recoveries + 1: a crash is not an error retry)
+    for stalled items; the pass publishes them."""
+    return (
+        update(MapItem)
+        .where(MI.status == RUNNING, _key_match(keys))
+        .values(
+            status=QUEUED,
+            attempt=MI.attempt + 1,
+            recoveries=MI.recoveries + 1,
+            queued_at=utcnow(),
+            republished_at=None,
+            next_attempt_at=None,
+            worker=None,
+            heartbeat_at=None,
+        )
+        .returning(MI.execution_id, MI.step_name, MI.item_index, MI.attempt)
+    )
+
+
+_ITEM_BACKOFF = case(
+    *((MI.republishes == n, 2**n) for n in range(REPUBLISH_BACKOFF_MAX.bit_length() - 1)),
+    else_=REPUBLISH_BACKOFF_MAX,
+)
+
+
+def due_items(republish_after: float, limit: int) -> Select[Any]:
+    """Queued items of waiting maps of running executions that are due (a retry's
+    backoff over), or whose last message went unclaimed for ``republish_after *
+    2**republishes`` seconds (capped), as ``due_queued_steps``."""
+    last_sent = func.coalesce(MI.republished_at, MI.queued_at)
+    return (
+        select(MI.execution_id, MI.step_name, MI.item_index)
+        .where(
+            MI.status == QUEUED,
+            or_(
+                and_(
+                    MI.next_attempt_at.is_(None),
+                    last_sent < utcnow(-republish_after * _ITEM_BACKOFF),
+                ),
+                MI.next_attempt_at <= utcnow(),
+            ),
+            _map_waiting(),
+            _execution_running(),
+        )
+        .order_by(MI.queued_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def republish_items(keys: Sequence[tuple[str, str, int]]) -> Update:
+    """queued -> queued for items about to be sent again (a due retry's first message
+    is no re-send)."""
+    return (
+        update(MapItem)
+        .where(MI.status == QUEUED, _key_match(keys))
+        .values(
+            republished_at=utcnow(),
+            republishes=case(
+                (MI.next_attempt_at.is_(None), MI.republishes + 1), else_=MI.republishes
+            ),
+            next_attempt_at=None,
+        )
+        .returning(MI.execution_id, MI.step_name, MI.item_index)
     )

@@ -32,14 +32,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, tuple_, update
+from sqlalchemy import Connection, Row, select, tuple_, update
 
-from core.errors import MapInputError, MapItemsFailed
-from core.map_statements import MI, OPEN, map_statements
-from core.models import MapItem
-from core.outcomes import Claim, Route, WaitOutcome
+from core.errors import MapInputError, MapItemsFailed, NothingToRetry
+from core.map_statements import (
+    MI,
+    due_items,
+    map_statements,
+    recover_items,
+    republish_items,
+    stalled_items,
+)
+from core.map_statements import cancel_items_of as cancel_items_statement
+from core.models import MapItem, StepExecution
+from core.outcomes import Claim, Route, TransitionResult, WaitOutcome
 from core.sql import utcnow
 from core.states import StepStatus
 from core.step_statements import hot_path
@@ -57,6 +66,7 @@ from core.workflows import MapSpec, Step, Workflow
 log = logging.getLogger(__name__)
 
 ItemKey = tuple[str, str, int]
+SE_TABLE = StepExecution.__table__
 
 
 @dataclass
@@ -453,12 +463,7 @@ def cancel_items_of(conn: Connection, execution_ids: Sequence[str]) -> int:
     their execution): none is left queued to be claimed."""
     if not execution_ids:
         return 0
-    result = conn.execute(
-        update(MapItem)
-        .where(MI.execution_id.in_(list(execution_ids)), MI.status.in_(OPEN))
-        .values(status=StepStatus.CANCELLED.value, finished_at=utcnow(), next_attempt_at=None)
-    )
-    return int(result.rowcount)
+    return int(conn.execute(cancel_items_statement(execution_ids)).rowcount)
 
 
 def item_status(conn: Connection, execution_id: str, step: str, index: int) -> str | None:
@@ -486,6 +491,161 @@ def heartbeat_items(conn: Connection, worker: str, keys: Sequence[ItemKey]) -> i
     return int(result.rowcount)
 
 
+# --- re-running the failed items -------------------------------------------------------
+
+
+def retry_failed_items(
+    conn: Connection,
+    execution_id: str,
+    graph: Mapping[str, Sequence[str]],
+    deadline: timedelta | None,
+) -> tuple[TransitionResult, dict[str, int]]:
+    """Retry a failed execution keeping what its failed maps' items did: the execution
+    goes back to pending (``core.executions.retry_execution``), and the failed and
+    cancelled items of each failed map step go pending at their next attempt (their
+    retry policy whole again); succeeded items keep their outputs. When the map runs
+    again (``expand``) it runs those items only, and aggregates every item's output.
+    How many items each map runs again. NothingToRetry when no map step failed with
+    items to run again."""
+    from core.executions import retry_execution
+
+    failed_maps = list(
+        conn.execute(
+            select(SE_TABLE.c.step_name).where(
+                SE_TABLE.c.execution_id == execution_id,
+                SE_TABLE.c.status == StepStatus.FAILED.value,
+                SE_TABLE.c.wait_kind == "map",
+            )
+        ).scalars()
+    )
+    again = (StepStatus.FAILED.value, StepStatus.CANCELLED.value)
+    counts = {
+        name: sum(
+            n for status, n in map_counts(conn, execution_id, name).items() if status in again
+        )
+        for name in failed_maps
+    }
+    counts = {name: n for name, n in counts.items() if n}
+    if not counts:
+        raise NothingToRetry(
+            execution_id,
+            "no map step failed with items to run again (retry the execution whole instead)",
+        )
+    result = retry_execution(conn, execution_id, graph, deadline, reason="retry failed items")
+    if not result.applied:
+        return result, {}
+    conn.execute(
+        update(MapItem)
+        .where(
+            MI.execution_id == execution_id,
+            MI.step_name.in_(list(counts)),
+            MI.status.in_(again),
+        )
+        .values(
+            status=StepStatus.PENDING.value,
+            # SET reads the old values: the attempts so far are this run's base.
+            attempt=MI.attempt + 1,
+            recoveries=MI.attempt,
+            attempt_base=MI.attempt,
+            worker=None,
+            celery_task_id=None,
+            queued_at=None,
+            started_at=None,
+            finished_at=None,
+            heartbeat_at=None,
+            next_attempt_at=None,
+            republished_at=None,
+            republishes=0,
+        )
+    )
+    return result, counts
+
+
+# --- the reconciler's part -----------------------------------------------------------
+
+
+@dataclass
+class ItemRepair:
+    """What a reconciler pass did to map items: those to (re)publish, and counts."""
+
+    publish: list[ItemKey] = field(default_factory=list)
+    recovered: int = 0
+    crashed: int = 0
+    republished: int = 0
+
+
+def reconcile_items(
+    conn: Connection,
+    *,
+    stall_timeout: float,
+    republish_after: float,
+    limit: int,
+    max_recoveries: int,
+    gap: float,
+    definition_of: DefinitionOf,
+    outcome: WaitOutcome,
+) -> ItemRepair:
+    """The reconciler's pass over map items, as over steps: running items whose worker
+    is gone (old heartbeat, on the evidence of a reachable database) are queued again
+    at the next attempt, or failed (StepCrashed) when this run's crash recoveries are
+    spent; queued items that are due (a retry's backoff over) or whose message went
+    unclaimed (``republish_after``, doubling per re-send) are sent again."""
+    from core.errors import StepCrashed
+
+    repair = ItemRepair()
+    stalled = conn.execute(stalled_items(stall_timeout, gap, limit)).all()
+    give_up = [r for r in stalled if r.recoveries - r.attempt_base >= max_recoveries]
+    again = [r for r in stalled if r.recoveries - r.attempt_base < max_recoveries]
+    if again:
+        keys = [(r.execution_id, r.step_name, r.item_index) for r in again]
+        requeued = conn.execute(recover_items(keys)).all()
+        repair.recovered = len(requeued)
+        repair.publish += [(r.execution_id, r.step_name, r.item_index) for r in requeued]
+        _events(
+            conn,
+            [
+                _event(
+                    r.execution_id,
+                    r.step_name,
+                    StepStatus.WAITING.value,
+                    r.attempt,
+                    f"item {r.item_index}: worker lost, queued again",
+                )
+                for r in requeued
+            ],
+        )
+    for row in give_up:
+        route_row = conn.execute(
+            hot_path(conn.dialect.name).execution, {"eid": row.execution_id}
+        ).one()
+        workflow = definition_of(route_row.workflow_id, route_row.workflow_version)
+        step = workflow.steps.get(row.step_name) if workflow else None
+        if workflow is None or step is None:
+            continue  # a worker that knows the workflow fails it
+        claim = _item_claim(
+            conn, row.execution_id, step, row.item_index, row.attempt, row.recoveries, False
+        )
+        crash = StepCrashed(
+            f"{row.step_name}[{row.item_index}]",
+            row.worker,
+            row.attempt - row.attempt_base,
+            row.recoveries - row.attempt_base,
+        )
+        ended = fail_item(conn, claim, wait_error(crash), workflow, definition_of)
+        if ended.applied:
+            repair.crashed += 1
+            repair.publish += ended.queued
+            if ended.woken is not None:
+                outcome.merge(ended.woken)
+    due = conn.execute(due_items(republish_after, limit)).all()
+    if due:
+        keys = [(r.execution_id, r.step_name, r.item_index) for r in due]
+        sent = conn.execute(republish_items(keys)).all()
+        repair.republished = len(sent)
+        repair.publish += [(r.execution_id, r.step_name, r.item_index) for r in sent]
+    return repair
+
+
 def map_counts(conn: Connection, execution_id: str, step: str) -> dict[str, int]:
     """A map's items by status."""
     ms = map_statements(conn.dialect.name)
@@ -502,6 +662,8 @@ __all__ = [
     "heartbeat_items",
     "item_status",
     "map_counts",
+    "reconcile_items",
+    "retry_failed_items",
     "retry_item",
     "running_item",
 ]

@@ -495,6 +495,11 @@ class MapItem(Base):
     recoveries: Mapped[int] = mapped_column(
         Integer, default=0, server_default=text("0"), nullable=False
     )
+    # ``recoveries`` before this run of the item: this run's crash recoveries are
+    # ``recoveries - attempt_base`` (held against CONVEYOR_MAX_CRASH_RECOVERIES).
+    attempt_base: Mapped[int] = mapped_column(
+        Integer, default=0, server_default=text("0"), nullable=False
+    )
     output_data: Mapped[Any] = mapped_column(json_type(), nullable=True)
     error: Mapped[Any] = mapped_column(json_type(), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(255))

@@ -176,6 +176,12 @@ class ReconcileReport:
     # executions ended), and executions cancelled below those timed out: to publish
     # after the commit (``Engine.publish_outcome``).
     woken: WaitOutcome | None = field(default=None, repr=False, compare=False)
+    # Map items to send (recovered from a lost worker, due, or never claimed), and how
+    # many were recovered, failed for crashing too often, or re-sent.
+    items: list[tuple[str, str, int]] = field(default_factory=list)
+    items_recovered: int = 0
+    items_crashed: int = 0
+    items_republished: int = 0
 
 
 @dataclass

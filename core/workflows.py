@@ -405,8 +405,7 @@ class Workflow:
             where = f"workflow {self.name!r}, map {step_name!r}"
             if isinstance(depends_on, str):
                 raise DefinitionError(
-                    f"{where}: depends_on takes a list of step names, got the string "
-                    f"{depends_on!r}"
+                    f"{where}: depends_on takes a list of step names, got the string {depends_on!r}"
                 )
             if not isinstance(over, str) or not over:
                 raise DefinitionError(f"{where}: over must name the step whose list it maps")
@@ -420,7 +419,7 @@ class Workflow:
             failure = on_item_failure
             if not isinstance(failure, Tolerate) and failure != "fail":
                 raise DefinitionError(
-                    f"{where}: on_item_failure must be \"fail\" or Tolerate(...), got {failure!r}"
+                    f'{where}: on_item_failure must be "fail" or Tolerate(...), got {failure!r}'
                 )
             unmapped = tuple(d for d in depends_on if d != over)
             spec = MapSpec(over, max_parallel, max_items, failure)

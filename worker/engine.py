@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import children, executions, reconciler, steps, waits, waker
+from core import children, executions, maps, reconciler, steps, waits, waker
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -315,8 +315,8 @@ class Engine:
         logged: the reconciler sends queued steps and starts of pending executions."""
         self._publish_committed(outcome.queued, outcome.routes)
         self.items.publish_committed(outcome.items, outcome.routes)
-        for workflow, step, result, count in outcome.item_counts:
-            self.metrics.items(workflow, step, result, count)
+        for name, step, what, count in outcome.item_counts:
+            self.metrics.items(name, step, what, count)
         if outcome.starts:
             unsent = self.publish_starts_each(outcome.starts)
             if unsent:
@@ -691,17 +691,30 @@ class Engine:
         self.publish_outcome(cancelled.woken)
         return True
 
-    def retry(self, execution_id: str) -> bool:
+    def retry(self, execution_id: str, *, failed_items: bool = False) -> bool:
         """Re-run a failed, cancelled or timed-out execution from its unfinished steps:
         it goes back to pending, with a new deadline and its steps' attempts whole again
         (``core.executions.retry_execution``), and its start message is sent, to be
-        admitted like a new execution (priority, max_concurrency). False when it is in
-        no status a retry leaves."""
+        admitted like a new execution (priority, max_concurrency). With
+        ``failed_items``, its failed maps run only their failed (and cancelled) items
+        again (``core.maps.retry_failed_items``; NothingToRetry when there are none).
+        False when it is in no status a retry leaves."""
         execution = self.manager.get_execution(execution_id)
         workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
-        result = self.manager.run(
-            executions.retry_execution, execution_id, workflow.upstream_map(), workflow.deadline
-        )
+        if failed_items:
+            result, _ = self.manager.run(
+                maps.retry_failed_items,
+                execution_id,
+                workflow.upstream_map(),
+                workflow.deadline,
+            )
+        else:
+            result = self.manager.run(
+                executions.retry_execution,
+                execution_id,
+                workflow.upstream_map(),
+                workflow.deadline,
+            )
         if not result.applied:
             return False
         try:
@@ -785,6 +798,8 @@ class Engine:
         # What telling parents of children this pass ended set in motion.
         if report.woken is not None:
             self.publish_outcome(report.woken)
+        # Map items: a failed publish leaves them queued, re-sent after republish_after.
+        self.items.publish_committed(report.items)
         for workflow in sorted({*report.freed, *report.waiting}):
             self.after_finish(workflow)
         self.metrics.reconciled_pass(

@@ -64,6 +64,9 @@ class ItemRunner:
                 route = routes[execution_id]
                 workflow = engine.definition(route.workflow, route.version)
                 step = workflow.steps.get(step_name) if workflow else None
+                limits: dict[str, Any] = {}
+                if step is not None:  # the item's own time limits, as a step's
+                    limits = {"soft_time_limit": step.soft_timeout, "time_limit": step.timeout}
                 engine.app.send_task(
                     RUN_ITEM,
                     kwargs={
@@ -78,8 +81,7 @@ class ItemRunner:
                     headers=headers,
                     priority=broker_priority(engine.settings, route.priority),
                     shadow=f"{RUN_ITEM}:{route.workflow}.{step_name}[{index}]",
-                    soft_time_limit=step.soft_timeout if step else None,
-                    time_limit=step.timeout if step else None,
+                    **limits,
                 )
 
     def publish_committed(
@@ -230,9 +232,7 @@ class ItemRunner:
                 key = (claim.execution_id, claim.step_name, claim.map_index)
                 self.publish_committed([key], {claim.execution_id: claim.route}, countdown=delay)
             return _report(claim, error, step.retry.max_attempts, retry_in=delay)
-        completion = engine.recorder.run(
-            maps.fail_item, claim, record, workflow, engine.definition
-        )
+        completion = engine.recorder.run(maps.fail_item, claim, record, workflow, engine.definition)
         if not completion.applied:
             return None
         engine.metrics.items(workflow.name, step.name, "failed")

@@ -209,6 +209,9 @@ class Metrics:
             "timed_out": len(report.timed_out),
             "finished": len(report.finished),
             "events_expired": report.events_expired,
+            "items_requeued": report.items_recovered,
+            "items_crashed": report.items_crashed,
+            "items_republished": report.items_republished,
         }
         for kind, count in kinds.items():
             self.reconciled.labels(kind).inc(count)  # every kind present, 0 included

@@ -48,6 +48,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=20), nullable=False),
         sa.Column("attempt", sa.Integer(), nullable=False),
         sa.Column("recoveries", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("attempt_base", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("output_data", json_type(), nullable=True),
         sa.Column("error", json_type(), nullable=True),
         sa.Column("worker", sa.String(length=255), nullable=True),
