@@ -105,7 +105,8 @@ class MapStatements:
     fail: Update
     # running -> queued at the next attempt, due after the retry's backoff.
     retry: Update
-    # The map row's fan-in counter, decremented by the transaction that ends an item.
+    # The map row's fan-in counter, decremented by the transaction that ends an item
+    # (first: it takes the map row's lock before any item's; see core.maps._record).
     count: Update
     # The lowest pending item (locked, SKIP LOCKED: two ends admit two items).
     next_pending: Select[Any]
@@ -235,7 +236,7 @@ def map_statements(dialect: str) -> MapStatements:
         count=update(StepExecution)
         .where(_map_row(), SE.status == WAITING)
         .values(
-            map_left=SE.map_left - 1,
+            map_left=SE.map_left - bindparam("left", type_=Integer, value=1),
             map_failed=SE.map_failed + bindparam("failed", type_=Integer),
             updated_at=now,
         )

@@ -313,12 +313,10 @@ def complete_item(
     end the map, all in this transaction. Not applied when the item is no longer
     running at this attempt (a duplicate or late end, or a cancelled map)."""
     ms = map_statements(conn.dialect.name)
-    assert claim.map_index is not None
-    key = {"eid": claim.execution_id, "step": claim.step_name, "idx": claim.map_index}
-    done = conn.execute(ms.succeed, {**key, "att": claim.attempt, "out": output}).first()
-    if done is None:
+    counted = _record(conn, claim, 0, ms.succeed, {"out": output})
+    if counted is None:
         return ItemCompletion(applied=False)
-    return _ended(conn, claim, workflow, 0, continue_as, definition_of)
+    return _ended(conn, claim, counted, workflow, 0, continue_as, definition_of)
 
 
 def fail_item(
@@ -332,12 +330,33 @@ def fail_item(
     when more items failed than it tolerates; else the item counts as ended (``None``
     at its index) and its slot passes on."""
     ms = map_statements(conn.dialect.name)
-    assert claim.map_index is not None
-    key = {"eid": claim.execution_id, "step": claim.step_name, "idx": claim.map_index}
-    done = conn.execute(ms.fail, {**key, "att": claim.attempt, "err": error}).first()
-    if done is None:
+    counted = _record(conn, claim, 1, ms.fail, {"err": error})
+    if counted is None:
         return ItemCompletion(applied=False)
-    return _ended(conn, claim, workflow, 1, None, definition_of, error)
+    return _ended(conn, claim, counted, workflow, 1, None, definition_of, error)
+
+
+def _record(
+    conn: Connection, claim: Claim, failed: int, statement: Any, values: dict[str, Any]
+) -> Row[Any] | None:
+    """Count the map down, then end the item (running at its attempt -> succeeded or
+    failed): the map's counters, or None when either is refused (the map no longer
+    waits; the item no longer runs at this attempt: a duplicate or late end).
+
+    The map row is locked first, by every transaction that ends one of its items and
+    by every one that fails or cancels the map (which then cancels its open items): in
+    that one order, a map failing while its other items end cannot deadlock."""
+    ms = map_statements(conn.dialect.name)
+    assert claim.map_index is not None
+    names = {"eid": claim.execution_id, "step": claim.step_name}
+    counted = conn.execute(ms.count, {**names, "failed": failed}).first()
+    if counted is None:
+        return None
+    params = {**names, "idx": claim.map_index, "att": claim.attempt, **values}
+    if conn.execute(statement, params).first() is None:
+        conn.execute(ms.count, {**names, "failed": -failed, "left": -1})  # undo the count
+        return None
+    return counted
 
 
 def retry_item(conn: Connection, claim: Claim, delay: float, error: dict[str, Any]) -> bool:
@@ -371,21 +390,20 @@ def retry_item(conn: Connection, claim: Claim, delay: float, error: dict[str, An
 def _ended(
     conn: Connection,
     claim: Claim,
+    counted: Row[Any],
     workflow: Workflow,
     failed: int,
     continue_as: str | None,
     definition_of: DefinitionOf,
     error: dict[str, Any] | None = None,
 ) -> ItemCompletion:
-    """After an item ended (``failed`` 1 when it failed for good): count the map down;
-    fail the map past its tolerance, end it at zero, or admit the next item."""
+    """After an item ended and counted the map down (``counted``; ``failed`` 1 when it
+    failed for good): fail the map past its tolerance, end it at zero, or admit the
+    next item."""
     ms = map_statements(conn.dialect.name)
     eid, name = claim.execution_id, claim.step_name
     index = claim.map_index
-    counted = conn.execute(ms.count, {"eid": eid, "step": name, "failed": failed}).first()
     result = ItemCompletion(applied=True)
-    if counted is None:
-        return result  # the map already ended (failed, or cancelled with its execution)
     if failed and counted.map_failed > counted.map_max_failed:
         assert error is not None
         assert index is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from core.workflows import Retry, StepContext, Tolerate, Workflow
@@ -78,3 +79,51 @@ def widths(ctx: StepContext, item: list[int]) -> list[int]:
 @nested.map(over="widths", max_parallel=2)
 def flat(ctx: StepContext, item: list[int]) -> int:
     return sum(item)
+
+
+# Items whose index is in FLAKY fail on their first policy attempt of a run (tests
+# fill it; a retry of failed items then succeeds): "fix the bug, re-run the failures".
+FLAKY: set[int] = set()
+# Items that wait for HOLD to be set before returning (tests control it).
+HOLD_FIRST_ATTEMPT: set[int] = set()
+HOLDING = threading.Event()
+RELEASE = threading.Event()
+
+repairable = Workflow("maps-repairable")
+
+
+@repairable.step()
+def batch(ctx: StepContext) -> list[int]:
+    return list(range(ctx.input["n"]))
+
+
+@repairable.map(over="batch", max_parallel=3)
+def process(ctx: StepContext, item: int) -> int:
+    if item in FLAKY:
+        raise RuntimeError(f"item {item} is broken")
+    if item in HOLD_FIRST_ATTEMPT and ctx.attempt == 1:
+        HOLDING.set()
+        RELEASE.wait(timeout=60)
+    return item + 100
+
+
+@repairable.step(depends_on=["process"])
+def report(ctx: StepContext, process: list[int]) -> int:
+    return sum(process)
+
+
+# A map that keeps its execution's max_concurrency slot while its items run.
+limited = Workflow("maps-limited", max_concurrency=1)
+
+
+@limited.step()
+def seeds(ctx: StepContext) -> list[int]:
+    return [1, 2, 3]
+
+
+@limited.map(over="seeds", max_parallel=1)
+def slow(ctx: StepContext, item: int) -> int:
+    if ctx.input.get("hold"):
+        HOLDING.set()
+        RELEASE.wait(timeout=60)
+    return item

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from core.database import get_db_session
+from core.errors import NothingToRetry
 from core.models import MapItem
 from core.registry import WorkflowRegistry, configure_registry
 from tests.conftest import TestDatabase
+from tests.e2e import map_workflows
 from tests.e2e.conftest import clean_app_settings, running_worker, wait_for
-from tests.e2e.map_workflows import nested, summaries, tolerant
-from tests.helpers.state import step_row
+from tests.e2e.map_workflows import limited, nested, repairable, summaries, tolerant
+from tests.helpers.state import database_reachable_for, step_row
 from worker.app import ConveyorCelery, create_app
 from worker.producer import enqueue
 
 
 @pytest.fixture
 def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
-    registry = WorkflowRegistry([summaries, tolerant, nested])
+    registry = WorkflowRegistry([summaries, tolerant, nested, repairable, limited])
     configure_registry(registry)
+    map_workflows.FLAKY.clear()
+    map_workflows.HOLD_FIRST_ATTEMPT.clear()
+    map_workflows.HOLDING.clear()
+    map_workflows.RELEASE.clear()
     return create_app(clean_app_settings(database, redis_url), registry)
 
 
@@ -107,8 +114,7 @@ def test_a_list_longer_than_max_items_fails_the_map_naming_the_length_and_limit(
     error = step_row(execution_id, "summarise")["error"]
     assert error["type"] == "MapInputError"
     assert error["message"] == (
-        f"extract returned {limit + 1:,} items; map summarise allows at most "
-        f"max_items={limit:,}"
+        f"extract returned {limit + 1:,} items; map summarise allows at most max_items={limit:,}"
     )
     assert _item_rows(execution_id) == 0
 
@@ -168,3 +174,136 @@ def test_a_map_consumes_a_map(app: ConveyorCelery) -> None:
     assert finished.status == "succeeded", finished.error
     assert step_row(execution_id, "widths")["output_data"] == [[2, 2], [1], [0]]
     assert finished.output_data == {"flat": [4, 1, 0]}
+
+
+def test_retrying_failed_items_reruns_exactly_those_and_keeps_the_others(
+    app: ConveyorCelery,
+) -> None:
+    map_workflows.FLAKY.update({4})
+    with running_worker(app):
+        execution_id = enqueue(repairable, {"n": 12}, app=app)
+        assert wait_for(execution_id).status == "failed"
+        before = {i.item_index: i for i in _items(execution_id, "process")}
+        assert before[4].status == "failed"
+        again = {i for i, item in before.items() if item.status in ("failed", "cancelled")}
+        kept = {i: (item.attempt, item.finished_at) for i, item in before.items() if i not in again}
+        assert again  # some items had not run, or failed
+        assert kept  # some had succeeded
+        map_workflows.FLAKY.clear()  # the bug is fixed
+        assert app.engine.retry(execution_id, failed_items=True)
+        finished = wait_for(execution_id)
+    assert finished.status == "succeeded", finished.error
+    assert finished.output_data == {"report": sum(range(100, 112))}
+    after = {i.item_index: i for i in _items(execution_id, "process")}
+    # Succeeded items were not run again: same attempt, same finish time.
+    assert {i: (after[i].attempt, after[i].finished_at) for i in kept} == kept
+    # The others ran once more, at their next attempt, their policy whole again.
+    for index in again:
+        assert after[index].status == "succeeded"
+        assert after[index].attempt == before[index].attempt + 1
+        assert after[index].attempt - after[index].recoveries == 1
+    assert step_row(execution_id, "process")["output_data"] == list(range(100, 112))
+
+
+def test_retrying_failed_items_without_any_is_refused(app: ConveyorCelery) -> None:
+    with running_worker(app):
+        execution_id = enqueue(summaries, {"files": {"not": "a list"}}, app=app)
+        assert wait_for(execution_id).status == "failed"
+    with pytest.raises(NothingToRetry, match="no map step failed with items to run again"):
+        app.engine.retry(execution_id, failed_items=True)
+    assert app.engine.manager.get_execution(execution_id).status == "failed"
+
+
+def test_a_plain_retry_runs_the_whole_map_again(app: ConveyorCelery) -> None:
+    map_workflows.FLAKY.update({1})
+    with running_worker(app):
+        execution_id = enqueue(repairable, {"n": 5}, app=app)
+        assert wait_for(execution_id).status == "failed"
+        map_workflows.FLAKY.clear()
+        assert app.engine.retry(execution_id)
+        finished = wait_for(execution_id)
+    assert finished.status == "succeeded", finished.error
+    items = _items(execution_id, "process")
+    assert [i.status for i in items] == ["succeeded"] * 5
+    step_attempt = step_row(execution_id, "process")["attempt"]
+    assert {i.attempt for i in items} == {step_attempt}  # every item of the new run
+
+
+def test_cancelling_an_execution_mid_map_cancels_every_open_item(app: ConveyorCelery) -> None:
+    map_workflows.HOLD_FIRST_ATTEMPT.update({0})
+    with running_worker(app):
+        execution_id = enqueue(repairable, {"n": 30}, app=app)
+        assert map_workflows.HOLDING.wait(timeout=20)
+        assert app.engine.cancel(execution_id)
+        statuses = {i.status for i in _items(execution_id, "process")}
+        map_workflows.RELEASE.set()
+        assert wait_for(execution_id).status == "cancelled"
+    assert statuses <= {"succeeded", "cancelled"}
+    assert "cancelled" in statuses
+    assert step_row(execution_id, "process")["status"] == "cancelled"
+    # The held item's late end changed nothing.
+    assert _items(execution_id, "process")[0].status == "cancelled"
+
+
+def test_a_stalled_item_is_recovered_at_its_next_attempt_and_ends_once(
+    app: ConveyorCelery,
+) -> None:
+    map_workflows.HOLD_FIRST_ATTEMPT.update({2})
+    with running_worker(app):
+        execution_id = enqueue(repairable, {"n": 6}, app=app)
+        assert map_workflows.HOLDING.wait(timeout=20)
+        # Its worker "dies": nobody beats for the item any more (another worker id).
+        with get_db_session(commit=True) as session:
+            session.execute(
+                update(MapItem)
+                .where(MapItem.execution_id == execution_id, MapItem.item_index == 2)
+                .values(worker="gone:1", heartbeat_at=datetime.now(UTC) - timedelta(minutes=5))
+            )
+        database_reachable_for(60)
+        report = app.engine.reconcile()
+        assert report.items_recovered == 1
+        assert (execution_id, "process", 2) in report.items
+        finished = wait_for(execution_id)
+        map_workflows.RELEASE.set()  # the lost attempt returns late: refused
+    assert finished.status == "succeeded", finished.error
+    item = _items(execution_id, "process")[2]
+    assert (item.status, item.attempt, item.recoveries) == ("succeeded", 2, 1)
+    assert finished.output_data == {"report": sum(range(100, 106))}
+
+
+def test_queued_plus_running_items_never_exceed_max_parallel(app: ConveyorCelery) -> None:
+    seen: list[int] = []
+    with running_worker(app, concurrency=6):
+        execution_id = enqueue(repairable, {"n": 60}, app=app)
+        while app.engine.manager.get_execution(execution_id).status in ("pending", "running"):
+            with get_db_session() as session:
+                seen.append(
+                    int(
+                        session.scalar(
+                            select(func.count())
+                            .select_from(MapItem)
+                            .where(
+                                MapItem.execution_id == execution_id,
+                                MapItem.status.in_(["queued", "running"]),
+                            )
+                        )
+                        or 0
+                    )
+                )
+        finished = wait_for(execution_id)
+    assert finished.status == "succeeded", finished.error
+    assert max(seen) <= 3  # max_parallel of "process"
+    assert len(seen) > 1
+
+
+def test_a_running_map_keeps_its_executions_concurrency_slot(app: ConveyorCelery) -> None:
+    with running_worker(app):
+        first = enqueue(limited, {"hold": True}, app=app)
+        assert map_workflows.HOLDING.wait(timeout=20)
+        second = enqueue(limited, {}, app=app)
+        # The map's execution is not parked: the second waits for the slot.
+        assert app.engine.manager.get_execution(second).status == "pending"
+        assert app.engine.manager.get_execution(first).parked_at is None
+        map_workflows.RELEASE.set()
+        assert wait_for(first).status == "succeeded"
+        assert wait_for(second).status == "succeeded"
