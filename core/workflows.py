@@ -544,11 +544,6 @@ class Workflow:
                     f"workflow {self.name!r}, step {step.name!r}: depends on unknown step(s) "
                     f"{', '.join(unknown)}"
                 )
-        for step in self.steps.values():
-            if isinstance(step.wait, MapSpec) and step.wait.over == step.name:
-                raise DefinitionError(
-                    f"workflow {self.name!r}, map {step.name!r}: cannot map over itself"
-                )
         try:
             tuple(self.order())
         except CycleError as cycle:
