@@ -88,6 +88,9 @@ class NewExecution:
     parent_execution_id: str | None = None
     parent_step_name: str | None = None
     parent_attempt: int | None = None
+    # A map's child item (``wf.child(..., over=)``): the item's index; its attempt is
+    # ``parent_attempt``.
+    parent_item_index: int | None = None
     root_execution_id: str | None = None
     depth: int = 0
 
@@ -300,6 +303,7 @@ def create_child_execution(conn: Connection, new: NewExecution) -> bool:
         "parent_execution_id": new.parent_execution_id,
         "parent_step_name": new.parent_step_name,
         "parent_attempt": new.parent_attempt,
+        "parent_item_index": new.parent_item_index,
         "root_execution_id": new.root_execution_id,
         "depth": new.depth,
     }

@@ -266,6 +266,8 @@ class WorkflowExecution(Timestamped, Base):
     parent_execution_id: Mapped[str | None] = mapped_column(String(36))
     parent_step_name: Mapped[str | None] = mapped_column(String(200))
     parent_attempt: Mapped[int | None] = mapped_column(Integer)
+    # The item of a child map (``wf.child(..., over=)``) this child runs.
+    parent_item_index: Mapped[int | None] = mapped_column(Integer)
     root_execution_id: Mapped[str | None] = mapped_column(String(36))
     depth: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"), nullable=False)
     parent_woken_at: Mapped[datetime | None]

@@ -865,6 +865,7 @@ _CHILD_COLUMNS = (
     WE.parent_execution_id,
     WE.parent_step_name,
     WE.parent_attempt,
+    WE.parent_item_index,
 )
 
 
@@ -960,4 +961,14 @@ def running_tasks_of_tree(execution_id: str) -> Select[str | None]:
         or_(SE.execution_id == execution_id, SE.execution_id.in_(select(tree.c.execution_id))),
         SE.status == StepStatus.RUNNING.value,
         SE.celery_task_id.is_not(None),
+    )
+
+
+def open_children_of_step(execution_id: str, step_name: str) -> Select[str]:
+    """The open child executions a step of ``execution_id`` started (a child map's
+    items): ix_workflow_executions_parent."""
+    return select(WE.execution_id).where(
+        WE.parent_execution_id == execution_id,
+        WE.parent_step_name == step_name,
+        WE.status.in_(sorted(s.value for s in EXECUTIONS.open)),
     )

@@ -80,9 +80,12 @@ class WaitContext:
     step_name: str
     attempt: int
     input: Any
+    map_index: int | None = None
 
     @property
     def idempotency_key(self) -> str:
+        if self.map_index is not None:
+            return f"{self.execution_id}:{self.step_name}:{self.map_index}"
         return f"{self.execution_id}:{self.step_name}"
 
     def heartbeat(self) -> None:

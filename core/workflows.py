@@ -175,6 +175,9 @@ class MapSpec:
     max_parallel: int = 32
     max_items: int = 10_000
     on_item_failure: str | Tolerate = "fail"
+    # A child map (``wf.child(..., over=)``): each item is an execution of this child
+    # workflow (its input ``input(ctx, item, **unmapped)``) instead of a function call.
+    child: ChildWait | None = None
 
     kind = "map"
 
@@ -366,16 +369,43 @@ class Workflow:
         depends_on: Iterable[str] = (),
         input: StepFunction | None = None,
         retry: Retry | None = None,
+        over: str | None = None,
+        max_parallel: int = 32,
+        max_items: int = 10_000,
+        on_item_failure: str | Tolerate = "fail",
     ) -> None:
         """Declare a node that starts an execution of ``workflow`` with
         ``input(ctx, **upstream)`` and completes with its output (or fails with its error,
-        then follows ``retry``: a retry starts a new child)."""
+        then follows ``retry``: a retry starts a new child).
+
+        With ``over``, a child map: one child execution per element of step ``over``'s
+        output (its input ``input(ctx, item, **unmapped)``, or the item itself), at most
+        ``max_parallel`` running at a time, each item following ``retry``; the output is
+        the children's outputs in item order (see ``map``)."""
         where = f"workflow {self.name!r}, child {name!r}"
         if not isinstance(workflow, Workflow):
             raise DefinitionError(f"{where}: workflow must be a Workflow, got {workflow!r}")
         if input is not None and not callable(input):
             raise DefinitionError(f"{where}: input must be a function (ctx, **upstream)")
-        self._add_wait(name, depends_on, ChildWait(workflow=workflow, input=input), input, retry)
+        if over is None:
+            self._add_wait(
+                name, depends_on, ChildWait(workflow=workflow, input=input), input, retry
+            )
+            return
+        mapped = _map_spec(where, over, max_parallel, max_items, on_item_failure)
+        unmapped = _unmapped(where, over, depends_on)
+        upstream = (over, *unmapped)
+        if input is not None:
+            _check_signature(where, Step(name=name, fn=input, depends_on=upstream), mapped=True)
+        self.add_step(
+            Step(
+                name=name,
+                fn=_never_run,
+                depends_on=upstream,
+                retry=retry or Retry(),
+                wait=replace(mapped, child=ChildWait(workflow=workflow, input=input)),
+            )
+        )
 
     def map(
         self,
@@ -403,26 +433,8 @@ class Workflow:
         def register(fn: StepFunction) -> StepFunction:
             step_name = name or fn.__name__
             where = f"workflow {self.name!r}, map {step_name!r}"
-            if isinstance(depends_on, str):
-                raise DefinitionError(
-                    f"{where}: depends_on takes a list of step names, got the string {depends_on!r}"
-                )
-            if not isinstance(over, str) or not over:
-                raise DefinitionError(f"{where}: over must name the step whose list it maps")
-            for label, value in (("max_parallel", max_parallel), ("max_items", max_items)):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise DefinitionError(f"{where}: {label} must be an int of 1 or more")
-            if max_items > MAX_MAP_ITEMS:
-                raise DefinitionError(
-                    f"{where}: max_items={max_items:,} is above the limit of {MAX_MAP_ITEMS:,}"
-                )
-            failure = on_item_failure
-            if not isinstance(failure, Tolerate) and failure != "fail":
-                raise DefinitionError(
-                    f'{where}: on_item_failure must be "fail" or Tolerate(...), got {failure!r}'
-                )
-            unmapped = tuple(d for d in depends_on if d != over)
-            spec = MapSpec(over, max_parallel, max_items, failure)
+            spec = _map_spec(where, over, max_parallel, max_items, on_item_failure)
+            unmapped = _unmapped(where, over, depends_on)
             self.add_step(
                 Step(
                     name=step_name,
@@ -487,7 +499,13 @@ class Workflow:
 
     def child_workflows(self) -> list[Workflow]:
         """The workflows this one starts as children, directly."""
-        return [s.wait.workflow for s in self.steps.values() if isinstance(s.wait, ChildWait)]
+        found: list[Workflow] = []
+        for step in self.steps.values():
+            if isinstance(step.wait, ChildWait):
+                found.append(step.wait.workflow)
+            elif isinstance(step.wait, MapSpec) and step.wait.child is not None:
+                found.append(step.wait.child.workflow)
+        return found
 
     def event_schemas(self) -> dict[str, type[BaseModel] | None]:
         """Each event this workflow waits for, with its payload schema."""
@@ -522,11 +540,11 @@ class Workflow:
             and step.soft_timeout >= step.timeout
         ):
             raise DefinitionError(f"{where}: soft_timeout must be below timeout")
-        if isinstance(step.wait, MapSpec):
+        if isinstance(step.wait, MapSpec) and step.wait.child is None:
             _check_signature(where, step, mapped=True)
         elif step.fn is not _never_run:
             _check_signature(where, step)
-        runs = step.wait is None or isinstance(step.wait, MapSpec)
+        runs = step.wait is None or (isinstance(step.wait, MapSpec) and step.wait.child is None)
         self.steps[step.name] = _with_output_adapter(where, step) if runs else step
         self._children_map = None
         self._sinks = None
@@ -637,6 +655,35 @@ class Workflow:
     def parse_input(self, data: Any) -> Any:
         """The stored input as the step functions see it (a model instance when typed)."""
         return self.input_model.model_validate(data) if self.input_model else data
+
+
+def _map_spec(
+    where: str, over: str, max_parallel: int, max_items: int, on_item_failure: str | Tolerate
+) -> MapSpec:
+    """A map's options checked, as a MapSpec; DefinitionError naming a bad one."""
+    if not isinstance(over, str) or not over:
+        raise DefinitionError(f"{where}: over must name the step whose list it maps")
+    for label, value in (("max_parallel", max_parallel), ("max_items", max_items)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DefinitionError(f"{where}: {label} must be an int of 1 or more")
+    if max_items > MAX_MAP_ITEMS:
+        raise DefinitionError(
+            f"{where}: max_items={max_items:,} is above the limit of {MAX_MAP_ITEMS:,}"
+        )
+    if not isinstance(on_item_failure, Tolerate) and on_item_failure != "fail":
+        raise DefinitionError(
+            f'{where}: on_item_failure must be "fail" or Tolerate(...), got {on_item_failure!r}'
+        )
+    return MapSpec(over, max_parallel, max_items, on_item_failure)
+
+
+def _unmapped(where: str, over: str, depends_on: Iterable[str]) -> tuple[str, ...]:
+    """A map's other upstream steps (passed to each item unmapped)."""
+    if isinstance(depends_on, str):
+        raise DefinitionError(
+            f"{where}: depends_on takes a list of step names, got the string {depends_on!r}"
+        )
+    return tuple(d for d in depends_on if d != over)
 
 
 def _check_signature(where: str, step: Step, *, mapped: bool = False) -> None:

@@ -21,7 +21,7 @@ from core import maps
 from core.errors import InputValidationError, OutputNotStorable, StepTimedOut
 from core.maps import ItemCompletion, ItemKey
 from core.outcomes import Claim, Route
-from core.workflows import Step, Workflow
+from core.workflows import MapSpec, Step, Workflow
 from worker.config import broker_priority
 from worker.context import RunningStep
 from worker.failures import StepFailed
@@ -131,6 +131,21 @@ class ItemRunner:
                 workflow_name,
                 version,
             )
+            return
+        if isinstance(step.wait, MapSpec) and step.wait.child is not None:
+            # A child map's item: its claim starts its child execution; the child's end
+            # ends the item (core.maps.child_item_ended).
+            started = engine.manager.run(
+                maps.start_child_item,
+                execution_id,
+                workflow,
+                step,
+                index,
+                task_id,
+                engine.definition,
+            )
+            if started is not None:
+                engine.publish_outcome(started)
             return
         claim = engine.manager.run(
             maps.claim_item, execution_id, step, index, engine.worker_id, task_id

@@ -4,6 +4,7 @@
   step expands; ``map_left`` is the atomic fan-in counter of its items.
 - map_items: one row per (execution, map step, item index), with its own status,
   attempts, output and error.
+- workflow_executions.parent_item_index: the item a child map's child execution runs.
 
 The new columns are nullable, so SQLite needs no table copy.
 
@@ -40,6 +41,9 @@ def _partial(name: str, columns: list[str], where: str) -> None:
 def upgrade() -> None:
     for name in COUNTERS:
         op.add_column("execution_steps", sa.Column(name, sa.Integer(), nullable=True))
+    op.add_column(
+        "workflow_executions", sa.Column("parent_item_index", sa.Integer(), nullable=True)
+    )
     op.create_table(
         "map_items",
         sa.Column("execution_id", sa.String(length=36), nullable=False),
@@ -80,6 +84,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("map_items")
+    with op.batch_alter_table("workflow_executions") as batch:
+        batch.drop_column("parent_item_index")
     with op.batch_alter_table("execution_steps") as batch:
         for name in reversed(COUNTERS):
             batch.drop_column(name)

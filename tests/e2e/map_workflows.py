@@ -127,3 +127,36 @@ def slow(ctx: StepContext, item: int) -> int:
         HOLDING.set()
         RELEASE.wait(timeout=60)
     return item
+
+
+# A child map: one execution of ``tenant_sync`` per tenant.
+tenant_sync = Workflow("maps-tenant-sync")
+
+
+@tenant_sync.step()
+def sync(ctx: StepContext) -> dict[str, Any]:
+    if ctx.input["tenant"] in ctx.input.get("broken", []):
+        raise ValueError(f"tenant {ctx.input['tenant']} is broken")
+    return {"tenant": ctx.input["tenant"], "rows": len(ctx.input["tenant"])}
+
+
+per_tenant = Workflow("maps-per-tenant")
+
+
+@per_tenant.step()
+def tenants(ctx: StepContext) -> list[str]:
+    return list(ctx.input["tenants"])
+
+
+per_tenant.child(
+    "synced",
+    workflow=tenant_sync,
+    over="tenants",
+    max_parallel=2,
+    input=lambda ctx, item: {"tenant": item, "broken": ctx.input.get("broken", [])},
+)
+
+
+@per_tenant.step(depends_on=["synced"])
+def rows_total(ctx: StepContext, synced: list[dict[str, Any]]) -> int:
+    return sum(s["sync"]["rows"] for s in synced)

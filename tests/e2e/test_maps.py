@@ -10,12 +10,20 @@ from sqlalchemy import func, select, update
 
 from core.database import get_db_session
 from core.errors import NothingToRetry
-from core.models import MapItem
+from core.models import MapItem, WorkflowExecution
 from core.registry import WorkflowRegistry, configure_registry
 from tests.conftest import TestDatabase
 from tests.e2e import map_workflows
 from tests.e2e.conftest import clean_app_settings, running_worker, wait_for
-from tests.e2e.map_workflows import limited, nested, repairable, summaries, tolerant
+from tests.e2e.map_workflows import (
+    limited,
+    nested,
+    per_tenant,
+    repairable,
+    summaries,
+    tenant_sync,
+    tolerant,
+)
 from tests.helpers.state import database_reachable_for, step_row
 from worker.app import ConveyorCelery, create_app
 from worker.producer import enqueue
@@ -23,7 +31,7 @@ from worker.producer import enqueue
 
 @pytest.fixture
 def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
-    registry = WorkflowRegistry([summaries, tolerant, nested, repairable, limited])
+    registry = WorkflowRegistry([summaries, tolerant, nested, repairable, limited, per_tenant])
     configure_registry(registry)
     map_workflows.FLAKY.clear()
     map_workflows.HOLD_FIRST_ATTEMPT.clear()
@@ -307,3 +315,46 @@ def test_a_running_map_keeps_its_executions_concurrency_slot(app: ConveyorCelery
         map_workflows.RELEASE.set()
         assert wait_for(first).status == "succeeded"
         assert wait_for(second).status == "succeeded"
+
+
+def _children_of(execution_id: str) -> list[WorkflowExecution]:
+    with get_db_session() as session:
+        return list(
+            session.scalars(
+                select(WorkflowExecution)
+                .where(WorkflowExecution.parent_execution_id == execution_id)
+                .order_by(WorkflowExecution.parent_item_index)
+            )
+        )
+
+
+def test_a_child_map_runs_one_child_execution_per_item(app: ConveyorCelery) -> None:
+    names = ["acme", "globex", "initech", "umbrella", "hooli"]
+    with running_worker(app):
+        execution_id = enqueue(per_tenant, {"tenants": names}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "succeeded", finished.error
+    assert finished.output_data == {"rows_total": sum(len(n) for n in names)}
+    synced = step_row(execution_id, "synced")["output_data"]
+    assert [s["sync"]["tenant"] for s in synced] == names  # in item order
+    children = _children_of(execution_id)
+    assert [c.parent_item_index for c in children] == list(range(5))
+    assert {(c.workflow_id, c.status) for c in children} == {(tenant_sync.name, "succeeded")}
+    assert [c.input_data["tenant"] for c in children] == names
+    assert {c.root_execution_id for c in children} == {execution_id}
+
+
+def test_a_failed_child_fails_its_child_map_and_cancels_the_others(app: ConveyorCelery) -> None:
+    names = [f"t{i}" for i in range(12)]
+    with running_worker(app):
+        execution_id = enqueue(per_tenant, {"tenants": names, "broken": ["t1"]}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "failed"
+    error = step_row(execution_id, "synced")["error"]
+    assert error["type"] == "MapItemsFailed"
+    assert error["item"] == 1
+    assert "ChildFailed" in error["message"]
+    statuses = {i.status for i in _items(execution_id, "synced")}
+    assert not {"pending", "queued", "running"} & statuses
+    # No child is left running.
+    assert not {"pending", "running"} & {c.status for c in _children_of(execution_id)}
