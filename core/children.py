@@ -237,7 +237,7 @@ def _tell_parents(
         parent_id, step_name = child.parent_execution_id, child.parent_step_name
         if child.parent_item_index is not None:
             # An item of a child map: its item ends (core.maps).
-            from core.maps import child_item_ended
+            from core.map_children import child_item_ended
 
             if child_item_ended(conn, child, outcome, definition_of):
                 told.append(child.execution_id)

@@ -30,28 +30,20 @@ Publishing what a transaction set in motion is the caller's, after its commit
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Row, select, tuple_, update
+from sqlalchemy import Connection, Row, tuple_, update
 
-from core.config import get_settings
-from core.database import get_database
-from core.errors import MapInputError, MapItemsFailed, NothingToRetry
+from core.errors import MapInputError, MapItemsFailed
 from core.map_statements import (
     MI,
-    due_items,
     map_statements,
-    recover_items,
-    republish_items,
-    stalled_items,
 )
 from core.map_statements import cancel_items_of as cancel_items_statement
 from core.models import MapItem, StepExecution
-from core.outcomes import Claim, Route, TransitionResult, WaitOutcome
+from core.outcomes import Claim, Route, WaitOutcome
 from core.sql import utcnow
 from core.states import StepStatus
 from core.step_statements import hot_path
@@ -414,7 +406,9 @@ def _ended(
         spec = workflow.steps[name].wait
         children = None
         if isinstance(spec, MapSpec) and spec.child is not None:
-            children = _cancel_child_items(conn, eid, name, spec.child.workflow.name)
+            from core.map_children import cancel_child_items
+
+            children = cancel_child_items(conn, eid, name, spec.child.workflow.name)
         problem = MapItemsFailed(
             name, counted.map_failed, counted.map_max_failed, index, _described(error)
         )
@@ -518,346 +512,6 @@ def heartbeat_items(conn: Connection, worker: str, keys: Sequence[ItemKey]) -> i
     return int(result.rowcount)
 
 
-# --- child maps: each item an execution of the child workflow ---------------------------
-
-
-def child_item_id(execution_id: str, step_name: str, index: int, attempt: int) -> str:
-    """The id of the child execution attempt ``attempt`` of item ``index`` starts: the
-    same on every replay of the transaction that starts it."""
-    from core.children import CHILD_NAMESPACE
-
-    return str(uuid.uuid5(CHILD_NAMESPACE, f"{execution_id}/{step_name}[{index}]/{attempt}"))
-
-
-def start_child_item(
-    conn: Connection,
-    execution_id: str,
-    workflow: Workflow,
-    step: Step,
-    index: int,
-    task_id: str | None,
-    definition_of: DefinitionOf,
-) -> WaitOutcome | None:
-    """Claim a queued item of a child map and start its child execution in the same
-    transaction (its start goes to the outcome); the item stays running, with no
-    heartbeat (its work is the child's), until the child's end ends it
-    (``child_item_ended``). None when the claim loses. An input that raises, that the
-    child refuses, or nesting too deep fails the item (then its map, by its tolerance)."""
-    from core.children import _deadline
-    from core.errors import DefinitionError, InputValidationError
-    from core.executions import create_child_execution, new_execution, step_specs
-    from core.waits import NotEstablished, call_user, context_of
-
-    spec = step.wait
-    assert isinstance(spec, MapSpec)
-    assert spec.child is not None
-    ms = map_statements(conn.dialect.name)
-    key = {"eid": execution_id, "step": step.name, "idx": index}
-    row = conn.execute(ms.claim, {**key, "worker": None, "task_id": task_id}).first()
-    if row is None:
-        return None
-    # Its work is the child's: the stall scan, which reads heartbeats, leaves it alone.
-    conn.execute(
-        update(MapItem)
-        .where(MI.execution_id == execution_id, MI.step_name == step.name)
-        .where(MI.item_index == index)
-        .values(heartbeat_at=None)
-    )
-    claim = _item_claim(conn, execution_id, step, index, row.attempt, row.recoveries, False)
-    execution = read_execution(conn, execution_id, workflow)
-    parent = execution.row
-    outcome = WaitOutcome()
-    identifier = child_item_id(execution_id, step.name, index, row.attempt)
-    child = spec.child.workflow
-    try:
-        depth = int(parent.depth or 0) + 1
-        limit = get_settings().max_child_depth
-        if depth > limit:
-            raise NotEstablished(
-                DefinitionError(
-                    f"child map {step.name!r} of execution {execution_id} would nest {depth} "
-                    f"levels below its root execution; the limit is {limit}"
-                )
-            )
-        data = claim.item
-        if spec.child.input is not None:
-            context = replace(context_of(execution, step, row.attempt), map_index=index)
-            data = call_user(spec.child.input, context, claim.item, **claim.upstream)
-        new = new_execution(
-            child.name,
-            child.validate_input(data),
-            max_payload_bytes=get_database().settings.max_payload_bytes,
-            workflow_version=child.version,
-            triggered_by=parent.triggered_by,
-            priority=parent.priority,
-            deadline_at=_deadline(child, parent.deadline_at),
-            steps=step_specs(child),
-        )
-    except (NotEstablished, InputValidationError) as refused:
-        error = refused.error if isinstance(refused, NotEstablished) else refused
-        ended = fail_item(conn, claim, wait_error(error), workflow, definition_of)
-        outcome.items += ended.queued
-        outcome.routes[execution_id] = execution.route
-        if ended.woken is not None:
-            outcome.merge(ended.woken)
-        outcome.item_counts.append((workflow.name, step.name, "failed", 1))
-        return outcome
-    new = replace(
-        new,
-        execution_id=identifier,
-        parent_execution_id=execution_id,
-        parent_step_name=step.name,
-        parent_attempt=row.attempt,
-        parent_item_index=index,
-        root_execution_id=parent.root_execution_id or execution_id,
-        depth=depth,
-    )
-    if create_child_execution(conn, new):
-        outcome.starts.append((identifier, child.name, parent.priority))
-    return outcome
-
-
-def child_item_ended(
-    conn: Connection, child: Row[Any], outcome: WaitOutcome, definition_of: DefinitionOf
-) -> bool:
-    """A child of a child map ended (in this transaction): its item ends with the
-    child's output, or fails with ChildFailed (its ``Retry`` decides: a retry starts a
-    new child when due). False when this process does not know the parent's workflow
-    (the reconciler's safety net tells it later)."""
-    from core.children import _failure
-    from core.errors import ChildFailed
-    from core.statements import mark_parent_woken
-    from core.waits import execution_of
-
-    parent_id, name, index = (
-        child.parent_execution_id,
-        child.parent_step_name,
-        child.parent_item_index,
-    )
-    execution = execution_of(conn, parent_id, definition_of)
-    step = None if execution is None else execution.workflow.steps.get(name)
-    if execution is None or step is None:
-        return False
-    conn.execute(mark_parent_woken([child.execution_id]))
-    item = conn.execute(
-        MapItem.__table__.select()
-        .with_only_columns(MI.status, MI.attempt, MI.recoveries)
-        .where(MI.execution_id == parent_id, MI.step_name == name, MI.item_index == index)
-    ).first()
-    if (
-        item is None
-        or item.status != StepStatus.RUNNING.value
-        or item.attempt != child.parent_attempt
-    ):
-        return True  # the item moved on (cancelled, its map ended): nothing to end
-    workflow = execution.workflow
-    claim = Claim(
-        parent_id,
-        name,
-        item.attempt,
-        item.recoveries,
-        execution.route,
-        execution.row.input_data,
-        {},
-        map_index=index,
-    )
-    if child.status == StepStatus.SUCCEEDED.value:
-        ended = complete_item(conn, claim, child.output_data, workflow, None, definition_of)
-        result = "succeeded"
-    else:
-        error = ChildFailed(
-            _failure(child.execution_id, child.workflow_id, child.status, child.error)
-        )
-        record = wait_error(error)
-        tries = item.attempt - item.recoveries
-        if step.retry.should_retry(error, tries):
-            # Queued again, due after the backoff: the reconciler sends it when due.
-            retry_item(conn, claim, step.retry.delay(tries), record)
-            outcome.item_counts.append((workflow.name, name, "retried", 1))
-            return True
-        ended = fail_item(conn, claim, record, workflow, definition_of)
-        result = "failed"
-    if ended.applied:
-        outcome.item_counts.append((workflow.name, name, result, 1))
-    outcome.items += ended.queued
-    outcome.routes[parent_id] = execution.route
-    if ended.woken is not None:
-        outcome.merge(ended.woken)
-    return True
-
-
-def _cancel_child_items(
-    conn: Connection, execution_id: str, step: str, child_workflow: str
-) -> WaitOutcome:
-    """Cancel the open child executions of a child map that failed (each with its own
-    tree, as ``conveyor cancel`` would)."""
-    from core.children import cancel_tree
-    from core.statements import open_children_of_step
-
-    outcome = WaitOutcome()
-    for child in conn.execute(open_children_of_step(execution_id, step)).scalars():
-        cancelled = cancel_tree(conn, child, f"map {step} failed")
-        outcome.merge(cancelled.woken)
-        if cancelled.result.applied:
-            outcome.finished.append((cancelled.result, child_workflow))
-    return outcome
-
-
-# --- re-running the failed items -------------------------------------------------------
-
-
-def retry_failed_items(
-    conn: Connection,
-    execution_id: str,
-    graph: Mapping[str, Sequence[str]],
-    deadline: timedelta | None,
-) -> tuple[TransitionResult, dict[str, int]]:
-    """Retry a failed execution keeping what its failed maps' items did: the execution
-    goes back to pending (``core.executions.retry_execution``), and the failed and
-    cancelled items of each failed map step go pending at their next attempt (their
-    retry policy whole again); succeeded items keep their outputs. When the map runs
-    again (``expand``) it runs those items only, and aggregates every item's output.
-    How many items each map runs again. NothingToRetry when no map step failed with
-    items to run again."""
-    from core.executions import retry_execution
-
-    failed_maps = list(
-        conn.execute(
-            select(SE_TABLE.c.step_name).where(
-                SE_TABLE.c.execution_id == execution_id,
-                SE_TABLE.c.status == StepStatus.FAILED.value,
-                SE_TABLE.c.wait_kind == "map",
-            )
-        ).scalars()
-    )
-    again = (StepStatus.FAILED.value, StepStatus.CANCELLED.value)
-    counts = {
-        name: sum(
-            n for status, n in map_counts(conn, execution_id, name).items() if status in again
-        )
-        for name in failed_maps
-    }
-    counts = {name: n for name, n in counts.items() if n}
-    if not counts:
-        raise NothingToRetry(
-            execution_id,
-            "no map step failed with items to run again (retry the execution whole instead)",
-        )
-    result = retry_execution(conn, execution_id, graph, deadline, reason="retry failed items")
-    if not result.applied:
-        return result, {}
-    conn.execute(
-        update(MapItem)
-        .where(
-            MI.execution_id == execution_id,
-            MI.step_name.in_(list(counts)),
-            MI.status.in_(again),
-        )
-        .values(
-            status=StepStatus.PENDING.value,
-            # SET reads the old values: the attempts so far are this run's base.
-            attempt=MI.attempt + 1,
-            recoveries=MI.attempt,
-            attempt_base=MI.attempt,
-            worker=None,
-            celery_task_id=None,
-            queued_at=None,
-            started_at=None,
-            finished_at=None,
-            heartbeat_at=None,
-            next_attempt_at=None,
-            republished_at=None,
-            republishes=0,
-        )
-    )
-    return result, counts
-
-
-# --- the reconciler's part -----------------------------------------------------------
-
-
-@dataclass
-class ItemRepair:
-    """What a reconciler pass did to map items: those to (re)publish, and counts."""
-
-    publish: list[ItemKey] = field(default_factory=list)
-    recovered: int = 0
-    crashed: int = 0
-    republished: int = 0
-
-
-def reconcile_items(
-    conn: Connection,
-    *,
-    stall_timeout: float,
-    republish_after: float,
-    limit: int,
-    max_recoveries: int,
-    gap: float,
-    definition_of: DefinitionOf,
-    outcome: WaitOutcome,
-) -> ItemRepair:
-    """The reconciler's pass over map items, as over steps: running items whose worker
-    is gone (old heartbeat, on the evidence of a reachable database) are queued again
-    at the next attempt, or failed (StepCrashed) when this run's crash recoveries are
-    spent; queued items that are due (a retry's backoff over) or whose message went
-    unclaimed (``republish_after``, doubling per re-send) are sent again."""
-    from core.errors import StepCrashed
-
-    repair = ItemRepair()
-    stalled = conn.execute(stalled_items(stall_timeout, gap, limit)).all()
-    give_up = [r for r in stalled if r.recoveries - r.attempt_base >= max_recoveries]
-    again = [r for r in stalled if r.recoveries - r.attempt_base < max_recoveries]
-    if again:
-        keys = [(r.execution_id, r.step_name, r.item_index) for r in again]
-        requeued = conn.execute(recover_items(keys)).all()
-        repair.recovered = len(requeued)
-        repair.publish += [(r.execution_id, r.step_name, r.item_index) for r in requeued]
-        _events(
-            conn,
-            [
-                _event(
-                    r.execution_id,
-                    r.step_name,
-                    StepStatus.WAITING.value,
-                    r.attempt,
-                    f"item {r.item_index}: worker lost, queued again",
-                )
-                for r in requeued
-            ],
-        )
-    for row in give_up:
-        route_row = conn.execute(
-            hot_path(conn.dialect.name).execution, {"eid": row.execution_id}
-        ).one()
-        workflow = definition_of(route_row.workflow_id, route_row.workflow_version)
-        step = workflow.steps.get(row.step_name) if workflow else None
-        if workflow is None or step is None:
-            continue  # a worker that knows the workflow fails it
-        claim = _item_claim(
-            conn, row.execution_id, step, row.item_index, row.attempt, row.recoveries, False
-        )
-        crash = StepCrashed(
-            f"{row.step_name}[{row.item_index}]",
-            row.worker,
-            row.attempt - row.attempt_base,
-            row.recoveries - row.attempt_base,
-        )
-        ended = fail_item(conn, claim, wait_error(crash), workflow, definition_of)
-        if ended.applied:
-            repair.crashed += 1
-            repair.publish += ended.queued
-            if ended.woken is not None:
-                outcome.merge(ended.woken)
-    due = conn.execute(due_items(republish_after, limit)).all()
-    if due:
-        keys = [(r.execution_id, r.step_name, r.item_index) for r in due]
-        sent = conn.execute(republish_items(keys)).all()
-        repair.republished = len(sent)
-        repair.publish += [(r.execution_id, r.step_name, r.item_index) for r in sent]
-    return repair
-
-
 def map_counts(conn: Connection, execution_id: str, step: str) -> dict[str, int]:
     """A map's items by status."""
     ms = map_statements(conn.dialect.name)
@@ -874,8 +528,6 @@ __all__ = [
     "heartbeat_items",
     "item_status",
     "map_counts",
-    "reconcile_items",
-    "retry_failed_items",
     "retry_item",
     "running_item",
 ]

@@ -226,7 +226,7 @@ def reconcile_pass(
     # What ending children set in motion in their parents (published by the caller).
     woken = WaitOutcome()
     # Map items, as steps above: stalled ones queued again (or failed), due ones re-sent.
-    from core.maps import reconcile_items
+    from core.map_repair import reconcile_items
 
     items = reconcile_items(
         conn,

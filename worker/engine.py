@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import children, executions, maps, reconciler, steps, waits, waker
+from core import children, executions, map_repair, reconciler, steps, waits, waker
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -697,13 +697,13 @@ class Engine:
         (``core.executions.retry_execution``), and its start message is sent, to be
         admitted like a new execution (priority, max_concurrency). With
         ``failed_items``, its failed maps run only their failed (and cancelled) items
-        again (``core.maps.retry_failed_items``; NothingToRetry when there are none).
+        again (``core.map_repair.retry_failed_items``; NothingToRetry when there are none).
         False when it is in no status a retry leaves."""
         execution = self.manager.get_execution(execution_id)
         workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
         if failed_items:
             result, _ = self.manager.run(
-                maps.retry_failed_items,
+                map_repair.retry_failed_items,
                 execution_id,
                 workflow.upstream_map(),
                 workflow.deadline,

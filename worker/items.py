@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import maps
+from core import map_children, maps
 from core.errors import InputValidationError, OutputNotStorable, StepTimedOut
 from core.maps import ItemCompletion, ItemKey
 from core.outcomes import Claim, Route
@@ -136,7 +136,7 @@ class ItemRunner:
             # A child map's item: its claim starts its child execution; the child's end
             # ends the item (core.maps.child_item_ended).
             started = engine.manager.run(
-                maps.start_child_item,
+                map_children.start_child_item,
                 execution_id,
                 workflow,
                 step,
