@@ -21,7 +21,9 @@ Its life, each part a unit of work on a ``Connection`` in its caller's transacti
   own transaction, once;
 - an item that fails for good past what ``on_item_failure`` tolerates *fails the map*:
   its open items are cancelled in the same transaction (none is left queued);
-- ``retry_failed_items`` re-runs only the failed (and cancelled) items of a failed map.
+- ``core.map_repair.retry_failed_items`` re-runs only the failed (and cancelled) items of
+  a failed map; ``core.map_repair.reconcile_items`` is the reconciler's pass over items;
+  ``core.map_children`` runs the items of child maps (``wf.child(..., over=)``).
 
 Publishing what a transaction set in motion is the caller's, after its commit
 (``WaitOutcome.items``, ``ItemCompletion``).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.faults.checker import Figures, check, transitions, wait_until_final
+from tests.faults.cluster import MAP_ITEMS
 from tests.faults.conftest import StartCluster
 from tests.faults.inject import LOG_ENV, faulty, injected_lines
 from worker.app import ConveyorCelery
@@ -14,16 +15,19 @@ pytestmark = [pytest.mark.postgresql_only, pytest.mark.timeout(240)]
 
 CHAINS = 12
 FANS = 4
+MAPS = 3  # numbers -> square (a map of MAP_ITEMS items, 8 at a time) -> total
 FINISH_TIMEOUT = 120.0
 DRAIN_TIMEOUT = 60.0
 LOST = "lost:0.2"
 
 
 def test_duplicate_storm_completes_each_step_once(start_cluster: StartCluster) -> None:
-    """Each run-step message is sent 3 extra times (at once, late, at another priority):
-    no step's code runs twice, no completion is recorded twice."""
+    """Each run-step and run-item message is sent 3 extra times (at once, late, at
+    another priority): no step's or map item's code runs twice, no completion is
+    recorded twice, each map aggregates once."""
     cluster = start_cluster(inject_mode="duplicates")
-    ids = cluster.enqueue_workload(CHAINS, FANS)
+    ids = cluster.enqueue_map(range(7000, 7000 + MAPS), MAP_ITEMS)
+    ids += cluster.enqueue_workload(CHAINS, FANS)
     seconds = wait_until_final(ids, FINISH_TIMEOUT)
     # Duplicates still queued (the late ones, those behind higher priorities) are run
     # before the check: a duplicate after the finish must change nothing either.
@@ -33,7 +37,7 @@ def test_duplicate_storm_completes_each_step_once(start_cluster: StartCluster) -
     figures = Figures(
         seconds_to_finish=seconds,
         extra={
-            "run-step messages": originals,
+            "run-step and run-item messages": originals,
             "duplicates sent": sent,
             "duplicates dropped": cluster.log_count("not claimed"),
         },
@@ -44,6 +48,7 @@ def test_duplicate_storm_completes_each_step_once(start_cluster: StartCluster) -
         print(f"\nduplicate storm: {figures.line()}")
     assert originals > 0, figures.line()
     assert sent == 3 * originals, figures.line()
+    assert figures.extra["map items"] == MAPS * MAP_ITEMS, figures.line()
 
 
 def test_lost_publishes_are_sent_by_the_reconciler(
