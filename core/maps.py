@@ -246,6 +246,7 @@ def _item_claim(
     continued: bool,
     route: Route | None = None,
     input_data: Any = None,
+    item: tuple[Any] | None = None,
 ) -> Claim:
     spec = step.wait
     assert isinstance(spec, MapSpec)
@@ -255,9 +256,12 @@ def _item_claim(
         found = conn.execute(sql_.execution, {"eid": execution_id}).one()
         route = Route(found.workflow_id, found.workflow_version, found.priority)
         input_data = found.input_data
-    item = conn.execute(
-        ms.item_input, {"eid": execution_id, "over": spec.over, "idx": index}
-    ).scalar_one()
+    if item is None:  # the item's input, unless the caller read it already
+        item = (
+            conn.execute(
+                ms.item_input, {"eid": execution_id, "over": spec.over, "idx": index}
+            ).scalar_one(),
+        )
     unmapped = list(step.depends_on[1:])
     outputs: dict[str, Any] = {}
     if unmapped:
@@ -273,7 +277,7 @@ def _item_claim(
         outputs,
         continued=continued,
         map_index=index,
-        item=item,
+        item=item[0],
     )
 
 
@@ -310,10 +314,65 @@ def complete_item(
     end the map, all in this transaction. Not applied when the item is no longer
     running at this attempt (a duplicate or late end, or a cancelled map)."""
     ms = map_statements(conn.dialect.name)
+    if ms.complete_pg is not None:
+        return _complete_pg(conn, claim, output, workflow, continue_as, definition_of)
     counted = _record(conn, claim, 0, ms.succeed, {"out": output})
     if counted is None:
         return ItemCompletion(applied=False)
     return _ended(conn, claim, counted, workflow, 0, continue_as, definition_of)
+
+
+def _complete_pg(
+    conn: Connection,
+    claim: Claim,
+    output: Any,
+    workflow: Workflow,
+    continue_as: str | None,
+    definition_of: DefinitionOf,
+) -> ItemCompletion:
+    """``complete_item`` on PostgreSQL: one statement (``COMPLETE_PG``) counts the map
+    down, ends the item and passes its slot on; the last item aggregates after it."""
+    ms = map_statements(conn.dialect.name)
+    assert ms.complete_pg is not None
+    assert claim.map_index is not None
+    step = workflow.steps[claim.step_name]
+    spec = step.wait
+    assert isinstance(spec, MapSpec)
+    names = {"eid": claim.execution_id, "step": claim.step_name}
+    params = {
+        **names,
+        "idx": claim.map_index,
+        "att": claim.attempt,
+        "out": output,
+        "over": spec.over,
+        "to": StepStatus.RUNNING.value if continue_as else StepStatus.QUEUED.value,
+        "worker": continue_as,
+    }
+    row = conn.execute(ms.complete_pg, params).first()
+    if row is None:
+        return ItemCompletion(applied=False)
+    if row.done_index is None:
+        conn.execute(ms.count, {**names, "failed": 0, "left": -1})  # undo the count
+        return ItemCompletion(applied=False)
+    if row.map_left == 0:
+        return _ended(conn, claim, row, workflow, 0, None, definition_of)
+    result = ItemCompletion(applied=True)
+    if row.next_status == StepStatus.RUNNING.value:
+        result.continued = _item_claim(
+            conn,
+            claim.execution_id,
+            step,
+            row.next_index,
+            row.next_attempt,
+            row.next_recoveries,
+            True,
+            claim.route,
+            claim.input_data,
+            item=(row.item,),
+        )
+    elif row.next_index is not None:
+        result.queued.append((claim.execution_id, claim.step_name, row.next_index))
+    return result
 
 
 def fail_item(
