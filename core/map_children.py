@@ -149,9 +149,7 @@ def child_item_ended(
         return False
     conn.execute(mark_parent_woken([child.execution_id]))
     item = conn.execute(
-        MapItem.__table__.select()
-        .with_only_columns(MI.status, MI.attempt, MI.recoveries)
-        .where(MI.execution_id == parent_id, MI.step_name == name, MI.item_index == index)
+        map_statements(conn.dialect.name).item, {"eid": parent_id, "step": name, "idx": index}
     ).first()
     if (
         item is None

@@ -121,6 +121,8 @@ class MapStatements:
     cancel: Update
     # The map's counts by status (status, CLI, API, dashboard).
     counts: Select[Any]
+    # One item's status, attempt, recoveries and claiming delivery, by primary key.
+    item: Select[Any]
     # PostgreSQL: an item's success in one statement (see COMPLETE_PG); None elsewhere.
     complete_pg: TextualSelect | None = None
 
@@ -153,7 +155,8 @@ WITH counted AS (
      AND EXISTS (SELECT 1 FROM done) AND (SELECT map_left FROM counted) > 0
    ORDER BY item_index LIMIT 1 FOR UPDATE SKIP LOCKED
 ), admitted AS (
-  UPDATE map_items m SET status = CAST(:to AS varchar), queued_at = statement_timestamp(), worker = :worker,
+  UPDATE map_items m SET status = CAST(:to AS varchar), worker = :worker,
+         queued_at = statement_timestamp(),
          started_at = CASE WHEN CAST(:to AS varchar) = 'running' THEN statement_timestamp() END,
          heartbeat_at = CASE WHEN CAST(:to AS varchar) = 'running' THEN statement_timestamp() END
     FROM nxt
@@ -322,6 +325,7 @@ def map_statements(dialect: str) -> MapStatements:
         counts=select(MI.status, func.count())
         .where(MI.execution_id == bindparam("eid"), MI.step_name == bindparam("step"))
         .group_by(MI.status),
+        item=select(MI.status, MI.attempt, MI.recoveries, MI.celery_task_id).where(_item()),
         complete_pg=text(COMPLETE_PG)
         .bindparams(bindparam("out", type_=JSONB(none_as_null=True)))
         .columns(item=JSONB())

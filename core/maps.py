@@ -285,18 +285,10 @@ def running_item(
     conn: Connection, execution_id: str, step: Step, index: int, task_id: str
 ) -> Claim | None:
     """The claim a delivery (``task_id``) holds on a running item, if it still does."""
-    row = conn.execute(
-        MapItem.__table__.select()
-        .with_only_columns(MI.attempt, MI.recoveries)
-        .where(
-            MI.execution_id == execution_id,
-            MI.step_name == step.name,
-            MI.item_index == index,
-            MI.status == StepStatus.RUNNING.value,
-            MI.celery_task_id == task_id,
-        )
-    ).first()
-    if row is None:
+    ms = map_statements(conn.dialect.name)
+    key = {"eid": execution_id, "step": step.name, "idx": index}
+    row = conn.execute(ms.item, key).first()
+    if row is None or row.status != StepStatus.RUNNING.value or row.celery_task_id != task_id:
         return None
     return _item_claim(conn, execution_id, step, index, row.attempt, row.recoveries, False)
 
@@ -550,11 +542,9 @@ def cancel_items_of(conn: Connection, execution_ids: Sequence[str]) -> int:
 
 def item_status(conn: Connection, execution_id: str, step: str, index: int) -> str | None:
     """An item's status (None: no such item)."""
-    return conn.execute(
-        MapItem.__table__.select()
-        .with_only_columns(MI.status)
-        .where(MI.execution_id == execution_id, MI.step_name == step, MI.item_index == index)
-    ).scalar()
+    ms = map_statements(conn.dialect.name)
+    row = conn.execute(ms.item, {"eid": execution_id, "step": step, "idx": index}).first()
+    return None if row is None else str(row.status)
 
 
 def heartbeat_items(conn: Connection, worker: str, keys: Sequence[ItemKey]) -> int:
