@@ -136,6 +136,8 @@ class MapStatements:
 #   nxt       SELECT map_items        lowest pending, FOR UPDATE SKIP LOCKED (if done, left)
 #   admitted  UPDATE map_items        pending -> :to (queued, or running for :worker)
 #
+# (``admitted`` finds its row by the primary key through a scalar subquery: joined
+# ``FROM nxt``, the planner scanned every pending item of the map, O(n) per item.)
 # No row: the map no longer waits. done_index NULL: the item was not running at this
 # attempt (a duplicate end), and the caller undoes the count.
 COMPLETE_PG = """
@@ -159,9 +161,8 @@ WITH counted AS (
          queued_at = statement_timestamp(),
          started_at = CASE WHEN CAST(:to AS varchar) = 'running' THEN statement_timestamp() END,
          heartbeat_at = CASE WHEN CAST(:to AS varchar) = 'running' THEN statement_timestamp() END
-    FROM nxt
-   WHERE m.execution_id = :eid AND m.step_name = :step AND m.item_index = nxt.item_index
-     AND m.status = 'pending'
+   WHERE m.execution_id = :eid AND m.step_name = :step
+     AND m.item_index = (SELECT item_index FROM nxt) AND m.status = 'pending'
   RETURNING m.item_index, m.status, m.attempt, m.recoveries
 )
 SELECT c.map_left, c.map_failed, c.map_max_failed, c.map_total, c.attempt,
