@@ -34,9 +34,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, Row, tuple_, update
+from sqlalchemy import Connection, Row, func, select, tuple_, update
 
 from core.errors import MapInputError, MapItemsFailed
 from core.map_statements import (
@@ -582,3 +582,68 @@ __all__ = [
     "retry_item",
     "running_item",
 ]
+
+
+# --- reading (status, CLI, API, dashboard) ---------------------------------------------
+
+
+def map_counts_of(conn: Connection, execution_id: str) -> dict[str, dict[str, int]]:
+    """Each map step's items of an execution, by status: one GROUP BY over its items
+    (the primary key's range)."""
+    found: dict[str, dict[str, int]] = {}
+    rows = conn.execute(
+        select(MI.step_name, MI.status, func.count())
+        .where(MI.execution_id == execution_id)
+        .group_by(MI.step_name, MI.status)
+    )
+    for step, status, count in rows:
+        found.setdefault(step, {})[status] = int(count)
+    return found
+
+
+@dataclass(frozen=True)
+class ItemPage:
+    """A page of a map's items in index order; ``next`` is the index to pass as
+    ``after`` for the next page (None: the last page)."""
+
+    items: list[Row[Any]]
+    next: int | None
+
+
+def item_page(
+    conn: Connection,
+    execution_id: str,
+    step: str,
+    *,
+    status: str | None = None,
+    after: int | None = None,
+    limit: int = 50,
+) -> ItemPage:
+    """Items of one map, keyset-paged by index (the primary key), optionally of one
+    status."""
+    query = (
+        select(
+            MI.item_index,
+            MI.status,
+            MI.attempt,
+            MI.recoveries,
+            MI.attempt_base,
+            MI.worker,
+            MI.queued_at,
+            MI.started_at,
+            MI.finished_at,
+            MI.error,
+            MI.output_data,
+        )
+        .where(MI.execution_id == execution_id, MI.step_name == step)
+        .order_by(MI.item_index)
+        .limit(limit + 1)
+    )
+    if status is not None:
+        query = query.where(MI.status == status)
+    if after is not None:
+        query = query.where(MI.item_index > after)
+    rows: list[Row[Any]] = [cast(Row[Any], row) for row in conn.execute(query)]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return ItemPage(rows, rows[-1].item_index if more and rows else None)
