@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
 from core import statements as sql
 from core.errors import (
@@ -244,8 +244,10 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
     ]
     keyed = any(new.idempotency_key is not None for new in batch)
     inserted: set[str] = set()
+    if conn.dialect.name == "postgresql":
+        inserted.update(conn.execute(text(sql.INSERT_EXECUTIONS_PG), _columns(rows)).scalars())
     # Chunks keep each statement under SQLite's limit on bound parameters.
-    for start in range(0, len(rows), INSERT_CHUNK):
+    for start in range(0, len(rows) if conn.dialect.name != "postgresql" else 0, INSERT_CHUNK):
         chunk = rows[start : start + INSERT_CHUNK]
         result = conn.execute(sql.insert_executions(conn.dialect.name, chunk, idempotent=keyed))
         inserted.update(row.execution_id for row in result.all())
@@ -314,8 +316,42 @@ def create_child_execution(conn: Connection, new: NewExecution) -> bool:
     return True
 
 
+def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Execution rows as the arrays of ``INSERT_EXECUTIONS_PG`` (inputs as JSON text)."""
+    return {
+        "ids": [r["execution_id"] for r in rows],
+        "wfs": [r["workflow_id"] for r in rows],
+        "vers": [r["workflow_version"] for r in rows],
+        "inputs": [None if r["input_data"] is None else json.dumps(r["input_data"]) for r in rows],
+        "prios": [r["priority"] for r in rows],
+        "keys": [r["idempotency_key"] for r in rows],
+        "scopes": [r["idempotency_scope"] for r in rows],
+        "bys": [r["triggered_by"] for r in rows],
+        "deadlines": [r["deadline_at"] for r in rows],
+    }
+
+
 def _insert_steps(conn: Connection, created: Sequence[tuple[str, NewExecution]]) -> None:
     """The step rows and the first event of executions just inserted."""
+    if conn.dialect.name == "postgresql" and created:
+        # One statement per shape of steps (a batch is of one workflow: one statement).
+        shapes: dict[tuple[StepSpec, ...], list[str]] = {}
+        for execution_id, new in created:
+            shapes.setdefault(tuple(new.steps), []).append(execution_id)
+        for steps, ids in shapes.items():
+            if steps:
+                conn.execute(
+                    text(sql.INSERT_STEPS_PG),
+                    {
+                        "ids": ids,
+                        "names": [s.name for s in steps],
+                        "unmet": [s.unmet_deps for s in steps],
+                        "most": [s.max_attempts for s in steps],
+                        "kinds": [s.wait_kind for s in steps],
+                    },
+                )
+        conn.execute(text(sql.INSERT_CREATED_EVENTS_PG), {"ids": [e for e, _ in created]})
+        return
     step_rows = [
         {
             "execution_id": execution_id,

@@ -972,3 +972,42 @@ def open_children_of_step(execution_id: str, step_name: str) -> Select[str]:
         WE.parent_step_name == step_name,
         WE.status.in_(sorted(s.value for s in EXECUTIONS.open)),
     )
+
+
+# --- bulk creation on PostgreSQL: one statement per table, one array per column -------
+#
+# enqueue_many's rows as arrays (``unnest``): constant text psycopg prepares once, however
+# many executions, and no per-row parameters to bind or dicts to build; the step rows
+# of executions of one workflow are the cross product of the new ids and its steps.
+
+INSERT_EXECUTIONS_PG = """
+INSERT INTO workflow_executions (execution_id, workflow_id, workflow_version, input_data,
+       status, attempt, priority, idempotency_key, idempotency_scope, triggered_by,
+       deadline_at, starts_resent, depth, created_at, updated_at)
+SELECT t.id, t.wf, t.ver, CAST(t.input AS jsonb), 'pending', 1, t.prio, t.key, t.scope,
+       t.by, t.deadline, 0, 0, statement_timestamp(), statement_timestamp()
+  FROM unnest(CAST(:ids AS varchar[]), CAST(:wfs AS varchar[]), CAST(:vers AS int[]),
+              CAST(:inputs AS text[]), CAST(:prios AS int[]), CAST(:keys AS varchar[]),
+              CAST(:scopes AS varchar[]), CAST(:bys AS varchar[]),
+              CAST(:deadlines AS timestamptz[]))
+       WITH ORDINALITY AS t(id, wf, ver, input, prio, key, scope, by, deadline, n)
+ ORDER BY t.n
+ON CONFLICT (idempotency_scope, idempotency_key) DO NOTHING
+RETURNING execution_id
+"""
+
+INSERT_STEPS_PG = """
+INSERT INTO execution_steps (execution_id, step_name, status, attempt, max_attempts,
+       recoveries, attempt_base, unmet_deps, republishes, wait_kind, created_at, updated_at)
+SELECT e.id, x.name, 'pending', 1, x.most, 0, 0, x.unmet, 0, x.kind,
+       statement_timestamp(), statement_timestamp()
+  FROM unnest(CAST(:ids AS varchar[])) AS e(id)
+ CROSS JOIN unnest(CAST(:names AS varchar[]), CAST(:unmet AS int[]), CAST(:most AS int[]),
+                   CAST(:kinds AS varchar[])) AS x(name, unmet, most, kind)
+"""
+
+INSERT_CREATED_EVENTS_PG = """
+INSERT INTO execution_events (execution_id, to_status, attempt, reason, created_at)
+SELECT e.id, 'pending', 1, 'created', statement_timestamp()
+  FROM unnest(CAST(:ids AS varchar[])) AS e(id)
+"""

@@ -23,7 +23,7 @@ from core.errors import TransientDatabaseError
 from core.registry import WorkflowRegistry, get_registry
 from worker import logs
 from worker.config import FIRE_SCHEDULES, RECONCILE, WAKE, celery_config
-from worker.engine import RUN_STEP, START_EXECUTION, Engine
+from worker.engine import RUN_STEP, START_BATCH, START_EXECUTION, Engine
 from worker.failures import StepFailed
 from worker.items import RUN_ITEM
 from worker.schedules import fire_schedules as fire_due
@@ -115,6 +115,19 @@ def _register_tasks(app: ConveyorCelery) -> None:
                 span.set("conveyor.status", "started")
                 raise
             span.set("conveyor.status", "started" if admission.started else "waiting")
+
+    @app.task(name=START_BATCH, **steps)
+    def start_batch(
+        task: Task[Any, Any], execution_ids: list[str], workflow: str, priority: int = 0
+    ) -> None:
+        """Start the first of a batch of pending executions here (``enqueue_many``'s,
+        a batch a message) and send the rest on (``Engine.start_batch``)."""
+        with (
+            _retry_when_transient(task),
+            _step_failure_as_task_state(),
+            app.engine.tracing.received(task.request),
+        ):
+            app.engine.start_batch(execution_ids, workflow, priority)
 
     @app.task(name=RUN_STEP, base=StepTask, **steps)
     def run_step(

@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 
 RUN_STEP = "conveyor.run_step"
 START_EXECUTION = "conveyor.start_execution"
+START_BATCH = "conveyor.start_batch"
+# Executions of one workflow and priority started by one ``conveyor.start_batch`` message:
+# ``enqueue_many`` of 1,000 sends 10 messages, not 1,000 (a publish costs the producer
+# about 0.4 ms, its whole insert 0.1 ms per execution).
+START_BATCH_SIZE = 100
 TRACEBACK_LIMIT = 16_000
 MESSAGE_LIMIT = 4_000
 # Recording an outcome after the step's code ran is worth waiting for: if the database
@@ -194,10 +199,22 @@ class Engine:
     # --- publishing (always after the commit that made the work) -------------------
 
     def publish_starts(self, starts: Iterable[tuple[str, str, int]]) -> None:
-        """Send a start message for each (execution_id, workflow, priority)."""
+        """Send the start messages of (execution_id, workflow, priority): executions of
+        one workflow and priority together, ``START_BATCH_SIZE`` a message
+        (``conveyor.start_batch``); one alone as ``conveyor.start_execution``."""
         headers = self.tracing.headers()
+        groups: dict[tuple[str, int], list[str]] = {}
+        for execution_id, workflow, priority in starts:
+            groups.setdefault((workflow, priority), []).append(execution_id)
         with self.app.producer_or_acquire() as producer:
-            for execution_id, workflow, priority in starts:
+            for (workflow, priority), ids in groups.items():
+                if len(ids) == 1:
+                    continue
+                for first in range(0, len(ids), START_BATCH_SIZE):
+                    chunk = ids[first : first + START_BATCH_SIZE]
+                    self._send_batch(chunk, workflow, priority, "start", producer, headers)
+            singles = [(ids[0], w, p) for (w, p), ids in groups.items() if len(ids) == 1]
+            for execution_id, workflow, priority in singles:
                 self.app.send_task(
                     START_EXECUTION,
                     # Keyword arguments, so Flower shows what each value is.
@@ -208,6 +225,50 @@ class Engine:
                     shadow=f"{START_EXECUTION}:{workflow}",
                     headers=headers,
                 )
+
+    def _send_batch(
+        self,
+        ids: Sequence[str],
+        workflow: str,
+        priority: int,
+        kind: str,
+        producer: Any,
+        headers: dict[str, Any] | None,
+    ) -> None:
+        self.app.send_task(
+            START_BATCH,
+            kwargs={"execution_ids": list(ids), "workflow": workflow, "priority": priority},
+            priority=broker_priority(self.settings, priority, kind=kind),
+            producer=producer,
+            shadow=f"{START_BATCH}:{workflow}[{len(ids)}]",
+            headers=headers,
+        )
+
+    def start_batch(self, execution_ids: Sequence[str], workflow: str, priority: int) -> None:
+        """A ``conveyor.start_batch`` message: the rest of the batch goes back to the
+        broker as one message at *step* priority (ahead of the starts not yet taken,
+        so a taken batch keeps its place, and behind no running execution's step), then
+        the first execution is admitted and its root step run here, as a start message
+        does. Executions start one at a time, as workers come free: a burst still
+        finishes in the order it came. Breadth-first (``CONVEYOR_ORDER``): all at once."""
+        if self.settings.order != "depth_first":
+            # Breadth-first: arrival order, every start ahead of the steps it releases.
+            self.admit(workflow, list(execution_ids), run_here=True)
+            return
+        first, rest = execution_ids[0], list(execution_ids[1:])
+        if rest:
+            try:
+                with self.app.producer_or_acquire() as producer:
+                    headers = self.tracing.headers()
+                    self._send_batch(rest, workflow, priority, "step", producer, headers)
+            except Exception:  # committed and pending: the reconciler starts them
+                log.warning(
+                    "publishing the rest of a start batch (%d executions) failed; the "
+                    "reconciler will start them",
+                    len(rest),
+                    exc_info=True,
+                )
+        self.admit(workflow, [first], run_here=True)
 
     def publish_steps(
         self,
