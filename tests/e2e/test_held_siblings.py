@@ -141,6 +141,22 @@ def test_a_message_for_a_held_sibling_is_a_no_op(app: ConveyorCelery) -> None:
     _ran_once(execution_id, "a_gate", *BRANCHES, "sink")
 
 
+def test_held_siblings_of_a_cancelled_execution_never_run(app: ConveyorCelery) -> None:
+    _settings(app, hold_seconds=30.0)
+    with running_worker(app):
+        execution_id = enqueue("held_gate", app=app)
+        wait_for(execution_id, lambda _: step_row(execution_id, "a_gate")["status"] == "running")
+        assert app.engine.cancel(execution_id)
+        held_workflows.GATE.set()  # a_gate returns; its completion finds it cancelled
+        wait_for(execution_id, lambda _: step_row(execution_id, "a_gate")["output_data"])
+    execution = wait_for(execution_id)
+    assert execution.status == "cancelled"
+    for name in BRANCHES:
+        assert step_row(execution_id, name)["status"] == "cancelled", name
+        assert CALLS[(execution_id, name)] == 0, name
+        assert "handed off" not in reasons(execution_id, name), name
+
+
 def test_siblings_with_time_limits_run_under_their_own_task_limits(
     database: TestDatabase, redis_url: str, app: ConveyorCelery, tmp_path: Path
 ) -> None:

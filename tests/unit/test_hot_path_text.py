@@ -23,7 +23,18 @@ from sqlalchemy.sql.visitors import iterate
 from core.states import StepStatus
 from core.step_statements import hot_path
 
-FUSED = ("start_pg", "claim_pg", "complete_pg", "finish_pg", "outputs", "execution", "current")
+FUSED = (
+    "start_pg",
+    "claim_pg",
+    "complete_pg",
+    "finish_pg",
+    "outputs",
+    "execution",
+    "current",
+    "hold",
+    "continue_held_pg",
+    "hand_off",
+)
 STEP_NAME_LISTS = {"names", "downstream", "sinks"}
 
 
