@@ -24,10 +24,17 @@ class Deadline:
         self.action = action
 
 
+def _run_deadline(deadline: Deadline) -> None:
+    try:
+        deadline.action()
+    except Exception:  # its own fallback (the reconciler) takes over
+        log.warning("a worker deadline failed", exc_info=True)
+
+
 class Heartbeat:
     """Refreshes ``heartbeat_at`` of every step this process runs, every ``interval`` s.
 
-    The same thread runs the deadlines it is given (``at``): the hand-off of siblings a
+    The same thread keeps the deadlines it is given (``at``): the hand-off of siblings a
     worker holds while one of them still runs (``worker.engine``), which must happen on
     time whatever the step's code does meanwhile.
     """
@@ -78,8 +85,9 @@ class Heartbeat:
         return self._manager.heartbeat(self.worker_id, held)
 
     def at(self, when: float, action: Callable[[], None]) -> Deadline:
-        """Run ``action`` in this thread at monotonic time ``when``, unless ``cancel``
-        comes first. Errors it raises are logged."""
+        """Run ``action`` at monotonic time ``when``, unless ``cancel`` comes first. It
+        runs in a thread of its own, started by this one: an action that waits (on the
+        database, on the broker) never delays a heartbeat. Errors it raises are logged."""
         self._ensure_thread()
         deadline = Deadline(when, action)
         with self._wake:
@@ -115,10 +123,9 @@ class Heartbeat:
         next_beat = time.monotonic() + self._interval
         while not self._stop.is_set():
             for deadline in self._due(next_beat):
-                try:
-                    deadline.action()
-                except Exception:  # its own fallback (the reconciler) takes over
-                    log.warning("a worker deadline failed", exc_info=True)
+                threading.Thread(
+                    target=_run_deadline, args=(deadline,), name="conveyor-deadline", daemon=True
+                ).start()
             if self._stop.is_set():
                 return
             if time.monotonic() >= next_beat:
