@@ -7,6 +7,14 @@ released step of the same execution here, claimed by the completing transaction,
 without a broker round trip, within a bound (``CONVEYOR_CONTINUE_MAX_STEPS`` and
 ``CONVEYOR_CONTINUE_MAX_SECONDS``) so a long chain cannot starve other work.
 
+A fan-out continues one released step and **holds** the others (``_Held``): they stay
+queued with no message, and the worker claims them one after another in the
+completions of the steps it runs, as a chain. Within ``CONVEYOR_HOLD_SECONDS`` of the
+hold, whatever is still held is handed off to the broker (at a step boundary, or by the
+heartbeat thread while a step still runs), so one slow branch delays its siblings by at
+most that long. A worker that dies holding steps loses none: they fall due
+``HOLD_GRACE`` seconds after the hold's bound and the reconciler sends them.
+
 Every transition is a compare-and-set in ``core``; the engine only decides what to
 ask for and publishes what a committed transaction queued.
 """
@@ -14,6 +22,7 @@ ask for and publishes what a committed transaction queued.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,7 +50,7 @@ from core.workflows import Step, Workflow
 from worker.config import WAKE, broker_priority
 from worker.context import RunningStep
 from worker.failures import StepFailed
-from worker.heartbeat import Heartbeat
+from worker.heartbeat import Deadline, Heartbeat
 from worker.items import ItemRunner
 from worker.logs import step_context
 from worker.metrics import Metrics, get_metrics
@@ -72,6 +81,10 @@ T = TypeVar("T")
 # Failed publishes in a row after which a reconciler pass takes the broker to be down
 # and leaves the rest of its messages for the next pass.
 BROKER_DOWN_AFTER = 3
+# Seconds past the hold's bound (CONVEYOR_HOLD_SECONDS) before steps a worker holds fall
+# due to the reconciler: a live worker hands them off well within it (its heartbeat
+# thread does it on time even while a step runs), so only a dead worker's are taken.
+HOLD_GRACE = 2.0
 
 
 def _send_each(
@@ -159,6 +172,73 @@ def storable_output(step: str, value: Any, max_bytes: int) -> str | None:
 def _unlimited(step: Step) -> bool:
     """Whether a step may run under another step's Celery task (it has no time limits)."""
     return step.soft_timeout is None and step.timeout is None
+
+
+class _Held:
+    """The sibling steps one chain of this worker holds (queued, no message sent): one
+    is taken for each step boundary that continues nothing else, until ``due`` (a
+    monotonic time); then whatever is left is handed off (``close``), once.
+
+    Shared by the chain's thread and the heartbeat thread (the hand-off on time), so
+    every change is under a lock; the claims themselves are compare-and-sets in SQL, so
+    a step taken by the chain and handed off at once still runs once.
+    """
+
+    def __init__(self, execution_id: str, route: Route, due: float) -> None:
+        self.execution_id = execution_id
+        self.route = route
+        self.due = due
+        self.deadline: Deadline | None = None
+        self._steps: list[steps.HeldStep] = []
+        self._open = True
+        self._lock = threading.Lock()
+
+    def add(self, held: Sequence[steps.HeldStep]) -> bool:
+        """Hold ``held`` too; False when this group was handed off already."""
+        with self._lock:
+            if self._open:
+                self._steps.extend(held)
+            return self._open
+
+    def next(self) -> steps.HeldStep | None:
+        """The held step to claim at this boundary if it continues nothing else (it stays
+        held until ``claimed``); None when there is none, or the hold's time is up (the
+        rest goes to the broker)."""
+        with self._lock:
+            if not self._open or not self._steps or time.monotonic() >= self.due:
+                return None
+            return self._steps[0]
+
+    def claimed(self, step: steps.HeldStep) -> None:
+        """``step`` was claimed by this worker: no longer held."""
+        with self._lock:
+            if step in self._steps:
+                self._steps.remove(step)
+
+    def close(self) -> list[str]:
+        """End the hold: the names still held, to hand off (empty the second time)."""
+        with self._lock:
+            self._open = False
+            names = [step.name for step in self._steps]
+            self._steps.clear()
+            return names
+
+    @property
+    def open(self) -> bool:
+        with self._lock:
+            return self._open
+
+    @property
+    def empty(self) -> bool:
+        with self._lock:
+            return not self._steps
+
+
+class _Chain:
+    """What one chain of continued steps carries from step to step: its held siblings."""
+
+    def __init__(self) -> None:
+        self.held: _Held | None = None
 
 
 class Engine:
@@ -473,33 +553,42 @@ class Engine:
         continued = 0
         next_step: Claim | None = claim
         parent = None  # the span of the step that released the next one, once continued
-        while next_step is not None:
-            more_steps = continued < self.settings.continue_max_steps
-            with (
-                step_context(
-                    next_step.execution_id,
-                    next_step.route.workflow,
-                    next_step.step_name,
-                    next_step.attempt,
-                ),
-                self.tracing.step_span(next_step, parent) as span,
-            ):
-                outcome = self._run(next_step, may_continue=more_steps, deadline=deadline)
-                span.outcome(outcome if isinstance(outcome, StepFailed) else None)
-            if isinstance(outcome, StepFailed):
-                raise outcome
-            next_step, parent = outcome, span.context
-            if next_step is not None:
-                continued += 1
-                log.info(
-                    "continuing execution %s with step %s in this worker (attempt %d)",
-                    next_step.execution_id,
-                    next_step.step_name,
-                    next_step.attempt,
-                )
+        chain = _Chain()
+        try:
+            while next_step is not None:
+                more_steps = continued < self.settings.continue_max_steps
+                with (
+                    step_context(
+                        next_step.execution_id,
+                        next_step.route.workflow,
+                        next_step.step_name,
+                        next_step.attempt,
+                    ),
+                    self.tracing.step_span(next_step, parent) as span,
+                ):
+                    outcome = self._run(
+                        next_step, may_continue=more_steps, deadline=deadline, chain=chain
+                    )
+                    span.outcome(outcome if isinstance(outcome, StepFailed) else None)
+                if isinstance(outcome, StepFailed):
+                    raise outcome
+                next_step, parent = outcome, span.context
+                if next_step is not None:
+                    continued += 1
+                    log.info(
+                        "continuing execution %s with step %s in this worker (attempt %d)",
+                        next_step.execution_id,
+                        next_step.step_name,
+                        next_step.attempt,
+                    )
+        finally:
+            # The chain ends (its bound, a failure, an error): what it still holds goes
+            # to the broker now.
+            if chain.held is not None:
+                self._hand_off(chain.held)
 
     def _run(
-        self, claim: Claim, *, may_continue: bool, deadline: float
+        self, claim: Claim, *, may_continue: bool, deadline: float, chain: _Chain | None = None
     ) -> Claim | StepFailed | None:
         """Run one claimed step and record its outcome; the step to continue with (only
         with ``may_continue``, and before the monotonic ``deadline``), or the recorded
@@ -528,7 +617,12 @@ class Engine:
             # Recorded while still beating: a database that is restarting may keep this
             # waiting, and the step must not look stalled meanwhile.
             return self._succeeded(
-                claim, workflow, output, encoded, may_continue and time.monotonic() < deadline
+                claim,
+                workflow,
+                output,
+                encoded,
+                may_continue and time.monotonic() < deadline,
+                chain or _Chain(),
             )
 
     def _succeeded(
@@ -538,13 +632,29 @@ class Engine:
         output: Any,
         encoded: str | None,
         may_continue: bool,
+        chain: _Chain,
     ) -> Claim | StepFailed | None:
         continue_as = (
             self.worker_id if may_continue and self._continuable(workflow, claim) else None
         )
+        held = chain.held if chain.held is not None and chain.held.open else None
+        # Siblings this completion releases beside the step it continues are held here,
+        # and a held one is claimed when it continues nothing else.
+        hold = self.settings.hold_seconds + HOLD_GRACE if continue_as is not None else None
+        if not self.settings.hold_seconds:
+            hold = None
+        take = held.next() if held is not None and continue_as is not None else None
         try:
             completion = self.recorder.run(
-                steps.complete, claim, output, encoded, workflow, continue_as, self.definition
+                steps.complete,
+                claim,
+                output,
+                encoded,
+                workflow,
+                continue_as,
+                self.definition,
+                hold=hold,
+                take=take,
             )
         except TransientDatabaseError:
             # The database stayed away through every retry (PATIENT): recording anything
@@ -579,12 +689,71 @@ class Engine:
             )
             return None
         self._publish_committed([(claim.execution_id, n) for n in completion.queued], claim.route)
+        self._held_after(claim, output, completion, chain, held, take)
         self.metrics.ended(workflow.name, completion.execution)
         if completion.execution is not None:
             self.after_finish(workflow.name)
         if completion.woken is not None:
             self.publish_outcome(completion.woken)
         return completion.continued
+
+    def _held_after(
+        self,
+        claim: Claim,
+        output: Any,
+        completion: steps.Completion,
+        chain: _Chain,
+        held: _Held | None,
+        take: steps.HeldStep | None,
+    ) -> None:
+        """After a committed completion: keep the siblings it held, forget the held step
+        it claimed, and hand off what is held once the hold's time is up."""
+        continued = completion.continued
+        if take is not None and held is not None and continued and continued.step_name == take.name:
+            held.claimed(take)
+        if completion.held:
+            more = [steps.HeldStep(name, claim.step_name, output) for name in completion.held]
+            if held is None or not held.add(more):
+                held = _Held(
+                    claim.execution_id,
+                    claim.route,
+                    time.monotonic() + self.settings.hold_seconds,
+                )
+                held.add(more)
+                chain.held = held
+                # While a step runs past the hold's time, the heartbeat thread hands off.
+                group = held
+                held.deadline = self.heartbeats.at(held.due, lambda: self._hand_off(group))
+        if held is not None and (held.empty or time.monotonic() >= held.due):
+            self._hand_off(held)  # all claimed (the timer is cancelled), or time is up
+
+    def _hand_off(self, held: _Held) -> None:
+        """Send the steps a chain still holds to the broker (once: later calls find
+        nothing); a failure is logged, and they fall due to the reconciler."""
+        if held.deadline is not None:
+            self.heartbeats.cancel(held.deadline)
+        names = held.close()
+        if not names:
+            return
+        try:
+            sent = self.manager.run(steps.hand_off, held.execution_id, names)
+        except Exception:
+            log.warning(
+                "handing off %d held step(s) of execution %s failed; the reconciler will "
+                "send them once due",
+                len(names),
+                held.execution_id,
+                exc_info=True,
+            )
+            return
+        if sent:
+            log.info(
+                "handing %d held step(s) of execution %s to the broker: %s",
+                len(sent),
+                held.execution_id,
+                ", ".join(sent),
+            )
+        self._publish_committed([(held.execution_id, name) for name in sent], held.route)
 
     @staticmethod
     def _continuable(workflow: Workflow, claim: Claim) -> bool:

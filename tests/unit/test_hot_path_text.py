@@ -24,7 +24,18 @@ from core.map_statements import map_statements
 from core.states import StepStatus
 from core.step_statements import hot_path
 
-FUSED = ("start_pg", "claim_pg", "complete_pg", "finish_pg", "outputs", "execution", "current")
+FUSED = (
+    "start_pg",
+    "claim_pg",
+    "complete_pg",
+    "finish_pg",
+    "outputs",
+    "execution",
+    "current",
+    "hold",
+    "continue_held_pg",
+    "hand_off",
+)
 STEP_NAME_LISTS = {"names", "downstream", "sinks"}
 
 
@@ -63,7 +74,7 @@ def test_a_map_items_completion_stays_within_psycopgs_query_cache() -> None:
     assert statement is not None
     compiled = statement.compile(dialect=postgresql.psycopg.dialect())
     executed = compiled._process_parameters_for_postcompile(
-        compiled.construct_params({key: "v" for key in compiled.binds}, _check=False)
+        compiled.construct_params(dict.fromkeys(compiled.binds, "v"), _check=False)
     )
     assert len(executed.statement.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
     assert len(executed.parameters) <= _queries.MAX_CACHED_STATEMENT_PARAMS
