@@ -35,6 +35,7 @@ from core.database import get_database
 from core.errors import ChildFailed, DefinitionError
 from core.executions import (
     DefinitionOf,
+    NewExecution,
     create_child_execution,
     end_execution,
     new_execution,
@@ -91,15 +92,6 @@ def start_child(
     identifier = child_id(parent_id, step.name, attempt)
     found = conn.execute(sql.select_child(identifier)).first()
     if found is None:
-        depth = int(parent.depth or 0) + 1
-        limit = get_settings().max_child_depth
-        if depth > limit:
-            raise NotEstablished(
-                DefinitionError(
-                    f"child {step.name!r} of execution {parent_id} would nest {depth} levels "
-                    f"below its root execution; the limit is {limit} (CONVEYOR_MAX_CHILD_DEPTH)"
-                )
-            )
         data = None
         if wait.input is not None:
             data = call_user(
@@ -107,26 +99,7 @@ def start_child(
                 context_of(execution, step, attempt),
                 **upstream_outputs(conn, execution, step, known_outputs),
             )
-        new = new_execution(
-            child.name,
-            child.validate_input(data),
-            max_payload_bytes=get_database().settings.max_payload_bytes,
-            workflow_version=child.version,
-            # Whoever may see the parent sees its children (members see their own).
-            triggered_by=parent.triggered_by,
-            priority=parent.priority,
-            deadline_at=_deadline(child, parent.deadline_at),
-            steps=step_specs(child),
-        )
-        new = replace(
-            new,
-            execution_id=identifier,
-            parent_execution_id=parent_id,
-            parent_step_name=step.name,
-            parent_attempt=attempt,
-            root_execution_id=parent.root_execution_id or parent_id,
-            depth=depth,
-        )
+        new = child_execution(execution, step.name, attempt, child, data, identifier)
         if create_child_execution(conn, new):
             outcome.starts.append((identifier, child.name, parent.priority))
     arm = {"eid": parent_id, "step": step.name, "att": attempt}
@@ -157,6 +130,53 @@ def start_child(
             how="child",
         )
     return None
+
+
+def child_execution(
+    execution: WaitingExecution,
+    step_name: str,
+    attempt: int,
+    child: Workflow,
+    data: Any,
+    identifier: str,
+    item_index: int | None = None,
+) -> NewExecution:
+    """The child execution ``identifier`` that attempt ``attempt`` of the parent's step
+    ``step_name`` (item ``item_index`` of a child map) starts, with input ``data``: the
+    parent's priority, triggering user and tree, a deadline no later than the parent's.
+    NotEstablished when it would nest deeper than CONVEYOR_MAX_CHILD_DEPTH;
+    InputValidationError when the child's input model refuses ``data``."""
+    parent, parent_id = execution.row, execution.execution_id
+    depth = int(parent.depth or 0) + 1
+    limit = get_settings().max_child_depth
+    if depth > limit:
+        raise NotEstablished(
+            DefinitionError(
+                f"child {step_name!r} of execution {parent_id} would nest {depth} levels "
+                f"below its root execution; the limit is {limit} (CONVEYOR_MAX_CHILD_DEPTH)"
+            )
+        )
+    new = new_execution(
+        child.name,
+        child.validate_input(data),
+        max_payload_bytes=get_database().settings.max_payload_bytes,
+        workflow_version=child.version,
+        # Whoever may see the parent sees its children (members see their own).
+        triggered_by=parent.triggered_by,
+        priority=parent.priority,
+        deadline_at=_deadline(child, parent.deadline_at),
+        steps=step_specs(child),
+    )
+    return replace(
+        new,
+        execution_id=identifier,
+        parent_execution_id=parent_id,
+        parent_step_name=step_name,
+        parent_attempt=attempt,
+        parent_item_index=item_index,
+        root_execution_id=parent.root_execution_id or parent_id,
+        depth=depth,
+    )
 
 
 def _deadline(child: Workflow, parent_deadline: datetime | None) -> datetime | None:

@@ -19,8 +19,6 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, update
 
-from core.config import get_settings
-from core.database import get_database
 from core.map_statements import MI, map_statements
 from core.maps import _item_claim, complete_item, fail_item, retry_item
 from core.models import MapItem
@@ -52,9 +50,9 @@ def start_child_item(
     heartbeat (its work is the child's), until the child's end ends it
     (``child_item_ended``). None when the claim loses. An input that raises, that the
     child refuses, or nesting too deep fails the item (then its map, by its tolerance)."""
-    from core.children import _deadline
-    from core.errors import DefinitionError, InputValidationError
-    from core.executions import create_child_execution, new_execution, step_specs
+    from core.children import child_execution
+    from core.errors import InputValidationError
+    from core.executions import create_child_execution
     from core.waits import NotEstablished, call_user, context_of
 
     spec = step.wait
@@ -74,33 +72,16 @@ def start_child_item(
     )
     claim = _item_claim(conn, execution_id, step, index, row.attempt, row.recoveries, False)
     execution = read_execution(conn, execution_id, workflow)
-    parent = execution.row
     outcome = WaitOutcome()
     identifier = child_item_id(execution_id, step.name, index, row.attempt)
     child = spec.child.workflow
     try:
-        depth = int(parent.depth or 0) + 1
-        limit = get_settings().max_child_depth
-        if depth > limit:
-            raise NotEstablished(
-                DefinitionError(
-                    f"child map {step.name!r} of execution {execution_id} would nest {depth} "
-                    f"levels below its root execution; the limit is {limit}"
-                )
-            )
         data = claim.item
         if spec.child.input is not None:
             context = replace(context_of(execution, step, row.attempt), map_index=index)
             data = call_user(spec.child.input, context, claim.item, **claim.upstream)
-        new = new_execution(
-            child.name,
-            child.validate_input(data),
-            max_payload_bytes=get_database().settings.max_payload_bytes,
-            workflow_version=child.version,
-            triggered_by=parent.triggered_by,
-            priority=parent.priority,
-            deadline_at=_deadline(child, parent.deadline_at),
-            steps=step_specs(child),
+        new = child_execution(
+            execution, step.name, row.attempt, child, data, identifier, item_index=index
         )
     except (NotEstablished, InputValidationError) as refused:
         error = refused.error if isinstance(refused, NotEstablished) else refused
@@ -111,18 +92,8 @@ def start_child_item(
             outcome.merge(ended.woken)
         outcome.item_counts.append((workflow.name, step.name, "failed", 1))
         return outcome
-    new = replace(
-        new,
-        execution_id=identifier,
-        parent_execution_id=execution_id,
-        parent_step_name=step.name,
-        parent_attempt=row.attempt,
-        parent_item_index=index,
-        root_execution_id=parent.root_execution_id or execution_id,
-        depth=depth,
-    )
     if create_child_execution(conn, new):
-        outcome.starts.append((identifier, child.name, parent.priority))
+        outcome.starts.append((identifier, child.name, new.priority))
     return outcome
 
 
