@@ -240,8 +240,19 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
     ]
     keyed = any(new.idempotency_key is not None for new in batch)
     inserted: set[str] = set()
+    postgres = conn.dialect.name == "postgresql"
+    if postgres and rows:
+        for row in rows:
+            # JSON text, as the column's own serializer writes it; None is SQL NULL.
+            value = row["input_data"]
+            row["input_data"] = None if value is None else json.dumps(value)
+        statement = (
+            sql.INSERT_EXECUTIONS_ARRAYS_IDEMPOTENT if keyed else sql.INSERT_EXECUTIONS_ARRAYS
+        )
+        result = conn.execute(statement, sql.as_arrays(rows, rows[0]))
+        inserted.update(row.execution_id for row in result.all())
     # Chunks keep each statement under SQLite's limit on bound parameters.
-    for start in range(0, len(rows), INSERT_CHUNK):
+    for start in range(0, 0 if postgres else len(rows), INSERT_CHUNK):
         chunk = rows[start : start + INSERT_CHUNK]
         result = conn.execute(sql.insert_executions(conn.dialect.name, chunk, idempotent=keyed))
         inserted.update(row.execution_id for row in result.all())
@@ -323,13 +334,20 @@ def _insert_steps(conn: Connection, created: Sequence[tuple[str, NewExecution]])
         for execution_id, new in created
         for step in new.steps
     ]
+    events = [
+        event_dict(execution_id, None, None, ExecutionStatus.PENDING.value, 1, "created")
+        for execution_id, _ in created
+    ]
+    if conn.dialect.name == "postgresql":
+        # One statement each, whatever the number of rows (see sql.INSERT_STEPS_ARRAYS).
+        if step_rows:
+            conn.execute(sql.INSERT_STEPS_ARRAYS, sql.as_arrays(step_rows, step_rows[0]))
+        if events:
+            conn.execute(sql.INSERT_EVENTS_ARRAYS, sql.as_arrays(events, events[0]))
+        return
     if step_rows:
         conn.execute(sql.insert_rows(StepExecution), step_rows)
-    if created:
-        events = [
-            event_dict(execution_id, None, None, ExecutionStatus.PENDING.value, 1, "created")
-            for execution_id, _ in created
-        ]
+    if events:
         conn.execute(sql.insert_rows(ExecutionEvent), events)
 
 

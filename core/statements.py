@@ -16,10 +16,13 @@ from typing import Any, cast
 
 from sqlalchemy import (
     Boolean,
+    DateTime,
     Insert,
+    Integer,
     Select,
     String,
     Table,
+    Text,
     Update,
     and_,
     bindparam,
@@ -36,6 +39,7 @@ from sqlalchemy import (
     update,
     values,
 )
+from sqlalchemy import cast as cast_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -90,6 +94,73 @@ def insert_executions(
         .on_conflict_do_nothing(index_elements=[WE.idempotency_scope, WE.idempotency_key])
         .returning(WE.execution_id)
     )
+
+
+# Bulk creation on PostgreSQL: each column's values as one array parameter, zipped back
+# into rows by unnest. One statement of constant text whatever the batch size (built
+# once, prepared once), where a multi-row VALUES list is compiled afresh for every
+# batch and an executemany pays a round trip or a pipeline entry per row.
+_EXECUTION_ARRAYS: dict[str, Any] = {
+    "execution_id": String,
+    "workflow_id": String,
+    "workflow_version": Integer,
+    "input_data": Text,  # JSON text, cast to JSONB in the statement
+    "status": String,
+    "idempotency_key": String,
+    "idempotency_scope": String,
+    "triggered_by": String,
+    "priority": Integer,
+    "deadline_at": DateTime(timezone=True),
+}
+_STEP_ARRAYS: dict[str, Any] = {
+    "execution_id": String,
+    "step_name": String,
+    "status": String,
+    "unmet_deps": Integer,
+    "max_attempts": Integer,
+    "wait_kind": String,
+}
+_EVENT_ARRAYS: dict[str, Any] = {
+    "execution_id": String,
+    "step_name": String,
+    "from_status": String,
+    "to_status": String,
+    "attempt": Integer,
+    "reason": Text,
+}
+
+
+def _unnest_insert(model: type[Any], arrays: Mapping[str, Any]) -> Insert:
+    """INSERT INTO model's table (columns) SELECT unnest(array), ... : the columns'
+    Python-side defaults (created_at, attempt, ...) are added by from_select."""
+    selected = []
+    for name, sql_type in arrays.items():
+        values_of: ColumnElement[Any] = func.unnest(
+            cast_(bindparam(name), postgresql.ARRAY(sql_type))
+        )
+        if name == "input_data":
+            values_of = cast_(values_of, postgresql.JSONB)
+        selected.append(values_of.label(name))
+    return insert(cast(Table, model.__table__)).from_select(list(arrays), select(*selected))
+
+
+INSERT_EXECUTIONS_ARRAYS = _unnest_insert(WE, _EXECUTION_ARRAYS).returning(WE.execution_id)
+INSERT_EXECUTIONS_ARRAYS_IDEMPOTENT = (
+    postgresql.insert(WE)
+    .from_select(
+        list(_EXECUTION_ARRAYS),
+        _unnest_insert(WE, _EXECUTION_ARRAYS).select,  # type: ignore[arg-type]
+    )
+    .on_conflict_do_nothing(index_elements=[WE.idempotency_scope, WE.idempotency_key])
+    .returning(WE.execution_id)
+)
+INSERT_STEPS_ARRAYS = _unnest_insert(StepExecution, _STEP_ARRAYS)
+INSERT_EVENTS_ARRAYS = _unnest_insert(ExecutionEvent, _EVENT_ARRAYS)
+
+
+def as_arrays(rows: Sequence[Mapping[str, Any]], columns: Iterable[str]) -> dict[str, list[Any]]:
+    """Rows as the column arrays the ``*_ARRAYS`` statements take."""
+    return {name: [row[name] for row in rows] for name in columns}
 
 
 def select_by_idempotency_key(scope: str, key: str) -> Select[Any]:

@@ -23,7 +23,7 @@ from core.errors import TransientDatabaseError
 from core.registry import WorkflowRegistry, get_registry
 from worker import logs
 from worker.config import FIRE_SCHEDULES, RECONCILE, WAKE, celery_config
-from worker.engine import RUN_STEP, START_EXECUTION, Engine
+from worker.engine import RUN_STEP, START_BATCH, START_EXECUTION, Engine
 from worker.failures import StepFailed
 from worker.schedules import fire_schedules as fire_due
 
@@ -93,6 +93,34 @@ def _register_tasks(app: ConveyorCelery) -> None:
     def start_execution(task: Task[Any, Any], execution_id: str, workflow: str) -> None:
         """Admit a pending execution (within its workflow's concurrency limit) and run
         its first root step here."""
+        _start(task, execution_id, workflow)
+
+    @app.task(name=START_BATCH, **steps)
+    def start_batch(
+        task: Task[Any, Any], workflow: str, priority: int, execution_ids: list[str]
+    ) -> None:
+        """Split a batch of starts (``enqueue_many``): a single start message for each
+        execution but the first, queued behind running executions' steps as the
+        producer's would have been, then start the first here.
+
+        A redelivered batch (a worker killed while splitting it) sends its starts again:
+        a start of an execution already admitted is a no-op. A batch lost by the broker,
+        or whose starts this worker could not publish, leaves pending executions: the
+        reconciler sends their starts (CONVEYOR_START_AFTER).
+        """
+        first, *rest = execution_ids
+        try:
+            app.engine.publish_starts([(execution_id, workflow, priority) for execution_id in rest])
+        except Exception:  # committed rows: the reconciler will start them
+            log.warning(
+                "splitting a start batch: publishing %d start(s) failed; the reconciler "
+                "will send them",
+                len(rest),
+                exc_info=True,
+            )
+        _start(task, first, workflow)
+
+    def _start(task: Task[Any, Any], execution_id: str, workflow: str) -> None:
         with (
             _retry_when_transient(task),
             _step_failure_as_task_state(),
