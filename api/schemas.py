@@ -226,10 +226,64 @@ def _execution_fields(e: WorkflowExecution) -> dict[str, Any]:
     }
 
 
+class MapOut(BaseModel):
+    """A map step's items: how many, how many are left, failed and tolerated, and their
+    counts by status (pending, queued, running, succeeded, failed, cancelled)."""
+
+    total: int | None = Field(description="Items, once the map expanded (null before).")
+    left: int | None = Field(description="Items not ended yet.")
+    failed: int | None = Field(description="Items that failed after their retries.")
+    max_failed: int | None = Field(description="Failed items its on_item_failure tolerates.")
+    counts: dict[str, int] = Field(description="Items by status.")
+
+    @classmethod
+    def of(cls, step: StepExecution, counts: dict[str, int] | None) -> MapOut | None:
+        """The map part of ``step`` (None for any other kind of step)."""
+        if step.wait_kind != "map":
+            return None
+        return cls(
+            total=step.map_total,
+            left=step.map_left,
+            failed=step.map_failed,
+            max_failed=step.map_max_failed,
+            counts=counts or {},
+        )
+
+
+class ItemOut(BaseModel):
+    """One item of a map step."""
+
+    index: int
+    status: str
+    attempt: int
+    policy_attempt: int = Field(description="The try of its Retry policy.")
+    worker: str | None
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_seconds: float | None = Field(description="finished_at - started_at.")
+    error: Any
+    output: Any
+
+
+class ItemPage(BaseModel):
+    """A page of a map's items in index order; pass ``next`` as ``after`` for the next."""
+
+    items: list[ItemOut]
+    next: int | None
+
+
+class RetryRequest(Strict):
+    """How to retry: the whole execution's unfinished steps, or only the failed items of
+    its failed map steps."""
+
+    failed_items: bool = False
+
+
 class WaitOut(BaseModel):
     """What a waiting step waits for."""
 
-    kind: Literal["sleep", "event", "child"]
+    kind: Literal["sleep", "event", "child", "map"]
     since: datetime | None = Field(description="When it began waiting.")
     wake_at: datetime | None = Field(
         description="A sleep: when it wakes. An event wait: when it times out (null: never)."
@@ -273,13 +327,15 @@ class StepOut(BaseModel):
     finished_at: datetime | None
     heartbeat_at: datetime | None
     next_attempt_at: datetime | None
-    kind: Literal["task", "sleep", "event", "child"] = Field(
-        description="A task runs code; the others are wait nodes (no worker held)."
+    kind: Literal["task", "sleep", "event", "child", "map"] = Field(
+        description="A task runs code; a map runs its code once per item; the others are "
+        "wait nodes (no worker held)."
     )
     wait: WaitOut | None = Field(description="What it waits for while waiting (else null).")
+    map: MapOut | None = Field(default=None, description="A map step's items (else null).")
 
     @classmethod
-    def of(cls, step: StepExecution) -> StepOut:
+    def of(cls, step: StepExecution, items: dict[str, int] | None = None) -> StepOut:
         """The body of ``step``."""
         return cls(
             name=step.step_name,
@@ -299,6 +355,7 @@ class StepOut(BaseModel):
             heartbeat_at=step.heartbeat_at,
             next_attempt_at=step.next_attempt_at,
             wait=WaitOut.of(step),
+            map=MapOut.of(step, items),
         )
 
 
@@ -394,16 +451,19 @@ class CancelRequest(Strict):
 
 
 class WaitDefinition(BaseModel):
-    """A wait node as declared."""
+    """A wait node (or a map step) as declared."""
 
-    kind: Literal["sleep", "event", "child"]
+    kind: Literal["sleep", "event", "child", "map"]
     duration_seconds: float | None = Field(description="A sleep of a fixed duration.")
     event: str | None = Field(description="An event wait: the event's name.")
     timeout_seconds: float | None = Field(description="An event wait: its timeout.")
     payload_schema: dict[str, Any] | None = Field(
         description="An event wait: its payload's JSON Schema (null: any JSON)."
     )
-    workflow: str | None = Field(description="A child node: the workflow it starts.")
+    workflow: str | None = Field(description="A child node (or child map): the workflow it starts.")
+    over: str | None = Field(default=None, description="A map: the step whose list it maps.")
+    max_parallel: int | None = Field(default=None, description="A map: items at a time.")
+    max_items: int | None = Field(default=None, description="A map: the most items.")
 
 
 class StepDefinition(BaseModel):
@@ -414,7 +474,7 @@ class StepDefinition(BaseModel):
     max_attempts: int
     timeout: float | None
     soft_timeout: float | None
-    kind: Literal["task", "sleep", "event", "child"] = "task"
+    kind: Literal["task", "sleep", "event", "child", "map"] = "task"
     wait: WaitDefinition | None = None
 
 

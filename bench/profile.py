@@ -1,6 +1,6 @@
 """Where a conveyor worker's CPU goes: py-spy samples of its processes on a workload.
 
-    python -m bench.profile [--shape chain10|fanout] [--executions 300] [--out DIR]
+    python -m bench.profile [--shape chain10|fanout|map1k|map10k] [--executions 300] [--out DIR]
 
 It starts PostgreSQL and Redis as ``make bench`` does, then the same prefork worker as
 the comparison's conveyor. After a warm-up, py-spy samples the worker's processes while
@@ -23,11 +23,11 @@ from pathlib import Path
 
 from bench.harness import BenchError, note, services
 from bench.processes import ROOT
-from bench.systems import CHAIN10, FANOUT, Conveyor
+from bench.systems import CHAIN10, FANOUT, Conveyor, map_shape
 
 # py-spy's raw format: "frame;frame;...;frame count", a frame "function (file:line)".
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
-SHAPES = {shape.name: shape for shape in (CHAIN10, FANOUT)}
+SHAPES = {shape.name: shape for shape in (CHAIN10, FANOUT, map_shape(1000), map_shape(10_000))}
 _OWN = ("(core/", "(worker/", "(bench/workflows")
 
 

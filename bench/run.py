@@ -8,6 +8,9 @@ processes (``-P prefork -c 2``; DBOS: 2 processes), through every scenario:
 - ``chain10``: executions of a chain of 10 no-op steps, submitted at once;
 - ``fanout``: executions of 1 -> 8 -> 1 no-op steps (a chord for plain Celery; DBOS
   runs only the chains);
+- ``map1k``, ``map10k`` (``--map-items``): one execution of 1 -> N -> 1, the N a
+  ``@wf.map`` of no-op items 32 at a time against a chord of N no-op tasks, with the
+  broker's depth sampled (no DBOS);
 - ``chain<N>``: one chain of N steps (default 1,000): cost per step against chain10;
 - ``latency``: executions sent one at a time: producer call -> first step start;
 - ``enqueue``: executions enqueued with no worker running;
@@ -49,11 +52,21 @@ from bench.scenarios import (
     Context,
     Enqueue,
     Latency,
+    MapThroughput,
     Results,
     Scenario,
     Throughput,
 )
-from bench.systems import CHAIN10, FANOUT, Conveyor, Dbos, PlainCelery, Shape, System
+from bench.systems import (
+    CHAIN10,
+    FANOUT,
+    Conveyor,
+    Dbos,
+    PlainCelery,
+    Shape,
+    System,
+    map_shape,
+)
 
 EXTRAS = ("reconciler", "overhead", "waits")
 
@@ -70,6 +83,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--chain-executions", type=int, default=100, help="chain10 executions (default 100)")
     add("--fanout-executions", type=int, default=50, help="fanout executions (default 50)")
     add("--long-steps", type=int, default=1000, help="steps of the long chain (default 1000)")
+    add(
+        "--map-items",
+        type=int,
+        nargs="*",
+        default=[1000, 10_000],
+        help="widths of the 1 -> N -> 1 maps (default 1000 10000; none: no map lines)",
+    )
+    add("--map-executions", type=int, default=1, help="executions of each map (default 1)")
     add("--latency-executions", type=int, default=30, help="latency samples (default 30)")
     add("--latency-interval", type=float, default=0.1, help="seconds between them (0.1)")
     add("--enqueue-executions", type=int, default=1000, help="enqueued at once (default 1000)")
@@ -89,6 +110,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--long-steps must be more than 10")
     if options.burst_executions < 2:
         parser.error("--burst-executions must be at least 2")
+    if any(not 1 <= items <= 10_000 for items in options.map_items):
+        parser.error("--map-items must be between 1 and 10000 (a map's max_items)")
+    if options.map_executions < 1:
+        parser.error("--map-executions must be at least 1")
     return options
 
 
@@ -99,6 +124,10 @@ def scenarios(options: argparse.Namespace) -> list[Scenario]:
         Throughput(CHAIN10, options.chain_executions),
         Throughput(FANOUT, options.fanout_executions),
         Throughput(long, 1, baseline=CHAIN10.name),
+        *(
+            MapThroughput(map_shape(items), options.map_executions, baseline=CHAIN10.name)
+            for items in options.map_items
+        ),
         Latency(CHAIN10, options.latency_executions, options.latency_interval),
         Enqueue(options.enqueue_executions),
         Burst(options.burst_executions, options.burst_repetitions),
@@ -230,7 +259,11 @@ def benchmark(options: argparse.Namespace) -> Results:
         note(
             f"{options.repetitions} repetition(s): chain10 x{options.chain_executions}, "
             f"fanout x{options.fanout_executions}, chain{options.long_steps} x1, "
-            f"latency x{options.latency_executions}, enqueue x{options.enqueue_executions}, "
+            + "".join(
+                f"{map_shape(items).name} x{options.map_executions}, "
+                for items in options.map_items
+            )
+            + f"latency x{options.latency_executions}, enqueue x{options.enqueue_executions}, "
             f"burst x{options.burst_executions} (first {options.burst_repetitions} "
             "repetition(s))"
         )

@@ -12,6 +12,7 @@ part in the burst only; a compared system a scenario leaves out is shown ``(not 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -197,6 +198,63 @@ class Throughput:
     def lines(self, results: Results) -> list[str]:
         extra = [f"cpu/step vs {self.baseline}"] if self.baseline else []
         return _lines(results, self, [*THROUGHPUT_METRICS, *extra])
+
+
+class DepthSampler:
+    """Samples a system's broker depth (messages waiting in its queue) every 20 ms in a
+    thread, for the length of a ``with`` block; ``deepest`` is the largest sample."""
+
+    def __init__(self, system: System, interval: float = 0.02) -> None:
+        self._system = system
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.deepest = 0
+        self.samples = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.deepest = max(self.deepest, self._system.broker_depth())
+            self.samples += 1
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> DepthSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+MAP_METRICS = (*THROUGHPUT_METRICS[:2], "broker depth max", *THROUGHPUT_METRICS[2:])
+
+
+class MapThroughput(Throughput):
+    """``executions`` of a 1 -> N -> 1 map (conveyor's ``@wf.map``, 32 at a time; a
+    chord of N no-op tasks and a callback for Celery), timed until the last finished,
+    with the broker's depth sampled meanwhile. A step is an item (or the map's first
+    or last step); ``cpu/step vs chain10`` is conveyor's CPU per item over its CPU per
+    chain step in the same repetition. DBOS is not run (it has no map)."""
+
+    def applies_to(self, system: str) -> bool:
+        return system in ("celery", SUBJECT)
+
+    def run(
+        self,
+        system: System,
+        workers: Workers | None,
+        repetition: int,
+        results: Results,
+        context: Context,
+    ) -> None:
+        with DepthSampler(system) as sampler:
+            super().run(system, workers, repetition, results, context)
+        results.add(self.name, "broker depth max", system.name, repetition, sampler.deepest)
+
+    def lines(self, results: Results) -> list[str]:
+        extra = [f"cpu/step vs {self.baseline}"] if self.baseline else []
+        return _lines(results, self, [*MAP_METRICS, *extra])
 
 
 class Latency:

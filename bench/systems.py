@@ -1,8 +1,9 @@
 """The three systems compared, each driven the same way from this process.
 
-A system starts its workers (subprocesses), submits executions of a shape (a chain or
-a 1 -> 8 -> 1 fan-out of no-op steps), waits for them, checks they succeeded, and
-reads when each execution's first step started and when each finished. Producers run
+A system starts its workers (subprocesses), submits executions of a shape (a chain, a
+1 -> 8 -> 1 fan-out, or a 1 -> N -> 1 map of no-op steps), waits for them, checks they
+succeeded, and reads when each execution's first step started and when each finished;
+``broker_depth`` counts the messages waiting in its queue's Redis lists. Producers run
 here: Celery's ``apply_async``, conveyor's ``enqueue_many`` / ``enqueue``, DBOS's
 ``DBOSClient``. ``conveyor-bf`` is conveyor in breadth-first order
 (``CONVEYOR_ORDER=breadth_first``), run in the burst only.
@@ -43,15 +44,37 @@ from worker.producer import enqueue, enqueue_many
 
 @dataclass(frozen=True)
 class Shape:
-    """What one execution runs: a ``chain`` of ``steps`` steps, or the 1 -> 8 -> 1 fan-out."""
+    """What one execution runs: a ``chain`` of ``steps`` steps, the 1 -> 8 -> 1 fan-out,
+    or a 1 -> N -> 1 ``map`` (``steps`` - 2 items: conveyor's ``@wf.map``, a chord of
+    that width for Celery)."""
 
     name: str
-    kind: Literal["chain", "fanout"]
+    kind: Literal["chain", "fanout", "map"]
     steps: int
 
 
 CHAIN10 = Shape("chain10", "chain", workflows.CHAIN_STEPS)
 FANOUT = Shape("fanout", "fanout", workflows.FANOUT_WIDTH + 2)
+
+
+def map_shape(items: int) -> Shape:
+    """1 -> ``items`` -> 1, named ``map1k`` for 1,000 items (``map250`` for 250)."""
+    name = f"map{items // 1000}k" if items % 1000 == 0 else f"map{items}"
+    return Shape(name, "map", items + 2)
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists of a Celery queue with priority steps 0-9 (``sep`` ``:``): the
+    queue's own name holds priority 0, ``queue:1`` .. ``queue:9`` the others."""
+    return [queue, *(f"{queue}:{priority}" for priority in range(1, 10))]
+
+
+def waiting_messages(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in ``queue`` (every priority list), not yet taken by a worker."""
+    with client.pipeline(transaction=False) as pipe:
+        for name in queue_lists(queue):
+            pipe.llen(name)
+        return sum(int(n) for n in pipe.execute())
 
 
 @dataclass
@@ -107,6 +130,10 @@ class System(Protocol):
         """Executions per second its producer enqueues, with no worker running."""
         ...
 
+    def broker_depth(self) -> int:
+        """Messages waiting in its broker queue now (0 for a system without one)."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -136,9 +163,13 @@ class PlainCelery:
             running.broker_url, running.result_url, producer=True
         )
         self._results = redis.Redis.from_url(running.result_url)
+        self._broker = redis.Redis.from_url(running.broker_url)
 
     def supports(self, shape: Shape) -> bool:
         return True
+
+    def broker_depth(self) -> int:
+        return waiting_messages(self._broker, plain_app.QUEUE)
 
     def workers(self) -> Workers:
         command = celery_worker(
@@ -155,7 +186,7 @@ class PlainCelery:
         first = self._task(plain_app.STAMP if first_id else plain_app.NOOP)
         if first_id:
             first = first.set(task_id=first_id)
-        if shape.kind == "fanout":
+        if shape.kind in ("fanout", "map"):
             parts = [self._task(plain_app.NOOP_RESULT) for _ in range(shape.steps - 2)]
             return chain(first, chord(parts, self._task(plain_app.NOOP_RESULT)))
         middle = [self._task(plain_app.NOOP) for _ in range(shape.steps - 2)]
@@ -215,6 +246,7 @@ class PlainCelery:
 
     def close(self) -> None:
         self._results.close()
+        self._broker.close()
         self.app.close()
 
 
@@ -265,9 +297,13 @@ class Conveyor:
         self._app_context = conveyor_app(self._settings, registry)
         self.app = self._app_context.__enter__()
         self._observer = Observer(running, self.database)
+        self._broker = redis.Redis.from_url(running.broker_url)
 
     def supports(self, shape: Shape) -> bool:
         return True
+
+    def broker_depth(self) -> int:
+        return waiting_messages(self._broker, self._settings.default_queue)
 
     def workers(self) -> Workers:
         command = celery_worker("worker.app", self._concurrency, f"bench-{self.name}")
@@ -282,7 +318,15 @@ class Conveyor:
 
     @staticmethod
     def _workflow(shape: Shape) -> str:
+        if shape.kind == "map":
+            return workflows.MAP
         return workflows.FANOUT if shape.kind == "fanout" else workflows.linear_name(shape.steps)
+
+    @staticmethod
+    def _input(shape: Shape, index: int) -> dict[str, int]:
+        if shape.kind == "map":
+            return {"i": index, "n": shape.steps - 2}
+        return {"i": index}
 
     def _produce_here(self) -> None:
         """Point ``core.database`` (which the producer's state manager follows) at this
@@ -296,13 +340,13 @@ class Conveyor:
         name = self._workflow(shape)
         if interval is None:
             submission.sent_at = [time.time()] * count
-            inputs = [{"i": i} for i in range(count)]
+            inputs = [self._input(shape, i) for i in range(count)]
             submission.ids = enqueue_many(name, inputs, app=self.app)
             return submission
 
         def send(index: int) -> None:
             submission.sent_at.append(time.time())
-            submission.ids.append(enqueue(name, {"i": index}, app=self.app))
+            submission.ids.append(enqueue(name, self._input(shape, index), app=self.app))
 
         _spaced(count, interval, send)
         return submission
@@ -353,6 +397,7 @@ class Conveyor:
 
     def close(self) -> None:
         self._observer.close()
+        self._broker.close()
         self._app_context.__exit__(None, None, None)
 
 
@@ -388,6 +433,9 @@ class Dbos:
 
     def supports(self, shape: Shape) -> bool:
         return shape.kind == "chain"
+
+    def broker_depth(self) -> int:
+        return 0  # DBOS queues are rows in its database
 
     def workers(self) -> Workers:
         base = ["-m", "bench.dbos_app", self._dsn]

@@ -2,7 +2,8 @@
 
 Workers load this module with ``CONVEYOR_WORKFLOW_MODULES=bench.workflows``; the long
 chain has ``BENCH_LONG_STEPS`` steps (default 1,000). The first step of each workflow
-returns the time it started (enqueue -> first start); the others return nothing.
+returns the time it started (enqueue -> first start; the map's first returns its list);
+the others return nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ FANOUT = "bench_fanout"
 WORK = "bench_work"
 DAG_STEPS = 4
 SLEEPER = "bench_sleeper"
+MAP = "bench_map"
+MAP_PARALLEL = 32
 WAITER = "bench_waiter"
 GO = "bench.go"
 
@@ -64,6 +67,26 @@ def fan_out(width: int = FANOUT_WIDTH) -> Workflow:
     for name in parts:
         workflow.add_step(Step(name=name, fn=noop, depends_on=("root",)))
     workflow.add_step(Step(name="sink", fn=noop, depends_on=parts))
+    return workflow
+
+
+def items(ctx: StepContext) -> list[int]:
+    """The map's list: ``n`` (the input's) numbers."""
+    return list(range(int(ctx.input["n"])))
+
+
+def noop_item(ctx: StepContext, item: Any) -> None:
+    """A map item that does nothing."""
+
+
+def map_workflow() -> Workflow:
+    """``root -> items (a map, 32 at a time) -> sink``: one step, the input's ``n`` items
+    through ``@wf.map``, then one (the map's width is the input's, so one definition
+    serves every width up to 10,000)."""
+    workflow = Workflow(MAP, description="benchmark: a map of no-op items")
+    workflow.add_step(Step(name="root", fn=items))
+    workflow.map(over="root", max_parallel=MAP_PARALLEL, name="each")(noop_item)
+    workflow.add_step(Step(name="sink", fn=noop, depends_on=("each",)))
     return workflow
 
 
@@ -110,7 +133,7 @@ def long_steps() -> int:
 
 def registry(long: int | None = None) -> WorkflowRegistry:
     """Every benchmark workflow, with a long chain of ``long`` steps (or none)."""
-    found = [linear(CHAIN_STEPS), fan_out(), dag(), work(), sleeper(), waiter()]
+    found = [linear(CHAIN_STEPS), fan_out(), dag(), work(), sleeper(), waiter(), map_workflow()]
     if long is not None and long != CHAIN_STEPS:
         found.append(linear(long))
     return WorkflowRegistry(found)
@@ -119,6 +142,7 @@ def registry(long: int | None = None) -> WorkflowRegistry:
 # What the workers register (module-level Workflow objects).
 chain = linear(CHAIN_STEPS)
 fanout = fan_out()
+mapping = map_workflow()
 sleeping = sleeper()
 waiting = waiter()
 chain_long = linear(long_steps()) if long_steps() != CHAIN_STEPS else chain

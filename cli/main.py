@@ -44,6 +44,7 @@ from sqlalchemy.pool import NullPool
 from cli import documents, render, schema
 from cli import schedules as cli_schedules
 from cli.render import stderr, stdout
+from core import maps
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import ConveyorError, translate
@@ -399,10 +400,11 @@ def status(
         for s in steps
         if s.child_execution_id is not None and s.status == "waiting"
     }
+    items = manager.run(maps.map_counts_of, execution_id)
     console = stdout()
     console.print(render.execution_summary(execution))
     order = list(workflow.order()) if workflow else ()
-    console.print(render.steps_table(steps, order, children))
+    console.print(render.steps_table(steps, order, children, items))
     console.print(render.dag_tree(execution, steps, workflow))
     if history:
         console.print(render.history_table(manager.get_history(execution_id)))
@@ -473,6 +475,14 @@ def cancel(
 def retry(
     ctx: typer.Context,
     execution_id: ExecutionId,
+    failed_items: Annotated[
+        bool,
+        typer.Option(
+            "--failed-items",
+            help="Run only the failed (and cancelled) items of its failed map steps again; "
+            "succeeded items keep their outputs.",
+        ),
+    ] = False,
     wait: WaitOption = False,
     timeout: TimeoutOption = None,
 ) -> None:
@@ -480,7 +490,7 @@ def retry(
     starts again like a new one: within its workflow's max_concurrency)."""
     celery_app = ctx.ensure_object(CliState).app
     engine = celery_app.engine
-    retried = engine.retry(execution_id)
+    retried = engine.retry(execution_id, failed_items=failed_items)
     execution = engine.manager.get_execution(execution_id)
     if not retried:
         fail(
@@ -652,6 +662,7 @@ if __name__ == "__main__":
     app()
 
 
-# ``conveyor users`` and ``conveyor tokens`` live in a module of their own that adds
-# them to ``app``; imported last because it uses this module's decorators.
+# ``conveyor users`` and ``conveyor tokens``, and ``conveyor items``, live in modules of
+# their own that add them to ``app``; imported last because they use its decorators.
 from cli import accounts as _accounts  # noqa: E402, F401
+from cli import maps as _maps  # noqa: E402, F401

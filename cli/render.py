@@ -124,6 +124,24 @@ def waits_for(
     return f"child {step.child_execution_id}" + (f" ({status})" if status else "")
 
 
+ITEM_ORDER = ("queued", "running", "succeeded", "failed", "cancelled", "pending")
+
+
+def map_summary(step: StepExecution, counts: Mapping[str, int] | None) -> str:
+    """A map step's items in one line: '37/100 done: queued 4 · running 4 · succeeded 36
+    · failed 1 (tolerated <= 3)'; '' for any other step."""
+    if step.wait_kind != "map":
+        return ""
+    if step.map_total is None:
+        return "items: not expanded yet"
+    done = step.map_total - (step.map_left or 0)
+    parts = [f"{s} {counts[s]:,}" for s in ITEM_ORDER if counts and counts.get(s)]
+    text = f"{done:,}/{step.map_total:,} done" + (": " + " · ".join(parts) if parts else "")
+    if step.map_max_failed:
+        text += f" (tolerated <= {step.map_max_failed:,})"
+    return text
+
+
 def elapsed(started: datetime | None, finished: datetime | None) -> str:
     """How long something ran (so far, while it runs), or '-' if it has not started."""
     if started is None:
@@ -224,14 +242,20 @@ def steps_table(
     steps: Sequence[StepExecution],
     order: Sequence[str] = (),
     children: Mapping[str, str] | None = None,
+    items: Mapping[str, Mapping[str, int]] | None = None,
 ) -> Table:
     """One row per step (in DAG order when ``order`` is given): status, attempt, time,
     error, and, while any step waits, what each waiting one waits for (``children``:
-    child execution statuses by id)."""
+    child execution statuses by id); a map step's items counted by status (``items``)."""
     position = {name: index for index, name in enumerate(order)}
     ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
     now = datetime.now(UTC)
-    waits = {s.step_name: waits_for(s, children, now) for s in ranked}
+    waits = {
+        s.step_name: map_summary(s, (items or {}).get(s.step_name))
+        if s.wait_kind == "map"
+        else waits_for(s, children, now)
+        for s in ranked
+    }
     table = Table(box=box.SIMPLE_HEAD)
     table.add_column("step", no_wrap=True)
     table.add_column("status", no_wrap=True)
@@ -240,7 +264,9 @@ def steps_table(
     table.add_column("error")
     waiting = any(waits.values())
     if waiting:
-        table.add_column("waits for")
+        table.add_column(
+            "waits for" if not any(s.wait_kind == "map" for s in ranked) else "waits for / items"
+        )
     for step in ranked:
         cells: list[RenderableType] = [
             step.step_name,

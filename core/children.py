@@ -235,6 +235,20 @@ def _tell_parents(
     told: list[str] = []
     for child in children:
         parent_id, step_name = child.parent_execution_id, child.parent_step_name
+        if child.parent_item_index is not None:
+            # An item of a child map: its item ends (core.maps).
+            from core.map_children import child_item_ended
+
+            if child_item_ended(conn, child, outcome, definition_of):
+                told.append(child.execution_id)
+            else:
+                log.warning(
+                    "child execution %s ended, but this process does not know the workflow "
+                    "of its parent %s; the reconciler tells it",
+                    child.execution_id,
+                    parent_id,
+                )
+            continue
         row = conn.execute(sql.parent_step(parent_id, step_name)).first()
         if row is None and _step_exists(conn, parent_id, step_name):
             # Held by another transaction: whoever holds a waiting step is ending it (a

@@ -84,6 +84,13 @@ class Settings(BaseSettings):
         default=1.0,
         description="Seconds after which a worker stops continuing an execution itself.",
     )
+    hold_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=0.1,
+        description=(
+            "Seconds a worker keeps the sibling steps a completion released to run them "
+            "itself, one after another, before sending them to the broker (0: never)."
+        ),
+    )
     max_crash_recoveries: Annotated[int, Field(ge=0)] = Field(
         default=3,
         description="Times a step lost with its worker is run again, apart from its retries.",

@@ -254,3 +254,47 @@ class WaitNotOpen(InvalidTransition):
         self.source = status
         self.target = "signalled"
         self.status = status
+
+
+class MapInputError(ConveyorError):
+    """A map step's upstream output is not a list, or holds more items than the map's
+    ``max_items``: the map step fails at once (no item is run, none is dropped)."""
+
+    def __init__(
+        self,
+        step: str,
+        over: str,
+        *,
+        got: str | None = None,
+        length: int | None = None,
+        limit: int | None = None,
+    ) -> None:
+        if got is not None:
+            message = f"map {step} needs a list from {over}, got {got}"
+        else:
+            message = (
+                f"{over} returned {length:,} items; map {step} allows at most max_items={limit:,}"
+            )
+        super().__init__(message)
+        self.step, self.over, self.got, self.length, self.limit = step, over, got, length, limit
+
+
+class MapItemsFailed(ConveyorError):
+    """More items of a map step failed (after their retries) than its
+    ``on_item_failure`` tolerates: the map step fails, its open items are cancelled."""
+
+    def __init__(self, step: str, failed: int, limit: int, index: int, error: str) -> None:
+        allowed = "none may fail" if limit == 0 else f"at most {limit} may"
+        super().__init__(
+            f"map {step}: {failed} item(s) failed ({allowed}); item {index} failed with {error}"
+        )
+        self.step, self.failed, self.limit, self.index = step, failed, limit, index
+
+
+class NothingToRetry(InvalidTransition):
+    """``retry --failed-items`` on an execution with no failed map step (HTTP 409)."""
+
+    def __init__(self, execution_id: str, detail: str) -> None:
+        ConveyorError.__init__(self, f"execution {execution_id}: {detail}")
+        self.source = detail
+        self.target = "retried"

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
 from core import statements as sql
 from core.errors import (
@@ -27,6 +27,7 @@ from core.errors import (
     InputValidationError,
     InvalidTransition,
 )
+from core.map_statements import cancel_items_of
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution, encode_json, new_id
 from core.outcomes import Admission, CreatedExecution, Route, TransitionResult, WaitOutcome
 from core.registry import WorkflowRegistry
@@ -87,6 +88,9 @@ class NewExecution:
     parent_execution_id: str | None = None
     parent_step_name: str | None = None
     parent_attempt: int | None = None
+    # A map's child item (``wf.child(..., over=)``): the item's index; its attempt is
+    # ``parent_attempt``.
+    parent_item_index: int | None = None
     root_execution_id: str | None = None
     depth: int = 0
 
@@ -240,19 +244,10 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
     ]
     keyed = any(new.idempotency_key is not None for new in batch)
     inserted: set[str] = set()
-    postgres = conn.dialect.name == "postgresql"
-    if postgres and rows:
-        for row in rows:
-            # JSON text, as the column's own serializer writes it; None is SQL NULL.
-            value = row["input_data"]
-            row["input_data"] = None if value is None else json.dumps(value)
-        statement = (
-            sql.INSERT_EXECUTIONS_ARRAYS_IDEMPOTENT if keyed else sql.INSERT_EXECUTIONS_ARRAYS
-        )
-        result = conn.execute(statement, sql.as_arrays(rows, rows[0]))
-        inserted.update(row.execution_id for row in result.all())
+    if conn.dialect.name == "postgresql":
+        inserted.update(conn.execute(text(sql.INSERT_EXECUTIONS_PG), _columns(rows)).scalars())
     # Chunks keep each statement under SQLite's limit on bound parameters.
-    for start in range(0, 0 if postgres else len(rows), INSERT_CHUNK):
+    for start in range(0, len(rows) if conn.dialect.name != "postgresql" else 0, INSERT_CHUNK):
         chunk = rows[start : start + INSERT_CHUNK]
         result = conn.execute(sql.insert_executions(conn.dialect.name, chunk, idempotent=keyed))
         inserted.update(row.execution_id for row in result.all())
@@ -310,6 +305,7 @@ def create_child_execution(conn: Connection, new: NewExecution) -> bool:
         "parent_execution_id": new.parent_execution_id,
         "parent_step_name": new.parent_step_name,
         "parent_attempt": new.parent_attempt,
+        "parent_item_index": new.parent_item_index,
         "root_execution_id": new.root_execution_id,
         "depth": new.depth,
     }
@@ -320,8 +316,42 @@ def create_child_execution(conn: Connection, new: NewExecution) -> bool:
     return True
 
 
+def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Execution rows as the arrays of ``INSERT_EXECUTIONS_PG`` (inputs as JSON text)."""
+    return {
+        "ids": [r["execution_id"] for r in rows],
+        "wfs": [r["workflow_id"] for r in rows],
+        "vers": [r["workflow_version"] for r in rows],
+        "inputs": [None if r["input_data"] is None else json.dumps(r["input_data"]) for r in rows],
+        "prios": [r["priority"] for r in rows],
+        "keys": [r["idempotency_key"] for r in rows],
+        "scopes": [r["idempotency_scope"] for r in rows],
+        "bys": [r["triggered_by"] for r in rows],
+        "deadlines": [r["deadline_at"] for r in rows],
+    }
+
+
 def _insert_steps(conn: Connection, created: Sequence[tuple[str, NewExecution]]) -> None:
     """The step rows and the first event of executions just inserted."""
+    if conn.dialect.name == "postgresql" and created:
+        # One statement per shape of steps (a batch is of one workflow: one statement).
+        shapes: dict[tuple[StepSpec, ...], list[str]] = {}
+        for execution_id, new in created:
+            shapes.setdefault(tuple(new.steps), []).append(execution_id)
+        for steps, ids in shapes.items():
+            if steps:
+                conn.execute(
+                    text(sql.INSERT_STEPS_PG),
+                    {
+                        "ids": ids,
+                        "names": [s.name for s in steps],
+                        "unmet": [s.unmet_deps for s in steps],
+                        "most": [s.max_attempts for s in steps],
+                        "kinds": [s.wait_kind for s in steps],
+                    },
+                )
+        conn.execute(text(sql.INSERT_CREATED_EVENTS_PG), {"ids": [e for e, _ in created]})
+        return
     step_rows = [
         {
             "execution_id": execution_id,
@@ -334,20 +364,13 @@ def _insert_steps(conn: Connection, created: Sequence[tuple[str, NewExecution]])
         for execution_id, new in created
         for step in new.steps
     ]
-    events = [
-        event_dict(execution_id, None, None, ExecutionStatus.PENDING.value, 1, "created")
-        for execution_id, _ in created
-    ]
-    if conn.dialect.name == "postgresql":
-        # One statement each, whatever the number of rows (see sql.INSERT_STEPS_ARRAYS).
-        if step_rows:
-            conn.execute(sql.INSERT_STEPS_ARRAYS, sql.as_arrays(step_rows, step_rows[0]))
-        if events:
-            conn.execute(sql.INSERT_EVENTS_ARRAYS, sql.as_arrays(events, events[0]))
-        return
     if step_rows:
         conn.execute(sql.insert_rows(StepExecution), step_rows)
-    if events:
+    if created:
+        events = [
+            event_dict(execution_id, None, None, ExecutionStatus.PENDING.value, 1, "created")
+            for execution_id, _ in created
+        ]
         conn.execute(sql.insert_rows(ExecutionEvent), events)
 
 
@@ -553,6 +576,7 @@ def end_execution(
         transition_steps(
             conn, execution_id, None, StepStatus.CANCELLED, step_sources, reason=step_reason
         )
+        conn.execute(cancel_items_of([execution_id]))
         ended_as = target.value.replace("_", " ")
         end_trees(conn, [execution_id], f"parent {ended_as}", outcome, definition_of)
     return result, outcome
@@ -579,6 +603,7 @@ def end_trees(
         ended = [transition_of(row, step=False) for row in rows]
         if ended:
             step_rows = conn.execute(sql.cancel_steps_of([r.execution_id for r in ended])).all()
+            conn.execute(cancel_items_of([r.execution_id for r in ended]))
             cancelled = [transition_of(row, step=True) for row in step_rows]
             conn.execute(
                 sql.insert_rows(ExecutionEvent),
@@ -745,6 +770,7 @@ def time_out(
         return []
     ids = [r.execution_id for r in timed_out]
     step_rows = conn.execute(sql.cancel_steps_of(ids)).all()
+    conn.execute(cancel_items_of(ids))
     cancelled = [transition_of(row, step=True) for row in step_rows]
     conn.execute(
         sql.insert_rows(ExecutionEvent),

@@ -266,6 +266,8 @@ class WorkflowExecution(Timestamped, Base):
     parent_execution_id: Mapped[str | None] = mapped_column(String(36))
     parent_step_name: Mapped[str | None] = mapped_column(String(200))
     parent_attempt: Mapped[int | None] = mapped_column(Integer)
+    # The item of a child map (``wf.child(..., over=)``) this child runs.
+    parent_item_index: Mapped[int | None] = mapped_column(Integer)
     root_execution_id: Mapped[str | None] = mapped_column(String(36))
     depth: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"), nullable=False)
     parent_woken_at: Mapped[datetime | None]
@@ -390,6 +392,13 @@ class StepExecution(Timestamped, Base):
     wait_event: Mapped[str | None] = mapped_column(String(200))
     wait_key: Mapped[str | None] = mapped_column(String(255))
     child_execution_id: Mapped[str | None] = mapped_column(String(36))
+    # A map step's items (``map_items``), set when it expands: how many, how many are
+    # not ended yet (the atomic fan-in counter: the item that brings it to zero
+    # aggregates), how many failed for good, and how many may (``Tolerate``).
+    map_total: Mapped[int | None] = mapped_column(Integer)
+    map_left: Mapped[int | None] = mapped_column(Integer)
+    map_failed: Mapped[int | None] = mapped_column(Integer)
+    map_max_failed: Mapped[int | None] = mapped_column(Integer)
 
     execution: Mapped[WorkflowExecution] = relationship(back_populates="steps")
 
@@ -463,6 +472,83 @@ class StepExecution(Timestamped, Base):
     @validates("output_data", "error")
     def _validate_json(self, key: str, value: Any) -> Any:
         return check_json(key, value)
+
+
+class MapItem(Base):
+    """One item of a map step: its status, attempts and output. Its input is element
+    ``item_index`` of the upstream step's stored output, read in place (never copied).
+
+    Its transitions write no ``execution_events`` rows (the row is its record); the map
+    step's own (expanded, ended) and each item's retry, recovery and failure do."""
+
+    __tablename__ = "map_items"
+
+    execution_id: Mapped[str] = mapped_column(
+        ForeignKey("workflow_executions.execution_id", ondelete="CASCADE"), primary_key=True
+    )
+    step_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    item_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    status: Mapped[str] = mapped_column(
+        String(20), default=StepStatus.PENDING.value, nullable=False
+    )
+    # As on steps: the policy's try is ``attempt - recoveries`` (crash recoveries and,
+    # after a retry of failed items, the earlier runs' attempts do not count).
+    attempt: Mapped[int] = mapped_column(Integer, default=1, nullable=False)
+    recoveries: Mapped[int] = mapped_column(
+        Integer, default=0, server_default=text("0"), nullable=False
+    )
+    # ``recoveries`` before this run of the item: this run's crash recoveries are
+    # ``recoveries - attempt_base`` (held against CONVEYOR_MAX_CRASH_RECOVERIES).
+    attempt_base: Mapped[int] = mapped_column(
+        Integer, default=0, server_default=text("0"), nullable=False
+    )
+    output_data: Mapped[Any] = mapped_column(json_type(), nullable=True)
+    error: Mapped[Any] = mapped_column(json_type(), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    celery_task_id: Mapped[str | None] = mapped_column(String(255))
+    queued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+    republished_at: Mapped[datetime | None]
+    republishes: Mapped[int] = mapped_column(
+        Integer, default=0, server_default=text("0"), nullable=False
+    )
+
+    __table_args__ = (
+        # "Admit the lowest pending items": the first entries, however far the map got
+        # (a walk of the primary key would pass every ended item).
+        Index(
+            "ix_map_items_pending",
+            "execution_id",
+            "step_name",
+            "item_index",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # The reconciler's stalled-item scan, as its step twin.
+        Index(
+            "ix_map_items_running_heartbeat",
+            "heartbeat_at",
+            postgresql_where=text("status = 'running'"),
+            sqlite_where=text("status = 'running'"),
+        ),
+        # The reconciler's due-retry / never-picked-up scan over queued items.
+        Index(
+            "ix_map_items_queued_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
+        # A worker's bulk heartbeat of the items it runs.
+        Index(
+            "ix_map_items_running_worker",
+            "worker",
+            postgresql_where=text("status = 'running'"),
+            sqlite_where=text("status = 'running'"),
+        ),
+    )
 
 
 class ExecutionEvent(Base):

@@ -120,6 +120,9 @@ class Claim:
     upstream: dict[str, Any]
     continued: bool = False
     waited: float = 0.0
+    # A map step's item: its index and its input (element ``map_index`` of the list).
+    map_index: int | None = None
+    item: Any = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,12 @@ class ReconcileReport:
     # executions ended), and executions cancelled below those timed out: to publish
     # after the commit (``Engine.publish_outcome``).
     woken: WaitOutcome | None = field(default=None, repr=False, compare=False)
+    # Map items to send (recovered from a lost worker, due, or never claimed), and how
+    # many were recovered, failed for crashing too often, or re-sent.
+    items: list[tuple[str, str, int]] = field(default_factory=list)
+    items_recovered: int = 0
+    items_crashed: int = 0
+    items_republished: int = 0
 
 
 @dataclass
@@ -195,6 +204,10 @@ class WaitOutcome:
     freed: list[str] = field(default_factory=list)
     # (workflow, seconds) of each sleep the waker woke: how late after its wake time.
     lags: list[tuple[str, float]] = field(default_factory=list)
+    # Map items queued (execution id, map step, item index), to publish.
+    items: list[tuple[str, str, int]] = field(default_factory=list)
+    # (workflow, step, result, n): map items counted (expanded, succeeded, failed, ...).
+    item_counts: list[tuple[str, str, str, int]] = field(default_factory=list)
 
     def merge(self, other: WaitOutcome) -> None:
         self.queued += other.queued
@@ -204,3 +217,5 @@ class WaitOutcome:
         self.woken += other.woken
         self.freed += other.freed
         self.lags += other.lags
+        self.items += other.items
+        self.item_counts += other.item_counts

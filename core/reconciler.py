@@ -225,6 +225,19 @@ def reconcile_pass(
 
     # What ending children set in motion in their parents (published by the caller).
     woken = WaitOutcome()
+    # Map items, as steps above: stalled ones queued again (or failed), due ones re-sent.
+    from core.map_repair import reconcile_items
+
+    items = reconcile_items(
+        conn,
+        stall_timeout=stall_timeout,
+        republish_after=republish_after,
+        limit=limit,
+        max_recoveries=max_recoveries,
+        gap=outage_gap(stall_timeout) if gap is None else gap,
+        definition_of=definition_of,
+        outcome=woken,
+    )
     overdue = list(conn.execute(sql.overdue_executions(limit)).scalars().all())
     # A child timed out here fails its parent step in this transaction.
     told: list[str] = []
@@ -264,4 +277,8 @@ def reconcile_pass(
         events_expired=events_expired,
         parents_woken=told,
         woken=woken,
+        items=items.publish,
+        items_recovered=items.recovered,
+        items_crashed=items.crashed,
+        items_republished=items.republished,
     )

@@ -16,13 +16,10 @@ from typing import Any, cast
 
 from sqlalchemy import (
     Boolean,
-    DateTime,
     Insert,
-    Integer,
     Select,
     String,
     Table,
-    Text,
     Update,
     and_,
     bindparam,
@@ -39,7 +36,6 @@ from sqlalchemy import (
     update,
     values,
 )
-from sqlalchemy import cast as cast_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -94,73 +90,6 @@ def insert_executions(
         .on_conflict_do_nothing(index_elements=[WE.idempotency_scope, WE.idempotency_key])
         .returning(WE.execution_id)
     )
-
-
-# Bulk creation on PostgreSQL: each column's values as one array parameter, zipped back
-# into rows by unnest. One statement of constant text whatever the batch size (built
-# once, prepared once), where a multi-row VALUES list is compiled afresh for every
-# batch and an executemany pays a round trip or a pipeline entry per row.
-_EXECUTION_ARRAYS: dict[str, Any] = {
-    "execution_id": String,
-    "workflow_id": String,
-    "workflow_version": Integer,
-    "input_data": Text,  # JSON text, cast to JSONB in the statement
-    "status": String,
-    "idempotency_key": String,
-    "idempotency_scope": String,
-    "triggered_by": String,
-    "priority": Integer,
-    "deadline_at": DateTime(timezone=True),
-}
-_STEP_ARRAYS: dict[str, Any] = {
-    "execution_id": String,
-    "step_name": String,
-    "status": String,
-    "unmet_deps": Integer,
-    "max_attempts": Integer,
-    "wait_kind": String,
-}
-_EVENT_ARRAYS: dict[str, Any] = {
-    "execution_id": String,
-    "step_name": String,
-    "from_status": String,
-    "to_status": String,
-    "attempt": Integer,
-    "reason": Text,
-}
-
-
-def _unnest_insert(model: type[Any], arrays: Mapping[str, Any]) -> Insert:
-    """INSERT INTO model's table (columns) SELECT unnest(array), ... : the columns'
-    Python-side defaults (created_at, attempt, ...) are added by from_select."""
-    selected = []
-    for name, sql_type in arrays.items():
-        values_of: ColumnElement[Any] = func.unnest(
-            cast_(bindparam(name), postgresql.ARRAY(sql_type))
-        )
-        if name == "input_data":
-            values_of = cast_(values_of, postgresql.JSONB)
-        selected.append(values_of.label(name))
-    return insert(cast(Table, model.__table__)).from_select(list(arrays), select(*selected))
-
-
-INSERT_EXECUTIONS_ARRAYS = _unnest_insert(WE, _EXECUTION_ARRAYS).returning(WE.execution_id)
-INSERT_EXECUTIONS_ARRAYS_IDEMPOTENT = (
-    postgresql.insert(WE)
-    .from_select(
-        list(_EXECUTION_ARRAYS),
-        _unnest_insert(WE, _EXECUTION_ARRAYS).select,  # type: ignore[arg-type]
-    )
-    .on_conflict_do_nothing(index_elements=[WE.idempotency_scope, WE.idempotency_key])
-    .returning(WE.execution_id)
-)
-INSERT_STEPS_ARRAYS = _unnest_insert(StepExecution, _STEP_ARRAYS)
-INSERT_EVENTS_ARRAYS = _unnest_insert(ExecutionEvent, _EVENT_ARRAYS)
-
-
-def as_arrays(rows: Sequence[Mapping[str, Any]], columns: Iterable[str]) -> dict[str, list[Any]]:
-    """Rows as the column arrays the ``*_ARRAYS`` statements take."""
-    return {name: [row[name] for row in rows] for name in columns}
 
 
 def select_by_idempotency_key(scope: str, key: str) -> Select[Any]:
@@ -936,6 +865,7 @@ _CHILD_COLUMNS = (
     WE.parent_execution_id,
     WE.parent_step_name,
     WE.parent_attempt,
+    WE.parent_item_index,
 )
 
 
@@ -1032,3 +962,52 @@ def running_tasks_of_tree(execution_id: str) -> Select[str | None]:
         SE.status == StepStatus.RUNNING.value,
         SE.celery_task_id.is_not(None),
     )
+
+
+def open_children_of_step(execution_id: str, step_name: str) -> Select[str]:
+    """The open child executions a step of ``execution_id`` started (a child map's
+    items): ix_workflow_executions_parent."""
+    return select(WE.execution_id).where(
+        WE.parent_execution_id == execution_id,
+        WE.parent_step_name == step_name,
+        WE.status.in_(sorted(s.value for s in EXECUTIONS.open)),
+    )
+
+
+# --- bulk creation on PostgreSQL: one statement per table, one array per column -------
+#
+# enqueue_many's rows as arrays (``unnest``): constant text psycopg prepares once, however
+# many executions, and no per-row parameters to bind or dicts to build; the step rows
+# of executions of one workflow are the cross product of the new ids and its steps.
+
+INSERT_EXECUTIONS_PG = """
+INSERT INTO workflow_executions (execution_id, workflow_id, workflow_version, input_data,
+       status, attempt, priority, idempotency_key, idempotency_scope, triggered_by,
+       deadline_at, starts_resent, depth, created_at, updated_at)
+SELECT t.id, t.wf, t.ver, CAST(t.input AS jsonb), 'pending', 1, t.prio, t.key, t.scope,
+       t.by, t.deadline, 0, 0, statement_timestamp(), statement_timestamp()
+  FROM unnest(CAST(:ids AS varchar[]), CAST(:wfs AS varchar[]), CAST(:vers AS int[]),
+              CAST(:inputs AS text[]), CAST(:prios AS int[]), CAST(:keys AS varchar[]),
+              CAST(:scopes AS varchar[]), CAST(:bys AS varchar[]),
+              CAST(:deadlines AS timestamptz[]))
+       WITH ORDINALITY AS t(id, wf, ver, input, prio, key, scope, by, deadline, n)
+ ORDER BY t.n
+ON CONFLICT (idempotency_scope, idempotency_key) DO NOTHING
+RETURNING execution_id
+"""
+
+INSERT_STEPS_PG = """
+INSERT INTO execution_steps (execution_id, step_name, status, attempt, max_attempts,
+       recoveries, attempt_base, unmet_deps, republishes, wait_kind, created_at, updated_at)
+SELECT e.id, x.name, 'pending', 1, x.most, 0, 0, x.unmet, 0, x.kind,
+       statement_timestamp(), statement_timestamp()
+  FROM unnest(CAST(:ids AS varchar[])) AS e(id)
+ CROSS JOIN unnest(CAST(:names AS varchar[]), CAST(:unmet AS int[]), CAST(:most AS int[]),
+                   CAST(:kinds AS varchar[])) AS x(name, unmet, most, kind)
+"""
+
+INSERT_CREATED_EVENTS_PG = """
+INSERT INTO execution_events (execution_id, to_status, attempt, reason, created_at)
+SELECT e.id, 'pending', 1, 'created', statement_timestamp()
+  FROM unnest(CAST(:ids AS varchar[])) AS e(id)
+"""

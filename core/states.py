@@ -154,3 +154,29 @@ STEPS: StateMachine[StepStatus] = StateMachine(
     STEP_RETRY_TRANSITIONS,
     frozenset({S.PENDING, S.QUEUED}),
 )
+
+# A map step's items (``map_items``): the step statuses, a table of their own. pending
+# -> running is the slot pass: the transaction that ends an item admits the next one
+# straight to running for the same worker (no message ever names a pending item, so no
+# delivery can take this edge); running -> queued is a retry or a stalled item recovered.
+ITEM_TRANSITIONS: Mapping[StepStatus, frozenset[StepStatus]] = {
+    S.PENDING: frozenset({S.QUEUED, S.RUNNING, S.CANCELLED}),
+    S.QUEUED: frozenset({S.QUEUED, S.RUNNING, S.CANCELLED}),
+    S.RUNNING: frozenset({S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+# ``retry --failed-items``: failed and cancelled items run again; succeeded ones keep
+# their outputs.
+ITEM_RETRY_TRANSITIONS: Mapping[StepStatus, frozenset[StepStatus]] = {
+    S.FAILED: frozenset({S.PENDING}),
+    S.CANCELLED: frozenset({S.PENDING}),
+}
+ITEMS: StateMachine[StepStatus] = StateMachine(
+    "map item",
+    StepStatus,
+    ITEM_TRANSITIONS,
+    ITEM_RETRY_TRANSITIONS,
+    frozenset({S.PENDING, S.QUEUED}),
+)

@@ -15,6 +15,7 @@ from typing import Any, cast
 from sqlalchemy import (
     CTE,
     Boolean,
+    Float,
     Insert,
     Row,
     Select,
@@ -62,6 +63,7 @@ SUCCEEDED = "step succeeded"
 RELEASED = "upstream steps done"
 CONTINUED = "continued in worker"
 CLAIMED_AT_START = "claimed at start"
+HANDED_OFF = "handed off"
 ALL_STEPS_FINAL = "all steps final"
 ADMITTED = "admitted"
 ROOT_STEP = "root step"
@@ -124,6 +126,10 @@ class HotPath:
     start: Update
     start_roots: Update
     start_pg: Select[Any]
+    hold: Update
+    continue_held: Update
+    continue_held_pg: Select[Any]
+    hand_off: Update
 
 
 def _json_param(name: str, postgres: bool) -> Any:
@@ -346,6 +352,7 @@ def hot_path(dialect: str) -> HotPath:
     finish_pg = select(*finished.c).add_cte(finished_event)
     lock_execution = select(func.pg_advisory_xact_lock(literal(FINISH_LOCK), func.hashtext(eid)))
     start, start_roots, start_pg = _start(eid, now)
+    hold, continue_held, continue_held_pg, hand_off = _held(eid, now)
     return HotPath(
         fused=postgres,
         claim=claim,
@@ -364,6 +371,10 @@ def hot_path(dialect: str) -> HotPath:
         start=start,
         start_roots=start_roots,
         start_pg=start_pg,
+        hold=hold,
+        continue_held=continue_held,
+        continue_held_pg=continue_held_pg,
+        hand_off=hand_off,
     )
 
 
@@ -502,6 +513,75 @@ def _start(eid: Any, now: Any) -> tuple[Update, Update, Select[Any]]:
         .add_cte(root_events)
     )
     return start, start_roots, start_pg
+
+
+def _held(eid: Any, now: Any) -> tuple[Update, Update, Select[Any], Update]:
+    """Siblings a worker holds: steps a completion queued beside the one it continued,
+    kept for the same worker to run one after another (``core.steps.complete``).
+
+    ``hold`` makes the queued steps ``names`` due only ``grace`` seconds from now: no
+    message names them, a stray one is refused by the claim's due check, and the
+    reconciler sends them once they are due (their worker died before handing them
+    off). ``continue_held`` claims one of them, ``step``, for ``worker_id``: queued ->
+    running, the compare-and-set every claim of a held step races through (this
+    worker's, a handed-off message's, a reconciler re-send's), so exactly one wins.
+    ``continue_held_pg`` is that claim with its event row: one PostgreSQL statement.
+    ``hand_off`` makes the held steps ``names`` still queued due now, to be published
+    (queued -> queued): their first message, so no re-send in ``republishes``.
+    """
+    queued = _from(StepStatus.QUEUED, StepStatus.RUNNING)
+    hold = (
+        update(SE)
+        .where(
+            SE.c.execution_id == eid,
+            _step_named(SE.c.step_name, "names"),
+            SE.c.status == literal(StepStatus.QUEUED.value),
+        )
+        .values(next_attempt_at=utcnow(bindparam("grace", type_=Float)))
+    )
+    continue_held = (
+        update(SE)
+        .where(
+            SE.c.execution_id == eid,
+            SE.c.step_name == bindparam("step"),
+            SE.c.status == literal(queued),
+        )
+        .values(
+            status=literal(StepStatus.RUNNING.value),
+            previous_status=SE.c.status,
+            worker=bindparam("worker_id"),
+            celery_task_id=None,
+            started_at=now,
+            heartbeat_at=now,
+            next_attempt_at=None,
+            updated_at=now,
+        )
+        # queued_at and started_at: how long the held step waited (a metric).
+        .returning(*_transition_columns(SE), SE.c.queued_at, SE.c.started_at)
+    )
+    claimed = continue_held.cte("held")
+    claimed_event = (
+        insert(EV)
+        .from_select(EVENT_COLUMNS, _event_select(claimed, CONTINUED), include_defaults=False)
+        .cte("held_event")
+    )
+    continue_held_pg = select(*claimed.c).add_cte(claimed_event)
+    hand_off = (
+        update(SE)
+        .where(
+            SE.c.execution_id == eid,
+            _step_named(SE.c.step_name, "names"),
+            SE.c.status == literal(_from(StepStatus.QUEUED, StepStatus.QUEUED)),
+        )
+        .values(
+            previous_status=SE.c.status,
+            next_attempt_at=None,
+            republished_at=now,
+            updated_at=now,
+        )
+        .returning(*_transition_columns(SE))
+    )
+    return hold, continue_held, continue_held_pg, hand_off
 
 
 def _complete(steps: Table | Alias, eid: Any, now: Any, postgres: bool) -> Update:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -37,6 +38,7 @@ from core.step_statements import (
     CLAIMED,
     CLAIMED_AT_START,
     CONTINUED,
+    HANDED_OFF,
     RELEASED,
     SUCCEEDED,
     HotPath,
@@ -118,6 +120,24 @@ def _outputs(
     return {r.step_name: r.output_data for r in rows}
 
 
+@dataclass(frozen=True)
+class HeldStep:
+    """A sibling step this worker holds (see ``complete``'s ``hold``), with what it
+    needs to run when its only upstream step is the one that released it."""
+
+    name: str
+    source: str  # the step whose completion released it
+    output: Any  # that step's output
+
+
+@dataclass(frozen=True)
+class Completion(StepCompletion):
+    """A StepCompletion, and the released steps it held for this worker (``held``:
+    queued, due only after the hold's grace, and sent by no message yet)."""
+
+    held: tuple[str, ...] = ()
+
+
 def complete(
     conn: Connection,
     step: Claim,
@@ -126,11 +146,22 @@ def complete(
     workflow: Dag,
     continue_as: str | None = None,
     definition_of: DefinitionOf | None = None,
-) -> StepCompletion:
+    *,
+    hold: float | None = None,
+    take: HeldStep | None = None,
+) -> Completion:
     """Record a step's success and everything it sets in motion, in one transaction:
     its output and event, the release of its downstream steps (atomic decrements),
     the execution's end when this was its last open step, and, with ``continue_as``
     (this worker's id), the claim of one released step for the worker to run next.
+
+    Held siblings (a fan-out run by one worker, with no broker message per branch):
+    with ``hold`` (seconds) and a released step continued, the other steps it queued
+    are held for this worker: due only ``hold`` seconds from now, and reported in
+    ``held`` instead of ``queued`` (not to be published). With ``take`` (a step this
+    worker holds) and no released step continued, ``take`` is claimed to run next
+    instead, if it is still queued. The worker hands held steps it will not run to the
+    broker (``hand_off``); those of a worker that died fall due to the reconciler.
 
     Wait nodes it releases enter ``waiting`` and are established here too
     (``core.waits.enter_waits``; ``definition_of`` finds workflows by name and version,
@@ -165,7 +196,7 @@ def complete(
     if sql_.fused:
         rows = conn.execute(sql_.complete_pg, params).all()
         if not rows:
-            return StepCompletion(transition=_not_applied(conn, sql_, step))
+            return Completion(transition=_not_applied(conn, sql_, step))
         for row in rows:
             released_any = released_any or row.step_name is not None
             if row.status == StepStatus.QUEUED.value:
@@ -175,7 +206,7 @@ def complete(
     else:
         done = conn.execute(sql_.complete, params).first()
         if done is None:
-            return StepCompletion(transition=_not_applied(conn, sql_, step))
+            return Completion(transition=_not_applied(conn, sql_, step))
         events = [event_row(done, SUCCEEDED)]
         if downstream:
             released = conn.execute(sql_.release, params).all()
@@ -187,6 +218,14 @@ def complete(
             events.append(event_row(continued, CONTINUED))
             queued = queued[1:]
         conn.execute(sql_.events, events)
+    held: list[str] = []
+    if hold is not None and continued is not None and queued:
+        conn.execute(sql_.hold, {"eid": execution_id, "names": queued, "grace": hold})
+        held, queued = queued, []
+    source, took = (step_name, output), False
+    if take is not None and continued is None and continue_as is not None:
+        continued = _take_held(conn, sql_, execution_id, take.name, continue_as)
+        source, took = (take.source, take.output), continued is not None
     transition = TransitionResult(
         applied=True,
         execution_id=execution_id,
@@ -208,7 +247,8 @@ def complete(
     # is necessarily the last (every other step is upstream of it, and succeeded before
     # it was queued): no other step can end at the same moment, so it takes no lock.
     finished = None
-    if not released_any:
+    # A held step claimed here is running: the execution cannot end in this transaction.
+    if not released_any and not took:
         alone = list(workflow.sinks) == [step_name]
         finished = finish_if_done(conn, execution_id, workflow.sinks, contended=not alone)
         if finished is None and isinstance(workflow, Workflow) and workflow.wait_nodes:
@@ -227,8 +267,8 @@ def complete(
     if continued is not None:
         upstream = workflow.upstream(continued.step_name)
         outputs = (
-            {step_name: output}
-            if upstream == (step_name,)
+            {source[0]: source[1]}
+            if upstream == (source[0],)
             else _outputs(conn, sql_, execution_id, upstream)
         )
         next_step = Claim(
@@ -240,14 +280,43 @@ def complete(
             step.input_data,
             outputs,
             continued=True,
+            waited=_waited(continued) if took else 0.0,
         )
-    return StepCompletion(
+    return Completion(
         transition=transition,
         queued=tuple(queued),
         execution=finished,
         continued=next_step,
         woken=woken,
+        held=tuple(held),
     )
+
+
+def _take_held(
+    conn: Connection, sql_: HotPath, execution_id: str, step_name: str, worker: str
+) -> Row[Any] | None:
+    """Claim the held step ``step_name`` for ``worker``, with its event; None when it is
+    no longer queued (handed off and claimed elsewhere, cancelled)."""
+    params = {"eid": execution_id, "step": step_name, "worker_id": worker}
+    if sql_.fused:
+        return conn.execute(sql_.continue_held_pg, params).first()
+    row = conn.execute(sql_.continue_held, params).first()
+    if row is not None:
+        conn.execute(sql_.events, [event_row(row, CONTINUED)])
+    return row
+
+
+def hand_off(conn: Connection, execution_id: str, names: Sequence[str]) -> list[str]:
+    """Steps this worker held and will not run, made due now for their messages: queued
+    -> queued with its event, for those still queued (a held step claimed meanwhile, or
+    cancelled, is left as it is). The names to publish, once committed."""
+    if not names:
+        return []
+    sql_ = hot_path(conn.dialect.name)
+    rows = conn.execute(sql_.hand_off, {"eid": execution_id, "names": list(names)}).all()
+    if rows:
+        conn.execute(sql_.events, [event_row(row, HANDED_OFF) for row in rows])
+    return sorted(row.step_name for row in rows)
 
 
 def _not_applied(conn: Connection, sql_: HotPath, step: Claim) -> TransitionResult:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     update,
     values,
@@ -319,7 +320,15 @@ def repark(execution_ids: list[str]) -> Update:
     def has(statuses: list[str]) -> Any:
         return exists().where(SE.c.execution_id == WE.c.execution_id, SE.c.status.in_(statuses))
 
-    busy = has([StepStatus.QUEUED.value, StepStatus.RUNNING.value])
+    busy = or_(
+        has([StepStatus.QUEUED.value, StepStatus.RUNNING.value]),
+        # A map's items are work in progress, not a wait: its execution keeps its slot.
+        exists().where(
+            SE.c.execution_id == WE.c.execution_id,
+            SE.c.status == WAITING,
+            SE.c.wait_kind == "map",
+        ),
+    )
     parked = and_(~busy, has([WAITING]))
     return (
         update(WE)

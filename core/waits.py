@@ -48,7 +48,7 @@ from core.wait_statements import (
     repark,
     wait_statements,
 )
-from core.workflows import ChildWait, EventWait, Sleep, Step, Workflow
+from core.workflows import ChildWait, EventWait, MapSpec, Sleep, Step, Workflow
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,12 @@ class WaitContext:
     step_name: str
     attempt: int
     input: Any
+    map_index: int | None = None
 
     @property
     def idempotency_key(self) -> str:
+        if self.map_index is not None:
+            return f"{self.execution_id}:{self.step_name}:{self.map_index}"
         return f"{self.execution_id}:{self.step_name}"
 
     def heartbeat(self) -> None:
@@ -289,6 +292,10 @@ def _arm(
         from core.children import start_child
 
         return start_child(conn, execution, step, attempt, wait, known_outputs, outcome)
+    if isinstance(wait, MapSpec):
+        from core.maps import expand
+
+        return expand(conn, execution, step, attempt, known_outputs, outcome)
     raise AssertionError(f"step {step.name} is not a wait")
 
 

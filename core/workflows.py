@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from graphlib import CycleError, TopologicalSorter
 from typing import Any, Protocol, get_type_hints
@@ -54,6 +54,10 @@ class StepContext(Protocol):
 
     def is_cancelled(self) -> bool:
         """Whether the execution was cancelled: a long step should stop when it is."""
+
+    @property
+    def map_index(self) -> int | None:
+        """The item's index in a map step's list (None outside a map step)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ StepFunction = Callable[..., Any]
 # How many child workflows may nest below a root execution, unless
 # CONVEYOR_MAX_CHILD_DEPTH says otherwise (the registry passes the setting).
 MAX_CHILD_DEPTH = 8
+# The most items any map may declare (``max_items``): each is a row.
+MAX_MAP_ITEMS = 100_000
 
 
 @dataclass(frozen=True)
@@ -132,8 +138,57 @@ class ChildWait:
     kind = "child"
 
 
-Wait = Sleep | EventWait | ChildWait
-WAIT_KINDS = ("sleep", "event", "child")
+@dataclass(frozen=True)
+class Tolerate:
+    """How many items of a map may fail (after their retries) before the map fails:
+    ``max_failed`` items (an int), or that fraction of the items (a float below 1).
+    A tolerated failure gives ``None`` at its index in the map's output."""
+
+    max_failed: int | float = 0
+
+    def __post_init__(self) -> None:
+        value = self.max_failed
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DefinitionError(f"Tolerate(max_failed=) takes a number, got {value!r}")
+        if isinstance(value, float) and not 0 <= value < 1:
+            raise DefinitionError(
+                f"Tolerate(max_failed={value!r}): a fraction must be at least 0 and below 1 "
+                "(give an int for a number of items)"
+            )
+        if isinstance(value, int) and value < 0:
+            raise DefinitionError(f"Tolerate(max_failed={value!r}) must not be negative")
+
+    def limit(self, items: int) -> int:
+        """How many of ``items`` may fail."""
+        if isinstance(self.max_failed, float):
+            return int(self.max_failed * items)
+        return self.max_failed
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """A map step: its function runs once per element of step ``over``'s output (a
+    list), at most ``max_parallel`` at a time; its output is the list of the items'
+    outputs in item order."""
+
+    over: str
+    max_parallel: int = 32
+    max_items: int = 10_000
+    on_item_failure: str | Tolerate = "fail"
+    # A child map (``wf.child(..., over=)``): each item is an execution of this child
+    # workflow (its input ``input(ctx, item, **unmapped)``) instead of a function call.
+    child: ChildWait | None = None
+
+    kind = "map"
+
+    @property
+    def tolerate(self) -> Tolerate:
+        """``on_item_failure`` as a Tolerate (``"fail"``: none may fail)."""
+        return self.on_item_failure if isinstance(self.on_item_failure, Tolerate) else Tolerate()
+
+
+Wait = Sleep | EventWait | ChildWait | MapSpec
+WAIT_KINDS = ("sleep", "event", "child", "map")
 
 
 def _never_run(ctx: Any, **_upstream: Any) -> None:
@@ -144,7 +199,9 @@ def _never_run(ctx: Any, **_upstream: Any) -> None:
 @dataclass(frozen=True)
 class Step:
     """One node of a workflow's DAG: a task (``fn`` run by a worker) or, with ``wait``,
-    a wait node (a sleep, an event wait or a child workflow) that no worker runs."""
+    a wait node (a sleep, an event wait or a child workflow) that no worker runs, or a
+    map step (``MapSpec``: ``fn`` runs once per item, each under ``retry``,
+    ``soft_timeout`` and ``timeout``)."""
 
     name: str
     fn: StepFunction
@@ -157,7 +214,7 @@ class Step:
 
     @property
     def kind(self) -> str:
-        """``task``, or the wait's kind: ``sleep``, ``event`` or ``child``."""
+        """``task``, or the wait's kind: ``sleep``, ``event``, ``child`` or ``map``."""
         return "task" if self.wait is None else self.wait.kind
 
     def to_json(self, value: Any) -> Any:
@@ -312,16 +369,86 @@ class Workflow:
         depends_on: Iterable[str] = (),
         input: StepFunction | None = None,
         retry: Retry | None = None,
+        over: str | None = None,
+        max_parallel: int = 32,
+        max_items: int = 10_000,
+        on_item_failure: str | Tolerate = "fail",
     ) -> None:
         """Declare a node that starts an execution of ``workflow`` with
         ``input(ctx, **upstream)`` and completes with its output (or fails with its error,
-        then follows ``retry``: a retry starts a new child)."""
+        then follows ``retry``: a retry starts a new child).
+
+        With ``over``, a child map: one child execution per element of step ``over``'s
+        output (its input ``input(ctx, item, **unmapped)``, or the item itself), at most
+        ``max_parallel`` running at a time, each item following ``retry``; the output is
+        the children's outputs in item order (see ``map``)."""
         where = f"workflow {self.name!r}, child {name!r}"
         if not isinstance(workflow, Workflow):
             raise DefinitionError(f"{where}: workflow must be a Workflow, got {workflow!r}")
         if input is not None and not callable(input):
             raise DefinitionError(f"{where}: input must be a function (ctx, **upstream)")
-        self._add_wait(name, depends_on, ChildWait(workflow=workflow, input=input), input, retry)
+        if over is None:
+            self._add_wait(
+                name, depends_on, ChildWait(workflow=workflow, input=input), input, retry
+            )
+            return
+        mapped = _map_spec(where, over, max_parallel, max_items, on_item_failure)
+        unmapped = _unmapped(where, over, depends_on)
+        upstream = (over, *unmapped)
+        if input is not None:
+            _check_signature(where, Step(name=name, fn=input, depends_on=upstream), mapped=True)
+        self.add_step(
+            Step(
+                name=name,
+                fn=_never_run,
+                depends_on=upstream,
+                retry=retry or Retry(),
+                wait=replace(mapped, child=ChildWait(workflow=workflow, input=input)),
+            )
+        )
+
+    def map(
+        self,
+        *,
+        over: str,
+        max_parallel: int = 32,
+        max_items: int = 10_000,
+        on_item_failure: str | Tolerate = "fail",
+        depends_on: Iterable[str] = (),
+        retry: Retry | None = None,
+        soft_timeout: float | None = None,
+        timeout: float | None = None,
+        name: str | None = None,
+    ) -> Callable[[StepFunction], StepFunction]:
+        """Declare the decorated function ``(ctx, item, **unmapped)`` a map step: it runs
+        once per element of step ``over``'s output (``ctx.map_index`` is its index), at
+        most ``max_parallel`` at a time, each item with its own ``retry`` and time
+        limits; dependents receive the items' outputs as a list in item order.
+
+        ``on_item_failure="fail"``: the first item that fails after its retries fails
+        the map and cancels the items not finished; ``Tolerate(max_failed=N or
+        fraction)``: failed items give ``None`` at their index while under the limit.
+        Other ``depends_on`` steps reach every item unmapped, as keyword arguments."""
+
+        def register(fn: StepFunction) -> StepFunction:
+            step_name = name or fn.__name__
+            where = f"workflow {self.name!r}, map {step_name!r}"
+            spec = _map_spec(where, over, max_parallel, max_items, on_item_failure)
+            unmapped = _unmapped(where, over, depends_on)
+            self.add_step(
+                Step(
+                    name=step_name,
+                    fn=fn,
+                    depends_on=(over, *unmapped),
+                    retry=retry or Retry(),
+                    soft_timeout=soft_timeout,
+                    timeout=timeout,
+                    wait=spec,
+                )
+            )
+            return fn
+
+        return register
 
     def _add_wait(
         self,
@@ -353,6 +480,11 @@ class Workflow:
             self._wait_nodes = frozenset(n for n, s in self.steps.items() if s.wait is not None)
         return self._wait_nodes
 
+    @property
+    def map_nodes(self) -> frozenset[str]:
+        """The names of the map steps."""
+        return frozenset(n for n, s in self.steps.items() if isinstance(s.wait, MapSpec))
+
     def task_downstream(self, name: str) -> list[str]:
         """``downstream(name)`` without its wait nodes: what a completion queues."""
         waits = self.wait_nodes
@@ -367,7 +499,13 @@ class Workflow:
 
     def child_workflows(self) -> list[Workflow]:
         """The workflows this one starts as children, directly."""
-        return [s.wait.workflow for s in self.steps.values() if isinstance(s.wait, ChildWait)]
+        found: list[Workflow] = []
+        for step in self.steps.values():
+            if isinstance(step.wait, ChildWait):
+                found.append(step.wait.workflow)
+            elif isinstance(step.wait, MapSpec) and step.wait.child is not None:
+                found.append(step.wait.child.workflow)
+        return found
 
     def event_schemas(self) -> dict[str, type[BaseModel] | None]:
         """Each event this workflow waits for, with its payload schema."""
@@ -402,9 +540,12 @@ class Workflow:
             and step.soft_timeout >= step.timeout
         ):
             raise DefinitionError(f"{where}: soft_timeout must be below timeout")
-        if step.fn is not _never_run:
+        if isinstance(step.wait, MapSpec) and step.wait.child is None:
+            _check_signature(where, step, mapped=True)
+        elif step.fn is not _never_run:
             _check_signature(where, step)
-        self.steps[step.name] = step if step.wait else _with_output_adapter(where, step)
+        runs = step.wait is None or (isinstance(step.wait, MapSpec) and step.wait.child is None)
+        self.steps[step.name] = _with_output_adapter(where, step) if runs else step
         self._children_map = None
         self._sinks = None
         self._wait_nodes = None
@@ -516,7 +657,36 @@ class Workflow:
         return self.input_model.model_validate(data) if self.input_model else data
 
 
-def _check_signature(where: str, step: Step) -> None:
+def _map_spec(
+    where: str, over: str, max_parallel: int, max_items: int, on_item_failure: str | Tolerate
+) -> MapSpec:
+    """A map's options checked, as a MapSpec; DefinitionError naming a bad one."""
+    if not isinstance(over, str) or not over:
+        raise DefinitionError(f"{where}: over must name the step whose list it maps")
+    for label, value in (("max_parallel", max_parallel), ("max_items", max_items)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DefinitionError(f"{where}: {label} must be an int of 1 or more")
+    if max_items > MAX_MAP_ITEMS:
+        raise DefinitionError(
+            f"{where}: max_items={max_items:,} is above the limit of {MAX_MAP_ITEMS:,}"
+        )
+    if not isinstance(on_item_failure, Tolerate) and on_item_failure != "fail":
+        raise DefinitionError(
+            f'{where}: on_item_failure must be "fail" or Tolerate(...), got {on_item_failure!r}'
+        )
+    return MapSpec(over, max_parallel, max_items, on_item_failure)
+
+
+def _unmapped(where: str, over: str, depends_on: Iterable[str]) -> tuple[str, ...]:
+    """A map's other upstream steps (passed to each item unmapped)."""
+    if isinstance(depends_on, str):
+        raise DefinitionError(
+            f"{where}: depends_on takes a list of step names, got the string {depends_on!r}"
+        )
+    return tuple(d for d in depends_on if d != over)
+
+
+def _check_signature(where: str, step: Step, *, mapped: bool = False) -> None:
     try:
         parameters = list(inspect.signature(step.fn).parameters.values())
     except (TypeError, ValueError) as exc:
@@ -527,6 +697,15 @@ def _check_signature(where: str, step: Step) -> None:
     ):
         raise DefinitionError(f"{where}: the function must take the step context first")
     rest = parameters[1:]
+    if mapped:
+        # A map's function takes the item second; its other upstream steps by name.
+        if not rest or rest[0].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            raise DefinitionError(f"{where}: the function must take (ctx, item, ...)")
+        rest = rest[1:]
+        step = replace(step, depends_on=step.depends_on[1:])
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in rest):
         return
     names = {p.name for p in rest}
@@ -572,6 +751,7 @@ def _with_output_adapter(where: str, step: Step) -> Step:
         soft_timeout=step.soft_timeout,
         timeout=step.timeout,
         output=adapter,
+        wait=step.wait,
     )
 
 

@@ -25,6 +25,7 @@ from worker import logs
 from worker.config import FIRE_SCHEDULES, RECONCILE, WAKE, celery_config
 from worker.engine import RUN_STEP, START_BATCH, START_EXECUTION, Engine
 from worker.failures import StepFailed
+from worker.items import RUN_ITEM
 from worker.schedules import fire_schedules as fire_due
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,22 @@ class StepTask(Task):  # type: ignore[type-arg]
         # Only then: a StepFailed (also reported here) is a failure recorded already.
         if isinstance(exc, TimeLimitExceeded) and "execution_id" in kwargs:
             engine: Engine = cast(ConveyorCelery, self.app).engine
+            limit = exc.args[0] if exc.args else None
             try:
-                engine.record_hard_timeout(
-                    kwargs["execution_id"],
-                    kwargs["step_name"],
-                    task_id,
-                    exc.args[0] if exc.args else None,
-                )
+                if "index" in kwargs:  # a map item (conveyor.run_item)
+                    engine.items.record_hard_timeout(
+                        kwargs["execution_id"],
+                        kwargs["step_name"],
+                        kwargs["index"],
+                        task_id,
+                        limit,
+                        kwargs["workflow"],
+                        kwargs["version"],
+                    )
+                else:
+                    engine.record_hard_timeout(
+                        kwargs["execution_id"], kwargs["step_name"], task_id, limit
+                    )
             except Exception:  # the reconciler recovers it as a stalled step
                 log.warning("could not record the hard timeout of %s", task_id, exc_info=True)
 
@@ -93,34 +103,6 @@ def _register_tasks(app: ConveyorCelery) -> None:
     def start_execution(task: Task[Any, Any], execution_id: str, workflow: str) -> None:
         """Admit a pending execution (within its workflow's concurrency limit) and run
         its first root step here."""
-        _start(task, execution_id, workflow)
-
-    @app.task(name=START_BATCH, **steps)
-    def start_batch(
-        task: Task[Any, Any], workflow: str, priority: int, execution_ids: list[str]
-    ) -> None:
-        """Split a batch of starts (``enqueue_many``): a single start message for each
-        execution but the first, queued behind running executions' steps as the
-        producer's would have been, then start the first here.
-
-        A redelivered batch (a worker killed while splitting it) sends its starts again:
-        a start of an execution already admitted is a no-op. A batch lost by the broker,
-        or whose starts this worker could not publish, leaves pending executions: the
-        reconciler sends their starts (CONVEYOR_START_AFTER).
-        """
-        first, *rest = execution_ids
-        try:
-            app.engine.publish_starts([(execution_id, workflow, priority) for execution_id in rest])
-        except Exception:  # committed rows: the reconciler will start them
-            log.warning(
-                "splitting a start batch: publishing %d start(s) failed; the reconciler "
-                "will send them",
-                len(rest),
-                exc_info=True,
-            )
-        _start(task, first, workflow)
-
-    def _start(task: Task[Any, Any], execution_id: str, workflow: str) -> None:
         with (
             _retry_when_transient(task),
             _step_failure_as_task_state(),
@@ -133,6 +115,19 @@ def _register_tasks(app: ConveyorCelery) -> None:
                 span.set("conveyor.status", "started")
                 raise
             span.set("conveyor.status", "started" if admission.started else "waiting")
+
+    @app.task(name=START_BATCH, **steps)
+    def start_batch(
+        task: Task[Any, Any], execution_ids: list[str], workflow: str, priority: int = 0
+    ) -> None:
+        """Start the first of a batch of pending executions here (``enqueue_many``'s,
+        a batch a message) and send the rest on (``Engine.start_batch``)."""
+        with (
+            _retry_when_transient(task),
+            _step_failure_as_task_state(),
+            app.engine.tracing.received(task.request),
+        ):
+            app.engine.start_batch(execution_ids, workflow, priority)
 
     @app.task(name=RUN_STEP, base=StepTask, **steps)
     def run_step(
@@ -149,6 +144,23 @@ def _register_tasks(app: ConveyorCelery) -> None:
             app.engine.tracing.received(task.request),
         ):
             app.engine.run_step(execution_id, step_name, task.request.id, workflow, version)
+
+    @app.task(name=RUN_ITEM, base=StepTask, **steps)
+    def run_item(
+        task: Task[Any, Any],
+        execution_id: str,
+        step_name: str,
+        index: int,
+        workflow: str,
+        version: int,
+    ) -> None:
+        """Claim, run and record one item of a map step (and the items it continues with)."""
+        with (
+            _retry_when_transient(task),
+            _step_failure_as_task_state(),
+            app.engine.tracing.received(task.request),
+        ):
+            app.engine.items.run(execution_id, step_name, index, task.request.id, workflow, version)
 
     @app.task(name=FIRE_SCHEDULES, **options)
     def fire_schedules(task: Task[Any, Any]) -> None:

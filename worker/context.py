@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from core import steps
+from core import maps, steps
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import InputValidationError
 from core.outcomes import Claim
@@ -33,6 +33,7 @@ class RunningStep:
         self.execution_id = claim.execution_id
         self.step_name = claim.step_name
         self.attempt = claim.attempt
+        self.map_index = claim.map_index
         self._stored_input = claim.input_data
         self._input: Any = _UNREAD
         self._workflow = workflow
@@ -63,12 +64,20 @@ class RunningStep:
 
     @property
     def idempotency_key(self) -> str:
-        """Stable across attempts of this step: use it for external side effects."""
+        """Stable across attempts of this step (of this item, in a map): use it for
+        external side effects."""
+        if self.map_index is not None:
+            return f"{self.execution_id}:{self.step_name}:{self.map_index}"
         return f"{self.execution_id}:{self.step_name}"
 
     def heartbeat(self) -> None:
         """Refresh this step's heartbeat now (the worker also does it periodically)."""
-        self._manager.heartbeat(self._heartbeats.worker_id, [(self.execution_id, self.step_name)])
+        worker = self._heartbeats.worker_id
+        if self.map_index is not None:
+            key = (self.execution_id, self.step_name, self.map_index)
+            self._manager.run(maps.heartbeat_items, worker, [key])
+            return
+        self._manager.heartbeat(worker, [(self.execution_id, self.step_name)])
 
     def is_cancelled(self) -> bool:
         """Whether the execution was cancelled or timed out, or this step was cancelled.
@@ -80,6 +89,12 @@ class RunningStep:
         if self._cancelled or now - self._cancel_checked_at < CANCEL_CHECK_TTL:
             return self._cancelled
         self._cancel_checked_at = now
-        status = self._manager.run(steps.step_status, self.execution_id, self.step_name)
+        if self.map_index is not None:
+            # An item is cancelled with its map (it failed) and with its execution.
+            status = self._manager.run(
+                maps.item_status, self.execution_id, self.step_name, self.map_index
+            )
+        else:
+            status = self._manager.run(steps.step_status, self.execution_id, self.step_name)
         self._cancelled = status in (StepStatus.CANCELLED, None)
         return self._cancelled

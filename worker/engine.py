@@ -7,6 +7,14 @@ released step of the same execution here, claimed by the completing transaction,
 without a broker round trip, within a bound (``CONVEYOR_CONTINUE_MAX_STEPS`` and
 ``CONVEYOR_CONTINUE_MAX_SECONDS``) so a long chain cannot starve other work.
 
+A fan-out continues one released step and **holds** the others (``_Held``): they stay
+queued with no message, and the worker claims them one after another in the
+completions of the steps it runs, as a chain. Within ``CONVEYOR_HOLD_SECONDS`` of the
+hold, whatever is still held is handed off to the broker (at a step boundary, or by the
+heartbeat thread while a step still runs), so one slow branch delays its siblings by at
+most that long. A worker that dies holding steps loses none: they fall due
+``HOLD_GRACE`` seconds after the hold's bound and the reconciler sends them.
+
 Every transition is a compare-and-set in ``core``; the engine only decides what to
 ask for and publishes what a committed transaction queued.
 """
@@ -14,6 +22,7 @@ ask for and publishes what a committed transaction queued.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import children, executions, reconciler, steps, waits, waker
+from core import children, executions, map_repair, reconciler, steps, waits, waker
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -41,7 +50,8 @@ from core.workflows import Step, Workflow
 from worker.config import WAKE, broker_priority
 from worker.context import RunningStep
 from worker.failures import StepFailed
-from worker.heartbeat import Heartbeat
+from worker.heartbeat import Deadline, Heartbeat
+from worker.items import ItemRunner
 from worker.logs import step_context
 from worker.metrics import Metrics, get_metrics
 from worker.tracing import Tracing
@@ -54,9 +64,10 @@ log = logging.getLogger(__name__)
 RUN_STEP = "conveyor.run_step"
 START_EXECUTION = "conveyor.start_execution"
 START_BATCH = "conveyor.start_batch"
-# Executions one start_batch message carries: one message (one publish) for this many
-# starts, and a worker splitting it sends this many single starts.
-START_BATCH_SIZE = 500
+# Executions of one workflow and priority started by one ``conveyor.start_batch`` message:
+# ``enqueue_many`` of 1,000 sends 10 messages, not 1,000 (a publish costs the producer
+# about 0.4 ms, its whole insert 0.1 ms per execution).
+START_BATCH_SIZE = 100
 TRACEBACK_LIMIT = 16_000
 MESSAGE_LIMIT = 4_000
 # Recording an outcome after the step's code ran is worth waiting for: if the database
@@ -70,6 +81,10 @@ T = TypeVar("T")
 # Failed publishes in a row after which a reconciler pass takes the broker to be down
 # and leaves the rest of its messages for the next pass.
 BROKER_DOWN_AFTER = 3
+# Seconds past the hold's bound (CONVEYOR_HOLD_SECONDS) before steps a worker holds fall
+# due to the reconciler: a live worker hands them off well within it (its heartbeat
+# thread does it on time even while a step runs), so only a dead worker's are taken.
+HOLD_GRACE = 2.0
 
 
 def _send_each(
@@ -159,6 +174,73 @@ def _unlimited(step: Step) -> bool:
     return step.soft_timeout is None and step.timeout is None
 
 
+class _Held:
+    """The sibling steps one chain of this worker holds (queued, no message sent): one
+    is taken for each step boundary that continues nothing else, until ``due`` (a
+    monotonic time); then whatever is left is handed off (``close``), once.
+
+    Shared by the chain's thread and the heartbeat thread (the hand-off on time), so
+    every change is under a lock; the claims themselves are compare-and-sets in SQL, so
+    a step taken by the chain and handed off at once still runs once.
+    """
+
+    def __init__(self, execution_id: str, route: Route, due: float) -> None:
+        self.execution_id = execution_id
+        self.route = route
+        self.due = due
+        self.deadline: Deadline | None = None
+        self._steps: list[steps.HeldStep] = []
+        self._open = True
+        self._lock = threading.Lock()
+
+    def add(self, held: Sequence[steps.HeldStep]) -> bool:
+        """Hold ``held`` too; False when this group was handed off already."""
+        with self._lock:
+            if self._open:
+                self._steps.extend(held)
+            return self._open
+
+    def next(self) -> steps.HeldStep | None:
+        """The held step to claim at this boundary if it continues nothing else (it stays
+        held until ``claimed``); None when there is none, or the hold's time is up (the
+        rest goes to the broker)."""
+        with self._lock:
+            if not self._open or not self._steps or time.monotonic() >= self.due:
+                return None
+            return self._steps[0]
+
+    def claimed(self, step: steps.HeldStep) -> None:
+        """``step`` was claimed by this worker: no longer held."""
+        with self._lock:
+            if step in self._steps:
+                self._steps.remove(step)
+
+    def close(self) -> list[str]:
+        """End the hold: the names still held, to hand off (empty the second time)."""
+        with self._lock:
+            self._open = False
+            names = [step.name for step in self._steps]
+            self._steps.clear()
+            return names
+
+    @property
+    def open(self) -> bool:
+        with self._lock:
+            return self._open
+
+    @property
+    def empty(self) -> bool:
+        with self._lock:
+            return not self._steps
+
+
+class _Chain:
+    """What one chain of continued steps carries from step to step: its held siblings."""
+
+    def __init__(self) -> None:
+        self.held: _Held | None = None
+
+
 class Engine:
     """Runs workflows on one Celery app against conveyor's state database."""
 
@@ -175,6 +257,7 @@ class Engine:
         self.recorder = SyncEnhancedExecutionStateManager(database, retry_policy=PATIENT)
         self.heartbeats = Heartbeat(self.manager, settings.heartbeat_interval)
         self.tracing = Tracing(settings.tracing)
+        self.items = ItemRunner(self)
 
     @property
     def worker_id(self) -> str:
@@ -195,41 +278,22 @@ class Engine:
 
     # --- publishing (always after the commit that made the work) -------------------
 
-    def publish_starts(
-        self, starts: Iterable[tuple[str, str, int]], *, batched: bool = False
-    ) -> None:
-        """Send a start message for each (execution_id, workflow, priority); with
-        ``batched``, one start_batch message for each run of up to START_BATCH_SIZE
-        starts of the same workflow and priority, which a worker splits into single
-        starts (``split_starts``): one publish, not hundreds, for ``enqueue_many``."""
+    def publish_starts(self, starts: Iterable[tuple[str, str, int]]) -> None:
+        """Send the start messages of (execution_id, workflow, priority): executions of
+        one workflow and priority together, ``START_BATCH_SIZE`` a message
+        (``conveyor.start_batch``); one alone as ``conveyor.start_execution``."""
         headers = self.tracing.headers()
-        pending = list(starts)
-        singles: list[tuple[str, str, int]] = []
-        batches: list[tuple[str, int, list[str]]] = []
-        if batched:
-            for execution_id, workflow, priority in pending:
-                last = batches[-1] if batches else None
-                if last and last[:2] == (workflow, priority) and len(last[2]) < START_BATCH_SIZE:
-                    last[2].append(execution_id)
-                else:
-                    batches.append((workflow, priority, [execution_id]))
-            singles = [
-                (ids[0], workflow, priority) for workflow, priority, ids in batches if len(ids) == 1
-            ]
-            batches = [batch for batch in batches if len(batch[2]) > 1]
-        else:
-            singles = pending
+        groups: dict[tuple[str, int], list[str]] = {}
+        for execution_id, workflow, priority in starts:
+            groups.setdefault((workflow, priority), []).append(execution_id)
         with self.app.producer_or_acquire() as producer:
-            for workflow, priority, ids in batches:
-                self.app.send_task(
-                    START_BATCH,
-                    kwargs={"workflow": workflow, "priority": priority, "execution_ids": ids},
-                    # The priority of the starts it carries: behind running executions' steps.
-                    priority=broker_priority(self.settings, priority, kind="start"),
-                    producer=producer,
-                    shadow=f"{START_BATCH}:{workflow}",
-                    headers=headers,
-                )
+            for (workflow, priority), ids in groups.items():
+                if len(ids) == 1:
+                    continue
+                for first in range(0, len(ids), START_BATCH_SIZE):
+                    chunk = ids[first : first + START_BATCH_SIZE]
+                    self._send_batch(chunk, workflow, priority, "start", producer, headers)
+            singles = [(ids[0], w, p) for (w, p), ids in groups.items() if len(ids) == 1]
             for execution_id, workflow, priority in singles:
                 self.app.send_task(
                     START_EXECUTION,
@@ -241,6 +305,50 @@ class Engine:
                     shadow=f"{START_EXECUTION}:{workflow}",
                     headers=headers,
                 )
+
+    def _send_batch(
+        self,
+        ids: Sequence[str],
+        workflow: str,
+        priority: int,
+        kind: str,
+        producer: Any,
+        headers: dict[str, Any] | None,
+    ) -> None:
+        self.app.send_task(
+            START_BATCH,
+            kwargs={"execution_ids": list(ids), "workflow": workflow, "priority": priority},
+            priority=broker_priority(self.settings, priority, kind=kind),
+            producer=producer,
+            shadow=f"{START_BATCH}:{workflow}[{len(ids)}]",
+            headers=headers,
+        )
+
+    def start_batch(self, execution_ids: Sequence[str], workflow: str, priority: int) -> None:
+        """A ``conveyor.start_batch`` message: the rest of the batch goes back to the
+        broker as one message at *step* priority (ahead of the starts not yet taken,
+        so a taken batch keeps its place, and behind no running execution's step), then
+        the first execution is admitted and its root step run here, as a start message
+        does. Executions start one at a time, as workers come free: a burst still
+        finishes in the order it came. Breadth-first (``CONVEYOR_ORDER``): all at once."""
+        if self.settings.order != "depth_first":
+            # Breadth-first: arrival order, every start ahead of the steps it releases.
+            self.admit(workflow, list(execution_ids), run_here=True)
+            return
+        first, rest = execution_ids[0], list(execution_ids[1:])
+        if rest:
+            try:
+                with self.app.producer_or_acquire() as producer:
+                    headers = self.tracing.headers()
+                    self._send_batch(rest, workflow, priority, "step", producer, headers)
+            except Exception:  # committed and pending: the reconciler starts them
+                log.warning(
+                    "publishing the rest of a start batch (%d executions) failed; the "
+                    "reconciler will start them",
+                    len(rest),
+                    exc_info=True,
+                )
+        self.admit(workflow, [first], run_here=True)
 
     def publish_steps(
         self,
@@ -347,6 +455,9 @@ class Engine:
         finished, and admit the next execution where a slot freed. A failed publish is
         logged: the reconciler sends queued steps and starts of pending executions."""
         self._publish_committed(outcome.queued, outcome.routes)
+        self.items.publish_committed(outcome.items, outcome.routes)
+        for name, step, what, count in outcome.item_counts:
+            self.metrics.items(name, step, what, count)
         if outcome.starts:
             unsent = self.publish_starts_each(outcome.starts)
             if unsent:
@@ -442,33 +553,42 @@ class Engine:
         continued = 0
         next_step: Claim | None = claim
         parent = None  # the span of the step that released the next one, once continued
-        while next_step is not None:
-            more_steps = continued < self.settings.continue_max_steps
-            with (
-                step_context(
-                    next_step.execution_id,
-                    next_step.route.workflow,
-                    next_step.step_name,
-                    next_step.attempt,
-                ),
-                self.tracing.step_span(next_step, parent) as span,
-            ):
-                outcome = self._run(next_step, may_continue=more_steps, deadline=deadline)
-                span.outcome(outcome if isinstance(outcome, StepFailed) else None)
-            if isinstance(outcome, StepFailed):
-                raise outcome
-            next_step, parent = outcome, span.context
-            if next_step is not None:
-                continued += 1
-                log.info(
-                    "continuing execution %s with step %s in this worker (attempt %d)",
-                    next_step.execution_id,
-                    next_step.step_name,
-                    next_step.attempt,
-                )
+        chain = _Chain()
+        try:
+            while next_step is not None:
+                more_steps = continued < self.settings.continue_max_steps
+                with (
+                    step_context(
+                        next_step.execution_id,
+                        next_step.route.workflow,
+                        next_step.step_name,
+                        next_step.attempt,
+                    ),
+                    self.tracing.step_span(next_step, parent) as span,
+                ):
+                    outcome = self._run(
+                        next_step, may_continue=more_steps, deadline=deadline, chain=chain
+                    )
+                    span.outcome(outcome if isinstance(outcome, StepFailed) else None)
+                if isinstance(outcome, StepFailed):
+                    raise outcome
+                next_step, parent = outcome, span.context
+                if next_step is not None:
+                    continued += 1
+                    log.info(
+                        "continuing execution %s with step %s in this worker (attempt %d)",
+                        next_step.execution_id,
+                        next_step.step_name,
+                        next_step.attempt,
+                    )
+        finally:
+            # The chain ends (its bound, a failure, an error): what it still holds goes
+            # to the broker now.
+            if chain.held is not None:
+                self._hand_off(chain.held)
 
     def _run(
-        self, claim: Claim, *, may_continue: bool, deadline: float
+        self, claim: Claim, *, may_continue: bool, deadline: float, chain: _Chain | None = None
     ) -> Claim | StepFailed | None:
         """Run one claimed step and record its outcome; the step to continue with (only
         with ``may_continue``, and before the monotonic ``deadline``), or the recorded
@@ -497,7 +617,12 @@ class Engine:
             # Recorded while still beating: a database that is restarting may keep this
             # waiting, and the step must not look stalled meanwhile.
             return self._succeeded(
-                claim, workflow, output, encoded, may_continue and time.monotonic() < deadline
+                claim,
+                workflow,
+                output,
+                encoded,
+                may_continue and time.monotonic() < deadline,
+                chain or _Chain(),
             )
 
     def _succeeded(
@@ -507,13 +632,29 @@ class Engine:
         output: Any,
         encoded: str | None,
         may_continue: bool,
+        chain: _Chain,
     ) -> Claim | StepFailed | None:
         continue_as = (
             self.worker_id if may_continue and self._continuable(workflow, claim) else None
         )
+        held = chain.held if chain.held is not None and chain.held.open else None
+        # Siblings this completion releases beside the step it continues are held here,
+        # and a held one is claimed when it continues nothing else.
+        hold = self.settings.hold_seconds + HOLD_GRACE if continue_as is not None else None
+        if not self.settings.hold_seconds:
+            hold = None
+        take = held.next() if held is not None and continue_as is not None else None
         try:
             completion = self.recorder.run(
-                steps.complete, claim, output, encoded, workflow, continue_as, self.definition
+                steps.complete,
+                claim,
+                output,
+                encoded,
+                workflow,
+                continue_as,
+                self.definition,
+                hold=hold,
+                take=take,
             )
         except TransientDatabaseError:
             # The database stayed away through every retry (PATIENT): recording anything
@@ -548,12 +689,71 @@ class Engine:
             )
             return None
         self._publish_committed([(claim.execution_id, n) for n in completion.queued], claim.route)
+        self._held_after(claim, output, completion, chain, held, take)
         self.metrics.ended(workflow.name, completion.execution)
         if completion.execution is not None:
             self.after_finish(workflow.name)
         if completion.woken is not None:
             self.publish_outcome(completion.woken)
         return completion.continued
+
+    def _held_after(
+        self,
+        claim: Claim,
+        output: Any,
+        completion: steps.Completion,
+        chain: _Chain,
+        held: _Held | None,
+        take: steps.HeldStep | None,
+    ) -> None:
+        """After a committed completion: keep the siblings it held, forget the held step
+        it claimed, and hand off what is held once the hold's time is up."""
+        continued = completion.continued
+        if take is not None and held is not None and continued and continued.step_name == take.name:
+            held.claimed(take)
+        if completion.held:
+            more = [steps.HeldStep(name, claim.step_name, output) for name in completion.held]
+            if held is None or not held.add(more):
+                held = _Held(
+                    claim.execution_id,
+                    claim.route,
+                    time.monotonic() + self.settings.hold_seconds,
+                )
+                held.add(more)
+                chain.held = held
+                # While a step runs past the hold's time, the heartbeat thread hands off.
+                group = held
+                held.deadline = self.heartbeats.at(held.due, lambda: self._hand_off(group))
+        if held is not None and (held.empty or time.monotonic() >= held.due):
+            self._hand_off(held)  # all claimed (the timer is cancelled), or time is up
+
+    def _hand_off(self, held: _Held) -> None:
+        """Send the steps a chain still holds to the broker (once: later calls find
+        nothing); a failure is logged, and they fall due to the reconciler."""
+        if held.deadline is not None:
+            self.heartbeats.cancel(held.deadline)
+        names = held.close()
+        if not names:
+            return
+        try:
+            sent = self.manager.run(steps.hand_off, held.execution_id, names)
+        except Exception:
+            log.warning(
+                "handing off %d held step(s) of execution %s failed; the reconciler will "
+                "send them once due",
+                len(names),
+                held.execution_id,
+                exc_info=True,
+            )
+            return
+        if sent:
+            log.info(
+                "handing %d held step(s) of execution %s to the broker: %s",
+                len(sent),
+                held.execution_id,
+                ", ".join(sent),
+            )
+        self._publish_committed([(held.execution_id, name) for name in sent], held.route)
 
     @staticmethod
     def _continuable(workflow: Workflow, claim: Claim) -> bool:
@@ -721,17 +921,30 @@ class Engine:
         self.publish_outcome(cancelled.woken)
         return True
 
-    def retry(self, execution_id: str) -> bool:
+    def retry(self, execution_id: str, *, failed_items: bool = False) -> bool:
         """Re-run a failed, cancelled or timed-out execution from its unfinished steps:
         it goes back to pending, with a new deadline and its steps' attempts whole again
         (``core.executions.retry_execution``), and its start message is sent, to be
-        admitted like a new execution (priority, max_concurrency). False when it is in
-        no status a retry leaves."""
+        admitted like a new execution (priority, max_concurrency). With
+        ``failed_items``, its failed maps run only their failed (and cancelled) items
+        again (``core.map_repair.retry_failed_items``; NothingToRetry when there are none).
+        False when it is in no status a retry leaves."""
         execution = self.manager.get_execution(execution_id)
         workflow = self.registry.get(execution.workflow_id, execution.workflow_version)
-        result = self.manager.run(
-            executions.retry_execution, execution_id, workflow.upstream_map(), workflow.deadline
-        )
+        if failed_items:
+            result, _ = self.manager.run(
+                map_repair.retry_failed_items,
+                execution_id,
+                workflow.upstream_map(),
+                workflow.deadline,
+            )
+        else:
+            result = self.manager.run(
+                executions.retry_execution,
+                execution_id,
+                workflow.upstream_map(),
+                workflow.deadline,
+            )
         if not result.applied:
             return False
         try:
@@ -815,6 +1028,8 @@ class Engine:
         # What telling parents of children this pass ended set in motion.
         if report.woken is not None:
             self.publish_outcome(report.woken)
+        # Map items: a failed publish leaves them queued, re-sent after republish_after.
+        self.items.publish_committed(report.items)
         for workflow in sorted({*report.freed, *report.waiting}):
             self.after_finish(workflow)
         self.metrics.reconciled_pass(

@@ -131,6 +131,13 @@ class Metrics:
             buckets=PASS_BUCKETS,
             registry=registry,
         )
+        self.map_items = Counter(
+            "conveyor_map_items",
+            "Items of map steps, by what happened to them: expanded (admitted to run), "
+            "succeeded, failed (for good), retried, recovered (worker lost).",
+            ["workflow", "step", "result"],
+            registry=registry,
+        )
         self.events_sent = Counter(
             "conveyor_events",
             "Events and signals sent, by outcome (consumed, stored, duplicate).",
@@ -171,6 +178,11 @@ class Metrics:
         """A wait ended (or was re-armed for a retry)."""
         self.waits_woken.labels(workflow, kind, how).inc()
 
+    def items(self, workflow: str, step: str, result: str, count: int = 1) -> None:
+        """Items of a map step that were expanded, succeeded, failed, retried, ..."""
+        if count:
+            self.map_items.labels(workflow, step, result).inc(count)
+
     def woke_late(self, workflow: str, seconds: float) -> None:
         """A sleep the waker woke, ``seconds`` after its wake time."""
         self.wake_lag.labels(workflow).observe(seconds)
@@ -197,6 +209,9 @@ class Metrics:
             "timed_out": len(report.timed_out),
             "finished": len(report.finished),
             "events_expired": report.events_expired,
+            "items_requeued": report.items_recovered,
+            "items_crashed": report.items_crashed,
+            "items_republished": report.items_republished,
         }
         for kind, count in kinds.items():
             self.reconciled.labels(kind).inc(count)  # every kind present, 0 included

@@ -170,7 +170,7 @@ def submit_many(
         if c.created
     ]
     try:
-        engine.publish_starts(fresh, batched=True)
+        engine.publish_starts(fresh)
     except Exception:  # the rows are committed: the reconciler will start them
         log.warning(
             "publishing %d start message(s) failed; the reconciler will send them",

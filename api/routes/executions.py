@@ -7,7 +7,7 @@ they did not exist. Admins see all.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Response, status
 from sqlalchemy import Connection, select
@@ -24,20 +24,25 @@ from api.schemas import (
     ExecutionDetail,
     ExecutionOut,
     ExecutionPage,
+    ItemOut,
+    ItemPage,
     PathId,
+    RetryRequest,
     SignalCreate,
     StepOut,
     Timestamp,
 )
 from api.services import Conveyor
-from core import executions
+from core import executions, maps
 from core.accounts import Principal
 from core.errors import (
     ExecutionNotFound,
     FieldError,
     InputValidationError,
     InvalidTransition,
+    NotFound,
     ReservedIdempotencyKey,
+    StepNotFound,
     WorkflowNotFound,
 )
 from core.executions import ExecutionFilter, ListedStatus, listed_statuses
@@ -77,15 +82,23 @@ def children_of(conn: Connection, execution_id: str) -> list[ChildOut]:
     ]
 
 
-def _detail(
-    conn: Connection, execution_id: str
-) -> tuple[WorkflowExecution, list[StepExecution], list[ExecutionEvent], list[ChildOut]]:
+Detail = tuple[
+    WorkflowExecution,
+    list[StepExecution],
+    list[ExecutionEvent],
+    list[ChildOut],
+    dict[str, dict[str, int]],
+]
+
+
+def _detail(conn: Connection, execution_id: str) -> Detail:
     # One transaction, so steps and history are of the same moment as the execution.
     return (
         executions.get_execution(conn, execution_id),
         executions.get_steps(conn, execution_id),
         executions.get_history(conn, execution_id),
         children_of(conn, execution_id),
+        maps.map_counts_of(conn, execution_id),
     )
 
 
@@ -181,11 +194,11 @@ def list_executions(
 def read_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> ExecutionDetail:
     """An execution, its steps (what each waiting one waits for), every transition it
     went through, and the child executions its child nodes started."""
-    execution, steps, events, children = conveyor.engine.manager.run(_detail, execution_id)
+    execution, steps, events, children, items = conveyor.engine.manager.run(_detail, execution_id)
     _visible(execution, caller)
     return ExecutionDetail(
         **ExecutionOut.of(execution).model_dump(),
-        steps=[StepOut.of(s) for s in steps],
+        steps=[StepOut.of(s, items.get(s.step_name)) for s in steps],
         events=[EventOut.of(e) for e in events],
         children=children,
     )
@@ -224,16 +237,24 @@ def cancel_execution(
     response_model=ExecutionOut,
     responses=problems.responses(403, 404, 409, 422),
 )
-def retry_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> ExecutionOut:
+def retry_execution(
+    execution_id: PathId,
+    caller: Caller,
+    conveyor: Conveyor,
+    body: RetryRequest | None = None,
+) -> ExecutionOut:
     """Run a failed, cancelled or timed-out execution again from its unfinished steps.
 
     It goes back to pending, with a new deadline and every unfinished step's retry
     policy whole again, and starts like a new execution: at once when its workflow has
-    a free slot (max_concurrency), by priority otherwise.
+    a free slot (max_concurrency), by priority otherwise. With ``failed_items``, its
+    failed map steps run only their failed and cancelled items again (succeeded items
+    keep their outputs); 409 when it has no such items.
     """
     engine = conveyor.engine
     _visible(engine.manager.run(executions.get_execution, execution_id), caller)
-    if not engine.retry(execution_id):
+    failed_items = (body or RetryRequest()).failed_items
+    if not engine.retry(execution_id, failed_items=failed_items):
         current = engine.manager.run(executions.get_execution, execution_id)
         raise InvalidTransition(
             "execution",
@@ -291,3 +312,63 @@ def wake_step(execution_id: PathId, step: StepName, caller: Caller, conveyor: Co
         s for s in engine.manager.run(executions.get_steps, execution_id) if s.step_name == step
     )
     return StepOut.of(woken)
+
+
+ItemStatus = Literal["pending", "queued", "running", "succeeded", "failed", "cancelled"]
+
+
+@router.get(
+    "/{execution_id}/steps/{step}/items",
+    response_model=ItemPage,
+    responses=problems.responses(404, 422),
+)
+def list_items(
+    execution_id: PathId,
+    step: StepName,
+    caller: Caller,
+    conveyor: Conveyor,
+    status: Annotated[ItemStatus | None, Query(description="Only items in this status.")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, description="The last index of the page before.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> ItemPage:
+    """The items of map step ``step``, in index order, with each one's attempt,
+    duration and error; 404 for an unknown execution or step, and for a step that is no
+    map (it has no items)."""
+    engine = conveyor.engine
+    _visible(engine.manager.run(executions.get_execution, execution_id), caller)
+    found = next(
+        (s for s in engine.manager.run(executions.get_steps, execution_id) if s.step_name == step),
+        None,
+    )
+    if found is None:
+        raise StepNotFound(execution_id, step)
+    if found.wait_kind != "map":
+        # The items of a step that is no map do not exist.
+        raise NotFound(f"step {step} is a {found.wait_kind or 'task'}, not a map: it has no items")
+    page = engine.manager.run(
+        maps.item_page, execution_id, step, status=status, after=after, limit=limit
+    )
+    return ItemPage(items=[_item(row) for row in page.items], next=page.next)
+
+
+def _item(row: Any) -> ItemOut:
+    duration = (
+        (row.finished_at - row.started_at).total_seconds()
+        if row.finished_at is not None and row.started_at is not None
+        else None
+    )
+    return ItemOut(
+        index=row.item_index,
+        status=row.status,
+        attempt=row.attempt,
+        policy_attempt=row.attempt - row.recoveries,
+        worker=row.worker,
+        queued_at=row.queued_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        duration_seconds=duration,
+        error=row.error,
+        output=row.output_data,
+    )

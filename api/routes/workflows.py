@@ -13,7 +13,7 @@ from api.schemas import NO_NUL, ScheduleOut, StepDefinition, WaitDefinition, Wor
 from api.services import Conveyor
 from core import schedule_state, schedules
 from core.schedule_state import ScheduleState
-from core.workflows import ChildWait, EventWait, Sleep, Step, Workflow
+from core.workflows import ChildWait, EventWait, MapSpec, Sleep, Step, Workflow
 
 router = APIRouter(prefix="/workflows", tags=["workflows"], responses=problems.responses(401, 503))
 
@@ -35,7 +35,16 @@ def _wait(step: Step) -> WaitDefinition | None:
         timeout_seconds=event.timeout.total_seconds() if event and event.timeout else None,
         # What a form (the dashboard's approval form) builds its fields from.
         payload_schema=event.schema.model_json_schema() if event and event.schema else None,
-        workflow=wait.workflow.name if isinstance(wait, ChildWait) else None,
+        workflow=(
+            wait.workflow.name
+            if isinstance(wait, ChildWait)
+            else wait.child.workflow.name
+            if isinstance(wait, MapSpec) and wait.child is not None
+            else None
+        ),
+        over=wait.over if isinstance(wait, MapSpec) else None,
+        max_parallel=wait.max_parallel if isinstance(wait, MapSpec) else None,
+        max_items=wait.max_items if isinstance(wait, MapSpec) else None,
     )
 
 

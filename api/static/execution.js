@@ -14,6 +14,13 @@
   const dag = view ? Dag.attach(view, (id) => showStep(stepOfNode[id])) : null;
   const cancel = document.getElementById("cancel");
   const retry = document.getElementById("retry");
+  const retryItems = document.getElementById("retry-items");
+  const ITEM_STATES = ["queued", "running", "succeeded", "failed", "cancelled", "pending"];
+  // The item table of the open map step: its status filter and the page shown.
+  let itemFilter = "";
+  let itemAfter = null;
+  let itemPages = [];
+  let itemStep = null;
   const actionError = document.getElementById("action-error");
   const detail = document.getElementById("step-detail");
   let openStep = null;
@@ -34,7 +41,10 @@
       node.setAttribute("class", `node step kind-${step.kind || "task"} status-${step.status}`);
       node.dataset.status = step.status;
       const title = node.querySelector("title");
-      if (title) title.textContent = `${step.name}: ${step.status} (attempt ${step.attempt})`;
+      const counts = step.map ? " — " + mapSummary(step.map) : "";
+      if (title) title.textContent = `${step.name}: ${step.status} (attempt ${step.attempt})${counts}`;
+      const label = node.querySelector("text");
+      if (label && step.map && step.map.total !== null) label.textContent = `${step.name} [${step.map.total}]`;
     }
   }
 
@@ -104,6 +114,59 @@
       if (child) facts.push(["Child execution", childLink(child)]);
     }
     return facts;
+  }
+
+  // "37/100 done: queued 4 · running 4 · succeeded 36 · failed 1 (≤ 3 may fail)"
+  function mapSummary(map) {
+    const counts = map.counts || {};
+    const total = map.total === null ? "?" : map.total;
+    const done = map.total === null ? 0 : map.total - (map.left || 0);
+    const parts = ITEM_STATES.filter((s) => counts[s]).map((s) => `${s} ${counts[s]}`);
+    const tolerated = map.max_failed ? ` (≤ ${map.max_failed} may fail)` : "";
+    return `${done}/${total} done` + (parts.length ? ": " + parts.join(" · ") : "") + tolerated;
+  }
+
+  function mapBar(map) {
+    const counts = map.counts || {};
+    const total = Math.max(1, map.total || 0);
+    return el("div", { class: "map-bar", title: mapSummary(map) },
+      ["succeeded", "failed", "running", "queued", "cancelled"].filter((s) => counts[s]).map((s) => {
+        // Set through the CSSOM: the page's CSP refuses style attributes.
+        const part = el("span", { class: `bar status-${s}` });
+        part.style.width = `${(100 * counts[s]) / total}%`;
+        return part;
+      }));
+  }
+
+  async function loadItems(step, box) {
+    const query = new URLSearchParams({ limit: "50" });
+    if (itemFilter) query.set("status", itemFilter);
+    if (itemAfter !== null) query.set("after", String(itemAfter));
+    const response = await api("GET", `/executions/${execution.execution_id}/steps/${step}/items?${query}`);
+    if (!response.ok) {
+      box.replaceChildren(el("p", { class: "error", text: (response.body && response.body.detail) || "the API answered " + response.status }));
+      return;
+    }
+    const page = response.body;
+    const rows = page.items.map((item) => el("tr", { "data-item": item.index },
+      el("td", { class: "num", text: item.index }), el("td", {}, status(item.status)),
+      el("td", { class: "num", text: item.attempt }),
+      el("td", { class: "num", text: duration(item.duration_seconds) }),
+      el("td", { class: "mono small", text: item.worker || "–" }),
+      el("td", { class: "error-cell", text: errorText(item.error) })));
+    const filter = el("select", { id: "item-status", "aria-label": "item status" },
+      el("option", { value: "", text: "all items" }),
+      ITEM_STATES.map((s) => el("option", { value: s, selected: s === itemFilter, text: s })));
+    filter.addEventListener("change", () => { itemFilter = filter.value; itemAfter = null; itemPages = []; loadItems(step, box); });
+    const back = el("button", { type: "button", class: "link", id: "items-back", text: "◀ previous", disabled: !itemPages.length });
+    back.addEventListener("click", () => { itemAfter = itemPages.pop(); if (itemAfter === undefined) itemAfter = null; loadItems(step, box); });
+    const next = el("button", { type: "button", class: "link", id: "items-next", text: "next ▶", disabled: page.next === null });
+    next.addEventListener("click", () => { itemPages.push(itemAfter); itemAfter = page.next; loadItems(step, box); });
+    box.replaceChildren(
+      el("div", { class: "item-nav" }, filter, " ", back, " ", next),
+      el("table", { class: "grid", id: "items" },
+        el("thead", {}, el("tr", {}, ["Item", "Status", "Attempt", "Duration", "Worker", "Error"].map((h) => el("th", { text: h })))),
+        el("tbody", {}, rows.length ? rows : [el("tr", {}, el("td", { colspan: 6, class: "muted", text: "No item." }))])));
   }
 
   function factList(facts) {
@@ -307,7 +370,7 @@
       el("td", { class: "num", text: duration(s.queued_at && (s.started_at || s.status === "queued") ? seconds(s.queued_at, s.started_at) : null) }),
       el("td", { class: "num", text: duration(seconds(s.started_at, s.finished_at || (s.status === "running" ? null : s.started_at))) }),
       el("td", { class: "mono small", text: s.worker || "–" }),
-      el("td", { class: "error-cell", text: errorText(s.error) })));
+      el("td", { class: "error-cell", text: s.map ? mapSummary(s.map) : errorText(s.error) })));
   }
 
   function timeline() {
@@ -366,7 +429,17 @@
       ["Next attempt", when(step.next_attempt_at)],
     ];
     const body = [factList(facts)];
-    if (step.kind && step.kind !== "task") body.push(el("h3", { text: "Waits for" }), el("div", { class: "waits-for" }, factList(waitFacts(step))));
+    if (step.map) {
+      const box = el("div", { id: "item-table" });
+      if (itemStep !== name) {
+        itemStep = name;
+        itemFilter = "";
+        itemAfter = null;
+        itemPages = [];
+      }
+      body.push(el("h3", { text: "Items" }), el("p", { class: "map-summary", text: mapSummary(step.map) }), mapBar(step.map), box);
+      loadItems(name, box);
+    } else if (step.kind && step.kind !== "task") body.push(el("h3", { text: "Waits for" }), el("div", { class: "waits-for" }, factList(waitFacts(step))));
     if (step.error) {
       body.push(el("h3", { text: "Error" }), el("p", { class: "error step-error", text: errorText(step.error) }));
       if (step.error.traceback) body.push(el("pre", { class: "traceback", text: step.error.traceback }));
@@ -389,6 +462,8 @@
     document.querySelector('[data-fact="finished_at"]').replaceChildren(when(execution.finished_at));
     cancel.hidden = !(data.may_act && data.cancellable.includes(execution.status));
     retry.hidden = !(data.may_act && data.retryable.includes(execution.status));
+    const failedMaps = execution.steps.some((s) => s.map && s.status === "failed" && ((s.map.counts || {}).failed || (s.map.counts || {}).cancelled));
+    retryItems.hidden = !(data.may_act && execution.status === "failed" && failedMaps);
     const problem = document.getElementById("execution-error");
     problem.replaceChildren(...(execution.error ? [el("p", { class: "error", text: "Execution error: " + errorText(execution.error) })] : []));
     colourNodes();
@@ -431,6 +506,7 @@
     if (confirm("Cancel this execution? Running steps stop when they next check.")) act("cancel", { reason: "cancelled from the dashboard" });
   });
   retry.addEventListener("click", () => act("retry"));
+  retryItems.addEventListener("click", () => act("retry", { failed_items: true }));
 
   render();
   if (!FINAL.has(execution.status)) follow();

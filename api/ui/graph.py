@@ -35,7 +35,8 @@ Shape = tuple[tuple[str, tuple[str, ...]], ...]
 Kinds = tuple[str, ...]
 # A wait node's outline tells what it waits for at a glance (the legend names them):
 # a sleep is an oval, an event wait (approvals) a hexagon, a child workflow a 3-D box.
-KIND_SHAPES = {"sleep": "ellipse", "event": "hexagon", "child": "box3d"}
+# A map is ONE node (a stack of boxes) however many items it has.
+KIND_SHAPES = {"sleep": "ellipse", "event": "hexagon", "child": "box3d", "map": "folder"}
 
 
 class LayoutError(Exception):

@@ -35,7 +35,7 @@ from api.ui.session import (
     same_origin,
     set_token_cookie,
 )
-from core import execution_counts, executions
+from core import execution_counts, executions, maps
 from core.accounts import Principal
 from core.errors import ExecutionNotFound, WorkflowNotFound
 from core.executions import ExecutionFilter, ListedStatus, listed_statuses
@@ -279,9 +279,10 @@ def execution_page(
         execution = executions.get_execution(conn, execution_id)
         steps = executions.get_steps(conn, execution_id)
         events = executions.get_history(conn, execution_id)
+        items = maps.map_counts_of(conn, execution_id)
         return ExecutionDetail(
             **ExecutionOut.of(execution).model_dump(),
-            steps=[StepOut.of(s) for s in steps],
+            steps=[StepOut.of(s, items.get(s.step_name)) for s in steps],
             events=[EventOut.of(e) for e in events],
             children=children_of(conn, execution_id),
         )

@@ -17,6 +17,7 @@ TINY = [
     "--chain-executions", "3",
     "--fanout-executions", "2",
     "--long-steps", "20",
+    "--map-items", "60",
     "--latency-executions", "3",
     "--enqueue-executions", "20",
     "--burst-executions", "20",
@@ -27,6 +28,7 @@ EXTRAS = [
     "--chain-executions", "1",
     "--fanout-executions", "1",
     "--long-steps", "11",
+    "--map-items",
     "--latency-executions", "1",
     "--enqueue-executions", "1",
     "--burst-executions", "2",
@@ -61,6 +63,15 @@ def test_bench_prints_every_figure_at_a_tiny_size(capsys: pytest.CaptureFixture[
         assert ("chain10", metric, "conveyor") in found
         assert ("fanout", metric, "conveyor") in found
     assert ("fanout", "steps/s", "celery") in found
+    # The map line: a @wf.map of 60 items against a chord of 60, no DBOS.
+    for system in ("celery", "conveyor"):
+        for metric in ("steps/s", "worker cpu ms/step", "cpu/step vs chain10"):
+            assert ("map60", metric, system) in found
+    depth = {f.system: f.value for f in figures if f.metric == "broker depth max"}
+    # At most max_parallel (32) items queued at once: the map never floods the broker,
+    # while the chord publishes its whole width (the sampler may miss the peak).
+    assert depth["conveyor"] <= 32, depth
+    assert "dbos" not in depth
 
     burst = {(f.metric, f.system): f.value for f in figures if f.scenario == "burst"}
     for system in ("celery", "conveyor", "conveyor-bf"):
@@ -78,6 +89,7 @@ def test_bench_prints_every_figure_at_a_tiny_size(capsys: pytest.CaptureFixture[
     printed = capsys.readouterr().out
     assert "chain10    steps/s" in printed
     assert "burst      finish order spearman" in printed
+    assert "map60      broker depth max" in printed
     assert "dbos (not run)" in printed
 
 

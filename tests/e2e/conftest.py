@@ -20,16 +20,17 @@ from core.execution_state_manager import SyncExecutionStateManager
 from core.models import WorkflowExecution
 from core.registry import WorkflowRegistry, configure_registry
 from tests.conftest import TestDatabase
-from tests.e2e import wait_workflows, workflows
+from tests.e2e import map_workflows, wait_workflows, workflows
 from tests.helpers.api import client, serve, user_with_token
 from worker.app import ConveyorCelery, create_app
 
 
 def e2e_registry() -> WorkflowRegistry:
-    """Every workflow of tests/e2e/workflows.py and tests/e2e/wait_workflows.py."""
+    """Every workflow of tests/e2e/workflows.py, wait_workflows.py and map_workflows.py."""
     registry = WorkflowRegistry()
     registry.load_module(workflows.__name__)
     registry.load_module(wait_workflows.__name__)
+    registry.load_module(map_workflows.__name__)
     return registry
 
 

@@ -20,6 +20,7 @@ from api.app import create_app
 from core.accounts import Role
 from core.workflows import Workflow
 from tests.conftest import TestDatabase
+from tests.e2e import map_workflows
 from tests.e2e.wait_workflows import nap
 from tests.helpers.api import client, serve, user_with_token
 from worker.app import ConveyorCelery
@@ -335,3 +336,47 @@ def test_a_child_links_to_its_parent_and_waking_it_finishes_both(
     expect(page.locator("#execution-status")).to_have_text("succeeded")
     expect(page.locator("#children tbody tr").first).to_contain_text("succeeded")
     expect(page.locator("#waiting")).to_be_hidden()
+
+
+def test_a_map_is_one_node_with_its_items_paged_and_failed_items_retried(
+    database: TestDatabase, api_url: str, page: Page, tmp_path: Path
+) -> None:
+    map_workflows.FLAKY.clear()
+    map_workflows.FLAKY.update({7, 250})
+    _, token = user_with_token("mo@example.com")
+    try:
+        with client(api_url, token) as http:
+            created = http.post(
+                "/executions", json={"workflow": "maps-repairable", "input": {"n": 300}}
+            )
+        execution_id = created.json()["execution_id"]
+        log_in(page, token)
+        page.goto(f"/ui/executions/{execution_id}")
+        expect(page.locator("#execution-status")).to_have_text("failed")
+        # 300 items, one node: batch, process (the map) and report.
+        expect(page.locator("#dag g.node")).to_have_count(3)
+        node = page.locator("#dag g.node.kind-map")
+        expect(node).to_have_count(1)
+        expect(node.locator("text")).to_have_text("process [300]")
+        node.click()
+        detail = page.locator("#step-detail")
+        expect(detail.locator(".map-summary")).to_contain_text("failed 1")
+        expect(detail.locator("#items tbody tr")).to_have_count(50)
+        expect(detail.locator("#items tbody tr").first).to_contain_text("0")
+        detail.locator("#items-next").click()
+        expect(detail.locator("#items tbody tr").first.locator("td").first).to_have_text("50")
+        detail.locator("#item-status").select_option("failed")
+        failed_rows = detail.locator("#items tbody tr")
+        expect(failed_rows).to_have_count(1)
+        expect(failed_rows.first).to_contain_text("RuntimeError: item 7 is broken")
+        page.screenshot(path=str(tmp_path / "map.png"))
+
+        map_workflows.FLAKY.clear()
+        retry_items = page.locator("#retry-items")
+        expect(retry_items).to_be_visible()
+        retry_items.click()
+        expect(page.locator("#execution-status")).to_have_text("succeeded")
+        expect(retry_items).to_be_hidden()
+        expect(page.locator("#events")).to_contain_text("retry failed items")
+    finally:
+        map_workflows.FLAKY.clear()

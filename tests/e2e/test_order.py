@@ -6,14 +6,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from celery.signals import before_task_publish
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from core.database import get_db_session
-from core.models import ExecutionEvent, StepExecution, WorkflowExecution
+from core.models import StepExecution, WorkflowExecution
 from tests.e2e.conftest import running_worker, wait_for
 from worker.app import ConveyorCelery
-from worker.engine import START_BATCH, START_BATCH_SIZE
 from worker.producer import enqueue, enqueue_many
 
 BURST = 40
@@ -89,75 +87,3 @@ def test_a_higher_priority_still_goes_first(conveyor_app: ConveyorCelery) -> Non
     # Enqueued last, it started ahead of the steps of the executions already running.
     assert finished_at([high])[0] < max(finished_at(low))
     assert sum(1 for at in finished_at(low) if at < finished_at([high])[0]) <= 1
-
-
-def _published(app: ConveyorCelery, run: Any) -> list[str]:
-    """The task names ``run()`` published, in order."""
-    names: list[str] = []
-
-    def seen(sender: str | None = None, **_: Any) -> None:
-        names.append(str(sender))
-
-    before_task_publish.connect(seen, weak=False)
-    try:
-        run()
-    finally:
-        before_task_publish.disconnect(seen)
-    return names
-
-
-def _created_events(execution_ids: list[str]) -> dict[str, int]:
-    """How many times each execution was started (pending -> running events)."""
-    query = (
-        select(ExecutionEvent.execution_id, func.count())
-        .where(
-            ExecutionEvent.execution_id.in_(execution_ids),
-            ExecutionEvent.step_name.is_(None),
-            ExecutionEvent.to_status == "running",
-        )
-        .group_by(ExecutionEvent.execution_id)
-    )
-    with get_db_session() as db:
-        return {row[0]: row[1] for row in db.execute(query).all()}
-
-
-def test_enqueue_many_sends_batches_that_workers_split_and_a_duplicate_is_a_no_op(
-    conveyor_app: ConveyorCelery,
-) -> None:
-    count = START_BATCH_SIZE + 3  # two batches: a full one and a short one
-    ids: list[str] = []
-    names = _published(
-        conveyor_app,
-        lambda: ids.extend(enqueue_many("short_chain", [None] * count, app=conveyor_app)),
-    )
-    assert names == [START_BATCH, START_BATCH]
-    # The same batches delivered again (a worker killed while splitting one): every
-    # start after the first of an execution finds it admitted and does nothing.
-    conveyor_app.engine.publish_starts(
-        [(execution_id, "short_chain", 0) for execution_id in ids], batched=True
-    )
-    with running_worker(conveyor_app, concurrency=4):
-        for execution_id in ids:
-            assert wait_for(execution_id, timeout=120).status == "succeeded"
-    assert _created_events(ids) == dict.fromkeys(ids, 1)
-    with get_db_session() as db:
-        attempts = db.execute(
-            select(func.max(StepExecution.attempt)).where(StepExecution.execution_id.in_(ids))
-        ).scalar_one()
-    assert attempts == 1
-
-
-def test_a_lost_start_batch_is_recovered_by_the_reconciler(
-    conveyor_app: ConveyorCelery,
-) -> None:
-    ids = enqueue_many("short_chain", [None] * 20, app=conveyor_app)
-    conveyor_app.control.purge()  # the broker lost the batch message (a flush)
-    engine = conveyor_app.engine
-    engine.settings = engine.settings.model_copy(update={"start_after": 0.001})
-    with running_worker(conveyor_app):
-        # Reconciler re-sends stay single starts.
-        report = engine.reconcile()
-        assert sorted(report.start) == sorted((i, "short_chain", 0) for i in ids)
-        for execution_id in ids:
-            assert wait_for(execution_id, timeout=60).status == "succeeded"
-    assert _created_events(ids) == dict.fromkeys(ids, 1)

@@ -25,7 +25,10 @@ def test_a_failed_publish_after_a_completion_does_not_strand_the_continued_step(
     conveyor_app: ConveyorCelery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """diamond: source completes, releasing left and right in one transaction that also
-    claims one of them for this worker; publishing the other fails."""
+    claims one of them for this worker; publishing the other fails. (Holding siblings
+    off: held, the other would be run by this worker, with no publish to fail.)"""
+    engine = conveyor_app.engine
+    engine.settings = engine.settings.model_copy(update={"hold_seconds": 0.0})
     fail_run_step_publishes(monkeypatch, "left", "right")
     execution_id = enqueue("diamond", {"start": 3}, app=conveyor_app)
     with running_worker(conveyor_app):

@@ -18,7 +18,13 @@ steps append to (see ``workflows.py``), and asserts, for every execution:
   ``to_status``, and the last one is the row's status (steps and executions);
 - no step ran again unless the process that ran it before was killed: every run but a
   step's last is by a pid in ``dead_pids`` (so with no kills, each step ran once);
-  wait nodes run no code: they are absent from the run log.
+  wait nodes run no code: they are absent from the run log;
+- a map step's items (``map_items``): one row per element of its list, each succeeded
+  with its output, at an attempt no error retry was spent on (``attempt - recoveries``
+  is 1: a kill's re-run is a recovery); the map counted down to 0 with none failed;
+  one ``map expanded`` and one ``map done`` event (one aggregation); each item's code
+  ran again only when the process of its earlier run was killed, never twice at one
+  attempt, its last run at the row's attempt.
 
 It returns the figures each test prints: executions, steps, runs, re-runs, ...
 """
@@ -28,7 +34,7 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +43,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from core.database import get_db_session
-from core.models import ExecutionEvent, InboxEvent, StepExecution, WorkflowExecution
+from core.models import ExecutionEvent, InboxEvent, MapItem, StepExecution, WorkflowExecution
 from tests.faults import workflows
 
 FINAL_EXECUTION = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
@@ -48,6 +54,7 @@ executions_table = WorkflowExecution.__table__
 steps_table = StepExecution.__table__
 events_table = ExecutionEvent.__table__
 inbox_table = InboxEvent.__table__
+items_table = MapItem.__table__
 # The inbox row an event wait took, as its ``succeeded`` event names it ("... #12").
 TAKEN_EVENT = re.compile(r"#(\d+)")
 
@@ -223,7 +230,24 @@ def check(
                 steps_table.c.wake_at,
                 steps_table.c.finished_at,
                 steps_table.c.child_execution_id,
+                steps_table.c.map_total,
+                steps_table.c.map_left,
+                steps_table.c.map_failed,
             ).where(steps_table.c.execution_id.in_(ids))
+        ).all()
+        items = db.execute(
+            select(
+                items_table.c.execution_id,
+                items_table.c.step_name,
+                items_table.c.item_index,
+                items_table.c.status,
+                items_table.c.attempt,
+                items_table.c.recoveries,
+                items_table.c.attempt_base,
+                items_table.c.output_data,
+            )
+            .where(items_table.c.execution_id.in_(ids))
+            .order_by(items_table.c.item_index)
         ).all()
         events = db.execute(
             select(
@@ -247,12 +271,16 @@ def check(
             ).order_by(inbox_table.c.id)
         ).all()
     histories: dict[tuple[str, str | None], list[tuple[str | None, str]]] = defaultdict(list)
+    # The reasons of each map step's events ("map expanded: ...", "map done: ...").
+    reasons: dict[tuple[str, str], list[str]] = defaultdict(list)
     # The inbox row each event wait's success names: (execution, step) -> ids.
     took: dict[tuple[str, str], list[int]] = defaultdict(list)
     for event in events:
         histories[(event.execution_id, event.step_name)].append(
             (event.from_status, event.to_status)
         )
+        if event.step_name:
+            reasons[(event.execution_id, event.step_name)].append(event.reason or "")
         if event.step_name and event.to_status == "succeeded" and event.from_status == "waiting":
             took[(event.execution_id, event.step_name)] += [
                 int(found) for found in TAKEN_EVENT.findall(event.reason or "")
@@ -271,7 +299,11 @@ def check(
         steps_by_execution[step.execution_id][step.step_name] = step
     dead = set(dead_pids)
     for eid, execution in executions.items():
-        expected = workflows.expected_outputs(execution.workflow_id, execution.input_data["start"])
+        expected = workflows.expected_outputs(
+            execution.workflow_id,
+            execution.input_data["start"],
+            workflows.map_length(execution.workflow_id, execution.input_data),
+        )
         if execution.status != "succeeded":
             problems.append(
                 f"execution {eid} ({execution.workflow_id}) is {execution.status}, "
@@ -320,6 +352,30 @@ def check(
                     f"{what} ran again though the process of an earlier run lived: "
                     + ", ".join(f"attempt {r.attempt} in pid {r.pid}" for r in step_runs)
                 )
+    items_by_map: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for item in items:
+        items_by_map[(item.execution_id, item.step_name)].append(item)
+    for eid, execution in executions.items():
+        for name in workflows.map_nodes(execution.workflow_id):
+            map_step = steps_by_execution[eid].get(name)
+            if map_step is None:
+                continue
+            found = items_by_map[(eid, name)]
+            figures.extra["map items"] = figures.extra.get("map items", 0) + len(found)
+            problems += _map_problems(
+                f"map {eid}/{name}",
+                map_step,
+                found,
+                workflows.expected_outputs(
+                    execution.workflow_id,
+                    execution.input_data["start"],
+                    workflows.map_length(execution.workflow_id, execution.input_data),
+                )[name],
+                reasons[(eid, name)],
+                runs,
+                dead,
+                figures,
+            )
     problems += _inbox_problems(inbox, took, executions)
     problems += _child_problems(executions, steps_by_execution)
     figures.executions = len(executions)
@@ -331,6 +387,73 @@ def check(
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
     return figures
+
+
+def _map_problems(
+    what: str,
+    step: Any,
+    items: Sequence[Any],
+    outputs: Sequence[Any],
+    reasons: Sequence[str],
+    runs: Mapping[tuple[str, str], list[Run]],
+    dead: Collection[int],
+    figures: Figures,
+) -> list[str]:
+    """A map's items each ended once, succeeded with its output at an attempt no error
+    retry was spent on, ran again only after a kill; the map aggregated once."""
+    problems = []
+    indexes = [item.item_index for item in items]
+    if indexes != list(range(len(outputs))):
+        shown = indexes if len(indexes) < 20 else f"{len(indexes)} rows"
+        problems.append(f"{what} has items {shown}, not 0..{len(outputs) - 1}")
+    if (step.map_total, step.map_left, step.map_failed) != (len(outputs), 0, 0):
+        problems.append(
+            f"{what} counted total {step.map_total}, left {step.map_left}, "
+            f"failed {step.map_failed}; not {len(outputs)}, 0, 0"
+        )
+    for prefix in ("map expanded", "map done"):
+        found = sum(1 for reason in reasons if reason.startswith(prefix))
+        if found != 1:
+            problems.append(f"{what} has {found} {prefix!r} events, not 1")
+    for item in items:
+        where = f"{what}[{item.item_index}]"
+        if item.status != "succeeded":
+            problems.append(f"{where} is {item.status}")
+        elif item.item_index < len(outputs) and item.output_data != outputs[item.item_index]:
+            problems.append(f"{where} output {item.output_data} != {outputs[item.item_index]}")
+        if item.attempt - item.recoveries != 1 or item.attempt_base != 0:
+            problems.append(
+                f"{where} at attempt {item.attempt} with {item.recoveries} recoveries "
+                f"(base {item.attempt_base}): an error retry was spent"
+            )
+        figures.extra["item recoveries"] = figures.extra.get("item recoveries", 0) + (
+            item.recoveries
+        )
+        item_runs = sorted(
+            runs.get((item.execution_id, f"{item.step_name}[{item.item_index}]"), []),
+            key=lambda r: r.attempt,
+        )
+        figures.extra["item runs"] = figures.extra.get("item runs", 0) + len(item_runs)
+        figures.extra["item re-runs"] = figures.extra.get("item re-runs", 0) + max(
+            0, len(item_runs) - 1
+        )
+        attempts = [r.attempt for r in item_runs]
+        if not item_runs:
+            problems.append(f"{where} ended without its code running")
+            continue
+        if len(set(attempts)) != len(attempts):
+            problems.append(f"{where} ran twice at one attempt: {attempts}")
+        if attempts[-1] != item.attempt:
+            problems.append(
+                f"{where} last ran at attempt {attempts[-1]}, its row is at {item.attempt}"
+            )
+        lived = [r for r in item_runs[:-1] if r.pid not in dead]
+        if lived:
+            problems.append(
+                f"{where} ran again though the process of an earlier run lived: "
+                + ", ".join(f"attempt {r.attempt} in pid {r.pid}" for r in item_runs)
+            )
+    return problems
 
 
 def descendants(db: Any, execution_ids: Collection[str]) -> list[str]:
@@ -459,6 +582,29 @@ def start_resends(execution_ids: Collection[str]) -> int:
             )
         ).scalar_one()
         return int(total)
+
+
+def item_statuses(execution_ids: Collection[str]) -> Mapping[str, int]:
+    """The map items of ``execution_ids`` by status."""
+    with get_db_session() as db:
+        rows = db.execute(
+            select(items_table.c.status, func.count())
+            .where(items_table.c.execution_id.in_(list(execution_ids)))
+            .group_by(items_table.c.status)
+        ).all()
+    return {str(status): int(n) for status, n in rows}
+
+
+def item_republishes(execution_ids: Collection[str]) -> int:
+    """Item messages the reconciler re-sent while their item stayed queued (its
+    ``republishes``; a due retry's first message is not one)."""
+    with get_db_session() as db:
+        total = db.execute(
+            select(func.coalesce(func.sum(items_table.c.republishes), 0)).where(
+                items_table.c.execution_id.in_(list(execution_ids))
+            )
+        ).scalar_one()
+    return int(total)
 
 
 def summarize_steps(execution_ids: Collection[str]) -> Mapping[str, int]:

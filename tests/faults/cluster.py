@@ -32,10 +32,11 @@ from tests.faults import inject, workflows
 from tests.servers import RedisServer
 from worker.app import create_app
 from worker.config import MAX_PRIORITY
-from worker.producer import enqueue
+from worker.producer import enqueue, enqueue_many
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0
+MAP_ITEMS = 40  # items of each map in the fault mixes
 # A Celery log line's start: "[2026-12-04 16:02:22,559: INFO/MainProcess] ..." (local time).
 LOGGED_AT = re.compile(rb"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ")
 SETTINGS = {
@@ -289,6 +290,27 @@ class Cluster:
             for start, nap in zip(starts, seconds, strict=True)
         ]
 
+    def enqueue_map(
+        self,
+        starts: Sequence[int],
+        items: int,
+        item_seconds: float = workflows.STEP_SECONDS[1],
+        *,
+        workflow: str = workflows.mapped.name,
+        priority: int | None = None,
+    ) -> list[str]:
+        """One map workflow execution (numbers -> square, a map over ``items`` numbers
+        -> total) per start number, each item taking up to ``item_seconds``."""
+        return [
+            enqueue(
+                workflow,
+                {"start": start, "items": items, "item_seconds": item_seconds},
+                priority=priority,
+                app=self.app,
+            )
+            for start in starts
+        ]
+
     def enqueue_approval(self, starts: Sequence[int]) -> list[str]:
         """One ``approval`` (a -> wait for ``fault.approved`` -> b) per start number; the
         test sends the events (``tests.faults.senders``)."""
@@ -304,12 +326,15 @@ class Cluster:
         parents: int,
         sleep_seconds: tuple[float, float],
         rng: random.Random,
+        maps: int = 0,
+        map_items: int = MAP_ITEMS,
     ) -> WaitMix:
         """The workload with waits around it: half the ``approval`` executions, the
-        ``sleepy`` ones (sleeping a random number of ``sleep_seconds``) and the ``parent``
-        ones (each starting a child chain) ahead of the chains and fans, so their waits
-        are armed early in the run; the other half of the approvals behind them, so that
-        events sent at once come before their waits."""
+        ``sleepy`` ones (sleeping a random number of ``sleep_seconds``), the ``parent``
+        ones (each starting a child chain) and the ``maps`` (each a map of ``map_items``
+        items, 8 at a time) ahead of the chains and fans, so their waits are armed early
+        in the run; the other half of the approvals behind them, so that events sent at
+        once come before their waits."""
         early = list(range(3000, 3000 + approvals // 2))
         late = list(range(4000, 4000 + approvals - len(early)))
         ids = self.enqueue_approval(early)
@@ -317,14 +342,19 @@ class Cluster:
             range(2000, 2000 + sleepies), [rng.uniform(*sleep_seconds) for _ in range(sleepies)]
         )
         ids += self.enqueue(workflows.parent.name, range(5000, 5000 + parents))
+        ids += self.enqueue_map(range(7000, 7000 + maps), map_items)
         ids += self.enqueue_workload(chains, fans)
         ids += self.enqueue_approval(late)
-        # The steps of ``ids`` (their children's are not counted).
-        steps = 10 * (chains + fans) + 3 * (sleepies + approvals + parents)
+        # The steps of ``ids`` (their children's and the maps' items are not counted).
+        steps = 10 * (chains + fans) + 3 * (sleepies + approvals + parents + maps)
         return WaitMix(ids, steps, early, late)
 
     def enqueue_workload(self, chains: int, fans: int) -> list[str]:
-        """``chains`` executions of the 10-step chain and ``fans`` of the 1 -> 8 -> 1 fan."""
-        return self.enqueue(workflows.chain.name, range(chains)) + self.enqueue(
-            workflows.fan.name, range(1000, 1000 + fans)
+        """``chains`` executions of the 10-step chain and ``fans`` of the 1 -> 8 -> 1 fan.
+
+        The chains by one ``enqueue_many`` (start_batch messages, split by the workers),
+        the fans each on its own (start messages): the faults hit both paths."""
+        chains_ids = enqueue_many(
+            workflows.chain.name, [{"start": start} for start in range(chains)], app=self.app
         )
+        return chains_ids + self.enqueue(workflows.fan.name, range(1000, 1000 + fans))

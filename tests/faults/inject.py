@@ -4,11 +4,12 @@ Listed in CONVEYOR_WORKFLOW_MODULES, this module is imported by every worker and
 process when the registry loads; with ``FAULTS_INJECT`` set it wraps the app class's
 ``send_task``, through which the engine sends every start and run-step message:
 
-- ``duplicates``: each run-step message is sent 3 extra times: at once, late (with a
-  countdown) and at another priority. (A step a worker continues to in-process, in the
-  transaction that completed its upstream step, has no message to duplicate.)
-- ``lost:0.2``: each start or run-step publish fails (raises, as a broker that is down
-  would) with that probability. Every such publish happens after its commit.
+- ``duplicates``: each run-step and run-item (a map's item) message is sent 3 extra
+  times: at once, late (with a countdown) and at another priority. (A step or item a
+  worker continues to in-process, in the transaction that completed its upstream step
+  or the item before, has no message to duplicate.)
+- ``lost:0.2``: each start, start-batch or run-step publish fails (raises, as a broker
+  that is down would) with that probability. Every such publish happens after its commit.
 - ``fail:<step>``: every run-step publish of the step named ``<step>`` fails; the others
   are sent.
 - ``fail-start:<execution>``: every start publish of the execution with that id fails;
@@ -39,7 +40,8 @@ from kombu.exceptions import OperationalError
 
 from worker.app import ConveyorCelery
 from worker.config import MAX_PRIORITY
-from worker.engine import RUN_STEP, START_EXECUTION
+from worker.engine import RUN_STEP, START_BATCH, START_EXECUTION
+from worker.items import RUN_ITEM
 
 MODE_ENV = "FAULTS_INJECT"
 LOG_ENV = "FAULTS_INJECT_LOG"
@@ -66,7 +68,7 @@ def faulty(original: SendTask, mode: str) -> SendTask:
 
         def send_with_duplicates(app: ConveyorCelery, name: str, *args: Any, **options: Any) -> Any:
             result = original(app, name, *args, **options)
-            if name == RUN_STEP:
+            if name in (RUN_STEP, RUN_ITEM):
                 _note("original")
                 original(app, name, *args, **options)
                 _note("duplicate early")
@@ -84,7 +86,7 @@ def faulty(original: SendTask, mode: str) -> SendTask:
         probability = float(rate or 0.2)
 
         def send_or_lose(app: ConveyorCelery, name: str, *args: Any, **options: Any) -> Any:
-            if name in (RUN_STEP, START_EXECUTION) and random.random() < probability:
+            if name in (RUN_STEP, START_EXECUTION, START_BATCH) and random.random() < probability:
                 _note(f"lost {name}")
                 raise OperationalError(f"injected fault: publishing {name} failed")
             return original(app, name, *args, **options)

@@ -8,7 +8,9 @@ of 1-4 s -> b), woken by whichever worker lives; ``parent`` executions (a -> chi
 three-step chain -> b); and ``approval`` executions (a -> wait for ``fault.approved`` ->
 b) whose events a thread of this process sends through the storm, some before their
 wait exists (``tests.faults.senders``): every wait ends exactly once, each child step
-started one child, every event is taken by its own wait, none is lost.
+started one child, every event is taken by its own wait, none is lost. Maps too
+(numbers -> a map of 40 items, 8 at a time -> total): every item ends once, at an
+attempt no error retry was spent on, and each map aggregates once.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ SLEEP_SECONDS = (1.0, 4.0)
 PARENTS = 6  # a -> child (a three-step chain) -> b
 APPROVALS = 20  # half armed early, their events sent through the storm; half behind the
 # chains and fans, their events sent at once: before their waits exist
+MAPS = 2  # numbers -> square (a map of 40 items, 8 at a time) -> total
 SEND_PAUSE = (0.2, 1.2)  # seconds between the early ones' sends: moments of the storm
 CHILD_KILLS = 7
 MAIN_KILLS = 3
@@ -87,6 +90,7 @@ def test_sigkill_storm_loses_nothing(start_cluster: StartCluster) -> None:
         parents=PARENTS,
         sleep_seconds=SLEEP_SECONDS,
         rng=rng,
+        maps=MAPS,
     )
     ids = mix.ids
     sender = EventSender(cluster.app, at_once=mix.late, later=mix.early, pause=SEND_PAUSE, rng=rng)

@@ -7,8 +7,9 @@ While the file named by ``FAULTS_GATE`` exists, steps finish their work but do n
 return: a test holds them mid-step across a fault.
 Outputs are arithmetic on the input, so the checker can recompute every one of them
 (a sleep's output is its wake time: the checker compares it with the row's ``wake_at``).
-Wait nodes (``sleepy``'s sleep, ``approval``'s event wait, ``parent``'s child) run no
-code: they never appear in the run log (a child's own steps do).
+Wait nodes (``sleepy``'s sleep, ``approval``'s event wait, ``parent``'s child, a map
+step) run no code: they never appear in the run log (a child's own steps do, and a
+map's items, each as ``step[index]``).
 """
 
 from __future__ import annotations
@@ -37,17 +38,30 @@ class Seed(BaseModel):
     start: int
 
 
-def _work(ctx: StepContext) -> None:
-    """Record this run of the step's code, then take 50-300 ms like real work."""
+def run_name(ctx: StepContext) -> str:
+    """The name a run is logged under: the step's, ``step[index]`` for a map's item."""
+    if ctx.map_index is None:
+        return ctx.step_name
+    return f"{ctx.step_name}[{ctx.map_index}]"
+
+
+def _record(ctx: StepContext) -> None:
+    """Append this run of the step's code to the run log."""
     path = os.environ.get(RUN_LOG_ENV)
     if path:
-        line = f"{ctx.execution_id} {ctx.step_name} {ctx.attempt} {os.getpid()}\n"
+        line = f"{ctx.execution_id} {run_name(ctx)} {ctx.attempt} {os.getpid()}\n"
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
-    time.sleep(random.uniform(*STEP_SECONDS))
+
+
+def _work(ctx: StepContext, seconds: tuple[float, float] = STEP_SECONDS) -> None:
+    """Record this run of the step's code, then take ``seconds`` (50-300 ms) like real
+    work."""
+    _record(ctx)
+    time.sleep(random.uniform(*seconds))
     gate = os.environ.get(GATE_ENV)
     while gate and os.path.exists(gate):  # a test holds every step here for a while
         time.sleep(0.02)
@@ -216,7 +230,65 @@ def _parent_b(ctx: StepContext, child: dict[str, int]) -> int:
     return int(child[f"link_{CHILD_CHAIN - 1}"]) + 1
 
 
-WORKFLOWS = {w.name: w for w in (chain, fan, sleepy, approval, chain3, parent)}
+# numbers -> square (a map: each item doubled) -> total (an order-sensitive sum of the
+# map's list: sum of index * output). ``items`` long, from ``start``; each item takes
+# ``item_seconds`` (up to that many seconds, from a tenth of it; 0: no pause).
+class Mapped(BaseModel):
+    """Input of the map workflows: the first number, the list's length, item work."""
+
+    start: int
+    items: int = 30
+    item_seconds: float = STEP_SECONDS[1]
+
+
+def _numbers(ctx: StepContext) -> list[int]:
+    _work(ctx)
+    return [int(ctx.input.start) + i for i in range(int(ctx.input.items))]
+
+
+def _square(ctx: StepContext, item: int) -> int:
+    most = float(ctx.input.item_seconds)
+    if most > 0:
+        _work(ctx, (most / 10, most))
+    else:
+        _record(ctx)
+    return item * 2
+
+
+def _total(ctx: StepContext, square: list[int]) -> int:
+    _work(ctx)
+    return sum(index * value for index, value in enumerate(square))
+
+
+def _map_workflow(name: str, max_parallel: int) -> Workflow:
+    workflow = Workflow(name, input_model=Mapped)
+    workflow.step("numbers")(_numbers)
+    workflow.map(over="numbers", max_parallel=max_parallel, name="square")(_square)
+    workflow.step("total", depends_on=["square"])(_total)
+    return workflow
+
+
+MAP_PARALLEL = 8
+WIDE_MAP_PARALLEL = 20
+# The fault mixes' map: a few dozen items, 8 at a time.
+mapped = _map_workflow("fault_map", MAP_PARALLEL)
+# The big maps of tests/faults/test_map_faults.py: thousands of items, 20 at a time.
+wide_map = _map_workflow("fault_wide_map", WIDE_MAP_PARALLEL)
+
+# One no-op step: the high-priority execution that must get through a big map.
+single = Workflow("fault_single", input_model=Seed)
+
+
+@single.step("only")
+def _only(ctx: StepContext) -> int:
+    _record(ctx)
+    return int(ctx.input.start)
+
+
+WORKFLOWS = {
+    w.name: w for w in (chain, fan, sleepy, approval, chain3, parent, mapped, wide_map, single)
+}
+MAP_WORKFLOWS = frozenset({mapped.name, wide_map.name})
 # A sleep's expected output: its wake time, which the checker reads from the row.
 WAKE_TIME = "<the sleep's wake_at>"
 
@@ -228,9 +300,16 @@ def definition(workflow: str) -> Workflow:
     return WORKFLOWS[workflow]
 
 
-def expected_outputs(workflow: str, start: int) -> dict[str, Any]:
-    """Every step's correct output for an execution of ``workflow`` from ``start``
-    (``WAKE_TIME`` for a sleep)."""
+def expected_outputs(workflow: str, start: int, items: int = 0) -> dict[str, Any]:
+    """Every step's correct output for an execution of ``workflow`` from ``start`` (a
+    map workflow's list ``items`` long; ``WAKE_TIME`` for a sleep)."""
+    if workflow in MAP_WORKFLOWS:
+        numbers = [start + i for i in range(items)]
+        square = [n * 2 for n in numbers]
+        total = sum(index * value for index, value in enumerate(square))
+        return {"numbers": numbers, "square": square, "total": total}
+    if workflow == single.name:
+        return {"only": start}
     if workflow == chain3.name:
         return {f"link_{i}": start + i for i in range(CHILD_CHAIN)}
     if workflow == parent.name:
@@ -268,3 +347,15 @@ def wait_nodes(workflow: str) -> dict[str, str]:
     """The wait nodes of ``workflow`` (they run no code), each with its kind."""
     steps = definition(workflow).steps
     return {name: steps[name].kind for name in definition(workflow).wait_nodes}
+
+
+def map_nodes(workflow: str) -> list[str]:
+    """The map steps of ``workflow``."""
+    return sorted(definition(workflow).map_nodes)
+
+
+def map_length(workflow: str, input_data: Any) -> int:
+    """The length of the list a map workflow's execution maps (0 for the others)."""
+    if workflow not in MAP_WORKFLOWS:
+        return 0
+    return int(Mapped.model_validate(input_data).items)

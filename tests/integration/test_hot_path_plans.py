@@ -80,3 +80,33 @@ def test_a_completion_in_a_long_chain_probes_its_downstream_step_by_key(
     # Each step row read and thrown away is one the primary key would have skipped.
     removed = [int(n) for n in re.findall(r"Rows Removed by Filter: (\d+)", plan)]
     assert max(removed, default=0) < 10, plan
+
+
+@pytest.mark.parametrize("statement", ["hold", "continue_held_pg", "hand_off"])
+def test_the_statements_of_held_siblings_probe_them_by_key(
+    database: TestDatabase, statement: str
+) -> None:
+    """Holding, claiming and handing off a held sibling in an execution of many steps
+    reads its row, not every step row of the execution. (Eight names are planned like
+    the completion's eight downstream names: on this one-execution table PostgreSQL
+    then filters the execution's rows, as it does for ``complete_pg``.)"""
+    names = [f"s{i:04d}" for i in range(STEPS)]
+    execution_id = insert_execution("wide", {}, steps=[StepSpec(name) for name in names])
+    manager = SyncEnhancedExecutionStateManager()
+    manager.transition_execution(execution_id, "running")
+    manager.transition_steps(execution_id, names[:1], "queued")
+
+    plan = _generic_plan(
+        database,
+        getattr(hot_path("postgresql"), statement),
+        {
+            "eid": execution_id,
+            "step": names[0],
+            "names": names[:1],
+            "grace": 2.0,
+            "worker_id": "w",
+        },
+    )
+
+    removed = [int(n) for n in re.findall(r"Rows Removed by Filter: (\d+)", plan)]
+    assert max(removed, default=0) < 10, plan

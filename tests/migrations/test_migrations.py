@@ -37,6 +37,7 @@ TABLES = {
     "workflow_schedules",
     "database_liveness",
     "event_inbox",
+    "map_items",
 }
 _counter = itertools.count()
 

@@ -20,10 +20,22 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.visitors import iterate
 
+from core.map_statements import map_statements
 from core.states import StepStatus
 from core.step_statements import hot_path
 
-FUSED = ("start_pg", "claim_pg", "complete_pg", "finish_pg", "outputs", "execution", "current")
+FUSED = (
+    "start_pg",
+    "claim_pg",
+    "complete_pg",
+    "finish_pg",
+    "outputs",
+    "execution",
+    "current",
+    "hold",
+    "continue_held_pg",
+    "hand_off",
+)
 STEP_NAME_LISTS = {"names", "downstream", "sinks"}
 
 
@@ -55,3 +67,14 @@ def test_the_completion_completes_only_what_a_worker_ran() -> None:
 
 
 STATUSES = {s.value for s in StepStatus}
+
+
+def test_a_map_items_completion_stays_within_psycopgs_query_cache() -> None:
+    statement = map_statements("postgresql").complete_pg
+    assert statement is not None
+    compiled = statement.compile(dialect=postgresql.psycopg.dialect())
+    executed = compiled._process_parameters_for_postcompile(
+        compiled.construct_params(dict.fromkeys(compiled.binds, "v"), _check=False)
+    )
+    assert len(executed.statement.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
+    assert len(executed.parameters) <= _queries.MAX_CACHED_STATEMENT_PARAMS
