@@ -52,3 +52,29 @@ def test_enqueue_many_sends_a_message_per_batch_and_every_execution_runs_once(
         )
     assert starts == count
     assert attempts == {1}
+
+
+def test_a_lost_start_batch_is_recovered_by_the_reconciler_with_single_starts(
+    conveyor_app: ConveyorCelery,
+) -> None:
+    ids = enqueue_many("short_chain", [None] * 20, app=conveyor_app)
+    conveyor_app.control.purge()  # the broker lost the batch message (a flush)
+    engine = conveyor_app.engine
+    engine.settings = engine.settings.model_copy(update={"start_after": 0.001})
+    with running_worker(conveyor_app):
+        report = engine.reconcile()
+        assert sorted(report.start) == sorted((i, "short_chain", 0) for i in ids)
+        for execution_id in ids:
+            assert wait_for(execution_id, timeout=60).status == "succeeded"
+    with get_db_session() as db:
+        rows = db.execute(
+            select(ExecutionEvent.execution_id, func.count())
+            .where(
+                ExecutionEvent.execution_id.in_(ids),
+                ExecutionEvent.step_name.is_(None),
+                ExecutionEvent.to_status == "running",
+            )
+            .group_by(ExecutionEvent.execution_id)
+        ).all()
+        starts = {row[0]: row[1] for row in rows}
+    assert starts == dict.fromkeys(ids, 1)

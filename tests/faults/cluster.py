@@ -32,7 +32,7 @@ from tests.faults import inject, workflows
 from tests.servers import RedisServer
 from worker.app import create_app
 from worker.config import MAX_PRIORITY
-from worker.producer import enqueue
+from worker.producer import enqueue, enqueue_many
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0
@@ -350,7 +350,11 @@ class Cluster:
         return WaitMix(ids, steps, early, late)
 
     def enqueue_workload(self, chains: int, fans: int) -> list[str]:
-        """``chains`` executions of the 10-step chain and ``fans`` of the 1 -> 8 -> 1 fan."""
-        return self.enqueue(workflows.chain.name, range(chains)) + self.enqueue(
-            workflows.fan.name, range(1000, 1000 + fans)
+        """``chains`` executions of the 10-step chain and ``fans`` of the 1 -> 8 -> 1 fan.
+
+        The chains by one ``enqueue_many`` (start_batch messages, split by the workers),
+        the fans each on its own (start messages): the faults hit both paths."""
+        chains_ids = enqueue_many(
+            workflows.chain.name, [{"start": start} for start in range(chains)], app=self.app
         )
+        return chains_ids + self.enqueue(workflows.fan.name, range(1000, 1000 + fans))

@@ -8,8 +8,8 @@ process when the registry loads; with ``FAULTS_INJECT`` set it wraps the app cla
   times: at once, late (with a countdown) and at another priority. (A step or item a
   worker continues to in-process, in the transaction that completed its upstream step
   or the item before, has no message to duplicate.)
-- ``lost:0.2``: each start or run-step publish fails (raises, as a broker that is down
-  would) with that probability. Every such publish happens after its commit.
+- ``lost:0.2``: each start, start-batch or run-step publish fails (raises, as a broker
+  that is down would) with that probability. Every such publish happens after its commit.
 - ``fail:<step>``: every run-step publish of the step named ``<step>`` fails; the others
   are sent.
 - ``fail-start:<execution>``: every start publish of the execution with that id fails;
@@ -40,7 +40,7 @@ from kombu.exceptions import OperationalError
 
 from worker.app import ConveyorCelery
 from worker.config import MAX_PRIORITY
-from worker.engine import RUN_STEP, START_EXECUTION
+from worker.engine import RUN_STEP, START_BATCH, START_EXECUTION
 from worker.items import RUN_ITEM
 
 MODE_ENV = "FAULTS_INJECT"
@@ -86,7 +86,7 @@ def faulty(original: SendTask, mode: str) -> SendTask:
         probability = float(rate or 0.2)
 
         def send_or_lose(app: ConveyorCelery, name: str, *args: Any, **options: Any) -> Any:
-            if name in (RUN_STEP, START_EXECUTION) and random.random() < probability:
+            if name in (RUN_STEP, START_EXECUTION, START_BATCH) and random.random() < probability:
                 _note(f"lost {name}")
                 raise OperationalError(f"injected fault: publishing {name} failed")
             return original(app, name, *args, **options)
