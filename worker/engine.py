@@ -712,6 +712,7 @@ class Engine:
         if take is not None and held is not None and continued and continued.step_name == take.name:
             held.claimed(take)
         if completion.held:
+            self.metrics.held(claim.route.workflow, "held", len(completion.held))
             more = [steps.HeldStep(name, claim.step_name, output) for name in completion.held]
             if held is None or not held.add(more):
                 held = _Held(
@@ -747,6 +748,7 @@ class Engine:
             )
             return
         if sent:
+            self.metrics.held(held.route.workflow, "handed_off", len(sent))
             log.info(
                 "handing %d held step(s) of execution %s to the broker: %s",
                 len(sent),

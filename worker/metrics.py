@@ -138,6 +138,13 @@ class Metrics:
             ["workflow", "step", "result"],
             registry=registry,
         )
+        self.steps_held = Counter(
+            "conveyor_steps_held",
+            "Fan-out siblings a worker held for itself (queued, no message), and those it "
+            "handed to the broker when the hold ran out (CONVEYOR_HOLD_SECONDS).",
+            ["workflow", "how"],
+            registry=registry,
+        )
         self.events_sent = Counter(
             "conveyor_events",
             "Events and signals sent, by outcome (consumed, stored, duplicate).",
@@ -182,6 +189,11 @@ class Metrics:
         """Items of a map step that were expanded, succeeded, failed, retried, ..."""
         if count:
             self.map_items.labels(workflow, step, result).inc(count)
+
+    def held(self, workflow: str, how: str, count: int) -> None:
+        """Fan-out siblings held (``held``) or handed off to the broker (``handed_off``)."""
+        if count:
+            self.steps_held.labels(workflow, how).inc(count)
 
     def woke_late(self, workflow: str, seconds: float) -> None:
         """A sleep the waker woke, ``seconds`` after its wake time."""

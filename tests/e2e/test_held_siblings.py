@@ -57,15 +57,28 @@ def _ran_once(execution_id: str, *names: str) -> None:
         assert history.count((name, "running", "succeeded")) == 1, name
 
 
+def _held_count(app: ConveyorCelery, workflow: str) -> tuple[float, float]:
+    """conveyor_steps_held_total of ``workflow`` in this process: (held, handed off)."""
+    registry = app.engine.metrics.registry
+    found = [
+        registry.get_sample_value("conveyor_steps_held_total", {"workflow": workflow, "how": how})
+        for how in ("held", "handed_off")
+    ]
+    return (found[0] or 0.0, found[1] or 0.0)
+
+
 def test_a_fan_out_runs_its_held_siblings_in_the_worker_that_held_them(
     app: ConveyorCelery,
 ) -> None:
     # A hold long enough for any machine: every sibling is run by the holder.
     _settings(app, hold_seconds=30.0)
+    before = _held_count(app, "held_fan")
     with running_worker(app):
         execution_id = enqueue("held_fan", app=app)
         execution = wait_for(execution_id)
     assert execution.status == "succeeded"
+    # conveyor_steps_held_total counts them; none was handed off.
+    assert _held_count(app, "held_fan") == (before[0] + len(BRANCHES), before[1])
     outputs = execution.output_data["sink"]
     assert outputs["a_first"]["value"] == 10
     assert {name: outputs[name]["value"] for name in BRANCHES} == dict.fromkeys(BRANCHES, 11)
@@ -88,10 +101,12 @@ def test_held_siblings_are_handed_off_while_a_slow_branch_still_runs(
     """a_slow, the continued branch, returns only once its held siblings ran: they can
     only have run elsewhere, handed off by the heartbeat thread when the hold ran out."""
     _settings(app, hold_seconds=0.2)
+    handed_before = _held_count(app, "held_slow")[1]
     with running_worker(app, concurrency=4):
         execution_id = enqueue("held_slow", app=app)
         execution = wait_for(execution_id)
     assert execution.status == "succeeded"
+    assert _held_count(app, "held_slow")[1] == handed_before + len(BRANCHES)
     outputs = execution.output_data["sink"]
     assert outputs["a_slow"] is True
     for name in BRANCHES:
