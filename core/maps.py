@@ -43,7 +43,6 @@ from core.map_statements import (
     MI,
     map_statements,
 )
-from core.map_statements import cancel_items_of as cancel_items_statement
 from core.models import MapItem, StepExecution
 from core.outcomes import Claim, Route, WaitOutcome
 from core.sql import utcnow
@@ -55,7 +54,6 @@ from core.waits import (
     WaitingExecution,
     end_waits,
     read_execution,
-    upstream_outputs,
     wait_error,
 )
 from core.workflows import MapSpec, Step, Workflow
@@ -76,7 +74,6 @@ class ItemCompletion:
     queued: list[ItemKey] = field(default_factory=list)
     continued: Claim | None = None
     woken: WaitOutcome | None = None
-    map_ended: str | None = None
 
 
 def _event(execution_id: str, step: str, to: str, attempt: int, reason: str) -> dict[str, Any]:
@@ -113,7 +110,11 @@ def expand(
     ms = map_statements(conn.dialect.name)
     eid = execution.execution_id
     names = {"eid": eid, "step": step.name}
-    items = upstream_outputs(conn, execution, _only_over(step, spec), known_outputs)[spec.over]
+    if spec.over in known_outputs:  # the completion that released the map holds it
+        items = known_outputs[spec.over]
+    else:
+        params = {"eid": eid, "names": [spec.over]}
+        items = conn.execute(hot_path(conn.dialect.name).outputs, params).one().output_data
     refused: MapInputError | None = None
     if not isinstance(items, list):
         refused = MapInputError(step.name, spec.over, got=_json_kind(items))
@@ -171,11 +172,6 @@ def expand(
     outcome.routes[eid] = execution.route
     outcome.item_counts.append((workflow, step.name, "expanded", left))
     return None
-
-
-def _only_over(step: Step, spec: MapSpec) -> Step:
-    """The map's item list is the ``over`` step's output alone."""
-    return Step(name=step.name, fn=step.fn, depends_on=(spec.over,))
 
 
 def _json_kind(value: Any) -> str:
@@ -477,7 +473,6 @@ def _ended(
         result.woken = _end_map(conn, end, workflow, definition_of)
         if children is not None:
             result.woken.merge(children)
-        result.map_ended = StepStatus.FAILED.value
         return result
     if counted.map_left == 0:
         rows = conn.execute(ms.outputs, {"eid": eid, "step": name}).all()
@@ -494,7 +489,6 @@ def _ended(
             how="map",
         )
         result.woken = _end_map(conn, end, workflow, definition_of)
-        result.map_ended = StepStatus.SUCCEEDED.value
         return result
     for row in _admit(conn, eid, name, 1, continue_as):
         if row.status == StepStatus.RUNNING.value:
@@ -532,14 +526,6 @@ def _end_map(
 # --- cancelling, heartbeats ---------------------------------------------------------
 
 
-def cancel_items_of(conn: Connection, execution_ids: Sequence[str]) -> int:
-    """Cancel every open item of the executions' maps (cancelled or timed out with
-    their execution): none is left queued to be claimed."""
-    if not execution_ids:
-        return 0
-    return int(conn.execute(cancel_items_statement(execution_ids)).rowcount)
-
-
 def item_status(conn: Connection, execution_id: str, step: str, index: int) -> str | None:
     """An item's status (None: no such item)."""
     ms = map_statements(conn.dialect.name)
@@ -571,7 +557,6 @@ def map_counts(conn: Connection, execution_id: str, step: str) -> dict[str, int]
 
 __all__ = [
     "ItemCompletion",
-    "cancel_items_of",
     "claim_item",
     "complete_item",
     "expand",
