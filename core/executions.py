@@ -205,7 +205,7 @@ def step_specs(workflow: Workflow) -> list[StepSpec]:
             step.name,
             len(step.depends_on),
             step.retry.max_attempts,
-            None if step.wait is None else step.wait.kind,
+            step.wait_kind,
         )
         for step in workflow.steps.values()
     ]

@@ -22,6 +22,7 @@ from sqlalchemy import (
 from core import statements as sql
 from core.children import wake_parents_of
 from core.executions import admit, finish_if_done
+from core.limits import free_step
 from core.models import StepExecution
 from core.outcomes import (
     Admission,
@@ -263,6 +264,10 @@ def complete(
             if wake_parents_of(conn, [execution_id], told, definition_of or registered):
                 woken = woken or WaitOutcome()
                 woken.merge(told)
+    if isinstance(workflow, Workflow) and workflow.steps[step_name].limits:
+        # Its slots free with its success: the keys' next waiters are admitted here.
+        woken = woken or WaitOutcome()
+        free_step(conn, execution_id, step_name, woken, definition_of or registered)
     next_step = None
     if continued is not None:
         upstream = workflow.upstream(continued.step_name)
@@ -446,9 +451,11 @@ def fail_step(
     error: Mapping[str, Any],
     descendants: Sequence[str] | None,
     sinks: Sequence[str] = (),
+    limited: bool = False,
 ) -> StepFailure:
     """Fail a running step for good, skip the steps downstream of it, and finish the
-    execution when nothing is left open: one transaction.
+    execution when nothing is left open: one transaction. A ``limited`` step (behind
+    limits) frees its slots, admitting the keys' next waiters.
 
     ``descendants=None`` skips every pending step: for a step that cannot run here at
     all (its workflow is not registered), whose DAG is unknown.
@@ -474,6 +481,9 @@ def fail_step(
         told = WaitOutcome()
         if wake_parents_of(conn, [execution_id], told, registered):
             woken = told
+    if limited:
+        woken = woken or WaitOutcome()
+        free_step(conn, execution_id, step_name, woken, registered)
     return StepFailure(transition=failed, skipped=skipped, execution=finished, woken=woken)
 
 

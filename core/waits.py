@@ -296,6 +296,23 @@ def _arm(
         from core.maps import expand
 
         return expand(conn, execution, step, attempt, known_outputs, outcome)
+    if step.limits:
+        from core.limits import KeyFailed, arm_gate
+
+        try:
+            arm_gate(
+                conn,
+                eid,
+                execution.workflow,
+                step,
+                attempt,
+                execution.row.input_data,
+                execution.route,
+                outcome,
+            )
+        except KeyFailed as error:
+            raise NotEstablished(error) from error
+        return None
     raise AssertionError(f"step {step.name} is not a wait")
 
 

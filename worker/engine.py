@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import children, executions, map_repair, reconciler, steps, waits, waker
+from core import children, executions, limits, map_repair, reconciler, steps, waits, waker
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -470,6 +470,23 @@ class Engine:
             self.metrics.ended(workflow, result)
         for workflow in sorted({*(workflow for _, workflow in outcome.finished), *outcome.freed}):
             self.after_finish(workflow)
+        for workflow, key, what in outcome.limited:
+            self.metrics.limited(workflow, key, what)
+        if outcome.wake_hint is not None:
+            self.wake_at(outcome.wake_hint)
+
+    def wake_at(self, due: datetime) -> None:
+        """Ask the waker for ``due`` when it falls before its next tick (a wait armed
+        for a moment that near: a rate limit's next start, a short retry backoff): one
+        housekeeping message; a lost one costs at most one tick."""
+        left = (due - datetime.now(UTC)).total_seconds()
+        if left < self.settings.wake_interval:
+            try:
+                self.app.send_task(
+                    WAKE, countdown=max(0.0, left), expires=self.settings.wake_interval * 2
+                )
+            except Exception:
+                log.warning("asking the waker for %s failed; its tick will do", due, exc_info=True)
 
     def wake(self) -> int:
         """Wake the waits that are due (the beat's ``conveyor.wake``): batches of
@@ -776,15 +793,29 @@ class Engine:
         permanent = isinstance(error, InputValidationError | OutputNotStorable)
         if not permanent and step.retry.should_retry(error, tries):
             delay = step.retry.delay(tries)
+            freed: WaitOutcome | None = None
             try:
-                moved = self.recorder.run(
-                    steps.schedule_retry,
-                    claim.execution_id,
-                    step.name,
-                    claim.attempt,
-                    delay,
-                    error_record(error),
-                )
+                if step.limits:
+                    # Behind limits: it waits out its backoff holding no slot, and is
+                    # admitted again by the waker (no message now).
+                    moved, freed = self.recorder.run(
+                        limits.retry_gated,
+                        claim.execution_id,
+                        step.name,
+                        claim.attempt,
+                        delay,
+                        error_record(error),
+                        self.definition,
+                    )
+                else:
+                    moved = self.recorder.run(
+                        steps.schedule_retry,
+                        claim.execution_id,
+                        step.name,
+                        claim.attempt,
+                        delay,
+                        error_record(error),
+                    )
             except TransientDatabaseError:
                 raise  # as in _succeeded
             except Exception:
@@ -796,7 +827,9 @@ class Engine:
                 )
                 return self._fail(claim, error, workflow)
             self.metrics.retried(claim, moved)
-            if moved.applied and delay <= self.settings.retry_countdown_max:
+            if freed is not None:
+                self.publish_outcome(freed)
+            elif moved.applied and delay <= self.settings.retry_countdown_max:
                 # Long delays are left to the reconciler, which publishes due retries;
                 # nothing depends on an ETA message held by the broker.
                 self._publish_committed(
@@ -839,6 +872,8 @@ class Engine:
         nothing else runs); the report (None: another outcome was recorded first)."""
         descendants = workflow.descendants(claim.step_name) if workflow else None
         sinks = workflow.sinks if workflow else []
+        defined = workflow.steps.get(claim.step_name) if workflow else None
+        limited = bool(defined and defined.limits)
         record = error_record(error)
         try:
             failure = self.recorder.run(
@@ -849,6 +884,7 @@ class Engine:
                 record,
                 descendants,
                 sinks,
+                limited,
             )
         except TransientDatabaseError:
             raise  # as in _succeeded
@@ -870,6 +906,7 @@ class Engine:
                 bare_error_record(error),
                 descendants,
                 sinks,
+                limited,
             )
         report = None
         if failure.transition.applied:

@@ -145,6 +145,19 @@ class Metrics:
             ["workflow", "how"],
             registry=registry,
         )
+        self.rate_limited = Counter(
+            "conveyor_rate_limited",
+            "Starts a rate limit or a paused key held back (the step waits, with no "
+            "message, until it may start), by workflow and key.",
+            ["workflow", "key"],
+            registry=registry,
+        )
+        self.admissions = Counter(
+            "conveyor_key_admissions",
+            "Admissions of steps behind limits: admitted, or held (concurrency, rate, paused).",
+            ["workflow", "result"],
+            registry=registry,
+        )
         self.events_sent = Counter(
             "conveyor_events",
             "Events and signals sent, by outcome (consumed, stored, duplicate).",
@@ -194,6 +207,12 @@ class Metrics:
         """Fan-out siblings held (``held``) or handed off to the broker (``handed_off``)."""
         if count:
             self.steps_held.labels(workflow, how).inc(count)
+
+    def limited(self, workflow: str, key: str, what: str) -> None:
+        """A step behind limits admitted, or held (``what``: concurrency, rate, paused)."""
+        self.admissions.labels(workflow, what).inc()
+        if what in ("rate", "paused"):
+            self.rate_limited.labels(workflow, key).inc()
 
     def woke_late(self, workflow: str, seconds: float) -> None:
         """A sleep the waker woke, ``seconds`` after its wake time."""
