@@ -43,6 +43,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    or_,
     select,
     update,
 )
@@ -147,6 +148,7 @@ class LimitStatements:
     stale_executions: Any
     waiting_keys: Select[Any]
     pause: Any
+    stale_of: Any
 
 
 @cache
@@ -305,6 +307,21 @@ def statements(dialect: str) -> LimitStatements:
         )
         .returning(KS.c.key, KS.c.execution_id, KS.c.step_name)
     )
+    execution_running = exists().where(
+        WE.c.execution_id == KS.c.execution_id,
+        WE.c.status == ExecutionStatus.RUNNING.value,
+    )
+    stale_of = (
+        delete(KS)
+        .where(
+            KS.c.execution_id.in_(bindparam("eids", expanding=True)),
+            or_(
+                and_(KS.c.step_name != "", ~exists().where(holds)),
+                and_(KS.c.step_name == "", ~execution_running),
+            ),
+        )
+        .returning(KS.c.key)
+    )
     waiting_keys = (
         select(SE.c.wait_key)
         .where(SE.c.status == WAITING, SE.c.wait_kind == KEY, SE.c.wake_at.is_(None))
@@ -330,6 +347,7 @@ def statements(dialect: str) -> LimitStatements:
         stale_executions=stale_executions,
         waiting_keys=waiting_keys,
         pause=pause,
+        stale_of=stale_of,
     )
 
 
@@ -659,6 +677,23 @@ def promote(
                 outcome,
                 execution.workflow.name,
             )
+
+
+def free_executions(
+    conn: Connection, execution_ids: Sequence[str], definition_of: DefinitionOf
+) -> WaitOutcome:
+    """After the given executions (or their steps) ended by a path that does not free
+    slots itself (a cancel, a timeout): delete their slots that no longer hold, and
+    admit what waits behind those keys. Their count excluded them already: this only
+    makes the next waiters start now rather than at the reconciler's next pass."""
+    outcome = WaitOutcome()
+    if not execution_ids:
+        return outcome
+    st = statements(conn.dialect.name)
+    keys = sorted(set(conn.execute(st.stale_of, {"eids": list(execution_ids)}).scalars()))
+    if keys:
+        promote(conn, keys, outcome, definition_of)
+    return outcome
 
 
 def retry_gated(
