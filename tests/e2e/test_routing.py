@@ -1,0 +1,117 @@
+"""Routing steps to worker pools (``queue=``): real worker processes on different queues
+(``celery worker -Q``), each step recording the pool that ran it."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+
+from core.registry import configure_registry
+from core.sql import utcnow
+from tests.conftest import TestDatabase
+from tests.e2e import routing_workflows
+from tests.e2e.conftest import clean_app_settings, e2e_registry, wait_for
+from tests.e2e.routing_workflows import POOL, alternating, split_roots
+from tests.helpers.processes import worker_process
+from tests.helpers.state import force_step_status, step_row
+from worker.app import ConveyorCelery, create_app
+from worker.config import MAX_PRIORITY
+from worker.engine import RUN_STEP
+from worker.producer import enqueue
+
+MODULES = f"tests.e2e.workflows,{routing_workflows.__name__}"
+
+
+@pytest.fixture
+def routing_app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
+    """An app (the producer's side) that knows the routing workflows, on a clean Redis."""
+    registry = e2e_registry()
+    registry.load_module(routing_workflows.__name__)
+    configure_registry(registry)
+    return create_app(clean_app_settings(database, redis_url), registry)
+
+
+@contextmanager
+def pools(database: TestDatabase, redis_url: str, tmp_path: Path, *queues: str) -> Iterator[None]:
+    """One worker process per queue: ``-Q queue``, its own node name, and ROUTING_POOL
+    set to the queue, which its steps return."""
+    with ExitStack() as stack:
+        for queue in queues:
+            stack.enter_context(
+                worker_process(
+                    database,
+                    redis_url,
+                    tmp_path / f"{queue}.log",
+                    env={"CONVEYOR_WORKFLOW_MODULES": MODULES, POOL: queue},
+                    options=["-Q", queue, "-n", f"{queue}@%h"],
+                )
+            )
+        yield
+
+
+def run_messages(redis_url: str, queue: str, *, take: bool = False) -> list[str]:
+    """Step names of the ``conveyor.run_step`` messages waiting in ``queue`` (every
+    priority level of it); with ``take``, the queue is emptied (the broker lost it)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        names = []
+        for key in [queue, *(f"{queue}:{level}" for level in range(1, MAX_PRIORITY + 1))]:
+            for raw in client.lrange(key, 0, -1):
+                message = json.loads(raw)
+                if message["headers"]["task"] == RUN_STEP:
+                    _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+                    names.append(kwargs["step_name"])
+            if take:
+                client.delete(key)
+        return sorted(names)
+    finally:
+        client.close()
+
+
+def test_every_step_runs_on_a_worker_of_its_queue(
+    database: TestDatabase, redis_url: str, routing_app: ConveyorCelery, tmp_path: Path
+) -> None:
+    with pools(database, redis_url, tmp_path, "a", "b"):
+        runs = [(enqueue("alternating", app=routing_app), alternating) for _ in range(4)]
+        runs += [(enqueue("split_roots", app=routing_app), split_roots) for _ in range(3)]
+        finished = [(wait_for(execution_id, timeout=60), flow) for execution_id, flow in runs]
+
+    for execution, flow in finished:
+        assert execution.status == "succeeded"
+        ran_on = {
+            name: step_row(execution.execution_id, name)["output_data"]["pool"]
+            for name in flow.steps
+        }
+        assert ran_on == {name: flow.queue_of(name) for name in flow.steps}
+
+
+def test_the_reconciler_republishes_a_lost_step_to_its_queue(
+    database: TestDatabase, redis_url: str, routing_app: ConveyorCelery, tmp_path: Path
+) -> None:
+    engine = routing_app.engine
+    with pools(database, redis_url, tmp_path, "a"):
+        execution_id = enqueue("alternating", app=routing_app)
+        # s1 ran on a; s2 (queue b, no worker yet) waits in b's queue, not continued.
+        wait_for(execution_id, lambda _: step_row(execution_id, "s1")["status"] == "succeeded")
+        assert step_row(execution_id, "s2")["status"] == "queued"
+        assert run_messages(redis_url, "b", take=True) == ["s2"]  # the broker loses it
+
+        long_ago = utcnow(-engine.settings.republish_after - 1)
+        force_step_status(execution_id, "s2", "queued", queued_at=long_ago)
+        report = engine.reconcile()
+
+        assert report.republish == [(execution_id, "s2")]
+        assert run_messages(redis_url, "b") == ["s2"]
+        assert run_messages(redis_url, "a") == []
+        assert run_messages(redis_url, engine.settings.default_queue) == []
+        with pools(database, redis_url, tmp_path, "b"):
+            execution = wait_for(execution_id, timeout=60)
+    assert execution.status == "succeeded"
+    assert step_row(execution_id, "s2")["output_data"]["pool"] == "b"
+    assert step_row(execution_id, "s2")["republishes"] == 1
