@@ -20,7 +20,8 @@ def ran(ctx: StepContext) -> dict[str, Any]:
 
 
 # A chain alternating between queues a and b (the workflow's own queue a where a step
-# names none), then a fan-out of two siblings on different queues joined on b.
+# names none), then a fan-out of three siblings, one on a and two on b (the worker of b
+# continues one and holds the other: never the one of a), joined on b.
 alternating = Workflow("alternating", queue="a")
 
 
@@ -64,8 +65,13 @@ def fan_b(ctx: StepContext, s6: Any) -> dict[str, Any]:
     return ran(ctx)
 
 
-@alternating.step(depends_on=["fan_a", "fan_b"], queue="b")
-def joined(ctx: StepContext, fan_a: Any, fan_b: Any) -> dict[str, Any]:
+@alternating.step(depends_on=["s6"], queue="b")
+def fan_c(ctx: StepContext, s6: Any) -> dict[str, Any]:
+    return ran(ctx)
+
+
+@alternating.step(depends_on=["fan_a", "fan_b", "fan_c"], queue="b")
+def joined(ctx: StepContext, fan_a: Any, fan_b: Any, fan_c: Any) -> dict[str, Any]:
     return ran(ctx)
 
 

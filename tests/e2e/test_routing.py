@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.registry import configure_registry
 from core.sql import utcnow
 from tests.conftest import TestDatabase
@@ -55,6 +56,14 @@ def pools(database: TestDatabase, redis_url: str, tmp_path: Path, *queues: str) 
         yield
 
 
+def events_with_reasons(execution_id: str) -> list[tuple[str | None, str]]:
+    """(step, reason) of every event of the execution."""
+    return [
+        (event.step_name, event.reason)
+        for event in SyncEnhancedExecutionStateManager().get_history(execution_id)
+    ]
+
+
 def run_messages(redis_url: str, queue: str, *, take: bool = False) -> list[str]:
     """Step names of the ``conveyor.run_step`` messages waiting in ``queue`` (every
     priority level of it); with ``take``, the queue is emptied (the broker lost it)."""
@@ -89,6 +98,12 @@ def test_every_step_runs_on_a_worker_of_its_queue(
             for name in flow.steps
         }
         assert ran_on == {name: flow.queue_of(name) for name in flow.steps}
+        if flow is alternating:
+            # Within a queue the worker still continues (no message): s6 -> fan_b on b
+            # (fan_c held beside it, or handed off to b); fan_a was published to a.
+            history = events_with_reasons(execution.execution_id)
+            assert ("fan_b", "continued in worker") in history
+            assert step_row(execution.execution_id, "fan_a")["celery_task_id"] is not None
 
 
 def test_the_reconciler_republishes_a_lost_step_to_its_queue(
