@@ -296,6 +296,11 @@ class Engine:
             return None
         return [name for name in names if workflow.queue_of(name, default) in consumed]
 
+    def queue_of(self, workflow: str, version: int, step_name: str) -> str:
+        """The queue a step's messages go to (the default queue for a workflow or step
+        this process does not know, as ``publish_steps`` sends them)."""
+        return self.registry.queue_of(workflow, version, step_name, self.settings.default_queue)
+
     def _start_queue(self, workflow_name: str) -> str:
         try:
             workflow = self.registry.get(workflow_name)
