@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from typer.testing import CliRunner
 
+from api.app import create_app as create_api
+from cli.main import CliState
+from cli.main import app as cli
+from core.accounts import Role
+from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.registry import configure_registry
 from core.sql import utcnow
@@ -19,11 +25,13 @@ from tests.conftest import TestDatabase
 from tests.e2e import routing_workflows
 from tests.e2e.conftest import clean_app_settings, e2e_registry, wait_for
 from tests.e2e.routing_workflows import POOL, alternating, split_roots
+from tests.helpers.api import client, serve, user_with_token
 from tests.helpers.processes import worker_process
 from tests.helpers.state import force_step_status, step_row
 from worker.app import ConveyorCelery, create_app
 from worker.config import MAX_PRIORITY
 from worker.engine import RUN_STEP
+from worker.metrics import api_registry
 from worker.producer import enqueue
 
 MODULES = f"tests.e2e.workflows,{routing_workflows.__name__}"
@@ -130,3 +138,45 @@ def test_the_reconciler_republishes_a_lost_step_to_its_queue(
     assert execution.status == "succeeded"
     assert step_row(execution_id, "s2")["output_data"]["pool"] == "b"
     assert step_row(execution_id, "s2")["republishes"] == 1
+
+
+def test_a_queue_no_worker_consumes_shows_its_steps_until_a_worker_takes_it(
+    database: TestDatabase, redis_url: str, routing_app: ConveyorCelery, tmp_path: Path
+) -> None:
+    engine = routing_app.engine
+    default = engine.settings.default_queue
+    with pools(database, redis_url, tmp_path, default):
+        execution_id = enqueue("stranded", app=routing_app)
+        # Published (after its commit) to its queue, where no worker takes it: queued,
+        # not run elsewhere.
+        wait_for(execution_id, lambda _: run_messages(redis_url, "nobody") == ["behind"])
+        assert step_row(execution_id, "ahead")["status"] == "succeeded"
+        assert step_row(execution_id, "behind")["status"] == "queued"
+
+        shown = CliRunner().invoke(
+            cli, ["status", execution_id], obj=CliState(celery_app=routing_app)
+        )
+        assert shown.exit_code == 0, shown.output
+        assert "nobody (no worker)" in shown.stdout
+        assert "-Q nobody" in shown.stdout
+        assert "(no worker)" not in shown.stdout.replace("nobody (no worker)", "")
+
+        gauges = api_registry(get_database(), engine.queue_of)
+        queued = {"workflow": "stranded", "queue": "nobody"}
+        assert gauges.get_sample_value("conveyor_steps_queued", queued) == 1.0
+
+        _, token = user_with_token("ops@example.com", Role.ADMIN)
+        with serve(create_api(routing_app)) as url, client(url, token) as http:
+            steps = {s["name"]: s for s in http.get(f"/executions/{execution_id}").json()["steps"]}
+            assert (steps["behind"]["queue"], steps["ahead"]["queue"]) == ("nobody", default)
+            declared = http.get("/workflows/stranded").json()["steps"]
+            assert {s["name"]: s["queue"] for s in declared} == {
+                "ahead": default,
+                "behind": "nobody",
+            }
+
+        with pools(database, redis_url, tmp_path, "nobody"):
+            execution = wait_for(execution_id, timeout=60)
+    assert execution.status == "succeeded"
+    assert step_row(execution_id, "behind")["output_data"]["pool"] == "nobody"
+    assert gauges.get_sample_value("conveyor_steps_queued", queued) is None
