@@ -333,13 +333,21 @@ class StepOut(BaseModel):
     )
     wait: WaitOut | None = Field(description="What it waits for while waiting (else null).")
     map: MapOut | None = Field(default=None, description="A map step's items (else null).")
+    queue: str | None = Field(
+        default=None,
+        description="The broker queue its messages go to (queue=; the default queue where "
+        "its workflow names none); null where the API does not know its workflow.",
+    )
 
     @classmethod
-    def of(cls, step: StepExecution, items: dict[str, int] | None = None) -> StepOut:
-        """The body of ``step``."""
+    def of(
+        cls, step: StepExecution, items: dict[str, int] | None = None, queue: str | None = None
+    ) -> StepOut:
+        """The body of ``step`` (``queue``: the queue its workflow's definition names)."""
         return cls(
             name=step.step_name,
             status=step.status,
+            queue=queue,
             kind=step.wait_kind or "task",
             attempt=step.attempt,
             policy_attempt=step.policy_attempt,
@@ -476,6 +484,7 @@ class StepDefinition(BaseModel):
     soft_timeout: float | None
     kind: Literal["task", "sleep", "event", "child", "map"] = "task"
     wait: WaitDefinition | None = None
+    queue: str = Field(description="The broker queue its messages go to (queue=).")
 
 
 class ScheduleOut(BaseModel):
