@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
-from core.database import get_db_session
+from core import debounce, executions
+from core.database import get_database, get_db_session
 from core.models import WorkflowExecution
 from core.registry import WorkflowRegistry, configure_registry
 from core.sql import utcnow
@@ -196,38 +197,73 @@ def test_a_steady_stream_starts_at_max_wait_and_later_enqueues_open_a_new_window
     assert len(_executions(stream)) == len(told)
 
 
-def test_an_enqueue_racing_the_start_is_never_lost(app: ConveyorCelery) -> None:
-    told: list[tuple[str, int]] = []
+def _make_due(execution_id: str) -> None:
+    """Move the window's start (and latest start) into the past: due at the next tick."""
+    with get_db_session(commit=True) as db:
+        db.execute(
+            update(WorkflowExecution)
+            .where(WorkflowExecution.execution_id == execution_id)
+            .values(start_at=utcnow(-1), latest_start_at=utcnow(-1))
+        )
+
+
+def _wait_until_blocked_on_a_lock(timeout: float = 10) -> None:
+    """Until a PostgreSQL backend waits for a row lock (the racing enqueue)."""
+    deadline = time.monotonic() + timeout
+    blocked = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO workflow_executions%'"
+    )
+    while True:
+        with get_db_session() as db:
+            if db.scalar(blocked):
+                return
+        if time.monotonic() > deadline:
+            pytest.fail("the racing enqueue never waited for the window's row lock")
+        time.sleep(0.01)
+
+
+def test_an_enqueue_racing_the_close_opens_a_new_window(
+    app: ConveyorCelery, database: TestDatabase
+) -> None:
+    with running_worker(app), ThreadPoolExecutor(1) as pool:
+        first = enqueue(reindex, {"user_id": "r", "n": 0}, app=app)
+        _make_due(first)
+        # The waker's transaction has closed the window and not committed yet when the
+        # enqueue comes: the enqueue waits for the row, then finds no open window.
+        with get_database().engine.begin() as conn:
+            released = debounce.release_due(conn, 10)
+            assert [start[0] for start in released.starts] == [first]
+            late = pool.submit(enqueue, reindex, {"user_id": "r", "n": 1}, app=app)
+            if database.is_postgres:  # SQLite's writers queue for the database instead
+                _wait_until_blocked_on_a_lock()
+        app.engine.publish_starts(released.starts)
+        second = late.result(timeout=30)
+        assert second != first
+        rows = {eid: _started(app, eid) for eid in (first, second)}
+    assert rows[first]["output_data"] == {"echo": {"user_id": "r", "n": 0}}
+    assert rows[second]["output_data"] == {"echo": {"user_id": "r", "n": 1}}
+
+
+@pytest.mark.postgresql_only
+def test_a_window_an_enqueue_holds_is_closed_after_it_with_its_input(
+    app: ConveyorCelery,
+) -> None:
     with running_worker(app):
-        for round_ in range(5):
-            first = enqueue(reindex, {"user_id": f"r{round_}", "n": 0}, app=app)
-            told.append((first, 0))
-            # The window is due now: the waker and the enqueues below race to it.
-            with get_db_session(commit=True) as db:
-                db.execute(
-                    update(WorkflowExecution)
-                    .where(WorkflowExecution.execution_id == first)
-                    .values(start_at=utcnow(-1))
-                )
-            barrier = threading.Barrier(5)
-
-            def racer(n: int, key: str = f"r{round_}") -> tuple[str, int]:
-                barrier.wait(10)
-                return enqueue(reindex, {"user_id": key, "n": n}, app=app), n
-
-            def waker() -> None:
-                barrier.wait(10)
-                app.engine.wake()
-
-            with ThreadPoolExecutor(5) as pool:
-                woken = pool.submit(waker)
-                told += [f.result() for f in [pool.submit(racer, n) for n in range(1, 5)]]
-                woken.result()
-        rows = {eid: _started(app, eid) for eid, _ in told}
-    for execution_id, row in rows.items():
-        numbers = [n for eid, n in told if eid == execution_id]
-        # It ran with the input the row holds, one of the enqueues told its id: an input
-        # written after the start would differ from the output.
-        assert row["status"] == "succeeded"
-        assert row["output_data"] == {"echo": row["input_data"]}
-        assert row["input_data"]["n"] in numbers
+        first = enqueue(reindex, {"user_id": "h", "n": 0}, app=app)
+        _make_due(first)
+        new = executions.execution_of(
+            app.engine.registry,
+            reindex.name,
+            {"user_id": "h", "n": 1},
+            max_payload_bytes=app.engine.settings.max_payload_bytes,
+        )
+        with get_database().engine.begin() as conn:
+            (created,) = executions.create_executions(conn, [new])
+            assert (created.execution_id, created.created) == (first, False)
+            # Its start stays due (max_wait passed), but the enqueue holds the row: the
+            # waker passes over it (SKIP LOCKED) instead of closing it under the enqueue.
+            assert app.engine.manager.run(debounce.release_due, 10).starts == []
+        row = _started(app, first)
+    assert row["output_data"] == {"echo": {"user_id": "h", "n": 1}}
+    assert len(_executions(reindex)) == 1
