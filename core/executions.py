@@ -23,6 +23,7 @@ from sqlalchemy import Connection, text
 from core import statements as sql
 from core.debounce import Window, enqueue_debounced
 from core.errors import (
+    DebouncedIdempotencyKey,
     ExecutionNotFound,
     IdempotencyConflict,
     InputValidationError,
@@ -208,16 +209,13 @@ def _window_of(definition: Workflow, checked: Any, idempotency_key: str | None) 
     """The debounce window an enqueue of ``definition`` with input ``checked`` (validated
     JSON) goes to; None for a workflow without ``Debounce``. An idempotency key is
     refused with one: the window's execution already stands for every enqueue in it,
-    and a key naming one enqueue of many could not say which input ran."""
+    and a key naming one enqueue of many could not say which input ran
+    (DebouncedIdempotencyKey)."""
     debounce = definition.debounce
     if debounce is None:
         return None
     if idempotency_key is not None:
-        raise InputValidationError(
-            f"workflow {definition.name!r} is debounced: enqueues with the same debounce "
-            "key already share one execution, so an idempotency key cannot be given",
-            [{"field": "idempotency_key", "message": "not allowed for a debounced workflow"}],
-        )
+        raise DebouncedIdempotencyKey(definition.name)
     key = debounce.key_of(definition.name, definition.parse_input(checked))
     max_wait = None if debounce.max_wait is None else debounce.max_wait.total_seconds()
     return Window(key, debounce.period.total_seconds(), max_wait)

@@ -19,7 +19,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 from sqlalchemy import select, text, update
+from typer.testing import CliRunner, Result
 
+from api.app import create_app as create_api
+from cli.main import CliState
+from cli.main import app as cli_app
 from core import debounce, executions
 from core.database import get_database, get_db_session
 from core.models import WorkflowExecution
@@ -28,6 +32,7 @@ from core.sql import utcnow
 from core.workflows import Debounce, StepContext, Workflow
 from tests.conftest import TestDatabase
 from tests.e2e.conftest import clean_app_settings, running_worker, wait_for
+from tests.helpers.api import client, serve, user_with_token
 from tests.helpers.state import execution_row
 from worker.app import ConveyorCelery, create_app
 from worker.producer import enqueue, enqueue_many
@@ -267,3 +272,47 @@ def test_a_window_an_enqueue_holds_is_closed_after_it_with_its_input(
         row = _started(app, first)
     assert row["output_data"] == {"echo": {"user_id": "h", "n": 1}}
     assert len(_executions(reindex)) == 1
+
+
+def test_the_api_gives_every_caller_the_window_of_its_own_key(app: ConveyorCelery) -> None:
+    _, token = user_with_token("ops@example.com")
+    _, other_token = user_with_token("dev@example.com")
+    with serve(create_api(app)) as url, client(url, token) as http:
+        body = {"workflow": reindex.name, "input": {"user_id": "api", "n": 1}}
+        opened = http.post("/executions", json=body)
+        collapsed = http.post("/executions", json={**body, "input": {"user_id": "api", "n": 2}})
+        refused = http.post("/executions", json={**body, "idempotency_key": "once"})
+        with client(url, other_token) as other:
+            # Windows are per caller, as idempotency keys are: never another user's execution.
+            own = other.post("/executions", json=body)
+    assert (opened.status_code, collapsed.status_code, own.status_code) == (201, 200, 201)
+    execution = collapsed.json()
+    assert execution["execution_id"] == opened.json()["execution_id"] != own.json()["execution_id"]
+    assert (execution["status"], execution["debounce_key"]) == ("pending", "api")
+    assert execution["input"] == {"user_id": "api", "n": 2}
+    assert execution["start_at"] is not None
+    assert refused.status_code == 422
+    assert refused.json()["errors"][0]["field"] == "idempotency_key"
+
+
+def test_conveyor_run_prints_the_windows_id_and_status_shows_its_start(
+    app: ConveyorCelery,
+) -> None:
+    state = CliState(celery_app=app)
+
+    def conveyor(*args: str) -> Result:
+        return CliRunner().invoke(cli_app, list(args), obj=state, catch_exceptions=False)
+
+    first = conveyor("run", reindex.name, "-i", '{"user_id": "cli", "n": 1}')
+    second = conveyor("run", reindex.name, "-i", '{"user_id": "cli", "n": 2}')
+    assert first.exit_code == second.exit_code == 0, first.output + second.output
+    execution_id = first.stdout.strip()
+    assert second.stdout.strip() == execution_id
+    assert "debounced (key 'cli'): starts " in second.stderr
+    shown = conveyor("status", execution_id)
+    assert shown.exit_code == 0, shown.output
+    start_at = execution_row(execution_id)["start_at"]
+    assert "debounce key  cli" in shown.stdout
+    assert f"starts        {start_at:%Y-%m-%d %H:%M:%S}" in shown.stdout
+    listed = conveyor("list", "--workflow", reindex.name)
+    assert "pending (debounced)" in listed.stdout
