@@ -760,6 +760,13 @@ def _add_steps(session: Session, execution: WorkflowExecution) -> None:
     from core.registry import get_registry  # the registry imports workflow modules
 
     definition = get_registry().get(execution.workflow_id, execution.workflow_version)
+    if definition.debounce is not None:
+        # A row added here could only be inserted, never collapsed into an open window.
+        raise InputValidationError(
+            f"workflow {definition.name!r} is debounced: create its executions with "
+            "enqueue or ExecutionStateManager.create_execution, which collapse them into "
+            "the open window of their key, not with session.add"
+        )
     execution.workflow_version = definition.version
     execution.input_data = definition.validate_input(execution.input_data)
     execution.priority = execution.priority or 0

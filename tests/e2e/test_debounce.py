@@ -26,6 +26,8 @@ from cli.main import CliState
 from cli.main import app as cli_app
 from core import debounce, executions
 from core.database import get_database, get_db_session
+from core.errors import InputValidationError
+from core.execution_state_manager import SyncExecutionStateManager
 from core.models import WorkflowExecution
 from core.registry import WorkflowRegistry, configure_registry
 from core.sql import utcnow
@@ -316,3 +318,21 @@ def test_conveyor_run_prints_the_windows_id_and_status_shows_its_start(
     assert f"starts        {start_at:%Y-%m-%d %H:%M:%S}" in shown.stdout
     listed = conveyor("list", "--workflow", reindex.name)
     assert "pending (debounced)" in listed.stdout
+
+
+def test_the_seeds_manager_shares_the_window_and_an_orm_add_is_refused(
+    app: ConveyorCelery,
+) -> None:
+    manager = SyncExecutionStateManager()
+    first = manager.create_execution(reindex.name, {"user_id": "seed", "n": 1})
+    assert manager.create_execution(reindex.name, {"user_id": "seed", "n": 2}) == first
+    assert execution_row(first)["input_data"] == {"user_id": "seed", "n": 2}
+    added = WorkflowExecution(
+        workflow_id=reindex.name, input_data={"user_id": "seed", "n": 3}, status="pending"
+    )
+    with (
+        pytest.raises(InputValidationError, match="is debounced"),
+        get_db_session(commit=True) as db,
+    ):
+        db.add(added)
+    assert len(_executions(reindex)) == 1
