@@ -8,6 +8,7 @@ every tick) itself, or runs ``_beat`` (a thread ticking as beat would) for the b
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 from pydantic import BaseModel
 from sqlalchemy import select, text, update
@@ -287,12 +289,18 @@ def test_the_api_gives_every_caller_the_window_of_its_own_key(app: ConveyorCeler
         with client(url, other_token) as other:
             # Windows are per caller, as idempotency keys are: never another user's execution.
             own = other.post("/executions", json=body)
+        with httpx.Client(base_url=url, timeout=30) as browser:
+            # The dashboard takes the login's cookie, not a bearer token.
+            browser.post("/ui/login", data={"token": token, "next": "/ui"})
+            page = browser.get(f"/ui/executions/{opened.json()['execution_id']}")
     assert (opened.status_code, collapsed.status_code, own.status_code) == (201, 200, 201)
     execution = collapsed.json()
     assert execution["execution_id"] == opened.json()["execution_id"] != own.json()["execution_id"]
     assert (execution["status"], execution["debounce_key"]) == ("pending", "api")
     assert execution["input"] == {"user_id": "api", "n": 2}
     assert execution["start_at"] is not None
+    assert page.status_code == 200
+    assert re.search(r'id="debounce-window">open for key <span class="mono">api</span>', page.text)
     assert refused.status_code == 422
     assert refused.json()["errors"][0]["field"] == "idempotency_key"
 
