@@ -472,9 +472,11 @@ class Engine:
             self.after_finish(workflow)
 
     def wake(self) -> int:
-        """Wake the waits that are due (the beat's ``conveyor.wake``): batches of
-        ``CONVEYOR_WAKE_BATCH`` until one comes back short, or ``CONVEYOR_WAKE_INTERVAL``
-        of work has passed (the next tick goes on). How many waits it took."""
+        """Wake the waits that are due (the beat's ``conveyor.wake``), then close the
+        debounce windows that are due and send their starts (``core.debounce``): batches
+        of ``CONVEYOR_WAKE_BATCH`` until one comes back short, or
+        ``CONVEYOR_WAKE_INTERVAL`` of work has passed (the next tick goes on). How many
+        waits and windows it took."""
         settings = self.settings
         began = time.monotonic()
         taken = 0
