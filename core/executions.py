@@ -740,7 +740,14 @@ def retry_execution(
         sources,
         reason=reason,
         retry=True,
-        values={"deadline_at": new_deadline, "finished_at": None, "parked_at": None},
+        # A retried debounced execution (cancelled while its window was open) is pending
+        # as any other: no window, so no enqueue goes into it and it starts now.
+        values={
+            "deadline_at": new_deadline,
+            "finished_at": None,
+            "parked_at": None,
+            "debounce_key": None,
+        },
     )
     if not result.applied:
         return result

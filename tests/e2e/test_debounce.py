@@ -344,3 +344,21 @@ def test_the_seeds_manager_shares_the_window_and_an_orm_add_is_refused(
     ):
         db.add(added)
     assert len(_executions(reindex)) == 1
+
+
+def test_a_cancelled_window_takes_no_more_input_and_runs_when_retried(
+    app: ConveyorCelery,
+) -> None:
+    with running_worker(app):
+        cancelled = enqueue(reindex, {"user_id": "c", "n": 1}, app=app)
+        assert app.engine.cancel(cancelled)
+        reopened = enqueue(reindex, {"user_id": "c", "n": 2}, app=app)
+        assert reopened != cancelled
+        # Retried while the key has an open window again: pending, but no second window.
+        assert app.engine.retry(cancelled)
+        retried = wait_for(cancelled)
+        assert enqueue(reindex, {"user_id": "c", "n": 3}, app=app) == reopened
+        later = _started(app, reopened)
+    assert retried.status == "succeeded"
+    assert retried.output_data == {"echo": {"user_id": "c", "n": 1}}
+    assert later["output_data"] == {"echo": {"user_id": "c", "n": 3}}
