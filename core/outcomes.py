@@ -32,10 +32,14 @@ class TransitionResult:
 
 @dataclass(frozen=True)
 class CreatedExecution:
-    """An execution id, and whether this call created it (False: idempotency key reused)."""
+    """An execution id, and whether this call created it (False: idempotency key reused,
+    or an open debounce window took the input)."""
 
     execution_id: str
     created: bool
+    # A debounced execution: it starts when its window closes (the waker sends its
+    # start), not now.
+    held: bool = False
 
 
 @dataclass(frozen=True)

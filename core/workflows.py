@@ -188,6 +188,69 @@ def _limits(where: str, given: Any, *, step: bool) -> tuple[Limit, ...]:
 
 
 StepFunction = Callable[..., Any]
+# The longest debounce key (the column's width).
+MAX_DEBOUNCE_KEY = 255
+
+
+@dataclass(frozen=True)
+class Debounce:
+    """Collapse enqueues with the same ``key`` into one pending execution that runs with
+    the last input: it starts ``period`` after the last enqueue, and at most ``max_wait``
+    after the first (None: a steady stream may postpone it for as long as it lasts).
+
+    ``key`` is text, or a function of the validated input (the input model's instance;
+    the JSON value for a workflow without a model) returning text (an int is taken as
+    its decimal text)."""
+
+    key: str | Callable[[Any], str | int]
+    period: timedelta
+    max_wait: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.key, str):
+            if not 0 < len(self.key) <= MAX_DEBOUNCE_KEY:
+                raise DefinitionError(
+                    f"Debounce(key=): a key must be 1-{MAX_DEBOUNCE_KEY} characters, "
+                    f"got {self.key!r}"
+                )
+        elif not callable(self.key):
+            raise DefinitionError(
+                f"Debounce(key=) takes text or a function of the input, got {self.key!r}"
+            )
+        if not isinstance(self.period, timedelta) or self.period <= timedelta(0):
+            raise DefinitionError(
+                f"Debounce(period=) must be a timedelta above 0, got {self.period!r}"
+            )
+        if self.max_wait is not None and (
+            not isinstance(self.max_wait, timedelta) or self.max_wait < self.period
+        ):
+            raise DefinitionError(
+                f"Debounce(max_wait=) must be a timedelta of at least period ({self.period}) "
+                f"or None, got {self.max_wait!r}"
+            )
+
+    def key_of(self, workflow: str, parsed_input: Any) -> str:
+        """The window's key for an input (as the steps see it); InputValidationError when
+        the key function fails or returns no usable key."""
+        if isinstance(self.key, str):
+            return self.key
+        try:
+            found = self.key(parsed_input)
+        except Exception as exc:
+            raise InputValidationError(
+                f"workflow {workflow!r}: the debounce key function failed on this input: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if isinstance(found, int) and not isinstance(found, bool):
+            found = str(found)
+        if not isinstance(found, str) or not 0 < len(found) <= MAX_DEBOUNCE_KEY:
+            raise InputValidationError(
+                f"workflow {workflow!r}: the debounce key function must return text of "
+                f"1-{MAX_DEBOUNCE_KEY} characters (or an int), got {found!r}"
+            )
+        return found
+
+
 # How many child workflows may nest below a root execution, unless
 # CONVEYOR_MAX_CHILD_DEPTH says otherwise (the registry passes the setting).
 MAX_CHILD_DEPTH = 8
@@ -368,8 +431,10 @@ class Dag(Protocol):
 
 class Workflow:
     """A named, versioned DAG of steps with an input model, a deadline, a concurrency cap
-    and, optionally, schedules (``Schedule``) on which beat runs it, and a broker queue
-    (``queue``) its steps go to unless a step names its own."""
+    and, optionally, schedules (``Schedule``) on which beat runs it, a broker queue
+    (``queue``) its steps go to unless a step names its own, limits (``Concurrency``,
+    ``RateLimit``), or a ``Debounce`` that collapses enqueues close together into one
+    execution."""
 
     def __init__(
         self,
@@ -384,6 +449,7 @@ class Workflow:
         concurrency: Concurrency | Iterable[Concurrency] | None = None,
         rate_limit: RateLimit | Iterable[RateLimit] | None = None,
         queue: str | None = None,
+        debounce: Debounce | None = None,
     ) -> None:
         if not name or not isinstance(name, str) or len(name) > 200:
             raise DefinitionError(f"workflow name must be 1-200 characters, got {name!r}")
@@ -392,6 +458,10 @@ class Workflow:
             raise DefinitionError(f"workflow {name!r}: version must be at least 1")
         if max_concurrency is not None and max_concurrency < 1:
             raise DefinitionError(f"workflow {name!r}: max_concurrency must be at least 1")
+        if debounce is not None and not isinstance(debounce, Debounce):
+            raise DefinitionError(
+                f"workflow {name!r}: debounce takes a Debounce, got {type(debounce).__name__}"
+            )
         self.name = name
         self.version = version
         self.input_model = input_model
@@ -413,6 +483,14 @@ class Workflow:
         self._routed: bool | None = None
         # When beat runs it by itself (core.schedules); inputs checked here, at definition.
         self.schedules: tuple[Schedule, ...] = check_schedules(self, schedules)
+        # A schedule's tick is one execution by design (an idempotency key per tick):
+        # collapsing ticks would make a schedule that fires less often, said plainly.
+        if debounce is not None and self.schedules:
+            raise DefinitionError(
+                f"workflow {name!r}: a debounced workflow cannot have schedules "
+                "(each tick is its own execution); lengthen the schedule instead"
+            )
+        self.debounce = debounce
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, version={self.version}, steps={list(self.steps)})"

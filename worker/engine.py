@@ -31,7 +31,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import children, executions, limits, map_repair, reconciler, steps, waits, waker
+from core import (
+    children,
+    debounce,
+    executions,
+    limits,
+    map_repair,
+    reconciler,
+    steps,
+    waits,
+    waker,
+)
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -576,9 +586,11 @@ class Engine:
                 log.warning("asking the waker for %s failed; its tick will do", due, exc_info=True)
 
     def wake(self) -> int:
-        """Wake the waits that are due (the beat's ``conveyor.wake``): batches of
-        ``CONVEYOR_WAKE_BATCH`` until one comes back short, or ``CONVEYOR_WAKE_INTERVAL``
-        of work has passed (the next tick goes on). How many waits it took."""
+        """Wake the waits that are due (the beat's ``conveyor.wake``), then close the
+        debounce windows that are due and send their starts (``core.debounce``): batches
+        of ``CONVEYOR_WAKE_BATCH`` until one comes back short, or
+        ``CONVEYOR_WAKE_INTERVAL`` of work has passed (the next tick goes on). How many
+        waits and windows it took."""
         settings = self.settings
         began = time.monotonic()
         taken = 0
@@ -590,11 +602,23 @@ class Engine:
                 break
             if time.monotonic() - began > settings.wake_interval:
                 break
+        next_due = outcome.next_due
+        while True:
+            # Debounce windows due to start: closed, then their starts sent.
+            released = self.manager.run(debounce.release_due, settings.wake_batch)
+            taken += len(released.starts)
+            self._publish_released(released.starts)
+            if len(released.starts) < settings.wake_batch:
+                break
+            if time.monotonic() - began > settings.wake_interval:
+                break
+        if released.next_due is not None:
+            next_due = released.next_due if next_due is None else min(next_due, released.next_due)
         self.metrics.wake_pass(time.monotonic() - began, taken)
-        if outcome.next_due is not None:
+        if next_due is not None:
             # Due before the next tick: one housekeeping message for that moment, so a
             # short sleep wakes on time (a lost one costs at most one tick).
-            left = (outcome.next_due - datetime.now(UTC)).total_seconds()
+            left = (next_due - datetime.now(UTC)).total_seconds()
             # Already due (it became due while this pass ran, after its scan): at once.
             # Not for one due long before: a row no pass can end would loop wakes.
             if -settings.wake_interval < left < settings.wake_interval:
@@ -602,6 +626,13 @@ class Engine:
                     WAKE, countdown=max(0.0, left), expires=settings.wake_interval * 2
                 )
         return taken
+
+    def _publish_released(self, starts: Sequence[Start]) -> None:
+        """Send the starts of debounce windows just closed; one that fails is logged:
+        the window is closed, so the reconciler sends it as any pending start."""
+        unsent = self.publish_starts_each(starts)
+        if unsent:
+            log.warning("%d debounced start(s) unsent; the reconciler will send them", len(unsent))
 
     def after_finish(self, workflow_name: str) -> None:
         """A slot freed up: admit the next waiting execution of a limited workflow."""

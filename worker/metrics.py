@@ -167,6 +167,13 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.debounced = Counter(
+            "conveyor_debounced",
+            "Enqueues of a debounced workflow collapsed into the open window of their key "
+            "(an execution already pending), counted by the process that enqueued.",
+            ["workflow"],
+            registry=registry,
+        )
 
     def admitted(self, workflow: str, admission: Admission) -> None:
         """Executions an admission started."""
@@ -224,6 +231,10 @@ class Metrics:
     def wake_pass(self, seconds: float, taken: int) -> None:
         """One waker pass: its duration (``taken``: due waits it took)."""
         self.wake_duration.observe(seconds)
+
+    def collapsed(self, workflow: str, count: int) -> None:
+        """Enqueues that an open debounce window took (no new execution)."""
+        self.debounced.labels(workflow).inc(count)
 
     def event_sent(self, outcome: str) -> None:
         """An event or signal: consumed by a wait, stored for one to come, or a duplicate."""
