@@ -208,6 +208,9 @@ class WaitOutcome:
     items: list[tuple[str, str, int]] = field(default_factory=list)
     # (workflow, step, result, n): map items counted (expanded, succeeded, failed, ...).
     item_counts: list[tuple[str, str, str, int]] = field(default_factory=list)
+    # Steps skipped (workflow, step, why: condition | upstream | exhausted), for the
+    # metric conveyor_steps_skipped_total.
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
     def merge(self, other: WaitOutcome) -> None:
         self.queued += other.queued
@@ -219,3 +222,4 @@ class WaitOutcome:
         self.lags += other.lags
         self.items += other.items
         self.item_counts += other.item_counts
+        self.skipped += other.skipped

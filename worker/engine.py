@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import children, executions, map_repair, reconciler, steps, waits, waker
+from core import children, conditions, executions, map_repair, reconciler, steps, waker
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -429,10 +429,13 @@ class Engine:
         roots = [s for s in workflow.steps.values() if not s.depends_on] if workflow else []
         # Breadth-first order starts everything first: its roots wait their turn.
         depth_first = self.settings.order == "depth_first"
-        if workflow is not None and workflow.wait_nodes:
+        if workflow is not None and (workflow.wait_nodes or workflow.gated):
             # Its waits enter waiting at the start (root waits, and after a retry those
-            # whose upstream steps had succeeded): admitted without the fused claim.
-            admission, woken = self.manager.run(waits.admit, workflow, ids, limit, self.definition)
+            # whose upstream steps had succeeded), and its gated steps queued at the start
+            # are decided (a root's condition): admitted without the fused claim.
+            admission, woken = self.manager.run(
+                conditions.admit, workflow, ids, limit, self.definition
+            )
             self.metrics.admitted(workflow_name, admission)
             self._publish_committed(admission.queued, admission.routes)
             self.publish_outcome(woken)
@@ -466,6 +469,8 @@ class Engine:
             self.metrics.wait_ended(workflow, kind, how)
         for workflow, seconds in outcome.lags:
             self.metrics.woke_late(workflow, seconds)
+        for workflow, step, why in outcome.skipped:
+            self.metrics.skipped(workflow, step, why)
         for result, workflow in outcome.finished:
             self.metrics.ended(workflow, result)
         for workflow in sorted({*(workflow for _, workflow in outcome.finished), *outcome.freed}):
@@ -805,7 +810,34 @@ class Engine:
             if not moved.applied:
                 return None
             return self._reported(claim, error, step.retry.max_attempts, retry_in=delay)
+        if step.retry.on_exhausted == "skip":
+            self._skip(claim, error, workflow)
+            return None
         return self._fail(claim, error, workflow)
+
+    def _skip(self, claim: Claim, error: BaseException, workflow: Workflow) -> None:
+        """Record an optional step (``Retry(on_exhausted="skip")``) whose attempts are
+        spent as skipped, its error kept; nothing continues after it, and the task does
+        not report a failure (the execution does not fail for it)."""
+        skipped, woken = self.recorder.run(
+            conditions.skip_step,
+            claim.execution_id,
+            claim.step_name,
+            claim.attempt,
+            error_record(error),
+            workflow,
+            self.definition,
+        )
+        if skipped.applied:
+            log.warning(
+                "step %s of execution %s skipped after attempt %d: %s: %s",
+                claim.step_name,
+                claim.execution_id,
+                claim.attempt - claim.recoveries,
+                type(error).__name__,
+                error,
+            )
+        self.publish_outcome(woken)
 
     @staticmethod
     def _reported(
@@ -849,6 +881,7 @@ class Engine:
                 record,
                 descendants,
                 sinks,
+                workflow,
             )
         except TransientDatabaseError:
             raise  # as in _succeeded
@@ -870,6 +903,7 @@ class Engine:
                 bare_error_record(error),
                 descendants,
                 sinks,
+                workflow,
             )
         report = None
         if failure.transition.applied:

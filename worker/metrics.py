@@ -145,6 +145,14 @@ class Metrics:
             ["workflow", "how"],
             registry=registry,
         )
+        self.steps_skipped = Counter(
+            "conveyor_steps_skipped",
+            "Steps skipped without running (or after their attempts, optional ones), by "
+            "why: condition (when= was false), upstream (the trigger refused an upstream "
+            'step\'s outcome), exhausted (Retry(on_exhausted="skip")).',
+            ["workflow", "step", "why"],
+            registry=registry,
+        )
         self.events_sent = Counter(
             "conveyor_events",
             "Events and signals sent, by outcome (consumed, stored, duplicate).",
@@ -194,6 +202,10 @@ class Metrics:
         """Fan-out siblings held (``held``) or handed off to the broker (``handed_off``)."""
         if count:
             self.steps_held.labels(workflow, how).inc(count)
+
+    def skipped(self, workflow: str, step: str, why: str) -> None:
+        """A step skipped: ``why`` is condition, upstream or exhausted."""
+        self.steps_skipped.labels(workflow, step, why).inc()
 
     def woke_late(self, workflow: str, seconds: float) -> None:
         """A sleep the waker woke, ``seconds`` after its wake time."""
