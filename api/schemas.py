@@ -333,10 +333,20 @@ class StepOut(BaseModel):
     )
     wait: WaitOut | None = Field(description="What it waits for while waiting (else null).")
     map: MapOut | None = Field(default=None, description="A map step's items (else null).")
+    skip_reason: str | None = Field(
+        default=None,
+        description="Why a skipped step was skipped (its condition was false, an upstream "
+        "step did not end as its trigger needs, its attempts were spent), else null.",
+    )
 
     @classmethod
-    def of(cls, step: StepExecution, items: dict[str, int] | None = None) -> StepOut:
-        """The body of ``step``."""
+    def of(
+        cls,
+        step: StepExecution,
+        items: dict[str, int] | None = None,
+        skip_reason: str | None = None,
+    ) -> StepOut:
+        """The body of ``step`` (``skip_reason``: see ``core.conditions.skip_reasons``)."""
         return cls(
             name=step.step_name,
             status=step.status,
@@ -356,6 +366,7 @@ class StepOut(BaseModel):
             next_attempt_at=step.next_attempt_at,
             wait=WaitOut.of(step),
             map=MapOut.of(step, items),
+            skip_reason=skip_reason if step.status == "skipped" else None,
         )
 
 

@@ -7,7 +7,7 @@ every key is always present (null when unset), so scripts need no existence chec
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -73,8 +73,11 @@ def wait(row: StepExecution) -> Document | None:
     }
 
 
-def step(row: StepExecution, depends_on: Sequence[str] | None) -> Document:
-    """A step's row; ``depends_on`` is None where the workflow's definition is unknown."""
+def step(
+    row: StepExecution, depends_on: Sequence[str] | None, skip_reason: str | None = None
+) -> Document:
+    """A step's row; ``depends_on`` is None where the workflow's definition is unknown;
+    ``skip_reason`` why a skipped step was skipped."""
     return {
         "name": row.step_name,
         "status": row.status,
@@ -94,6 +97,7 @@ def step(row: StepExecution, depends_on: Sequence[str] | None) -> Document:
         "heartbeat_at": timestamp(row.heartbeat_at),
         "next_attempt_at": timestamp(row.next_attempt_at),
         "wait": wait(row),
+        "skip_reason": skip_reason if row.status == "skipped" else None,
     }
 
 
@@ -114,9 +118,10 @@ def execution_with_steps(
     steps: Sequence[StepExecution],
     workflow: Workflow | None,
     history: Iterable[ExecutionEvent] | None = None,
+    skip_reasons: Mapping[str, str] | None = None,
 ) -> Document:
-    """``conveyor status --json``: the execution, its steps in DAG order, and its history
-    when asked (the key is left out otherwise)."""
+    """``conveyor status --json``: the execution, its steps in DAG order (a skipped one
+    with why), and its history when asked (the key is left out otherwise)."""
     order = list(workflow.order()) if workflow is not None else []
     position = {name: index for index, name in enumerate(order)}
     ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
@@ -127,6 +132,7 @@ def execution_with_steps(
             workflow.steps[s.step_name].depends_on
             if workflow is not None and s.step_name in workflow.steps
             else None,
+            (skip_reasons or {}).get(s.step_name),
         )
         for s in ranked
     ]

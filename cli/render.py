@@ -243,10 +243,12 @@ def steps_table(
     order: Sequence[str] = (),
     children: Mapping[str, str] | None = None,
     items: Mapping[str, Mapping[str, int]] | None = None,
+    skip_reasons: Mapping[str, str] | None = None,
 ) -> Table:
     """One row per step (in DAG order when ``order`` is given): status, attempt, time,
     error, and, while any step waits, what each waiting one waits for (``children``:
-    child execution statuses by id); a map step's items counted by status (``items``)."""
+    child execution statuses by id); a map step's items counted by status (``items``);
+    when a step was skipped, why (``skip_reasons``, by step name)."""
     position = {name: index for index, name in enumerate(order)}
     ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
     now = datetime.now(UTC)
@@ -267,6 +269,10 @@ def steps_table(
         table.add_column(
             "waits for" if not any(s.wait_kind == "map" for s in ranked) else "waits for / items"
         )
+    why = {s.step_name: (skip_reasons or {}).get(s.step_name, "") for s in ranked}
+    skipped = any(s.status == "skipped" for s in ranked)
+    if skipped:
+        table.add_column("skipped because")
     for step in ranked:
         cells: list[RenderableType] = [
             step.step_name,
@@ -277,6 +283,8 @@ def steps_table(
         ]
         if waiting:
             cells.append(waits[step.step_name])
+        if skipped:
+            cells.append(Text(why[step.step_name] if step.status == "skipped" else "", "dim"))
         table.add_row(*cells)
     return table
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, cast
@@ -247,6 +247,16 @@ def skip_step(
         if finished is not None:
             outcome.finished.append((finished, workflow.name))
     return skipped, outcome
+
+
+def skip_reasons(history: Iterable[Any]) -> dict[str, str]:
+    """Why each skipped step was skipped: the reason of its latest transition to
+    ``skipped`` in ``history`` (event rows, oldest first), by step name."""
+    return {
+        e.step_name: e.reason or ""
+        for e in history
+        if e.step_name is not None and e.to_status == SKIPPED
+    }
 
 
 def _decide(release: _Release, step: Step, source: StepStatus) -> str:

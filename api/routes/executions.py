@@ -35,6 +35,7 @@ from api.schemas import (
 from api.services import Conveyor
 from core import executions, maps
 from core.accounts import Principal
+from core.conditions import skip_reasons
 from core.errors import (
     ExecutionNotFound,
     FieldError,
@@ -196,9 +197,10 @@ def read_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> 
     went through, and the child executions its child nodes started."""
     execution, steps, events, children, items = conveyor.engine.manager.run(_detail, execution_id)
     _visible(execution, caller)
+    why = skip_reasons(events)
     return ExecutionDetail(
         **ExecutionOut.of(execution).model_dump(),
-        steps=[StepOut.of(s, items.get(s.step_name)) for s in steps],
+        steps=[StepOut.of(s, items.get(s.step_name), why.get(s.step_name)) for s in steps],
         events=[EventOut.of(e) for e in events],
         children=children,
     )

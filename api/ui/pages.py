@@ -37,6 +37,7 @@ from api.ui.session import (
 )
 from core import execution_counts, executions, maps
 from core.accounts import Principal
+from core.conditions import skip_reasons
 from core.errors import ExecutionNotFound, WorkflowNotFound
 from core.executions import ExecutionFilter, ListedStatus, listed_statuses
 from core.states import EXECUTION_RETRY_TRANSITIONS, EXECUTIONS, ExecutionStatus
@@ -280,9 +281,10 @@ def execution_page(
         steps = executions.get_steps(conn, execution_id)
         events = executions.get_history(conn, execution_id)
         items = maps.map_counts_of(conn, execution_id)
+        why = skip_reasons(events)
         return ExecutionDetail(
             **ExecutionOut.of(execution).model_dump(),
-            steps=[StepOut.of(s, items.get(s.step_name)) for s in steps],
+            steps=[StepOut.of(s, items.get(s.step_name), why.get(s.step_name)) for s in steps],
             events=[EventOut.of(e) for e in events],
             children=children_of(conn, execution_id),
         )

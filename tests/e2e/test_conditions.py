@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -368,3 +369,39 @@ def test_a_parameter_that_cannot_take_none_is_refused(trigger: str) -> None:
         @wf.step(depends_on=["up"], trigger=trigger)
         def down(ctx: StepContext, up: int) -> int:
             return up
+
+
+def test_the_api_and_the_cli_say_why_a_step_was_skipped(app: ConveyorCelery) -> None:
+    from typer.testing import CliRunner
+
+    from api.app import create_app as create_api
+    from cli.main import CliState
+    from cli.main import app as cli
+    from core.accounts import Role
+    from tests.helpers.api import client, serve, user_with_token
+
+    with running_worker(app):
+        execution_id = enqueue(cascade, {}, app=app)
+        wait_for(execution_id)
+    _, token = user_with_token("ops@example.com", Role.ADMIN)
+    with serve(create_api(app)) as url, client(url, token) as http:
+        body = http.get(f"/executions/{execution_id}").json()
+    reasons = {s["name"]: s["skip_reason"] for s in body["steps"]}
+    assert reasons == {
+        "r": None,
+        "x": "condition false: when(<lambda>) of x",
+        "y": "upstream step x skipped",
+        "z": "upstream step y skipped",
+        "w": None,
+        "finale": None,
+    }
+    state = CliState(celery_app=app)
+    shown = CliRunner().invoke(cli, ["status", execution_id], obj=state, catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    assert "skipped because" in shown.stdout
+    assert "condition false: when(<lambda>) of x" in shown.stdout
+    as_json = CliRunner().invoke(
+        cli, ["status", execution_id, "--json"], obj=state, catch_exceptions=False
+    )
+    steps = {s["name"]: s["skip_reason"] for s in json.loads(as_json.stdout)["steps"]}
+    assert steps == reasons
