@@ -593,6 +593,13 @@ class Workflow:
         elif step.fn is not _never_run:
             _check_signature(where, step)
         _check_condition(where, step)
+        if step.retry.on_exhausted != "fail" and step.wait is not None:
+            # A wait or a map ends by its own rules (on_timeout, Tolerate for items).
+            raise DefinitionError(
+                f'{where}: on_exhausted="skip" applies to task steps only, not to this '
+                f"{step.kind} step (a map tolerates failed items with "
+                "on_item_failure=Tolerate(...))"
+            )
         runs = step.wait is None or (isinstance(step.wait, MapSpec) and step.wait.child is None)
         self.steps[step.name] = _with_output_adapter(where, step) if runs else step
         self._children_map = None

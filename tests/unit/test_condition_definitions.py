@@ -151,6 +151,22 @@ def test_on_exhausted_is_fail_or_skip() -> None:
         Retry(on_exhausted="ignore")
 
 
+def test_on_exhausted_skip_is_refused_on_waits_and_maps() -> None:
+    wf = _with_root()
+    optional = Retry(max_attempts=2, on_exhausted="skip")
+    with pytest.raises(
+        DefinitionError, match=r"step 'approval'.*task steps only, not to this event step"
+    ):
+        wf.wait("approval", depends_on=["up"], event="approved", retry=optional)
+    with pytest.raises(
+        DefinitionError, match=r"step 'each'.*task steps only, not to this map step"
+    ):
+
+        @wf.map(over="up", retry=optional)
+        def each(ctx: StepContext, item: int) -> int:
+            return item
+
+
 def test_gated_steps_are_released_apart_from_the_fused_completion() -> None:
     wf = _with_root()
 
