@@ -160,9 +160,38 @@ def strict(ctx: StepContext, enrich: str) -> str:
     return "needs enrichment"
 
 
+# Eight branches ending at once (odd ones failing) into one all_done join.
+fan_in = Workflow("cond-fan-in")
+
+
+@fan_in.step()
+def spread(ctx: StepContext) -> int:
+    return 8
+
+
+def _branch(index: int) -> None:
+    def branch(ctx: StepContext, spread: int) -> int:
+        if index % 2:
+            raise RuntimeError(f"branch {index} broke")
+        return index
+
+    fan_in.step(f"branch{index}", depends_on=["spread"])(branch)
+
+
+for _index in range(8):
+    _branch(_index)
+
+
+@fan_in.step(
+    depends_on=[f"branch{i}" for i in range(8)], trigger="all_done", when=lambda ctx, **up: True
+)
+def join(ctx: StepContext, **branches: int | None) -> dict[str, int | None]:
+    return dict(sorted(branches.items()))
+
+
 @pytest.fixture
 def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
-    registry = WorkflowRegistry([*DIAMONDS.values(), cascade, rooted, raising, optional])
+    registry = WorkflowRegistry([*DIAMONDS.values(), cascade, rooted, raising, optional, fan_in])
     configure_registry(registry)
     return create_app(clean_app_settings(database, redis_url), registry)
 
@@ -309,6 +338,19 @@ def test_a_condition_that_raises_fails_its_own_step(app: ConveyorCelery) -> None
     ]
     assert finished.error is not None
     assert finished.error["step"] == "judged"
+
+
+def test_a_join_of_branches_ending_at_once_is_decided_once(app: ConveyorCelery) -> None:
+    with running_worker(app, concurrency=8):
+        execution_id = enqueue(fan_in, {}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "failed"
+    assert step_row(execution_id, "join")["output_data"] == {
+        f"branch{i}": None if i % 2 else i for i in range(8)
+    }
+    reasons = _reasons(execution_id, "join")
+    assert reasons.count("upstream steps done") == 1
+    assert reasons[-1] == "step succeeded"
 
 
 def test_a_late_message_or_completion_of_a_skipped_step_changes_nothing(
