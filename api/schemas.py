@@ -487,6 +487,15 @@ class StepDefinition(BaseModel):
     soft_timeout: float | None
     kind: Literal["task", "sleep", "event", "child", "map"] = "task"
     wait: WaitDefinition | None = None
+    trigger: Literal["all_success", "none_failed", "all_done"] = Field(
+        default="all_success", description="Which upstream outcomes let it run."
+    )
+    condition: str | None = Field(
+        default=None, description="Its when= condition's qualified name (null: none)."
+    )
+    on_exhausted: Literal["fail", "skip"] = Field(
+        default="fail", description="What it ends as when its attempts are spent."
+    )
 
 
 class ScheduleOut(BaseModel):

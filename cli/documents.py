@@ -14,6 +14,7 @@ from typing import Any
 import typer
 from pydantic_core import to_jsonable_python
 
+from core.conditions import condition_label
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.schedules import Schedule
 from core.workflows import Workflow
@@ -171,6 +172,9 @@ def workflow(definition: Workflow) -> Document:
                 "max_attempts": definition.steps[name].retry.max_attempts,
                 "soft_timeout": definition.steps[name].soft_timeout,
                 "timeout": definition.steps[name].timeout,
+                "trigger": definition.steps[name].trigger,
+                "condition": condition_label(definition.steps[name].when),
+                "on_exhausted": definition.steps[name].retry.on_exhausted,
             }
             for name in definition.order()
         ],

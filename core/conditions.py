@@ -278,6 +278,7 @@ def _decide(release: _Release, step: Step, source: StepStatus) -> str:
         return _skip_one(release, step, source, refused, UPSTREAM)
     if step.when is not None:
         execution = release.read()
+        label = condition_label(step.when)
         try:
             verdict = step.when(context_of(execution, step, 1), **_named(step.when, outputs))
         except Exception as error:
@@ -288,12 +289,12 @@ def _decide(release: _Release, step: Step, source: StepStatus) -> str:
                 step.name,
                 StepStatus.FAILED,
                 FAIL_FROM,
-                reason=f"condition raised: {type(error).__name__} in when({_label(step.when)})",
+                reason=f"condition raised: {type(error).__name__} in when({label})",
                 values={"error": wait_error(error), "finished_at": utcnow()},
             )
             return FAILED
         if not verdict:
-            reason = f"condition false: when({_label(step.when)}) of {step.name}"
+            reason = f"condition false: when({label}) of {step.name}"
             return _skip_one(release, step, source, reason, CONDITION)
     release.opened = True
     if source == StepStatus.QUEUED:
@@ -379,5 +380,9 @@ def _named(when: Callable[..., Any], outputs: Mapping[str, Any]) -> dict[str, An
     return {p.name: outputs.get(p.name) for p in parameters if p.name in outputs}
 
 
-def _label(function: Callable[..., Any]) -> str:
+def condition_label(function: Callable[..., Any] | None) -> str | None:
+    """How a condition is named in events and listings: its ``__qualname__`` (None for
+    no condition)."""
+    if function is None:
+        return None
     return str(getattr(function, "__qualname__", None) or repr(function))

@@ -428,6 +428,10 @@ def test_the_api_and_the_cli_say_why_a_step_was_skipped(app: ConveyorCelery) -> 
     _, token = user_with_token("ops@example.com", Role.ADMIN)
     with serve(create_api(app)) as url, client(url, token) as http:
         body = http.get(f"/executions/{execution_id}").json()
+        declared = http.get(f"/workflows/{cascade.name}").json()
+    steps = {s["name"]: (s["trigger"], s["condition"]) for s in declared["steps"]}
+    assert steps["x"] == ("all_success", "<lambda>")
+    assert steps["finale"] == ("all_done", None)
     reasons = {s["name"]: s["skip_reason"] for s in body["steps"]}
     assert reasons == {
         "r": None,
