@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,7 +18,12 @@ from core.registry import WorkflowRegistry, configure_registry
 from core.workflows import Retry, StepContext, Workflow
 from tests.conftest import TestDatabase
 from tests.e2e.conftest import clean_app_settings, running_worker, wait_for
-from tests.helpers.state import execution_row, step_row
+from tests.helpers.state import (
+    database_reachable_for,
+    execution_row,
+    force_step_status,
+    step_row,
+)
 from worker.app import ConveyorCelery, create_app
 from worker.producer import enqueue
 
@@ -160,6 +166,25 @@ def strict(ctx: StepContext, enrich: str) -> str:
     return "needs enrichment"
 
 
+# A step whose worker dies too often: its all_done handler still runs.
+crashing = Workflow("cond-crashing")
+
+
+@crashing.step()
+def work(ctx: StepContext) -> str:
+    return "worked"
+
+
+@crashing.step(depends_on=["work"])
+def after_work(ctx: StepContext, work: str) -> str:
+    return "after"
+
+
+@crashing.step(depends_on=["work"], trigger="all_done")
+def handler(ctx: StepContext, work: str | None) -> str:
+    return f"handled {work}"
+
+
 # Eight branches ending at once (odd ones failing) into one all_done join.
 fan_in = Workflow("cond-fan-in")
 
@@ -191,7 +216,9 @@ def join(ctx: StepContext, **branches: int | None) -> dict[str, int | None]:
 
 @pytest.fixture
 def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
-    registry = WorkflowRegistry([*DIAMONDS.values(), cascade, rooted, raising, optional, fan_in])
+    registry = WorkflowRegistry(
+        [*DIAMONDS.values(), cascade, rooted, raising, optional, fan_in, crashing]
+    )
     configure_registry(registry)
     return create_app(clean_app_settings(database, redis_url), registry)
 
@@ -351,6 +378,35 @@ def test_a_join_of_branches_ending_at_once_is_decided_once(app: ConveyorCelery) 
     reasons = _reasons(execution_id, "join")
     assert reasons.count("upstream steps done") == 1
     assert reasons[-1] == "step succeeded"
+
+
+def test_a_step_crashed_too_often_still_releases_its_all_done_handler(
+    app: ConveyorCelery,
+) -> None:
+    from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
+
+    settings = app.engine.settings
+    database_reachable_for(settings.stall_timeout)
+    execution_id = enqueue(crashing, {}, app=app)
+    app.engine.admit(crashing.name, [execution_id])
+    manager = SyncEnhancedExecutionStateManager()
+    assert manager.claim_step(execution_id, "work", worker="gone:1", celery_task_id=None)
+    old = datetime.now(UTC) - timedelta(hours=1)
+    spent = settings.max_crash_recoveries
+    force_step_status(execution_id, "work", "running", heartbeat_at=old, recoveries=spent)
+    # One pass fails the step, skips its plain dependent and queues the handler (its
+    # message sent after the commit).
+    report = app.engine.reconcile()
+    assert report.stalled_failed == [(execution_id, "work")]
+    assert _statuses(execution_id, "work after_work handler") == {
+        "work": "failed",
+        "after_work": "skipped",
+        "handler": "queued",
+    }
+    with running_worker(app):
+        finished = wait_for(execution_id)
+    assert finished.status == "failed"
+    assert step_row(execution_id, "handler")["output_data"] == "handled None"
 
 
 def test_a_late_message_or_completion_of_a_skipped_step_changes_nothing(
