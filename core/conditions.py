@@ -40,7 +40,7 @@ from core.models import StepExecution
 from core.outcomes import Admission, TransitionResult, WaitOutcome
 from core.sql import utcnow
 from core.states import StepStatus
-from core.step_statements import event_row, hot_path
+from core.step_statements import RELEASED, event_row, hot_path
 from core.transitions import step_sources, transition_step, transition_steps
 from core.waits import (
     DefinitionOf,
@@ -61,12 +61,14 @@ FAILED = StepStatus.FAILED.value
 SKIPPED = StepStatus.SKIPPED.value
 # Why a step was skipped, as the metric conveyor_steps_skipped_total{why} says it.
 CONDITION, UPSTREAM, EXHAUSTED = "condition", "upstream", "exhausted"
-RELEASED = "upstream steps done"
 
 # The edges used here, checked against the state table once, at import.
 FROM_PENDING = step_sources(StepStatus.QUEUED, {StepStatus.PENDING}, retry=False)
-PENDING_ONLY = step_sources(StepStatus.SKIPPED, {StepStatus.PENDING}, retry=False)
-step_sources(StepStatus.SKIPPED, {StepStatus.QUEUED}, retry=False)  # an admitted root
+# A step is skipped from pending, or from queued when its admission queued it (a root).
+SKIP_FROM = {
+    source: step_sources(StepStatus.SKIPPED, {source}, retry=False)
+    for source in (StepStatus.PENDING, StepStatus.QUEUED)
+}
 FAIL_FROM = step_sources(StepStatus.FAILED, {StepStatus.PENDING, StepStatus.QUEUED}, False)
 EXHAUSTED_FROM = step_sources(StepStatus.SKIPPED, {StepStatus.RUNNING}, retry=False)
 WAIT_FROM = step_sources(StepStatus.WAITING, {StepStatus.PENDING}, retry=False)
@@ -349,7 +351,7 @@ def _skip_one(release: _Release, step: Step, source: StepStatus, reason: str, wh
         release.execution_id,
         step.name,
         StepStatus.SKIPPED,
-        frozenset({source}),
+        SKIP_FROM[source],
         reason=reason,
         values={"finished_at": utcnow()},
     )
@@ -363,7 +365,12 @@ def _skip(conn: Connection, execution_id: str, names: Sequence[str], reason: str
     if not names:
         return []
     moved = transition_steps(
-        conn, execution_id, list(names), StepStatus.SKIPPED, PENDING_ONLY, reason=reason
+        conn,
+        execution_id,
+        list(names),
+        StepStatus.SKIPPED,
+        SKIP_FROM[StepStatus.PENDING],
+        reason=reason,
     )
     return sorted(r.step_name or "" for r in moved)
 
