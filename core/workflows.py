@@ -346,9 +346,11 @@ class Workflow:
         depends_on: Iterable[str] = (),
         duration: timedelta | None = None,
         until: StepFunction | None = None,
+        trigger: str = "all_success",
     ) -> None:
         """Declare a durable sleep node: for ``duration``, or until ``until(ctx, **up)``
-        (a timezone-aware datetime from upstream outputs). No worker is held meanwhile."""
+        (a timezone-aware datetime from upstream outputs). No worker is held meanwhile.
+        ``trigger`` as for a step."""
         where = f"workflow {self.name!r}, sleep {name!r}"
         if (duration is None) == (until is None):
             raise DefinitionError(f"{where}: give either duration= or until=, not both or none")
@@ -358,7 +360,8 @@ class Workflow:
             raise DefinitionError(f"{where}: duration must be a timedelta of 0 or more")
         if until is not None and not callable(until):
             raise DefinitionError(f"{where}: until must be a function (ctx, **upstream)")
-        self._add_wait(name, depends_on, Sleep(duration=duration, until=until), until, None)
+        sleep = Sleep(duration=duration, until=until)
+        self._add_wait(name, depends_on, sleep, until, None, trigger)
 
     def wait(
         self,
@@ -371,10 +374,12 @@ class Workflow:
         timeout: timedelta | None = None,
         on_timeout: Any = "fail",
         retry: Retry | None = None,
+        trigger: str = "all_success",
     ) -> None:
         """Declare a node that waits for event ``event`` (with ``key``: text, or a
         function ``(ctx, **upstream)`` returning it) or a signal to this step; its output
-        is the payload, checked against ``schema`` when it is sent."""
+        is the payload, checked against ``schema`` when it is sent. ``trigger`` as for a
+        step."""
         where = f"workflow {self.name!r}, wait {name!r}"
         if not isinstance(event, str) or not 0 < len(event) <= 200:
             raise DefinitionError(f"{where}: event must be a name of 1-200 characters")
@@ -387,7 +392,7 @@ class Workflow:
         spec = EventWait(
             event=event, key=key, schema=schema, timeout=timeout, on_timeout=on_timeout
         )
-        self._add_wait(name, depends_on, spec, key if callable(key) else None, retry)
+        self._add_wait(name, depends_on, spec, key if callable(key) else None, retry, trigger)
 
     def child(
         self,
@@ -401,10 +406,11 @@ class Workflow:
         max_parallel: int = 32,
         max_items: int = 10_000,
         on_item_failure: str | Tolerate = "fail",
+        trigger: str = "all_success",
     ) -> None:
         """Declare a node that starts an execution of ``workflow`` with
         ``input(ctx, **upstream)`` and completes with its output (or fails with its error,
-        then follows ``retry``: a retry starts a new child).
+        then follows ``retry``: a retry starts a new child). ``trigger`` as for a step.
 
         With ``over``, a child map: one child execution per element of step ``over``'s
         output (its input ``input(ctx, item, **unmapped)``, or the item itself), at most
@@ -416,9 +422,8 @@ class Workflow:
         if input is not None and not callable(input):
             raise DefinitionError(f"{where}: input must be a function (ctx, **upstream)")
         if over is None:
-            self._add_wait(
-                name, depends_on, ChildWait(workflow=workflow, input=input), input, retry
-            )
+            child = ChildWait(workflow=workflow, input=input)
+            self._add_wait(name, depends_on, child, input, retry, trigger)
             return
         mapped = _map_spec(where, over, max_parallel, max_items, on_item_failure)
         unmapped = _unmapped(where, over, depends_on)
@@ -432,6 +437,7 @@ class Workflow:
                 depends_on=upstream,
                 retry=retry or Retry(),
                 wait=replace(mapped, child=ChildWait(workflow=workflow, input=input)),
+                trigger=trigger,
             )
         )
 
@@ -489,6 +495,7 @@ class Workflow:
         wait: Wait,
         function: StepFunction | None,
         retry: Retry | None,
+        trigger: str = "all_success",
     ) -> None:
         if isinstance(depends_on, str):
             raise DefinitionError(
@@ -502,6 +509,7 @@ class Workflow:
                 depends_on=tuple(depends_on),
                 retry=retry or Retry(),
                 wait=wait,
+                trigger=trigger,
             )
         )
 

@@ -185,6 +185,23 @@ def handler(ctx: StepContext, work: str | None) -> str:
     return f"handled {work}"
 
 
+# A wait node under a trigger: a sleep after a failure, then a step after the sleep.
+napping = Workflow("cond-sleep")
+
+
+@napping.step()
+def breaks(ctx: StepContext) -> str:
+    raise RuntimeError("broke before the pause")
+
+
+napping.sleep("pause", depends_on=["breaks"], duration=timedelta(0), trigger="all_done")
+
+
+@napping.step(depends_on=["pause"])
+def resumed(ctx: StepContext, pause: str) -> str:
+    return "resumed"
+
+
 # Eight branches ending at once (odd ones failing) into one all_done join.
 fan_in = Workflow("cond-fan-in")
 
@@ -217,7 +234,7 @@ def join(ctx: StepContext, **branches: int | None) -> dict[str, int | None]:
 @pytest.fixture
 def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
     registry = WorkflowRegistry(
-        [*DIAMONDS.values(), cascade, rooted, raising, optional, fan_in, crashing]
+        [*DIAMONDS.values(), cascade, rooted, raising, optional, fan_in, crashing, napping]
     )
     configure_registry(registry)
     return create_app(clean_app_settings(database, redis_url), registry)
@@ -407,6 +424,19 @@ def test_a_step_crashed_too_often_still_releases_its_all_done_handler(
         finished = wait_for(execution_id)
     assert finished.status == "failed"
     assert step_row(execution_id, "handler")["output_data"] == "handled None"
+
+
+def test_a_wait_node_follows_its_trigger(app: ConveyorCelery) -> None:
+    with running_worker(app):
+        execution_id = enqueue(napping, {}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "failed"
+    assert _statuses(execution_id, "breaks pause resumed") == {
+        "breaks": "failed",
+        "pause": "succeeded",
+        "resumed": "succeeded",
+    }
+    assert _reasons(execution_id, "pause") == ["upstream steps done", "wake time passed"]
 
 
 def test_a_late_message_or_completion_of_a_skipped_step_changes_nothing(
