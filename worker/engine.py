@@ -811,23 +811,35 @@ class Engine:
                 return None
             return self._reported(claim, error, step.retry.max_attempts, retry_in=delay)
         if step.retry.on_exhausted == "skip":
-            self._skip(claim, error, workflow)
-            return None
+            return self._skip(claim, error, workflow)
         return self._fail(claim, error, workflow)
 
-    def _skip(self, claim: Claim, error: BaseException, workflow: Workflow) -> None:
+    def _skip(self, claim: Claim, error: BaseException, workflow: Workflow) -> StepFailed | None:
         """Record an optional step (``Retry(on_exhausted="skip")``) whose attempts are
         spent as skipped, its error kept; nothing continues after it, and the task does
-        not report a failure (the execution does not fail for it)."""
-        skipped, woken = self.recorder.run(
-            conditions.skip_step,
-            claim.execution_id,
-            claim.step_name,
-            claim.attempt,
-            error_record(error),
-            workflow,
-            self.definition,
-        )
+        not report a failure (the execution does not fail for it). None, or the report of
+        the failure recorded instead when the skip could not be."""
+        try:
+            skipped, woken = self.recorder.run(
+                conditions.skip_step,
+                claim.execution_id,
+                claim.step_name,
+                claim.attempt,
+                error_record(error),
+                workflow,
+                self.definition,
+            )
+        except TransientDatabaseError:
+            raise  # as in _succeeded
+        except Exception:
+            # As in _fail: never leave the claimed step running.
+            log.error(
+                "recording step %s of execution %s skipped failed; failing the step",
+                claim.step_name,
+                claim.execution_id,
+                exc_info=True,
+            )
+            return self._fail(claim, error, workflow)
         if skipped.applied:
             log.warning(
                 "step %s of execution %s skipped after attempt %d: %s: %s",
@@ -838,6 +850,7 @@ class Engine:
                 error,
             )
         self.publish_outcome(woken)
+        return None
 
     @staticmethod
     def _reported(
