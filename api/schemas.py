@@ -359,12 +359,22 @@ class StepOut(BaseModel):
         description="The broker queue its messages go to (queue=; the default queue where "
         "its workflow names none); null where the API does not know its workflow.",
     )
+    skip_reason: str | None = Field(
+        default=None,
+        description="Why a skipped step was skipped (its condition was false, an upstream "
+        "step did not end as its trigger needs, its attempts were spent), else null.",
+    )
 
     @classmethod
     def of(
-        cls, step: StepExecution, items: dict[str, int] | None = None, queue: str | None = None
+        cls,
+        step: StepExecution,
+        items: dict[str, int] | None = None,
+        queue: str | None = None,
+        skip_reason: str | None = None,
     ) -> StepOut:
-        """The body of ``step`` (``queue``: the queue its workflow's definition names)."""
+        """The body of ``step`` (``queue``: the queue its workflow's definition names;
+        ``skip_reason``: see ``core.conditions.skip_reasons``)."""
         return cls(
             name=step.step_name,
             status=step.status,
@@ -385,6 +395,7 @@ class StepOut(BaseModel):
             next_attempt_at=step.next_attempt_at,
             wait=WaitOut.of(step),
             map=MapOut.of(step, items),
+            skip_reason=skip_reason if step.status == "skipped" else None,
         )
 
 
@@ -506,6 +517,15 @@ class StepDefinition(BaseModel):
     kind: Literal["task", "sleep", "event", "child", "map"] = "task"
     wait: WaitDefinition | None = None
     queue: str = Field(description="The broker queue its messages go to (queue=).")
+    trigger: Literal["all_success", "none_failed", "all_done"] = Field(
+        default="all_success", description="Which upstream outcomes let it run."
+    )
+    condition: str | None = Field(
+        default=None, description="Its when= condition's qualified name (null: none)."
+    )
+    on_exhausted: Literal["fail", "skip"] = Field(
+        default="fail", description="What it ends as when its attempts are spent."
+    )
 
 
 class ScheduleOut(BaseModel):

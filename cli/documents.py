@@ -7,13 +7,14 @@ every key is always present (null when unset), so scripts need no existence chec
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import typer
 from pydantic_core import to_jsonable_python
 
+from core.conditions import condition_label
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.schedules import Schedule
 from core.workflows import Workflow
@@ -77,10 +78,13 @@ def wait(row: StepExecution) -> Document | None:
 
 
 def step(
-    row: StepExecution, depends_on: Sequence[str] | None, queue: str | None = None
+    row: StepExecution,
+    depends_on: Sequence[str] | None,
+    queue: str | None = None,
+    skip_reason: str | None = None,
 ) -> Document:
     """A step's row; ``depends_on`` and ``queue`` are None where the workflow's
-    definition is unknown."""
+    definition is unknown; ``skip_reason`` why a skipped step was skipped."""
     return {
         "name": row.step_name,
         "status": row.status,
@@ -101,6 +105,7 @@ def step(
         "heartbeat_at": timestamp(row.heartbeat_at),
         "next_attempt_at": timestamp(row.next_attempt_at),
         "wait": wait(row),
+        "skip_reason": skip_reason if row.status == "skipped" else None,
     }
 
 
@@ -121,17 +126,25 @@ def execution_with_steps(
     steps: Sequence[StepExecution],
     workflow: Workflow | None,
     history: Iterable[ExecutionEvent] | None = None,
+    skip_reasons: Mapping[str, str] | None = None,
 ) -> Document:
-    """``conveyor status --json``: the execution, its steps in DAG order, and its history
-    when asked (the key is left out otherwise)."""
+    """``conveyor status --json``: the execution, its steps in DAG order (a skipped one
+    with why), and its history when asked (the key is left out otherwise)."""
     order = list(workflow.order()) if workflow is not None else []
     position = {name: index for index, name in enumerate(order)}
     ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
     document = execution(row)
     document["steps"] = [
-        step(s, workflow.steps[s.step_name].depends_on, workflow.queue_of(s.step_name))
-        if workflow is not None and s.step_name in workflow.steps
-        else step(s, None)
+        step(
+            s,
+            workflow.steps[s.step_name].depends_on
+            if workflow is not None and s.step_name in workflow.steps
+            else None,
+            workflow.queue_of(s.step_name)
+            if workflow is not None and s.step_name in workflow.steps
+            else None,
+            (skip_reasons or {}).get(s.step_name),
+        )
         for s in ranked
     ]
     if history is not None:
@@ -170,6 +183,9 @@ def workflow(definition: Workflow) -> Document:
                 "max_attempts": definition.steps[name].retry.max_attempts,
                 "soft_timeout": definition.steps[name].soft_timeout,
                 "timeout": definition.steps[name].timeout,
+                "trigger": definition.steps[name].trigger,
+                "condition": condition_label(definition.steps[name].when),
+                "on_exhausted": definition.steps[name].retry.on_exhausted,
             }
             for name in definition.order()
         ],

@@ -46,6 +46,7 @@ from cli import documents, render, schema
 from cli import schedules as cli_schedules
 from cli.render import stderr, stdout
 from core import maps
+from core.conditions import skip_reasons
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import ConveyorError, translate
@@ -419,9 +420,16 @@ def status(
     execution = manager.get_execution(execution_id)
     steps = manager.get_steps(execution_id)
     workflow = definition_of(ctx.ensure_object(CliState), execution)
+    # Why each skipped step was skipped: the reasons of their events.
+    skipped = any(s.status == "skipped" for s in steps)
+    events = manager.get_history(execution_id) if history or skipped else None
+    why = skip_reasons(events or ())
     if as_json:  # the error, traceback included, is in the document already
-        events = manager.get_history(execution_id) if history else None
-        documents.emit(documents.execution_with_steps(execution, steps, workflow, events))
+        documents.emit(
+            documents.execution_with_steps(
+                execution, steps, workflow, events if history else None, why
+            )
+        )
         return
     # The status of each child a waiting child node waits for.
     children = {
@@ -434,7 +442,7 @@ def status(
     console = stdout()
     console.print(render.execution_summary(execution))
     order = list(workflow.order()) if workflow else ()
-    console.print(render.steps_table(steps, order, children, items, queues, unconsumed))
+    console.print(render.steps_table(steps, order, children, items, queues, unconsumed, why))
     if queues is not None:
         stuck = Counter(
             queues[s.step_name]

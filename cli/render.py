@@ -254,12 +254,14 @@ def steps_table(
     items: Mapping[str, Mapping[str, int]] | None = None,
     queues: Mapping[str, str] | None = None,
     unconsumed: Collection[str] = (),
+    skip_reasons: Mapping[str, str] | None = None,
 ) -> Table:
     """One row per step (in DAG order when ``order`` is given): status, attempt, time,
     error, and, while any step waits, what each waiting one waits for (``children``:
     child execution statuses by id); a map step's items counted by status (``items``);
     with ``queues``, each step's queue, flagged on a queued step when it is one of
-    ``unconsumed`` (no live worker consumes it)."""
+    ``unconsumed`` (no live worker consumes it); when a step was skipped, why
+    (``skip_reasons``, by step name)."""
     position = {name: index for index, name in enumerate(order)}
     ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
     now = datetime.now(UTC)
@@ -282,6 +284,10 @@ def steps_table(
         table.add_column(
             "waits for" if not any(s.wait_kind == "map" for s in ranked) else "waits for / items"
         )
+    why = {s.step_name: (skip_reasons or {}).get(s.step_name, "") for s in ranked}
+    skipped = any(s.status == "skipped" for s in ranked)
+    if skipped:
+        table.add_column("skipped because")
     for step in ranked:
         cells: list[RenderableType] = [
             step.step_name,
@@ -294,6 +300,8 @@ def steps_table(
         cells.append(Text(error_type(step.error), style="red"))
         if waiting:
             cells.append(waits[step.step_name])
+        if skipped:
+            cells.append(Text(why[step.step_name] if step.status == "skipped" else "", "dim"))
         table.add_row(*cells)
     return table
 

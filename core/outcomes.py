@@ -224,6 +224,9 @@ class WaitOutcome:
     # The earliest wake time this set on a wait (a retry's backoff, a rate limit): the
     # publisher asks the waker for that moment when it is near.
     wake_hint: datetime | None = None
+    # Steps skipped (workflow, step, why: condition | upstream | exhausted), for the
+    # metric conveyor_steps_skipped_total.
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
     def merge(self, other: WaitOutcome) -> None:
         self.queued += other.queued
@@ -236,6 +239,7 @@ class WaitOutcome:
         self.items += other.items
         self.item_counts += other.item_counts
         self.limited += other.limited
+        self.skipped += other.skipped
         self.hint(other.wake_hint)
 
     def hint(self, at: datetime | None) -> None:

@@ -33,13 +33,13 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from core import (
     children,
+    conditions,
     debounce,
     executions,
     limits,
     map_repair,
     reconciler,
     steps,
-    waits,
     waker,
 )
 from core.config import Settings
@@ -489,10 +489,11 @@ class Engine:
         roots = [s for s in workflow.steps.values() if not s.depends_on] if workflow else []
         # Breadth-first order starts everything first: its roots wait their turn.
         depth_first = self.settings.order == "depth_first"
-        if workflow is not None and workflow.wait_nodes:
+        if workflow is not None and (workflow.wait_nodes or workflow.gated):
             # Its waits enter waiting at the start (root waits, and after a retry those
-            # whose upstream steps had succeeded): admitted without the fused claim.
-            admission, woken = self.manager.run(waits.admit, workflow, ids, self.definition)
+            # whose upstream steps had succeeded), and its gated steps queued at the start
+            # are decided (a root's condition): admitted without the fused claim.
+            admission, woken = self.manager.run(conditions.admit, workflow, ids, self.definition)
             self._admitted(workflow_name, admission)
             self._publish_committed(admission.queued, admission.routes)
             self.publish_outcome(woken)
@@ -563,6 +564,8 @@ class Engine:
             self.metrics.wait_ended(workflow, kind, how)
         for workflow, seconds in outcome.lags:
             self.metrics.woke_late(workflow, seconds)
+        for workflow, step, why in outcome.skipped:
+            self.metrics.skipped(workflow, step, why)
         for result, workflow in outcome.finished:
             self.metrics.ended(workflow, result)
         for workflow in sorted({*(workflow for _, workflow in outcome.finished), *outcome.freed}):
@@ -964,7 +967,47 @@ class Engine:
             if not moved.applied:
                 return None
             return self._reported(claim, error, step.retry.max_attempts, retry_in=delay)
+        if step.retry.on_exhausted == "skip":
+            return self._skip(claim, error, workflow)
         return self._fail(claim, error, workflow)
+
+    def _skip(self, claim: Claim, error: BaseException, workflow: Workflow) -> StepFailed | None:
+        """Record an optional step (``Retry(on_exhausted="skip")``) whose attempts are
+        spent as skipped, its error kept; nothing continues after it, and the task does
+        not report a failure (the execution does not fail for it). None, or the report of
+        the failure recorded instead when the skip could not be."""
+        try:
+            skipped, woken = self.recorder.run(
+                conditions.skip_step,
+                claim.execution_id,
+                claim.step_name,
+                claim.attempt,
+                error_record(error),
+                workflow,
+                self.definition,
+            )
+        except TransientDatabaseError:
+            raise  # as in _succeeded
+        except Exception:
+            # As in _fail: never leave the claimed step running.
+            log.error(
+                "recording step %s of execution %s skipped failed; failing the step",
+                claim.step_name,
+                claim.execution_id,
+                exc_info=True,
+            )
+            return self._fail(claim, error, workflow)
+        if skipped.applied:
+            log.warning(
+                "step %s of execution %s skipped after attempt %d: %s: %s",
+                claim.step_name,
+                claim.execution_id,
+                claim.attempt - claim.recoveries,
+                type(error).__name__,
+                error,
+            )
+        self.publish_outcome(woken)
+        return None
 
     @staticmethod
     def _reported(
@@ -998,8 +1041,6 @@ class Engine:
         nothing else runs); the report (None: another outcome was recorded first)."""
         descendants = workflow.descendants(claim.step_name) if workflow else None
         sinks = workflow.sinks if workflow else []
-        defined = workflow.steps.get(claim.step_name) if workflow else None
-        limited = bool(defined and defined.limits)
         record = error_record(error)
         try:
             failure = self.recorder.run(
@@ -1010,7 +1051,7 @@ class Engine:
                 record,
                 descendants,
                 sinks,
-                limited,
+                workflow,
             )
         except TransientDatabaseError:
             raise  # as in _succeeded
@@ -1032,7 +1073,7 @@ class Engine:
                 bare_error_record(error),
                 descendants,
                 sinks,
-                limited,
+                workflow,
             )
         report = None
         if failure.transition.applied:

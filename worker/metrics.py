@@ -161,6 +161,14 @@ class Metrics:
             ["workflow", "result"],
             registry=registry,
         )
+        self.steps_skipped = Counter(
+            "conveyor_steps_skipped",
+            "Steps skipped without running (or after their attempts, optional ones), by "
+            "why: condition (when= was false), upstream (the trigger refused an upstream "
+            'step\'s outcome), exhausted (Retry(on_exhausted="skip")).',
+            ["workflow", "step", "why"],
+            registry=registry,
+        )
         self.events_sent = Counter(
             "conveyor_events",
             "Events and signals sent, by outcome (consumed, stored, duplicate).",
@@ -223,6 +231,10 @@ class Metrics:
         self.admissions.labels(workflow, what).inc()
         if what in ("rate", "paused"):
             self.rate_limited.labels(workflow, key).inc()
+
+    def skipped(self, workflow: str, step: str, why: str) -> None:
+        """A step skipped: ``why`` is condition, upstream or exhausted."""
+        self.steps_skipped.labels(workflow, step, why).inc()
 
     def woke_late(self, workflow: str, seconds: float) -> None:
         """A sleep the waker woke, ``seconds`` after its wake time."""

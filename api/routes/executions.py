@@ -35,6 +35,7 @@ from api.schemas import (
 from api.services import Conveyor
 from core import executions, maps
 from core.accounts import Principal
+from core.conditions import skip_reasons
 from core.errors import (
     DebouncedIdempotencyKey,
     ExecutionNotFound,
@@ -208,10 +209,16 @@ def read_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> 
     execution, steps, events, children, items = engine.manager.run(_detail, execution_id)
     _visible(execution, caller)
     route = (execution.workflow_id, execution.workflow_version)
+    why = skip_reasons(events)
     return ExecutionDetail(
         **ExecutionOut.of(execution).model_dump(),
         steps=[
-            StepOut.of(s, items.get(s.step_name), engine.queue_of(*route, s.step_name))
+            StepOut.of(
+                s,
+                items.get(s.step_name),
+                engine.queue_of(*route, s.step_name),
+                why.get(s.step_name),
+            )
             for s in steps
         ],
         events=[EventOut.of(e) for e in events],
