@@ -616,3 +616,45 @@ def summarize_steps(execution_ids: Collection[str]) -> Mapping[str, int]:
         ).scalars():
             counts[status] += 1
     return dict(counts)
+
+
+# Step statuses in which an admitted attempt holds its slots (``core.limits.HOLDING``).
+HOLDING = frozenset({"queued", "running"})
+
+
+def key_holders_peak(execution_ids: Collection[str], step_name: str) -> int:
+    """The most attempts of ``step_name`` (a step behind one concurrency key) holding a
+    slot at once, replayed from the events in id order: an attempt holds from its
+    ``admitted`` event (waiting -> queued) until its step leaves queued and running, or
+    goes running -> queued (a stall recovery: the attempt moved on).
+
+    Sound against the database's own counts: an admission's event is written after it
+    locked the key and counted the holders, so every end it counted as ended has a
+    smaller id; an end with a smaller id not yet committed then only lowers the replay
+    (the admission counted it as holding). A peak above the limit is an over-admission.
+    """
+    with get_db_session() as db:
+        events = db.execute(
+            select(
+                events_table.c.execution_id,
+                events_table.c.from_status,
+                events_table.c.to_status,
+                events_table.c.reason,
+            )
+            .where(
+                events_table.c.execution_id.in_(list(execution_ids)),
+                events_table.c.step_name == step_name,
+            )
+            .order_by(events_table.c.id)
+        ).all()
+    holding: set[str] = set()
+    peak = 0
+    for event in events:
+        if event.from_status == "waiting" and event.reason == "admitted":
+            holding.add(event.execution_id)
+            peak = max(peak, len(holding))
+        elif event.to_status not in HOLDING or event.from_status == "running":
+            # Out of queued and running, or running -> queued (a recovery); queued ->
+            # running and queued -> queued (a republish) keep the slot.
+            holding.discard(event.execution_id)
+    return peak

@@ -112,6 +112,7 @@ class Cluster:
         self.run_log = folder / "runs.log"
         self.inject_log = folder / "injected.log"
         self.gate = folder / "gate"
+        self.spans_log = folder / "spans.log"
         self.env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
@@ -123,6 +124,7 @@ class Cluster:
             workflows.RUN_LOG_ENV: str(self.run_log),
             inject.LOG_ENV: str(self.inject_log),
             workflows.GATE_ENV: str(self.gate),
+            workflows.SPANS_ENV: str(self.spans_log),
         }
         self.env.pop(inject.MODE_ENV, None)
         if inject_mode:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -23,10 +24,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from core.workflows import StepContext, Workflow
+from core.workflows import Concurrency, Retry, StepContext, Workflow
 
 RUN_LOG_ENV = "FAULTS_RUN_LOG"
 GATE_ENV = "FAULTS_GATE"
+SPANS_ENV = "FAULTS_SPANS_LOG"
 CHAIN_LENGTH = 10
 FAN_WIDTH = 8
 STEP_SECONDS = (0.05, 0.3)
@@ -285,8 +287,113 @@ def _only(ctx: StepContext) -> int:
     return int(ctx.input.start)
 
 
+# One step under a per-key concurrency limit whose input says how it behaves
+# (tests/faults/test_limit_faults.py). ``limited`` shares the text key ``fault-limit``
+# (2 at a time) across its executions, ``limited_one`` the key ``fault-limit-one`` (1).
+# Each run appends ``start`` and (unless its process dies) ``end`` lines with wall-clock
+# times to the file named by ``FAULTS_SPANS_LOG``, so a test can check that no two runs
+# under a key overlapped.
+LIMIT_KEY = "fault-limit"
+LIMIT = 2
+ONE_KEY = "fault-limit-one"
+HARD_TIMEOUT = 3.0  # seconds: Celery's time limit of the limited step
+FLAKY_BACKOFF = 0.3
+ACTS = ("succeed", "flaky", "fail", "cancel", "timeout", "crash", "hold")
+# What each act's execution ends as.
+ACT_STATUS = {
+    "succeed": "succeeded",
+    "flaky": "succeeded",  # attempt 1 raises Flaky, the retry succeeds
+    "fail": "failed",  # raises an error no retry is spent on
+    "cancel": "cancelled",  # runs until the test cancels its execution
+    "timeout": "failed",  # sleeps past HARD_TIMEOUT: killed, not retried
+    "crash": "succeeded",  # attempt 1 SIGKILLs its own pool process; the recovery succeeds
+    "hold": "succeeded",  # attempt 1 waits while the gate file exists, then succeeds
+}
+
+
+class Flaky(Exception):
+    """The error the limited step retries (attempt 1 of ``flaky``)."""
+
+
+class Broken(Exception):
+    """An error the limited step does not retry (``fail``)."""
+
+
+class Act(BaseModel):
+    """Input of the limited workflows: the number, and what the step does."""
+
+    start: int
+    act: str = "succeed"
+    seconds: float = 0.1
+
+
+def _span(ctx: StepContext, mark: str) -> None:
+    path = os.environ.get(SPANS_ENV)
+    if path:
+        line = f"{ctx.execution_id} {ctx.attempt} {os.getpid()} {mark} {time.time():.6f}\n"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+def _act(ctx: StepContext) -> int:
+    _record(ctx)
+    _span(ctx, "start")
+    try:
+        act = str(ctx.input.act)
+        first = ctx.attempt == 1
+        if act == "crash" and first:
+            os.kill(os.getpid(), signal.SIGKILL)  # the pool process dies mid-step
+        if act == "timeout":
+            time.sleep(HARD_TIMEOUT * 10)  # Celery kills the pool process at HARD_TIMEOUT
+        if act == "cancel":
+            while not ctx.is_cancelled():  # until the test cancels the execution
+                time.sleep(0.02)
+            return -1
+        gate = os.environ.get(GATE_ENV)
+        while act == "hold" and first and gate and os.path.exists(gate):
+            time.sleep(0.02)
+        time.sleep(float(ctx.input.seconds))
+        if act == "flaky" and first:
+            raise Flaky("attempt 1 of a flaky step")
+        if act == "fail":
+            raise Broken("a step that fails for good")
+        return int(ctx.input.start)
+    finally:
+        _span(ctx, "end")
+
+
+def _limited_workflow(name: str, key: str, limit: int) -> Workflow:
+    workflow = Workflow(name, input_model=Act)
+    workflow.step(
+        "call",
+        concurrency=Concurrency(key=key, limit=limit),
+        retry=Retry(max_attempts=2, backoff=FLAKY_BACKOFF, jitter=False, retry_on=(Flaky,)),
+        timeout=HARD_TIMEOUT,
+    )(_act)
+    return workflow
+
+
+limited = _limited_workflow("fault_limited", LIMIT_KEY, LIMIT)
+limited_one = _limited_workflow("fault_limited_one", ONE_KEY, 1)
+
 WORKFLOWS = {
-    w.name: w for w in (chain, fan, sleepy, approval, chain3, parent, mapped, wide_map, single)
+    w.name: w
+    for w in (
+        chain,
+        fan,
+        sleepy,
+        approval,
+        chain3,
+        parent,
+        mapped,
+        wide_map,
+        single,
+        limited,
+        limited_one,
+    )
 }
 MAP_WORKFLOWS = frozenset({mapped.name, wide_map.name})
 # A sleep's expected output: its wake time, which the checker reads from the row.
