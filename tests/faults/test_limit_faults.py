@@ -56,12 +56,12 @@ RARE_ACTS = ("crash", "timeout")  # each holds its slot for seconds
 @dataclass
 class Sampler:
     """Samples, every ``SAMPLE_SECONDS``, a key's running count as the database counts it
-    (``key_states``) and, apart, the steps of ``workflow`` running now (their rows), and
+    (``key_states``) and, apart, the steps of ``workflows`` running now (their rows), and
     cancels each execution of ``to_cancel`` as soon as its step runs."""
 
     cluster: Cluster
     key: str
-    workflow: str
+    workflows: Sequence[str]
     to_cancel: set[str] = field(default_factory=set)
     counted: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
@@ -81,7 +81,7 @@ class Sampler:
                     )
                 )
                 .where(
-                    executions_table.c.workflow_id == self.workflow,
+                    executions_table.c.workflow_id.in_(list(self.workflows)),
                     steps_table.c.step_name == STEP,
                     steps_table.c.status == "running",
                 )
@@ -288,13 +288,11 @@ def outcome_problems(acts: dict[str, str]) -> list[str]:
 # --- 1. the property test --------------------------------------------------------------
 
 
-def _enqueue_acts(
-    cluster: Cluster, workflow: str, acts: Sequence[tuple[str, float]]
-) -> dict[str, str]:
-    """One execution per (act, seconds); their ids with their acts, in enqueue order."""
+def _enqueue_acts(cluster: Cluster, acts: Sequence[tuple[str, str, float]]) -> dict[str, str]:
+    """One execution per (workflow, act, seconds); their ids with their acts, in order."""
     return {
         enqueue(workflow, {"start": n, "act": act, "seconds": seconds}, app=cluster.app): act
-        for n, (act, seconds) in enumerate(acts)
+        for n, (workflow, act, seconds) in enumerate(acts)
     }
 
 
@@ -309,7 +307,10 @@ def test_a_key_never_runs_more_than_its_limit_however_its_steps_end(
     execution ended as its act says, the count is 0 and no slot row is left."""
     cluster = start_cluster()
     cluster.wait_ready(cluster.spawn_worker())
-    key, workflow = workflows.LIMIT_KEY, workflows.limited.name
+    key = workflows.LIMIT_KEY
+    # A crash runs without a hard timeout: see ``workflows.limited_untimed``.
+    workflow_of = {"crash": workflows.limited_untimed.name}
+    shared = [workflows.limited.name, workflows.limited_untimed.name]
     report: list[str] = []
 
     @settings(
@@ -328,8 +329,14 @@ def test_a_key_never_runs_more_than_its_limit_however_its_steps_end(
         seconds = data.draw(
             st.lists(st.sampled_from((0.05, 0.2)), min_size=len(order), max_size=len(order))
         )
-        acts = _enqueue_acts(cluster, workflow, list(zip(order, seconds, strict=True)))
-        sampler = Sampler(cluster, key, workflow, {e for e, a in acts.items() if a == "cancel"})
+        acts = _enqueue_acts(
+            cluster,
+            [
+                (workflow_of.get(act, workflows.limited.name), act, nap)
+                for act, nap in zip(order, seconds, strict=True)
+            ],
+        )
+        sampler = Sampler(cluster, key, shared, {e for e, a in acts.items() if a == "cancel"})
         took = sampler.until_final(acts, FINISH_TIMEOUT)
         at_rest = _key_now(key)
         rows_at_rest = _slot_rows(key)
@@ -376,16 +383,16 @@ def test_a_sigkilled_worker_holding_the_only_slot_gives_it_back_after_the_stall_
     cluster = start_cluster()
     key, workflow = workflows.ONE_KEY, workflows.limited_one.name
     cluster.gate.touch()
-    (a,) = _enqueue_acts(cluster, workflow, [("hold", 0.3)])
+    (a,) = _enqueue_acts(cluster, [(workflow, "hold", 0.3)])
     held = _wait_step(a, "running")
-    (b,) = _enqueue_acts(cluster, workflow, [("succeed", 0.3)])
+    (b,) = _enqueue_acts(cluster, [(workflow, "succeed", 0.3)])
     assert _wait_step(b, "waiting").wait_key == key
     pid = int(held.worker.rsplit(":", 1)[1])
     (victim,) = [worker for worker in cluster.workers if pid in worker.children()]
     killed_at = time.time()
     cluster.kill_worker(victim)
     cluster.gate.unlink()  # A's first run died with the pool: the gate holds nothing now
-    sampler = Sampler(cluster, key, workflow)
+    sampler = Sampler(cluster, key, [workflow])
     took = sampler.until_final([a, b], FINISH_TIMEOUT)
     events = _step_events([a, b])
     spans = read_spans(cluster.spans_log)
@@ -443,20 +450,20 @@ def test_a_hard_timeout_and_a_cancel_free_their_slot_at_once(start_cluster: Star
     once a minute here, and no step stalls: the ends freed the slots themselves."""
     cluster = start_cluster(settings={"CONVEYOR_RECONCILE_INTERVAL": "60"})
     key, workflow = workflows.ONE_KEY, workflows.limited_one.name
-    (a,) = _enqueue_acts(cluster, workflow, [("timeout", 0.1)])
+    (a,) = _enqueue_acts(cluster, [(workflow, "timeout", 0.1)])
     _wait_step(a, "running")
-    (b,) = _enqueue_acts(cluster, workflow, [("succeed", 0.1)])
+    (b,) = _enqueue_acts(cluster, [(workflow, "succeed", 0.1)])
     assert _wait_step(b, "waiting").wait_key == key
-    sampler = Sampler(cluster, key, workflow)
+    sampler = Sampler(cluster, key, [workflow])
     sampler.until_final([a, b], FINISH_TIMEOUT)
     events = _step_events([a, b])
     a_ran, a_failed = _first(events[a], "running"), _first(events[a], "failed")
     b_admitted = _first(events[b], "queued", "admitted")
     assert "hard timeout" in str(_step(a).error), _step(a).error
 
-    (c,) = _enqueue_acts(cluster, workflow, [("cancel", 0.1)])
+    (c,) = _enqueue_acts(cluster, [(workflow, "cancel", 0.1)])
     _wait_step(c, "running")
-    (d,) = _enqueue_acts(cluster, workflow, [("succeed", 0.1)])
+    (d,) = _enqueue_acts(cluster, [(workflow, "succeed", 0.1)])
     assert _wait_step(d, "waiting").wait_key == key
     assert cluster.app.engine.cancel(c)
     sampler.until_final([c, d], FINISH_TIMEOUT)
