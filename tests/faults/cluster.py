@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -85,13 +85,15 @@ class Process:
 
 @dataclass
 class WaitMix:
-    """Executions enqueued by ``Cluster.enqueue_mix``: their ids and step count, and the
-    start numbers of the approvals armed early (``early``) and enqueued last (``late``)."""
+    """Executions enqueued by ``Cluster.enqueue_mix``: their ids and step count, the
+    start numbers of the approvals armed early (``early``) and enqueued last (``late``),
+    and the ids of the executions under the key ``fault-limit`` (``limited``)."""
 
     ids: list[str]
     steps: int
     early: list[int]
     late: list[int]
+    limited: list[str] = field(default_factory=list)
 
 
 class Cluster:
@@ -330,13 +332,15 @@ class Cluster:
         rng: random.Random,
         maps: int = 0,
         map_items: int = MAP_ITEMS,
+        limited: int = 0,
     ) -> WaitMix:
         """The workload with waits around it: half the ``approval`` executions, the
         ``sleepy`` ones (sleeping a random number of ``sleep_seconds``), the ``parent``
         ones (each starting a child chain) and the ``maps`` (each a map of ``map_items``
-        items, 8 at a time) ahead of the chains and fans, so their waits are armed early
-        in the run; the other half of the approvals behind them, so that events sent at
-        once come before their waits."""
+        items, 8 at a time) and the ``limited`` ones (one step under the key
+        ``fault-limit``, 2 at a time) ahead of the chains and fans, so their waits are
+        armed early in the run; the other half of the approvals behind them, so that
+        events sent at once come before their waits."""
         early = list(range(3000, 3000 + approvals // 2))
         late = list(range(4000, 4000 + approvals - len(early)))
         ids = self.enqueue_approval(early)
@@ -345,11 +349,14 @@ class Cluster:
         )
         ids += self.enqueue(workflows.parent.name, range(5000, 5000 + parents))
         ids += self.enqueue_map(range(7000, 7000 + maps), map_items)
+        # A crash must not look like a timeout here: see ``workflows.limited_untimed``.
+        held = self.enqueue(workflows.limited_untimed.name, range(8000, 8000 + limited))
+        ids += held
         ids += self.enqueue_workload(chains, fans)
         ids += self.enqueue_approval(late)
         # The steps of ``ids`` (their children's and the maps' items are not counted).
-        steps = 10 * (chains + fans) + 3 * (sleepies + approvals + parents + maps)
-        return WaitMix(ids, steps, early, late)
+        steps = 10 * (chains + fans) + 3 * (sleepies + approvals + parents + maps) + limited
+        return WaitMix(ids, steps, early, late, held)
 
     def enqueue_workload(self, chains: int, fans: int) -> list[str]:
         """``chains`` executions of the 10-step chain and ``fans`` of the 1 -> 8 -> 1 fan.

@@ -10,7 +10,9 @@ b) whose events a thread of this process sends through the storm, some before th
 wait exists (``tests.faults.senders``): every wait ends exactly once, each child step
 started one child, every event is taken by its own wait, none is lost. Maps too
 (numbers -> a map of 40 items, 8 at a time -> total): every item ends once, at an
-attempt no error retry was spent on, and each map aggregates once.
+attempt no error retry was spent on, and each map aggregates once. And one step under
+a per-key limit (``fault-limit``, 2 at a time): replayed from the events, never more than
+2 attempts held the key's slots at once, through the kills and their recoveries.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pytest
 from tests.faults.checker import (
     Figures,
     check,
+    key_holders_peak,
     open_executions,
     running_workers,
     start_resends,
@@ -35,6 +38,7 @@ from tests.faults.checker import (
 from tests.faults.cluster import Cluster
 from tests.faults.conftest import StartCluster
 from tests.faults.senders import EventSender
+from tests.faults.workflows import LIMIT
 
 pytestmark = [pytest.mark.postgresql_only, pytest.mark.timeout(300)]
 
@@ -46,6 +50,7 @@ PARENTS = 6  # a -> child (a three-step chain) -> b
 APPROVALS = 20  # half armed early, their events sent through the storm; half behind the
 # chains and fans, their events sent at once: before their waits exist
 MAPS = 2  # numbers -> square (a map of 40 items, 8 at a time) -> total
+LIMITED = 12  # one step under Concurrency(key="fault-limit", limit=2)
 SEND_PAUSE = (0.2, 1.2)  # seconds between the early ones' sends: moments of the storm
 CHILD_KILLS = 7
 MAIN_KILLS = 3
@@ -91,6 +96,7 @@ def test_sigkill_storm_loses_nothing(start_cluster: StartCluster) -> None:
         sleep_seconds=SLEEP_SECONDS,
         rng=rng,
         maps=MAPS,
+        limited=LIMITED,
     )
     ids = mix.ids
     sender = EventSender(cluster.app, at_once=mix.late, later=mix.early, pause=SEND_PAUSE, rng=rng)
@@ -121,6 +127,7 @@ def test_sigkill_storm_loses_nothing(start_cluster: StartCluster) -> None:
             "reconciler start re-sends": start_resends(ids),
             "seconds to recover after the last kill": round(time.monotonic() - last_kill, 1),
             **sent.figures(),
+            "most holding the limited key at once": key_holders_peak(mix.limited, "call"),
         },
     )
     try:
@@ -128,6 +135,7 @@ def test_sigkill_storm_loses_nothing(start_cluster: StartCluster) -> None:
     finally:
         print(f"\nSIGKILL storm: {figures.line()}")
     assert kills["child"] + kills["main"] >= CHILD_KILLS + MAIN_KILLS, figures.line()
+    assert figures.extra["most holding the limited key at once"] == LIMIT, figures.line()
     # Both orders happened: events before their wait, and waits before their event.
     assert sent.stored_for_later, figures.line()
     assert sent.to_a_waiting_wait, figures.line()
