@@ -10,11 +10,13 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, cast
 
 from celery import Celery, Task
 from celery.exceptions import Retry, TimeLimitExceeded
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from celery.worker.request import Request
 
 from core.config import Settings, get_settings
 from core.database import Database, get_database
@@ -56,8 +58,49 @@ def create_app(
     return app
 
 
+# Deliveries whose pool process had died before their hard time limit fired (filled and
+# read in the worker's main process).
+_lost_before_limit: set[str] = set()
+
+
+def _process_gone(pid: int | None) -> bool:
+    """Whether process ``pid`` has exited: gone, or a zombie not yet reaped (False when
+    it cannot be told: no pid, or a zombie where there is no /proc)."""
+    if pid is None:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses.
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+class StepRequest(Request):
+    """A delivery of a step or item, which tells a hard time limit from a crash.
+
+    When a pool process dies (SIGKILL, OOM) while the main process is busy, Celery's
+    time-limit timer may fire before the pool notices the death, and the delivery is
+    reported as TimeLimitExceeded. The timer runs before the pool process is killed, so
+    a process already gone then was a crash: marked here, recovered as one."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        pid = self.worker_pid  # an int, whatever the stubs say
+        if not soft and _process_gone(None if pid is None else int(pid)):
+            _lost_before_limit.add(self.id)
+        super().on_timeout(soft, timeout)
+
+
 class StepTask(Task):  # type: ignore[type-arg]
     """``conveyor.run_step``: records a hard time limit as soon as Celery reports it."""
+
+    Request = f"{__name__}:StepRequest"
 
     def on_failure(
         self,
@@ -71,6 +114,12 @@ class StepTask(Task):  # type: ignore[type-arg]
         # pool process at the hard limit; the step would otherwise wait to look stalled.
         # Only then: a StepFailed (also reported here) is a failure recorded already.
         if isinstance(exc, TimeLimitExceeded) and "execution_id" in kwargs:
+            if task_id in _lost_before_limit:
+                # Its process died first: a crash, which the stall recovery re-runs
+                # (apart from the step's retries), not a timeout spending an attempt.
+                _lost_before_limit.discard(task_id)
+                log.warning("the process running %s died before its hard time limit", task_id)
+                return
             engine: Engine = cast(ConveyorCelery, self.app).engine
             limit = exc.args[0] if exc.args else None
             try:

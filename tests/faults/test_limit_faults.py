@@ -11,6 +11,8 @@ logs its start and end (wall clock) to the cluster's spans log.
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Sequence
@@ -33,6 +35,7 @@ from tests.faults.checker import (
     executions_table,
     key_holders_peak,
     steps_table,
+    wait_until_final,
 )
 from tests.faults.cluster import SETTINGS, Cluster
 from tests.faults.conftest import StartCluster
@@ -492,3 +495,47 @@ def test_a_hard_timeout_and_a_cancel_free_their_slot_at_once(start_cluster: Star
     assert key_holders_peak([a, b, c, d], STEP) == 1
     assert _key_now(key) == (0, 0)
     assert _slot_rows(key) == 0  # no reconciler pass needed
+
+
+# --- 4. a crash the pool notices only at the hard time limit ---------------------------
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (``Z``: dead, not yet reaped), None when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def test_a_pool_process_dead_before_its_hard_time_limit_is_a_crash_not_a_timeout(
+    start_cluster: StartCluster,
+) -> None:
+    """A step with a hard ``timeout`` whose pool process dies (SIGKILL) while its worker's
+    main process is busy (stopped here) until past the limit: Celery's time-limit timer
+    fires before the pool sees the process gone, and reports TimeLimitExceeded. The step
+    is a crash all the same: recovered after the stall timeout (attempt 2, one
+    recovery, no error retry spent), and its execution succeeds."""
+    cluster = start_cluster()
+    cluster.gate.touch()
+    (a,) = _enqueue_acts(cluster, [(workflows.limited_one.name, "crash", 0.1)])
+    row = _wait_step(a, "running")
+    pid = int(row.worker.rsplit(":", 1)[1])
+    (main,) = [worker for worker in cluster.workers if pid in worker.children()]
+    os.kill(main.pid, signal.SIGSTOP)
+    try:
+        cluster.gate.unlink()  # the step's process kills itself now
+        deadline = time.monotonic() + 10
+        while _process_state(pid) not in ("Z", None):
+            assert time.monotonic() < deadline, f"pool process {pid} still {_process_state(pid)}"
+            time.sleep(0.02)
+        # The fault: the main process stays stopped until the step's hard limit passed.
+        time.sleep(max(0.0, row.started_at.timestamp() + workflows.HARD_TIMEOUT + 1 - time.time()))
+    finally:
+        os.kill(main.pid, signal.SIGCONT)
+    wait_until_final([a], FINISH_TIMEOUT)
+    step = _step(a)
+    logged = main.log.read_text()
+    assert "Hard time limit" in logged, "the fault did not happen: no time limit fired"
+    assert (step.status, step.attempt, step.recoveries) == ("succeeded", 2, 1), step.error

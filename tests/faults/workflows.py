@@ -306,7 +306,9 @@ ACT_STATUS = {
     "fail": "failed",  # raises an error no retry is spent on
     "cancel": "cancelled",  # runs until the test cancels its execution
     "timeout": "failed",  # sleeps past HARD_TIMEOUT: killed, not retried
-    "crash": "succeeded",  # attempt 1 SIGKILLs its own pool process; the recovery succeeds
+    # attempt 1 SIGKILLs its own pool process (once the gate file is gone); the recovery
+    # succeeds
+    "crash": "succeeded",
     "hold": "succeeded",  # attempt 1 waits while the gate file exists, then succeeds
 }
 
@@ -344,6 +346,9 @@ def _act(ctx: StepContext) -> int:
     try:
         act = str(ctx.input.act)
         first = ctx.attempt == 1
+        gate = os.environ.get(GATE_ENV)
+        while act in ("hold", "crash") and first and gate and os.path.exists(gate):
+            time.sleep(0.02)
         if act == "crash" and first:
             os.kill(os.getpid(), signal.SIGKILL)  # the pool process dies mid-step
         if act == "timeout":
@@ -352,9 +357,6 @@ def _act(ctx: StepContext) -> int:
             while not ctx.is_cancelled():  # until the test cancels the execution
                 time.sleep(0.02)
             return -1
-        gate = os.environ.get(GATE_ENV)
-        while act == "hold" and first and gate and os.path.exists(gate):
-            time.sleep(0.02)
         time.sleep(float(ctx.input.seconds))
         if act == "flaky" and first:
             raise Flaky("attempt 1 of a flaky step")
