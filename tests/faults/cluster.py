@@ -349,8 +349,7 @@ class Cluster:
         )
         ids += self.enqueue(workflows.parent.name, range(5000, 5000 + parents))
         ids += self.enqueue_map(range(7000, 7000 + maps), map_items)
-        # A crash must not look like a timeout here: see ``workflows.limited_untimed``.
-        held = self.enqueue(workflows.limited_untimed.name, range(8000, 8000 + limited))
+        held = self.enqueue(workflows.limited.name, range(8000, 8000 + limited))
         ids += held
         ids += self.enqueue_workload(chains, fans)
         ids += self.enqueue_approval(late)

@@ -310,10 +310,7 @@ def test_a_key_never_runs_more_than_its_limit_however_its_steps_end(
     execution ended as its act says, the count is 0 and no slot row is left."""
     cluster = start_cluster()
     cluster.wait_ready(cluster.spawn_worker())
-    key = workflows.LIMIT_KEY
-    # A crash runs without a hard timeout: see ``workflows.limited_untimed``.
-    workflow_of = {"crash": workflows.limited_untimed.name}
-    shared = [workflows.limited.name, workflows.limited_untimed.name]
+    key, workflow = workflows.LIMIT_KEY, workflows.limited.name
     report: list[str] = []
 
     @settings(
@@ -333,13 +330,9 @@ def test_a_key_never_runs_more_than_its_limit_however_its_steps_end(
             st.lists(st.sampled_from((0.05, 0.2)), min_size=len(order), max_size=len(order))
         )
         acts = _enqueue_acts(
-            cluster,
-            [
-                (workflow_of.get(act, workflows.limited.name), act, nap)
-                for act, nap in zip(order, seconds, strict=True)
-            ],
+            cluster, [(workflow, act, nap) for act, nap in zip(order, seconds, strict=True)]
         )
-        sampler = Sampler(cluster, key, shared, {e for e, a in acts.items() if a == "cancel"})
+        sampler = Sampler(cluster, key, [workflow], {e for e, a in acts.items() if a == "cancel"})
         took = sampler.until_final(acts, FINISH_TIMEOUT)
         at_rest = _key_now(key)
         rows_at_rest = _slot_rows(key)
