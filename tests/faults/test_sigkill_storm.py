@@ -135,7 +135,7 @@ def test_sigkill_storm_loses_nothing(start_cluster: StartCluster) -> None:
     finally:
         print(f"\nSIGKILL storm: {figures.line()}")
     assert kills["child"] + kills["main"] >= CHILD_KILLS + MAIN_KILLS, figures.line()
-    assert figures.extra["most holding the limited key at once"] == LIMIT, figures.line()
+    assert figures.extra["most holding the limited key at once"] <= LIMIT, figures.line()
     # Both orders happened: events before their wait, and waits before their event.
     assert sent.stored_for_later, figures.line()
     assert sent.to_a_waiting_wait, figures.line()
