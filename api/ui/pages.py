@@ -20,7 +20,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import Connection
 
 from api.auth import UI_HEADER, owner_filter
-from api.routes.executions import children_of
+from api.routes.executions import children_of, key_pauses
 from api.routes.workflows import _body, _schedules
 from api.schemas import EventOut, ExecutionDetail, ExecutionOut, StepOut
 from api.services import Conveyor, Services
@@ -280,9 +280,10 @@ def execution_page(
         steps = executions.get_steps(conn, execution_id)
         events = executions.get_history(conn, execution_id)
         items = maps.map_counts_of(conn, execution_id)
+        pauses = key_pauses(conn, steps)
         return ExecutionDetail(
             **ExecutionOut.of(execution).model_dump(),
-            steps=[StepOut.of(s, items.get(s.step_name)) for s in steps],
+            steps=[StepOut.of(s, items.get(s.step_name), pauses) for s in steps],
             events=[EventOut.of(e) for e in events],
             children=children_of(conn, execution_id),
         )

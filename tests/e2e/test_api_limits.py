@@ -1,0 +1,156 @@
+"""Limits over HTTP: the keys listed with what they hold and hold back, a held step's key
+in its execution's detail, the keys' gauges on ``/metrics``, and an admin's pause and
+resume of a key, through the API (uvicorn), a real in-process worker, database and
+broker. The workflows are tests/e2e/limit_workflows.py's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from tests.e2e.limit_workflows import GATE, GPU_KEY, METERED_KEY, gated, metered
+from tests.helpers.api import client, poll, user_with_token
+from worker.app import ConveyorCelery
+
+FINAL = {"succeeded", "failed", "cancelled", "timed_out"}
+
+
+@pytest.fixture
+def limited(worker: ConveyorCelery) -> Iterator[ConveyorCelery]:
+    """The running worker's app with the limited workflows; the gate opened at the end
+    (before the worker stops, which waits for its running steps)."""
+    for workflow in (gated, metered):
+        worker.engine.registry.register(workflow)
+    GATE.clear()
+    yield worker
+    GATE.set()
+
+
+@pytest.fixture
+def member(api_url: str) -> Iterator[httpx.Client]:
+    """A client of the API holding a member's token."""
+    _, token = user_with_token("mia@example.com")
+    with client(api_url, token) as http:
+        yield http
+
+
+def _start(http: httpx.Client, workflow: str) -> str:
+    response = http.post("/executions", json={"workflow": workflow})
+    assert response.status_code == 201, response.text
+    execution_id: str = response.json()["execution_id"]
+    return execution_id
+
+
+def _step_when(
+    http: httpx.Client, execution_id: str, name: str, ready: Callable[[Any], bool]
+) -> Any:
+    """Step ``name`` of the execution once ``ready(step)``, or fail after 20 s."""
+    deadline = time.monotonic() + 20
+    while True:
+        body = http.get(f"/executions/{execution_id}").json()
+        step = next(s for s in body["steps"] if s["name"] == name)
+        if ready(step):
+            return step
+        if time.monotonic() > deadline:
+            pytest.fail(f"step {name} of {execution_id} stayed {step['status']}: {step}")
+        time.sleep(0.05)
+
+
+def _held(step: Any) -> bool:
+    return bool(step["status"] == "waiting" and step["wait"] and step["wait"]["key"])
+
+
+def _reasons(http: httpx.Client, execution_id: str) -> list[str]:
+    return [e["reason"] for e in http.get(f"/executions/{execution_id}").json()["events"]]
+
+
+def test_a_step_held_by_its_key_is_listed_described_and_measured(
+    limited: ConveyorCelery, admin: httpx.Client, member: httpx.Client
+) -> None:
+    first = _start(admin, gated.name)
+    _step_when(admin, first, "render", lambda s: s["status"] == "running")
+    second = _start(admin, gated.name)
+
+    held = _step_when(admin, second, "render", _held)
+    assert held["kind"] == "task"  # a task behind limits, not a wait node
+    wait = held["wait"]
+    assert (wait["kind"], wait["key"], wait["why"], wait["wake_at"]) == (
+        "key",
+        GPU_KEY,
+        "concurrency",
+        None,
+    )
+    assert wait["since"] is not None
+    # A member sees every key's counts (the admin's executions here): keys are shared.
+    listed = member.get("/limits", params={"key": GPU_KEY})
+    assert listed.status_code == 200, listed.text
+    assert listed.json() == [
+        {
+            "key": GPU_KEY,
+            "limit": 1,
+            "running": 1,
+            "waiting": 1,
+            "rate_per_second": None,
+            "paused_until": None,
+        }
+    ]
+    assert GPU_KEY in {k["key"] for k in member.get("/limits").json()}
+    assert member.get("/limits", params={"key": "no-such-key"}).json() == []
+    scraped = admin.get("/metrics").text
+    assert f'conveyor_key_running{{key="{GPU_KEY}"}} 1.0' in scraped
+    assert f'conveyor_key_waiting{{key="{GPU_KEY}"}} 1.0' in scraped
+
+    GATE.set()
+    for execution_id in (first, second):
+        assert poll(admin, f"/executions/{execution_id}", FINAL)["status"] == "succeeded"
+    (after,) = member.get("/limits", params={"key": GPU_KEY}).json()
+    assert (after["running"], after["waiting"]) == (0, 0)
+    assert f"held: key {GPU_KEY} has no free slot" in _reasons(admin, second)
+    scraped = admin.get("/metrics").text
+    assert f'conveyor_key_waiting{{key="{GPU_KEY}"}} 0.0' in scraped
+
+
+def test_an_admin_pauses_a_key_and_resuming_it_admits_what_it_held(
+    limited: ConveyorCelery, admin: httpx.Client, member: httpx.Client
+) -> None:
+    until = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    path = f"/limits/{METERED_KEY}/pause"
+    # A key exists once something under it was admitted or held: a typo is a 404.
+    unknown = admin.post(path, json={"until": until.isoformat()})
+    assert unknown.status_code == 404, unknown.text
+    assert METERED_KEY in unknown.json()["detail"]
+    assert admin.delete(path).status_code == 404
+    first = _start(admin, metered.name)
+    assert poll(admin, f"/executions/{first}", FINAL)["status"] == "succeeded"
+
+    assert member.post(path, json={"until": until.isoformat()}).status_code == 403
+    assert member.delete(path).status_code == 403
+    past = admin.post(path, json={"until": "2020-01-01T00:00:00Z"})
+    assert past.status_code == 422, past.text
+    assert [e["field"] for e in past.json()["errors"]] == ["until"]
+    paused = admin.post(path, json={"until": until.isoformat()})
+    assert paused.status_code == 200, paused.text
+    assert datetime.fromisoformat(paused.json()["paused_until"]) == until
+    assert paused.json()["rate_per_second"] == pytest.approx(100.0)
+
+    second = _start(admin, metered.name)
+    wait = _step_when(admin, second, "call", _held)["wait"]
+    assert (wait["kind"], wait["key"], wait["why"]) == ("key", METERED_KEY, "paused")
+    assert datetime.fromisoformat(wait["wake_at"]) == until
+    (listed,) = member.get("/limits", params={"key": METERED_KEY}).json()
+    assert listed["waiting"] == 1
+    assert datetime.fromisoformat(listed["paused_until"]) == until
+
+    resumed = admin.delete(path)
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json()["paused_until"] is None
+    assert poll(admin, f"/executions/{second}", FINAL)["status"] == "succeeded"
+    reasons = _reasons(admin, second)
+    assert f"held: key {METERED_KEY} is paused" in reasons
+    assert "admitted" in reasons
