@@ -283,14 +283,8 @@ class RetryRequest(Strict):
     failed_items: bool = False
 
 
-# A task step behind limits records ``key`` as its wait kind: it is still a task.
+# The wait kind a task step behind limits records (core.limits).
 KEY_WAIT = "key"
-
-
-def step_kind(step: StepExecution) -> Literal["task", "sleep", "event", "child", "map"]:
-    """What a step is: a task (behind limits or not), or its wait node's kind."""
-    kind = step.wait_kind
-    return "task" if kind is None or kind == KEY_WAIT else cast(Any, kind)
 
 
 class WaitOut(BaseModel):
@@ -380,7 +374,7 @@ class StepOut(BaseModel):
         return cls(
             name=step.step_name,
             status=step.status,
-            kind=step_kind(step),
+            kind=cast(Any, step.kind),
             attempt=step.attempt,
             policy_attempt=step.policy_attempt,
             max_attempts=step.max_attempts,

@@ -7,13 +7,14 @@ every key is always present (null when unset), so scripts need no existence chec
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import typer
 from pydantic_core import to_jsonable_python
 
+from core.limits import why_held
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.schedules import Schedule
 from core.workflows import Workflow
@@ -59,10 +60,16 @@ def execution(row: WorkflowExecution) -> Document:
     }
 
 
-def wait(row: StepExecution) -> Document | None:
-    """What a waiting wait node waits for (None for any other step)."""
+def wait(
+    row: StepExecution, pauses: Mapping[str, datetime | None] | None = None
+) -> Document | None:
+    """What a waiting wait node, or a step held by its key, waits for (None for any other
+    step); ``pauses``: the pause of each key holding a step, for ``why``."""
     if row.wait_kind is None or row.status != "waiting":
         return None
+    why = None
+    if row.wait_kind == "key" and row.wait_key is not None:
+        why = why_held(row.wake_at, (pauses or {}).get(row.wait_key), datetime.now(UTC))
     return {
         "kind": row.wait_kind,
         "since": timestamp(row.waiting_since),
@@ -70,15 +77,20 @@ def wait(row: StepExecution) -> Document | None:
         "event": row.wait_event,
         "key": row.wait_key,
         "child_execution_id": row.child_execution_id,
+        "why": why,
     }
 
 
-def step(row: StepExecution, depends_on: Sequence[str] | None) -> Document:
+def step(
+    row: StepExecution,
+    depends_on: Sequence[str] | None,
+    pauses: Mapping[str, datetime | None] | None = None,
+) -> Document:
     """A step's row; ``depends_on`` is None where the workflow's definition is unknown."""
     return {
         "name": row.step_name,
         "status": row.status,
-        "kind": row.wait_kind or "task",
+        "kind": row.kind,
         "depends_on": list(depends_on) if depends_on is not None else None,
         "attempt": row.attempt,
         "policy_attempt": row.policy_attempt,
@@ -93,7 +105,7 @@ def step(row: StepExecution, depends_on: Sequence[str] | None) -> Document:
         "finished_at": timestamp(row.finished_at),
         "heartbeat_at": timestamp(row.heartbeat_at),
         "next_attempt_at": timestamp(row.next_attempt_at),
-        "wait": wait(row),
+        "wait": wait(row, pauses),
     }
 
 
@@ -114,6 +126,7 @@ def execution_with_steps(
     steps: Sequence[StepExecution],
     workflow: Workflow | None,
     history: Iterable[ExecutionEvent] | None = None,
+    pauses: Mapping[str, datetime | None] | None = None,
 ) -> Document:
     """``conveyor status --json``: the execution, its steps in DAG order, and its history
     when asked (the key is left out otherwise)."""
@@ -127,6 +140,7 @@ def execution_with_steps(
             workflow.steps[s.step_name].depends_on
             if workflow is not None and s.step_name in workflow.steps
             else None,
+            pauses,
         )
         for s in ranked
     ]

@@ -1,5 +1,5 @@
 """The ``conveyor`` command: migrate, run, status, list, cancel, retry, wake, signal,
-events, workflows, schedules, demo.
+events, workflows, schedules, limits, demo.
 
 Commands are thin: reads go through core's state manager, writes through the worker's
 producer and engine. Every ConveyorError becomes one red line on stderr and exit
@@ -44,7 +44,7 @@ from sqlalchemy.pool import NullPool
 from cli import documents, render, schema
 from cli import schedules as cli_schedules
 from cli.render import stderr, stdout
-from core import maps
+from core import limits, maps
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import ConveyorError, translate
@@ -390,9 +390,14 @@ def status(
     execution = manager.get_execution(execution_id)
     steps = manager.get_steps(execution_id)
     workflow = definition_of(ctx.ensure_object(CliState), execution)
+    held = sorted(
+        {s.wait_key for s in steps if s.status == "waiting" and s.wait_kind == "key" and s.wait_key}
+    )
+    # The pause of each key holding a step back: it tells a pause from a rate's wait.
+    pauses = {k.key: k.paused_until for k in manager.run(limits.key_states, held)} if held else {}
     if as_json:  # the error, traceback included, is in the document already
         events = manager.get_history(execution_id) if history else None
-        documents.emit(documents.execution_with_steps(execution, steps, workflow, events))
+        documents.emit(documents.execution_with_steps(execution, steps, workflow, events, pauses))
         return
     # The status of each child a waiting child node waits for.
     children = {
@@ -404,7 +409,7 @@ def status(
     console = stdout()
     console.print(render.execution_summary(execution))
     order = list(workflow.order()) if workflow else ()
-    console.print(render.steps_table(steps, order, children, items))
+    console.print(render.steps_table(steps, order, children, items, pauses))
     console.print(render.dag_tree(execution, steps, workflow))
     if history:
         console.print(render.history_table(manager.get_history(execution_id)))
@@ -662,7 +667,9 @@ if __name__ == "__main__":
     app()
 
 
-# ``conveyor users`` and ``conveyor tokens``, and ``conveyor items``, live in modules of
-# their own that add them to ``app``; imported last because they use its decorators.
+# ``conveyor users`` and ``conveyor tokens``, ``conveyor items`` and ``conveyor limits``
+# live in modules of their own that add them to ``app``; imported last because they use
+# its decorators.
 from cli import accounts as _accounts  # noqa: E402, F401
+from cli import limits as _limits  # noqa: E402, F401
 from cli import maps as _maps  # noqa: E402, F401
