@@ -617,39 +617,46 @@ def admit(
     conn: Connection,
     workflow_id: str,
     execution_ids: Sequence[str],
-    limit: int | None,
+    limited: Workflow | None,
 ) -> Admission:
-    """Start pending executions and queue their root steps, within the concurrency limit.
+    """Start pending executions and queue their root steps, within the workflow's limits.
 
-    Without a limit the given executions start. With one, as many as there are free
-    slots start, chosen by priority then age among all pending executions of the
-    workflow: the given ids only say that something may be waiting.
+    Without limits (``limited`` None) the given executions start. With them
+    (``Workflow(concurrency=, rate_limit=, max_concurrency=)``), as many as the limits
+    allow start, chosen among all pending executions of the workflow, round robin
+    between their keys, by priority then age (``core.limits.admit_executions``): the
+    given ids only say that something may be waiting.
     """
-    if limit is None:
+    cancelled: list[str] = []
+    retry_at = None
+    if limited is None or not limited.limits:
         candidates = list(execution_ids)
+        if not candidates:
+            return Admission()
+        start = sql.transition_execution(
+            candidates, ExecutionStatus.RUNNING, {ExecutionStatus.PENDING}
+        )
+        started_rows = conn.execute(start).all()
+        started = [transition_of(row, step=False) for row in started_rows]
+        started_events = event_rows(started, ADMITTED)
     else:
+        from core.limits import admit_executions
+
         lock = sql.lock_workflow(conn.dialect.name, workflow_id)
         if lock is not None:
             conn.execute(lock)
-        running = conn.execute(sql.count_running(workflow_id)).scalar_one()
-        free = limit - int(running)
-        if free <= 0:
-            return Admission()
-        candidates = list(conn.execute(sql.next_pending(workflow_id, free)).scalars().all())
-    if not candidates:
-        return Admission()
-    start = sql.transition_execution(candidates, ExecutionStatus.RUNNING, {ExecutionStatus.PENDING})
-    started_rows = conn.execute(start).all()
-    started = [transition_of(row, step=False) for row in started_rows]
+        admitted = admit_executions(conn, limited)
+        started = [transition_of(row, step=False) for row in admitted.started]
+        started_events = []  # written by admit_executions
+        cancelled, retry_at = admitted.cancelled, admitted.retry_at
     if not started:
-        return Admission()
+        return Admission(cancelled=cancelled, retry_at=retry_at)
     started_ids = [r.execution_id for r in started]
     queued_rows = conn.execute(sql.queue_roots(started_ids)).all()
     queued = [transition_of(row, step=True) for row in queued_rows]
-    conn.execute(
-        sql.insert_rows(ExecutionEvent),
-        event_rows(started, ADMITTED) + event_rows(queued, ROOT_STEP),
-    )
+    events = started_events + event_rows(queued, ROOT_STEP)
+    if events:
+        conn.execute(sql.insert_rows(ExecutionEvent), events)
     routes = execution_routes(conn, started_ids)
     first_run = {r.execution_id for r in started if r.attempt == 1}
     return Admission(
@@ -659,6 +666,8 @@ def admit(
         first_run=[
             (r.execution_id, r.step_name or "") for r in queued if r.execution_id in first_run
         ],
+        cancelled=cancelled,
+        retry_at=retry_at,
     )
 
 

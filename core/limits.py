@@ -44,17 +44,18 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    or_,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from core.models import FlowKey, KeySlot, StepExecution, WorkflowExecution
+from core.models import ExecutionEvent, FlowKey, KeySlot, StepExecution, WorkflowExecution
 from core.outcomes import Route, TransitionResult, WaitOutcome
 from core.sql import utcnow
 from core.states import ExecutionStatus, StepStatus
 from core.step_statements import event_row, hot_path
-from core.workflows import Concurrency, RateLimit, Step, Workflow
+from core.workflows import WHOLE_WORKFLOW_VALUE, Concurrency, RateLimit, Step, Workflow
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class LimitStatements:
     stale_executions: Any
     waiting_keys: Select[Any]
     pause: Any
+    stale_of: Any
 
 
 @cache
@@ -306,6 +308,21 @@ def statements(dialect: str) -> LimitStatements:
         )
         .returning(KS.c.key, KS.c.execution_id, KS.c.step_name)
     )
+    execution_running = exists().where(
+        WE.c.execution_id == KS.c.execution_id,
+        WE.c.status == ExecutionStatus.RUNNING.value,
+    )
+    stale_of = (
+        delete(KS)
+        .where(
+            KS.c.execution_id.in_(bindparam("eids", expanding=True)),
+            or_(
+                and_(KS.c.step_name != "", ~exists().where(holds)),
+                and_(KS.c.step_name == "", ~execution_running),
+            ),
+        )
+        .returning(KS.c.key)
+    )
     waiting_keys = (
         select(SE.c.wait_key)
         .where(SE.c.status == WAITING, SE.c.wait_kind == KEY, SE.c.wake_at.is_(None))
@@ -331,6 +348,7 @@ def statements(dialect: str) -> LimitStatements:
         stale_executions=stale_executions,
         waiting_keys=waiting_keys,
         pause=pause,
+        stale_of=stale_of,
     )
 
 
@@ -460,6 +478,143 @@ def _record(
     return False
 
 
+# --- executions ----------------------------------------------------------------------------
+
+# How many pending executions of a workflow one admission looks at: enough to find, behind
+# a busy key's backlog, the first execution of every other key (round robin).
+ADMISSION_WINDOW = 500
+
+
+@dataclass
+class ExecutionAdmission:
+    """What admitting a limited workflow's pending executions did: those started (their
+    transition rows), those cancelled by ``on_limit``, and when a rate-limited one may
+    start (None: none was)."""
+
+    started: list[Any]
+    cancelled: list[str]
+    retry_at: datetime | None = None
+
+
+def admit_executions(conn: Connection, workflow: Workflow) -> ExecutionAdmission:
+    """Start the workflow's pending executions its limits allow, round robin between
+    their keys (one busy tenant's backlog cannot starve another's first execution), each
+    key in priority then arrival order. The caller holds the workflow's admission lock.
+
+    Each admitted execution takes its slots and goes pending -> running at once, so the
+    next candidate's count includes it. A concurrency refusal with ``on_limit="queue"``
+    leaves it pending; ``"cancel_newest"`` cancels it; ``"cancel_in_progress"`` cancels
+    the oldest running execution under the key and admits it in its place."""
+    from core import statements as sql
+    from core.executions import cancel_execution
+    from core.transitions import event_rows, transition_of
+
+    rows = conn.execute(pending_of(), {"wf": workflow.name, "limit": ADMISSION_WINDOW}).all()
+    result = ExecutionAdmission(started=[], cancelled=[])
+    queues: dict[str, list[tuple[Any, list[KeyLimit]]]] = {}
+    for row in rows:
+        try:
+            limits = limits_of(workflow, None, row.input_data)
+        except KeyFailed as error:
+            _fail_pending(conn, row.execution_id, error)
+            continue
+        queues.setdefault(_partition(limits), []).append((row, limits))
+    running = frozenset({ExecutionStatus.PENDING})
+    for row, limits in _round_robin(list(queues.values())):
+        while True:
+            refusal = try_admit(conn, row.execution_id, "", row.attempt, limits)
+            if refusal is None:
+                start = sql.transition_execution(row.execution_id, ExecutionStatus.RUNNING, running)
+                moved = conn.execute(start).all()
+                result.started += moved
+                break
+            if refusal.wake_at is not None:
+                if result.retry_at is None or refusal.wake_at < result.retry_at:
+                    result.retry_at = refusal.wake_at
+                break
+            spec = next(kl.limit for kl in limits if kl.key == refusal.key)
+            on_limit = spec.on_limit if isinstance(spec, Concurrency) else "queue"
+            if on_limit == "cancel_newest":
+                reason = f"cancelled: key {refusal.key} is at its limit (cancel_newest)"
+                if cancel_execution(conn, row.execution_id, reason).applied:
+                    result.cancelled.append(row.execution_id)
+                break
+            if on_limit == "cancel_in_progress":
+                oldest = conn.execute(oldest_holder(), {"k": refusal.key}).scalar()
+                reason = f"cancelled: key {refusal.key} needed its slot (cancel_in_progress)"
+                if oldest is not None and cancel_execution(conn, oldest, reason).applied:
+                    result.cancelled.append(oldest)
+                    continue  # its slot is free now: admit this one
+            break
+    if result.started:
+        started = [transition_of(r, step=False) for r in result.started]
+        conn.execute(sql.insert_rows(ExecutionEvent), event_rows(started, "admitted"))
+    return result
+
+
+def _partition(limits: Sequence[KeyLimit]) -> str:
+    """The key an execution takes turns under: its first key of its own (a tenant's),
+    else its first key."""
+    own = [kl.key for kl in limits if not isinstance(kl.limit.key, str)]
+    own = [k for k in own if not k.endswith(":" + WHOLE_WORKFLOW_VALUE)] or own
+    return own[0] if own else (limits[0].key if limits else "")
+
+
+def _round_robin(queues: list[list[Any]]) -> list[Any]:
+    """The heads of every queue first, then the seconds, and so on."""
+    order: list[Any] = []
+    depth = 0
+    while True:
+        layer = [queue[depth] for queue in queues if depth < len(queue)]
+        if not layer:
+            return order
+        order += layer
+        depth += 1
+
+
+def _fail_pending(conn: Connection, execution_id: str, error: KeyFailed) -> None:
+    from core.executions import move_execution
+
+    log.warning("execution %s cannot be admitted: its key failed: %s", execution_id, error)
+    move_execution(
+        conn,
+        execution_id,
+        ExecutionStatus.FAILED,
+        frozenset({ExecutionStatus.PENDING}),
+        f"a limit's key failed: {error}",
+    )
+
+
+@cache
+def pending_of() -> Select[Any]:
+    """A workflow's pending executions in admission order: priority, then arrival."""
+    return (
+        select(WE.c.execution_id, WE.c.attempt, WE.c.input_data)
+        .where(
+            WE.c.workflow_id == bindparam("wf", type_=String),
+            WE.c.status == ExecutionStatus.PENDING.value,
+        )
+        .order_by(WE.c.priority.desc(), WE.c.created_at, WE.c.execution_id)
+        .limit(bindparam("limit", type_=Integer))
+    )
+
+
+@cache
+def oldest_holder() -> Select[Any]:
+    """The running execution holding a slot under a key the longest."""
+    return (
+        select(WE.c.execution_id)
+        .select_from(KS.join(WE, WE.c.execution_id == KS.c.execution_id))
+        .where(
+            KS.c.key == bindparam("k", type_=String),
+            KS.c.step_name == "",
+            WE.c.status == ExecutionStatus.RUNNING.value,
+        )
+        .order_by(WE.c.started_at, WE.c.execution_id)
+        .limit(1)
+    )
+
+
 # --- release and promotion -----------------------------------------------------------------
 
 
@@ -523,6 +678,23 @@ def promote(
                 outcome,
                 execution.workflow.name,
             )
+
+
+def free_executions(
+    conn: Connection, execution_ids: Sequence[str], definition_of: DefinitionOf
+) -> WaitOutcome:
+    """After the given executions (or their steps) ended by a path that does not free
+    slots itself (a cancel, a timeout): delete their slots that no longer hold, and
+    admit what waits behind those keys. Their count excluded them already: this only
+    makes the next waiters start now rather than at the reconciler's next pass."""
+    outcome = WaitOutcome()
+    if not execution_ids:
+        return outcome
+    st = statements(conn.dialect.name)
+    keys = sorted(set(conn.execute(st.stale_of, {"eids": list(execution_ids)}).scalars()))
+    if keys:
+        promote(conn, keys, outcome, definition_of)
+    return outcome
 
 
 def retry_gated(

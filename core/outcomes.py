@@ -89,6 +89,10 @@ class Admission:
     queued: list[tuple[str, str]] = field(default_factory=list)
     routes: dict[str, Route] = field(default_factory=dict)
     first_run: list[tuple[str, str]] = field(default_factory=list)
+    # Pending executions an ``on_limit`` cancel strategy cancelled, and when one a rate
+    # limit held back may start (None: none was).
+    cancelled: list[str] = field(default_factory=list)
+    retry_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -544,30 +544,6 @@ def lock_workflow(dialect: str, workflow_id: str) -> Select[Any] | None:
     return select(func.pg_advisory_xact_lock(func.hashtext(workflow_id)))
 
 
-def count_running(workflow_id: str) -> Select[int]:
-    """How many executions of the workflow hold a slot (the concurrency limit's count):
-    running, and not parked (an execution whose open steps all wait holds none)."""
-    return (
-        select(func.count())
-        .select_from(WE)
-        .where(
-            WE.workflow_id == workflow_id,
-            WE.status == ExecutionStatus.RUNNING.value,
-            WE.parked_at.is_(None),
-        )
-    )
-
-
-def next_pending(workflow_id: str, limit: int) -> Select[str]:
-    """The pending executions of a workflow in admission order: priority, then FIFO."""
-    return (
-        select(WE.execution_id)
-        .where(WE.workflow_id == workflow_id, WE.status == ExecutionStatus.PENDING.value)
-        .order_by(WE.priority.desc(), WE.created_at, WE.execution_id)
-        .limit(limit)
-    )
-
-
 def queue_roots(execution_ids: Sequence[str]) -> Update:
     """Queue every pending step with no unmet upstream of the given executions."""
     return (

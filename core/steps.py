@@ -341,7 +341,7 @@ def admit_and_claim(
     conn: Connection,
     workflow_id: str,
     execution_ids: Sequence[str],
-    limit: int | None,
+    limited: Workflow | None,
     worker: str,
 ) -> tuple[Admission, Claim | None]:
     """Admit executions (``core.executions.admit``) and, in the same transaction, claim
@@ -349,9 +349,10 @@ def admit_and_claim(
     no broker round trip before its first step. The Admission returned lists the other
     queued root steps, to publish. A retried execution's steps are all published (see
     ``Admission.first_run``)."""
-    if conn.dialect.name == "postgresql" and limit is None and len(execution_ids) == 1:
+    unlimited = limited is None or not limited.limits
+    if conn.dialect.name == "postgresql" and unlimited and len(execution_ids) == 1:
         return _start_and_claim_pg(conn, execution_ids[0], worker)
-    admission = admit(conn, workflow_id, execution_ids, limit)
+    admission = admit(conn, workflow_id, execution_ids, limited)
     if not admission.first_run:
         return admission, None
     execution_id, step_name = admission.first_run[0]
@@ -374,7 +375,13 @@ def admit_and_claim(
         continued=True,
     )
     rest = [key for key in admission.queued if key != (execution_id, step_name)]
-    return Admission(admission.started, rest, admission.routes), claim
+    return Admission(
+        admission.started,
+        rest,
+        admission.routes,
+        cancelled=admission.cancelled,
+        retry_at=admission.retry_at,
+    ), claim
 
 
 def _start_and_claim_pg(

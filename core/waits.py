@@ -637,12 +637,11 @@ def admit(
     conn: Connection,
     workflow: Workflow,
     execution_ids: Sequence[str],
-    limit: int | None,
     definition_of: DefinitionOf,
 ) -> tuple[Admission, WaitOutcome]:
     """``core.executions.admit`` for a workflow with wait nodes: the admission, then the
     started executions' waits with nothing upstream left entered and established."""
-    admission = _admit(conn, workflow.name, execution_ids, limit)
+    admission = _admit(conn, workflow.name, execution_ids, workflow)
     return admission, arm_root_waits(conn, admission.started, workflow, definition_of)
 
 

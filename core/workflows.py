@@ -24,7 +24,7 @@ import inspect
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from graphlib import CycleError, TopologicalSorter
 from typing import Any, Protocol, get_type_hints
 
@@ -58,6 +58,9 @@ class StepContext(Protocol):
     @property
     def map_index(self) -> int | None:
         """The item's index in a map step's list (None outside a map step)."""
+
+    def pause_key(self, key: str, *, until: datetime | timedelta) -> None:
+        """Hold every start under limit key ``key`` until ``until`` (a 429's Retry-After)."""
 
 
 @dataclass(frozen=True)

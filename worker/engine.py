@@ -423,7 +423,6 @@ class Engine:
             workflow: Workflow | None = self.registry.get(workflow_name)
         except WorkflowNotFound:
             workflow = None
-        limit = workflow.max_concurrency if workflow else None
         ids = list(execution_ids)
         claim: Claim | None = None
         roots = [s for s in workflow.steps.values() if not s.depends_on] if workflow else []
@@ -432,22 +431,42 @@ class Engine:
         if workflow is not None and workflow.wait_nodes:
             # Its waits enter waiting at the start (root waits, and after a retry those
             # whose upstream steps had succeeded): admitted without the fused claim.
-            admission, woken = self.manager.run(waits.admit, workflow, ids, limit, self.definition)
-            self.metrics.admitted(workflow_name, admission)
+            admission, woken = self.manager.run(waits.admit, workflow, ids, self.definition)
+            self._admitted(workflow_name, admission)
             self._publish_committed(admission.queued, admission.routes)
             self.publish_outcome(woken)
             return admission
         if run_here and depth_first and roots and all(_unlimited(s) for s in roots):
             admission, claim = self.manager.run(
-                steps.admit_and_claim, workflow_name, ids, limit, self.worker_id
+                steps.admit_and_claim, workflow_name, ids, workflow, self.worker_id
             )
         else:
-            admission = self.manager.run(executions.admit, workflow_name, ids, limit)
-        self.metrics.admitted(workflow_name, admission)
+            admission = self.manager.run(executions.admit, workflow_name, ids, workflow)
+        self._admitted(workflow_name, admission)
         self._publish_committed(admission.queued, admission.routes)
         if claim is not None:
             self._run_from(claim)
         return admission
+
+    def _admitted(self, workflow_name: str, admission: Admission) -> None:
+        """Count an admission; cancellations by ``on_limit`` end executions; a start a
+        rate limit held back is asked for again at the moment it may start."""
+        self.metrics.admitted(workflow_name, admission)
+        for _ in admission.cancelled:
+            self.metrics.limited(workflow_name, "", "cancelled")
+        if admission.cancelled:
+            # Slots freed (cancel_in_progress): the next pending may start.
+            self.after_finish(workflow_name)
+        if admission.retry_at is not None:
+            left = (admission.retry_at - datetime.now(UTC)).total_seconds()
+            try:
+                self.app.send_task(
+                    START_EXECUTION,
+                    kwargs={"execution_id": "", "workflow": workflow_name},
+                    countdown=max(0.0, min(left, self.settings.retry_countdown_max)),
+                )
+            except Exception:  # the reconciler re-sends pending starts
+                log.warning("asking for a rate-limited start failed", exc_info=True)
 
     def publish_outcome(self, outcome: WaitOutcome) -> None:
         """Send what a committed wait transaction set in motion: the steps it queued,
@@ -519,7 +538,7 @@ class Engine:
     def after_finish(self, workflow_name: str) -> None:
         """A slot freed up: admit the next waiting execution of a limited workflow."""
         try:
-            limited = self.registry.get(workflow_name).max_concurrency is not None
+            limited = bool(self.registry.get(workflow_name).limits)
         except WorkflowNotFound:
             return
         if limited:
@@ -958,6 +977,12 @@ class Engine:
         self.metrics.ended(execution.workflow_id, result)
         self.after_finish(execution.workflow_id)
         self.publish_outcome(cancelled.woken)
+        workflow = self.definition(execution.workflow_id, execution.workflow_version)
+        if workflow is not None and any(step.limits for step in workflow.steps.values()):
+            # Its steps' slots freed with the cancel: their keys' next waiters start now.
+            self.publish_outcome(
+                self.manager.run(limits.free_executions, [execution_id], self.definition)
+            )
         return True
 
     def retry(self, execution_id: str, *, failed_items: bool = False) -> bool:
