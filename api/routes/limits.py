@@ -44,6 +44,11 @@ def list_limits(
 def _pause(conn: Connection, key: str, until: datetime) -> limits.KeyState:
     if not limits.key_states(conn, [key]):
         raise KeyNotFound(key)
+    # After the key's lookup: an unknown key is a 404 whatever the time.
+    if until <= datetime.now(UTC):
+        raise InputValidationError(
+            "until must be in the future", [{"field": "until", "message": "is not in the future"}]
+        )
     limits.pause_key(conn, key, until)
     (state,) = limits.key_states(conn, [key])
     return state
@@ -56,10 +61,6 @@ def pause_limit(key: KeyPath, body: PauseRequest, _: Admin, conveyor: Conveyor) 
     """Hold every start under ``key`` until ``until`` (an upstream's outage, a quota
     reset): steps released meanwhile wait with that wake time; running ones run on.
     Pausing again moves the time. 404 for a key never used; 422 for a past ``until``."""
-    if body.until <= datetime.now(UTC):
-        raise InputValidationError(
-            "until must be in the future", [{"field": "until", "message": "is not in the future"}]
-        )
     return LimitOut.of(conveyor.engine.manager.run(_pause, key, body.until))
 
 
