@@ -362,18 +362,26 @@ class StepOut(BaseModel):
         "the key holding back a task step behind limits."
     )
     map: MapOut | None = Field(default=None, description="A map step's items (else null).")
+    queue: str | None = Field(
+        default=None,
+        description="The broker queue its messages go to (queue=; the default queue where "
+        "its workflow names none); null where the API does not know its workflow.",
+    )
 
     @classmethod
     def of(
         cls,
         step: StepExecution,
         items: dict[str, int] | None = None,
+        queue: str | None = None,
         paused: Mapping[str, datetime | None] | None = None,
     ) -> StepOut:
-        """The body of ``step`` (``paused``: as for ``WaitOut.of``)."""
+        """The body of ``step`` (``queue``: the queue its workflow's definition names;
+        ``paused``: as for ``WaitOut.of``)."""
         return cls(
             name=step.step_name,
             status=step.status,
+            queue=queue,
             kind=cast(Any, step.kind),
             attempt=step.attempt,
             policy_attempt=step.policy_attempt,
@@ -544,6 +552,7 @@ class StepDefinition(BaseModel):
     soft_timeout: float | None
     kind: Literal["task", "sleep", "event", "child", "map"] = "task"
     wait: WaitDefinition | None = None
+    queue: str = Field(description="The broker queue its messages go to (queue=).")
 
 
 class ScheduleOut(BaseModel):

@@ -43,10 +43,10 @@ class Services:
         """What ``/metrics`` serves (built on first scrape, on the engine's database)."""
         from worker.metrics import api_registry
 
-        database = self.engine.manager.database
+        engine = self.engine  # outside the lock, which celery_app takes
         with self._lock:
             if self._metrics is None:
-                self._metrics = api_registry(database)
+                self._metrics = api_registry(engine.manager.database, engine.queue_of)
             return self._metrics
 
 

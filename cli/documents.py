@@ -84,14 +84,17 @@ def wait(
 def step(
     row: StepExecution,
     depends_on: Sequence[str] | None,
+    queue: str | None = None,
     pauses: Mapping[str, datetime | None] | None = None,
 ) -> Document:
-    """A step's row; ``depends_on`` is None where the workflow's definition is unknown."""
+    """A step's row; ``depends_on`` and ``queue`` are None where the workflow's
+    definition is unknown; ``pauses``: the pause of each key holding a step back."""
     return {
         "name": row.step_name,
         "status": row.status,
         "kind": row.kind,
         "depends_on": list(depends_on) if depends_on is not None else None,
+        "queue": queue,
         "attempt": row.attempt,
         "policy_attempt": row.policy_attempt,
         "max_attempts": row.max_attempts,
@@ -135,13 +138,9 @@ def execution_with_steps(
     ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
     document = execution(row)
     document["steps"] = [
-        step(
-            s,
-            workflow.steps[s.step_name].depends_on
-            if workflow is not None and s.step_name in workflow.steps
-            else None,
-            pauses,
-        )
+        step(s, workflow.steps[s.step_name].depends_on, workflow.queue_of(s.step_name), pauses)
+        if workflow is not None and s.step_name in workflow.steps
+        else step(s, None, None, pauses)
         for s in ranked
     ]
     if history is not None:
@@ -176,6 +175,7 @@ def workflow(definition: Workflow) -> Document:
                 "name": name,
                 "kind": definition.steps[name].kind,
                 "depends_on": list(definition.steps[name].depends_on),
+                "queue": definition.queue_of(name),
                 "max_attempts": definition.steps[name].retry.max_attempts,
                 "soft_timeout": definition.steps[name].soft_timeout,
                 "timeout": definition.steps[name].timeout,

@@ -16,7 +16,8 @@ import importlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
@@ -50,12 +51,13 @@ from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateMana
 from core.errors import ConveyorError, translate
 from core.executions import ListedStatus
 from core.executions import list_executions as list_rows
-from core.models import WorkflowExecution
+from core.models import StepExecution, WorkflowExecution
 from core.registry import WorkflowRegistry, get_registry
-from core.states import EXECUTIONS, STEPS, ExecutionStatus
+from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 from core.workflows import Workflow
 from migrations import alembic_config
 from worker.producer import enqueue, send_event, signal, wake
+from worker.queues import live_queues
 
 if TYPE_CHECKING:
     from worker.app import ConveyorCelery
@@ -371,6 +373,24 @@ def definition_of(state: CliState, execution: WorkflowExecution) -> Workflow | N
         return None
 
 
+def step_queues(
+    state: CliState, steps: Sequence[StepExecution], workflow: Workflow | None
+) -> tuple[dict[str, str] | None, frozenset[str]]:
+    """Each step's queue (None: not worth a column: a workflow with no ``queue=`` whose
+    queued steps some worker takes), and the queues of queued steps no live worker
+    consumes, asked of the workers (``worker.queues``) only when a step is queued."""
+    if workflow is None:
+        return None, frozenset()
+    queues = {name: workflow.queue_of(name) for name in workflow.steps}
+    # A step row is a step of its execution's version, whose definition this is.
+    waiting = {queues[s.step_name] for s in steps if s.status == StepStatus.QUEUED}
+    unconsumed: frozenset[str] = frozenset()
+    if waiting:
+        live = live_queues(state.app)
+        unconsumed = frozenset() if live is None else frozenset(waiting - live)
+    return (queues if workflow.routed or unconsumed else None), unconsumed
+
+
 @app.command()
 @reported
 @migrated
@@ -406,10 +426,19 @@ def status(
         if s.child_execution_id is not None and s.status == "waiting"
     }
     items = manager.run(maps.map_counts_of, execution_id)
+    queues, unconsumed = step_queues(ctx.ensure_object(CliState), steps, workflow)
     console = stdout()
     console.print(render.execution_summary(execution))
     order = list(workflow.order()) if workflow else ()
-    console.print(render.steps_table(steps, order, children, items, pauses))
+    console.print(render.steps_table(steps, order, children, items, queues, unconsumed, pauses))
+    if queues is not None:
+        stuck = Counter(
+            queues[s.step_name]
+            for s in steps
+            if s.status == StepStatus.QUEUED and queues.get(s.step_name) in unconsumed
+        )
+        if stuck:
+            console.print(render.unconsumed_hint(stuck), soft_wrap=True)
     console.print(render.dag_tree(execution, steps, workflow))
     if history:
         console.print(render.history_table(manager.get_history(execution_id)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -269,12 +269,16 @@ def steps_table(
     order: Sequence[str] = (),
     children: Mapping[str, str] | None = None,
     items: Mapping[str, Mapping[str, int]] | None = None,
+    queues: Mapping[str, str] | None = None,
+    unconsumed: Collection[str] = (),
     pauses: Mapping[str, datetime | None] | None = None,
 ) -> Table:
     """One row per step (in DAG order when ``order`` is given): status, attempt, time,
     error, and, while any step waits, what each waiting one waits for (``children``:
     child execution statuses by id); a map step's items counted by status (``items``);
-    ``pauses``: the pause of each key holding a step back."""
+    with ``queues``, each step's queue, flagged on a queued step when it is one of
+    ``unconsumed`` (no live worker consumes it); ``pauses``: the pause of each key
+    holding a step back."""
     position = {name: index for index, name in enumerate(order)}
     ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
     now = datetime.now(UTC)
@@ -289,6 +293,8 @@ def steps_table(
     table.add_column("status", no_wrap=True)
     table.add_column("attempt", justify="right", no_wrap=True)
     table.add_column("took", justify="right", no_wrap=True)
+    if queues is not None:
+        table.add_column("queue", no_wrap=True)
     table.add_column("error")
     waiting = any(waits.values())
     if waiting:
@@ -301,12 +307,33 @@ def steps_table(
             status_text(step.status),
             f"{step.policy_attempt}/{step.max_attempts}",
             elapsed(step.started_at, step.finished_at),
-            Text(error_type(step.error), style="red"),
         ]
+        if queues is not None:
+            cells.append(queue_text(step, queues.get(step.step_name, "-"), unconsumed))
+        cells.append(Text(error_type(step.error), style="red"))
         if waiting:
             cells.append(waits[step.step_name])
         table.add_row(*cells)
     return table
+
+
+def queue_text(step: StepExecution, queue: str, unconsumed: Collection[str]) -> Text:
+    """A step's queue; flagged when the step is queued there and no live worker consumes it."""
+    if step.status == "queued" and queue in unconsumed:
+        return Text(f"{queue} (no worker)", style="bold red")
+    return Text(queue)
+
+
+def unconsumed_hint(stuck: Mapping[str, int]) -> Text:
+    """What to do about steps queued (``stuck``: how many, by queue) on queues no live
+    worker consumes."""
+    parts = ", ".join(f"{count} on {queue!r}" for queue, count in sorted(stuck.items()))
+    queues = ",".join(sorted(stuck))
+    return Text(
+        f"Queued step(s) no live worker consumes ({parts}): they wait until a worker "
+        f"takes the queue, e.g. `celery -A worker.app worker -Q {queues}`.",
+        style="yellow",
+    )
 
 
 def _step_label(

@@ -75,6 +75,15 @@ class WorkflowRegistry:
             raise WorkflowNotFound(name, version, sorted({n for n, _ in self._workflows}))
         return found
 
+    def queue_of(self, name: str, version: int, step: str, default: str | None = None) -> str:
+        """The broker queue of step ``step`` of workflow ``name`` at ``version``
+        (``Workflow.queue_of``); ``default`` (else ``CONVEYOR_DEFAULT_QUEUE``) where this
+        process does not know it, as its messages are sent then."""
+        found = self._workflows.get((name, version))
+        if found is None or step not in found.steps:
+            return default if default is not None else get_settings().default_queue
+        return found.queue_of(step, default)
+
     def __iter__(self) -> Iterator[Workflow]:
         return iter(sorted(self._workflows.values(), key=lambda w: (w.name, w.version)))
 

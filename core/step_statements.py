@@ -260,7 +260,9 @@ def hot_path(dialect: str) -> HotPath:
         .from_select(EVENT_COLUMNS, _event_select(done, SUCCEEDED), include_defaults=False)
         .cte("done_event")
     )
-    # The worker continues with the first step (by name) this completion releases. The
+    # The worker continues with the first step (by name) this completion releases among
+    # those it may run (``here``: the downstream steps of a queue it consumes; the same
+    # list as ``downstream`` for a workflow with no ``queue=``, so the same cost). The
     # one-row CTE reads the rows as they were before this statement; whether a row
     # reaches zero is judged on the row the UPDATE locked (its atomic decrement).
     others = SE.alias("others")
@@ -271,7 +273,7 @@ def hot_path(dialect: str) -> HotPath:
         .where(
             bindparam("continue_here", type_=Boolean),
             others.c.execution_id == eid,
-            _step_named(others.c.step_name, "downstream"),
+            _step_named(others.c.step_name, "here"),
             others.c.status == pending,
             others.c.unmet_deps == 1,
         )

@@ -10,7 +10,7 @@ SQLite.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +150,7 @@ def complete(
     *,
     hold: float | None = None,
     take: HeldStep | None = None,
+    here: Collection[str] | None = None,
 ) -> Completion:
     """Record a step's success and everything it sets in motion, in one transaction:
     its output and event, the release of its downstream steps (atomic decrements),
@@ -163,6 +164,10 @@ def complete(
     worker holds) and no released step continued, ``take`` is claimed to run next
     instead, if it is still queued. The worker hands held steps it will not run to the
     broker (``hand_off``); those of a worker that died fall due to the reconciler.
+
+    ``here`` (None: every one) names the downstream steps this worker may run, those of
+    a broker queue it consumes: only one of them is continued or held; the others it
+    releases are queued, to be published to their own queue.
 
     Wait nodes it releases enter ``waiting`` and are established here too
     (``core.waits.enter_waits``; ``definition_of`` finds workflows by name and version,
@@ -182,13 +187,17 @@ def complete(
         if waits and isinstance(workflow, Workflow)
         else workflow.downstream(step_name)
     )
+    # None: every downstream step may continue here (a workflow with no ``queue=``).
+    mine = downstream if here is None else [n for n in downstream if n in here]
     params = {
         "eid": execution_id,
         "step": step_name,
         "at_attempt": step.attempt,
         "output": encoded,
         "downstream": downstream,
-        "continue_here": continue_as is not None,
+        # An empty list would change the statement's text: nothing continues instead.
+        "here": mine or downstream,
+        "continue_here": continue_as is not None and bool(mine),
         "worker_id": continue_as,
     }
     queued: list[str] = []
@@ -214,15 +223,17 @@ def complete(
             released_any = bool(released)
             events += [event_row(r, RELEASED) for r in released if r.status == StepStatus.QUEUED]
             queued = sorted(r.step_name for r in released if r.status == StepStatus.QUEUED)
-        if continue_as is not None and queued:
-            continued = conn.execute(sql_.continue_step, {**params, "step": queued[0]}).one()
+        first = next((name for name in queued if name in mine), None)
+        if continue_as is not None and first is not None:
+            continued = conn.execute(sql_.continue_step, {**params, "step": first}).one()
             events.append(event_row(continued, CONTINUED))
-            queued = queued[1:]
+            queued.remove(first)
         conn.execute(sql_.events, events)
     held: list[str] = []
-    if hold is not None and continued is not None and queued:
-        conn.execute(sql_.hold, {"eid": execution_id, "names": queued, "grace": hold})
-        held, queued = queued, []
+    holdable = queued if here is None else [name for name in queued if name in here]
+    if hold is not None and continued is not None and holdable:
+        conn.execute(sql_.hold, {"eid": execution_id, "names": holdable, "grace": hold})
+        held, queued = holdable, [name for name in queued if name not in holdable]
     source, took = (step_name, output), False
     if take is not None and continued is None and continue_as is not None:
         continued = _take_held(conn, sql_, execution_id, take.name, continue_as)

@@ -31,6 +31,7 @@ from typing import Any, Protocol, get_type_hints
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.errors import PydanticSchemaGenerationError
 
+from core.config import get_settings
 from core.errors import DefinitionError, FieldError, InputValidationError
 from core.schedules import Schedule, check_schedules
 
@@ -201,6 +202,10 @@ def whole_workflow(_input: Any) -> str:
     return WHOLE_WORKFLOW_VALUE
 
 
+# The longest queue name a workflow or step may give (``queue=``).
+MAX_QUEUE_NAME = 200
+
+
 @dataclass(frozen=True)
 class Sleep:
     """A durable sleep node: for ``duration``, or until the datetime ``until(ctx, **up)``
@@ -321,6 +326,8 @@ class Step:
     # Per-key concurrency and rate limits: a task step with any is admitted when it is
     # released (core.limits), and waits as a row (wait_kind "key") while they refuse it.
     limits: tuple[Limit, ...] = ()
+    # The broker queue its messages go to (None: its workflow's, see Workflow.queue_of).
+    queue: str | None = None
 
     @property
     def kind(self) -> str:
@@ -361,7 +368,8 @@ class Dag(Protocol):
 
 class Workflow:
     """A named, versioned DAG of steps with an input model, a deadline, a concurrency cap
-    and, optionally, schedules (``Schedule``) on which beat runs it."""
+    and, optionally, schedules (``Schedule``) on which beat runs it, and a broker queue
+    (``queue``) its steps go to unless a step names its own."""
 
     def __init__(
         self,
@@ -375,9 +383,11 @@ class Workflow:
         schedules: Iterable[Schedule] = (),
         concurrency: Concurrency | Iterable[Concurrency] | None = None,
         rate_limit: RateLimit | Iterable[RateLimit] | None = None,
+        queue: str | None = None,
     ) -> None:
         if not name or not isinstance(name, str) or len(name) > 200:
             raise DefinitionError(f"workflow name must be 1-200 characters, got {name!r}")
+        _check_queue(f"workflow {name!r}", queue)
         if version < 1:
             raise DefinitionError(f"workflow {name!r}: version must be at least 1")
         if max_concurrency is not None and max_concurrency < 1:
@@ -395,10 +405,12 @@ class Workflow:
         # Limits on the workflow's executions (core.limits admits them at the start).
         self.limits: tuple[Limit, ...] = tuple(given)
         self.description = description
+        self.queue = queue
         self.steps: dict[str, Step] = {}
         self._children_map: dict[str, list[str]] | None = None
         self._sinks: list[str] | None = None
         self._wait_nodes: frozenset[str] | None = None
+        self._routed: bool | None = None
         # When beat runs it by itself (core.schedules); inputs checked here, at definition.
         self.schedules: tuple[Schedule, ...] = check_schedules(self, schedules)
 
@@ -415,13 +427,17 @@ class Workflow:
         timeout: float | None = None,
         concurrency: Concurrency | Iterable[Concurrency] | None = None,
         rate_limit: RateLimit | Iterable[RateLimit] | None = None,
+        queue: str | None = None,
     ) -> Callable[[StepFunction], StepFunction]:
         """Declare the decorated function a step of this workflow; with ``concurrency``
-        or ``rate_limit`` it is admitted under those limits when it is released."""
+        or ``rate_limit`` it is admitted under those limits when it is released; with
+        ``queue``, it runs only on workers consuming that broker queue
+        (``celery worker -Q``)."""
 
         def register(fn: StepFunction) -> StepFunction:
             step_name = name or fn.__name__
             where = f"workflow {self.name!r}, step {step_name!r}"
+            _check_queue(where, queue)
             if isinstance(depends_on, str):
                 # A string iterates as one-letter names: "up" would mean steps u and p.
                 raise DefinitionError(
@@ -440,6 +456,7 @@ class Workflow:
                         *_limits(f"{where}", concurrency, step=True),
                         *_limits(f"{where}", rate_limit, step=True),
                     ),
+                    queue=queue,
                 )
             )
             return fn
@@ -554,6 +571,7 @@ class Workflow:
         soft_timeout: float | None = None,
         timeout: float | None = None,
         name: str | None = None,
+        queue: str | None = None,
     ) -> Callable[[StepFunction], StepFunction]:
         """Declare the decorated function ``(ctx, item, **unmapped)`` a map step: it runs
         once per element of step ``over``'s output (``ctx.map_index`` is its index), at
@@ -563,11 +581,13 @@ class Workflow:
         ``on_item_failure="fail"``: the first item that fails after its retries fails
         the map and cancels the items not finished; ``Tolerate(max_failed=N or
         fraction)``: failed items give ``None`` at their index while under the limit.
-        Other ``depends_on`` steps reach every item unmapped, as keyword arguments."""
+        Other ``depends_on`` steps reach every item unmapped, as keyword arguments.
+        With ``queue``, the items run only on workers consuming that broker queue."""
 
         def register(fn: StepFunction) -> StepFunction:
             step_name = name or fn.__name__
             where = f"workflow {self.name!r}, map {step_name!r}"
+            _check_queue(where, queue)
             spec = _map_spec(where, over, max_parallel, max_items, on_item_failure)
             unmapped = _unmapped(where, over, depends_on)
             self.add_step(
@@ -579,6 +599,7 @@ class Workflow:
                     soft_timeout=soft_timeout,
                     timeout=timeout,
                     wait=spec,
+                    queue=queue,
                 )
             )
             return fn
@@ -627,6 +648,24 @@ class Workflow:
     def map_nodes(self) -> frozenset[str]:
         """The names of the map steps."""
         return frozenset(n for n, s in self.steps.items() if isinstance(s.wait, MapSpec))
+
+    def queue_of(self, step_name: str, default: str | None = None) -> str:
+        """The broker queue step ``step_name``'s messages go to: its own, else this
+        workflow's, else ``default`` (by default ``CONVEYOR_DEFAULT_QUEUE``)."""
+        own = self.steps[step_name].queue or self.queue
+        if own is not None:
+            return own
+        return default if default is not None else get_settings().default_queue
+
+    @property
+    def routed(self) -> bool:
+        """Whether the workflow or any of its steps names a queue: one that does not
+        goes wholly to the default queue, and its workers need not look further."""
+        # Asked on every step completion: computed once per shape of the DAG.
+        if self._routed is None:
+            steps = self.steps.values()
+            self._routed = self.queue is not None or any(s.queue is not None for s in steps)
+        return self._routed
 
     def task_downstream(self, name: str) -> list[str]:
         """``downstream(name)`` without its wait nodes: what a completion queues."""
@@ -692,6 +731,7 @@ class Workflow:
         self._children_map = None
         self._sinks = None
         self._wait_nodes = None
+        self._routed = None
 
     def validate(self, max_child_depth: int = MAX_CHILD_DEPTH) -> None:
         """Check the whole DAG: at least one step, known dependencies, no cycles; child
@@ -887,6 +927,17 @@ def _with_output_adapter(where: str, step: Step) -> Step:
             "return text (for example base64) instead"
         )
     return replace(step, output=adapter)
+
+
+def _check_queue(where: str, queue: Any) -> None:
+    """DefinitionError naming ``where`` unless ``queue`` is None or a queue name."""
+    if queue is None:
+        return
+    if not isinstance(queue, str) or not queue.strip() or len(queue) > MAX_QUEUE_NAME:
+        raise DefinitionError(
+            f"{where}: queue must be a non-empty name of at most {MAX_QUEUE_NAME} "
+            f"characters, got {queue!r}"
+        )
 
 
 def _holds_bytes(schema: Any) -> bool:

@@ -174,6 +174,19 @@ def _unlimited(step: Step) -> bool:
     return step.soft_timeout is None and step.timeout is None
 
 
+def start_queue(workflow: Workflow, default: str) -> str:
+    """The queue of a workflow's start messages: the worker that takes one runs a root
+    step at once (``Engine.admit``), so it goes to the queue of its root steps; roots on
+    several queues: the workflow's queue, whose worker claims no root (it publishes
+    each to its own queue)."""
+    if not workflow.routed:
+        return default
+    roots = {
+        workflow.queue_of(s.name, default) for s in workflow.steps.values() if not s.depends_on
+    }
+    return roots.pop() if len(roots) == 1 else workflow.queue or default
+
+
 class _Held:
     """The sibling steps one chain of this worker holds (queued, no message sent): one
     is taken for each step boundary that continues nothing else, until ``due`` (a
@@ -265,6 +278,37 @@ class Engine:
         return self.heartbeats.worker_id
 
     @property
+    def consumed_queues(self) -> frozenset[str]:
+        """The broker queues this worker consumes: Celery's own selection, made by
+        ``celery worker -Q``/``-X`` (``Queues.select``/``deselect``) in the main process
+        before the pool forks, so its children see it too; without ``-Q``, the default
+        queue. Read at each use, not at import or ``worker_init``: an app built first
+        and made a worker later (tests, embedding) selects its queues only then."""
+        return frozenset(self.app.amqp.queues.consume_from)
+
+    def runnable_here(self, workflow: Workflow, names: Sequence[str]) -> list[str] | None:
+        """Of the steps ``names`` of ``workflow``, those whose queue this worker
+        consumes, which it may continue or hold; None when it may run every one (a
+        workflow with no ``queue=`` on a worker of the default queue)."""
+        consumed = self.consumed_queues
+        default = self.settings.default_queue
+        if not workflow.routed and default in consumed:
+            return None
+        return [name for name in names if workflow.queue_of(name, default) in consumed]
+
+    def queue_of(self, workflow: str, version: int, step_name: str) -> str:
+        """The queue a step's messages go to (the default queue for a workflow or step
+        this process does not know, as ``publish_steps`` sends them)."""
+        return self.registry.queue_of(workflow, version, step_name, self.settings.default_queue)
+
+    def _start_queue(self, workflow_name: str) -> str:
+        try:
+            workflow = self.registry.get(workflow_name)
+        except WorkflowNotFound:  # refused by the worker's admission, wherever it goes
+            return self.settings.default_queue
+        return start_queue(workflow, self.settings.default_queue)
+
+    @property
     def metrics(self) -> Metrics:
         """This process's metrics (``worker.metrics``), built on first use."""
         return get_metrics()
@@ -300,6 +344,7 @@ class Engine:
                     # Keyword arguments, so Flower shows what each value is.
                     kwargs={"execution_id": execution_id, "workflow": workflow},
                     priority=broker_priority(self.settings, priority, kind="start"),
+                    queue=self._start_queue(workflow),
                     producer=producer,
                     # The name Celery's logs, events and Flower show (see README).
                     shadow=f"{START_EXECUTION}:{workflow}",
@@ -319,6 +364,7 @@ class Engine:
             START_BATCH,
             kwargs={"execution_ids": list(ids), "workflow": workflow, "priority": priority},
             priority=broker_priority(self.settings, priority, kind=kind),
+            queue=self._start_queue(workflow),
             producer=producer,
             shadow=f"{START_BATCH}:{workflow}[{len(ids)}]",
             headers=headers,
@@ -373,7 +419,10 @@ class Engine:
             for execution_id, step_name in keys:
                 target = routes.get(execution_id)
                 kwargs: dict[str, Any] = {"execution_id": execution_id, "step_name": step_name}
-                options: dict[str, Any] = {"headers": headers}
+                options: dict[str, Any] = {
+                    "headers": headers,
+                    "queue": self.settings.default_queue,
+                }
                 if target is not None:
                     # The claim then knows the step's upstream steps before it runs.
                     kwargs.update(workflow=target.workflow, version=target.version)
@@ -384,6 +433,8 @@ class Engine:
                     if step is not None:
                         options["soft_time_limit"] = step.soft_timeout
                         options["time_limit"] = step.timeout
+                        assert workflow is not None
+                        options["queue"] = workflow.queue_of(step_name, self.settings.default_queue)
                 self.app.send_task(
                     RUN_STEP, kwargs=kwargs, countdown=countdown, producer=producer, **options
                 )
@@ -436,7 +487,13 @@ class Engine:
             self._publish_committed(admission.queued, admission.routes)
             self.publish_outcome(woken)
             return admission
-        if run_here and depth_first and roots and all(_unlimited(s) for s in roots):
+        if (
+            run_here
+            and depth_first
+            and roots
+            and all(_unlimited(s) for s in roots)
+            and self._roots_here(workflow, roots)
+        ):
             admission, claim = self.manager.run(
                 steps.admit_and_claim, workflow_name, ids, workflow, self.worker_id
             )
@@ -464,9 +521,20 @@ class Engine:
                     START_EXECUTION,
                     kwargs={"execution_id": "", "workflow": workflow_name},
                     countdown=max(0.0, min(left, self.settings.retry_countdown_max)),
+                    queue=self._start_queue(workflow_name),
                 )
             except Exception:  # the reconciler re-sends pending starts
                 log.warning("asking for a rate-limited start failed", exc_info=True)
+
+    def _roots_here(self, workflow: Workflow | None, roots: Sequence[Step]) -> bool:
+        """Whether this worker consumes the queue of every root step, so that it may
+        claim one at the start; else each root is published to its own queue (a start
+        of a workflow whose roots are on several queues: see ``start_queue``)."""
+        if workflow is None:
+            return True
+        names = [root.name for root in roots]
+        here = self.runnable_here(workflow, names)
+        return here is None or here == names
 
     def publish_outcome(self, outcome: WaitOutcome) -> None:
         """Send what a committed wait transaction set in motion: the steps it queued,
@@ -680,6 +748,13 @@ class Engine:
         if not self.settings.hold_seconds:
             hold = None
         take = held.next() if held is not None and continue_as is not None else None
+        # Continued and held steps run in this worker: only those of a queue it consumes
+        # (the others released are published to their queue).
+        here = (
+            self.runnable_here(workflow, workflow.downstream(claim.step_name))
+            if continue_as is not None
+            else None
+        )
         try:
             completion = self.recorder.run(
                 steps.complete,
@@ -691,6 +766,7 @@ class Engine:
                 self.definition,
                 hold=hold,
                 take=take,
+                here=here,
             )
         except TransientDatabaseError:
             # The database stayed away through every retry (PATIENT): recording anything

@@ -64,9 +64,14 @@ class ItemRunner:
                 route = routes[execution_id]
                 workflow = engine.definition(route.workflow, route.version)
                 step = workflow.steps.get(step_name) if workflow else None
-                limits: dict[str, Any] = {}
-                if step is not None:  # the item's own time limits, as a step's
-                    limits = {"soft_time_limit": step.soft_timeout, "time_limit": step.timeout}
+                limits: dict[str, Any] = {"queue": engine.settings.default_queue}
+                if step is not None:  # the item's own time limits and queue, as a step's
+                    assert workflow is not None
+                    limits = {
+                        "soft_time_limit": step.soft_timeout,
+                        "time_limit": step.timeout,
+                        "queue": workflow.queue_of(step_name, engine.settings.default_queue),
+                    }
                 engine.app.send_task(
                     RUN_ITEM,
                     kwargs={

@@ -12,7 +12,9 @@ adds them up (children that exited or were killed included: counters never go ba
 The queued, running and waiting steps, and each limit key's held slots and waiting
 steps, are not counted by workers but read at scrape time from the database (grouped
 queries, ``core.workload`` and ``core.limits.key_states``), by the API's ``/metrics``
-(``api_registry``): one answer for the whole deployment, right after any crash.
+(``api_registry``): one answer for the whole deployment, right after any crash. Queued
+steps are counted by workflow and queue (``queue=``), so a queue no worker consumes
+shows its backlog growing instead of stalling silently.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from threading import Thread
@@ -43,6 +45,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from core.database import Database, get_database
 from core.limits import key_states
 from core.outcomes import Admission, Claim, ReconcileReport, TransitionResult
+from core.registry import get_registry
 from core.states import StepStatus
 from core.workload import open_steps
 
@@ -262,19 +265,33 @@ def get_metrics() -> Metrics:
     return Metrics(CollectorRegistry())
 
 
-class OpenStepsCollector:
-    """Gauges of queued and running steps by workflow, and of waiting ones by workflow and
-    wait kind, read from ``database`` (default: the process's) at each scrape; a scrape
-    without them, and a warning, while the database is unreachable."""
+# The queue of a step: (workflow, version, step) -> queue name.
+QueueOf = Callable[[str, int, str], str]
 
-    def __init__(self, database: Database | None = None) -> None:
+
+def registered_queue(workflow: str, version: int, step: str) -> str:
+    """The queue of a step of a workflow of the process's registry (see
+    ``WorkflowRegistry.queue_of``)."""
+    return get_registry().queue_of(workflow, version, step)
+
+
+class OpenStepsCollector:
+    """Gauges of queued steps by workflow and queue (``queue_of``: a step's queue;
+    default: the process's registry), of running ones by workflow, and of waiting ones by
+    workflow and wait kind, read from ``database`` (default: the process's) at each
+    scrape; a scrape without them, and a warning, while the database is unreachable."""
+
+    def __init__(self, database: Database | None = None, queue_of: QueueOf | None = None) -> None:
         self.database = database
+        self.queue_of = queue_of or registered_queue
 
     @staticmethod
     def _families() -> dict[str, GaugeMetricFamily]:
         return {
             StepStatus.QUEUED.value: GaugeMetricFamily(
-                "conveyor_steps_queued", "Steps queued now (waiting or due).", labels=["workflow"]
+                "conveyor_steps_queued",
+                "Steps queued now (waiting or due), by the broker queue they go to.",
+                labels=["workflow", "queue"],
             ),
             StepStatus.RUNNING.value: GaugeMetricFamily(
                 "conveyor_steps_running", "Steps running now.", labels=["workflow"]
@@ -299,9 +316,18 @@ class OpenStepsCollector:
         except Exception:
             log.warning("metrics: could not count open steps", exc_info=True)
             return []
+        queued: dict[tuple[str, str], int] = {}
         for count in counts:
+            if count.status == StepStatus.QUEUED.value:
+                assert count.version is not None
+                assert count.step is not None
+                key = (count.workflow, self.queue_of(count.workflow, count.version, count.step))
+                queued[key] = queued.get(key, 0) + count.count
+                continue
             labels = [count.workflow] if count.kind is None else [count.workflow, count.kind]
             families[count.status].add_metric(labels, count.count)
+        for (workflow, queue), total in sorted(queued.items()):
+            families[StepStatus.QUEUED.value].add_metric([workflow, queue], total)
         return list(families.values())
 
 
@@ -356,12 +382,15 @@ class _ProcessMetrics:
         return get_metrics().registry.collect()
 
 
-def api_registry(database: Database | None = None) -> CollectorRegistry:
+def api_registry(
+    database: Database | None = None, queue_of: QueueOf | None = None
+) -> CollectorRegistry:
     """What the API's ``/metrics`` serves: queued and running steps and the keys' counts
-    from ``database`` (default: the process's), and this process's counters (every
-    process's, when the API runs with ``PROMETHEUS_MULTIPROC_DIR`` set)."""
+    from ``database`` (default: the process's; queued ones by the queue ``queue_of``
+    names), and this process's counters (every process's, when the API runs with
+    ``PROMETHEUS_MULTIPROC_DIR`` set)."""
     registry = CollectorRegistry()
-    registry.register(OpenStepsCollector(database))
+    registry.register(OpenStepsCollector(database, queue_of))
     registry.register(KeysCollector(database))
     if os.environ.get(MULTIPROC_DIR):
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -213,13 +213,16 @@ def list_executions(
 def read_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> ExecutionDetail:
     """An execution, its steps (what each waiting one waits for), every transition it
     went through, and the child executions its child nodes started."""
-    execution, steps, events, children, items, pauses = conveyor.engine.manager.run(
-        _detail, execution_id
-    )
+    engine = conveyor.engine
+    execution, steps, events, children, items, pauses = engine.manager.run(_detail, execution_id)
     _visible(execution, caller)
+    route = (execution.workflow_id, execution.workflow_version)
     return ExecutionDetail(
         **ExecutionOut.of(execution).model_dump(),
-        steps=[StepOut.of(s, items.get(s.step_name), pauses) for s in steps],
+        steps=[
+            StepOut.of(s, items.get(s.step_name), engine.queue_of(*route, s.step_name), pauses)
+            for s in steps
+        ],
         events=[EventOut.of(e) for e in events],
         children=children,
     )
@@ -327,12 +330,14 @@ def wake_step(execution_id: PathId, step: StepName, caller: Caller, conveyor: Co
     its history says who woke it early. 422 for a step that is no sleep; 409 when it is
     not sleeping (naming its status, or the execution's once that has ended)."""
     engine = conveyor.engine
-    _visible(engine.manager.run(executions.get_execution, execution_id), caller)
+    execution = engine.manager.run(executions.get_execution, execution_id)
+    _visible(execution, caller)
     wake(execution_id, step, actor=caller.email, app=conveyor.celery_app)
     woken = next(
         s for s in engine.manager.run(executions.get_steps, execution_id) if s.step_name == step
     )
-    return StepOut.of(woken)
+    queue = engine.queue_of(execution.workflow_id, execution.workflow_version, step)
+    return StepOut.of(woken, queue=queue)
 
 
 ItemStatus = Literal["pending", "queued", "running", "succeeded", "failed", "cancelled"]

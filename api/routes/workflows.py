@@ -48,7 +48,9 @@ def _wait(step: Step) -> WaitDefinition | None:
     )
 
 
-def _body(workflow: Workflow, rows: dict[tuple[str, str], ScheduleState]) -> WorkflowOut:
+def _body(
+    workflow: Workflow, rows: dict[tuple[str, str], ScheduleState], default_queue: str
+) -> WorkflowOut:
     declared: list[ScheduleOut] = []
     for schedule in workflow.schedules:
         row = rows.get((workflow.name, schedule.label))
@@ -78,6 +80,7 @@ def _body(workflow: Workflow, rows: dict[tuple[str, str], ScheduleState]) -> Wor
                 soft_timeout=step.soft_timeout,
                 kind=step.kind,
                 wait=_wait(step),
+                queue=workflow.queue_of(step.name, default_queue),
             )
             for step in workflow.steps.values()
         ],
@@ -90,7 +93,8 @@ def list_workflows(_: Caller, conveyor: Conveyor) -> list[WorkflowOut]:
     """Every registered workflow (each version), by name."""
     workflows = sorted(conveyor.engine.registry, key=lambda w: (w.name, w.version))
     rows = conveyor.engine.manager.run(_schedules, workflows)
-    return [_body(w, rows) for w in workflows]
+    default_queue = conveyor.engine.settings.default_queue
+    return [_body(w, rows, default_queue) for w in workflows]
 
 
 @router.get("/{name}", response_model=WorkflowOut, responses=problems.responses(404, 422))
@@ -100,4 +104,4 @@ def read_workflow(
     """The newest version of a workflow (404 when none is registered by that name)."""
     workflow = conveyor.engine.registry.get(name)
     rows = conveyor.engine.manager.run(_schedules, [workflow])
-    return _body(workflow, rows)
+    return _body(workflow, rows, conveyor.engine.settings.default_queue)

@@ -383,6 +383,7 @@
       el("td", { class: "num", text: `${s.policy_attempt}/${s.max_attempts}` + (s.recoveries ? ` (+${s.recoveries} recovered)` : "") }),
       el("td", { class: "num", text: duration(s.queued_at && (s.started_at || s.status === "queued") ? seconds(s.queued_at, s.started_at) : null) }),
       el("td", { class: "num", text: duration(seconds(s.started_at, s.finished_at || (s.status === "running" ? null : s.started_at))) }),
+      el("td", { class: "mono small", "data-queue": s.queue || "", text: s.queue || "–" }),
       el("td", { class: "mono small", text: s.worker || "–" }),
       el("td", { class: "error-cell", text: s.map ? mapSummary(s.map) : errorText(s.error) })));
   }
@@ -437,7 +438,7 @@
     detail.querySelector('[data-detail="name"]').textContent = name;
     const facts = [
       ["Status", status(step.status)], ["Attempt", `${step.policy_attempt} of ${step.max_attempts}`],
-      ["Crash recoveries", step.recoveries], ["Worker", step.worker || "–"],
+      ["Crash recoveries", step.recoveries], ["Queue", step.queue || "–"], ["Worker", step.worker || "–"],
       ["Celery task", step.celery_task_id || "–"], ["Queued", when(step.queued_at)],
       ["Started", when(step.started_at)], ["Finished", when(step.finished_at)],
       ["Next attempt", when(step.next_attempt_at)],

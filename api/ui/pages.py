@@ -280,10 +280,19 @@ def execution_page(
         steps = executions.get_steps(conn, execution_id)
         events = executions.get_history(conn, execution_id)
         items = maps.map_counts_of(conn, execution_id)
+        route = (execution.workflow_id, execution.workflow_version)
         pauses = key_pauses(conn, steps)
         return ExecutionDetail(
             **ExecutionOut.of(execution).model_dump(),
-            steps=[StepOut.of(s, items.get(s.step_name), pauses) for s in steps],
+            steps=[
+                StepOut.of(
+                    s,
+                    items.get(s.step_name),
+                    conveyor.engine.queue_of(*route, s.step_name),
+                    pauses,
+                )
+                for s in steps
+            ],
             events=[EventOut.of(e) for e in events],
             children=children_of(conn, execution_id),
         )
@@ -348,7 +357,7 @@ def workflow_page(request: Request, name: str, viewer: Viewer, conveyor: Conveyo
     where = ExecutionFilter(workflow_id=name, triggered_by=owner_filter(viewer))
     recent = conveyor.engine.manager.run(executions.page_executions, where, RECENT, None)
     rows = conveyor.engine.manager.run(_schedules, [workflow])
-    body = _body(workflow, rows)
+    body = _body(workflow, rows, conveyor.engine.settings.default_queue)
     schema = body.input_schema
     return page(
         request,

@@ -331,7 +331,7 @@ def test_metrics_are_served_to_admins_with_the_open_steps_of_every_workflow(
     scraped = admin.get("/metrics", follow_redirects=False)
     assert scraped.status_code == 200
     assert scraped.headers["content-type"].startswith("text/plain")
-    assert 'conveyor_steps_queued{workflow="linear"} 1.0' in scraped.text
+    assert 'conveyor_steps_queued{queue="conveyor",workflow="linear"} 1.0' in scraped.text
     _, bob = member(api_url, "bob@example.com")
     with bob, client(api_url, None) as anonymous:
         assert bob.get("/metrics").status_code == 403

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,8 +23,10 @@ def worker_process(
     log: Path,
     concurrency: int = 2,
     env: dict[str, str] | None = None,
+    options: Sequence[str] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A prefork `celery -A worker.app worker` in its own process group, until ready."""
+    """A prefork `celery -A worker.app worker` in its own process group, until ready;
+    ``options`` are more of the command's (``-Q gpu``, ``-n gpu@%h``)."""
     environment = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -49,6 +51,7 @@ def worker_process(
         "info",
         "--without-mingle",
         "--without-gossip",
+        *options,
     ]
     with log.open("wb") as out:
         process = subprocess.Popen(

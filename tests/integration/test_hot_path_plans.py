@@ -72,6 +72,7 @@ def test_a_completion_in_a_long_chain_probes_its_downstream_step_by_key(
             "at_attempt": 1,
             "output": "1",
             "downstream": [names[1]],
+            "here": [names[1]],
             "continue_here": True,
             "worker_id": "w",
         },

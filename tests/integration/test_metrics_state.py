@@ -33,7 +33,7 @@ def test_open_steps_are_counted_by_workflow_and_status(database: TestDatabase) -
     with get_database().engine.connect() as conn:
         counts = open_steps(conn)
     assert sorted(counts, key=lambda c: (c.workflow, c.status)) == [
-        OpenSteps("a", "queued", 1),
+        OpenSteps("a", "queued", 1, version=1, step="x"),
         OpenSteps("a", "running", 1),
         OpenSteps("b", "running", 1),
     ]
@@ -43,13 +43,26 @@ def test_the_api_registry_reads_the_gauges_at_each_scrape(database: TestDatabase
     registry = api_registry(get_database())
     assert registry.get_sample_value("conveyor_steps_running", {"workflow": "b"}) is None
     _open_world()
-    assert registry.get_sample_value("conveyor_steps_queued", {"workflow": "a"}) == 1.0
+    queued_a = {"workflow": "a", "queue": "conveyor"}  # a is not registered: the default
+    assert registry.get_sample_value("conveyor_steps_queued", queued_a) == 1.0
     assert registry.get_sample_value("conveyor_steps_running", {"workflow": "a"}) == 1.0
     assert registry.get_sample_value("conveyor_steps_running", {"workflow": "b"}) == 1.0
-    assert registry.get_sample_value("conveyor_steps_queued", {"workflow": "b"}) is None
+    assert registry.get_sample_value("conveyor_steps_queued", {**queued_a, "workflow": "b"}) is None
     # This process's counters come along (a family of them, whatever their values).
     names = {family.name for family in registry.collect()}
     assert {"conveyor_executions_started", "conveyor_step_duration_seconds"} <= names
+
+
+def test_queued_steps_are_counted_by_the_queue_of_their_step(database: TestDatabase) -> None:
+    queues = {"x": "gpu", "y": "gpu", "z": "reports"}
+    execution_id = insert("a", {}, steps=[StepSpec(name) for name in queues])
+    force_execution_status(execution_id, "running")
+    for name in queues:
+        force_step_status(execution_id, name, "queued")
+    registry = api_registry(get_database(), lambda workflow, version, step: queues[step])
+    gauge = "conveyor_steps_queued"
+    assert registry.get_sample_value(gauge, {"workflow": "a", "queue": "gpu"}) == 2.0
+    assert registry.get_sample_value(gauge, {"workflow": "a", "queue": "reports"}) == 1.0
 
 
 def test_a_claim_says_how_long_its_step_was_queued(database: TestDatabase) -> None:

@@ -36,7 +36,7 @@ FUSED = (
     "continue_held_pg",
     "hand_off",
 )
-STEP_NAME_LISTS = {"names", "downstream", "sinks"}
+STEP_NAME_LISTS = {"names", "downstream", "here", "sinks"}
 
 
 @pytest.mark.parametrize("names", [1, 8])
