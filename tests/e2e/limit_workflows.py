@@ -1,7 +1,8 @@
 """Workflows behind limits for the tests of what shows them (API, CLI, dashboard,
 metrics): ``limits-gated`` holds key ``gpu-pool``'s only slot until ``GATE`` is set, so
 a second execution's step waits for it; ``limits-metered`` calls under the rate of key
-``metered-api`` (100 a second), which a test pauses and resumes."""
+``metered-api`` (100 a second), which a test pauses and resumes; ``limits-hourly`` may
+start once an hour under key ``hourly-api``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from core.workflows import Concurrency, RateLimit, StepContext, Workflow
 
 GPU_KEY = "gpu-pool"
 METERED_KEY = "metered-api"
+HOURLY_KEY = "hourly-api"
 # Set by the test (and by its teardown) to let the step holding the slot end.
 GATE = threading.Event()
 GATE_SECONDS = 30.0
@@ -31,3 +33,11 @@ metered = Workflow("limits-metered")
 @metered.step(rate_limit=RateLimit(key=METERED_KEY, limit=100, per=timedelta(seconds=1)))
 def call(ctx: StepContext) -> str:
     return "called"
+
+
+hourly = Workflow("limits-hourly")
+
+
+@hourly.step(rate_limit=RateLimit(key=HOURLY_KEY, limit=1, per=timedelta(hours=1)))
+def report(ctx: StepContext) -> str:
+    return "reported"

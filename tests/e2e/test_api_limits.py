@@ -14,7 +14,15 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from tests.e2e.limit_workflows import GATE, GPU_KEY, METERED_KEY, gated, metered
+from tests.e2e.limit_workflows import (
+    GATE,
+    GPU_KEY,
+    HOURLY_KEY,
+    METERED_KEY,
+    gated,
+    hourly,
+    metered,
+)
 from tests.helpers.api import client, poll, user_with_token
 from worker.app import ConveyorCelery
 
@@ -25,7 +33,7 @@ FINAL = {"succeeded", "failed", "cancelled", "timed_out"}
 def limited(worker: ConveyorCelery) -> Iterator[ConveyorCelery]:
     """The running worker's app with the limited workflows; the gate opened at the end
     (before the worker stops, which waits for its running steps)."""
-    for workflow in (gated, metered):
+    for workflow in (gated, metered, hourly):
         worker.engine.registry.register(workflow)
     GATE.clear()
     yield worker
@@ -154,3 +162,23 @@ def test_an_admin_pauses_a_key_and_resuming_it_admits_what_it_held(
     reasons = _reasons(admin, second)
     assert f"held: key {METERED_KEY} is paused" in reasons
     assert "admitted" in reasons
+
+
+def test_a_step_a_rate_holds_back_says_when_it_may_start(
+    limited: ConveyorCelery, admin: httpx.Client
+) -> None:
+    first = _start(admin, hourly.name)
+    assert poll(admin, f"/executions/{first}", FINAL)["status"] == "succeeded"
+    second = _start(admin, hourly.name)
+    wait = _step_when(admin, second, "report", _held)["wait"]
+    assert (wait["kind"], wait["key"], wait["why"]) == ("key", HOURLY_KEY, "rate")
+    # Once an hour: the next start is about an hour after the first.
+    left = datetime.fromisoformat(wait["wake_at"]) - datetime.now(UTC)
+    assert timedelta(minutes=55) < left <= timedelta(hours=1)
+    (listed,) = admin.get("/limits", params={"key": HOURLY_KEY}).json()
+    assert listed["rate_per_second"] == pytest.approx(1 / 3600)
+    assert (listed["limit"], listed["running"], listed["waiting"]) == (None, 0, 1)
+    cancelled = admin.post(f"/executions/{second}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    (after,) = admin.get("/limits", params={"key": HOURLY_KEY}).json()
+    assert after["waiting"] == 0
