@@ -147,10 +147,9 @@ def pause_command(
 @reported
 @migrated
 def resume_command(ctx: typer.Context, key: KeyArgument) -> None:
-    """Resume a paused key now: the steps it held are admitted at once."""
+    """Resume a paused key now: what it held (steps, pending executions) is admitted."""
     made_due = SyncEnhancedExecutionStateManager().run(limits.resume_key, key)
     if made_due is None:
         raise KeyNotFound(key)
-    # Held steps are due now: ask the waker at once rather than at its next tick.
-    ctx.ensure_object(CliState).app.engine.wake_at(datetime.now(UTC))
+    ctx.ensure_object(CliState).app.engine.key_resumed(key)
     stdout().print(f"Resumed key {key}: {made_due} held step(s) due now.", soft_wrap=True)

@@ -894,6 +894,15 @@ def why_held(wake_at: datetime | None, paused_until: datetime | None, now: datet
     return "rate"
 
 
+def names_key(workflow: Workflow, key: str) -> bool:
+    """Whether ``key`` may be one of ``workflow``'s own (execution-level) limits' keys: a
+    text key by its name, a function's value by its workflow's scope (``key_name``)."""
+    return any(
+        limit.key == key if isinstance(limit.key, str) else key.startswith(f"{workflow.name}:")
+        for limit in workflow.limits
+    )
+
+
 @cache
 def _resume() -> tuple[Update, Update]:
     key = bindparam("k", type_=String)
@@ -936,6 +945,7 @@ __all__ = [
     "free_step",
     "key_states",
     "limits_of",
+    "names_key",
     "pause_key",
     "promote",
     "resume_key",

@@ -73,11 +73,10 @@ def _resume(conn: Connection, key: str) -> limits.KeyState:
 
 @router.delete("/{key}/pause", response_model=LimitOut, responses=problems.responses(403, 404, 422))
 def resume_limit(key: KeyPath, _: Admin, conveyor: Conveyor) -> LimitOut:
-    """End ``key``'s pause now: the steps it held are admitted at once (within the key's
-    other limits). Resuming a key that is not paused changes nothing. 404 for a key never
-    used."""
+    """End ``key``'s pause now: the steps it held, and the executions a workflow's own
+    limit under it kept pending, are admitted at once (within the key's other limits).
+    Resuming a key that is not paused changes nothing. 404 for a key never used."""
     engine = conveyor.engine
     state = engine.manager.run(_resume, key)
-    # The held steps are due now: ask the waker at once rather than at its next tick.
-    engine.wake_at(datetime.now(UTC))
+    engine.key_resumed(key)
     return LimitOut.of(state)

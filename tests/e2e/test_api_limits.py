@@ -15,10 +15,12 @@ import httpx2 as httpx
 import pytest
 
 from tests.e2e.limit_workflows import (
+    BATCH_KEY,
     GATE,
     GPU_KEY,
     HOURLY_KEY,
     METERED_KEY,
+    batch,
     gated,
     hourly,
     metered,
@@ -33,7 +35,7 @@ FINAL = {"succeeded", "failed", "cancelled", "timed_out"}
 def limited(worker: ConveyorCelery) -> Iterator[ConveyorCelery]:
     """The running worker's app with the limited workflows; the gate opened at the end
     (before the worker stops, which waits for its running steps)."""
-    for workflow in (gated, metered, hourly):
+    for workflow in (gated, metered, hourly, batch):
         worker.engine.registry.register(workflow)
     GATE.clear()
     yield worker
@@ -182,3 +184,21 @@ def test_a_step_a_rate_holds_back_says_when_it_may_start(
     assert cancelled.status_code == 200, cancelled.text
     (after,) = admin.get("/limits", params={"key": HOURLY_KEY}).json()
     assert after["waiting"] == 0
+
+
+def test_resuming_a_workflows_own_key_starts_the_executions_it_kept_pending(
+    limited: ConveyorCelery, admin: httpx.Client
+) -> None:
+    first = _start(admin, batch.name)
+    assert poll(admin, f"/executions/{first}", FINAL)["status"] == "succeeded"
+    until = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    paused = admin.post(f"/limits/{BATCH_KEY}/pause", json={"until": until})
+    assert paused.status_code == 200, paused.text
+    second = _start(admin, batch.name)
+    # Held at its start: pending (its admission retries within a minute, at most).
+    held = admin.get(f"/executions/{second}").json()
+    assert held["status"] == "pending"
+    assert admin.delete(f"/limits/{BATCH_KEY}/pause").status_code == 200
+    # Admitted at the resume itself, not at the retry a minute on.
+    done = poll(admin, f"/executions/{second}", FINAL, timeout=20)
+    assert done["status"] == "succeeded"
