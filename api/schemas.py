@@ -197,6 +197,24 @@ class ExecutionOut(BaseModel):
             "no max_concurrency slot); listed as status `waiting`."
         )
     )
+    debounce_key: str | None = Field(
+        default=None,
+        description=(
+            "The key of this pending execution's open debounce window: enqueues of its "
+            "workflow with this key go into it (null: no window open)."
+        ),
+    )
+    start_at: datetime | None = Field(
+        default=None,
+        description=(
+            "A debounced execution's start: its window closes then (a period after the "
+            "last enqueue, at most latest_start_at)."
+        ),
+    )
+    latest_start_at: datetime | None = Field(
+        default=None,
+        description="The latest a debounced execution starts: the first enqueue + max_wait.",
+    )
 
     @classmethod
     def of(cls, execution: WorkflowExecution) -> ExecutionOut:
@@ -226,6 +244,9 @@ def _execution_fields(e: WorkflowExecution) -> dict[str, Any]:
         "root_execution_id": e.root_execution_id,
         "depth": e.depth,
         "parked_at": e.parked_at,
+        "debounce_key": e.debounce_key,
+        "start_at": e.start_at,
+        "latest_start_at": e.latest_start_at,
     }
 
 
@@ -367,6 +388,11 @@ class StepOut(BaseModel):
         description="The broker queue its messages go to (queue=; the default queue where "
         "its workflow names none); null where the API does not know its workflow.",
     )
+    skip_reason: str | None = Field(
+        default=None,
+        description="Why a skipped step was skipped (its condition was false, an upstream "
+        "step did not end as its trigger needs, its attempts were spent), else null.",
+    )
 
     @classmethod
     def of(
@@ -374,10 +400,12 @@ class StepOut(BaseModel):
         step: StepExecution,
         items: dict[str, int] | None = None,
         queue: str | None = None,
+        skip_reason: str | None = None,
         paused: Mapping[str, datetime | None] | None = None,
     ) -> StepOut:
         """The body of ``step`` (``queue``: the queue its workflow's definition names;
-        ``paused``: as for ``WaitOut.of``)."""
+        ``skip_reason``: see ``core.conditions.skip_reasons``; ``paused``: as for
+        ``WaitOut.of``)."""
         return cls(
             name=step.step_name,
             status=step.status,
@@ -398,6 +426,7 @@ class StepOut(BaseModel):
             next_attempt_at=step.next_attempt_at,
             wait=WaitOut.of(step, paused),
             map=MapOut.of(step, items),
+            skip_reason=skip_reason if step.status == "skipped" else None,
         )
 
 
@@ -553,6 +582,15 @@ class StepDefinition(BaseModel):
     kind: Literal["task", "sleep", "event", "child", "map"] = "task"
     wait: WaitDefinition | None = None
     queue: str = Field(description="The broker queue its messages go to (queue=).")
+    trigger: Literal["all_success", "none_failed", "all_done"] = Field(
+        default="all_success", description="Which upstream outcomes let it run."
+    )
+    condition: str | None = Field(
+        default=None, description="Its when= condition's qualified name (null: none)."
+    )
+    on_exhausted: Literal["fail", "skip"] = Field(
+        default="fail", description="What it ends as when its attempts are spent."
+    )
 
 
 class ScheduleOut(BaseModel):

@@ -14,6 +14,7 @@ from typing import Any
 import typer
 from pydantic_core import to_jsonable_python
 
+from core.conditions import condition_label
 from core.limits import why_held
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.schedules import Schedule
@@ -57,6 +58,9 @@ def execution(row: WorkflowExecution) -> Document:
         "root_execution_id": row.root_execution_id,
         "depth": row.depth,
         "parked_at": timestamp(row.parked_at),
+        "debounce_key": row.debounce_key,
+        "start_at": timestamp(row.start_at),
+        "latest_start_at": timestamp(row.latest_start_at),
     }
 
 
@@ -85,10 +89,12 @@ def step(
     row: StepExecution,
     depends_on: Sequence[str] | None,
     queue: str | None = None,
+    skip_reason: str | None = None,
     pauses: Mapping[str, datetime | None] | None = None,
 ) -> Document:
     """A step's row; ``depends_on`` and ``queue`` are None where the workflow's
-    definition is unknown; ``pauses``: the pause of each key holding a step back."""
+    definition is unknown; ``skip_reason`` why a skipped step was skipped; ``pauses``:
+    the pause of each key holding a step back."""
     return {
         "name": row.step_name,
         "status": row.status,
@@ -109,6 +115,7 @@ def step(
         "heartbeat_at": timestamp(row.heartbeat_at),
         "next_attempt_at": timestamp(row.next_attempt_at),
         "wait": wait(row, pauses),
+        "skip_reason": skip_reason if row.status == "skipped" else None,
     }
 
 
@@ -129,18 +136,27 @@ def execution_with_steps(
     steps: Sequence[StepExecution],
     workflow: Workflow | None,
     history: Iterable[ExecutionEvent] | None = None,
+    skip_reasons: Mapping[str, str] | None = None,
     pauses: Mapping[str, datetime | None] | None = None,
 ) -> Document:
-    """``conveyor status --json``: the execution, its steps in DAG order, and its history
-    when asked (the key is left out otherwise)."""
+    """``conveyor status --json``: the execution, its steps in DAG order (a skipped one
+    with why), and its history when asked (the key is left out otherwise)."""
     order = list(workflow.order()) if workflow is not None else []
     position = {name: index for index, name in enumerate(order)}
     ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
     document = execution(row)
     document["steps"] = [
-        step(s, workflow.steps[s.step_name].depends_on, workflow.queue_of(s.step_name), pauses)
-        if workflow is not None and s.step_name in workflow.steps
-        else step(s, None, None, pauses)
+        step(
+            s,
+            workflow.steps[s.step_name].depends_on
+            if workflow is not None and s.step_name in workflow.steps
+            else None,
+            workflow.queue_of(s.step_name)
+            if workflow is not None and s.step_name in workflow.steps
+            else None,
+            (skip_reasons or {}).get(s.step_name),
+            pauses,
+        )
         for s in ranked
     ]
     if history is not None:
@@ -179,6 +195,9 @@ def workflow(definition: Workflow) -> Document:
                 "max_attempts": definition.steps[name].retry.max_attempts,
                 "soft_timeout": definition.steps[name].soft_timeout,
                 "timeout": definition.steps[name].timeout,
+                "trigger": definition.steps[name].trigger,
+                "condition": condition_label(definition.steps[name].when),
+                "on_exhausted": definition.steps[name].retry.on_exhausted,
             }
             for name in definition.order()
         ],

@@ -46,6 +46,7 @@ from cli import documents, render, schema
 from cli import schedules as cli_schedules
 from cli.render import stderr, stdout
 from core import limits, maps
+from core.conditions import skip_reasons
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import ConveyorError, translate
@@ -361,6 +362,15 @@ def run(
         workflow, data, idempotency_key=idempotency_key, priority=priority, app=celery_app
     )
     typer.echo(execution_id)
+    if celery_app.engine.registry.get(workflow).debounce is not None:
+        execution = celery_app.engine.manager.get_execution(execution_id)
+        if execution.debounce_key is not None:  # on stderr: stdout is the id alone
+            starts = render.when(execution.start_at)
+            typer.echo(
+                f"debounced (key {execution.debounce_key!r}): starts {starts} UTC unless "
+                "enqueued again",
+                err=True,
+            )
     if wait or timeout is not None:
         follow(execution_id, timeout, celery_app)
 
@@ -410,14 +420,21 @@ def status(
     execution = manager.get_execution(execution_id)
     steps = manager.get_steps(execution_id)
     workflow = definition_of(ctx.ensure_object(CliState), execution)
+    # Why each skipped step was skipped: the reasons of their events.
+    skipped = any(s.status == "skipped" for s in steps)
+    events = manager.get_history(execution_id) if history or skipped else None
+    why = skip_reasons(events or ())
     held = sorted(
         {s.wait_key for s in steps if s.status == "waiting" and s.wait_kind == "key" and s.wait_key}
     )
     # The pause of each key holding a step back: it tells a pause from a rate's wait.
     pauses = {k.key: k.paused_until for k in manager.run(limits.key_states, held)} if held else {}
     if as_json:  # the error, traceback included, is in the document already
-        events = manager.get_history(execution_id) if history else None
-        documents.emit(documents.execution_with_steps(execution, steps, workflow, events, pauses))
+        documents.emit(
+            documents.execution_with_steps(
+                execution, steps, workflow, events if history else None, why, pauses
+            )
+        )
         return
     # The status of each child a waiting child node waits for.
     children = {
@@ -430,7 +447,9 @@ def status(
     console = stdout()
     console.print(render.execution_summary(execution))
     order = list(workflow.order()) if workflow else ()
-    console.print(render.steps_table(steps, order, children, items, queues, unconsumed, pauses))
+    console.print(
+        render.steps_table(steps, order, children, items, queues, unconsumed, why, pauses)
+    )
     if queues is not None:
         stuck = Counter(
             queues[s.step_name]

@@ -209,6 +209,8 @@ def executions_table(executions: Iterable[WorkflowExecution]) -> Table:
         status = status_text(execution.status)
         if execution.status == "running" and execution.parked_at is not None:
             status.append(" (waiting)", style=STATUS_STYLES["waiting"])  # every open step waits
+        if execution.status == "pending" and execution.debounce_key is not None:
+            status.append(" (debounced)", style="default")  # its window is open
         table.add_row(
             execution.execution_id,
             f"{execution.workflow_id} v{execution.workflow_version}",
@@ -249,6 +251,13 @@ def execution_summary(execution: WorkflowExecution) -> Table:
     ]
     if execution.parked_at is not None and execution.status == "running":
         rows.append(("waiting since", when(execution.parked_at)))
+    if execution.debounce_key is not None and execution.status == "pending":
+        # An open debounce window: later enqueues with its key replace the input and push
+        # the start a period on, up to the latest start.
+        rows.append(("debounce key", execution.debounce_key))
+        rows.append(("starts", when(execution.start_at)))
+        if execution.latest_start_at is not None:
+            rows.append(("starts at the latest", when(execution.latest_start_at)))
     if execution.deadline_at is not None:
         rows.append(("deadline", when(execution.deadline_at)))
     if execution.priority:
@@ -271,14 +280,16 @@ def steps_table(
     items: Mapping[str, Mapping[str, int]] | None = None,
     queues: Mapping[str, str] | None = None,
     unconsumed: Collection[str] = (),
+    skip_reasons: Mapping[str, str] | None = None,
     pauses: Mapping[str, datetime | None] | None = None,
 ) -> Table:
     """One row per step (in DAG order when ``order`` is given): status, attempt, time,
     error, and, while any step waits, what each waiting one waits for (``children``:
     child execution statuses by id); a map step's items counted by status (``items``);
     with ``queues``, each step's queue, flagged on a queued step when it is one of
-    ``unconsumed`` (no live worker consumes it); ``pauses``: the pause of each key
-    holding a step back."""
+    ``unconsumed`` (no live worker consumes it); when a step was skipped, why
+    (``skip_reasons``, by step name); ``pauses``: the pause of each key holding a step
+    back."""
     position = {name: index for index, name in enumerate(order)}
     ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
     now = datetime.now(UTC)
@@ -301,6 +312,10 @@ def steps_table(
         table.add_column(
             "waits for" if not any(s.wait_kind == "map" for s in ranked) else "waits for / items"
         )
+    why = {s.step_name: (skip_reasons or {}).get(s.step_name, "") for s in ranked}
+    skipped = any(s.status == "skipped" for s in ranked)
+    if skipped:
+        table.add_column("skipped because")
     for step in ranked:
         cells: list[RenderableType] = [
             step.step_name,
@@ -313,6 +328,8 @@ def steps_table(
         cells.append(Text(error_type(step.error), style="red"))
         if waiting:
             cells.append(waits[step.step_name])
+        if skipped:
+            cells.append(Text(why[step.step_name] if step.status == "skipped" else "", "dim"))
         table.add_row(*cells)
     return table
 

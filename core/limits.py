@@ -593,6 +593,8 @@ def pending_of() -> Select[Any]:
         .where(
             WE.c.workflow_id == bindparam("wf", type_=String),
             WE.c.status == ExecutionStatus.PENDING.value,
+            # An open debounce window starts when the waker closes it, not in a free slot.
+            WE.c.debounce_key.is_(None),
         )
         .order_by(WE.c.priority.desc(), WE.c.created_at, WE.c.execution_id)
         .limit(bindparam("limit", type_=Integer))

@@ -159,6 +159,8 @@ WAITING_WAKE = "status = 'waiting' AND wake_at IS NOT NULL"
 WAITING_EVENT = "status = 'waiting' AND wait_event IS NOT NULL"
 WAITING_KEY = "status = 'waiting' AND wait_kind = 'key'"
 OPEN_SIGNAL = "consumed_at IS NULL AND target_execution_id IS NOT NULL"
+# A debounced execution whose window is open: enqueues with its key collapse into it.
+DEBOUNCE_OPEN = "status = 'pending' AND debounce_key IS NOT NULL"
 UNWOKEN_CHILD = (
     "parent_execution_id IS NOT NULL AND parent_woken_at IS NULL "
     "AND status IN ('succeeded', 'failed', 'cancelled', 'timed_out')"
@@ -276,6 +278,13 @@ class WorkflowExecution(Timestamped, Base):
     # Running with every open step waiting (none queued or running): the execution holds
     # no max_concurrency slot meanwhile.
     parked_at: Mapped[datetime | None]
+    # A debounced execution (``Debounce``): its window's key while the window is open
+    # (pending, collecting enqueues; set to NULL when the waker closes it at
+    # ``start_at``), when it starts (the last enqueue's time + period, at most
+    # ``latest_start_at``) and the latest start (the first enqueue's + max_wait).
+    debounce_key: Mapped[str | None] = mapped_column(String(255))
+    start_at: Mapped[datetime | None]
+    latest_start_at: Mapped[datetime | None]
 
     steps: Mapped[list[StepExecution]] = relationship(
         back_populates="execution", cascade="all, delete-orphan", order_by="StepExecution.step_name"
@@ -320,6 +329,25 @@ class WorkflowExecution(Timestamped, Base):
             "finished_at",
             postgresql_where=text(UNWOKEN_CHILD),
             sqlite_where=text(UNWOKEN_CHILD),
+        ),
+        # One open debounce window per (workflow, scope, key): the enqueue's ON CONFLICT
+        # target. The scope is the idempotency key's (the API caller's, '' for
+        # producers), so one user's enqueues never land in another's execution.
+        Index(
+            "uq_workflow_executions_debounce",
+            "workflow_id",
+            "idempotency_scope",
+            "debounce_key",
+            unique=True,
+            postgresql_where=text(DEBOUNCE_OPEN),
+            sqlite_where=text(DEBOUNCE_OPEN),
+        ),
+        # The waker's scan for windows whose start is due.
+        Index(
+            "ix_workflow_executions_debounce_due",
+            "start_at",
+            postgresql_where=text(DEBOUNCE_OPEN),
+            sqlite_where=text(DEBOUNCE_OPEN),
         ),
     )
 
@@ -793,6 +821,13 @@ def _add_steps(session: Session, execution: WorkflowExecution) -> None:
     from core.registry import get_registry  # the registry imports workflow modules
 
     definition = get_registry().get(execution.workflow_id, execution.workflow_version)
+    if definition.debounce is not None:
+        # A row added here could only be inserted, never collapsed into an open window.
+        raise InputValidationError(
+            f"workflow {definition.name!r} is debounced: create its executions with "
+            "enqueue or ExecutionStateManager.create_execution, which collapse them into "
+            "the open window of their key, not with session.add"
+        )
     execution.workflow_version = definition.version
     execution.input_data = definition.validate_input(execution.input_data)
     execution.priority = execution.priority or 0

@@ -32,10 +32,14 @@ class TransitionResult:
 
 @dataclass(frozen=True)
 class CreatedExecution:
-    """An execution id, and whether this call created it (False: idempotency key reused)."""
+    """An execution id, and whether this call created it (False: idempotency key reused,
+    or an open debounce window took the input)."""
 
     execution_id: str
     created: bool
+    # A debounced execution: it starts when its window closes (the waker sends its
+    # start), not now.
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,9 @@ class WaitOutcome:
     # The earliest wake time this set on a wait (a retry's backoff, a rate limit): the
     # publisher asks the waker for that moment when it is near.
     wake_hint: datetime | None = None
+    # Steps skipped (workflow, step, why: condition | upstream | exhausted), for the
+    # metric conveyor_steps_skipped_total.
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
     def merge(self, other: WaitOutcome) -> None:
         self.queued += other.queued
@@ -232,6 +239,7 @@ class WaitOutcome:
         self.items += other.items
         self.item_counts += other.item_counts
         self.limited += other.limited
+        self.skipped += other.skipped
         self.hint(other.wake_hint)
 
     def hint(self, at: datetime | None) -> None:

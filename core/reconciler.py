@@ -17,6 +17,7 @@ from sqlalchemy import Connection
 
 from core import statements as sql
 from core.children import wake_parents_of, wake_unwoken
+from core.conditions import release_after
 from core.errors import StepCrashed
 from core.events import expire_events
 from core.executions import execution_routes, finish_executions, time_out
@@ -29,7 +30,7 @@ from core.outcomes import (
     TransitionResult,
     WaitOutcome,
 )
-from core.states import ExecutionStatus
+from core.states import ExecutionStatus, StepStatus
 from core.steps import skip_descendants
 from core.transitions import event_rows, transition_of
 from core.waits import registered
@@ -171,12 +172,20 @@ def reconcile_pass(
 
     stalled = find_stalled_steps(conn, stall_timeout, limit, gap)
     recovery = recover_stalled_steps(conn, stalled, max_recoveries)
+    # What ending children (and failed steps' gated dependents) set in motion (published
+    # by the caller).
+    woken = WaitOutcome()
     if recovery.failed:
         routes = execution_routes(conn, sorted({r.execution_id for r in recovery.failed}))
         for failed in recovery.failed:
             route = routes[failed.execution_id]
             dag = dag_of(route.workflow, route.version)
             step_name = failed.step_name or ""
+            if isinstance(dag, Workflow) and dag.gated:
+                # Its dependents follow their triggers: an all_done handler still runs.
+                failure = [(step_name, StepStatus.FAILED.value)]
+                release_after(conn, failed.execution_id, dag, failure, {}, registered, woken)
+                continue
             skip_descendants(
                 conn, failed.execution_id, step_name, dag.descendants(step_name) if dag else None
             )
@@ -242,8 +251,6 @@ def reconcile_pass(
     def definition_of(workflow: str, version: int) -> Workflow | None:
         return _definition(dag_of, workflow, version)
 
-    # What ending children set in motion in their parents (published by the caller).
-    woken = WaitOutcome()
     # Map items, as steps above: stalled ones queued again (or failed), due ones re-sent.
     from core.map_repair import reconcile_items
 

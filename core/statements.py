@@ -674,10 +674,10 @@ _START_BACKOFF = case(
 
 
 def due_starts(older_than: float, limit: int) -> Select[str, str, int, datetime | None, int]:
-    """Pending executions whose last start message is older than ``older_than *
-    2**starts_resent`` seconds (capped; the message may be lost, or still queued behind
-    other work), highest priority and oldest first; with what a failed publish restores
-    (see restore_unsent_starts).
+    """Pending executions (open debounce windows aside) whose last start message is
+    older than ``older_than * 2**starts_resent`` seconds (capped; the message may be
+    lost, or still queued behind other work), highest priority and oldest first; with
+    what a failed publish restores (see restore_unsent_starts).
 
     The last start message is the latest re-send (``start_resent_at``), else the one
     sent when the execution became pending (its ``updated_at``: created or retried).
@@ -688,6 +688,8 @@ def due_starts(older_than: float, limit: int) -> Select[str, str, int, datetime 
         .where(
             WE.status == ExecutionStatus.PENDING.value,
             last_sent < utcnow(-older_than * _START_BACKOFF),
+            # An open debounce window was sent no start: the waker sends it when due.
+            WE.debounce_key.is_(None),
         )
         .order_by(WE.priority.desc(), WE.created_at, WE.execution_id)
         .limit(limit)
@@ -711,10 +713,15 @@ def resend_starts(execution_ids: Sequence[str]) -> Update:
 
 
 def waiting_workflows(older_than: float, limit: int) -> Select[str]:
-    """Workflows with an execution pending for more than ``older_than`` seconds."""
+    """Workflows with an execution pending for more than ``older_than`` seconds (open
+    debounce windows aside: they are not waiting for a slot)."""
     return (
         select(WE.workflow_id)
-        .where(WE.status == ExecutionStatus.PENDING.value, WE.updated_at < utcnow(-older_than))
+        .where(
+            WE.status == ExecutionStatus.PENDING.value,
+            WE.updated_at < utcnow(-older_than),
+            WE.debounce_key.is_(None),
+        )
         .distinct()
         .order_by(WE.workflow_id)
         .limit(limit)

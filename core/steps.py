@@ -21,6 +21,7 @@ from sqlalchemy import (
 
 from core import statements as sql
 from core.children import wake_parents_of
+from core.conditions import UPSTREAM, release_after
 from core.executions import admit, finish_if_done
 from core.limits import free_step
 from core.models import StepExecution
@@ -182,9 +183,12 @@ def complete(
     # Wait nodes downstream enter waiting by their own statement (core.waits), after
     # this one: the fused completion's text stays as it is for every workflow.
     waits = workflow.wait_downstream(step_name) if isinstance(workflow, Workflow) else []
+    # Gated steps downstream (a condition, a trigger) are decided by core.conditions,
+    # after this statement too.
+    gated = workflow.gated_downstream(step_name) if isinstance(workflow, Workflow) else []
     downstream = (
         workflow.task_downstream(step_name)
-        if waits and isinstance(workflow, Workflow)
+        if (waits or gated) and isinstance(workflow, Workflow)
         else workflow.downstream(step_name)
     )
     # None: every downstream step may continue here (a workflow with no ``queue=``).
@@ -253,6 +257,15 @@ def complete(
             conn, execution_id, waits, workflow, {step_name: output}, definition_of or registered
         )
         released_any = released_any or entered
+    if gated:
+        assert isinstance(workflow, Workflow)
+        woken = woken or WaitOutcome()
+        ended = [(step_name, StepStatus.SUCCEEDED.value)]
+        known = {step_name: output}
+        opened = release_after(
+            conn, execution_id, workflow, ended, known, definition_of or registered, woken
+        )
+        released_any = released_any or opened
     # A step that released a downstream step (pending or queued now) cannot have been
     # its execution's last open step; any other may have been (a sink, or a branch
     # whose downstream steps were skipped when a sibling failed). The DAG's only sink
@@ -261,7 +274,10 @@ def complete(
     finished = None
     # A held step claimed here is running: the execution cannot end in this transaction.
     if not released_any and not took:
-        alone = list(workflow.sinks) == [step_name]
+        # With gated steps, a sink may run while a branch skipped early still runs.
+        alone = list(workflow.sinks) == [step_name] and not (
+            isinstance(workflow, Workflow) and workflow.gated
+        )
         finished = finish_if_done(conn, execution_id, workflow.sinks, contended=not alone)
         if finished is None and isinstance(workflow, Workflow) and workflow.wait_nodes:
             # Its last running branch ended beside a waiting one: parked, it frees its
@@ -469,14 +485,17 @@ def fail_step(
     error: Mapping[str, Any],
     descendants: Sequence[str] | None,
     sinks: Sequence[str] = (),
-    limited: bool = False,
+    workflow: Workflow | None = None,
 ) -> StepFailure:
     """Fail a running step for good, skip the steps downstream of it, and finish the
-    execution when nothing is left open: one transaction. A ``limited`` step (behind
-    limits) frees its slots, admitting the keys' next waiters.
+    execution when nothing is left open: one transaction. A step behind limits (known
+    from ``workflow``) frees its slots, admitting the keys' next waiters.
 
     ``descendants=None`` skips every pending step: for a step that cannot run here at
-    all (its workflow is not registered), whose DAG is unknown.
+    all (its workflow is not registered), whose DAG is unknown. With ``workflow`` (its
+    definition) the skips are counted in ``woken.skipped``; when it has gated steps,
+    its dependents follow their triggers instead (``core.conditions.release_after``:
+    an ``all_done`` handler is released, not skipped).
     """
     failed = transition_step(
         conn,
@@ -490,16 +509,26 @@ def fail_step(
     )
     if not failed.applied:
         return StepFailure(transition=failed)
-    skipped, finished = skip_downstream_and_finish(
-        conn, execution_id, step_name, descendants, sinks
-    )
     woken = None
+    if workflow is not None and workflow.gated:
+        woken = WaitOutcome()
+        ended = [(step_name, StepStatus.FAILED.value)]
+        release_after(conn, execution_id, workflow, ended, {}, registered, woken)
+        skipped = [name for _, name, _ in woken.skipped]
+        finished = finish_if_done(conn, execution_id, sinks)
+    else:
+        skipped, finished = skip_downstream_and_finish(
+            conn, execution_id, step_name, descendants, sinks
+        )
+        if workflow is not None and skipped:
+            woken = WaitOutcome(skipped=[(workflow.name, name, UPSTREAM) for name in skipped])
     if finished is not None and finished.parent_execution_id is not None:
         # A child execution that failed tells its parent step.
         told = WaitOutcome()
         if wake_parents_of(conn, [execution_id], told, registered):
-            woken = told
-    if limited:
+            woken = woken or WaitOutcome()
+            woken.merge(told)
+    if workflow is not None and step_name in workflow.steps and workflow.steps[step_name].limits:
         woken = woken or WaitOutcome()
         free_step(conn, execution_id, step_name, woken, registered)
     return StepFailure(transition=failed, skipped=skipped, execution=finished, woken=woken)

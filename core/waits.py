@@ -476,10 +476,26 @@ def end_waits(
         outcome.routes[end.execution_id] = execution.route
         if end.execution_id not in touched:
             touched.append(end.execution_id)
+        if workflow.gated:
+            # Its dependents follow their triggers, whatever it ended as (core.conditions).
+            from core.conditions import release_after
+
+            if release_after(
+                conn,
+                end.execution_id,
+                workflow,
+                [(end.step_name, end.to)],
+                {end.step_name: end.output},
+                definition_of,
+                outcome,
+            ):
+                released_in.add(end.execution_id)
         if end.to != StepStatus.SUCCEEDED.value:
-            skip_wait_descendants(
-                conn, end.execution_id, end.step_name, workflow.descendants(end.step_name)
-            )
+            if not workflow.gated:
+                skipped = skip_wait_descendants(
+                    conn, end.execution_id, end.step_name, workflow.descendants(end.step_name)
+                )
+                outcome.skipped += [(workflow.name, name, "upstream") for name in skipped]
             continue
         for task in workflow.task_downstream(end.step_name):
             key = (end.execution_id, task)
@@ -573,12 +589,12 @@ def _release_tasks(conn: Connection, countdowns: Mapping[tuple[str, str], int]) 
 
 def skip_wait_descendants(
     conn: Connection, execution_id: str, step_name: str, descendants: Sequence[str] | None
-) -> None:
+) -> list[str]:
     """Skip the pending descendants of a wait that failed for good (None: every pending
-    step), as ``core.steps.skip_descendants`` does for a task step."""
+    step), as ``core.steps.skip_descendants`` does for a task step; the names skipped."""
     if descendants is not None and not descendants:
-        return
-    transition_steps(
+        return []
+    skipped = transition_steps(
         conn,
         execution_id,
         None if descendants is None else list(descendants),
@@ -586,6 +602,7 @@ def skip_wait_descendants(
         frozenset({StepStatus.PENDING}),
         reason=f"upstream step {step_name} failed",
     )
+    return [r.step_name or "" for r in skipped]
 
 
 def fail_or_retry(

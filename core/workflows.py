@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from graphlib import CycleError, TopologicalSorter
-from typing import Any, Protocol, get_type_hints
+from types import NoneType, UnionType
+from typing import Annotated, Any, Protocol, Union, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.errors import PydanticSchemaGenerationError
@@ -73,12 +74,19 @@ class Retry:
     backoff_max: float = 300.0
     jitter: bool = True
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+    # "skip": a step whose attempts are spent (or whose error is not retried) ends
+    # skipped instead of failed, its error kept: an optional step.
+    on_exhausted: str = "fail"
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise DefinitionError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.backoff < 0 or self.backoff_max < 0:
             raise DefinitionError("backoff and backoff_max must not be negative")
+        if self.on_exhausted not in ("fail", "skip"):
+            raise DefinitionError(
+                f'on_exhausted must be "fail" or "skip", got {self.on_exhausted!r}'
+            )
 
     def should_retry(self, error: BaseException, attempt: int) -> bool:
         """Whether ``attempt`` failing with ``error`` earns another attempt."""
@@ -188,6 +196,72 @@ def _limits(where: str, given: Any, *, step: bool) -> tuple[Limit, ...]:
 
 
 StepFunction = Callable[..., Any]
+# The longest debounce key (the column's width).
+MAX_DEBOUNCE_KEY = 255
+
+
+@dataclass(frozen=True)
+class Debounce:
+    """Collapse enqueues with the same ``key`` into one pending execution that runs with
+    the last input: it starts ``period`` after the last enqueue, and at most ``max_wait``
+    after the first (None: a steady stream may postpone it for as long as it lasts).
+
+    ``key`` is text, or a function of the validated input (the input model's instance;
+    the JSON value for a workflow without a model) returning text (an int is taken as
+    its decimal text)."""
+
+    key: str | Callable[[Any], str | int]
+    period: timedelta
+    max_wait: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.key, str):
+            if not 0 < len(self.key) <= MAX_DEBOUNCE_KEY:
+                raise DefinitionError(
+                    f"Debounce(key=): a key must be 1-{MAX_DEBOUNCE_KEY} characters, "
+                    f"got {self.key!r}"
+                )
+        elif not callable(self.key):
+            raise DefinitionError(
+                f"Debounce(key=) takes text or a function of the input, got {self.key!r}"
+            )
+        if not isinstance(self.period, timedelta) or self.period <= timedelta(0):
+            raise DefinitionError(
+                f"Debounce(period=) must be a timedelta above 0, got {self.period!r}"
+            )
+        if self.max_wait is not None and (
+            not isinstance(self.max_wait, timedelta) or self.max_wait < self.period
+        ):
+            raise DefinitionError(
+                f"Debounce(max_wait=) must be a timedelta of at least period ({self.period}) "
+                f"or None, got {self.max_wait!r}"
+            )
+
+    def key_of(self, workflow: str, parsed_input: Any) -> str:
+        """The window's key for an input (as the steps see it); InputValidationError when
+        the key function fails or returns no usable key."""
+        if isinstance(self.key, str):
+            return self.key
+        try:
+            found = self.key(parsed_input)
+        except Exception as exc:
+            raise InputValidationError(
+                f"workflow {workflow!r}: the debounce key function failed on this input: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if isinstance(found, int) and not isinstance(found, bool):
+            found = str(found)
+        if not isinstance(found, str) or not 0 < len(found) <= MAX_DEBOUNCE_KEY:
+            raise InputValidationError(
+                f"workflow {workflow!r}: the debounce key function must return text of "
+                f"1-{MAX_DEBOUNCE_KEY} characters (or an int), got {found!r}"
+            )
+        return found
+
+
+# When a step whose upstream steps are all final runs (core.conditions): only if they
+# all succeeded, if none failed (a skipped one passes None), or whatever they became.
+TRIGGERS = ("all_success", "none_failed", "all_done")
 # How many child workflows may nest below a root execution, unless
 # CONVEYOR_MAX_CHILD_DEPTH says otherwise (the registry passes the setting).
 MAX_CHILD_DEPTH = 8
@@ -328,6 +402,16 @@ class Step:
     limits: tuple[Limit, ...] = ()
     # The broker queue its messages go to (None: its workflow's, see Workflow.queue_of).
     queue: str | None = None
+    # ``when(ctx, **upstream)`` decides at release whether the step runs or is skipped;
+    # ``trigger`` which upstream outcomes let it run (see core.conditions).
+    when: StepFunction | None = None
+    trigger: str = "all_success"
+
+    @property
+    def gated(self) -> bool:
+        """Whether its release is decided by core.conditions (a condition, or a trigger
+        other than all_success), outside the fused completion."""
+        return self.when is not None or self.trigger != "all_success"
 
     @property
     def kind(self) -> str:
@@ -368,8 +452,10 @@ class Dag(Protocol):
 
 class Workflow:
     """A named, versioned DAG of steps with an input model, a deadline, a concurrency cap
-    and, optionally, schedules (``Schedule``) on which beat runs it, and a broker queue
-    (``queue``) its steps go to unless a step names its own."""
+    and, optionally, schedules (``Schedule``) on which beat runs it, a broker queue
+    (``queue``) its steps go to unless a step names its own, limits (``Concurrency``,
+    ``RateLimit``), or a ``Debounce`` that collapses enqueues close together into one
+    execution."""
 
     def __init__(
         self,
@@ -384,6 +470,7 @@ class Workflow:
         concurrency: Concurrency | Iterable[Concurrency] | None = None,
         rate_limit: RateLimit | Iterable[RateLimit] | None = None,
         queue: str | None = None,
+        debounce: Debounce | None = None,
     ) -> None:
         if not name or not isinstance(name, str) or len(name) > 200:
             raise DefinitionError(f"workflow name must be 1-200 characters, got {name!r}")
@@ -392,6 +479,10 @@ class Workflow:
             raise DefinitionError(f"workflow {name!r}: version must be at least 1")
         if max_concurrency is not None and max_concurrency < 1:
             raise DefinitionError(f"workflow {name!r}: max_concurrency must be at least 1")
+        if debounce is not None and not isinstance(debounce, Debounce):
+            raise DefinitionError(
+                f"workflow {name!r}: debounce takes a Debounce, got {type(debounce).__name__}"
+            )
         self.name = name
         self.version = version
         self.input_model = input_model
@@ -411,8 +502,17 @@ class Workflow:
         self._sinks: list[str] | None = None
         self._wait_nodes: frozenset[str] | None = None
         self._routed: bool | None = None
+        self._gated: frozenset[str] | None = None
         # When beat runs it by itself (core.schedules); inputs checked here, at definition.
         self.schedules: tuple[Schedule, ...] = check_schedules(self, schedules)
+        # A schedule's tick is one execution by design (an idempotency key per tick):
+        # collapsing ticks would make a schedule that fires less often, said plainly.
+        if debounce is not None and self.schedules:
+            raise DefinitionError(
+                f"workflow {name!r}: a debounced workflow cannot have schedules "
+                "(each tick is its own execution); lengthen the schedule instead"
+            )
+        self.debounce = debounce
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, version={self.version}, steps={list(self.steps)})"
@@ -428,11 +528,15 @@ class Workflow:
         concurrency: Concurrency | Iterable[Concurrency] | None = None,
         rate_limit: RateLimit | Iterable[RateLimit] | None = None,
         queue: str | None = None,
+        when: StepFunction | None = None,
+        trigger: str = "all_success",
     ) -> Callable[[StepFunction], StepFunction]:
         """Declare the decorated function a step of this workflow; with ``concurrency``
         or ``rate_limit`` it is admitted under those limits when it is released; with
         ``queue``, it runs only on workers consuming that broker queue
-        (``celery worker -Q``)."""
+        (``celery worker -Q``); with ``when``, it runs only if ``when(ctx, **upstream)``
+        is true when released, and ``trigger`` says which upstream outcomes release it
+        (``core.conditions``)."""
 
         def register(fn: StepFunction) -> StepFunction:
             step_name = name or fn.__name__
@@ -457,6 +561,8 @@ class Workflow:
                         *_limits(f"{where}", rate_limit, step=True),
                     ),
                     queue=queue,
+                    when=when,
+                    trigger=trigger,
                 )
             )
             return fn
@@ -470,9 +576,11 @@ class Workflow:
         depends_on: Iterable[str] = (),
         duration: timedelta | None = None,
         until: StepFunction | None = None,
+        trigger: str = "all_success",
     ) -> None:
         """Declare a durable sleep node: for ``duration``, or until ``until(ctx, **up)``
-        (a timezone-aware datetime from upstream outputs). No worker is held meanwhile."""
+        (a timezone-aware datetime from upstream outputs). No worker is held meanwhile.
+        ``trigger`` as for a step."""
         where = f"workflow {self.name!r}, sleep {name!r}"
         if (duration is None) == (until is None):
             raise DefinitionError(f"{where}: give either duration= or until=, not both or none")
@@ -482,7 +590,8 @@ class Workflow:
             raise DefinitionError(f"{where}: duration must be a timedelta of 0 or more")
         if until is not None and not callable(until):
             raise DefinitionError(f"{where}: until must be a function (ctx, **upstream)")
-        self._add_wait(name, depends_on, Sleep(duration=duration, until=until), until, None)
+        sleep = Sleep(duration=duration, until=until)
+        self._add_wait(name, depends_on, sleep, until, None, trigger)
 
     def wait(
         self,
@@ -495,10 +604,12 @@ class Workflow:
         timeout: timedelta | None = None,
         on_timeout: Any = "fail",
         retry: Retry | None = None,
+        trigger: str = "all_success",
     ) -> None:
         """Declare a node that waits for event ``event`` (with ``key``: text, or a
         function ``(ctx, **upstream)`` returning it) or a signal to this step; its output
-        is the payload, checked against ``schema`` when it is sent."""
+        is the payload, checked against ``schema`` when it is sent. ``trigger`` as for a
+        step."""
         where = f"workflow {self.name!r}, wait {name!r}"
         if not isinstance(event, str) or not 0 < len(event) <= 200:
             raise DefinitionError(f"{where}: event must be a name of 1-200 characters")
@@ -511,7 +622,7 @@ class Workflow:
         spec = EventWait(
             event=event, key=key, schema=schema, timeout=timeout, on_timeout=on_timeout
         )
-        self._add_wait(name, depends_on, spec, key if callable(key) else None, retry)
+        self._add_wait(name, depends_on, spec, key if callable(key) else None, retry, trigger)
 
     def child(
         self,
@@ -525,10 +636,11 @@ class Workflow:
         max_parallel: int = 32,
         max_items: int = 10_000,
         on_item_failure: str | Tolerate = "fail",
+        trigger: str = "all_success",
     ) -> None:
         """Declare a node that starts an execution of ``workflow`` with
         ``input(ctx, **upstream)`` and completes with its output (or fails with its error,
-        then follows ``retry``: a retry starts a new child).
+        then follows ``retry``: a retry starts a new child). ``trigger`` as for a step.
 
         With ``over``, a child map: one child execution per element of step ``over``'s
         output (its input ``input(ctx, item, **unmapped)``, or the item itself), at most
@@ -540,9 +652,8 @@ class Workflow:
         if input is not None and not callable(input):
             raise DefinitionError(f"{where}: input must be a function (ctx, **upstream)")
         if over is None:
-            self._add_wait(
-                name, depends_on, ChildWait(workflow=workflow, input=input), input, retry
-            )
+            child = ChildWait(workflow=workflow, input=input)
+            self._add_wait(name, depends_on, child, input, retry, trigger)
             return
         mapped = _map_spec(where, over, max_parallel, max_items, on_item_failure)
         unmapped = _unmapped(where, over, depends_on)
@@ -556,6 +667,7 @@ class Workflow:
                 depends_on=upstream,
                 retry=retry or Retry(),
                 wait=replace(mapped, child=ChildWait(workflow=workflow, input=input)),
+                trigger=trigger,
             )
         )
 
@@ -572,6 +684,7 @@ class Workflow:
         timeout: float | None = None,
         name: str | None = None,
         queue: str | None = None,
+        trigger: str = "all_success",
     ) -> Callable[[StepFunction], StepFunction]:
         """Declare the decorated function ``(ctx, item, **unmapped)`` a map step: it runs
         once per element of step ``over``'s output (``ctx.map_index`` is its index), at
@@ -582,7 +695,9 @@ class Workflow:
         the map and cancels the items not finished; ``Tolerate(max_failed=N or
         fraction)``: failed items give ``None`` at their index while under the limit.
         Other ``depends_on`` steps reach every item unmapped, as keyword arguments.
-        With ``queue``, the items run only on workers consuming that broker queue."""
+        With ``queue``, the items run only on workers consuming that broker queue;
+        ``trigger`` as for a step; a map whose ``over`` step did not succeed is skipped
+        (there is no list to map)."""
 
         def register(fn: StepFunction) -> StepFunction:
             step_name = name or fn.__name__
@@ -600,6 +715,7 @@ class Workflow:
                     timeout=timeout,
                     wait=spec,
                     queue=queue,
+                    trigger=trigger,
                 )
             )
             return fn
@@ -613,6 +729,7 @@ class Workflow:
         wait: Wait,
         function: StepFunction | None,
         retry: Retry | None,
+        trigger: str = "all_success",
     ) -> None:
         if isinstance(depends_on, str):
             raise DefinitionError(
@@ -626,6 +743,7 @@ class Workflow:
                 depends_on=tuple(depends_on),
                 retry=retry or Retry(),
                 wait=wait,
+                trigger=trigger,
             )
         )
 
@@ -667,17 +785,33 @@ class Workflow:
             self._routed = self.queue is not None or any(s.queue is not None for s in steps)
         return self._routed
 
+    @property
+    def gated(self) -> frozenset[str]:
+        """The names of the steps released through core.conditions (``Step.gated``)."""
+        if self._gated is None:
+            self._gated = frozenset(n for n, s in self.steps.items() if s.gated)
+        return self._gated
+
     def task_downstream(self, name: str) -> list[str]:
-        """``downstream(name)`` without its wait nodes: what a completion queues."""
-        waits = self.wait_nodes
+        """``downstream(name)`` without its wait nodes and gated steps: what a completion
+        queues."""
+        apart = self.wait_nodes | self.gated
         return (
-            [n for n in self.downstream(name) if n not in waits] if waits else self.downstream(name)
+            [n for n in self.downstream(name) if n not in apart] if apart else self.downstream(name)
         )
 
     def wait_downstream(self, name: str) -> list[str]:
-        """The wait nodes directly downstream of ``name``."""
+        """The wait nodes directly downstream of ``name`` (gated ones apart)."""
         waits = self.wait_nodes
-        return [n for n in self.downstream(name) if n in waits] if waits else []
+        if not waits:
+            return []
+        gated = self.gated
+        return [n for n in self.downstream(name) if n in waits and n not in gated]
+
+    def gated_downstream(self, name: str) -> list[str]:
+        """The gated steps directly downstream of ``name``."""
+        gated = self.gated
+        return [n for n in self.downstream(name) if n in gated] if gated else []
 
     def child_workflows(self) -> list[Workflow]:
         """The workflows this one starts as children, directly."""
@@ -726,12 +860,21 @@ class Workflow:
             _check_signature(where, step, mapped=True)
         elif step.fn is not _never_run:
             _check_signature(where, step)
+        _check_condition(where, step)
+        if step.retry.on_exhausted != "fail" and step.wait is not None:
+            # A wait or a map ends by its own rules (on_timeout, Tolerate for items).
+            raise DefinitionError(
+                f'{where}: on_exhausted="skip" applies to task steps only, not to this '
+                f"{step.kind} step (a map tolerates failed items with "
+                "on_item_failure=Tolerate(...))"
+            )
         runs = step.wait is None or (isinstance(step.wait, MapSpec) and step.wait.child is None)
         self.steps[step.name] = _with_output_adapter(where, step) if runs else step
         self._children_map = None
         self._sinks = None
         self._wait_nodes = None
         self._routed = None
+        self._gated = None
 
     def validate(self, max_child_depth: int = MAX_CHILD_DEPTH) -> None:
         """Check the whole DAG: at least one step, known dependencies, no cycles; child
@@ -948,4 +1091,65 @@ def _holds_bytes(schema: Any) -> bool:
         return any(_holds_bytes(part) for part in schema.values())
     if isinstance(schema, list):
         return any(_holds_bytes(part) for part in schema)
+    return False
+
+
+def _check_condition(where: str, step: Step) -> None:
+    """Refuse a bad ``trigger`` or ``when``, and, under a trigger that passes ``None``
+    for an upstream step that did not succeed, a parameter that cannot take it."""
+    if step.trigger not in TRIGGERS:
+        raise DefinitionError(
+            f"{where}: trigger must be one of {', '.join(TRIGGERS)}, got {step.trigger!r}"
+        )
+    if step.when is not None:
+        if not callable(step.when):
+            raise DefinitionError(f"{where}: when must be a function (ctx, **upstream)")
+        try:
+            parameters = list(inspect.signature(step.when).parameters.values())
+        except (TypeError, ValueError) as exc:
+            raise DefinitionError(f"{where}: cannot read the signature of when") from exc
+        if not parameters or parameters[0].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            raise DefinitionError(f"{where}: when must take the step context first")
+        # It is passed the upstream outputs it names (all of them with **upstream).
+        named = [p.name for p in parameters[1:] if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        strangers = [n for n in named if n not in step.depends_on]
+        if strangers:
+            raise DefinitionError(
+                f"{where}: when's parameters {', '.join(strangers)} are not upstream steps"
+            )
+    if step.trigger == "all_success" or step.fn is _never_run:
+        return
+    parameters_of = inspect.signature(step.fn).parameters
+    try:
+        hints: Mapping[str, Any] = get_type_hints(step.fn, include_extras=True)
+    except Exception:  # unresolved forward references: read the annotations' text
+        hints = {n: p.annotation for n, p in parameters_of.items()}
+    # A map's item is its ``over`` step's element: a map whose list is missing is skipped.
+    upstream = step.depends_on[1:] if isinstance(step.wait, MapSpec) else step.depends_on
+    for name in upstream:
+        if name not in parameters_of:
+            continue  # taken through **upstream: nothing to check
+        if not _accepts_none(hints.get(name, NO_ANNOTATION)):
+            raise DefinitionError(
+                f"{where}: under trigger {step.trigger!r} parameter {name!r} receives None "
+                f"when step {name} does not succeed: annotate it `T | None`"
+            )
+
+
+def _accepts_none(annotation: Any) -> bool:
+    """Whether a parameter annotated ``annotation`` is declared to take None."""
+    if annotation is NO_ANNOTATION:
+        return False
+    if isinstance(annotation, str):  # an annotation whose names did not resolve
+        return "None" in annotation or "Optional" in annotation or annotation in ("Any", "object")
+    if annotation in (Any, object, None, NoneType):
+        return True
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _accepts_none(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        return any(_accepts_none(arg) for arg in get_args(annotation))
     return False

@@ -31,7 +31,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import children, executions, limits, map_repair, reconciler, steps, waits, waker
+from core import (
+    children,
+    conditions,
+    debounce,
+    executions,
+    limits,
+    map_repair,
+    reconciler,
+    steps,
+    waker,
+)
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -479,10 +489,11 @@ class Engine:
         roots = [s for s in workflow.steps.values() if not s.depends_on] if workflow else []
         # Breadth-first order starts everything first: its roots wait their turn.
         depth_first = self.settings.order == "depth_first"
-        if workflow is not None and workflow.wait_nodes:
+        if workflow is not None and (workflow.wait_nodes or workflow.gated):
             # Its waits enter waiting at the start (root waits, and after a retry those
-            # whose upstream steps had succeeded): admitted without the fused claim.
-            admission, woken = self.manager.run(waits.admit, workflow, ids, self.definition)
+            # whose upstream steps had succeeded), and its gated steps queued at the start
+            # are decided (a root's condition): admitted without the fused claim.
+            admission, woken = self.manager.run(conditions.admit, workflow, ids, self.definition)
             self._admitted(workflow_name, admission)
             self._publish_committed(admission.queued, admission.routes)
             self.publish_outcome(woken)
@@ -553,6 +564,8 @@ class Engine:
             self.metrics.wait_ended(workflow, kind, how)
         for workflow, seconds in outcome.lags:
             self.metrics.woke_late(workflow, seconds)
+        for workflow, step, why in outcome.skipped:
+            self.metrics.skipped(workflow, step, why)
         for result, workflow in outcome.finished:
             self.metrics.ended(workflow, result)
         for workflow in sorted({*(workflow for _, workflow in outcome.finished), *outcome.freed}):
@@ -576,9 +589,11 @@ class Engine:
                 log.warning("asking the waker for %s failed; its tick will do", due, exc_info=True)
 
     def wake(self) -> int:
-        """Wake the waits that are due (the beat's ``conveyor.wake``): batches of
-        ``CONVEYOR_WAKE_BATCH`` until one comes back short, or ``CONVEYOR_WAKE_INTERVAL``
-        of work has passed (the next tick goes on). How many waits it took."""
+        """Wake the waits that are due (the beat's ``conveyor.wake``), then close the
+        debounce windows that are due and send their starts (``core.debounce``): batches
+        of ``CONVEYOR_WAKE_BATCH`` until one comes back short, or
+        ``CONVEYOR_WAKE_INTERVAL`` of work has passed (the next tick goes on). How many
+        waits and windows it took."""
         settings = self.settings
         began = time.monotonic()
         taken = 0
@@ -590,11 +605,23 @@ class Engine:
                 break
             if time.monotonic() - began > settings.wake_interval:
                 break
+        next_due = outcome.next_due
+        while True:
+            # Debounce windows due to start: closed, then their starts sent.
+            released = self.manager.run(debounce.release_due, settings.wake_batch)
+            taken += len(released.starts)
+            self._publish_released(released.starts)
+            if len(released.starts) < settings.wake_batch:
+                break
+            if time.monotonic() - began > settings.wake_interval:
+                break
+        if released.next_due is not None:
+            next_due = released.next_due if next_due is None else min(next_due, released.next_due)
         self.metrics.wake_pass(time.monotonic() - began, taken)
-        if outcome.next_due is not None:
+        if next_due is not None:
             # Due before the next tick: one housekeeping message for that moment, so a
             # short sleep wakes on time (a lost one costs at most one tick).
-            left = (outcome.next_due - datetime.now(UTC)).total_seconds()
+            left = (next_due - datetime.now(UTC)).total_seconds()
             # Already due (it became due while this pass ran, after its scan): at once.
             # Not for one due long before: a row no pass can end would loop wakes.
             if -settings.wake_interval < left < settings.wake_interval:
@@ -602,6 +629,13 @@ class Engine:
                     WAKE, countdown=max(0.0, left), expires=settings.wake_interval * 2
                 )
         return taken
+
+    def _publish_released(self, starts: Sequence[Start]) -> None:
+        """Send the starts of debounce windows just closed; one that fails is logged:
+        the window is closed, so the reconciler sends it as any pending start."""
+        unsent = self.publish_starts_each(starts)
+        if unsent:
+            log.warning("%d debounced start(s) unsent; the reconciler will send them", len(unsent))
 
     def after_finish(self, workflow_name: str) -> None:
         """A slot freed up: admit the next waiting execution of a limited workflow."""
@@ -941,7 +975,47 @@ class Engine:
             if not moved.applied:
                 return None
             return self._reported(claim, error, step.retry.max_attempts, retry_in=delay)
+        if step.retry.on_exhausted == "skip":
+            return self._skip(claim, error, workflow)
         return self._fail(claim, error, workflow)
+
+    def _skip(self, claim: Claim, error: BaseException, workflow: Workflow) -> StepFailed | None:
+        """Record an optional step (``Retry(on_exhausted="skip")``) whose attempts are
+        spent as skipped, its error kept; nothing continues after it, and the task does
+        not report a failure (the execution does not fail for it). None, or the report of
+        the failure recorded instead when the skip could not be."""
+        try:
+            skipped, woken = self.recorder.run(
+                conditions.skip_step,
+                claim.execution_id,
+                claim.step_name,
+                claim.attempt,
+                error_record(error),
+                workflow,
+                self.definition,
+            )
+        except TransientDatabaseError:
+            raise  # as in _succeeded
+        except Exception:
+            # As in _fail: never leave the claimed step running.
+            log.error(
+                "recording step %s of execution %s skipped failed; failing the step",
+                claim.step_name,
+                claim.execution_id,
+                exc_info=True,
+            )
+            return self._fail(claim, error, workflow)
+        if skipped.applied:
+            log.warning(
+                "step %s of execution %s skipped after attempt %d: %s: %s",
+                claim.step_name,
+                claim.execution_id,
+                claim.attempt - claim.recoveries,
+                type(error).__name__,
+                error,
+            )
+        self.publish_outcome(woken)
+        return None
 
     @staticmethod
     def _reported(
@@ -975,8 +1049,6 @@ class Engine:
         nothing else runs); the report (None: another outcome was recorded first)."""
         descendants = workflow.descendants(claim.step_name) if workflow else None
         sinks = workflow.sinks if workflow else []
-        defined = workflow.steps.get(claim.step_name) if workflow else None
-        limited = bool(defined and defined.limits)
         record = error_record(error)
         try:
             failure = self.recorder.run(
@@ -987,7 +1059,7 @@ class Engine:
                 record,
                 descendants,
                 sinks,
-                limited,
+                workflow,
             )
         except TransientDatabaseError:
             raise  # as in _succeeded
@@ -1009,7 +1081,7 @@ class Engine:
                 bare_error_record(error),
                 descendants,
                 sinks,
-                limited,
+                workflow,
             )
         report = None
         if failure.transition.applied:

@@ -163,10 +163,25 @@ class Metrics:
             ["workflow", "result"],
             registry=registry,
         )
+        self.steps_skipped = Counter(
+            "conveyor_steps_skipped",
+            "Steps skipped without running (or after their attempts, optional ones), by "
+            "why: condition (when= was false), upstream (the trigger refused an upstream "
+            'step\'s outcome), exhausted (Retry(on_exhausted="skip")).',
+            ["workflow", "step", "why"],
+            registry=registry,
+        )
         self.events_sent = Counter(
             "conveyor_events",
             "Events and signals sent, by outcome (consumed, stored, duplicate).",
             ["outcome"],
+            registry=registry,
+        )
+        self.debounced = Counter(
+            "conveyor_debounced",
+            "Enqueues of a debounced workflow collapsed into the open window of their key "
+            "(an execution already pending), counted by the process that enqueued.",
+            ["workflow"],
             registry=registry,
         )
 
@@ -219,6 +234,10 @@ class Metrics:
         if what in ("rate", "paused"):
             self.rate_limited.labels(workflow, key).inc()
 
+    def skipped(self, workflow: str, step: str, why: str) -> None:
+        """A step skipped: ``why`` is condition, upstream or exhausted."""
+        self.steps_skipped.labels(workflow, step, why).inc()
+
     def woke_late(self, workflow: str, seconds: float) -> None:
         """A sleep the waker woke, ``seconds`` after its wake time."""
         self.wake_lag.labels(workflow).observe(seconds)
@@ -226,6 +245,10 @@ class Metrics:
     def wake_pass(self, seconds: float, taken: int) -> None:
         """One waker pass: its duration (``taken``: due waits it took)."""
         self.wake_duration.observe(seconds)
+
+    def collapsed(self, workflow: str, count: int) -> None:
+        """Enqueues that an open debounce window took (no new execution)."""
+        self.debounced.labels(workflow).inc(count)
 
     def event_sent(self, outcome: str) -> None:
         """An event or signal: consumed by a wait, stored for one to come, or a duplicate."""

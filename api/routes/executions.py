@@ -37,7 +37,9 @@ from api.schemas import (
 from api.services import Conveyor
 from core import executions, limits, maps
 from core.accounts import Principal
+from core.conditions import skip_reasons
 from core.errors import (
+    DebouncedIdempotencyKey,
     ExecutionNotFound,
     FieldError,
     InputValidationError,
@@ -126,7 +128,13 @@ def _detail(conn: Connection, execution_id: str) -> Detail:
     status_code=status.HTTP_201_CREATED,
     response_model=ExecutionOut,
     responses={
-        200: {"model": ExecutionOut, "description": "The idempotency key's execution."},
+        200: {
+            "model": ExecutionOut,
+            "description": (
+                "The idempotency key's execution, or the pending execution of the debounce "
+                "window that took this input."
+            ),
+        },
         **problems.responses(400, 403, 409, 413, 422),
     },
 )
@@ -137,6 +145,9 @@ def enqueue(
 
     Idempotency keys are the caller's own: another user's key of the same name is
     neither found nor a conflict, and keys beginning ``schedule:`` are refused (422).
+    A debounced workflow's input goes to the open window of its key (the caller's own,
+    as keys are): 201 when it opened one, 200 when an open one took it; either is
+    pending until ``start_at``.
     """
     try:
         (created,) = submit_many(
@@ -153,7 +164,7 @@ def enqueue(
         raise InputValidationError(
             str(error), [{"field": "workflow", "message": str(error)}]
         ) from None
-    except ReservedIdempotencyKey:
+    except (ReservedIdempotencyKey, DebouncedIdempotencyKey):
         raise  # names the request's own field, idempotency_key
     except InputValidationError as error:
         # The workflow's own checks name fields of the input: say where they are.
@@ -217,10 +228,17 @@ def read_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> 
     execution, steps, events, children, items, pauses = engine.manager.run(_detail, execution_id)
     _visible(execution, caller)
     route = (execution.workflow_id, execution.workflow_version)
+    why = skip_reasons(events)
     return ExecutionDetail(
         **ExecutionOut.of(execution).model_dump(),
         steps=[
-            StepOut.of(s, items.get(s.step_name), engine.queue_of(*route, s.step_name), pauses)
+            StepOut.of(
+                s,
+                items.get(s.step_name),
+                engine.queue_of(*route, s.step_name),
+                why.get(s.step_name),
+                pauses,
+            )
             for s in steps
         ],
         events=[EventOut.of(e) for e in events],
@@ -372,7 +390,7 @@ def list_items(
         raise StepNotFound(execution_id, step)
     if found.wait_kind != "map":
         # The items of a step that is no map do not exist.
-        raise NotFound(f"step {step} is a {found.wait_kind or 'task'}, not a map: it has no items")
+        raise NotFound(f"step {step} is a {found.kind}, not a map: it has no items")
     page = engine.manager.run(
         maps.item_page, execution_id, step, status=status, after=after, limit=limit
     )

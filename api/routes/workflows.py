@@ -12,6 +12,7 @@ from api.auth import Caller
 from api.schemas import NO_NUL, ScheduleOut, StepDefinition, WaitDefinition, WorkflowOut
 from api.services import Conveyor
 from core import schedule_state, schedules
+from core.conditions import condition_label
 from core.schedule_state import ScheduleState
 from core.workflows import ChildWait, EventWait, MapSpec, Sleep, Step, Workflow
 
@@ -81,6 +82,9 @@ def _body(
                 kind=step.kind,
                 wait=_wait(step),
                 queue=workflow.queue_of(step.name, default_queue),
+                trigger=step.trigger,
+                condition=condition_label(step.when),
+                on_exhausted=step.retry.on_exhausted,
             )
             for step in workflow.steps.values()
         ],

@@ -385,7 +385,7 @@
       el("td", { class: "num", text: duration(seconds(s.started_at, s.finished_at || (s.status === "running" ? null : s.started_at))) }),
       el("td", { class: "mono small", "data-queue": s.queue || "", text: s.queue || "–" }),
       el("td", { class: "mono small", text: s.worker || "–" }),
-      el("td", { class: "error-cell", text: s.map ? mapSummary(s.map) : errorText(s.error) })));
+      el("td", { class: "error-cell", text: s.map ? mapSummary(s.map) : s.skip_reason ? "skipped: " + s.skip_reason : errorText(s.error) })));
   }
 
   function timeline() {
@@ -443,6 +443,7 @@
       ["Started", when(step.started_at)], ["Finished", when(step.finished_at)],
       ["Next attempt", when(step.next_attempt_at)],
     ];
+    if (step.skip_reason) facts.push(["Skipped because", step.skip_reason]);
     const body = [factList(facts)];
     if (step.map) {
       const box = el("div", { id: "item-table" });

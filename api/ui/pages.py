@@ -37,6 +37,7 @@ from api.ui.session import (
 )
 from core import execution_counts, executions, maps
 from core.accounts import Principal
+from core.conditions import skip_reasons
 from core.errors import ExecutionNotFound, WorkflowNotFound
 from core.executions import ExecutionFilter, ListedStatus, listed_statuses
 from core.states import EXECUTION_RETRY_TRANSITIONS, EXECUTIONS, ExecutionStatus
@@ -281,6 +282,7 @@ def execution_page(
         events = executions.get_history(conn, execution_id)
         items = maps.map_counts_of(conn, execution_id)
         route = (execution.workflow_id, execution.workflow_version)
+        why = skip_reasons(events)
         pauses = key_pauses(conn, steps)
         return ExecutionDetail(
             **ExecutionOut.of(execution).model_dump(),
@@ -289,6 +291,7 @@ def execution_page(
                     s,
                     items.get(s.step_name),
                     conveyor.engine.queue_of(*route, s.step_name),
+                    why.get(s.step_name),
                     pauses,
                 )
                 for s in steps

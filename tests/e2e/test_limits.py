@@ -326,3 +326,41 @@ def _step_status(execution_id: str, step: str) -> str:
                 )
             )
         )
+
+
+conditional = Workflow("limits-conditional")
+
+
+@conditional.step()
+def classify(ctx: StepContext) -> str:
+    return str(ctx.input["kind"])
+
+
+@conditional.step(
+    depends_on=["classify"],
+    when=lambda ctx, classify: classify == "refund",
+    concurrency=Concurrency(key="limits-refunds", limit=1),
+)
+def refund(ctx: StepContext, classify: str) -> str:
+    _enter("refund")
+    time.sleep(0.05)
+    _leave("refund")
+    return "refunded"
+
+
+def test_a_condition_decides_before_the_limit_admits(
+    database: TestDatabase, redis_url: str
+) -> None:
+    registry = WorkflowRegistry([conditional])
+    configure_registry(registry)
+    PEAK.clear()
+    app = create_app(clean_app_settings(database, redis_url), registry)
+    with running_worker(app, concurrency=8):
+        kinds = ["refund", "other", "refund", "refund", "other"]
+        ids = [enqueue(conditional, {"kind": kind}, app=app) for kind in kinds]
+        for execution_id in ids:
+            assert wait_for(execution_id).status == "succeeded"
+    statuses = [_step_status(e, "refund") for e in ids]
+    assert statuses == ["succeeded", "skipped", "succeeded", "succeeded", "skipped"]
+    assert PEAK["refund"] == 1
+    assert _slots() == 0
