@@ -326,7 +326,7 @@ class WaitOut(BaseModel):
         "holds it back (null: due to be admitted, as after a retry's backoff)."
     )
     child_execution_id: str | None = Field(description="A child node: the child execution.")
-    why: Literal["concurrency", "rate", "paused"] | None = Field(
+    why: limits.HeldFor | None = Field(
         default=None,
         description="A key wait: no free slot under the key, its rate, or the key is paused.",
     )
@@ -350,7 +350,7 @@ class WaitOut(BaseModel):
             event=step.wait_event,
             key=step.wait_key,
             child_execution_id=step.child_execution_id,
-            why=cast(Any, why),
+            why=why,
         )
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy import (
     Connection,
@@ -885,7 +885,10 @@ def key_states(conn: Connection, keys: Sequence[str] | None = None) -> list[KeyS
     ]
 
 
-def why_held(wake_at: datetime | None, paused_until: datetime | None, now: datetime) -> str:
+HeldFor = Literal["concurrency", "rate", "paused"]
+
+
+def why_held(wake_at: datetime | None, paused_until: datetime | None, now: datetime) -> HeldFor:
     """Why a step waiting under its key (``wait_key`` set) is held, from its row and its
     key's pause: ``"concurrency"`` (no wake time: it waits for a free slot), ``"paused"``
     (the key is paused now), else ``"rate"`` (its wake time is the rate's next start)."""
@@ -939,6 +942,7 @@ def resume_key(conn: Connection, key: str) -> int | None:
 
 
 __all__ = [
+    "HeldFor",
     "KeyFailed",
     "KeyLimit",
     "KeyState",
