@@ -1,7 +1,8 @@
 """Limits over HTTP: the keys listed with what they hold and hold back, a held step's key
 in its execution's detail, the keys' gauges on ``/metrics``, and an admin's pause and
-resume of a key, through the API (uvicorn), a real in-process worker, database and
-broker. The workflows are tests/e2e/limit_workflows.py's.
+resume of a key (and who may see and do what, the dashboard's Limits page included),
+through the API (uvicorn), a real in-process worker, database and broker. The workflows
+are tests/e2e/limit_workflows.py's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
+from api.auth import UI_HEADER
+from core.accounts import Role
 from tests.e2e.limit_workflows import (
     BATCH_KEY,
     GATE,
@@ -25,6 +28,7 @@ from tests.e2e.limit_workflows import (
     hourly,
     metered,
 )
+from tests.e2e.test_dashboard import logged_in
 from tests.helpers.api import client, poll, user_with_token
 from worker.app import ConveyorCelery
 
@@ -202,3 +206,35 @@ def test_resuming_a_workflows_own_key_starts_the_executions_it_kept_pending(
     # Admitted at the resume itself, not at the retry a minute on.
     done = poll(admin, f"/executions/{second}", FINAL, timeout=20)
     assert done["status"] == "succeeded"
+
+
+def test_the_limits_page_needs_a_login_and_gives_only_admins_the_pause(
+    limited: ConveyorCelery, api_url: str, admin: httpx.Client
+) -> None:
+    assert poll(admin, f"/executions/{_start(admin, metered.name)}", FINAL)["status"] == (
+        "succeeded"
+    )
+    with httpx.Client(base_url=api_url, timeout=30, follow_redirects=False) as anonymous:
+        response = anonymous.get("/ui/limits")
+        assert response.status_code == 303
+        assert response.headers["location"].startswith("/ui/login?next=")
+    until = {"until": (datetime.now(UTC) + timedelta(hours=1)).isoformat()}
+    _, member_token = user_with_token("max@example.com")
+    with logged_in(api_url, member_token) as member:
+        shown = member.get(f"/ui/limits?key={METERED_KEY}")
+        assert shown.status_code == 200
+        assert f'data-key="{METERED_KEY}"' in shown.text
+        assert "<th>Pause</th>" not in shown.text
+        assert "default-src 'self'" in shown.headers["content-security-policy"]
+        # A pause sent by cookie: without the dashboard's header (a forged form), then
+        # with it by a member: both refused, and the key is not paused.
+        path = f"/limits/{METERED_KEY}/pause"
+        assert member.post(path, json=until).status_code == 403
+        assert member.post(path, json=until, headers={UI_HEADER: "1"}).status_code == 403
+    (listed,) = admin.get("/limits", params={"key": METERED_KEY}).json()
+    assert listed["paused_until"] is None
+    _, admin_token = user_with_token("ada@example.com", Role.ADMIN)
+    with logged_in(api_url, admin_token) as root:
+        assert "<th>Pause</th>" in root.get("/ui/limits").text
+        paused = root.post(path, json=until, headers={UI_HEADER: "1"})
+        assert paused.status_code == 200, paused.text
