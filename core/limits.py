@@ -25,11 +25,12 @@ round robin between the keys of the workflow's pending executions.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy import (
     Connection,
@@ -893,37 +894,132 @@ class KeyState:
     paused_until: datetime | None
 
 
-def key_states(conn: Connection, keys: Sequence[str] | None = None) -> list[KeyState]:
-    """Each key's running and waiting counts (every key, or ``keys``)."""
-    st = statements(conn.dialect.name)
-    query = select(FK).order_by(FK.c.key)
-    if keys is not None:
-        query = query.where(FK.c.key.in_(list(keys)))
-    waiting: Mapping[str, int] = {
-        row.wait_key: int(row.n)
-        for row in conn.execute(
-            select(SE.c.wait_key, func.count().label("n"))
-            .where(SE.c.status == WAITING, SE.c.wait_kind == KEY)
-            .group_by(SE.c.wait_key)
-        )
-    }
-    found: list[KeyState] = []
-    for row in conn.execute(query):
-        running = int(conn.execute(st.holders, {"k": row.key}).scalar_one())
-        found.append(
-            KeyState(
-                key=row.key,
-                limit=row.concurrency_limit,
-                running=running,
-                waiting=waiting.get(row.key, 0),
-                rate_per_second=None if not row.rate_interval else 1.0 / row.rate_interval,
-                paused_until=row.paused_until,
+@cache
+def _counts(filtered: bool) -> tuple[Select[Any], Select[Any], Select[Any], Select[Any]]:
+    """The listing's statements: the keys' rows, then each key's holders and waiters
+    counted per key in one grouped statement each (not one count per key), so a scrape
+    costs the same few statements whatever the number of keys."""
+    keys: Any = bindparam("keys", expanding=True)
+    rows = select(FK).order_by(FK.c.key)
+    step_holders = (
+        select(KS.c.key, func.count().label("n"))
+        .select_from(
+            KS.join(
+                SE,
+                and_(
+                    SE.c.execution_id == KS.c.execution_id,
+                    SE.c.step_name == KS.c.step_name,
+                    SE.c.attempt == KS.c.attempt,
+                ),
             )
         )
-    return found
+        .where(KS.c.step_name != "", SE.c.status.in_(HOLDING))
+        .group_by(KS.c.key)
+    )
+    execution_holders = (
+        select(KS.c.key, func.count().label("n"))
+        .select_from(KS.join(WE, WE.c.execution_id == KS.c.execution_id))
+        .where(
+            KS.c.step_name == "",
+            WE.c.status == ExecutionStatus.RUNNING.value,
+            WE.c.parked_at.is_(None),
+        )
+        .group_by(KS.c.key)
+    )
+    # ix_execution_steps_waiting_key's predicate, so the count reads that index only.
+    waiters = (
+        select(SE.c.wait_key.label("key"), func.count().label("n"))
+        .where(SE.c.status == WAITING, SE.c.wait_kind == KEY, SE.c.wait_key.is_not(None))
+        .group_by(SE.c.wait_key)
+    )
+    if filtered:
+        rows = rows.where(FK.c.key.in_(keys))
+        step_holders = step_holders.where(KS.c.key.in_(keys))
+        execution_holders = execution_holders.where(KS.c.key.in_(keys))
+        waiters = waiters.where(SE.c.wait_key.in_(keys))
+    return rows, step_holders, execution_holders, waiters
+
+
+def key_states(conn: Connection, keys: Sequence[str] | None = None) -> list[KeyState]:
+    """Each key's running and waiting counts (every key, or ``keys``), by key."""
+    rows, step_holders, execution_holders, waiters = _counts(keys is not None)
+    params = {} if keys is None else {"keys": list(keys)}
+    running: Counter[str] = Counter()
+    for query in (step_holders, execution_holders):
+        for row in conn.execute(query, params):
+            running[row.key] += int(row.n)
+    waiting = {row.key: int(row.n) for row in conn.execute(waiters, params)}
+    return [
+        KeyState(
+            key=row.key,
+            limit=row.concurrency_limit,
+            running=running[row.key],
+            waiting=waiting.get(row.key, 0),
+            rate_per_second=None if not row.rate_interval else 1.0 / row.rate_interval,
+            paused_until=row.paused_until,
+        )
+        for row in conn.execute(rows, params)
+    ]
+
+
+HeldFor = Literal["concurrency", "rate", "paused"]
+
+
+def why_held(wake_at: datetime | None, paused_until: datetime | None, now: datetime) -> HeldFor:
+    """Why a step waiting under its key (``wait_key`` set) is held, from its row and its
+    key's pause: ``"concurrency"`` (no wake time: it waits for a free slot), ``"paused"``
+    (the key is paused now), else ``"rate"`` (its wake time is the rate's next start)."""
+    if wake_at is None:
+        return "concurrency"
+    if paused_until is not None and paused_until > now:
+        return "paused"
+    return "rate"
+
+
+def names_key(workflow: Workflow, key: str) -> bool:
+    """Whether ``key`` may be one of ``workflow``'s own (execution-level) limits' keys: a
+    text key by its name, a function's value by its workflow's scope (``key_name``)."""
+    return any(
+        limit.key == key if isinstance(limit.key, str) else key.startswith(f"{workflow.name}:")
+        for limit in workflow.limits
+    )
+
+
+@cache
+def _resume() -> tuple[Update, Update]:
+    key = bindparam("k", type_=String)
+    unpause = (
+        update(FK)
+        .where(FK.c.key == key)
+        .values(paused_until=None, updated_at=utcnow())
+        .returning(FK.c.key)
+    )
+    # The steps the pause held wait with a wake time: due now, so the waker admits them
+    # (a rate's waiters among them are refused again, with their rate's time).
+    due_now = (
+        update(SE)
+        .where(
+            SE.c.status == WAITING,
+            SE.c.wait_kind == KEY,
+            SE.c.wait_key == key,
+            SE.c.wake_at.is_not(None),
+        )
+        .values(wake_at=utcnow(), updated_at=utcnow())
+    )
+    return unpause, due_now
+
+
+def resume_key(conn: Connection, key: str) -> int | None:
+    """End ``key``'s pause now (an operator's resume): the steps it held are due at
+    once. How many steps were made due, or None when no such key exists."""
+    unpause, due_now = _resume()
+    if conn.execute(unpause, {"k": key}).first() is None:
+        return None
+    return int(conn.execute(due_now, {"k": key}).rowcount)
 
 
 __all__ = [
+    "HeldFor",
     "KeyFailed",
     "KeyLimit",
     "KeyState",
@@ -932,8 +1028,11 @@ __all__ = [
     "free_step",
     "key_states",
     "limits_of",
+    "names_key",
     "pause_key",
     "promote",
+    "resume_key",
     "sweep",
     "try_admit",
+    "why_held",
 ]

@@ -444,6 +444,12 @@ class StepExecution(Timestamped, Base):
         reader compares with ``max_attempts``, whereas ``attempt`` counts every attempt."""
         return self.attempt - self.recoveries
 
+    @property
+    def kind(self) -> str:
+        """What the step is: ``task`` (``wait_kind`` ``key``: a task step behind limits
+        records the key holding it back there), or its wait node's kind."""
+        return "task" if self.wait_kind is None or self.wait_kind == "key" else self.wait_kind
+
     __table_args__ = (
         # The reconciler's stalled-step scan: running steps by heartbeat age.
         Index(

@@ -646,6 +646,14 @@ class Engine:
         if limited:
             self.admit(workflow_name, [])
 
+    def key_resumed(self, key: str) -> None:
+        """An operator resumed ``key`` (``core.limits.resume_key`` made its held steps due):
+        the waker admits those now, and the pending executions of the workflows whose own
+        limits may name it are admitted now rather than at their next retry."""
+        self.wake_at(datetime.now(UTC))
+        for name in sorted({w.name for w in self.registry if limits.names_key(w, key)}):
+            self.after_finish(name)
+
     # --- a step's life ---------------------------------------------------------------
 
     def run_step(
