@@ -177,13 +177,14 @@ def _unlimited(step: Step) -> bool:
 def start_queue(workflow: Workflow, default: str) -> str:
     """The queue of a workflow's start messages: the worker that takes one runs a root
     step at once (``Engine.admit``), so it goes to the queue of its root steps; roots on
-    several queues: the workflow's queue, whose worker claims no root (it publishes
-    each to its own queue)."""
+    several queues, or a workflow with wait nodes (admitted without a claim): the
+    workflow's queue, whose worker claims no root (it publishes each to its own)."""
     if not workflow.routed:
         return default
-    roots = {
-        workflow.queue_of(s.name, default) for s in workflow.steps.values() if not s.depends_on
-    }
+    if workflow.wait_nodes:  # admitted with no root claimed (see Engine.admit)
+        return workflow.queue or default
+    steps_ = workflow.steps.values()
+    roots = {workflow.queue_of(s.name, default) for s in steps_ if not s.depends_on}
     return roots.pop() if len(roots) == 1 else workflow.queue or default
 
 
