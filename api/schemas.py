@@ -194,6 +194,24 @@ class ExecutionOut(BaseModel):
             "no max_concurrency slot); listed as status `waiting`."
         )
     )
+    debounce_key: str | None = Field(
+        default=None,
+        description=(
+            "The key of this pending execution's open debounce window: enqueues of its "
+            "workflow with this key go into it (null: no window open)."
+        ),
+    )
+    start_at: datetime | None = Field(
+        default=None,
+        description=(
+            "A debounced execution's start: its window closes then (a period after the "
+            "last enqueue, at most latest_start_at)."
+        ),
+    )
+    latest_start_at: datetime | None = Field(
+        default=None,
+        description="The latest a debounced execution starts: the first enqueue + max_wait.",
+    )
 
     @classmethod
     def of(cls, execution: WorkflowExecution) -> ExecutionOut:
@@ -223,6 +241,9 @@ def _execution_fields(e: WorkflowExecution) -> dict[str, Any]:
         "root_execution_id": e.root_execution_id,
         "depth": e.depth,
         "parked_at": e.parked_at,
+        "debounce_key": e.debounce_key,
+        "start_at": e.start_at,
+        "latest_start_at": e.latest_start_at,
     }
 
 

@@ -56,6 +56,9 @@ def execution(row: WorkflowExecution) -> Document:
         "root_execution_id": row.root_execution_id,
         "depth": row.depth,
         "parked_at": timestamp(row.parked_at),
+        "debounce_key": row.debounce_key,
+        "start_at": timestamp(row.start_at),
+        "latest_start_at": timestamp(row.latest_start_at),
     }
 
 

@@ -361,6 +361,15 @@ def run(
         workflow, data, idempotency_key=idempotency_key, priority=priority, app=celery_app
     )
     typer.echo(execution_id)
+    if celery_app.engine.registry.get(workflow).debounce is not None:
+        execution = celery_app.engine.manager.get_execution(execution_id)
+        if execution.debounce_key is not None:  # on stderr: stdout is the id alone
+            starts = render.when(execution.start_at)
+            typer.echo(
+                f"debounced (key {execution.debounce_key!r}): starts {starts} UTC unless "
+                "enqueued again",
+                err=True,
+            )
     if wait or timeout is not None:
         follow(execution_id, timeout, celery_app)
 

@@ -183,6 +183,8 @@ def executions_table(executions: Iterable[WorkflowExecution]) -> Table:
         status = status_text(execution.status)
         if execution.status == "running" and execution.parked_at is not None:
             status.append(" (waiting)", style=STATUS_STYLES["waiting"])  # every open step waits
+        if execution.status == "pending" and execution.debounce_key is not None:
+            status.append(" (debounced)", style="default")  # its window is open
         table.add_row(
             execution.execution_id,
             f"{execution.workflow_id} v{execution.workflow_version}",
@@ -223,6 +225,13 @@ def execution_summary(execution: WorkflowExecution) -> Table:
     ]
     if execution.parked_at is not None and execution.status == "running":
         rows.append(("waiting since", when(execution.parked_at)))
+    if execution.debounce_key is not None and execution.status == "pending":
+        # An open debounce window: later enqueues with its key replace the input and push
+        # the start a period on, up to the latest start.
+        rows.append(("debounce key", execution.debounce_key))
+        rows.append(("starts", when(execution.start_at)))
+        if execution.latest_start_at is not None:
+            rows.append(("starts at the latest", when(execution.latest_start_at)))
     if execution.deadline_at is not None:
         rows.append(("deadline", when(execution.deadline_at)))
     if execution.priority:

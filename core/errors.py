@@ -226,6 +226,22 @@ class ReservedIdempotencyKey(InputValidationError):
         self.prefix = prefix
 
 
+class DebouncedIdempotencyKey(InputValidationError):
+    """An idempotency key was given with an enqueue of a debounced workflow: the enqueues
+    with one debounce key already share one execution, which no key could name."""
+
+    def __init__(self, workflow: str) -> None:
+        message = (
+            f"workflow {workflow!r} is debounced: enqueues with the same debounce key "
+            "already share one execution, so an idempotency key cannot be given"
+        )
+        super().__init__(
+            message,
+            [{"field": "idempotency_key", "message": "not allowed for a debounced workflow"}],
+        )
+        self.workflow = workflow
+
+
 class OutputNotStorable(ConveyorError):
     """A step's output cannot be stored as it is: it fails the step at once, unretried
     (returning the same value again would be refused again)."""

@@ -175,7 +175,7 @@ class ExecutionStateManager(StateManagerBase):
         """Like ``create_execution``, also telling whether this call created the row."""
         new = self._new_execution(workflow_id, input_data, options)
         created = await self.run(executions.create_execution, new)
-        if created.created:
+        if created.created and not created.held:
             # Publishing is blocking I/O (kombu): keep it off the event loop.
             await asyncio.to_thread(dispatch_starts, [_start_of(created, new)])
         return created
@@ -274,7 +274,7 @@ class SyncExecutionStateManager(StateManagerBase):
         """See ExecutionStateManager.create_or_get_execution."""
         new = self._new_execution(workflow_id, input_data, options)
         created = self.run(executions.create_execution, new)
-        if created.created:
+        if created.created and not created.held:
             dispatch_starts([_start_of(created, new)])
         return created
 

@@ -13,7 +13,7 @@ import base64
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -21,7 +21,9 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from core import statements as sql
+from core.debounce import Window, enqueue_debounced
 from core.errors import (
+    DebouncedIdempotencyKey,
     ExecutionNotFound,
     IdempotencyConflict,
     InputValidationError,
@@ -93,6 +95,8 @@ class NewExecution:
     parent_item_index: int | None = None
     root_execution_id: str | None = None
     depth: int = 0
+    # A debounced workflow's enqueue: the window it opens or collapses into.
+    debounce: Window | None = None
 
 
 def check_payload(field: str, value: Any, max_bytes: int) -> str:
@@ -183,9 +187,11 @@ def execution_of(
         raise InputValidationError(f"priority must be 0-9, got {priority}")
     if deadline_at is None and definition.deadline is not None:
         deadline_at = datetime.now(UTC) + definition.deadline
-    return new_execution(
+    checked = definition.validate_input(input_data)
+    window = _window_of(definition, checked, idempotency_key)
+    new = new_execution(
         definition.name,
-        definition.validate_input(input_data),
+        checked,
         max_payload_bytes=max_payload_bytes,
         workflow_version=definition.version,
         idempotency_key=idempotency_key,
@@ -196,6 +202,23 @@ def execution_of(
         deadline_at=deadline_at,
         steps=step_specs(definition),
     )
+    return new if window is None else replace(new, debounce=window)
+
+
+def _window_of(definition: Workflow, checked: Any, idempotency_key: str | None) -> Window | None:
+    """The debounce window an enqueue of ``definition`` with input ``checked`` (validated
+    JSON) goes to; None for a workflow without ``Debounce``. An idempotency key is
+    refused with one: the window's execution already stands for every enqueue in it,
+    and a key naming one enqueue of many could not say which input ran
+    (DebouncedIdempotencyKey)."""
+    debounce = definition.debounce
+    if debounce is None:
+        return None
+    if idempotency_key is not None:
+        raise DebouncedIdempotencyKey(definition.name)
+    key = debounce.key_of(definition.name, definition.parse_input(checked))
+    max_wait = None if debounce.max_wait is None else debounce.max_wait.total_seconds()
+    return Window(key, debounce.period.total_seconds(), max_wait)
 
 
 def step_specs(workflow: Workflow) -> list[StepSpec]:
@@ -205,7 +228,7 @@ def step_specs(workflow: Workflow) -> list[StepSpec]:
             step.name,
             len(step.depends_on),
             step.retry.max_attempts,
-            None if step.wait is None else step.wait.kind,
+            step.wait_kind,
         )
         for step in workflow.steps.values()
     ]
@@ -242,6 +265,8 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
         }
         for execution_id, new in zip(ids, batch, strict=True)
     ]
+    if any(new.debounce is not None for new in batch):
+        return _create_debounced(conn, ids, rows, batch)
     keyed = any(new.idempotency_key is not None for new in batch)
     inserted: set[str] = set()
     if conn.dialect.name == "postgresql":
@@ -284,6 +309,27 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
         outcome.append(CreatedExecution(existing.execution_id, created=False))
     created = [(c.execution_id, new) for c, new in zip(outcome, batch, strict=True) if c.created]
     _insert_steps(conn, created)
+    return outcome
+
+
+def _create_debounced(
+    conn: Connection,
+    ids: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    batch: Sequence[NewExecution],
+) -> list[CreatedExecution]:
+    """``create_executions`` of a debounced workflow: one upsert per enqueue, in order
+    (so that in a batch with one key the last input wins), steps for the windows opened.
+    Nothing is to be started now (``held``): the waker starts each window when due."""
+    outcome: list[CreatedExecution] = []
+    opened: list[tuple[str, NewExecution]] = []
+    for execution_id, row, new in zip(ids, rows, batch, strict=True):
+        assert new.debounce is not None, "a batch is of one workflow"
+        taken_by = enqueue_debounced(conn, row, new.debounce)
+        if taken_by == execution_id:
+            opened.append((execution_id, new))
+        outcome.append(CreatedExecution(taken_by, created=taken_by == execution_id, held=True))
+    _insert_steps(conn, opened)
     return outcome
 
 
@@ -617,39 +663,46 @@ def admit(
     conn: Connection,
     workflow_id: str,
     execution_ids: Sequence[str],
-    limit: int | None,
+    limited: Workflow | None,
 ) -> Admission:
-    """Start pending executions and queue their root steps, within the concurrency limit.
+    """Start pending executions and queue their root steps, within the workflow's limits.
 
-    Without a limit the given executions start. With one, as many as there are free
-    slots start, chosen by priority then age among all pending executions of the
-    workflow: the given ids only say that something may be waiting.
+    Without limits (``limited`` None) the given executions start. With them
+    (``Workflow(concurrency=, rate_limit=, max_concurrency=)``), as many as the limits
+    allow start, chosen among all pending executions of the workflow, round robin
+    between their keys, by priority then age (``core.limits.admit_executions``): the
+    given ids only say that something may be waiting.
     """
-    if limit is None:
+    cancelled: list[str] = []
+    retry_at = None
+    if limited is None or not limited.limits:
         candidates = list(execution_ids)
+        if not candidates:
+            return Admission()
+        start = sql.transition_execution(
+            candidates, ExecutionStatus.RUNNING, {ExecutionStatus.PENDING}
+        )
+        started_rows = conn.execute(start).all()
+        started = [transition_of(row, step=False) for row in started_rows]
+        started_events = event_rows(started, ADMITTED)
     else:
+        from core.limits import admit_executions
+
         lock = sql.lock_workflow(conn.dialect.name, workflow_id)
         if lock is not None:
             conn.execute(lock)
-        running = conn.execute(sql.count_running(workflow_id)).scalar_one()
-        free = limit - int(running)
-        if free <= 0:
-            return Admission()
-        candidates = list(conn.execute(sql.next_pending(workflow_id, free)).scalars().all())
-    if not candidates:
-        return Admission()
-    start = sql.transition_execution(candidates, ExecutionStatus.RUNNING, {ExecutionStatus.PENDING})
-    started_rows = conn.execute(start).all()
-    started = [transition_of(row, step=False) for row in started_rows]
+        admitted = admit_executions(conn, limited)
+        started = [transition_of(row, step=False) for row in admitted.started]
+        started_events = []  # written by admit_executions
+        cancelled, retry_at = admitted.cancelled, admitted.retry_at
     if not started:
-        return Admission()
+        return Admission(cancelled=cancelled, retry_at=retry_at)
     started_ids = [r.execution_id for r in started]
     queued_rows = conn.execute(sql.queue_roots(started_ids)).all()
     queued = [transition_of(row, step=True) for row in queued_rows]
-    conn.execute(
-        sql.insert_rows(ExecutionEvent),
-        event_rows(started, ADMITTED) + event_rows(queued, ROOT_STEP),
-    )
+    events = started_events + event_rows(queued, ROOT_STEP)
+    if events:
+        conn.execute(sql.insert_rows(ExecutionEvent), events)
     routes = execution_routes(conn, started_ids)
     first_run = {r.execution_id for r in started if r.attempt == 1}
     return Admission(
@@ -659,6 +712,8 @@ def admit(
         first_run=[
             (r.execution_id, r.step_name or "") for r in queued if r.execution_id in first_run
         ],
+        cancelled=cancelled,
+        retry_at=retry_at,
     )
 
 
@@ -694,7 +749,14 @@ def retry_execution(
         sources,
         reason=reason,
         retry=True,
-        values={"deadline_at": new_deadline, "finished_at": None, "parked_at": None},
+        # A retried debounced execution (cancelled while its window was open) is pending
+        # as any other: no window, so no enqueue goes into it and it starts now.
+        values={
+            "deadline_at": new_deadline,
+            "finished_at": None,
+            "parked_at": None,
+            "debounce_key": None,
+        },
     )
     if not result.applied:
         return result

@@ -17,6 +17,7 @@ import uuid6
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -156,7 +157,10 @@ def _json_problem(value: Any) -> str | None:
 # statements that must use them).
 WAITING_WAKE = "status = 'waiting' AND wake_at IS NOT NULL"
 WAITING_EVENT = "status = 'waiting' AND wait_event IS NOT NULL"
+WAITING_KEY = "status = 'waiting' AND wait_kind = 'key'"
 OPEN_SIGNAL = "consumed_at IS NULL AND target_execution_id IS NOT NULL"
+# A debounced execution whose window is open: enqueues with its key collapse into it.
+DEBOUNCE_OPEN = "status = 'pending' AND debounce_key IS NOT NULL"
 UNWOKEN_CHILD = (
     "parent_execution_id IS NOT NULL AND parent_woken_at IS NULL "
     "AND status IN ('succeeded', 'failed', 'cancelled', 'timed_out')"
@@ -274,6 +278,13 @@ class WorkflowExecution(Timestamped, Base):
     # Running with every open step waiting (none queued or running): the execution holds
     # no max_concurrency slot meanwhile.
     parked_at: Mapped[datetime | None]
+    # A debounced execution (``Debounce``): its window's key while the window is open
+    # (pending, collecting enqueues; set to NULL when the waker closes it at
+    # ``start_at``), when it starts (the last enqueue's time + period, at most
+    # ``latest_start_at``) and the latest start (the first enqueue's + max_wait).
+    debounce_key: Mapped[str | None] = mapped_column(String(255))
+    start_at: Mapped[datetime | None]
+    latest_start_at: Mapped[datetime | None]
 
     steps: Mapped[list[StepExecution]] = relationship(
         back_populates="execution", cascade="all, delete-orphan", order_by="StepExecution.step_name"
@@ -318,6 +329,25 @@ class WorkflowExecution(Timestamped, Base):
             "finished_at",
             postgresql_where=text(UNWOKEN_CHILD),
             sqlite_where=text(UNWOKEN_CHILD),
+        ),
+        # One open debounce window per (workflow, scope, key): the enqueue's ON CONFLICT
+        # target. The scope is the idempotency key's (the API caller's, '' for
+        # producers), so one user's enqueues never land in another's execution.
+        Index(
+            "uq_workflow_executions_debounce",
+            "workflow_id",
+            "idempotency_scope",
+            "debounce_key",
+            unique=True,
+            postgresql_where=text(DEBOUNCE_OPEN),
+            sqlite_where=text(DEBOUNCE_OPEN),
+        ),
+        # The waker's scan for windows whose start is due.
+        Index(
+            "ix_workflow_executions_debounce_due",
+            "start_at",
+            postgresql_where=text(DEBOUNCE_OPEN),
+            sqlite_where=text(DEBOUNCE_OPEN),
         ),
     )
 
@@ -382,9 +412,10 @@ class StepExecution(Timestamped, Base):
     republishes: Mapped[int] = mapped_column(
         Integer, default=0, server_default=text("0"), nullable=False
     )
-    # What a wait node waits for: sleep, event or child (written when the step row is
-    # created, from its definition), or slot for a task step held by max_concurrency.
-    # NULL for a task step. The rest is set when the wait is established (armed).
+    # What a wait node waits for: sleep, event, child or map (written when the step row
+    # is created, from its definition), or key for a task step behind limits (its
+    # ``wait_key`` names the key that refused it while it waits). NULL for a task step.
+    # The rest is set when the wait is established (armed).
     wait_kind: Mapped[str | None] = mapped_column(String(10))
     waiting_since: Mapped[datetime | None]
     # When the waker acts on it: a sleep's end, an event's timeout, a retry's re-arm.
@@ -458,6 +489,14 @@ class StepExecution(Timestamped, Base):
             "waiting_since",
             postgresql_where=text(WAITING_EVENT),
             sqlite_where=text(WAITING_EVENT),
+        ),
+        # The steps waiting for a key's slot or rate, in arrival order (core.limits).
+        Index(
+            "ix_execution_steps_waiting_key",
+            "wait_key",
+            "waiting_since",
+            postgresql_where=text(WAITING_KEY),
+            sqlite_where=text(WAITING_KEY),
         ),
     )
 
@@ -675,6 +714,50 @@ class DatabaseLiveness(Base):
     reachable_since: Mapped[datetime] = mapped_column(nullable=False)
 
 
+class FlowKey(Base):
+    """One row per concurrency or rate-limit key (core.limits): locked by every admission
+    under the key, so admissions of one key are serial and exact across workers.
+
+    The running count is not stored: it is the ``key_slots`` rows whose holder still
+    holds (a step queued or running at that attempt, an execution running and not
+    parked), counted under this row's lock, so no crash, timeout or cancel can leak a
+    slot. The limit is the one the last admission's definition gave.
+    """
+
+    __tablename__ = "flow_keys"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    concurrency_limit: Mapped[int | None] = mapped_column(Integer)
+    # A rate limit (GCRA): seconds between starts, how many may start at once, and the
+    # theoretical arrival time of the next start at the steady rate.
+    rate_interval: Mapped[float | None] = mapped_column(Float)
+    rate_burst: Mapped[int | None] = mapped_column(Integer)
+    rate_tat: Mapped[datetime | None]
+    # ctx.pause_key: nothing under the key starts before this time.
+    paused_until: Mapped[datetime | None]
+    last_admitted_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(
+        default=utcnow(), onupdate=utcnow(), nullable=False
+    )
+
+
+class KeySlot(Base):
+    """A slot held under a concurrency key by a step attempt (``step_name``, ``attempt``)
+    or by an execution (``step_name`` empty). Written by the admission; a row whose
+    holder no longer holds counts for nothing, and is deleted by the transaction that
+    ends the hold or, failing that, by the reconciler (which logs it as drift)."""
+
+    __tablename__ = "key_slots"
+
+    execution_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    step_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow(), nullable=False)
+
+    __table_args__ = (Index("ix_key_slots_key", "key"),)
+
+
 @event.listens_for(Session, "before_flush")
 def _record_orm_transitions(session: Session, _flush: UOWTransaction, _instances: Any) -> None:
     """Give status changes made through the ORM (the guide's load-modify-commit) an event row.
@@ -732,6 +815,13 @@ def _add_steps(session: Session, execution: WorkflowExecution) -> None:
     from core.registry import get_registry  # the registry imports workflow modules
 
     definition = get_registry().get(execution.workflow_id, execution.workflow_version)
+    if definition.debounce is not None:
+        # A row added here could only be inserted, never collapsed into an open window.
+        raise InputValidationError(
+            f"workflow {definition.name!r} is debounced: create its executions with "
+            "enqueue or ExecutionStateManager.create_execution, which collapse them into "
+            "the open window of their key, not with session.add"
+        )
     execution.workflow_version = definition.version
     execution.input_data = definition.validate_input(execution.input_data)
     execution.priority = execution.priority or 0
@@ -745,7 +835,7 @@ def _add_steps(session: Session, execution: WorkflowExecution) -> None:
                 status=StepStatus.PENDING.value,
                 unmet_deps=len(step.depends_on),
                 max_attempts=step.retry.max_attempts,
-                wait_kind=None if step.wait is None else step.wait.kind,
+                wait_kind=step.wait_kind,
             )
         )
     starts: list[tuple[str, str, int]] = session.info.setdefault(_STARTS, [])

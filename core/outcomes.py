@@ -32,10 +32,14 @@ class TransitionResult:
 
 @dataclass(frozen=True)
 class CreatedExecution:
-    """An execution id, and whether this call created it (False: idempotency key reused)."""
+    """An execution id, and whether this call created it (False: idempotency key reused,
+    or an open debounce window took the input)."""
 
     execution_id: str
     created: bool
+    # A debounced execution: it starts when its window closes (the waker sends its
+    # start), not now.
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ class Admission:
     queued: list[tuple[str, str]] = field(default_factory=list)
     routes: dict[str, Route] = field(default_factory=dict)
     first_run: list[tuple[str, str]] = field(default_factory=list)
+    # Pending executions an ``on_limit`` cancel strategy cancelled, and when one a rate
+    # limit held back may start (None: none was).
+    cancelled: list[str] = field(default_factory=list)
+    retry_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +190,8 @@ class ReconcileReport:
     items_recovered: int = 0
     items_crashed: int = 0
     items_republished: int = 0
+    # Slots under concurrency keys whose holder had ended without freeing them (drift).
+    slots_freed: int = 0
 
 
 @dataclass
@@ -208,6 +218,12 @@ class WaitOutcome:
     items: list[tuple[str, str, int]] = field(default_factory=list)
     # (workflow, step, result, n): map items counted (expanded, succeeded, failed, ...).
     item_counts: list[tuple[str, str, str, int]] = field(default_factory=list)
+    # (workflow, key, what) per admission under limits: "admitted", or why it was held
+    # ("concurrency", "rate", "paused"), for metrics.
+    limited: list[tuple[str, str, str]] = field(default_factory=list)
+    # The earliest wake time this set on a wait (a retry's backoff, a rate limit): the
+    # publisher asks the waker for that moment when it is near.
+    wake_hint: datetime | None = None
 
     def merge(self, other: WaitOutcome) -> None:
         self.queued += other.queued
@@ -219,3 +235,10 @@ class WaitOutcome:
         self.lags += other.lags
         self.items += other.items
         self.item_counts += other.item_counts
+        self.limited += other.limited
+        self.hint(other.wake_hint)
+
+    def hint(self, at: datetime | None) -> None:
+        """Keep ``at`` as the wake hint when it is the earliest."""
+        if at is not None and (self.wake_hint is None or at < self.wake_hint):
+            self.wake_hint = at

@@ -10,6 +10,7 @@ cost follows the work it finds (partial indexes), not the size of the tables.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import Connection
@@ -19,6 +20,7 @@ from core.children import wake_parents_of, wake_unwoken
 from core.errors import StepCrashed
 from core.events import expire_events
 from core.executions import execution_routes, finish_executions, time_out
+from core.limits import readmit_recovered, sweep
 from core.models import ExecutionEvent
 from core.outcomes import (
     ReconcileReport,
@@ -141,6 +143,11 @@ def restore_unsent_starts(conn: Connection, undo: Sequence[Mapping[str, Any]]) -
     return conn.execute(sql.restore_unsent_starts(), list(undo)).rowcount
 
 
+def _definition(dag_of: DagOf, workflow: str, version: int) -> Workflow | None:
+    found = dag_of(workflow, version)
+    return found if isinstance(found, Workflow) else registered(workflow, version)
+
+
 def reconcile_pass(
     conn: Connection,
     *,
@@ -173,6 +180,19 @@ def reconcile_pass(
             skip_descendants(
                 conn, failed.execution_id, step_name, dag.descendants(step_name) if dag else None
             )
+    # Recovered steps behind limits are admitted again (waiting, due now), not sent.
+    readmitted = readmit_recovered(
+        conn,
+        [(r.execution_id, r.step_name or "") for r in recovery.requeued],
+        lambda workflow, version: _definition(dag_of, workflow, version),
+    )
+    if readmitted:
+        recovery = replace(
+            recovery,
+            requeued=[
+                r for r in recovery.requeued if (r.execution_id, r.step_name) not in readmitted
+            ],
+        )
     due_rows = conn.execute(sql.due_queued_steps(republish_after, limit)).all()
     due = {(r.execution_id, r.step_name): r for r in due_rows}
     republished: list[TransitionResult] = []
@@ -220,8 +240,7 @@ def reconcile_pass(
     }
 
     def definition_of(workflow: str, version: int) -> Workflow | None:
-        found = dag_of(workflow, version)
-        return found if isinstance(found, Workflow) else registered(workflow, version)
+        return _definition(dag_of, workflow, version)
 
     # What ending children set in motion in their parents (published by the caller).
     woken = WaitOutcome()
@@ -254,6 +273,9 @@ def reconcile_pass(
     # The safety net: children whose end did not reach their parent (see wake_unwoken).
     told += wake_unwoken(conn, limit, woken, definition_of)
     events_expired = expire_events(conn, limit)
+    # Slots whose holder ended by a path that did not free them, and waiters behind keys
+    # with room: freed and admitted (published with ``woken``).
+    slots_freed = sweep(conn, limit, woken, definition_of)
     freed_ids = [r.execution_id for r in finished] + [eid for eid, _ in timed_out]
     recovered_ids = [r.execution_id for r in recovery.requeued + recovery.failed]
     named = execution_routes(conn, sorted({*freed_ids, *recovered_ids}))
@@ -281,4 +303,5 @@ def reconcile_pass(
         items_recovered=items.recovered,
         items_crashed=items.crashed,
         items_republished=items.republished,
+        slots_freed=slots_freed,
     )

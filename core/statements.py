@@ -544,30 +544,6 @@ def lock_workflow(dialect: str, workflow_id: str) -> Select[Any] | None:
     return select(func.pg_advisory_xact_lock(func.hashtext(workflow_id)))
 
 
-def count_running(workflow_id: str) -> Select[int]:
-    """How many executions of the workflow hold a slot (the concurrency limit's count):
-    running, and not parked (an execution whose open steps all wait holds none)."""
-    return (
-        select(func.count())
-        .select_from(WE)
-        .where(
-            WE.workflow_id == workflow_id,
-            WE.status == ExecutionStatus.RUNNING.value,
-            WE.parked_at.is_(None),
-        )
-    )
-
-
-def next_pending(workflow_id: str, limit: int) -> Select[str]:
-    """The pending executions of a workflow in admission order: priority, then FIFO."""
-    return (
-        select(WE.execution_id)
-        .where(WE.workflow_id == workflow_id, WE.status == ExecutionStatus.PENDING.value)
-        .order_by(WE.priority.desc(), WE.created_at, WE.execution_id)
-        .limit(limit)
-    )
-
-
 def queue_roots(execution_ids: Sequence[str]) -> Update:
     """Queue every pending step with no unmet upstream of the given executions."""
     return (
@@ -698,10 +674,10 @@ _START_BACKOFF = case(
 
 
 def due_starts(older_than: float, limit: int) -> Select[str, str, int, datetime | None, int]:
-    """Pending executions whose last start message is older than ``older_than *
-    2**starts_resent`` seconds (capped; the message may be lost, or still queued behind
-    other work), highest priority and oldest first; with what a failed publish restores
-    (see restore_unsent_starts).
+    """Pending executions (open debounce windows aside) whose last start message is
+    older than ``older_than * 2**starts_resent`` seconds (capped; the message may be
+    lost, or still queued behind other work), highest priority and oldest first; with
+    what a failed publish restores (see restore_unsent_starts).
 
     The last start message is the latest re-send (``start_resent_at``), else the one
     sent when the execution became pending (its ``updated_at``: created or retried).
@@ -712,6 +688,8 @@ def due_starts(older_than: float, limit: int) -> Select[str, str, int, datetime 
         .where(
             WE.status == ExecutionStatus.PENDING.value,
             last_sent < utcnow(-older_than * _START_BACKOFF),
+            # An open debounce window was sent no start: the waker sends it when due.
+            WE.debounce_key.is_(None),
         )
         .order_by(WE.priority.desc(), WE.created_at, WE.execution_id)
         .limit(limit)
@@ -735,10 +713,15 @@ def resend_starts(execution_ids: Sequence[str]) -> Update:
 
 
 def waiting_workflows(older_than: float, limit: int) -> Select[str]:
-    """Workflows with an execution pending for more than ``older_than`` seconds."""
+    """Workflows with an execution pending for more than ``older_than`` seconds (open
+    debounce windows aside: they are not waiting for a slot)."""
     return (
         select(WE.workflow_id)
-        .where(WE.status == ExecutionStatus.PENDING.value, WE.updated_at < utcnow(-older_than))
+        .where(
+            WE.status == ExecutionStatus.PENDING.value,
+            WE.updated_at < utcnow(-older_than),
+            WE.debounce_key.is_(None),
+        )
         .distinct()
         .order_by(WE.workflow_id)
         .limit(limit)

@@ -60,9 +60,11 @@ STEP_TRANSITIONS: Mapping[StepStatus, frozenset[StepStatus]] = {
     S.PENDING: frozenset({S.QUEUED, S.WAITING, S.SKIPPED, S.CANCELLED}),
     # queued -> queued is a republish (reconciler, due retry); queued -> failed is a
     # message that can never run (e.g. its workflow is no longer registered).
-    S.QUEUED: frozenset({S.QUEUED, S.RUNNING, S.FAILED, S.SKIPPED, S.CANCELLED}),
-    # running -> queued is a retry with backoff or a stalled step recovered.
-    S.RUNNING: frozenset({S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    # queued -> waiting: a stalled step behind limits recovered, to be admitted again.
+    S.QUEUED: frozenset({S.QUEUED, S.RUNNING, S.WAITING, S.FAILED, S.SKIPPED, S.CANCELLED}),
+    # running -> queued is a retry with backoff or a stalled step recovered; running ->
+    # waiting is the retry of a step behind limits (admitted again when its backoff ends).
+    S.RUNNING: frozenset({S.QUEUED, S.WAITING, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
     # A wait ends by its own compare-and-set: succeeded (woken, event, child output),
     # failed (timed out, child failed), cancelled with its execution; waiting -> waiting
     # re-arms it for a retry, waiting -> queued admits a task step held for a slot. There

@@ -22,6 +22,7 @@ from sqlalchemy import (
 from core import statements as sql
 from core.children import wake_parents_of
 from core.executions import admit, finish_if_done
+from core.limits import free_step
 from core.models import StepExecution
 from core.outcomes import (
     Admission,
@@ -274,6 +275,10 @@ def complete(
             if wake_parents_of(conn, [execution_id], told, definition_of or registered):
                 woken = woken or WaitOutcome()
                 woken.merge(told)
+    if isinstance(workflow, Workflow) and workflow.steps[step_name].limits:
+        # Its slots free with its success: the keys' next waiters are admitted here.
+        woken = woken or WaitOutcome()
+        free_step(conn, execution_id, step_name, woken, definition_of or registered)
     next_step = None
     if continued is not None:
         upstream = workflow.upstream(continued.step_name)
@@ -347,7 +352,7 @@ def admit_and_claim(
     conn: Connection,
     workflow_id: str,
     execution_ids: Sequence[str],
-    limit: int | None,
+    limited: Workflow | None,
     worker: str,
 ) -> tuple[Admission, Claim | None]:
     """Admit executions (``core.executions.admit``) and, in the same transaction, claim
@@ -355,9 +360,10 @@ def admit_and_claim(
     no broker round trip before its first step. The Admission returned lists the other
     queued root steps, to publish. A retried execution's steps are all published (see
     ``Admission.first_run``)."""
-    if conn.dialect.name == "postgresql" and limit is None and len(execution_ids) == 1:
+    unlimited = limited is None or not limited.limits
+    if conn.dialect.name == "postgresql" and unlimited and len(execution_ids) == 1:
         return _start_and_claim_pg(conn, execution_ids[0], worker)
-    admission = admit(conn, workflow_id, execution_ids, limit)
+    admission = admit(conn, workflow_id, execution_ids, limited)
     if not admission.first_run:
         return admission, None
     execution_id, step_name = admission.first_run[0]
@@ -380,7 +386,13 @@ def admit_and_claim(
         continued=True,
     )
     rest = [key for key in admission.queued if key != (execution_id, step_name)]
-    return Admission(admission.started, rest, admission.routes), claim
+    return Admission(
+        admission.started,
+        rest,
+        admission.routes,
+        cancelled=admission.cancelled,
+        retry_at=admission.retry_at,
+    ), claim
 
 
 def _start_and_claim_pg(
@@ -457,9 +469,11 @@ def fail_step(
     error: Mapping[str, Any],
     descendants: Sequence[str] | None,
     sinks: Sequence[str] = (),
+    limited: bool = False,
 ) -> StepFailure:
     """Fail a running step for good, skip the steps downstream of it, and finish the
-    execution when nothing is left open: one transaction.
+    execution when nothing is left open: one transaction. A ``limited`` step (behind
+    limits) frees its slots, admitting the keys' next waiters.
 
     ``descendants=None`` skips every pending step: for a step that cannot run here at
     all (its workflow is not registered), whose DAG is unknown.
@@ -485,6 +499,9 @@ def fail_step(
         told = WaitOutcome()
         if wake_parents_of(conn, [execution_id], told, registered):
             woken = told
+    if limited:
+        woken = woken or WaitOutcome()
+        free_step(conn, execution_id, step_name, woken, registered)
     return StepFailure(transition=failed, skipped=skipped, execution=finished, woken=woken)
 
 

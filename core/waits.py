@@ -296,6 +296,23 @@ def _arm(
         from core.maps import expand
 
         return expand(conn, execution, step, attempt, known_outputs, outcome)
+    if step.limits:
+        from core.limits import KeyFailed, arm_gate
+
+        try:
+            arm_gate(
+                conn,
+                eid,
+                execution.workflow,
+                step,
+                attempt,
+                execution.row.input_data,
+                execution.route,
+                outcome,
+            )
+        except KeyFailed as error:
+            raise NotEstablished(error) from error
+        return None
     raise AssertionError(f"step {step.name} is not a wait")
 
 
@@ -620,12 +637,11 @@ def admit(
     conn: Connection,
     workflow: Workflow,
     execution_ids: Sequence[str],
-    limit: int | None,
     definition_of: DefinitionOf,
 ) -> tuple[Admission, WaitOutcome]:
     """``core.executions.admit`` for a workflow with wait nodes: the admission, then the
     started executions' waits with nothing upstream left entered and established."""
-    admission = _admit(conn, workflow.name, execution_ids, limit)
+    admission = _admit(conn, workflow.name, execution_ids, workflow)
     return admission, arm_root_waits(conn, admission.started, workflow, definition_of)
 
 

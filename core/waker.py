@@ -57,7 +57,7 @@ def wake_due(conn: Connection, limit: int, definition_of: DefinitionOf) -> WaitO
             continue
         step = execution.workflow.steps.get(row.step_name)
         wait = None if step is None else step.wait
-        if step is None or wait is None:
+        if step is None or (wait is None and not step.limits):
             _defer_unknown(conn, row)
         elif isinstance(wait, Sleep):
             late = (datetime.now(UTC) - row.wake_at).total_seconds()

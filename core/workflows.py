@@ -24,7 +24,7 @@ import inspect
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from graphlib import CycleError, TopologicalSorter
 from typing import Any, Protocol, get_type_hints
 
@@ -60,6 +60,9 @@ class StepContext(Protocol):
     def map_index(self) -> int | None:
         """The item's index in a map step's list (None outside a map step)."""
 
+    def pause_key(self, key: str, *, until: datetime | timedelta) -> None:
+        """Hold every start under limit key ``key`` until ``until`` (a 429's Retry-After)."""
+
 
 @dataclass(frozen=True)
 class Retry:
@@ -87,12 +90,181 @@ class Retry:
         return random.uniform(0, ceiling) if self.jitter else ceiling
 
 
+KeyOf = str | Callable[[Any], Any]
+ON_LIMIT = ("queue", "cancel_newest", "cancel_in_progress")
+
+
+def _check_key(where: str, key: Any) -> None:
+    if isinstance(key, str):
+        if not 0 < len(key) <= 200:
+            raise DefinitionError(f"{where}: a key must be 1-200 characters, got {key!r}")
+    elif not callable(key):
+        raise DefinitionError(f"{where}: key must be text or a function of the input")
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """At most ``limit`` at once per key, across every worker: on a workflow, running
+    executions (an execution whose open steps all wait holds none); on a step, its
+    queued and running attempts (a waiting or retrying one holds none).
+
+    ``key`` is text (one limit shared by every workflow and step naming it: an outside
+    resource, "openai") or a function of the execution's input (one limit per value:
+    ``lambda input: input.tenant_id``, scoped to this workflow, or this step).
+    ``on_limit``: ``"queue"`` waits, in priority then arrival order;
+    ``"cancel_newest"`` cancels the execution that would exceed the limit;
+    ``"cancel_in_progress"`` cancels the oldest running one to make room (both on
+    workflows only: a step cannot be cancelled without its execution)."""
+
+    key: KeyOf
+    limit: int
+    on_limit: str = "queue"
+
+    def __post_init__(self) -> None:
+        where = f"Concurrency(key={self.key!r})"
+        _check_key(where, self.key)
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise DefinitionError(f"{where}: limit must be an int of 1 or more")
+        if self.on_limit not in ON_LIMIT:
+            raise DefinitionError(
+                f"{where}: on_limit must be one of {', '.join(ON_LIMIT)}, got {self.on_limit!r}"
+            )
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``limit`` starts per ``per`` per key, across every worker, spaced evenly
+    (a start every ``per / limit``), with up to ``burst`` at once after a quiet spell.
+    ``cost`` is what one start spends (an int, or a function of the input). A refused
+    step waits, with no message, until the moment it may start. On a workflow it limits
+    execution starts; on a step, the step's starts. ``key`` as in Concurrency."""
+
+    key: KeyOf
+    limit: int
+    per: timedelta
+    burst: int = 1
+    cost: int | Callable[[Any], int] = 1
+
+    def __post_init__(self) -> None:
+        where = f"RateLimit(key={self.key!r})"
+        _check_key(where, self.key)
+        for label, value in (("limit", self.limit), ("burst", self.burst)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DefinitionError(f"{where}: {label} must be an int of 1 or more")
+        if not isinstance(self.per, timedelta) or self.per <= timedelta(0):
+            raise DefinitionError(f"{where}: per must be a positive timedelta")
+        if not callable(self.cost) and (
+            isinstance(self.cost, bool) or not isinstance(self.cost, int) or self.cost < 1
+        ):
+            raise DefinitionError(f"{where}: cost must be an int of 1 or more, or a function")
+        if isinstance(self.cost, int) and self.cost > self.burst:
+            raise DefinitionError(
+                f"{where}: cost {self.cost} is above burst {self.burst}: it could never start"
+            )
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two starts at the steady rate."""
+        return self.per.total_seconds() / self.limit
+
+
+Limit = Concurrency | RateLimit
+
+
+def _limits(where: str, given: Any, *, step: bool) -> tuple[Limit, ...]:
+    """``concurrency=`` and ``rate_limit=`` (one, or a list of them) as one tuple."""
+    if given is None:
+        return ()
+    found = tuple(given) if isinstance(given, list | tuple) else (given,)
+    for limit in found:
+        if not isinstance(limit, Concurrency | RateLimit):
+            raise DefinitionError(f"{where}: expected Concurrency or RateLimit, got {limit!r}")
+        if step and isinstance(limit, Concurrency) and limit.on_limit != "queue":
+            raise DefinitionError(
+                f"{where}: on_limit={limit.on_limit!r} cancels executions: give it on the "
+                "workflow; a step's limit can only queue"
+            )
+    return found
+
+
 StepFunction = Callable[..., Any]
+# The longest debounce key (the column's width).
+MAX_DEBOUNCE_KEY = 255
+
+
+@dataclass(frozen=True)
+class Debounce:
+    """Collapse enqueues with the same ``key`` into one pending execution that runs with
+    the last input: it starts ``period`` after the last enqueue, and at most ``max_wait``
+    after the first (None: a steady stream may postpone it for as long as it lasts).
+
+    ``key`` is text, or a function of the validated input (the input model's instance;
+    the JSON value for a workflow without a model) returning text (an int is taken as
+    its decimal text)."""
+
+    key: str | Callable[[Any], str | int]
+    period: timedelta
+    max_wait: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.key, str):
+            if not 0 < len(self.key) <= MAX_DEBOUNCE_KEY:
+                raise DefinitionError(
+                    f"Debounce(key=): a key must be 1-{MAX_DEBOUNCE_KEY} characters, "
+                    f"got {self.key!r}"
+                )
+        elif not callable(self.key):
+            raise DefinitionError(
+                f"Debounce(key=) takes text or a function of the input, got {self.key!r}"
+            )
+        if not isinstance(self.period, timedelta) or self.period <= timedelta(0):
+            raise DefinitionError(
+                f"Debounce(period=) must be a timedelta above 0, got {self.period!r}"
+            )
+        if self.max_wait is not None and (
+            not isinstance(self.max_wait, timedelta) or self.max_wait < self.period
+        ):
+            raise DefinitionError(
+                f"Debounce(max_wait=) must be a timedelta of at least period ({self.period}) "
+                f"or None, got {self.max_wait!r}"
+            )
+
+    def key_of(self, workflow: str, parsed_input: Any) -> str:
+        """The window's key for an input (as the steps see it); InputValidationError when
+        the key function fails or returns no usable key."""
+        if isinstance(self.key, str):
+            return self.key
+        try:
+            found = self.key(parsed_input)
+        except Exception as exc:
+            raise InputValidationError(
+                f"workflow {workflow!r}: the debounce key function failed on this input: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if isinstance(found, int) and not isinstance(found, bool):
+            found = str(found)
+        if not isinstance(found, str) or not 0 < len(found) <= MAX_DEBOUNCE_KEY:
+            raise InputValidationError(
+                f"workflow {workflow!r}: the debounce key function must return text of "
+                f"1-{MAX_DEBOUNCE_KEY} characters (or an int), got {found!r}"
+            )
+        return found
+
+
 # How many child workflows may nest below a root execution, unless
 # CONVEYOR_MAX_CHILD_DEPTH says otherwise (the registry passes the setting).
 MAX_CHILD_DEPTH = 8
 # The most items any map may declare (``max_items``): each is a row.
 MAX_MAP_ITEMS = 100_000
+# The key of a workflow's max_concurrency (a function key's value: scoped to the workflow).
+WHOLE_WORKFLOW_VALUE = "*"
+
+
+def whole_workflow(_input: Any) -> str:
+    """The key function of ``max_concurrency``: one value for every execution."""
+    return WHOLE_WORKFLOW_VALUE
+
+
 # The longest queue name a workflow or step may give (``queue=``).
 MAX_QUEUE_NAME = 200
 
@@ -214,6 +386,9 @@ class Step:
     timeout: float | None = None
     output: TypeAdapter[Any] | None = None
     wait: Wait | None = None
+    # Per-key concurrency and rate limits: a task step with any is admitted when it is
+    # released (core.limits), and waits as a row (wait_kind "key") while they refuse it.
+    limits: tuple[Limit, ...] = ()
     # The broker queue its messages go to (None: its workflow's, see Workflow.queue_of).
     queue: str | None = None
 
@@ -221,6 +396,14 @@ class Step:
     def kind(self) -> str:
         """``task``, or the wait's kind: ``sleep``, ``event``, ``child`` or ``map``."""
         return "task" if self.wait is None else self.wait.kind
+
+    @property
+    def wait_kind(self) -> str | None:
+        """What the step's row records in ``wait_kind``: the wait's kind, ``key`` for a
+        task step behind limits, None for a task step without."""
+        if self.wait is not None:
+            return self.wait.kind
+        return "key" if self.limits else None
 
     def to_json(self, value: Any) -> Any:
         """The step's return value as JSON data (pydantic models and dates included)."""
@@ -248,8 +431,10 @@ class Dag(Protocol):
 
 class Workflow:
     """A named, versioned DAG of steps with an input model, a deadline, a concurrency cap
-    and, optionally, schedules (``Schedule``) on which beat runs it, and a broker queue
-    (``queue``) its steps go to unless a step names its own."""
+    and, optionally, schedules (``Schedule``) on which beat runs it, a broker queue
+    (``queue``) its steps go to unless a step names its own, limits (``Concurrency``,
+    ``RateLimit``), or a ``Debounce`` that collapses enqueues close together into one
+    execution."""
 
     def __init__(
         self,
@@ -261,7 +446,10 @@ class Workflow:
         max_concurrency: int | None = None,
         description: str = "",
         schedules: Iterable[Schedule] = (),
+        concurrency: Concurrency | Iterable[Concurrency] | None = None,
+        rate_limit: RateLimit | Iterable[RateLimit] | None = None,
         queue: str | None = None,
+        debounce: Debounce | None = None,
     ) -> None:
         if not name or not isinstance(name, str) or len(name) > 200:
             raise DefinitionError(f"workflow name must be 1-200 characters, got {name!r}")
@@ -270,11 +458,22 @@ class Workflow:
             raise DefinitionError(f"workflow {name!r}: version must be at least 1")
         if max_concurrency is not None and max_concurrency < 1:
             raise DefinitionError(f"workflow {name!r}: max_concurrency must be at least 1")
+        if debounce is not None and not isinstance(debounce, Debounce):
+            raise DefinitionError(
+                f"workflow {name!r}: debounce takes a Debounce, got {type(debounce).__name__}"
+            )
         self.name = name
         self.version = version
         self.input_model = input_model
         self.deadline = deadline
         self.max_concurrency = max_concurrency
+        where = f"workflow {name!r}"
+        given = [*_limits(where, concurrency, step=False), *_limits(where, rate_limit, step=False)]
+        if max_concurrency is not None:
+            # max_concurrency is a limit like any other: one key for the whole workflow.
+            given.append(Concurrency(key=whole_workflow, limit=max_concurrency))
+        # Limits on the workflow's executions (core.limits admits them at the start).
+        self.limits: tuple[Limit, ...] = tuple(given)
         self.description = description
         self.queue = queue
         self.steps: dict[str, Step] = {}
@@ -284,6 +483,14 @@ class Workflow:
         self._routed: bool | None = None
         # When beat runs it by itself (core.schedules); inputs checked here, at definition.
         self.schedules: tuple[Schedule, ...] = check_schedules(self, schedules)
+        # A schedule's tick is one execution by design (an idempotency key per tick):
+        # collapsing ticks would make a schedule that fires less often, said plainly.
+        if debounce is not None and self.schedules:
+            raise DefinitionError(
+                f"workflow {name!r}: a debounced workflow cannot have schedules "
+                "(each tick is its own execution); lengthen the schedule instead"
+            )
+        self.debounce = debounce
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, version={self.version}, steps={list(self.steps)})"
@@ -296,14 +503,19 @@ class Workflow:
         retry: Retry | None = None,
         soft_timeout: float | None = None,
         timeout: float | None = None,
+        concurrency: Concurrency | Iterable[Concurrency] | None = None,
+        rate_limit: RateLimit | Iterable[RateLimit] | None = None,
         queue: str | None = None,
     ) -> Callable[[StepFunction], StepFunction]:
-        """Declare the decorated function a step of this workflow; with ``queue``, it
-        runs only on workers consuming that broker queue (``celery worker -Q``)."""
+        """Declare the decorated function a step of this workflow; with ``concurrency``
+        or ``rate_limit`` it is admitted under those limits when it is released; with
+        ``queue``, it runs only on workers consuming that broker queue
+        (``celery worker -Q``)."""
 
         def register(fn: StepFunction) -> StepFunction:
             step_name = name or fn.__name__
-            _check_queue(f"workflow {self.name!r}, step {step_name!r}", queue)
+            where = f"workflow {self.name!r}, step {step_name!r}"
+            _check_queue(where, queue)
             if isinstance(depends_on, str):
                 # A string iterates as one-letter names: "up" would mean steps u and p.
                 raise DefinitionError(
@@ -318,6 +530,10 @@ class Workflow:
                     retry=retry or Retry(),
                     soft_timeout=soft_timeout,
                     timeout=timeout,
+                    limits=(
+                        *_limits(f"{where}", concurrency, step=True),
+                        *_limits(f"{where}", rate_limit, step=True),
+                    ),
                     queue=queue,
                 )
             )
@@ -493,10 +709,18 @@ class Workflow:
 
     @property
     def wait_nodes(self) -> frozenset[str]:
-        """The names of the steps that are waits (sleeps, event waits, children)."""
+        """The names of the steps that enter ``waiting`` when released: waits (sleeps,
+        event waits, children, maps) and task steps behind limits (admitted there)."""
         if self._wait_nodes is None:
-            self._wait_nodes = frozenset(n for n, s in self.steps.items() if s.wait is not None)
+            self._wait_nodes = frozenset(
+                n for n, s in self.steps.items() if s.wait_kind is not None
+            )
         return self._wait_nodes
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit applies to this workflow's executions or steps."""
+        return bool(self.limits) or any(s.limits for s in self.steps.values())
 
     @property
     def map_nodes(self) -> frozenset[str]:

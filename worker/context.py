@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
-from core import maps, steps
+from core import limits, maps, steps
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import InputValidationError
 from core.outcomes import Claim
@@ -98,3 +99,12 @@ class RunningStep:
             status = self._manager.run(steps.step_status, self.execution_id, self.step_name)
         self._cancelled = status in (StepStatus.CANCELLED, None)
         return self._cancelled
+
+    def pause_key(self, key: str, *, until: datetime | timedelta) -> None:
+        """Hold every start under ``key`` (a limit's key as stored: the text of a text
+        key, such as ``"openai"``) until ``until`` (a timezone-aware datetime, or a
+        delay from now), for example a 429's Retry-After. Steps released meanwhile wait
+        as rows until then; steps already queued or running are not stopped."""
+        if isinstance(until, timedelta):
+            until = datetime.now(UTC) + until
+        self._manager.run(limits.pause_key, key, until)

@@ -31,7 +31,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import children, executions, map_repair, reconciler, steps, waits, waker
+from core import (
+    children,
+    debounce,
+    executions,
+    limits,
+    map_repair,
+    reconciler,
+    steps,
+    waits,
+    waker,
+)
 from core.config import Settings
 from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -475,7 +485,6 @@ class Engine:
             workflow: Workflow | None = self.registry.get(workflow_name)
         except WorkflowNotFound:
             workflow = None
-        limit = workflow.max_concurrency if workflow else None
         ids = list(execution_ids)
         claim: Claim | None = None
         roots = [s for s in workflow.steps.values() if not s.depends_on] if workflow else []
@@ -484,8 +493,8 @@ class Engine:
         if workflow is not None and workflow.wait_nodes:
             # Its waits enter waiting at the start (root waits, and after a retry those
             # whose upstream steps had succeeded): admitted without the fused claim.
-            admission, woken = self.manager.run(waits.admit, workflow, ids, limit, self.definition)
-            self.metrics.admitted(workflow_name, admission)
+            admission, woken = self.manager.run(waits.admit, workflow, ids, self.definition)
+            self._admitted(workflow_name, admission)
             self._publish_committed(admission.queued, admission.routes)
             self.publish_outcome(woken)
             return admission
@@ -497,15 +506,36 @@ class Engine:
             and self._roots_here(workflow, roots)
         ):
             admission, claim = self.manager.run(
-                steps.admit_and_claim, workflow_name, ids, limit, self.worker_id
+                steps.admit_and_claim, workflow_name, ids, workflow, self.worker_id
             )
         else:
-            admission = self.manager.run(executions.admit, workflow_name, ids, limit)
-        self.metrics.admitted(workflow_name, admission)
+            admission = self.manager.run(executions.admit, workflow_name, ids, workflow)
+        self._admitted(workflow_name, admission)
         self._publish_committed(admission.queued, admission.routes)
         if claim is not None:
             self._run_from(claim)
         return admission
+
+    def _admitted(self, workflow_name: str, admission: Admission) -> None:
+        """Count an admission; cancellations by ``on_limit`` end executions; a start a
+        rate limit held back is asked for again at the moment it may start."""
+        self.metrics.admitted(workflow_name, admission)
+        for _ in admission.cancelled:
+            self.metrics.limited(workflow_name, "", "cancelled")
+        if admission.cancelled:
+            # Slots freed (cancel_in_progress): the next pending may start.
+            self.after_finish(workflow_name)
+        if admission.retry_at is not None:
+            left = (admission.retry_at - datetime.now(UTC)).total_seconds()
+            try:
+                self.app.send_task(
+                    START_EXECUTION,
+                    kwargs={"execution_id": "", "workflow": workflow_name},
+                    countdown=max(0.0, min(left, self.settings.retry_countdown_max)),
+                    queue=self._start_queue(workflow_name),
+                )
+            except Exception:  # the reconciler re-sends pending starts
+                log.warning("asking for a rate-limited start failed", exc_info=True)
 
     def _roots_here(self, workflow: Workflow | None, roots: Sequence[Step]) -> bool:
         """Whether this worker consumes the queue of every root step, so that it may
@@ -538,11 +568,30 @@ class Engine:
             self.metrics.ended(workflow, result)
         for workflow in sorted({*(workflow for _, workflow in outcome.finished), *outcome.freed}):
             self.after_finish(workflow)
+        for workflow, key, what in outcome.limited:
+            self.metrics.limited(workflow, key, what)
+        if outcome.wake_hint is not None:
+            self.wake_at(outcome.wake_hint)
+
+    def wake_at(self, due: datetime) -> None:
+        """Ask the waker for ``due`` when it falls before its next tick (a wait armed
+        for a moment that near: a rate limit's next start, a short retry backoff): one
+        housekeeping message; a lost one costs at most one tick."""
+        left = (due - datetime.now(UTC)).total_seconds()
+        if left < self.settings.wake_interval:
+            try:
+                self.app.send_task(
+                    WAKE, countdown=max(0.0, left), expires=self.settings.wake_interval * 2
+                )
+            except Exception:
+                log.warning("asking the waker for %s failed; its tick will do", due, exc_info=True)
 
     def wake(self) -> int:
-        """Wake the waits that are due (the beat's ``conveyor.wake``): batches of
-        ``CONVEYOR_WAKE_BATCH`` until one comes back short, or ``CONVEYOR_WAKE_INTERVAL``
-        of work has passed (the next tick goes on). How many waits it took."""
+        """Wake the waits that are due (the beat's ``conveyor.wake``), then close the
+        debounce windows that are due and send their starts (``core.debounce``): batches
+        of ``CONVEYOR_WAKE_BATCH`` until one comes back short, or
+        ``CONVEYOR_WAKE_INTERVAL`` of work has passed (the next tick goes on). How many
+        waits and windows it took."""
         settings = self.settings
         began = time.monotonic()
         taken = 0
@@ -554,11 +603,23 @@ class Engine:
                 break
             if time.monotonic() - began > settings.wake_interval:
                 break
+        next_due = outcome.next_due
+        while True:
+            # Debounce windows due to start: closed, then their starts sent.
+            released = self.manager.run(debounce.release_due, settings.wake_batch)
+            taken += len(released.starts)
+            self._publish_released(released.starts)
+            if len(released.starts) < settings.wake_batch:
+                break
+            if time.monotonic() - began > settings.wake_interval:
+                break
+        if released.next_due is not None:
+            next_due = released.next_due if next_due is None else min(next_due, released.next_due)
         self.metrics.wake_pass(time.monotonic() - began, taken)
-        if outcome.next_due is not None:
+        if next_due is not None:
             # Due before the next tick: one housekeeping message for that moment, so a
             # short sleep wakes on time (a lost one costs at most one tick).
-            left = (outcome.next_due - datetime.now(UTC)).total_seconds()
+            left = (next_due - datetime.now(UTC)).total_seconds()
             # Already due (it became due while this pass ran, after its scan): at once.
             # Not for one due long before: a row no pass can end would loop wakes.
             if -settings.wake_interval < left < settings.wake_interval:
@@ -567,10 +628,17 @@ class Engine:
                 )
         return taken
 
+    def _publish_released(self, starts: Sequence[Start]) -> None:
+        """Send the starts of debounce windows just closed; one that fails is logged:
+        the window is closed, so the reconciler sends it as any pending start."""
+        unsent = self.publish_starts_each(starts)
+        if unsent:
+            log.warning("%d debounced start(s) unsent; the reconciler will send them", len(unsent))
+
     def after_finish(self, workflow_name: str) -> None:
         """A slot freed up: admit the next waiting execution of a limited workflow."""
         try:
-            limited = self.registry.get(workflow_name).max_concurrency is not None
+            limited = bool(self.registry.get(workflow_name).limits)
         except WorkflowNotFound:
             return
         if limited:
@@ -852,15 +920,29 @@ class Engine:
         permanent = isinstance(error, InputValidationError | OutputNotStorable)
         if not permanent and step.retry.should_retry(error, tries):
             delay = step.retry.delay(tries)
+            freed: WaitOutcome | None = None
             try:
-                moved = self.recorder.run(
-                    steps.schedule_retry,
-                    claim.execution_id,
-                    step.name,
-                    claim.attempt,
-                    delay,
-                    error_record(error),
-                )
+                if step.limits:
+                    # Behind limits: it waits out its backoff holding no slot, and is
+                    # admitted again by the waker (no message now).
+                    moved, freed = self.recorder.run(
+                        limits.retry_gated,
+                        claim.execution_id,
+                        step.name,
+                        claim.attempt,
+                        delay,
+                        error_record(error),
+                        self.definition,
+                    )
+                else:
+                    moved = self.recorder.run(
+                        steps.schedule_retry,
+                        claim.execution_id,
+                        step.name,
+                        claim.attempt,
+                        delay,
+                        error_record(error),
+                    )
             except TransientDatabaseError:
                 raise  # as in _succeeded
             except Exception:
@@ -872,7 +954,9 @@ class Engine:
                 )
                 return self._fail(claim, error, workflow)
             self.metrics.retried(claim, moved)
-            if moved.applied and delay <= self.settings.retry_countdown_max:
+            if freed is not None:
+                self.publish_outcome(freed)
+            elif moved.applied and delay <= self.settings.retry_countdown_max:
                 # Long delays are left to the reconciler, which publishes due retries;
                 # nothing depends on an ETA message held by the broker.
                 self._publish_committed(
@@ -915,6 +999,8 @@ class Engine:
         nothing else runs); the report (None: another outcome was recorded first)."""
         descendants = workflow.descendants(claim.step_name) if workflow else None
         sinks = workflow.sinks if workflow else []
+        defined = workflow.steps.get(claim.step_name) if workflow else None
+        limited = bool(defined and defined.limits)
         record = error_record(error)
         try:
             failure = self.recorder.run(
@@ -925,6 +1011,7 @@ class Engine:
                 record,
                 descendants,
                 sinks,
+                limited,
             )
         except TransientDatabaseError:
             raise  # as in _succeeded
@@ -946,6 +1033,7 @@ class Engine:
                 bare_error_record(error),
                 descendants,
                 sinks,
+                limited,
             )
         report = None
         if failure.transition.applied:
@@ -997,6 +1085,12 @@ class Engine:
         self.metrics.ended(execution.workflow_id, result)
         self.after_finish(execution.workflow_id)
         self.publish_outcome(cancelled.woken)
+        workflow = self.definition(execution.workflow_id, execution.workflow_version)
+        if workflow is not None and any(step.limits for step in workflow.steps.values()):
+            # Its steps' slots freed with the cancel: their keys' next waiters start now.
+            self.publish_outcome(
+                self.manager.run(limits.free_executions, [execution_id], self.definition)
+            )
         return True
 
     def retry(self, execution_id: str, *, failed_items: bool = False) -> bool:

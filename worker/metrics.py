@@ -148,10 +148,30 @@ class Metrics:
             ["workflow", "how"],
             registry=registry,
         )
+        self.rate_limited = Counter(
+            "conveyor_rate_limited",
+            "Starts a rate limit or a paused key held back (the step waits, with no "
+            "message, until it may start), by workflow and key.",
+            ["workflow", "key"],
+            registry=registry,
+        )
+        self.admissions = Counter(
+            "conveyor_key_admissions",
+            "Admissions of steps behind limits: admitted, or held (concurrency, rate, paused).",
+            ["workflow", "result"],
+            registry=registry,
+        )
         self.events_sent = Counter(
             "conveyor_events",
             "Events and signals sent, by outcome (consumed, stored, duplicate).",
             ["outcome"],
+            registry=registry,
+        )
+        self.debounced = Counter(
+            "conveyor_debounced",
+            "Enqueues of a debounced workflow collapsed into the open window of their key "
+            "(an execution already pending), counted by the process that enqueued.",
+            ["workflow"],
             registry=registry,
         )
 
@@ -198,6 +218,12 @@ class Metrics:
         if count:
             self.steps_held.labels(workflow, how).inc(count)
 
+    def limited(self, workflow: str, key: str, what: str) -> None:
+        """A step behind limits admitted, or held (``what``: concurrency, rate, paused)."""
+        self.admissions.labels(workflow, what).inc()
+        if what in ("rate", "paused"):
+            self.rate_limited.labels(workflow, key).inc()
+
     def woke_late(self, workflow: str, seconds: float) -> None:
         """A sleep the waker woke, ``seconds`` after its wake time."""
         self.wake_lag.labels(workflow).observe(seconds)
@@ -205,6 +231,10 @@ class Metrics:
     def wake_pass(self, seconds: float, taken: int) -> None:
         """One waker pass: its duration (``taken``: due waits it took)."""
         self.wake_duration.observe(seconds)
+
+    def collapsed(self, workflow: str, count: int) -> None:
+        """Enqueues that an open debounce window took (no new execution)."""
+        self.debounced.labels(workflow).inc(count)
 
     def event_sent(self, outcome: str) -> None:
         """An event or signal: consumed by a wait, stored for one to come, or a duplicate."""

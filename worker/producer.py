@@ -84,7 +84,8 @@ def enqueue(
     The same ``idempotency_key`` again returns the first execution's id and sends
     nothing; keys beginning ``schedule:`` are refused (ReservedIdempotencyKey), except
     with ``schedule_tick``, which only the schedules' firing pass passes. ``priority``
-    runs from 0 to 9, higher first.
+    runs from 0 to 9, higher first. A debounced workflow's enqueue returns the id of its
+    key's open window (``Debounce``), which starts when the window closes.
     """
     (created,) = submit_many(
         workflow,
@@ -138,7 +139,8 @@ def submit_many(
     schedule_tick: bool = False,
 ) -> list[CreatedExecution]:
     """``enqueue_many``, telling for each execution whether this call created it (False:
-    its idempotency key named an existing one, which was not started again).
+    its idempotency key named an existing one, which was not started again, or an open
+    debounce window took its input) and whether it is held for its debounce window.
 
     Keys are looked up in ``idempotency_scope``: the producers' by default; the HTTP
     API passes its caller's user id, so that users neither share nor see others' keys.
@@ -167,8 +169,11 @@ def submit_many(
     fresh = [
         (c.execution_id, new.workflow_id, new.priority)
         for c, new in zip(created, news, strict=True)
-        if c.created
+        if c.created and not c.held
     ]
+    collapsed = sum(1 for c in created if c.held and not c.created)
+    if collapsed:
+        engine.metrics.collapsed(news[0].workflow_id, collapsed)
     try:
         engine.publish_starts(fresh)
     except Exception:  # the rows are committed: the reconciler will start them

@@ -36,6 +36,7 @@ from api.services import Conveyor
 from core import executions, maps
 from core.accounts import Principal
 from core.errors import (
+    DebouncedIdempotencyKey,
     ExecutionNotFound,
     FieldError,
     InputValidationError,
@@ -107,7 +108,13 @@ def _detail(conn: Connection, execution_id: str) -> Detail:
     status_code=status.HTTP_201_CREATED,
     response_model=ExecutionOut,
     responses={
-        200: {"model": ExecutionOut, "description": "The idempotency key's execution."},
+        200: {
+            "model": ExecutionOut,
+            "description": (
+                "The idempotency key's execution, or the pending execution of the debounce "
+                "window that took this input."
+            ),
+        },
         **problems.responses(400, 403, 409, 413, 422),
     },
 )
@@ -118,6 +125,9 @@ def enqueue(
 
     Idempotency keys are the caller's own: another user's key of the same name is
     neither found nor a conflict, and keys beginning ``schedule:`` are refused (422).
+    A debounced workflow's input goes to the open window of its key (the caller's own,
+    as keys are): 201 when it opened one, 200 when an open one took it; either is
+    pending until ``start_at``.
     """
     try:
         (created,) = submit_many(
@@ -134,7 +144,7 @@ def enqueue(
         raise InputValidationError(
             str(error), [{"field": "workflow", "message": str(error)}]
         ) from None
-    except ReservedIdempotencyKey:
+    except (ReservedIdempotencyKey, DebouncedIdempotencyKey):
         raise  # names the request's own field, idempotency_key
     except InputValidationError as error:
         # The workflow's own checks name fields of the input: say where they are.

@@ -199,7 +199,7 @@ def claimed_requests(waits_count: int, key: str) -> list[Claim]:
     with database.engine.begin() as conn:
         ids = [c.execution_id for c in create_executions(conn, news)]
     with database.engine.begin() as conn:
-        admission, _ = waits.admit(conn, racing, ids, None, definition_of)
+        admission, _ = waits.admit(conn, racing, ids, definition_of)
     assert sorted(admission.started) == sorted(ids)
     claims = []
     for execution_id in ids:

@@ -51,7 +51,7 @@ def sleeping(count: int) -> list[str]:
     with database.engine.begin() as conn:
         ids = [c.execution_id for c in create_executions(conn, news)]
     with database.engine.begin() as conn:
-        admission, armed = waits.admit(conn, sleeper, ids, None, definition_of)
+        admission, armed = waits.admit(conn, sleeper, ids, definition_of)
     assert sorted(admission.started) == sorted(ids)
     assert armed.woken == []  # an hour away: armed, not ended
     return ids

@@ -38,6 +38,8 @@ TABLES = {
     "database_liveness",
     "event_inbox",
     "map_items",
+    "flow_keys",
+    "key_slots",
 }
 _counter = itertools.count()
 

@@ -38,8 +38,15 @@ def test_sources_follow_the_table() -> None:
         StepStatus.RUNNING,
         StepStatus.WAITING,  # a task step held for a slot, admitted
     }
-    # A wait is entered from pending only, and no message can claim one.
-    assert STEPS.sources_of(StepStatus.WAITING) == {StepStatus.PENDING, StepStatus.WAITING}
+    # A wait is entered from pending; a step behind limits goes back to waiting for its
+    # retry's backoff (running) or after a stall recovery (queued); no message can
+    # claim a wait.
+    assert STEPS.sources_of(StepStatus.WAITING) == {
+        StepStatus.PENDING,
+        StepStatus.WAITING,
+        StepStatus.QUEUED,
+        StepStatus.RUNNING,
+    }
     assert StepStatus.WAITING not in STEPS.sources_of(StepStatus.RUNNING)
     assert StepStatus.WAITING in STEPS.open
     assert EXECUTIONS.sources_of(ExecutionStatus.PENDING) == frozenset()
