@@ -362,3 +362,37 @@ def test_a_condition_decides_before_the_limit_admits(
     assert statuses == ["succeeded", "skipped", "succeeded", "succeeded", "skipped"]
     assert PEAK["refund"] == 1
     assert _slots() == 0
+
+
+def test_the_reconciler_frees_a_slot_an_end_left_and_admits_the_waiter(
+    app: ConveyorCelery,
+) -> None:
+    from tests.helpers.state import force_step_status
+
+    first = enqueue(held, {}, app=app)
+    second = enqueue(held, {}, app=app)
+    with running_worker(app, concurrency=4):
+        deadline = time.monotonic() + 10
+        while {_step_status(first, "blocked"), _step_status(second, "blocked")} != {
+            "running",
+            "waiting",
+        }:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        holder, waiter = (
+            (first, second) if _step_status(first, "blocked") == "running" else (second, first)
+        )
+        # An end written behind conveyor's back (no code path freed its slot): the
+        # holder's slot row outlives it.
+        force_step_status(holder, "blocked", "cancelled")
+        with get_db_session() as session:
+            assert key_states(session.connection(), ["limits-held-api"])[0].running == 0
+        assert _slots() == 1
+        report = app.engine.reconcile()
+        assert report.slots_freed == 1
+        deadline = time.monotonic() + 10
+        while _step_status(waiter, "blocked") != "running":
+            assert time.monotonic() < deadline, _step_status(waiter, "blocked")
+            time.sleep(0.05)
+        GATE.set()
+        assert wait_for(waiter).status == "succeeded"
