@@ -51,6 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from core.errors import InputValidationError
 from core.models import ExecutionEvent, FlowKey, KeySlot, StepExecution, WorkflowExecution
 from core.outcomes import Route, TransitionResult, WaitOutcome
 from core.sql import clock_now, utcnow
@@ -575,7 +576,10 @@ def admit_executions(conn: Connection, workflow: Workflow) -> ExecutionAdmission
             return result
         if len(workflow.limits) == 1:
             window = room
-    rows = conn.execute(pending_of(), {"wf": workflow.name, "limit": window}).all()
+    by_key = any(
+        not isinstance(lim.key, str) and lim.key is not whole_workflow for lim in workflow.limits
+    )
+    rows = conn.execute(pending_of(by_key), {"wf": workflow.name, "limit": window}).all()
     queues: dict[str, list[tuple[Any, list[KeyLimit]]]] = {}
     for row in rows:
         try:
@@ -626,6 +630,26 @@ def admit_executions(conn: Connection, workflow: Workflow) -> ExecutionAdmission
     return result
 
 
+def partition_key(workflow: Workflow, input_data: Any) -> str | None:
+    """The key an execution of ``workflow`` with (validated) ``input_data`` takes turns
+    under while its limits hold it (``workflow_executions.limit_key``): its first key
+    of its own (per input); None for a workflow with none. Raises InputValidationError
+    when the key function fails: the enqueue is refused before anything is written."""
+    own = [
+        limit
+        for limit in workflow.limits
+        if not isinstance(limit.key, str) and limit.key is not whole_workflow
+    ]
+    if not own:
+        return None
+    try:
+        return key_name(workflow, None, own[0], workflow.parse_input(input_data))
+    except KeyFailed as error:
+        raise InputValidationError(
+            f"workflow {workflow.name!r}: a limit's key function failed on this input: {error}"
+        ) from error
+
+
 def _partition(limits: Sequence[KeyLimit]) -> str:
     """The key an execution takes turns under: its first key of its own (a tenant's),
     else its first key."""
@@ -659,18 +683,54 @@ def _fail_pending(conn: Connection, execution_id: str, error: KeyFailed) -> None
     )
 
 
+# Of each key's pending executions, how many one admission looks at.
+PER_KEY_WINDOW = 50
+
+
 @cache
-def pending_of() -> Select[Any]:
-    """A workflow's pending executions in admission order: priority, then arrival."""
-    return (
-        select(WE.c.execution_id, WE.c.attempt, WE.c.input_data)
-        .where(
-            WE.c.workflow_id == bindparam("wf", type_=String),
-            WE.c.status == ExecutionStatus.PENDING.value,
-            # An open debounce window starts when the waker closes it, not in a free slot.
-            WE.c.debounce_key.is_(None),
+def pending_of(by_key: bool) -> Select[Any]:
+    """A workflow's pending executions in admission order: priority, then arrival; with
+    ``by_key``, round robin between their keys (``limit_key``): each key's first, then
+    each key's second, ...; so a key with a backlog of thousands cannot keep another
+    key's first execution out of the window. (Without keys of its own a workflow's
+    admission reads only the head of the ``ix_workflow_executions_workflow_status``
+    range; ranking reads every pending execution of the workflow.)"""
+    order = (WE.c.priority.desc(), WE.c.created_at, WE.c.execution_id)
+    pending = (
+        WE.c.workflow_id == bindparam("wf", type_=String),
+        WE.c.status == ExecutionStatus.PENDING.value,
+        # An open debounce window starts when the waker closes it, not in a free slot.
+        WE.c.debounce_key.is_(None),
+    )
+    if not by_key:
+        return (
+            select(WE.c.execution_id, WE.c.attempt, WE.c.input_data)
+            .where(*pending)
+            .order_by(*order)
+            .limit(bindparam("limit", type_=Integer))
         )
-        .order_by(WE.c.priority.desc(), WE.c.created_at, WE.c.execution_id)
+    turn = func.row_number().over(partition_by=WE.c.limit_key, order_by=order).label("turn")
+    ranked = (
+        select(
+            WE.c.execution_id,
+            WE.c.attempt,
+            WE.c.input_data,
+            WE.c.priority,
+            WE.c.created_at,
+            turn,
+        )
+        .where(*pending)
+        .subquery("ranked")
+    )
+    return (
+        select(ranked.c.execution_id, ranked.c.attempt, ranked.c.input_data)
+        .where(ranked.c.turn <= PER_KEY_WINDOW)
+        .order_by(
+            ranked.c.turn,
+            ranked.c.priority.desc(),
+            ranked.c.created_at,
+            ranked.c.execution_id,
+        )
         .limit(bindparam("limit", type_=Integer))
     )
 

@@ -278,6 +278,9 @@ class WorkflowExecution(Timestamped, Base):
     # Running with every open step waiting (none queued or running): the execution holds
     # no max_concurrency slot meanwhile.
     parked_at: Mapped[datetime | None]
+    # The key its pending execution takes turns under (core.limits): its workflow's
+    # first per-input Concurrency key, written at creation; NULL for workflows without.
+    limit_key: Mapped[str | None] = mapped_column(String(255))
     # A debounced execution (``Debounce``): its window's key while the window is open
     # (pending, collecting enqueues; set to NULL when the waker closes it at
     # ``start_at``), when it starts (the last enqueue's time + period, at most
