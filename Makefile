@@ -17,8 +17,11 @@ lint: deps
 typecheck: deps
 	$(BIN)/mypy core worker cli api
 
+# Three workers, a test file each at a time (each worker starts its own PostgreSQL and
+# Redis); the fault suite after them, alone, since it times crashes and outages.
 pytest: deps
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3 --dist loadfile --ignore=tests/faults
+	$(BIN)/pytest tests/faults
 
 test: lint typecheck pytest
 

@@ -8,8 +8,9 @@ from the schema rather than from a 500.
 from __future__ import annotations
 
 import re
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import Path
 from pydantic import (
@@ -21,6 +22,8 @@ from pydantic import (
     StringConstraints,
 )
 
+from core import limits
+from core.limits import KeyState
 from core.models import ExecutionEvent, StepExecution, User, UserSession, WorkflowExecution
 
 # Any characters but NUL. Patterns name code points: JSON Schema's (ECMA 262) and
@@ -301,23 +304,45 @@ class RetryRequest(Strict):
     failed_items: bool = False
 
 
+# The wait kind a task step behind limits records (core.limits).
+KEY_WAIT = "key"
+
+
 class WaitOut(BaseModel):
     """What a waiting step waits for."""
 
-    kind: Literal["sleep", "event", "child", "map"]
+    kind: Literal["sleep", "event", "child", "map", "key"] = Field(
+        description="`key`: a task step held back by a concurrency or rate limit's key."
+    )
     since: datetime | None = Field(description="When it began waiting.")
     wake_at: datetime | None = Field(
-        description="A sleep: when it wakes. An event wait: when it times out (null: never)."
+        description="A sleep: when it wakes. An event wait: when it times out (null: never). "
+        "A key wait: when it is admitted again (a rate's next start, a pause's end; null: "
+        "when a slot frees)."
     )
     event: str | None = Field(description="An event wait: the event's name.")
-    key: str | None = Field(description="An event wait: the key the event must carry.")
+    key: str | None = Field(
+        description="An event wait: the key the event must carry. A key wait: the key that "
+        "holds it back (null: due to be admitted, as after a retry's backoff)."
+    )
     child_execution_id: str | None = Field(description="A child node: the child execution.")
+    why: limits.HeldFor | None = Field(
+        default=None,
+        description="A key wait: no free slot under the key, its rate, or the key is paused.",
+    )
 
     @classmethod
-    def of(cls, step: StepExecution) -> WaitOut | None:
-        """What ``step`` waits for, or None when it is not waiting on a wait node."""
+    def of(
+        cls, step: StepExecution, paused: Mapping[str, datetime | None] | None = None
+    ) -> WaitOut | None:
+        """What ``step`` waits for, or None when it is not waiting on a wait node or a key
+        (``paused``: the pause of each key holding a step, for ``why``)."""
         if step.wait_kind is None or step.status != "waiting":
             return None
+        why = None
+        if step.wait_kind == KEY_WAIT and step.wait_key is not None:
+            paused_until = (paused or {}).get(step.wait_key)
+            why = limits.why_held(step.wake_at, paused_until, datetime.now(UTC))
         return cls(
             kind=step.wait_kind,
             since=step.waiting_since,
@@ -325,6 +350,7 @@ class WaitOut(BaseModel):
             event=step.wait_event,
             key=step.wait_key,
             child_execution_id=step.child_execution_id,
+            why=why,
         )
 
 
@@ -352,7 +378,10 @@ class StepOut(BaseModel):
         description="A task runs code; a map runs its code once per item; the others are "
         "wait nodes (no worker held)."
     )
-    wait: WaitOut | None = Field(description="What it waits for while waiting (else null).")
+    wait: WaitOut | None = Field(
+        description="What it waits for while waiting (else null): a wait node's wait, or "
+        "the key holding back a task step behind limits."
+    )
     map: MapOut | None = Field(default=None, description="A map step's items (else null).")
     queue: str | None = Field(
         default=None,
@@ -372,14 +401,16 @@ class StepOut(BaseModel):
         items: dict[str, int] | None = None,
         queue: str | None = None,
         skip_reason: str | None = None,
+        paused: Mapping[str, datetime | None] | None = None,
     ) -> StepOut:
         """The body of ``step`` (``queue``: the queue its workflow's definition names;
-        ``skip_reason``: see ``core.conditions.skip_reasons``)."""
+        ``skip_reason``: see ``core.conditions.skip_reasons``; ``paused``: as for
+        ``WaitOut.of``)."""
         return cls(
             name=step.step_name,
             status=step.status,
             queue=queue,
-            kind=step.wait_kind or "task",
+            kind=cast(Any, step.kind),
             attempt=step.attempt,
             policy_attempt=step.policy_attempt,
             max_attempts=step.max_attempts,
@@ -393,7 +424,7 @@ class StepOut(BaseModel):
             finished_at=step.finished_at,
             heartbeat_at=step.heartbeat_at,
             next_attempt_at=step.next_attempt_at,
-            wait=WaitOut.of(step),
+            wait=WaitOut.of(step, paused),
             map=MapOut.of(step, items),
             skip_reason=skip_reason if step.status == "skipped" else None,
         )
@@ -485,6 +516,40 @@ class CancelRequest(Strict):
     """Why an execution is cancelled (recorded in its history)."""
 
     reason: Reason = "cancelled over HTTP"
+
+
+# --- limits ---------------------------------------------------------------------------
+
+
+class LimitOut(BaseModel):
+    """A concurrency or rate-limit key: what it holds now and what it holds back."""
+
+    key: str
+    limit: int | None = Field(description="Concurrency limit (null: a rate limit's key only).")
+    running: int = Field(description="Slots held now: steps (or executions) admitted, not ended.")
+    waiting: int = Field(description="Steps waiting for this key (a slot, its rate, its pause).")
+    rate_per_second: float | None = Field(description="A rate limit's steady rate (else null).")
+    paused_until: datetime | None = Field(
+        description="Nothing under the key starts before this (null, or past: not paused)."
+    )
+
+    @classmethod
+    def of(cls, state: KeyState) -> LimitOut:
+        """The body of a key's state."""
+        return cls(
+            key=state.key,
+            limit=state.limit,
+            running=state.running,
+            waiting=state.waiting,
+            rate_per_second=state.rate_per_second,
+            paused_until=state.paused_until,
+        )
+
+
+class PauseRequest(Strict):
+    """Until when a key holds every start under it."""
+
+    until: Timestamp = Field(description="A moment in the future, with its timezone.")
 
 
 # --- workflows ------------------------------------------------------------------------

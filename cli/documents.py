@@ -15,6 +15,7 @@ import typer
 from pydantic_core import to_jsonable_python
 
 from core.conditions import condition_label
+from core.limits import why_held
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.schedules import Schedule
 from core.workflows import Workflow
@@ -63,10 +64,16 @@ def execution(row: WorkflowExecution) -> Document:
     }
 
 
-def wait(row: StepExecution) -> Document | None:
-    """What a waiting wait node waits for (None for any other step)."""
+def wait(
+    row: StepExecution, pauses: Mapping[str, datetime | None] | None = None
+) -> Document | None:
+    """What a waiting wait node, or a step held by its key, waits for (None for any other
+    step); ``pauses``: the pause of each key holding a step, for ``why``."""
     if row.wait_kind is None or row.status != "waiting":
         return None
+    why = None
+    if row.wait_kind == "key" and row.wait_key is not None:
+        why = why_held(row.wake_at, (pauses or {}).get(row.wait_key), datetime.now(UTC))
     return {
         "kind": row.wait_kind,
         "since": timestamp(row.waiting_since),
@@ -74,6 +81,7 @@ def wait(row: StepExecution) -> Document | None:
         "event": row.wait_event,
         "key": row.wait_key,
         "child_execution_id": row.child_execution_id,
+        "why": why,
     }
 
 
@@ -82,13 +90,15 @@ def step(
     depends_on: Sequence[str] | None,
     queue: str | None = None,
     skip_reason: str | None = None,
+    pauses: Mapping[str, datetime | None] | None = None,
 ) -> Document:
     """A step's row; ``depends_on`` and ``queue`` are None where the workflow's
-    definition is unknown; ``skip_reason`` why a skipped step was skipped."""
+    definition is unknown; ``skip_reason`` why a skipped step was skipped; ``pauses``:
+    the pause of each key holding a step back."""
     return {
         "name": row.step_name,
         "status": row.status,
-        "kind": row.wait_kind or "task",
+        "kind": row.kind,
         "depends_on": list(depends_on) if depends_on is not None else None,
         "queue": queue,
         "attempt": row.attempt,
@@ -104,7 +114,7 @@ def step(
         "finished_at": timestamp(row.finished_at),
         "heartbeat_at": timestamp(row.heartbeat_at),
         "next_attempt_at": timestamp(row.next_attempt_at),
-        "wait": wait(row),
+        "wait": wait(row, pauses),
         "skip_reason": skip_reason if row.status == "skipped" else None,
     }
 
@@ -127,6 +137,7 @@ def execution_with_steps(
     workflow: Workflow | None,
     history: Iterable[ExecutionEvent] | None = None,
     skip_reasons: Mapping[str, str] | None = None,
+    pauses: Mapping[str, datetime | None] | None = None,
 ) -> Document:
     """``conveyor status --json``: the execution, its steps in DAG order (a skipped one
     with why), and its history when asked (the key is left out otherwise)."""
@@ -144,6 +155,7 @@ def execution_with_steps(
             if workflow is not None and s.step_name in workflow.steps
             else None,
             (skip_reasons or {}).get(s.step_name),
+            pauses,
         )
         for s in ranked
     ]

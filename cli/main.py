@@ -1,5 +1,5 @@
 """The ``conveyor`` command: migrate, run, status, list, cancel, retry, wake, signal,
-events, workflows, schedules, demo.
+events, workflows, schedules, limits, demo.
 
 Commands are thin: reads go through core's state manager, writes through the worker's
 producer and engine. Every ConveyorError becomes one red line on stderr and exit
@@ -45,7 +45,7 @@ from sqlalchemy.pool import NullPool
 from cli import documents, render, schema
 from cli import schedules as cli_schedules
 from cli.render import stderr, stdout
-from core import maps
+from core import limits, maps
 from core.conditions import skip_reasons
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
@@ -424,10 +424,15 @@ def status(
     skipped = any(s.status == "skipped" for s in steps)
     events = manager.get_history(execution_id) if history or skipped else None
     why = skip_reasons(events or ())
+    held = sorted(
+        {s.wait_key for s in steps if s.status == "waiting" and s.wait_kind == "key" and s.wait_key}
+    )
+    # The pause of each key holding a step back: it tells a pause from a rate's wait.
+    pauses = {k.key: k.paused_until for k in manager.run(limits.key_states, held)} if held else {}
     if as_json:  # the error, traceback included, is in the document already
         documents.emit(
             documents.execution_with_steps(
-                execution, steps, workflow, events if history else None, why
+                execution, steps, workflow, events if history else None, why, pauses
             )
         )
         return
@@ -442,7 +447,9 @@ def status(
     console = stdout()
     console.print(render.execution_summary(execution))
     order = list(workflow.order()) if workflow else ()
-    console.print(render.steps_table(steps, order, children, items, queues, unconsumed, why))
+    console.print(
+        render.steps_table(steps, order, children, items, queues, unconsumed, why, pauses)
+    )
     if queues is not None:
         stuck = Counter(
             queues[s.step_name]
@@ -708,7 +715,9 @@ if __name__ == "__main__":
     app()
 
 
-# ``conveyor users`` and ``conveyor tokens``, and ``conveyor items``, live in modules of
-# their own that add them to ``app``; imported last because they use its decorators.
+# ``conveyor users`` and ``conveyor tokens``, ``conveyor items`` and ``conveyor limits``
+# live in modules of their own that add them to ``app``; imported last because they use
+# its decorators.
 from cli import accounts as _accounts  # noqa: E402, F401
+from cli import limits as _limits  # noqa: E402, F401
 from cli import maps as _maps  # noqa: E402, F401

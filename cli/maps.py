@@ -43,7 +43,7 @@ def items_command(
     if found is None:
         raise StepNotFound(execution_id, step)
     if found.wait_kind != "map":
-        fail(f"step {step} is a {found.wait_kind or 'task'}, not a map: it has no items")
+        fail(f"step {step} is a {found.kind}, not a map: it has no items")
     page = manager.run(maps.item_page, execution_id, step, status=status, after=after, limit=limit)
     if as_json:
         documents.emit(

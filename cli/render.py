@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from core.limits import why_held
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.workflows import Workflow
 
@@ -95,16 +96,27 @@ def relative(value: datetime, now: datetime | None = None) -> str:
     return f"in {text}" if seconds >= 0 else f"{text} ago"
 
 
+HELD = {
+    "concurrency": "no free slot",
+    "rate": "rate limited until {}",
+    "paused": "paused until {}",
+}
+
+
 def waits_for(
     step: StepExecution,
     children: Mapping[str, str] | None = None,
     now: datetime | None = None,
+    pauses: Mapping[str, datetime | None] | None = None,
 ) -> str:
     """What a waiting step waits for ('until 2026-12-07 10:00 UTC (in 2d 3h)', 'event
-    invoice.approved key inv-42 (times out ...)', 'child <id> (running)'); '' for a step
-    that is not waiting on a wait node. ``children``: child execution statuses by id."""
+    invoice.approved key inv-42 (times out ...)', 'child <id> (running)', 'key openai (no
+    free slot)'); '' for a step that is not waiting. ``children``: child execution
+    statuses by id; ``pauses``: the pause of each key holding a step back."""
     if step.status != "waiting" or step.wait_kind is None:
         return ""
+    if step.wait_kind == "key":
+        return held_by(step, now or datetime.now(UTC), pauses)
     if step.wait_kind == "sleep":
         if step.wake_at is None:
             return "sleep (not armed yet)"
@@ -122,6 +134,20 @@ def waits_for(
         return "child (not started yet)"
     status = (children or {}).get(step.child_execution_id)
     return f"child {step.child_execution_id}" + (f" ({status})" if status else "")
+
+
+def held_by(
+    step: StepExecution, now: datetime, pauses: Mapping[str, datetime | None] | None
+) -> str:
+    """What holds back a step behind limits: 'key openai (no free slot)', 'key openai
+    (rate limited until 2026-12-07 10:00 UTC, in 4s)', 'key openai (paused until ...)';
+    with no key, its admission is due (as after a retry's backoff)."""
+    if step.wait_key is None:
+        due = f" at {moment(step.wake_at)} ({relative(step.wake_at, now)})" if step.wake_at else ""
+        return f"admission under its limits{due}"
+    why = why_held(step.wake_at, (pauses or {}).get(step.wait_key), now)
+    until = f"{moment(step.wake_at)}, {relative(step.wake_at, now)}" if step.wake_at else ""
+    return f"key {step.wait_key} ({HELD[why].format(until)})"
 
 
 ITEM_ORDER = ("queued", "running", "succeeded", "failed", "cancelled", "pending")
@@ -255,20 +281,22 @@ def steps_table(
     queues: Mapping[str, str] | None = None,
     unconsumed: Collection[str] = (),
     skip_reasons: Mapping[str, str] | None = None,
+    pauses: Mapping[str, datetime | None] | None = None,
 ) -> Table:
     """One row per step (in DAG order when ``order`` is given): status, attempt, time,
     error, and, while any step waits, what each waiting one waits for (``children``:
     child execution statuses by id); a map step's items counted by status (``items``);
     with ``queues``, each step's queue, flagged on a queued step when it is one of
     ``unconsumed`` (no live worker consumes it); when a step was skipped, why
-    (``skip_reasons``, by step name)."""
+    (``skip_reasons``, by step name); ``pauses``: the pause of each key holding a step
+    back."""
     position = {name: index for index, name in enumerate(order)}
     ranked = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
     now = datetime.now(UTC)
     waits = {
         s.step_name: map_summary(s, (items or {}).get(s.step_name))
         if s.wait_kind == "map"
-        else waits_for(s, children, now)
+        else waits_for(s, children, now, pauses)
         for s in ranked
     }
     table = Table(box=box.SIMPLE_HEAD)
@@ -363,7 +391,7 @@ def dag_tree(
     root = Tree(label)
     if workflow is None:
         for name in sorted(rows):
-            root.add(_step_label(name, rows[name], (), rows[name].wait_kind))
+            root.add(_step_label(name, rows[name], (), rows[name].kind))
         return root
     order = list(workflow.order())
     position = {name: index for index, name in enumerate(order)}
@@ -374,7 +402,7 @@ def dag_tree(
         kind = workflow.steps[name].kind
         nodes[name] = parent.add(_step_label(name, rows.get(name), upstream[:-1], kind))
     for name in sorted(set(rows) - set(order)):  # rows the definition no longer has
-        root.add(_step_label(name, rows[name], (), rows[name].wait_kind))
+        root.add(_step_label(name, rows[name], (), rows[name].kind))
     return root
 
 

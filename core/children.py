@@ -167,8 +167,11 @@ def child_execution(
         deadline_at=_deadline(child, parent.deadline_at),
         steps=step_specs(child),
     )
+    from core.limits import partition_key
+
     return replace(
         new,
+        limit_key=partition_key(child, new.input_data),
         execution_id=identifier,
         parent_execution_id=parent_id,
         parent_step_name=step_name,

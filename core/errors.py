@@ -42,6 +42,17 @@ class StepNotFound(NotFound):
         self.step_name = step_name
 
 
+class KeyNotFound(NotFound):
+    """No concurrency or rate-limit key of this name: a key exists once a step or
+    execution under it was admitted or held."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"no key {key!r}: a key exists once a step or execution under it was admitted or held"
+        )
+        self.key = key
+
+
 class WorkflowNotFound(NotFound):
     """No workflow of this name (and version) is registered."""
 

@@ -227,7 +227,7 @@ def signal(
     outcome = WaitOutcome()
     row = _waiting_step(conn, execution_id, step_name)
     if row.wait_kind != "event":
-        kind = row.wait_kind or "task"
+        kind = "task" if row.wait_kind in (None, "key") else row.wait_kind  # key: behind limits
         hint = ": use wake" if kind == "sleep" else ""
         raise InputValidationError(
             f"step {step_name!r} is a {kind} step, not an event wait{hint}",
@@ -286,7 +286,7 @@ def wake(
     outcome = WaitOutcome()
     row = _waiting_step(conn, execution_id, step_name)
     if row.wait_kind != "sleep":
-        kind = row.wait_kind or "task"
+        kind = "task" if row.wait_kind in (None, "key") else row.wait_kind  # key: behind limits
         raise InputValidationError(
             f"step {step_name!r} is a {kind} step, not a sleep",
             [{"field": "step", "message": f"a {kind} step cannot be woken"}],

@@ -97,6 +97,8 @@ class NewExecution:
     depth: int = 0
     # A debounced workflow's enqueue: the window it opens or collapses into.
     debounce: Window | None = None
+    # The key it takes turns under when its workflow's limits hold it (core.limits).
+    limit_key: str | None = None
 
 
 def check_payload(field: str, value: Any, max_bytes: int) -> str:
@@ -202,6 +204,9 @@ def execution_of(
         deadline_at=deadline_at,
         steps=step_specs(definition),
     )
+    from core.limits import partition_key
+
+    new = replace(new, limit_key=partition_key(definition, checked))
     return new if window is None else replace(new, debounce=window)
 
 
@@ -309,6 +314,11 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
         outcome.append(CreatedExecution(existing.execution_id, created=False))
     created = [(c.execution_id, new) for c, new in zip(outcome, batch, strict=True) if c.created]
     _insert_steps(conn, created)
+    keyed_rows = [
+        {"eid": eid, "limit": new.limit_key} for eid, new in created if new.limit_key is not None
+    ]
+    if keyed_rows:  # only workflows whose limits take turns between keys pay for it
+        conn.execute(sql.set_limit_keys(), keyed_rows)
     return outcome
 
 

@@ -25,11 +25,12 @@ round robin between the keys of the workflow's pending executions.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy import (
     Connection,
@@ -43,18 +44,27 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    literal,
     or_,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from core.errors import InputValidationError
 from core.models import ExecutionEvent, FlowKey, KeySlot, StepExecution, WorkflowExecution
 from core.outcomes import Route, TransitionResult, WaitOutcome
-from core.sql import utcnow
+from core.sql import clock_now, utcnow
 from core.states import ExecutionStatus, StepStatus
 from core.step_statements import event_row, hot_path
-from core.workflows import WHOLE_WORKFLOW_VALUE, Concurrency, RateLimit, Step, Workflow
+from core.workflows import (
+    WHOLE_WORKFLOW_VALUE,
+    Concurrency,
+    RateLimit,
+    Step,
+    Workflow,
+    whole_workflow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,9 @@ KEY = "key"
 WAITING = StepStatus.WAITING.value
 # A step holds its slots while queued or running at the slot's attempt.
 HOLDING = (StepStatus.QUEUED.value, StepStatus.RUNNING.value)
+# Each its own bind parameter: a list would be an "expanding" one, its SQL text rendered
+# again on every execution (see core.step_statements._status_in).
+HOLDS = [literal(status) for status in HOLDING]
 
 DefinitionOf = Callable[[str, int], Workflow | None]
 
@@ -82,6 +95,14 @@ class KeyLimit:
     key: str
     limit: Concurrency | RateLimit
     cost: int = 1
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An admission: its slots taken and rates spent at ``at`` (the database's clock,
+    read once the keys were locked), the time its history records."""
+
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -144,6 +165,8 @@ class LimitStatements:
     hold: Update
     free_step: Any
     waiters: Select[Any]
+    any_waiter: Select[Any]
+    clock: Select[Any]
     stale_steps: Any
     stale_executions: Any
     waiting_keys: Select[Any]
@@ -158,40 +181,10 @@ def statements(dialect: str) -> LimitStatements:
     key = bindparam("k", type_=String)
     now = utcnow()
     # Every key's row, locked in key order (rows are created first: see ensure_keys).
-    lock = (
-        select(FK, now.label("now"))
-        .where(FK.c.key.in_(bindparam("keys", expanding=True)))
-        .order_by(FK.c.key)
-    )
+    lock = select(FK).where(FK.c.key.in_(bindparam("keys", expanding=True))).order_by(FK.c.key)
     if postgres:
         lock = lock.with_for_update(of=FK)
-    step_holds = (
-        select(func.count())
-        .select_from(
-            KS.join(
-                SE,
-                and_(
-                    SE.c.execution_id == KS.c.execution_id,
-                    SE.c.step_name == KS.c.step_name,
-                    SE.c.attempt == KS.c.attempt,
-                ),
-            )
-        )
-        .where(KS.c.key == key, KS.c.step_name != "", SE.c.status.in_(HOLDING))
-        .scalar_subquery()
-    )
-    execution_holds = (
-        select(func.count())
-        .select_from(KS.join(WE, WE.c.execution_id == KS.c.execution_id))
-        .where(
-            KS.c.key == key,
-            KS.c.step_name == "",
-            WE.c.status == ExecutionStatus.RUNNING.value,
-            WE.c.parked_at.is_(None),
-        )
-        .scalar_subquery()
-    )
-    holders = select((step_holds + execution_holds).label("running"))
+    holders = select(_running(key).label("running"))
     insert_ = postgresql.insert if postgres else sqlite.insert
     take_slot = (
         insert_(KS)
@@ -285,11 +278,16 @@ def statements(dialect: str) -> LimitStatements:
     )
     if postgres:
         waiters = waiters.with_for_update(of=SE, skip_locked=True)
+    any_waiter = (
+        select(SE.c.execution_id)
+        .where(SE.c.status == WAITING, SE.c.wait_kind == KEY, SE.c.wait_key == key)
+        .limit(1)
+    )
     holds = and_(
         SE.c.execution_id == KS.c.execution_id,
         SE.c.step_name == KS.c.step_name,
         SE.c.attempt == KS.c.attempt,
-        SE.c.status.in_(HOLDING),
+        SE.c.status.in_(HOLDS),
     )
     stale_steps = (
         delete(KS)
@@ -322,10 +320,14 @@ def statements(dialect: str) -> LimitStatements:
         )
         .returning(KS.c.key)
     )
+    # The keys with steps waiting for a slot and a slot free: what a missed promotion
+    # left (the others wait for an end to free one).
+    limit_of = select(FK.c.concurrency_limit).where(FK.c.key == SE.c.wait_key).scalar_subquery()
     waiting_keys = (
         select(SE.c.wait_key)
         .where(SE.c.status == WAITING, SE.c.wait_kind == KEY, SE.c.wake_at.is_(None))
         .group_by(SE.c.wait_key)
+        .having(_running(SE.c.wait_key) < func.coalesce(limit_of, 1))
         .limit(bindparam("limit", type_=Integer))
     )
     pause = insert_(FK).values(key=key, paused_until=bindparam("until"), updated_at=now)
@@ -343,12 +345,57 @@ def statements(dialect: str) -> LimitStatements:
         hold=hold,
         free_step=free_step,
         waiters=waiters,
+        any_waiter=any_waiter,
+        clock=select(clock_now()),
         stale_steps=stale_steps,
         stale_executions=stale_executions,
         waiting_keys=waiting_keys,
         pause=pause,
         stale_of=stale_of,
     )
+
+
+def _running(key: Any) -> Any:
+    """How many hold a slot under ``key`` (a bound name or a column): the slots whose
+    holder still holds (a step queued or running at the slot's attempt; an execution
+    running and not parked)."""
+    # Aliased: the callers' own statements name these tables (no correlation with them).
+    slot = KS.alias("slot")
+    step = SE.alias("held_step")
+    steps = (
+        select(func.count())
+        .select_from(
+            slot.join(
+                step,
+                and_(
+                    step.c.execution_id == slot.c.execution_id,
+                    step.c.step_name == slot.c.step_name,
+                    step.c.attempt == slot.c.attempt,
+                ),
+            )
+        )
+        .where(slot.c.key == key, slot.c.step_name != "", step.c.status.in_(HOLDS))
+        .scalar_subquery()
+    )
+    execution_slot = KS.alias("execution_slot")
+    running_execution = WE.alias("running_execution")
+    executions = (
+        select(func.count())
+        .select_from(
+            execution_slot.join(
+                running_execution,
+                running_execution.c.execution_id == execution_slot.c.execution_id,
+            )
+        )
+        .where(
+            execution_slot.c.key == key,
+            execution_slot.c.step_name == "",
+            running_execution.c.status == ExecutionStatus.RUNNING.value,
+            running_execution.c.parked_at.is_(None),
+        )
+        .scalar_subquery()
+    )
+    return steps + executions
 
 
 def ensure_keys(conn: Connection, keys: Sequence[str]) -> None:
@@ -367,19 +414,23 @@ def ensure_keys(conn: Connection, keys: Sequence[str]) -> None:
 
 def try_admit(
     conn: Connection, execution_id: str, step_name: str, attempt: int, limits: Sequence[KeyLimit]
-) -> Refusal | None:
+) -> Admitted | Refusal:
     """Admit one holder (a step attempt, or an execution with ``step_name`` "") under all
-    of ``limits`` at once, or none of them: None when admitted (its slots taken, its
-    rates spent), else the refusal. The keys' rows stay locked to commit."""
+    of ``limits`` at once, or none of them: Admitted (its slots taken, its rates spent),
+    or the refusal. The keys' rows stay locked to commit."""
     st = statements(conn.dialect.name)
     keys = sorted({limit.key for limit in limits})
-    ensure_keys(conn, keys)
     rows = {row.key: row for row in conn.execute(st.lock, {"keys": keys})}
+    if len(rows) < len(keys):  # a key's first admission: its row, then all locked again
+        ensure_keys(conn, [k for k in keys if k not in rows])
+        rows = {row.key: row for row in conn.execute(st.lock, {"keys": keys})}
     refusals: list[Refusal] = []
     spends: dict[str, dict[str, Any]] = {}
+    # The clock once the locks are held: a lock statement's own time is when it began
+    # waiting, and a rate judged on it would be judged early.
+    now: datetime = conn.execute(st.clock).scalar_one()
     for limit in limits:
         row = rows[limit.key]
-        now: datetime = row.now
         if row.paused_until is not None and row.paused_until > now:
             refusals.append(Refusal(limit.key, row.paused_until, "paused"))
             continue
@@ -416,10 +467,12 @@ def try_admit(
                 st.take_slot,
                 {"eid": execution_id, "step": step_name, "k": limit.key, "att": attempt},
             )
-            conn.execute(st.admitted_at, {"k": limit.key, "limit": limit.limit.limit})
+            if rows[limit.key].concurrency_limit != limit.limit.limit:
+                # The limit in force, for the surfaces (and promotion's room).
+                conn.execute(st.admitted_at, {"k": limit.key, "limit": limit.limit.limit})
     for spend in spends.values():
         conn.execute(st.spend, spend)
-    return None
+    return Admitted(now)
 
 
 def arm_gate(
@@ -436,8 +489,8 @@ def arm_gate(
     published (``outcome.queued``), or left waiting for the key that refused it.
     Raises KeyFailed when a key or cost function fails (the step then fails)."""
     limits = limits_of(workflow, step, input_data)
-    refusal = try_admit(conn, execution_id, step.name, attempt, limits)
-    _record(conn, execution_id, step.name, attempt, refusal, route, outcome, workflow.name)
+    decision = try_admit(conn, execution_id, step.name, attempt, limits)
+    _record(conn, execution_id, step.name, attempt, decision, route, outcome, workflow.name)
 
 
 def _record(
@@ -445,7 +498,7 @@ def _record(
     execution_id: str,
     step_name: str,
     attempt: int,
-    refusal: Refusal | None,
+    decision: Admitted | Refusal,
     route: Route,
     outcome: WaitOutcome,
     workflow_name: str,
@@ -455,15 +508,16 @@ def _record(
     st = statements(conn.dialect.name)
     sql_ = hot_path(conn.dialect.name)
     where = {"eid": execution_id, "step": step_name, "att": attempt}
-    if refusal is None:
+    if isinstance(decision, Admitted):
         row = conn.execute(st.to_queued, where).first()
         if row is None:
             return False
-        conn.execute(sql_.events, [event_row(row, "admitted")])
+        conn.execute(sql_.events, [{**event_row(row, "admitted"), "created_at": decision.at}])
         outcome.queued.append((execution_id, step_name))
         outcome.routes[execution_id] = route
         outcome.limited.append((workflow_name, "", "admitted"))
         return True
+    refusal = decision
     row = conn.execute(st.hold, {**where, "k": refusal.key, "wake_at": refusal.wake_at}).first()
     if row is not None:
         outcome.hint(refusal.wake_at)
@@ -508,8 +562,24 @@ def admit_executions(conn: Connection, workflow: Workflow) -> ExecutionAdmission
     from core.executions import cancel_execution
     from core.transitions import event_rows, transition_of
 
-    rows = conn.execute(pending_of(), {"wf": workflow.name, "limit": ADMISSION_WINDOW}).all()
     result = ExecutionAdmission(started=[], cancelled=[])
+    st = statements(conn.dialect.name)
+    window = ADMISSION_WINDOW
+    whole = next((lim for lim in workflow.limits if lim.key is whole_workflow), None)
+    if isinstance(whole, Concurrency):
+        # max_concurrency: no candidate may start while the workflow's own key is full
+        # (its key is this workflow's alone: the caller's lock makes the count exact);
+        # with no other limit, the window is the room left.
+        key = f"{workflow.name}:{WHOLE_WORKFLOW_VALUE}"
+        room = whole.limit - int(conn.execute(st.holders, {"k": key}).scalar_one())
+        if room <= 0:
+            return result
+        if len(workflow.limits) == 1:
+            window = room
+    by_key = any(
+        not isinstance(lim.key, str) and lim.key is not whole_workflow for lim in workflow.limits
+    )
+    rows = conn.execute(pending_of(by_key), {"wf": workflow.name, "limit": window}).all()
     queues: dict[str, list[tuple[Any, list[KeyLimit]]]] = {}
     for row in rows:
         try:
@@ -519,10 +589,17 @@ def admit_executions(conn: Connection, workflow: Workflow) -> ExecutionAdmission
             continue
         queues.setdefault(_partition(limits), []).append((row, limits))
     running = frozenset({ExecutionStatus.PENDING})
+    # Keys that refused in this pass stay refused to its end (it holds their locks, and
+    # holders only grow): a candidate under one is not asked again.
+    blocked: set[str] = set()
     for row, limits in _round_robin(list(queues.values())):
+        if any(kl.key in blocked for kl in limits):
+            if whole is not None and f"{workflow.name}:{WHOLE_WORKFLOW_VALUE}" in blocked:
+                break
+            continue
         while True:
             refusal = try_admit(conn, row.execution_id, "", row.attempt, limits)
-            if refusal is None:
+            if isinstance(refusal, Admitted):
                 start = sql.transition_execution(row.execution_id, ExecutionStatus.RUNNING, running)
                 moved = conn.execute(start).all()
                 result.started += moved
@@ -530,6 +607,7 @@ def admit_executions(conn: Connection, workflow: Workflow) -> ExecutionAdmission
             if refusal.wake_at is not None:
                 if result.retry_at is None or refusal.wake_at < result.retry_at:
                     result.retry_at = refusal.wake_at
+                blocked.add(refusal.key)
                 break
             spec = next(kl.limit for kl in limits if kl.key == refusal.key)
             on_limit = spec.on_limit if isinstance(spec, Concurrency) else "queue"
@@ -544,11 +622,32 @@ def admit_executions(conn: Connection, workflow: Workflow) -> ExecutionAdmission
                 if oldest is not None and cancel_execution(conn, oldest, reason).applied:
                     result.cancelled.append(oldest)
                     continue  # its slot is free now: admit this one
+            blocked.add(refusal.key)
             break
     if result.started:
         started = [transition_of(r, step=False) for r in result.started]
         conn.execute(sql.insert_rows(ExecutionEvent), event_rows(started, "admitted"))
     return result
+
+
+def partition_key(workflow: Workflow, input_data: Any) -> str | None:
+    """The key an execution of ``workflow`` with (validated) ``input_data`` takes turns
+    under while its limits hold it (``workflow_executions.limit_key``): its first key
+    of its own (per input); None for a workflow with none. Raises InputValidationError
+    when the key function fails: the enqueue is refused before anything is written."""
+    own = [
+        limit
+        for limit in workflow.limits
+        if not isinstance(limit.key, str) and limit.key is not whole_workflow
+    ]
+    if not own:
+        return None
+    try:
+        return key_name(workflow, None, own[0], workflow.parse_input(input_data))
+    except KeyFailed as error:
+        raise InputValidationError(
+            f"workflow {workflow.name!r}: a limit's key function failed on this input: {error}"
+        ) from error
 
 
 def _partition(limits: Sequence[KeyLimit]) -> str:
@@ -584,18 +683,54 @@ def _fail_pending(conn: Connection, execution_id: str, error: KeyFailed) -> None
     )
 
 
+# Of each key's pending executions, how many one admission looks at.
+PER_KEY_WINDOW = 50
+
+
 @cache
-def pending_of() -> Select[Any]:
-    """A workflow's pending executions in admission order: priority, then arrival."""
-    return (
-        select(WE.c.execution_id, WE.c.attempt, WE.c.input_data)
-        .where(
-            WE.c.workflow_id == bindparam("wf", type_=String),
-            WE.c.status == ExecutionStatus.PENDING.value,
-            # An open debounce window starts when the waker closes it, not in a free slot.
-            WE.c.debounce_key.is_(None),
+def pending_of(by_key: bool) -> Select[Any]:
+    """A workflow's pending executions in admission order: priority, then arrival; with
+    ``by_key``, round robin between their keys (``limit_key``): each key's first, then
+    each key's second, ...; so a key with a backlog of thousands cannot keep another
+    key's first execution out of the window. (Without keys of its own a workflow's
+    admission reads only the head of the ``ix_workflow_executions_workflow_status``
+    range; ranking reads every pending execution of the workflow.)"""
+    order = (WE.c.priority.desc(), WE.c.created_at, WE.c.execution_id)
+    pending = (
+        WE.c.workflow_id == bindparam("wf", type_=String),
+        WE.c.status == ExecutionStatus.PENDING.value,
+        # An open debounce window starts when the waker closes it, not in a free slot.
+        WE.c.debounce_key.is_(None),
+    )
+    if not by_key:
+        return (
+            select(WE.c.execution_id, WE.c.attempt, WE.c.input_data)
+            .where(*pending)
+            .order_by(*order)
+            .limit(bindparam("limit", type_=Integer))
         )
-        .order_by(WE.c.priority.desc(), WE.c.created_at, WE.c.execution_id)
+    turn = func.row_number().over(partition_by=WE.c.limit_key, order_by=order).label("turn")
+    ranked = (
+        select(
+            WE.c.execution_id,
+            WE.c.attempt,
+            WE.c.input_data,
+            WE.c.priority,
+            WE.c.created_at,
+            turn,
+        )
+        .where(*pending)
+        .subquery("ranked")
+    )
+    return (
+        select(ranked.c.execution_id, ranked.c.attempt, ranked.c.input_data)
+        .where(ranked.c.turn <= PER_KEY_WINDOW)
+        .order_by(
+            ranked.c.turn,
+            ranked.c.priority.desc(),
+            ranked.c.created_at,
+            ranked.c.execution_id,
+        )
         .limit(bindparam("limit", type_=Integer))
     )
 
@@ -645,6 +780,9 @@ def promote(
 
     st = statements(conn.dialect.name)
     for key in keys:
+        # Most ends free a key nobody waits for: one probe of the waiting-key index.
+        if conn.execute(st.any_waiter, {"k": key}).first() is None:
+            continue
         rows = conn.execute(st.lock, {"keys": [key]}).all()
         if not rows:
             continue
@@ -668,13 +806,13 @@ def promote(
                 limits = limits_of(execution.workflow, step, execution.row.input_data)
             except KeyFailed:
                 continue  # armed once already: its key function ran then
-            refusal = try_admit(conn, row.execution_id, row.step_name, row.attempt, limits)
+            decision = try_admit(conn, row.execution_id, row.step_name, row.attempt, limits)
             _record(
                 conn,
                 row.execution_id,
                 row.step_name,
                 row.attempt,
-                refusal,
+                decision,
                 execution.route,
                 outcome,
                 execution.workflow.name,
@@ -816,37 +954,132 @@ class KeyState:
     paused_until: datetime | None
 
 
-def key_states(conn: Connection, keys: Sequence[str] | None = None) -> list[KeyState]:
-    """Each key's running and waiting counts (every key, or ``keys``)."""
-    st = statements(conn.dialect.name)
-    query = select(FK).order_by(FK.c.key)
-    if keys is not None:
-        query = query.where(FK.c.key.in_(list(keys)))
-    waiting: Mapping[str, int] = {
-        row.wait_key: int(row.n)
-        for row in conn.execute(
-            select(SE.c.wait_key, func.count().label("n"))
-            .where(SE.c.status == WAITING, SE.c.wait_kind == KEY)
-            .group_by(SE.c.wait_key)
-        )
-    }
-    found: list[KeyState] = []
-    for row in conn.execute(query):
-        running = int(conn.execute(st.holders, {"k": row.key}).scalar_one())
-        found.append(
-            KeyState(
-                key=row.key,
-                limit=row.concurrency_limit,
-                running=running,
-                waiting=waiting.get(row.key, 0),
-                rate_per_second=None if not row.rate_interval else 1.0 / row.rate_interval,
-                paused_until=row.paused_until,
+@cache
+def _counts(filtered: bool) -> tuple[Select[Any], Select[Any], Select[Any], Select[Any]]:
+    """The listing's statements: the keys' rows, then each key's holders and waiters
+    counted per key in one grouped statement each (not one count per key), so a scrape
+    costs the same few statements whatever the number of keys."""
+    keys: Any = bindparam("keys", expanding=True)
+    rows = select(FK).order_by(FK.c.key)
+    step_holders = (
+        select(KS.c.key, func.count().label("n"))
+        .select_from(
+            KS.join(
+                SE,
+                and_(
+                    SE.c.execution_id == KS.c.execution_id,
+                    SE.c.step_name == KS.c.step_name,
+                    SE.c.attempt == KS.c.attempt,
+                ),
             )
         )
-    return found
+        .where(KS.c.step_name != "", SE.c.status.in_(HOLDING))
+        .group_by(KS.c.key)
+    )
+    execution_holders = (
+        select(KS.c.key, func.count().label("n"))
+        .select_from(KS.join(WE, WE.c.execution_id == KS.c.execution_id))
+        .where(
+            KS.c.step_name == "",
+            WE.c.status == ExecutionStatus.RUNNING.value,
+            WE.c.parked_at.is_(None),
+        )
+        .group_by(KS.c.key)
+    )
+    # ix_execution_steps_waiting_key's predicate, so the count reads that index only.
+    waiters = (
+        select(SE.c.wait_key.label("key"), func.count().label("n"))
+        .where(SE.c.status == WAITING, SE.c.wait_kind == KEY, SE.c.wait_key.is_not(None))
+        .group_by(SE.c.wait_key)
+    )
+    if filtered:
+        rows = rows.where(FK.c.key.in_(keys))
+        step_holders = step_holders.where(KS.c.key.in_(keys))
+        execution_holders = execution_holders.where(KS.c.key.in_(keys))
+        waiters = waiters.where(SE.c.wait_key.in_(keys))
+    return rows, step_holders, execution_holders, waiters
+
+
+def key_states(conn: Connection, keys: Sequence[str] | None = None) -> list[KeyState]:
+    """Each key's running and waiting counts (every key, or ``keys``), by key."""
+    rows, step_holders, execution_holders, waiters = _counts(keys is not None)
+    params = {} if keys is None else {"keys": list(keys)}
+    running: Counter[str] = Counter()
+    for query in (step_holders, execution_holders):
+        for row in conn.execute(query, params):
+            running[row.key] += int(row.n)
+    waiting = {row.key: int(row.n) for row in conn.execute(waiters, params)}
+    return [
+        KeyState(
+            key=row.key,
+            limit=row.concurrency_limit,
+            running=running[row.key],
+            waiting=waiting.get(row.key, 0),
+            rate_per_second=None if not row.rate_interval else 1.0 / row.rate_interval,
+            paused_until=row.paused_until,
+        )
+        for row in conn.execute(rows, params)
+    ]
+
+
+HeldFor = Literal["concurrency", "rate", "paused"]
+
+
+def why_held(wake_at: datetime | None, paused_until: datetime | None, now: datetime) -> HeldFor:
+    """Why a step waiting under its key (``wait_key`` set) is held, from its row and its
+    key's pause: ``"concurrency"`` (no wake time: it waits for a free slot), ``"paused"``
+    (the key is paused now), else ``"rate"`` (its wake time is the rate's next start)."""
+    if wake_at is None:
+        return "concurrency"
+    if paused_until is not None and paused_until > now:
+        return "paused"
+    return "rate"
+
+
+def names_key(workflow: Workflow, key: str) -> bool:
+    """Whether ``key`` may be one of ``workflow``'s own (execution-level) limits' keys: a
+    text key by its name, a function's value by its workflow's scope (``key_name``)."""
+    return any(
+        limit.key == key if isinstance(limit.key, str) else key.startswith(f"{workflow.name}:")
+        for limit in workflow.limits
+    )
+
+
+@cache
+def _resume() -> tuple[Update, Update]:
+    key = bindparam("k", type_=String)
+    unpause = (
+        update(FK)
+        .where(FK.c.key == key)
+        .values(paused_until=None, updated_at=utcnow())
+        .returning(FK.c.key)
+    )
+    # The steps the pause held wait with a wake time: due now, so the waker admits them
+    # (a rate's waiters among them are refused again, with their rate's time).
+    due_now = (
+        update(SE)
+        .where(
+            SE.c.status == WAITING,
+            SE.c.wait_kind == KEY,
+            SE.c.wait_key == key,
+            SE.c.wake_at.is_not(None),
+        )
+        .values(wake_at=utcnow(), updated_at=utcnow())
+    )
+    return unpause, due_now
+
+
+def resume_key(conn: Connection, key: str) -> int | None:
+    """End ``key``'s pause now (an operator's resume): the steps it held are due at
+    once. How many steps were made due, or None when no such key exists."""
+    unpause, due_now = _resume()
+    if conn.execute(unpause, {"k": key}).first() is None:
+        return None
+    return int(conn.execute(due_now, {"k": key}).rowcount)
 
 
 __all__ = [
+    "HeldFor",
     "KeyFailed",
     "KeyLimit",
     "KeyState",
@@ -855,8 +1088,11 @@ __all__ = [
     "free_step",
     "key_states",
     "limits_of",
+    "names_key",
     "pause_key",
     "promote",
+    "resume_key",
     "sweep",
     "try_admit",
+    "why_held",
 ]

@@ -278,6 +278,9 @@ class WorkflowExecution(Timestamped, Base):
     # Running with every open step waiting (none queued or running): the execution holds
     # no max_concurrency slot meanwhile.
     parked_at: Mapped[datetime | None]
+    # The key its pending execution takes turns under (core.limits): its workflow's
+    # first per-input Concurrency key, written at creation; NULL for workflows without.
+    limit_key: Mapped[str | None] = mapped_column(String(255))
     # A debounced execution (``Debounce``): its window's key while the window is open
     # (pending, collecting enqueues; set to NULL when the waker closes it at
     # ``start_at``), when it starts (the last enqueue's time + period, at most
@@ -443,6 +446,12 @@ class StepExecution(Timestamped, Base):
         """The try of its ``Retry`` policy this step is on (1 to ``max_attempts``): what a
         reader compares with ``max_attempts``, whereas ``attempt`` counts every attempt."""
         return self.attempt - self.recoveries
+
+    @property
+    def kind(self) -> str:
+        """What the step is: ``task`` (``wait_kind`` ``key``: a task step behind limits
+        records the key holding it back there), or its wait node's kind."""
+        return "task" if self.wait_kind is None or self.wait_kind == "key" else self.wait_kind
 
     __table_args__ = (
         # The reconciler's stalled-step scan: running steps by heartbeat age.

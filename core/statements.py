@@ -994,3 +994,14 @@ INSERT INTO execution_events (execution_id, to_status, attempt, reason, created_
 SELECT e.id, 'pending', 1, 'created', statement_timestamp()
   FROM unnest(CAST(:ids AS varchar[])) AS e(id)
 """
+
+
+def set_limit_keys() -> Update:
+    """Record the key each new execution takes turns under (``core.limits``): run with
+    one parameter set per execution (``eid``, ``limit``)."""
+    table = cast(Table, WorkflowExecution.__table__)
+    return (
+        update(table)
+        .where(table.c.execution_id == bindparam("eid"))
+        .values(limit_key=bindparam("limit"))
+    )

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, KeysView, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -187,13 +187,14 @@ def _unlimited(step: Step) -> bool:
 def start_queue(workflow: Workflow, default: str) -> str:
     """The queue of a workflow's start messages: the worker that takes one runs a root
     step at once (``Engine.admit``), so it goes to the queue of its root steps; roots on
-    several queues: the workflow's queue, whose worker claims no root (it publishes
-    each to its own queue)."""
+    several queues, or a workflow with wait nodes (admitted without a claim): the
+    workflow's queue, whose worker claims no root (it publishes each to its own)."""
     if not workflow.routed:
         return default
-    roots = {
-        workflow.queue_of(s.name, default) for s in workflow.steps.values() if not s.depends_on
-    }
+    if workflow.wait_nodes:  # admitted with no root claimed (see Engine.admit)
+        return workflow.queue or default
+    steps_ = workflow.steps.values()
+    roots = {workflow.queue_of(s.name, default) for s in steps_ if not s.depends_on}
     return roots.pop() if len(roots) == 1 else workflow.queue or default
 
 
@@ -281,6 +282,7 @@ class Engine:
         self.heartbeats = Heartbeat(self.manager, settings.heartbeat_interval)
         self.tracing = Tracing(settings.tracing)
         self.items = ItemRunner(self)
+        self._queues: Any = None  # Celery's Queues of this app (see consumed_queues)
 
     @property
     def worker_id(self) -> str:
@@ -288,13 +290,18 @@ class Engine:
         return self.heartbeats.worker_id
 
     @property
-    def consumed_queues(self) -> frozenset[str]:
+    def consumed_queues(self) -> KeysView[str]:
         """The broker queues this worker consumes: Celery's own selection, made by
         ``celery worker -Q``/``-X`` (``Queues.select``/``deselect``) in the main process
         before the pool forks, so its children see it too; without ``-Q``, the default
         queue. Read at each use, not at import or ``worker_init``: an app built first
         and made a worker later (tests, embedding) selects its queues only then."""
-        return frozenset(self.app.amqp.queues.consume_from)
+        if self._queues is None:
+            # The app's one Queues object (cached by Celery, its lookup ~2 us): its
+            # selection changes in place when the worker starts, so it is kept, not copied.
+            self._queues = self.app.amqp.queues
+        consumed: dict[str, Any] = self._queues.consume_from
+        return consumed.keys()
 
     def runnable_here(self, workflow: Workflow, names: Sequence[str]) -> list[str] | None:
         """Of the steps ``names`` of ``workflow``, those whose queue this worker
@@ -645,6 +652,14 @@ class Engine:
             return
         if limited:
             self.admit(workflow_name, [])
+
+    def key_resumed(self, key: str) -> None:
+        """An operator resumed ``key`` (``core.limits.resume_key`` made its held steps due):
+        the waker admits those now, and the pending executions of the workflows whose own
+        limits may name it are admitted now rather than at their next retry."""
+        self.wake_at(datetime.now(UTC))
+        for name in sorted({w.name for w in self.registry if limits.names_key(w, key)}):
+            self.after_finish(name)
 
     # --- a step's life ---------------------------------------------------------------
 

@@ -9,8 +9,9 @@ the worker switches prometheus_client to its multiprocess mode before the pool f
 every process writes its values to files in a directory of this worker's, and a scrape
 adds them up (children that exited or were killed included: counters never go back).
 
-The queued, running and waiting steps are not counted by workers but read at scrape
-time from the database (one grouped query, ``core.workload``), by the API's ``/metrics``
+The queued, running and waiting steps, and each limit key's held slots and waiting
+steps, are not counted by workers but read at scrape time from the database (grouped
+queries, ``core.workload`` and ``core.limits.key_states``), by the API's ``/metrics``
 (``api_registry``): one answer for the whole deployment, right after any crash. Queued
 steps are counted by workflow and queue (``queue=``), so a queue no worker consumes
 shows its backlog growing instead of stalling silently.
@@ -42,6 +43,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from core.database import Database, get_database
+from core.limits import key_states
 from core.outcomes import Admission, Claim, ReconcileReport, TransitionResult
 from core.registry import get_registry
 from core.states import StepStatus
@@ -352,6 +354,50 @@ class OpenStepsCollector:
         return list(families.values())
 
 
+class KeysCollector:
+    """Gauges of each concurrency or rate-limit key's slots held and steps waiting, read
+    from ``database`` (default: the process's) at each scrape by ``core.limits.key_states``
+    (a few grouped statements, whatever the number of keys); one series per key, so a key
+    function over many tenants makes as many. A scrape without them, and a warning,
+    while the database is unreachable."""
+
+    def __init__(self, database: Database | None = None) -> None:
+        self.database = database
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "conveyor_key_running",
+                "Slots held under a concurrency key now (steps or executions admitted, not ended).",
+                labels=["key"],
+            ),
+            GaugeMetricFamily(
+                "conveyor_key_waiting",
+                "Steps waiting for a key now (a free slot, its rate, or the end of its pause).",
+                labels=["key"],
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        """The families ``collect`` yields (so registering runs no query)."""
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        """Every key's counts."""
+        running, waiting = self._families()
+        try:
+            with (self.database or get_database()).engine.connect() as conn:
+                states = key_states(conn)
+        except Exception:
+            log.warning("metrics: could not count the keys' slots", exc_info=True)
+            return []
+        for state in states:
+            running.add_metric([state.key], state.running)
+            waiting.add_metric([state.key], state.waiting)
+        return [running, waiting]
+
+
 class _ProcessMetrics:
     """This process's counters and histograms, as a collector of another registry."""
 
@@ -362,12 +408,13 @@ class _ProcessMetrics:
 def api_registry(
     database: Database | None = None, queue_of: QueueOf | None = None
 ) -> CollectorRegistry:
-    """What the API's ``/metrics`` serves: queued and running steps from ``database``
-    (default: the process's; queued ones by the queue ``queue_of`` names), and this
-    process's counters (every process's, when the API runs with
+    """What the API's ``/metrics`` serves: queued and running steps and the keys' counts
+    from ``database`` (default: the process's; queued ones by the queue ``queue_of``
+    names), and this process's counters (every process's, when the API runs with
     ``PROMETHEUS_MULTIPROC_DIR`` set)."""
     registry = CollectorRegistry()
     registry.register(OpenStepsCollector(database, queue_of))
+    registry.register(KeysCollector(database))
     if os.environ.get(MULTIPROC_DIR):
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:

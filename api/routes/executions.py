@@ -7,6 +7,7 @@ they did not exist. Admins see all.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Response, status
@@ -15,6 +16,7 @@ from sqlalchemy import Connection, select
 from api import problems
 from api.auth import Caller, owner_filter
 from api.schemas import (
+    KEY_WAIT,
     NO_NUL,
     CancelRequest,
     ChildOut,
@@ -33,7 +35,7 @@ from api.schemas import (
     Timestamp,
 )
 from api.services import Conveyor
-from core import executions, maps
+from core import executions, limits, maps
 from core.accounts import Principal
 from core.conditions import skip_reasons
 from core.errors import (
@@ -84,23 +86,40 @@ def children_of(conn: Connection, execution_id: str) -> list[ChildOut]:
     ]
 
 
+def key_pauses(conn: Connection, steps: list[StepExecution]) -> dict[str, datetime | None]:
+    """The pause of each key holding one of ``steps`` back (read only when one is held)."""
+    keys = sorted(
+        {
+            s.wait_key
+            for s in steps
+            if s.status == "waiting" and s.wait_kind == KEY_WAIT and s.wait_key is not None
+        }
+    )
+    if not keys:
+        return {}
+    return {state.key: state.paused_until for state in limits.key_states(conn, keys)}
+
+
 Detail = tuple[
     WorkflowExecution,
     list[StepExecution],
     list[ExecutionEvent],
     list[ChildOut],
     dict[str, dict[str, int]],
+    dict[str, datetime | None],
 ]
 
 
 def _detail(conn: Connection, execution_id: str) -> Detail:
     # One transaction, so steps and history are of the same moment as the execution.
+    steps = executions.get_steps(conn, execution_id)
     return (
         executions.get_execution(conn, execution_id),
-        executions.get_steps(conn, execution_id),
+        steps,
         executions.get_history(conn, execution_id),
         children_of(conn, execution_id),
         maps.map_counts_of(conn, execution_id),
+        key_pauses(conn, steps),
     )
 
 
@@ -206,7 +225,7 @@ def read_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> 
     """An execution, its steps (what each waiting one waits for), every transition it
     went through, and the child executions its child nodes started."""
     engine = conveyor.engine
-    execution, steps, events, children, items = engine.manager.run(_detail, execution_id)
+    execution, steps, events, children, items, pauses = engine.manager.run(_detail, execution_id)
     _visible(execution, caller)
     route = (execution.workflow_id, execution.workflow_version)
     why = skip_reasons(events)
@@ -218,6 +237,7 @@ def read_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> 
                 items.get(s.step_name),
                 engine.queue_of(*route, s.step_name),
                 why.get(s.step_name),
+                pauses,
             )
             for s in steps
         ],
@@ -370,7 +390,7 @@ def list_items(
         raise StepNotFound(execution_id, step)
     if found.wait_kind != "map":
         # The items of a step that is no map do not exist.
-        raise NotFound(f"step {step} is a {found.wait_kind or 'task'}, not a map: it has no items")
+        raise NotFound(f"step {step} is a {found.kind}, not a map: it has no items")
     page = engine.manager.run(
         maps.item_page, execution_id, step, status=status, after=after, limit=limit
     )

@@ -26,5 +26,6 @@ router = APIRouter(tags=["metrics"])
     },
 )
 def metrics(_: Admin, conveyor: Conveyor) -> Response:
-    """Queued and running steps by workflow, and this process's counters."""
+    """Queued and running steps by workflow, each limit key's held slots and waiting
+    steps, and this process's counters."""
     return Response(generate_latest(conveyor.metrics_registry), media_type=CONTENT_TYPE_LATEST)

@@ -96,6 +96,7 @@
     const wait = step.wait;
     const spec = declared[step.name] || {};
     const kind = (wait && wait.kind) || spec.kind || step.kind;
+    if (kind === "key") return keyFacts(wait);
     const facts = [["Kind", kind === "event" ? "event wait" : kind === "child" ? "child workflow" : kind]];
     if (wait) facts.push(["Waiting since", when(wait.since)]);
     if (kind === "sleep") {
@@ -113,6 +114,19 @@
       const child = wait && wait.child_execution_id;
       if (child) facts.push(["Child execution", childLink(child)]);
     }
+    return facts;
+  }
+
+  // A task step held back by one of its limits' keys: which key, and why.
+  function keyFacts(wait) {
+    const facts = [["Kind", "task held by a limit"], ["Waiting since", when(wait.since)]];
+    if (!wait.key) {
+      facts.push(["Admitted", wait.wake_at ? moment(wait.wake_at, "held-until") : "now"]);
+      return facts;
+    }
+    facts.push(["Key", el("a", { class: "mono wait-key", href: "/ui/limits?" + new URLSearchParams({ key: wait.key }), text: wait.key })]);
+    if (wait.why === "concurrency") facts.push(["Held", el("span", { class: "held", text: "no free slot" })]);
+    else facts.push(["Held", el("span", { class: "held" }, wait.why === "paused" ? "paused until " : "rate limited until ", moment(wait.wake_at, "held-until"))]);
     return facts;
   }
 
@@ -339,7 +353,7 @@
     waitCard.hidden = waiting.length === 0;
     const keep = new Map();
     const boxes = waiting.map((s) => {
-      const key = `${s.name}|${s.wait.since}|${s.wait.wake_at}`;
+      const key = `${s.name}|${s.wait.since}|${s.wait.wake_at}|${s.wait.key}|${s.wait.why}`;
       const box = waitBoxes.get(key) || waitBox(s, ++boxesMade);
       keep.set(key, box);
       return box;
@@ -441,7 +455,7 @@
       }
       body.push(el("h3", { text: "Items" }), el("p", { class: "map-summary", text: mapSummary(step.map) }), mapBar(step.map), box);
       loadItems(name, box);
-    } else if (step.kind && step.kind !== "task") body.push(el("h3", { text: "Waits for" }), el("div", { class: "waits-for" }, factList(waitFacts(step))));
+    } else if ((step.kind && step.kind !== "task") || (step.wait && step.wait.kind === "key")) body.push(el("h3", { text: "Waits for" }), el("div", { class: "waits-for" }, factList(waitFacts(step))));
     if (step.error) {
       body.push(el("h3", { text: "Error" }), el("p", { class: "error step-error", text: errorText(step.error) }));
       if (step.error.traceback) body.push(el("pre", { class: "traceback", text: step.error.traceback }));

@@ -20,7 +20,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import Connection
 
 from api.auth import UI_HEADER, owner_filter
-from api.routes.executions import children_of
+from api.routes.executions import children_of, key_pauses
 from api.routes.workflows import _body, _schedules
 from api.schemas import EventOut, ExecutionDetail, ExecutionOut, StepOut
 from api.services import Conveyor, Services
@@ -283,6 +283,7 @@ def execution_page(
         items = maps.map_counts_of(conn, execution_id)
         route = (execution.workflow_id, execution.workflow_version)
         why = skip_reasons(events)
+        pauses = key_pauses(conn, steps)
         return ExecutionDetail(
             **ExecutionOut.of(execution).model_dump(),
             steps=[
@@ -291,6 +292,7 @@ def execution_page(
                     items.get(s.step_name),
                     conveyor.engine.queue_of(*route, s.step_name),
                     why.get(s.step_name),
+                    pauses,
                 )
                 for s in steps
             ],

@@ -4,6 +4,7 @@
   (GCRA) and pauses.
 - key_slots: the slots held under concurrency keys, by step attempts and executions.
 - ix_execution_steps_waiting_key: the steps waiting for a key, in arrival order.
+- workflow_executions.limit_key: the key a pending execution takes turns under.
 
 Revision ID: 0008
 Revises: 0007
@@ -26,6 +27,9 @@ WAITING_KEY = "status = 'waiting' AND wait_kind = 'key'"
 
 
 def upgrade() -> None:
+    op.add_column(
+        "workflow_executions", sa.Column("limit_key", sa.String(length=255), nullable=True)
+    )
     op.create_table(
         "flow_keys",
         sa.Column("key", sa.String(length=255), nullable=False),
@@ -62,3 +66,5 @@ def downgrade() -> None:
     op.drop_index("ix_key_slots_key", table_name="key_slots")
     op.drop_table("key_slots")
     op.drop_table("flow_keys")
+    with op.batch_alter_table("workflow_executions") as batch:
+        batch.drop_column("limit_key")

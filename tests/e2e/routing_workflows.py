@@ -95,6 +95,25 @@ def both(ctx: StepContext, left: Any, right: Any) -> dict[str, Any]:
     return ran(ctx)
 
 
+# A map whose items run on b between steps of a: the map's output is its items' outputs.
+mapped = Workflow("mapped_routing", queue="a")
+
+
+@mapped.step()
+def listed(ctx: StepContext) -> list[int]:
+    return list(range(6))
+
+
+@mapped.map(over="listed", queue="b", max_parallel=2)
+def per_item(ctx: StepContext, item: int) -> dict[str, Any]:
+    return ran(ctx)
+
+
+@mapped.step(depends_on=["per_item"])
+def gathered(ctx: StepContext, per_item: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**ran(ctx), "items": sorted({item["pool"] for item in per_item})}
+
+
 # A step on a queue no worker consumes until the test starts one.
 stranded = Workflow("stranded")
 

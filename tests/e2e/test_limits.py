@@ -211,14 +211,12 @@ def test_a_rate_limit_spaces_starts(app: ConveyorCelery) -> None:
                 )
             )
         )
-    # burst 1, 10 per second: one admission every 0.1 s at most (the database's clock;
-    # a step's start then waits for its message, which the rate does not govern).
+    # burst 1, 10 per second: one admission every 0.1 s at most. The history records
+    # each admission at the database clock's reading it was decided on (a step's start
+    # then waits for its message, which the rate does not govern).
     assert len(admitted) == 6
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(admitted)]
-    # Each event is written a statement after the admission's decision, in its
-    # transaction: a millisecond or two of skew each, never a start early by more.
-    assert min(gaps) >= 0.095, gaps
-    assert sum(gaps) >= 0.5 - 0.005, gaps
+    assert min(gaps) >= 0.1 - 1e-6, gaps
 
 
 def _admitted_at(execution_ids: list[str], step: str | None = None) -> dict[str, datetime]:
@@ -239,14 +237,13 @@ def _admitted_at(execution_ids: list[str], step: str | None = None) -> dict[str,
 def test_a_busy_tenant_cannot_starve_another(app: ConveyorCelery) -> None:
     from worker.producer import enqueue_many
 
-    busy = enqueue_many(fair, [{"tenant": "a"} for _ in range(60)], app=app)
+    busy = enqueue_many(fair, [{"tenant": "a"} for _ in range(1000)], app=app)
     late = enqueue(fair, {"tenant": "b"}, app=app)
     with running_worker(app, concurrency=8):
-        for execution_id in [*busy, late]:
-            assert wait_for(execution_id).status == "succeeded"
+        assert wait_for(late).status == "succeeded"
     admitted = _admitted_at([*busy, late])
     order = sorted(admitted, key=lambda e: admitted[e])
-    # B arrived behind 60 of A's; with 2 slots it starts within the next 2 admissions.
+    # B arrived behind 1,000 of A's; with 2 slots it starts within the next 2 admissions.
     assert order.index(late) <= 2, order.index(late)
 
 
@@ -364,3 +361,37 @@ def test_a_condition_decides_before_the_limit_admits(
     assert statuses == ["succeeded", "skipped", "succeeded", "succeeded", "skipped"]
     assert PEAK["refund"] == 1
     assert _slots() == 0
+
+
+def test_the_reconciler_frees_a_slot_an_end_left_and_admits_the_waiter(
+    app: ConveyorCelery,
+) -> None:
+    from tests.helpers.state import force_step_status
+
+    first = enqueue(held, {}, app=app)
+    second = enqueue(held, {}, app=app)
+    with running_worker(app, concurrency=4):
+        deadline = time.monotonic() + 10
+        while {_step_status(first, "blocked"), _step_status(second, "blocked")} != {
+            "running",
+            "waiting",
+        }:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        holder, waiter = (
+            (first, second) if _step_status(first, "blocked") == "running" else (second, first)
+        )
+        # An end written behind conveyor's back (no code path freed its slot): the
+        # holder's slot row outlives it.
+        force_step_status(holder, "blocked", "cancelled")
+        with get_db_session() as session:
+            assert key_states(session.connection(), ["limits-held-api"])[0].running == 0
+        assert _slots() == 1
+        report = app.engine.reconcile()
+        assert report.slots_freed == 1
+        deadline = time.monotonic() + 10
+        while _step_status(waiter, "blocked") != "running":
+            assert time.monotonic() < deadline, _step_status(waiter, "blocked")
+            time.sleep(0.05)
+        GATE.set()
+        assert wait_for(waiter).status == "succeeded"

@@ -24,7 +24,7 @@ from core.sql import utcnow
 from tests.conftest import TestDatabase
 from tests.e2e import routing_workflows
 from tests.e2e.conftest import clean_app_settings, e2e_registry, wait_for
-from tests.e2e.routing_workflows import POOL, alternating, split_roots
+from tests.e2e.routing_workflows import POOL, alternating, mapped, split_roots
 from tests.helpers.api import client, serve, user_with_token
 from tests.helpers.processes import worker_process
 from tests.helpers.state import force_step_status, step_row
@@ -97,10 +97,16 @@ def test_every_step_runs_on_a_worker_of_its_queue(
     with pools(database, redis_url, tmp_path, "a", "b"):
         runs = [(enqueue("alternating", app=routing_app), alternating) for _ in range(4)]
         runs += [(enqueue("split_roots", app=routing_app), split_roots) for _ in range(3)]
+        runs += [(enqueue("mapped_routing", app=routing_app), mapped) for _ in range(2)]
         finished = [(wait_for(execution_id, timeout=60), flow) for execution_id, flow in runs]
 
     for execution, flow in finished:
         assert execution.status == "succeeded"
+        if flow is mapped:
+            # Each item ran on the map's queue; the steps around it on the workflow's.
+            gathered = step_row(execution.execution_id, "gathered")["output_data"]
+            assert (gathered["pool"], gathered["items"]) == ("a", ["b"])
+            continue
         ran_on = {
             name: step_row(execution.execution_id, name)["output_data"]["pool"]
             for name in flow.steps
@@ -120,8 +126,9 @@ def test_the_reconciler_republishes_a_lost_step_to_its_queue(
     engine = routing_app.engine
     with pools(database, redis_url, tmp_path, "a"):
         execution_id = enqueue("alternating", app=routing_app)
-        # s1 ran on a; s2 (queue b, no worker yet) waits in b's queue, not continued.
-        wait_for(execution_id, lambda _: step_row(execution_id, "s1")["status"] == "succeeded")
+        # s1 ran on a; s2 (queue b, no worker yet) was published to b after the commit
+        # that queued it, not continued.
+        wait_for(execution_id, lambda _: run_messages(redis_url, "b") == ["s2"])
         assert step_row(execution_id, "s2")["status"] == "queued"
         assert run_messages(redis_url, "b", take=True) == ["s2"]  # the broker loses it
 

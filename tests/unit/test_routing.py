@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -91,3 +92,10 @@ def test_a_start_of_roots_on_several_queues_goes_to_the_workflows_queue() -> Non
     plain.step("first", queue="gpu")(_noop)
     plain.step("second", queue="cpu")(_noop)
     assert start_queue(plain, "conveyor") == "conveyor"
+
+
+def test_a_start_of_a_workflow_with_waits_goes_to_the_workflows_queue() -> None:
+    flow = Workflow("waits_first", queue="reports")
+    flow.step("first", queue="gpu")(_noop)
+    flow.sleep("pause", depends_on=["first"], duration=timedelta(seconds=1))
+    assert start_queue(flow, "conveyor") == "reports"
