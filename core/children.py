@@ -369,4 +369,11 @@ def cancel_tree(
     result, woken = end_execution(
         conn, execution_id, ExecutionStatus.CANCELLED, sources, reason, definition_of
     )
+    if result.applied:
+        from core.limits import free_executions
+        from core.waits import registered
+
+        # Its steps' slots freed with the cancel: their keys' next waiters start now, in
+        # this transaction (one probe of key_slots' primary key when it held none).
+        woken.merge(free_executions(conn, [execution_id], definition_of or registered))
     return TreeCancel(result, running if result.applied else [], woken)

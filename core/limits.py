@@ -899,7 +899,13 @@ def readmit_recovered(
             StepStatus.WAITING,
             frozenset({StepStatus.QUEUED}),
             reason="stalled: admitted again under its limits",
-            values={"wake_at": utcnow(), "waiting_since": utcnow(), "wait_key": None},
+            # Its place in line is where it first arrived: a crash does not send it to
+            # the back, behind steps that came after it.
+            values={
+                "wake_at": utcnow(),
+                "waiting_since": func.coalesce(StepExecution.queued_at, utcnow()),
+                "wait_key": None,
+            },
         )
         if result.applied:
             conn.execute(

@@ -1140,12 +1140,6 @@ class Engine:
         self.metrics.ended(execution.workflow_id, result)
         self.after_finish(execution.workflow_id)
         self.publish_outcome(cancelled.woken)
-        workflow = self.definition(execution.workflow_id, execution.workflow_version)
-        if workflow is not None and any(step.limits for step in workflow.steps.values()):
-            # Its steps' slots freed with the cancel: their keys' next waiters start now.
-            self.publish_outcome(
-                self.manager.run(limits.free_executions, [execution_id], self.definition)
-            )
         return True
 
     def retry(self, execution_id: str, *, failed_items: bool = False) -> bool:
