@@ -21,7 +21,7 @@ from functools import partial
 from typing import Protocol
 
 from bench import workflows
-from bench.harness import BenchError, median, number, percentile
+from bench.harness import BenchError, median, note, number, percentile
 from bench.meter import Meter, Usage
 from bench.processes import Workers
 from bench.systems import CHAIN10, Conveyor, Shape, Submission, System
@@ -613,6 +613,7 @@ class KeyedThroughput:
                     f"{self.name}: a key had {most} steps running at once under a limit of 1"
                 )
             rates[variant] = count / used.seconds
+            note(f"{self.name} {variant}: {rates[variant]:.0f} executions/s, most per key {most}")
             for metric, value in (
                 ("executions/s", rates[variant]),
                 ("max running per key", most),
