@@ -23,9 +23,10 @@ Flow control, conveyor only, each against itself without the limit in the same t
 - ``limit_chain10``: chain10's executions with every step under a per-key
   ``Concurrency`` that never binds: steps/s of both and their ratio;
 - ``keys<N>``: N keys (``--keys``, default 1,000) x ``--per-key`` (default 10)
-  executions of a one-step workflow under ``Concurrency(key=input key, limit=1)``:
-  executions/s of both, their ratio, and the most steps of one key that ran at once
-  (the run fails if it is above 1).
+  executions of a one-step workflow under ``Concurrency(key=input key, limit=1)``,
+  a key's executions submitted together (``--key-order``): executions/s of both, their
+  ratio, and the most steps of one key that ran at once (the run fails if it is above
+  1); first repetition only (``--keys-repetitions``: it is long).
 
 ``--only`` runs some of the scenarios (``long`` is chain<N>, ``map`` every map width,
 ``keys`` the keys scenario).
@@ -125,6 +126,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--keys", type=int, default=1000, help="keys of the keys scenario (default 1000)")
     add("--per-key", type=int, default=10, help="its executions per key (default 10)")
     add(
+        "--key-order",
+        choices=("grouped", "interleaved"),
+        default="grouped",
+        help="the keys scenario's submission order: a key's executions together "
+        "(grouped, default) or one of each key in turn (interleaved)",
+    )
+    add("--keys-repetitions", type=int, default=1, help="repetitions with keys (1)")
+    add(
         "--only",
         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
         default=None,
@@ -149,8 +158,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--map-items must be between 1 and 10000 (a map's max_items)")
     if options.map_executions < 1:
         parser.error("--map-executions must be at least 1")
-    if options.keys < 1 or options.per_key < 1:
-        parser.error("--keys and --per-key must be at least 1")
+    if min(options.keys, options.per_key, options.keys_repetitions) < 1:
+        parser.error("--keys, --per-key and --keys-repetitions must be at least 1")
     unknown = sorted(set(options.only or ()) - set(FAMILIES))
     if unknown:
         parser.error(f"--only: unknown scenario(s) {', '.join(unknown)}; of {', '.join(FAMILIES)}")
@@ -172,7 +181,12 @@ def scenarios(options: argparse.Namespace) -> list[Scenario]:
         ("enqueue", Enqueue(options.enqueue_executions)),
         ("burst", Burst(options.burst_executions, options.burst_repetitions)),
         ("limit_chain10", LimitedChain(options.chain_executions)),
-        ("keys", KeyedThroughput(options.keys, options.per_key)),
+        (
+            "keys",
+            KeyedThroughput(
+                options.keys, options.per_key, options.key_order, options.keys_repetitions
+            ),
+        ),
     ]
     return [scenario for family, scenario in every if not options.only or family in options.only]
 
@@ -296,24 +310,40 @@ def _extras(options: argparse.Namespace, running: Services) -> None:
         waits_extra(running, options.wait_sleepers, options.wait_due, options.wait_events)
 
 
+def _sizes(options: argparse.Namespace) -> list[str]:
+    """What each scenario of the run runs, for the header."""
+    sizes = {
+        "chain10": [f"chain10 x{options.chain_executions}"],
+        "fanout": [f"fanout x{options.fanout_executions}"],
+        "long": [f"chain{options.long_steps} x1"],
+        "map": [
+            f"{map_shape(items).name} x{options.map_executions}" for items in options.map_items
+        ],
+        "latency": [f"latency x{options.latency_executions}"],
+        "enqueue": [f"enqueue x{options.enqueue_executions}"],
+        "burst": [
+            f"burst x{options.burst_executions} (first {options.burst_repetitions} repetition(s))"
+        ],
+        "limit_chain10": [f"limit_chain10 x{options.chain_executions} (twice each way)"],
+        "keys": [
+            f"keys{options.keys} x{options.keys * options.per_key} each way, "
+            f"{options.key_order} (first {options.keys_repetitions} repetition(s))"
+        ],
+    }
+    return [
+        size
+        for family in FAMILIES
+        if family in (options.only or FAMILIES)
+        for size in sizes[family]
+    ]
+
+
 def benchmark(options: argparse.Namespace) -> Results:
     """Start the servers, run the comparison and the extras, print every line."""
     started = time.perf_counter()
     with services() as running, tempfile.TemporaryDirectory(prefix="conveyor-bench-") as tmp:
         _context(running)
-        note(
-            f"{options.repetitions} repetition(s): chain10 x{options.chain_executions}, "
-            f"fanout x{options.fanout_executions}, chain{options.long_steps} x1, "
-            + "".join(
-                f"{map_shape(items).name} x{options.map_executions}, "
-                for items in options.map_items
-            )
-            + f"latency x{options.latency_executions}, enqueue x{options.enqueue_executions}, "
-            f"burst x{options.burst_executions} (first {options.burst_repetitions} "
-            f"repetition(s)), limit_chain10 x{options.chain_executions} (x2 each way), "
-            f"keys{options.keys} x{options.keys * options.per_key} each way"
-            + (f"; only {', '.join(options.only)}" if options.only else "")
-        )
+        note(f"{options.repetitions} repetition(s): " + ", ".join(_sizes(options)))
         try:
             results = compare(options, running, Path(tmp))
         except BenchError:

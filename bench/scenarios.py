@@ -553,18 +553,24 @@ class KeyedThroughput:
     """``keys`` x ``per_key`` executions of a one-step workflow whose step is under
     ``Concurrency(key=input key, limit=1)`` (``bench_keyed``), against the same
     executions of the step without it (``bench_unkeyed``), in the same turn (which goes
-    first alternates between repetitions). Submitted at once in key order (a key's
-    executions together, so that the limit binds: 1 of them may run, the others wait as
-    rows), timed until the last finished. Then, from the database, the most steps of
-    one key that ran at once: the run fails (BenchError) when the limited one is above
-    1; the unlimited one shows what the check sees without the limit."""
+    first alternates between repetitions), in the first ``repetitions`` repetitions.
+    Submitted at once, in key order by default (``grouped``: a key's executions
+    together, so that the limit binds: 1 of them may run, the others wait as rows) or
+    ``interleaved`` (one of each key, then the seconds: the limit seldom binds, so the
+    cost of admission alone), timed until the last finished. Then, from the database,
+    the most steps of one key that ran at once: the run fails (BenchError) when the
+    limited one is above 1; the unlimited one shows what the check sees without it."""
 
     needs_workers = True
 
-    def __init__(self, keys: int, per_key: int) -> None:
+    def __init__(
+        self, keys: int, per_key: int, order: str = "grouped", repetitions: int = 1
+    ) -> None:
         self.keys = keys
         self.per_key = per_key
-        self.name = f"keys{keys}"
+        self.order = order
+        self.repetitions = repetitions
+        self.name = f"keys{keys}" if order == "grouped" else f"keys{keys}-{order}"
         self.metrics = (
             f"executions/s {UNLIMITED}",
             f"executions/s {LIMITED}",
@@ -578,6 +584,13 @@ class KeyedThroughput:
             ),
         )
 
+    def inputs(self) -> list[dict[str, object]]:
+        """The executions' inputs, in submission order."""
+        pairs = [(key, index) for key in range(self.keys) for index in range(self.per_key)]
+        if self.order == "interleaved":
+            pairs.sort(key=lambda pair: (pair[1], pair[0]))
+        return [{"key": f"k{key}", "i": key * self.per_key + index} for key, index in pairs]
+
     def applies_to(self, system: str) -> bool:
         return system == SUBJECT
 
@@ -589,14 +602,12 @@ class KeyedThroughput:
         results: Results,
         context: Context,
     ) -> None:
+        if repetition >= self.repetitions:
+            return
         conveyor = _as_conveyor(system)
         count = self.keys * self.per_key
         shape = Shape(self.name, "chain", 1)
-        inputs = [
-            {"key": f"k{key}", "i": key * self.per_key + index}
-            for key in range(self.keys)
-            for index in range(self.per_key)
-        ]
+        inputs = self.inputs()
         names = {UNLIMITED: workflows.UNKEYED, LIMITED: workflows.KEYED}
         order = (UNLIMITED, LIMITED) if repetition % 2 == 0 else (LIMITED, UNLIMITED)
         rates = {}
