@@ -212,6 +212,35 @@ def test_a_step_held_by_its_key_waits_as_a_row_with_its_reason(app: ConveyorCele
     assert "held: key limits-tenants.call:c has no free slot" in reasons
 
 
+def test_a_step_admitted_at_once_continues_in_the_worker_that_released_it(
+    app: ConveyorCelery,
+) -> None:
+    """Like a step released without limits: no broker message, no claim of its own."""
+    with running_worker(app, concurrency=8):
+        execution_id = enqueue(tenants, {"tenant": "d"}, app=app)
+        assert wait_for(execution_id).status == "succeeded"
+    with get_db_session() as session:
+        reasons = list(
+            session.scalars(
+                select(ExecutionEvent.reason)
+                .where(
+                    ExecutionEvent.execution_id == execution_id, ExecutionEvent.step_name == "call"
+                )
+                .order_by(ExecutionEvent.id)
+            )
+        )
+        steps = {
+            row.step_name: row
+            for row in session.scalars(
+                select(StepExecution).where(StepExecution.execution_id == execution_id)
+            )
+        }
+    assert reasons[-3:] == ["admitted", "continued in worker", "step succeeded"], reasons
+    assert steps["call"].celery_task_id is None
+    assert steps["call"].worker == steps["prepare"].worker
+    assert _slots() == 0
+
+
 def test_a_rate_limit_spaces_starts(app: ConveyorCelery) -> None:
     with running_worker(app, concurrency=8):
         ids = [enqueue(rated, {}, app=app) for _ in range(6)]
