@@ -7,6 +7,8 @@ other system, taken within each repetition and then the median. A new scenario i
 class with ``name``, ``needs_workers``, ``applies_to``, ``run`` and ``lines``, added to
 the list in ``bench/run.py``. ``conveyor-bf`` (conveyor in breadth-first order) takes
 part in the burst only; a compared system a scenario leaves out is shown ``(not run)``.
+The flow-control scenarios (``limit_chain10``, ``keys<N>``) measure conveyor against
+itself without the limit, in the same turn: their lines show conveyor alone.
 """
 
 from __future__ import annotations
