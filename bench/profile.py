@@ -1,6 +1,11 @@
 """Where a conveyor worker's CPU goes: py-spy samples of its processes on a workload.
 
-    python -m bench.profile [--shape chain10|fanout|map1k|map10k] [--executions 300] [--out DIR]
+    python -m bench.profile [--shape chain10|fanout|map1k|map10k|limit_chain10|keyed]
+                            [--executions 300] [--out DIR]
+
+``limit_chain10`` is chain10 with every step under a limit that never binds, ``keyed``
+the keys scenario's one-step workflow under a limit of 1 per key (10 executions a key,
+submitted a key's together).
 
 It starts PostgreSQL and Redis as ``make bench`` does, then the same prefork worker as
 the comparison's conveyor. After a warm-up, py-spy samples the worker's processes while
@@ -21,13 +26,20 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from bench import workflows
 from bench.harness import BenchError, note, services
 from bench.processes import ROOT
-from bench.systems import CHAIN10, FANOUT, Conveyor, map_shape
+from bench.systems import CHAIN10, FANOUT, Conveyor, Shape, map_shape
 
 # py-spy's raw format: "frame;frame;...;frame count", a frame "function (file:line)".
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
-SHAPES = {shape.name: shape for shape in (CHAIN10, FANOUT, map_shape(1000), map_shape(10_000))}
+LIMITED_CHAIN10 = Shape("limit_chain10", "chain", workflows.CHAIN_STEPS)
+KEYED = Shape("keyed", "chain", 1)
+SHAPES = {
+    shape.name: shape
+    for shape in (CHAIN10, FANOUT, map_shape(1000), map_shape(10_000), LIMITED_CHAIN10, KEYED)
+}
+PER_KEY = 10
 _OWN = ("(core/", "(worker/", "(bench/workflows")
 
 
@@ -61,7 +73,18 @@ def main() -> None:
                 command += ["-o", str(stacks)]
                 recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL)
                 try:
-                    submission = system.submit(shape, options.executions)
+                    if shape is LIMITED_CHAIN10:
+                        inputs = [{"i": index} for index in range(options.executions)]
+                        name = workflows.LIMITED_CHAIN
+                        submission = system.submit_inputs(shape, name, inputs)
+                    elif shape is KEYED:
+                        keyed = [
+                            {"key": f"k{index // PER_KEY}", "i": index}
+                            for index in range(options.executions)
+                        ]
+                        submission = system.submit_inputs(shape, workflows.KEYED, keyed)
+                    else:
+                        submission = system.submit(shape, options.executions)
                     system.wait(submission, 600)
                     system.check(submission)
                 finally:

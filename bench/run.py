@@ -18,6 +18,19 @@ processes (``-P prefork -c 2``; DBOS: 2 processes), through every scenario:
   then the workers started: steps/s, and whether they finish in the order they came
   (first repetition only; no DBOS; ``conveyor-bf`` is conveyor in breadth-first order).
 
+Flow control, conveyor only, each against itself without the limit in the same turn:
+
+- ``limit_chain10``: chain10's executions with every step under a per-key
+  ``Concurrency`` that never binds: steps/s of both and their ratio;
+- ``keys<N>``: N keys (``--keys``, default 1,000) x ``--per-key`` (default 10)
+  executions of a one-step workflow under ``Concurrency(key=input key, limit=1)``,
+  a key's executions submitted together (``--key-order``): executions/s of both, their
+  ratio, and the most steps of one key that ran at once (the run fails if it is above
+  1); first repetition only (``--keys-repetitions``: it is long).
+
+``--only`` runs some of the scenarios (``long`` is chain<N>, ``map`` every map width,
+``keys`` the keys scenario).
+
 One line a figure: each system's median over the repetitions, then conveyor's ratio to
 each other system (taken within each repetition). Lines starting with ``#`` are context.
 ``--extras reconciler overhead waits`` adds conveyor's in-process benchmarks (waits:
@@ -51,7 +64,9 @@ from bench.scenarios import (
     Burst,
     Context,
     Enqueue,
+    KeyedThroughput,
     Latency,
+    LimitedChain,
     MapThroughput,
     Results,
     Scenario,
@@ -69,6 +84,18 @@ from bench.systems import (
 )
 
 EXTRAS = ("reconciler", "overhead", "waits")
+# The names --only takes: a scenario's, or its family's where its name has a size in it.
+FAMILIES = (
+    "chain10",
+    "fanout",
+    "long",
+    "map",
+    "latency",
+    "enqueue",
+    "burst",
+    "limit_chain10",
+    "keys",
+)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -96,6 +123,23 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--enqueue-executions", type=int, default=1000, help="enqueued at once (default 1000)")
     add("--burst-executions", type=int, default=3000, help="burst executions (default 3000)")
     add("--burst-repetitions", type=int, default=1, help="repetitions with a burst (1)")
+    add("--keys", type=int, default=1000, help="keys of the keys scenario (default 1000)")
+    add("--per-key", type=int, default=10, help="its executions per key (default 10)")
+    add(
+        "--key-order",
+        choices=("grouped", "interleaved"),
+        default="grouped",
+        help="the keys scenario's submission order: a key's executions together "
+        "(grouped, default) or one of each key in turn (interleaved)",
+    )
+    add("--keys-repetitions", type=int, default=1, help="repetitions with keys (1)")
+    add(
+        "--only",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=None,
+        metavar="SCENARIO[,..]",
+        help=f"run only these scenarios, of: {', '.join(FAMILIES)} (default: all)",
+    )
     add("--concurrency", type=int, default=2, help="worker processes per system (default 2)")
     add("--systems", nargs="+", choices=SYSTEMS, default=None)
     add("--extras", nargs="*", choices=EXTRAS, default=[], help="in-process extras (none)")
@@ -114,30 +158,45 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--map-items must be between 1 and 10000 (a map's max_items)")
     if options.map_executions < 1:
         parser.error("--map-executions must be at least 1")
+    if min(options.keys, options.per_key, options.keys_repetitions) < 1:
+        parser.error("--keys, --per-key and --keys-repetitions must be at least 1")
+    unknown = sorted(set(options.only or ()) - set(FAMILIES))
+    if unknown:
+        parser.error(f"--only: unknown scenario(s) {', '.join(unknown)}; of {', '.join(FAMILIES)}")
     return options
 
 
 def scenarios(options: argparse.Namespace) -> list[Scenario]:
-    """The scenarios, in the order they run within a system's turn."""
+    """The scenarios (those of ``--only``), in the order they run within a system's turn."""
     long = Shape(f"chain{options.long_steps}", "chain", options.long_steps)
-    return [
-        Throughput(CHAIN10, options.chain_executions),
-        Throughput(FANOUT, options.fanout_executions),
-        Throughput(long, 1, baseline=CHAIN10.name),
+    every: list[tuple[str, Scenario]] = [
+        ("chain10", Throughput(CHAIN10, options.chain_executions)),
+        ("fanout", Throughput(FANOUT, options.fanout_executions)),
+        ("long", Throughput(long, 1, baseline=CHAIN10.name)),
         *(
-            MapThroughput(map_shape(items), options.map_executions, baseline=CHAIN10.name)
+            ("map", MapThroughput(map_shape(items), options.map_executions, CHAIN10.name))
             for items in options.map_items
         ),
-        Latency(CHAIN10, options.latency_executions, options.latency_interval),
-        Enqueue(options.enqueue_executions),
-        Burst(options.burst_executions, options.burst_repetitions),
+        ("latency", Latency(CHAIN10, options.latency_executions, options.latency_interval)),
+        ("enqueue", Enqueue(options.enqueue_executions)),
+        ("burst", Burst(options.burst_executions, options.burst_repetitions)),
+        ("limit_chain10", LimitedChain(options.chain_executions)),
+        (
+            "keys",
+            KeyedThroughput(
+                options.keys, options.per_key, options.key_order, options.keys_repetitions
+            ),
+        ),
     ]
+    return [scenario for family, scenario in every if not options.only or family in options.only]
 
 
 def _systems(
     options: argparse.Namespace, running: Services, folder: Path, results: Results
 ) -> list[System]:
-    chosen = options.systems or list(SYSTEMS)
+    # By default, the systems some scenario applies to (all of them, unless --only).
+    plan = scenarios(options)
+    chosen = options.systems or [s for s in SYSTEMS if any(p.applies_to(s) for p in plan)]
     found: list[System] = []
     if "celery" in chosen:
         found.append(PlainCelery(running, folder, options.concurrency))
@@ -251,22 +310,40 @@ def _extras(options: argparse.Namespace, running: Services) -> None:
         waits_extra(running, options.wait_sleepers, options.wait_due, options.wait_events)
 
 
+def _sizes(options: argparse.Namespace) -> list[str]:
+    """What each scenario of the run runs, for the header."""
+    sizes = {
+        "chain10": [f"chain10 x{options.chain_executions}"],
+        "fanout": [f"fanout x{options.fanout_executions}"],
+        "long": [f"chain{options.long_steps} x1"],
+        "map": [
+            f"{map_shape(items).name} x{options.map_executions}" for items in options.map_items
+        ],
+        "latency": [f"latency x{options.latency_executions}"],
+        "enqueue": [f"enqueue x{options.enqueue_executions}"],
+        "burst": [
+            f"burst x{options.burst_executions} (first {options.burst_repetitions} repetition(s))"
+        ],
+        "limit_chain10": [f"limit_chain10 x{options.chain_executions} (twice each way)"],
+        "keys": [
+            f"keys{options.keys} x{options.keys * options.per_key} each way, "
+            f"{options.key_order} (first {options.keys_repetitions} repetition(s))"
+        ],
+    }
+    return [
+        size
+        for family in FAMILIES
+        if family in (options.only or FAMILIES)
+        for size in sizes[family]
+    ]
+
+
 def benchmark(options: argparse.Namespace) -> Results:
     """Start the servers, run the comparison and the extras, print every line."""
     started = time.perf_counter()
     with services() as running, tempfile.TemporaryDirectory(prefix="conveyor-bench-") as tmp:
         _context(running)
-        note(
-            f"{options.repetitions} repetition(s): chain10 x{options.chain_executions}, "
-            f"fanout x{options.fanout_executions}, chain{options.long_steps} x1, "
-            + "".join(
-                f"{map_shape(items).name} x{options.map_executions}, "
-                for items in options.map_items
-            )
-            + f"latency x{options.latency_executions}, enqueue x{options.enqueue_executions}, "
-            f"burst x{options.burst_executions} (first {options.burst_repetitions} "
-            "repetition(s))"
-        )
+        note(f"{options.repetitions} repetition(s): " + ", ".join(_sizes(options)))
         try:
             results = compare(options, running, Path(tmp))
         except BenchError:

@@ -7,6 +7,8 @@ other system, taken within each repetition and then the median. A new scenario i
 class with ``name``, ``needs_workers``, ``applies_to``, ``run`` and ``lines``, added to
 the list in ``bench/run.py``. ``conveyor-bf`` (conveyor in breadth-first order) takes
 part in the burst only; a compared system a scenario leaves out is shown ``(not run)``.
+The flow-control scenarios (``limit_chain10``, ``keys<N>``) measure conveyor against
+itself without the limit, in the same turn: their lines show conveyor alone.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
-from bench.harness import median, number, percentile
+from bench import workflows
+from bench.harness import BenchError, median, note, number, percentile
 from bench.meter import Meter, Usage
 from bench.processes import Workers
-from bench.systems import Shape, System
+from bench.systems import CHAIN10, Conveyor, Shape, Submission, System
 
 COMPARED = ("celery", "dbos", "conveyor")
 BREADTH_FIRST = "conveyor-bf"
@@ -422,6 +426,219 @@ def burst_figures(
     order = [float(index) for index in range(len(finishes))]
     figures["finish order spearman"] = spearman(order, finishes)
     return figures
+
+
+# --- flow control (conveyor only) -------------------------------------------------------------
+
+LIMITED, UNLIMITED = "limited", "unlimited"
+RATIO = "limited/unlimited"
+
+
+@dataclass
+class _Tally:
+    """What one variant of a paired scenario did, over its timed workloads."""
+
+    units: int = 0
+    seconds: float = 0.0
+    worker_cpu: float = 0.0
+    statements: int = 0
+    write_transactions: int = 0
+
+    def add(self, units: int, used: Usage) -> None:
+        self.units += units
+        self.seconds += used.seconds
+        self.worker_cpu += used.worker_cpu
+        self.statements += used.statements
+        self.write_transactions += used.write_transactions
+
+
+def _timed(
+    system: Conveyor,
+    workers: Workers | None,
+    context: Context,
+    submit: Callable[[], Submission],
+) -> tuple[Submission, Usage]:
+    """Submit, wait for every execution to finish, check they all succeeded: the
+    submission and what its window cost."""
+    before = context.meter.read(workers, system.databases)
+    submission = submit()
+    system.wait(submission, context.timeout)
+    after = context.meter.read(workers, system.databases)
+    system.check(submission)
+    return submission, Usage.between(before, after)
+
+
+def _own_lines(results: Results, scenario: str, metrics: Sequence[str]) -> list[str]:
+    """Lines of a conveyor-only scenario: conveyor's median over the repetitions (the
+    ratio lines' values are within-repetition ratios, so the comparison is in the line)."""
+    found = []
+    for metric in metrics:
+        by_rep = results.values(scenario, metric, SUBJECT)
+        if by_rep:
+            value = number(median(list(by_rep.values())))
+            found.append(f"{scenario:<13} {metric:<34} {SUBJECT} {value}")
+    return found
+
+
+def _as_conveyor(system: System) -> Conveyor:
+    if not isinstance(system, Conveyor):
+        raise BenchError(f"a conveyor-only scenario was given {system.name}")
+    return system
+
+
+class LimitedChain:
+    """``executions`` of the 10-step chain with every step under a per-key
+    ``Concurrency`` that never binds (``bench_limited_10``: a key per execution and
+    step, limit 10), against the same chain without limits, in the same turn:
+    unlimited, limited, limited, unlimited (so that a drift in the machine's load weighs
+    on both alike), each submitted at once and timed until the last finished. Prints
+    both steps/s, their ratio (goal >= 0.90), and the cost per step of each."""
+
+    name = "limit_chain10"
+    needs_workers = True
+    metrics = (
+        f"steps/s {UNLIMITED}",
+        f"steps/s {LIMITED}",
+        f"{RATIO} steps/s",
+        *(
+            f"{what} {variant}"
+            for what in ("worker cpu ms/step", "round trips/step", "write xacts/step")
+            for variant in (UNLIMITED, LIMITED)
+        ),
+    )
+
+    def __init__(self, executions: int) -> None:
+        self.executions = executions
+
+    def applies_to(self, system: str) -> bool:
+        return system == SUBJECT
+
+    def run(
+        self,
+        system: System,
+        workers: Workers | None,
+        repetition: int,
+        results: Results,
+        context: Context,
+    ) -> None:
+        conveyor = _as_conveyor(system)
+        inputs = [{"i": index} for index in range(self.executions)]
+        names = {UNLIMITED: workflows.linear_name(CHAIN10.steps), LIMITED: workflows.LIMITED_CHAIN}
+        tallies = {UNLIMITED: _Tally(), LIMITED: _Tally()}
+        for variant in (UNLIMITED, LIMITED, LIMITED, UNLIMITED):
+            _, used = _timed(
+                conveyor,
+                workers,
+                context,
+                partial(conveyor.submit_inputs, CHAIN10, names[variant], inputs),
+            )
+            tallies[variant].add(CHAIN10.steps * self.executions, used)
+        rates = {}
+        for variant, tally in tallies.items():
+            rates[variant] = tally.units / tally.seconds
+            steps = tally.units
+            for metric, value in (
+                ("steps/s", rates[variant]),
+                ("worker cpu ms/step", 1000 * tally.worker_cpu / steps),
+                ("round trips/step", tally.statements / steps),
+                ("write xacts/step", tally.write_transactions / steps),
+            ):
+                results.add(self.name, f"{metric} {variant}", SUBJECT, repetition, value)
+        ratio = rates[LIMITED] / rates[UNLIMITED]
+        results.add(self.name, f"{RATIO} steps/s", SUBJECT, repetition, ratio)
+
+    def lines(self, results: Results) -> list[str]:
+        return _own_lines(results, self.name, self.metrics)
+
+
+class KeyedThroughput:
+    """``keys`` x ``per_key`` executions of a one-step workflow whose step is under
+    ``Concurrency(key=input key, limit=1)`` (``bench_keyed``), against the same
+    executions of the step without it (``bench_unkeyed``), in the same turn (which goes
+    first alternates between repetitions), in the first ``repetitions`` repetitions.
+    Submitted at once, in key order by default (``grouped``: a key's executions
+    together, so that the limit binds: 1 of them may run, the others wait as rows) or
+    ``interleaved`` (one of each key, then the seconds: the limit seldom binds, so the
+    cost of admission alone), timed until the last finished. Then, from the database,
+    the most steps of one key that ran at once: the run fails (BenchError) when the
+    limited one is above 1; the unlimited one shows what the check sees without it."""
+
+    needs_workers = True
+
+    def __init__(
+        self, keys: int, per_key: int, order: str = "grouped", repetitions: int = 1
+    ) -> None:
+        self.keys = keys
+        self.per_key = per_key
+        self.order = order
+        self.repetitions = repetitions
+        self.name = f"keys{keys}" if order == "grouped" else f"keys{keys}-{order}"
+        self.metrics = (
+            f"executions/s {UNLIMITED}",
+            f"executions/s {LIMITED}",
+            f"{RATIO} executions/s",
+            f"max running per key {LIMITED}",
+            f"max running per key {UNLIMITED}",
+            *(
+                f"{what} {variant}"
+                for what in ("worker cpu ms/execution", "write xacts/execution")
+                for variant in (UNLIMITED, LIMITED)
+            ),
+        )
+
+    def inputs(self) -> list[dict[str, object]]:
+        """The executions' inputs, in submission order."""
+        pairs = [(key, index) for key in range(self.keys) for index in range(self.per_key)]
+        if self.order == "interleaved":
+            pairs.sort(key=lambda pair: (pair[1], pair[0]))
+        return [{"key": f"k{key}", "i": key * self.per_key + index} for key, index in pairs]
+
+    def applies_to(self, system: str) -> bool:
+        return system == SUBJECT
+
+    def run(
+        self,
+        system: System,
+        workers: Workers | None,
+        repetition: int,
+        results: Results,
+        context: Context,
+    ) -> None:
+        if repetition >= self.repetitions:
+            return
+        conveyor = _as_conveyor(system)
+        count = self.keys * self.per_key
+        shape = Shape(self.name, "chain", 1)
+        inputs = self.inputs()
+        names = {UNLIMITED: workflows.UNKEYED, LIMITED: workflows.KEYED}
+        order = (UNLIMITED, LIMITED) if repetition % 2 == 0 else (LIMITED, UNLIMITED)
+        rates = {}
+        for variant in order:
+            submission, used = _timed(
+                conveyor,
+                workers,
+                context,
+                partial(conveyor.submit_inputs, shape, names[variant], inputs),
+            )
+            most = conveyor.most_running_per_key(submission, workflows.KEYED_STEP)
+            if variant == LIMITED and most > 1:
+                raise BenchError(
+                    f"{self.name}: a key had {most} steps running at once under a limit of 1"
+                )
+            rates[variant] = count / used.seconds
+            note(f"{self.name} {variant}: {rates[variant]:.0f} executions/s, most per key {most}")
+            for metric, value in (
+                ("executions/s", rates[variant]),
+                ("max running per key", most),
+                ("worker cpu ms/execution", 1000 * used.worker_cpu / count),
+                ("write xacts/execution", used.write_transactions / count),
+            ):
+                results.add(self.name, f"{metric} {variant}", SUBJECT, repetition, value)
+        ratio = rates[LIMITED] / rates[UNLIMITED]
+        results.add(self.name, f"{RATIO} executions/s", SUBJECT, repetition, ratio)
+
+    def lines(self, results: Results) -> list[str]:
+        return _own_lines(results, self.name, self.metrics)
 
 
 def sane(figures: Sequence[Figure]) -> list[Figure]:

@@ -264,6 +264,25 @@ CONVEYOR_FINISHES = (
     "SELECT execution_id, extract(epoch FROM finished_at)::float8 FROM workflow_executions"
     " WHERE execution_id = ANY(%s)"
 )
+# The most steps of one key running at once, over every key: each step's
+# [started_at, finished_at] as +1 at its start and -1 at its finish, summed in time order
+# per key (a finish before a start at the same instant: the slot was handed over).
+CONVEYOR_MOST_PER_KEY = """
+    WITH spans AS (
+        SELECT e.input_data ->> 'key' AS key, s.started_at, s.finished_at
+        FROM execution_steps AS s JOIN workflow_executions AS e USING (execution_id)
+        WHERE s.execution_id = ANY(%s) AND s.step_name = %s
+    ), edges AS (
+        SELECT key, started_at AS at, 1 AS delta FROM spans
+        UNION ALL
+        SELECT key, finished_at, -1 FROM spans
+    ), running AS (
+        SELECT sum(delta) OVER (PARTITION BY key ORDER BY at, delta ROWS UNBOUNDED PRECEDING)
+            AS n
+        FROM edges
+    )
+    SELECT coalesce(max(n), 0) FROM running
+"""
 Order = Literal["depth_first", "breadth_first"]
 
 
@@ -350,6 +369,19 @@ class Conveyor:
 
         _spaced(count, interval, send)
         return submission
+
+    def submit_inputs(self, shape: Shape, workflow: str, inputs: list[Any]) -> Submission:
+        """Executions of ``workflow``, one per input, in one ``enqueue_many``."""
+        self._produce_here()
+        submission = Submission(shape)
+        submission.sent_at = [time.time()] * len(inputs)
+        submission.ids = enqueue_many(workflow, inputs, app=self.app)
+        return submission
+
+    def most_running_per_key(self, submission: Submission, step: str) -> int:
+        """The most ``step`` steps of ``submission`` running at once under one input
+        ``key``, from their started and finished times."""
+        return int(self._observer.scalar(CONVEYOR_MOST_PER_KEY, (submission.ids, step)))
 
     def _count(self, ids: list[str], statuses: list[str]) -> int:
         return int(self._observer.scalar(CONVEYOR_FINISHED, (ids, statuses)))

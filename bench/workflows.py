@@ -3,7 +3,9 @@
 Workers load this module with ``CONVEYOR_WORKFLOW_MODULES=bench.workflows``; the long
 chain has ``BENCH_LONG_STEPS`` steps (default 1,000). The first step of each workflow
 returns the time it started (enqueue -> first start; the map's first returns its list);
-the others return nothing.
+the others return nothing. The flow-control scenarios have their own: the chain of 10
+with every step under a per-key limit that never binds, and a one-step workflow with and
+without a limit of 1 per input key.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from core.registry import WorkflowRegistry
-from core.workflows import Step, StepContext, Workflow
+from core.workflows import Concurrency, Step, StepContext, Workflow
 
 CHAIN_STEPS = 10
 FANOUT_WIDTH = 8
@@ -27,6 +29,13 @@ MAP = "bench_map"
 MAP_PARALLEL = 32
 WAITER = "bench_waiter"
 GO = "bench.go"
+LIMITED_CHAIN = "bench_limited_10"
+# Above the most steps of one key that can be open at once (one per execution, and the
+# executions of a submission have distinct ``i``): the limit is checked, never binds.
+LIMITED_CHAIN_LIMIT = 10
+KEYED = "bench_keyed"
+UNKEYED = "bench_unkeyed"
+KEYED_STEP = "work"
 
 
 def stamp(ctx: StepContext) -> float:
@@ -56,6 +65,41 @@ def linear(steps: int) -> Workflow:
         name = f"s{index:04d}"
         workflow.add_step(Step(name=name, fn=noop if previous else stamp, depends_on=previous))
         previous = (name,)
+    return workflow
+
+
+def _execution_key(data: Any) -> Any:
+    """The limited chain's key: the execution's index in its submission."""
+    return data["i"]
+
+
+def limited_chain(steps: int = CHAIN_STEPS) -> Workflow:
+    """The chain of ``linear(steps)`` with every step under
+    ``Concurrency(key=input i, limit=10)``: one key per execution and step, a limit that
+    never binds, so that only the cost of checking it is measured."""
+    workflow = Workflow(LIMITED_CHAIN, description="benchmark: a chain under a loose limit")
+    limit = Concurrency(key=_execution_key, limit=LIMITED_CHAIN_LIMIT)
+    previous: tuple[str, ...] = ()
+    for index in range(steps):
+        name = f"s{index:04d}"
+        fn = noop if previous else stamp
+        workflow.add_step(Step(name=name, fn=fn, depends_on=previous, limits=(limit,)))
+        previous = (name,)
+    return workflow
+
+
+def _input_key(data: Any) -> Any:
+    """The keyed workflow's key: the input's ``key``."""
+    return data["key"]
+
+
+def keyed(limited: bool) -> Workflow:
+    """One no-op step, ``work``: under ``Concurrency(key=input key, limit=1)`` (``limited``),
+    or the same without it."""
+    name, what = (KEYED, "under a limit of 1 per key") if limited else (UNKEYED, "no limit")
+    workflow = Workflow(name, description=f"benchmark: one step, {what}")
+    limits = (Concurrency(key=_input_key, limit=1),) if limited else ()
+    workflow.add_step(Step(name=KEYED_STEP, fn=noop, limits=limits))
     return workflow
 
 
@@ -134,6 +178,7 @@ def long_steps() -> int:
 def registry(long: int | None = None) -> WorkflowRegistry:
     """Every benchmark workflow, with a long chain of ``long`` steps (or none)."""
     found = [linear(CHAIN_STEPS), fan_out(), dag(), work(), sleeper(), waiter(), map_workflow()]
+    found += [limited_chain(), keyed(limited=True), keyed(limited=False)]
     if long is not None and long != CHAIN_STEPS:
         found.append(linear(long))
     return WorkflowRegistry(found)
@@ -145,4 +190,7 @@ fanout = fan_out()
 mapping = map_workflow()
 sleeping = sleeper()
 waiting = waiter()
+chain_limited = limited_chain()
+keyed_limited = keyed(limited=True)
+keyed_unlimited = keyed(limited=False)
 chain_long = linear(long_steps()) if long_steps() != CHAIN_STEPS else chain

@@ -295,6 +295,8 @@ def complete(
         # Its slots free with its success: the keys' next waiters are admitted here.
         woken = woken or WaitOutcome()
         free_step(conn, execution_id, step_name, woken, definition_of or registered)
+    if continued is None and continue_as is not None and woken is not None and woken.queued:
+        continued = _continue_admitted(conn, sql_, step, workflow, here, continue_as, woken)
     next_step = None
     if continued is not None:
         upstream = workflow.upstream(continued.step_name)
@@ -322,6 +324,37 @@ def complete(
         woken=woken,
         held=tuple(held),
     )
+
+
+def _continue_admitted(
+    conn: Connection,
+    sql_: HotPath,
+    step: Claim,
+    workflow: Dag,
+    here: Collection[str] | None,
+    worker: str,
+    woken: WaitOutcome,
+) -> Row[Any] | None:
+    """Claim for ``worker`` a step downstream of ``step`` that its release admitted at
+    once under its limits (queued in ``woken``, core.limits): this worker runs it next,
+    as a step released without limits, instead of a broker message and a claim of its
+    own. None when there is none (it stays in ``woken`` to be published)."""
+    if not isinstance(workflow, Workflow):
+        return None
+    downstream = workflow.downstream(step.step_name)
+    for key in woken.queued:
+        execution_id, name = key
+        if execution_id != step.execution_id or name not in downstream:
+            continue
+        if not workflow.steps[name].limits or (here is not None and name not in here):
+            continue
+        params = {"eid": execution_id, "step": name, "worker_id": worker}
+        row = conn.execute(sql_.continue_step, params).first()
+        if row is not None:
+            conn.execute(sql_.events, [event_row(row, CONTINUED)])
+            woken.queued.remove(key)
+            return row
+    return None
 
 
 def _take_held(

@@ -143,6 +143,7 @@ def wait_statements() -> WaitStatements:
     )
     execution = select(
         *EXECUTION_COLUMNS[1:],
+        WE.c.parked_at,
     ).where(WE.c.execution_id == eid)
     waiting_here = (
         SE.c.execution_id == eid,

@@ -161,7 +161,8 @@ def enter_waits(
         conn.execute(hot_path(conn.dialect.name).events, [event_row(r, ENTERED) for r in entered])
         execution = read_execution(conn, execution_id, workflow)
         establish(conn, execution, entered, known_outputs, definition_of, outcome)
-        if not any(result.execution_id == execution_id for result, _ in outcome.finished):
+        ended = any(result.execution_id == execution_id for result, _ in outcome.finished)
+        if not ended and not admitted_at_once(execution, entered, outcome):
             settle(conn, [execution_id], outcome)
     return bool(rows), outcome
 
@@ -183,12 +184,27 @@ def arm_root_waits(
     by_execution: dict[str, list[Row[Any]]] = {}
     for row in rows:
         by_execution.setdefault(row.execution_id, []).append(row)
+    settled: list[str] = []
     for execution_id, entered in by_execution.items():
         execution = read_execution(conn, execution_id, workflow)
         establish(conn, execution, entered, {}, definition_of, outcome)
+        if not admitted_at_once(execution, entered, outcome):
+            settled.append(execution_id)
     ended = {result.execution_id for result, _ in outcome.finished}
-    settle(conn, [e for e in by_execution if e not in ended], outcome)
+    settle(conn, [e for e in settled if e not in ended], outcome)
     return outcome
+
+
+def admitted_at_once(
+    execution: WaitingExecution, entered: Sequence[Row[Any]], outcome: WaitOutcome
+) -> bool:
+    """Whether every node ``entered`` was a step behind limits admitted at once (queued
+    now) and the execution is not parked: it has a queued step, so ``settle`` would
+    leave it unparked as it is, and costs a lock and an UPDATE per step for nothing."""
+    if execution.row.parked_at is not None:
+        return False
+    queued = {name for eid, name in outcome.queued if eid == execution.execution_id}
+    return all(row.step_name in queued for row in entered)
 
 
 def read_execution(conn: Connection, execution_id: str, workflow: Workflow) -> WaitingExecution:

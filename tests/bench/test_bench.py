@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import create_engine, insert
+from sqlalchemy.pool import NullPool
 
 from bench import run
-from bench.scenarios import BURST_METRICS, sane, spearman
+from bench.scenarios import BURST_METRICS, KeyedThroughput, LimitedChain, sane, spearman
+from bench.systems import CONVEYOR_MOST_PER_KEY
+from core.models import StepExecution, WorkflowExecution
+from tests.conftest import TestDatabase
 
 TINY = [
     "--repetitions", "1",
@@ -21,6 +27,8 @@ TINY = [
     "--latency-executions", "3",
     "--enqueue-executions", "20",
     "--burst-executions", "20",
+    "--keys", "4",
+    "--per-key", "3",
 ]  # fmt: skip
 EXTRAS = [
     "--systems", "celery",
@@ -86,8 +94,22 @@ def test_bench_prints_every_figure_at_a_tiny_size(capsys: pytest.CaptureFixture[
                 assert value > 0, (metric, system, value)
     assert ("dbos", "burst") not in {(f.system, f.scenario) for f in figures}
 
+    # Flow control, conveyor only: a limited variant against the same unlimited one.
+    for scenario, metrics in (
+        ("limit_chain10", LimitedChain.metrics),
+        ("keys4", KeyedThroughput(4, 3).metrics),
+    ):
+        for metric in metrics:
+            assert (scenario, metric, "conveyor") in found, (scenario, metric)
+        assert {f.system for f in figures if f.scenario == scenario} == {"conveyor"}
+    # No key ever above its limit of 1 (the run fails loudly otherwise).
+    most = {f.metric: f.value for f in figures if f.scenario == "keys4"}
+    assert most["max running per key limited"] == 1
+
     printed = capsys.readouterr().out
     assert "chain10    steps/s" in printed
+    assert "limit_chain10 limited/unlimited steps/s" in printed
+    assert "keys4         max running per key limited        conveyor 1.00" in printed
     assert "burst      finish order spearman" in printed
     assert "map60      broker depth max" in printed
     assert "dbos (not run)" in printed
@@ -122,3 +144,65 @@ def test_bench_extras_run_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) -> 
     assert "waits      event->start p50 ms    conveyor " in printed
     if importlib.util.find_spec("dbos") is not None:
         assert "send_to_recv_p50_ms system=dbos" in printed
+
+
+def test_only_runs_the_scenarios_named() -> None:
+    chosen = run.scenarios(run.parse(["--only", "limit_chain10,keys", "--keys", "7"]))
+    assert [scenario.name for scenario in chosen] == ["limit_chain10", "keys7"]
+    assert len(run.scenarios(run.parse(["--only", "map"]))) == 2  # every width
+    with pytest.raises(SystemExit):
+        run.parse(["--only", "chain10,nosuch"])
+
+
+@pytest.mark.postgresql_only
+def test_most_running_per_key_counts_overlapping_steps(database: TestDatabase) -> None:
+    """The keys scenario's check sees two steps of a key running at once, and a slot
+    handed over at the instant one finished as one."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    spans = {
+        "handed-over": [(0, 2), (2, 4), (5, 6)],
+        "overlapping": [(0, 3), (1, 2), (1.5, 5), (4, 6)],
+    }
+    engine = create_engine(database.url, poolclass=NullPool)
+    ids: dict[str, list[str]] = {key: [] for key in spans}
+    executions: list[dict[str, object]] = []
+    steps: list[dict[str, object]] = []
+    for key, intervals in spans.items():
+        for index, (begin, end) in enumerate(intervals):
+            execution_id = f"{key}-{index}"
+            ids[key].append(execution_id)
+            executions.append(
+                {
+                    "execution_id": execution_id,
+                    "workflow_id": "bench_keyed",
+                    "input_data": {"key": key, "i": index},
+                    "status": "succeeded",
+                }
+            )
+            steps.append(
+                {
+                    "execution_id": execution_id,
+                    "step_name": "work",
+                    "status": "succeeded",
+                    "started_at": start + timedelta(seconds=begin),
+                    "finished_at": start + timedelta(seconds=end),
+                }
+            )
+    try:
+        # Rows as the bench leaves them (finished), written as they are, not through
+        # the state machine.
+        with engine.begin() as connection:
+            connection.execute(insert(WorkflowExecution.__table__), executions)
+            connection.execute(insert(StepExecution.__table__), steps)
+        with engine.connect() as connection:
+
+            def most(execution_ids: list[str]) -> int:
+                query = connection.exec_driver_sql(CONVEYOR_MOST_PER_KEY, (execution_ids, "work"))
+                return int(query.scalar_one())
+
+            assert most(ids["handed-over"]) == 1
+            assert most(ids["overlapping"]) == 3
+            assert most([*ids["handed-over"], *ids["overlapping"]]) == 3
+            assert most(ids["handed-over"][:1]) == 1
+    finally:
+        engine.dispose()

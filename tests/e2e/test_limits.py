@@ -129,6 +129,20 @@ def blocked(ctx: StepContext) -> str:
     return _blocked(ctx)
 
 
+# The same step behind one upstream step: admitted when that one completes.
+held_later = Workflow("limits-held-later")
+
+
+@held_later.step()
+def first(ctx: StepContext) -> str:
+    return "first"
+
+
+@held_later.step(depends_on=["first"], concurrency=Concurrency(key="limits-later-api", limit=1))
+def blocked_later(ctx: StepContext, first: str) -> str:
+    return _blocked(ctx)
+
+
 paused = Workflow("limits-paused")
 
 
@@ -145,7 +159,9 @@ def call_api(ctx: StepContext) -> str:
 
 @pytest.fixture
 def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
-    registry = WorkflowRegistry([tenants, rated, fair, newest, in_progress, held, paused])
+    registry = WorkflowRegistry(
+        [tenants, rated, fair, newest, in_progress, held, held_later, paused]
+    )
     configure_registry(registry)
     for counter in (RUNNING, PEAK, FAILS):
         counter.clear()
@@ -194,6 +210,35 @@ def test_a_step_held_by_its_key_waits_as_a_row_with_its_reason(app: ConveyorCele
         )
     assert reasons.count("admitted") == 5
     assert "held: key limits-tenants.call:c has no free slot" in reasons
+
+
+def test_a_step_admitted_at_once_continues_in_the_worker_that_released_it(
+    app: ConveyorCelery,
+) -> None:
+    """Like a step released without limits: no broker message, no claim of its own."""
+    with running_worker(app, concurrency=8):
+        execution_id = enqueue(tenants, {"tenant": "d"}, app=app)
+        assert wait_for(execution_id).status == "succeeded"
+    with get_db_session() as session:
+        reasons = list(
+            session.scalars(
+                select(ExecutionEvent.reason)
+                .where(
+                    ExecutionEvent.execution_id == execution_id, ExecutionEvent.step_name == "call"
+                )
+                .order_by(ExecutionEvent.id)
+            )
+        )
+        steps = {
+            row.step_name: row
+            for row in session.scalars(
+                select(StepExecution).where(StepExecution.execution_id == execution_id)
+            )
+        }
+    assert reasons[-3:] == ["admitted", "continued in worker", "step succeeded"], reasons
+    assert steps["call"].celery_task_id is None
+    assert steps["call"].worker == steps["prepare"].worker
+    assert _slots() == 0
 
 
 def test_a_rate_limit_spaces_starts(app: ConveyorCelery) -> None:
@@ -284,6 +329,34 @@ def test_a_cancel_frees_its_slot_for_the_next_waiter_at_once(app: ConveyorCelery
             assert time.monotonic() < deadline, _step_status(second, "blocked")
             time.sleep(0.05)
         GATE.set()
+        assert wait_for(second).status == "succeeded"
+    assert _slots() == 0
+
+
+@pytest.mark.parametrize(
+    ("workflow", "step"), [(held, "blocked"), (held_later, "blocked_later")], ids=["root", "later"]
+)
+def test_a_step_held_by_its_key_parks_its_execution_and_one_admitted_does_not(
+    app: ConveyorCelery, workflow: Workflow, step: str
+) -> None:
+    """Parked (every open step waiting) is what ``conveyor status`` shows as waiting: a
+    step admitted at once leaves its execution running unparked, whether released at the
+    start or by its upstream step's completion."""
+    with running_worker(app, concurrency=4):
+        first = enqueue(workflow, {}, app=app)
+        wait_for(first, lambda e: e.status == "running")
+        deadline = time.monotonic() + 10
+        while _step_status(first, step) != "running":
+            assert time.monotonic() < deadline, _step_status(first, step)
+            time.sleep(0.05)
+        second = enqueue(workflow, {}, app=app)
+        while _step_status(second, step) != "waiting":
+            assert time.monotonic() < deadline, _step_status(second, step)
+            time.sleep(0.05)
+        assert wait_for(first, lambda e: e.status == "running").parked_at is None
+        assert wait_for(second, lambda e: e.status == "running").parked_at is not None
+        GATE.set()
+        assert wait_for(first).status == "succeeded"
         assert wait_for(second).status == "succeeded"
     assert _slots() == 0
 
