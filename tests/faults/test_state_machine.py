@@ -47,6 +47,7 @@ from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.outcomes import Claim, TransitionResult
 from core.sql import utcnow
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
+from core.workflows import Workflow
 from tests.conftest import TestDatabase
 from tests.helpers.race import complete_together
 from tests.helpers.state import database_reachable
@@ -68,6 +69,13 @@ class Dag:
     # What the workflow's definition declares: its deadline, its max_concurrency.
     deadline: timedelta | None = None
     limit: int | None = None
+
+    @property
+    def limited(self) -> Workflow | None:
+        """What admission reads of the definition: its limits (max_concurrency's key)."""
+        return (
+            None if self.limit is None else Workflow(self.workflow_id, max_concurrency=self.limit)
+        )
 
     @property
     def steps(self) -> list[str]:
@@ -301,7 +309,7 @@ class StateManagerMachine(RuleBasedStateMachine):
     def admit(self, index: int) -> None:
         """A start message (or an admission after a slot freed up) arrives."""
         dag = self.dag(index)
-        self.run(executions.admit, dag.workflow_id, [self.ids[index]], dag.limit)
+        self.run(executions.admit, dag.workflow_id, [self.ids[index]], dag.limited)
 
     @rule(index=st.sampled_from(INDEXES), action=st.sampled_from(OPERATOR_ACTIONS))
     def operator(self, index: int, action: str) -> None:
@@ -531,7 +539,7 @@ class StateManagerMachine(RuleBasedStateMachine):
         stray = [key for key in report.republish if key[0] in finished]
         assert not stray, f"republished steps of finished executions: {stray}"
         for found in report.start:  # (execution, workflow, ...) of unstarted executions
-            self.run(executions.admit, found[1], [found[0]], DAGS[found[1]].limit)
+            self.run(executions.admit, found[1], [found[0]], DAGS[found[1]].limited)
 
     # -- invariants --
 
