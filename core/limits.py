@@ -940,8 +940,17 @@ def sweep(conn: Connection, limit: int, outcome: WaitOutcome, definition_of: Def
 def pause_key(conn: Connection, key: str, until: datetime) -> None:
     """Hold every start under ``key`` until ``until`` (a 429's Retry-After): steps
     released meanwhile wait with that wake time."""
-    if until.tzinfo is None:
-        raise ValueError("pause_key needs a timezone-aware datetime")
+    if not isinstance(until, datetime) or until.tzinfo is None:
+        raise InputValidationError(
+            f"pause_key({key!r}): until must be a timezone-aware datetime or a timedelta, "
+            f"got {until!r}",
+            [{"field": "until", "message": "a timezone-aware datetime or a timedelta"}],
+        )
+    if not isinstance(key, str) or not 0 < len(key) <= 255:
+        raise InputValidationError(
+            f"pause_key: the key must be text of 1-255 characters, got {key!r}",
+            [{"field": "key", "message": "text of 1-255 characters"}],
+        )
     conn.execute(statements(conn.dialect.name).pause, {"k": key, "until": until.astimezone(UTC)})
 
 

@@ -65,3 +65,21 @@ def test_concurrent_admissions_keep_the_rate_and_the_burst(database: TestDatabas
     for index, start in enumerate(admitted):
         window = [t for t in admitted[index:] if (t - start).total_seconds() < 1.0]
         assert len(window) <= LIMIT.limit + LIMIT.burst, (start, len(window))
+
+
+def test_pause_key_refuses_a_naive_time_and_writes_nothing(database: TestDatabase) -> None:
+    from sqlalchemy import func, select
+
+    from core.errors import InputValidationError
+    from core.limits import pause_key
+    from core.models import FlowKey
+
+    engine = get_database().engine
+    with (
+        pytest.raises(InputValidationError, match="timezone-aware") as refused,
+        engine.begin() as conn,
+    ):
+        pause_key(conn, "rate-test", datetime(2030, 1, 1))  # noqa: DTZ001 - the point
+    assert [e["field"] for e in refused.value.errors] == ["until"]
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(FlowKey)).scalar_one() == 0
