@@ -780,11 +780,15 @@ def promote(
 
     st = statements(conn.dialect.name)
     for key in keys:
-        # Most ends free a key nobody waits for: one probe of the waiting-key index.
-        if conn.execute(st.any_waiter, {"k": key}).first() is None:
-            continue
+        # The key's lock first, then the look for waiters: an admission refused under
+        # this key holds the lock until its waiting row commits, so after the lock that
+        # row is seen; probed before it, a waiter refused while this end was in flight
+        # would be missed and wait for ever (a lost wake-up). Most ends free a key nobody
+        # waits for: then the lock and one probe of the waiting-key index.
         rows = conn.execute(st.lock, {"keys": [key]}).all()
         if not rows:
+            continue
+        if conn.execute(st.any_waiter, {"k": key}).first() is None:
             continue
         limit = rows[0].concurrency_limit
         running = conn.execute(st.holders, {"k": key}).scalar_one()
