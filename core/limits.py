@@ -57,6 +57,7 @@ from core.outcomes import Route, TransitionResult, WaitOutcome
 from core.sql import clock_now, utcnow
 from core.states import ExecutionStatus, StepStatus
 from core.step_statements import event_row, hot_path
+from core.wait_statements import STEP_COLUMNS
 from core.workflows import (
     WHOLE_WORKFLOW_VALUE,
     Concurrency,
@@ -226,14 +227,7 @@ def statements(dialect: str) -> LimitStatements:
         SE.c.attempt == bindparam("att", type_=Integer),
         SE.c.status == WAITING,
     )
-    returning = (
-        SE.c.execution_id,
-        SE.c.step_name,
-        SE.c.previous_status,
-        SE.c.status,
-        SE.c.attempt,
-        SE.c.recoveries,
-    )
+    returning = STEP_COLUMNS  # what an event row of a step transition needs
     to_queued = (
         update(SE)
         .where(*waiting_here)

@@ -11,9 +11,11 @@ PostgreSQL only: SQLite's writers are serial.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from core import steps, waits
 from core.database import get_database
@@ -71,13 +73,30 @@ def test_a_waiter_refused_while_the_holder_ends_is_admitted_by_that_end(
         # Refused, its waiting row and the key's lock held, uncommitted.
         assert refused.limited == [(gated.name, "race-key", "concurrency")]
         ending.start()
-        ending.join(timeout=1.0)
-        # The end waits for the key's lock, which the refusal holds until it commits.
-        alive = ending.is_alive()
+        # The end waits for the key's lock, which the refusal holds until it commits
+        # (with the waiters probed before the lock, it would end without waiting).
+        blocked = _waits_on_a_lock(db.engine, ending)
         refusing_tx.commit()
     ending.join(timeout=10)
-    assert alive
+    assert blocked
     assert not ending.is_alive()
     woken = ended["completion"].woken
     assert woken is not None
     assert (waiter, "blocked") in woken.queued
+
+
+def _waits_on_a_lock(engine: Any, ending: threading.Thread) -> bool:
+    """Whether another session comes to wait on a lock while ``ending`` runs (False as
+    soon as ``ending`` ends without having waited)."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+    )
+    deadline = time.monotonic() + 10
+    with engine.connect() as watcher:
+        while ending.is_alive() and time.monotonic() < deadline:
+            if watcher.execute(query).scalar_one():
+                return True
+            watcher.rollback()
+            time.sleep(0.01)
+    return False
