@@ -158,6 +158,11 @@ def _json_problem(value: Any) -> str | None:
 WAITING_WAKE = "status = 'waiting' AND wake_at IS NOT NULL"
 WAITING_EVENT = "status = 'waiting' AND wait_event IS NOT NULL"
 WAITING_KEY = "status = 'waiting' AND wait_kind = 'key'"
+# The wait kinds of task steps (held for a key, handed back for a compatible worker);
+# the others name wait nodes (sleep, event, child, map).
+TASK_WAIT_KINDS = (None, "key", "version")
+WAITING_VERSION = "status = 'waiting' AND wait_kind = 'version'"
+FAILED_STEP = "status = 'failed'"
 OPEN_SIGNAL = "consumed_at IS NULL AND target_execution_id IS NOT NULL"
 # A debounced execution whose window is open: enqueues with its key collapse into it.
 DEBOUNCE_OPEN = "status = 'pending' AND debounce_key IS NOT NULL"
@@ -288,6 +293,14 @@ class WorkflowExecution(Timestamped, Base):
     debounce_key: Mapped[str | None] = mapped_column(String(255))
     start_at: Mapped[datetime | None]
     latest_start_at: Mapped[datetime | None]
+    # The workflow's shape (``workflow_shapes``) this execution started with: its steps,
+    # edges and contracts. A worker runs a step of it only when the execution's
+    # remaining steps are compatible with its own code (core.shapes); NULL for
+    # executions created before shapes were recorded (any worker runs them).
+    shape_hash: Mapped[str | None] = mapped_column(String(64))
+    # When retention cleared its inputs, outputs and errors (``Retention(payloads=)``):
+    # the skeleton (statuses, timings, history) stays; replay refuses it.
+    payloads_cleared_at: Mapped[datetime | None]
 
     steps: Mapped[list[StepExecution]] = relationship(
         back_populates="execution", cascade="all, delete-orphan", order_by="StepExecution.step_name"
@@ -351,6 +364,14 @@ class WorkflowExecution(Timestamped, Base):
             "start_at",
             postgresql_where=text(DEBOUNCE_OPEN),
             sqlite_where=text(DEBOUNCE_OPEN),
+        ),
+        # Retention's scan (core.retention): one workflow's finished executions of one
+        # status, oldest first.
+        Index(
+            "ix_workflow_executions_workflow_finished",
+            "workflow_id",
+            "status",
+            "finished_at",
         ),
     )
 
@@ -433,6 +454,10 @@ class StepExecution(Timestamped, Base):
     map_left: Mapped[int | None] = mapped_column(Integer)
     map_failed: Mapped[int | None] = mapped_column(Integer)
     map_max_failed: Mapped[int | None] = mapped_column(Integer)
+    # A failed step's failure group (core.failures): a digest of (workflow, step, error
+    # type, normalised message), written with the failure, so that "412 failures are one
+    # ConnectionError in load" is one GROUP BY over an index.
+    error_group: Mapped[str | None] = mapped_column(String(16))
 
     execution: Mapped[WorkflowExecution] = relationship(back_populates="steps")
 
@@ -450,8 +475,9 @@ class StepExecution(Timestamped, Base):
     @property
     def kind(self) -> str:
         """What the step is: ``task`` (``wait_kind`` ``key``: a task step behind limits
-        records the key holding it back there), or its wait node's kind."""
-        return "task" if self.wait_kind is None or self.wait_kind == "key" else self.wait_kind
+        records the key holding it back there; ``version``: a task step handed back for
+        a worker with a compatible shape), or its wait node's kind."""
+        return "task" if self.wait_kind in TASK_WAIT_KINDS else str(self.wait_kind)
 
     __table_args__ = (
         # The reconciler's stalled-step scan: running steps by heartbeat age.
@@ -506,6 +532,21 @@ class StepExecution(Timestamped, Base):
             "waiting_since",
             postgresql_where=text(WAITING_KEY),
             sqlite_where=text(WAITING_KEY),
+        ),
+        # The steps handed back for a worker with a compatible shape (core.shapes).
+        Index(
+            "ix_execution_steps_waiting_version",
+            "waiting_since",
+            postgresql_where=text(WAITING_VERSION),
+            sqlite_where=text(WAITING_VERSION),
+        ),
+        # The failure groups (core.failures): failed steps by group.
+        Index(
+            "ix_execution_steps_failed_group",
+            "error_group",
+            "finished_at",
+            postgresql_where=text(FAILED_STEP),
+            sqlite_where=text(FAILED_STEP),
         ),
     )
 
@@ -765,6 +806,38 @@ class KeySlot(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow(), nullable=False)
 
     __table_args__ = (Index("ix_key_slots_key", "key"),)
+
+
+class WorkflowShape(Base):
+    """A workflow's shape as some process's code defined it (core.shapes): its steps,
+    their edges, node kinds and contracts, by digest. Written once per shape, by the
+    first process that creates an execution of it or starts a worker with it; read to
+    judge whether a worker's code may run an execution's remaining steps."""
+
+    __tablename__ = "workflow_shapes"
+
+    shape_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    workflow: Mapped[str] = mapped_column(String(200), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    shape: Mapped[Any] = mapped_column(json_type(), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow(), nullable=False)
+
+    __table_args__ = (Index("ix_workflow_shapes_workflow", "workflow", "created_at"),)
+
+
+class WorkerShape(Base):
+    """A live worker's shapes: one row per (worker, shape) it can run, refreshed while
+    it lives (``seen_at``) and deleted when it stops, so that a step handed back for a
+    compatible worker is sent to one that is up (queue ``conveyor.shape.<hash>``)."""
+
+    __tablename__ = "worker_shapes"
+
+    worker: Mapped[str] = mapped_column(String(255), primary_key=True)
+    shape_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    workflow: Mapped[str] = mapped_column(String(200), nullable=False)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow(), nullable=False)
+
+    __table_args__ = (Index("ix_worker_shapes_shape", "shape_hash", "seen_at"),)
 
 
 @event.listens_for(Session, "before_flush")

@@ -40,6 +40,8 @@ TABLES = {
     "map_items",
     "flow_keys",
     "key_slots",
+    "workflow_shapes",
+    "worker_shapes",
 }
 _counter = itertools.count()
 
