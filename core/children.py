@@ -168,10 +168,12 @@ def child_execution(
         steps=step_specs(child),
     )
     from core.limits import partition_key
+    from core.shapes import shape_of
 
     return replace(
         new,
         limit_key=partition_key(child, new.input_data),
+        shape=shape_of(child),
         execution_id=identifier,
         parent_execution_id=parent_id,
         parent_step_name=step_name,

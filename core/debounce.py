@@ -95,6 +95,7 @@ def _upsert(dialect: str) -> Insert:
         priority=bindparam("prio"),
         deadline_at=bindparam("deadline", type_=table.c.deadline_at.type),
         debounce_key=bindparam("key"),
+        shape_hash=bindparam("shape"),
         start_at=utcnow(bindparam("period", type_=Float())),
         # NULL without a max_wait: now() + NULL is NULL on both backends.
         latest_start_at=utcnow(bindparam("max_wait", type_=Float())),
@@ -134,6 +135,7 @@ def enqueue_debounced(conn: Connection, row: Mapping[str, Any], window: Window) 
         "by": row["triggered_by"],
         "prio": row["priority"],
         "deadline": row["deadline_at"],
+        "shape": row["shape_hash"],
         "key": window.key,
         "period": window.period,
         "max_wait": window.max_wait,

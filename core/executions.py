@@ -34,6 +34,7 @@ from core.models import ExecutionEvent, StepExecution, WorkflowExecution, encode
 from core.outcomes import Admission, CreatedExecution, Route, TransitionResult, WaitOutcome
 from core.registry import WorkflowRegistry
 from core.schedules import refuse_reserved_key
+from core.shapes import Shape, record_shapes, shape_of
 from core.sql import utcnow
 from core.states import EXECUTIONS, STEPS, ExecutionStatus, StepStatus
 from core.step_statements import ADMITTED, ALL_STEPS_FINAL, ROOT_STEP, hot_path
@@ -99,6 +100,9 @@ class NewExecution:
     debounce: Window | None = None
     # The key it takes turns under when its workflow's limits hold it (core.limits).
     limit_key: str | None = None
+    # The workflow's shape it starts with (core.shapes): stored with it, so that only a
+    # worker whose code may finish it runs its steps.
+    shape: Shape | None = None
 
 
 def check_payload(field: str, value: Any, max_bytes: int) -> str:
@@ -206,7 +210,7 @@ def execution_of(
     )
     from core.limits import partition_key
 
-    new = replace(new, limit_key=partition_key(definition, checked))
+    new = replace(new, limit_key=partition_key(definition, checked), shape=shape_of(definition))
     return new if window is None else replace(new, debounce=window)
 
 
@@ -267,9 +271,11 @@ def create_executions(conn: Connection, batch: Sequence[NewExecution]) -> list[C
             "triggered_by": new.triggered_by,
             "priority": new.priority,
             "deadline_at": new.deadline_at,
+            "shape_hash": None if new.shape is None else new.shape.hash,
         }
         for execution_id, new in zip(ids, batch, strict=True)
     ]
+    _record(conn, batch)
     if any(new.debounce is not None for new in batch):
         return _create_debounced(conn, ids, rows, batch)
     keyed = any(new.idempotency_key is not None for new in batch)
@@ -364,12 +370,34 @@ def create_child_execution(conn: Connection, new: NewExecution) -> bool:
         "parent_item_index": new.parent_item_index,
         "root_execution_id": new.root_execution_id,
         "depth": new.depth,
+        "shape_hash": None if new.shape is None else new.shape.hash,
     }
+    _record(conn, [new])
     inserted = conn.execute(sql.insert_child_execution(conn.dialect.name, row)).first()
     if inserted is None:
         return False
     _insert_steps(conn, [(new.execution_id, new)])
     return True
+
+
+# The shapes this process stored, by database: stored once, not at every enqueue.
+_recorded: set[tuple[str, str]] = set()
+
+
+def _record(conn: Connection, batch: Sequence[NewExecution]) -> None:
+    """Store the shapes of ``batch`` this process has not stored in this database yet.
+    Marked stored before this transaction commits: if it rolls back, the shape is
+    stored by the next worker that starts with it (``core.shapes.advertise``), and
+    until then an execution of it runs on any worker, as before shapes."""
+    database = conn.engine.url.render_as_string(hide_password=True)
+    fresh = {
+        new.shape.hash: new.shape
+        for new in batch
+        if new.shape is not None and (database, new.shape.hash) not in _recorded
+    }
+    if fresh:
+        record_shapes(conn, fresh.values())
+        _recorded.update((database, h) for h in fresh)
 
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
@@ -384,6 +412,7 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
         "scopes": [r["idempotency_scope"] for r in rows],
         "bys": [r["triggered_by"] for r in rows],
         "deadlines": [r["deadline_at"] for r in rows],
+        "shapes": [r["shape_hash"] for r in rows],
     }
 
 
@@ -935,4 +964,7 @@ def execution_routes(conn: Connection, execution_ids: Sequence[str]) -> dict[str
     if not execution_ids:
         return {}
     rows = conn.execute(sql.execution_routes(execution_ids)).all()
-    return {r.execution_id: Route(r.workflow_id, r.workflow_version, r.priority) for r in rows}
+    return {
+        r.execution_id: Route(r.workflow_id, r.workflow_version, r.priority, r.shape_hash)
+        for r in rows
+    }

@@ -905,6 +905,9 @@ def _add_steps(session: Session, execution: WorkflowExecution) -> None:
             "the open window of their key, not with session.add"
         )
     execution.workflow_version = definition.version
+    from core.shapes import shape_of
+
+    execution.shape_hash = shape_of(definition).hash
     execution.input_data = definition.validate_input(execution.input_data)
     execution.priority = execution.priority or 0
     if execution.deadline_at is None and definition.deadline is not None:

@@ -101,11 +101,14 @@ class Admission:
 
 @dataclass(frozen=True)
 class Route:
-    """What publishing a step of an execution needs: its workflow, version and priority."""
+    """What publishing a step of an execution needs: its workflow, version and priority;
+    and the shape it started with (core.shapes; None where the reader did not ask, or
+    for an execution older than shapes), which a worker compares with its own code."""
 
     workflow: str
     version: int
     priority: int
+    shape: str | None = None
 
 
 @dataclass(frozen=True)

@@ -809,11 +809,11 @@ def late_output(execution_id: str, step_name: str, attempt: int, output: Any) ->
     )
 
 
-def execution_routes(execution_ids: Sequence[str]) -> Select[str, str, int, int]:
-    """Workflow, version and priority of executions."""
-    return select(WE.execution_id, WE.workflow_id, WE.workflow_version, WE.priority).where(
-        WE.execution_id.in_(list(execution_ids))
-    )
+def execution_routes(execution_ids: Sequence[str]) -> Select[str, str, int, int, str | None]:
+    """Workflow, version, priority and shape of executions."""
+    return select(
+        WE.execution_id, WE.workflow_id, WE.workflow_version, WE.priority, WE.shape_hash
+    ).where(WE.execution_id.in_(list(execution_ids)))
 
 
 # --- child executions (core.children) -------------------------------------------------
@@ -966,14 +966,14 @@ def open_children_of_step(execution_id: str, step_name: str) -> Select[str]:
 INSERT_EXECUTIONS_PG = """
 INSERT INTO workflow_executions (execution_id, workflow_id, workflow_version, input_data,
        status, attempt, priority, idempotency_key, idempotency_scope, triggered_by,
-       deadline_at, starts_resent, depth, created_at, updated_at)
+       deadline_at, shape_hash, starts_resent, depth, created_at, updated_at)
 SELECT t.id, t.wf, t.ver, CAST(t.input AS jsonb), 'pending', 1, t.prio, t.key, t.scope,
-       t.by, t.deadline, 0, 0, statement_timestamp(), statement_timestamp()
+       t.by, t.deadline, t.shape, 0, 0, statement_timestamp(), statement_timestamp()
   FROM unnest(CAST(:ids AS varchar[]), CAST(:wfs AS varchar[]), CAST(:vers AS int[]),
               CAST(:inputs AS text[]), CAST(:prios AS int[]), CAST(:keys AS varchar[]),
               CAST(:scopes AS varchar[]), CAST(:bys AS varchar[]),
-              CAST(:deadlines AS timestamptz[]))
-       WITH ORDINALITY AS t(id, wf, ver, input, prio, key, scope, by, deadline, n)
+              CAST(:deadlines AS timestamptz[]), CAST(:shapes AS varchar[]))
+       WITH ORDINALITY AS t(id, wf, ver, input, prio, key, scope, by, deadline, shape, n)
  ORDER BY t.n
 ON CONFLICT (idempotency_scope, idempotency_key) DO NOTHING
 RETURNING execution_id

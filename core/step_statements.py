@@ -176,7 +176,7 @@ def hot_path(dialect: str) -> HotPath:
         .returning(*returning, SE.c.queued_at, SE.c.started_at)
     )
     execution = select(
-        WE.c.workflow_id, WE.c.workflow_version, WE.c.priority, WE.c.input_data
+        WE.c.workflow_id, WE.c.workflow_version, WE.c.priority, WE.c.input_data, WE.c.shape_hash
     ).where(WE.c.execution_id == eid)
     outputs = select(SE.c.step_name, SE.c.output_data).where(
         SE.c.execution_id == eid, _step_named(SE.c.step_name, "names")
@@ -247,6 +247,7 @@ def hot_path(dialect: str) -> HotPath:
             WE.c.workflow_version,
             WE.c.priority,
             WE.c.input_data,
+            WE.c.shape_hash,
             upstream.label("upstream"),
         )
         .select_from(claimed.join(WE, WE.c.execution_id == claimed.c.execution_id))
@@ -436,6 +437,7 @@ def _start(eid: Any, now: Any) -> tuple[Update, Update, Select[Any]]:
             WE.c.workflow_version,
             WE.c.priority,
             WE.c.input_data,
+            WE.c.shape_hash,
         )
     )
     started = start.cte("started")

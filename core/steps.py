@@ -84,7 +84,7 @@ def claim(
         row = conn.execute(sql_.claim_pg, params).first()
         if row is None:
             return None
-        route = Route(row.workflow_id, row.workflow_version, row.priority)
+        route = Route(row.workflow_id, row.workflow_version, row.priority, row.shape_hash)
         outputs: dict[str, Any] = dict(row.upstream or {})
         attempt, recoveries, input_data = row.attempt, row.recoveries, row.input_data
         waited = _waited(row)
@@ -94,7 +94,7 @@ def claim(
             return None
         conn.execute(sql_.events, [event_row(claimed, CLAIMED)])
         found = conn.execute(sql_.execution, params).one()
-        route = Route(found.workflow_id, found.workflow_version, found.priority)
+        route = Route(found.workflow_id, found.workflow_version, found.priority, found.shape_hash)
         outputs = _outputs(conn, sql_, execution_id, upstream or ())
         attempt, recoveries, input_data = claimed.attempt, claimed.recoveries, found.input_data
         waited = _waited(claimed)
@@ -453,7 +453,7 @@ def _start_and_claim_pg(
     if not rows:
         return Admission(), None  # not pending: started already, or cancelled
     first = rows[0]
-    route = Route(first.workflow_id, first.workflow_version, first.priority)
+    route = Route(first.workflow_id, first.workflow_version, first.priority, first.shape_hash)
     queued = sorted(r.step_name for r in rows if r.step_status == StepStatus.QUEUED.value)
     claimed = next((r for r in rows if r.step_status == StepStatus.RUNNING.value), None)
     admission = Admission(
@@ -609,7 +609,7 @@ def running_claim(
     if row is None:
         return None
     found = conn.execute(hot_path(conn.dialect.name).execution, {"eid": execution_id}).one()
-    route = Route(found.workflow_id, found.workflow_version, found.priority)
+    route = Route(found.workflow_id, found.workflow_version, found.priority, found.shape_hash)
     return Claim(execution_id, step_name, row.attempt, row.recoveries, route, found.input_data, {})
 
 

@@ -406,6 +406,10 @@ class Step:
     # ``trigger`` which upstream outcomes let it run (see core.conditions).
     when: StepFunction | None = None
     trigger: str = "all_success"
+    # A semantic change behind the same signature (``@wf.step(version=2)``): part of the
+    # step's contract in its workflow's shape (core.shapes), so that an execution begun
+    # with the old meaning is not finished by a worker with the new one.
+    version: int = 1
 
     @property
     def gated(self) -> bool:
@@ -503,6 +507,7 @@ class Workflow:
         self._wait_nodes: frozenset[str] | None = None
         self._routed: bool | None = None
         self._gated: frozenset[str] | None = None
+        self._shape: Any = None  # core.shapes.Shape, computed on first use
         # When beat runs it by itself (core.schedules); inputs checked here, at definition.
         self.schedules: tuple[Schedule, ...] = check_schedules(self, schedules)
         # A schedule's tick is one execution by design (an idempotency key per tick):
@@ -530,18 +535,22 @@ class Workflow:
         queue: str | None = None,
         when: StepFunction | None = None,
         trigger: str = "all_success",
+        version: int = 1,
     ) -> Callable[[StepFunction], StepFunction]:
         """Declare the decorated function a step of this workflow; with ``concurrency``
         or ``rate_limit`` it is admitted under those limits when it is released; with
         ``queue``, it runs only on workers consuming that broker queue
         (``celery worker -Q``); with ``when``, it runs only if ``when(ctx, **upstream)``
         is true when released, and ``trigger`` says which upstream outcomes release it
-        (``core.conditions``)."""
+        (``core.conditions``); ``version`` marks a change of meaning behind the same
+        signature (``core.shapes``: executions begun before it finish on the old code).
+        """
 
         def register(fn: StepFunction) -> StepFunction:
             step_name = name or fn.__name__
             where = f"workflow {self.name!r}, step {step_name!r}"
             _check_queue(where, queue)
+            _check_step_version(where, version)
             if isinstance(depends_on, str):
                 # A string iterates as one-letter names: "up" would mean steps u and p.
                 raise DefinitionError(
@@ -563,6 +572,7 @@ class Workflow:
                     queue=queue,
                     when=when,
                     trigger=trigger,
+                    version=version,
                 )
             )
             return fn
@@ -685,6 +695,7 @@ class Workflow:
         name: str | None = None,
         queue: str | None = None,
         trigger: str = "all_success",
+        version: int = 1,
     ) -> Callable[[StepFunction], StepFunction]:
         """Declare the decorated function ``(ctx, item, **unmapped)`` a map step: it runs
         once per element of step ``over``'s output (``ctx.map_index`` is its index), at
@@ -697,12 +708,13 @@ class Workflow:
         Other ``depends_on`` steps reach every item unmapped, as keyword arguments.
         With ``queue``, the items run only on workers consuming that broker queue;
         ``trigger`` as for a step; a map whose ``over`` step did not succeed is skipped
-        (there is no list to map)."""
+        (there is no list to map); ``version`` as for a step."""
 
         def register(fn: StepFunction) -> StepFunction:
             step_name = name or fn.__name__
             where = f"workflow {self.name!r}, map {step_name!r}"
             _check_queue(where, queue)
+            _check_step_version(where, version)
             spec = _map_spec(where, over, max_parallel, max_items, on_item_failure)
             unmapped = _unmapped(where, over, depends_on)
             self.add_step(
@@ -716,6 +728,7 @@ class Workflow:
                     wait=spec,
                     queue=queue,
                     trigger=trigger,
+                    version=version,
                 )
             )
             return fn
@@ -875,6 +888,7 @@ class Workflow:
         self._wait_nodes = None
         self._routed = None
         self._gated = None
+        self._shape = None
 
     def validate(self, max_child_depth: int = MAX_CHILD_DEPTH) -> None:
         """Check the whole DAG: at least one step, known dependencies, no cycles; child
@@ -1070,6 +1084,11 @@ def _with_output_adapter(where: str, step: Step) -> Step:
             "return text (for example base64) instead"
         )
     return replace(step, output=adapter)
+
+
+def _check_step_version(where: str, version: Any) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise DefinitionError(f"{where}: version must be an int of at least 1, got {version!r}")
 
 
 def _check_queue(where: str, queue: Any) -> None:

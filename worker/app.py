@@ -15,7 +15,13 @@ from typing import Any, cast
 
 from celery import Celery, Task
 from celery.exceptions import Retry, TimeLimitExceeded
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+    worker_shutdown,
+)
 from celery.worker.request import Request
 
 from core.config import Settings, get_settings
@@ -23,7 +29,7 @@ from core.database import Database, get_database
 from core.dispatch import register_dispatcher
 from core.errors import TransientDatabaseError
 from core.registry import WorkflowRegistry, get_registry
-from worker import logs
+from worker import logs, shapes
 from worker.config import FIRE_SCHEDULES, RECONCILE, WAKE, celery_config
 from worker.engine import RUN_STEP, START_BATCH, START_EXECUTION, Engine
 from worker.failures import StepFailed
@@ -267,6 +273,9 @@ def _step_failure_as_task_state() -> Iterator[None]:
 # and its housekeeping tasks' lines at DEBUG (worker.logs).
 after_setup_logger.connect(logs.on_setup_logger)
 after_setup_task_logger.connect(logs.on_setup_logger)
+# Each worker consumes its code's shape queues and says which shapes it runs (core.shapes).
+worker_init.connect(shapes.on_worker_init)
+worker_shutdown.connect(shapes.on_worker_shutdown)
 
 
 @worker_process_init.connect

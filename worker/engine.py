@@ -39,6 +39,7 @@ from core import (
     limits,
     map_repair,
     reconciler,
+    shapes,
     steps,
     waker,
 )
@@ -54,6 +55,7 @@ from core.errors import (
 )
 from core.outcomes import Admission, Claim, ReconcileReport, Route, WaitOutcome
 from core.registry import WorkflowRegistry
+from core.shapes import shape_of
 from core.states import StepStatus
 from core.transactions import RetryPolicy
 from core.workflows import Step, Workflow
@@ -419,9 +421,10 @@ class Engine:
         route: Route | Mapping[str, Route] | None = None,
         *,
         countdown: float | None = None,
+        queue: str | None = None,
     ) -> None:
         """Send a run message for each step; a known ``route`` (one, or one per execution)
-        saves looking it up."""
+        saves looking it up; ``queue`` overrides the steps' own (a shape's queue)."""
         if not keys:
             return
         routes: Mapping[str, Route]
@@ -452,6 +455,8 @@ class Engine:
                         options["time_limit"] = step.timeout
                         assert workflow is not None
                         options["queue"] = workflow.queue_of(step_name, self.settings.default_queue)
+                if queue is not None:
+                    options["queue"] = queue
                 self.app.send_task(
                     RUN_STEP, kwargs=kwargs, countdown=countdown, producer=producer, **options
                 )
@@ -462,6 +467,7 @@ class Engine:
         route: Route | Mapping[str, Route] | None = None,
         *,
         countdown: float | None = None,
+        queue: str | None = None,
     ) -> None:
         """``publish_steps`` for steps a transaction just committed as queued; a failure
         is logged, not raised: the reconciler sends queued steps nobody claimed
@@ -469,7 +475,7 @@ class Engine:
         worker claimed in the same transaction to run next (running, to be recovered only
         past the stall timeout)."""
         try:
-            self.publish_steps(keys, route, countdown=countdown)
+            self.publish_steps(keys, route, countdown=countdown, queue=queue)
         except Exception:
             log.warning(
                 "publishing %d step message(s) (%s) failed after their commit; the reconciler "
@@ -748,6 +754,8 @@ class Engine:
         failure."""
         self.metrics.claimed(claim)
         workflow = self.definition(claim.route.workflow, claim.route.version)
+        if self._handed_back(claim, workflow):
+            return None
         step = workflow.steps.get(claim.step_name) if workflow else None
         if workflow is None or step is None:
             return self._fail(claim, self._unknown(claim), workflow)
@@ -1042,6 +1050,65 @@ class Engine:
         log.warning("%s", report)
         return report
 
+    def _handed_back(self, claim: Claim, workflow: Workflow | None) -> bool:
+        """Whether this worker's code may not finish the claimed step's execution (its
+        remaining steps' contracts differ: core.shapes), in which case the step was
+        handed back, never failed: to a live worker with a compatible shape, or to wait
+        for one. An execution of this code's own shape (the rule) costs a comparison."""
+        recorded = claim.route.shape
+        local = shape_of(workflow) if workflow is not None else None
+        if recorded is None or (local is not None and local.hash == recorded):
+            return False
+        reason = self.manager.run(shapes.judge, claim.execution_id, recorded, local)
+        if reason is None:
+            return False
+        handed = self.manager.run(
+            shapes.hand_back,
+            claim.execution_id,
+            claim.step_name,
+            claim.attempt,
+            self.worker_id,
+            reason,
+            self.settings.stall_timeout,
+        )
+        if not handed.applied:  # no longer ours (cancelled, recovered): nothing to give
+            return True
+        log.warning(
+            "step %s of execution %s handed back: %s; %s",
+            claim.step_name,
+            claim.execution_id,
+            reason,
+            f"sent to queue {handed.queue}"
+            if handed.queue
+            else "it waits for a worker with a compatible shape",
+        )
+        self.metrics.handed_back(claim.route.workflow, waiting=handed.queue is None)
+        if handed.queue is not None:
+            self._publish_committed(
+                [(claim.execution_id, claim.step_name)], handed.route, queue=handed.queue
+            )
+        return True
+
+    def release_held(self) -> int:
+        """Send steps handed back for a compatible worker to one that is up now (each
+        reconciler pass); how many were sent."""
+        released = self.manager.run(
+            shapes.release_held, self.settings.reconcile_batch, self.settings.stall_timeout
+        )
+        for item in released:
+            self._publish_committed(
+                [(item.execution_id, item.step_name)], item.route, queue=item.queue
+            )
+        return len(released)
+
+    def migrate(self, execution_id: str, workflow: Workflow, actor: str) -> shapes.Migrated:
+        """Move an open execution to ``workflow``'s shape (``core.shapes.migrate``) and
+        send the steps that it made ready."""
+        moved = self.manager.run(shapes.migrate, execution_id, workflow, actor)
+        if moved.queued:
+            self._publish_committed([(execution_id, name) for name in moved.queued], moved.route)
+        return moved
+
     def _unknown(self, claim: Claim) -> WorkflowNotFound:
         try:
             self.registry.get(claim.route.workflow, claim.route.version)
@@ -1217,6 +1284,10 @@ class Engine:
             gap=reconciler.outage_gap(settings.stall_timeout, settings.reconcile_interval),
         )
         unsent = self.publish_each(report.republish)
+        try:
+            self.release_held()
+        except TransientDatabaseError:  # the next pass sends them
+            log.warning("database unavailable; held steps released by a later pass")
         if unsent:
             restored = self.manager.run(
                 reconciler.restore_unsent, [report.unsent[key] for key in unsent]

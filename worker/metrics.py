@@ -185,6 +185,15 @@ class Metrics:
             registry=registry,
         )
 
+        self.steps_handed_back = Counter(
+            "conveyor_steps_handed_back",
+            "Steps a worker claimed but handed back because its code's shape may not "
+            "finish their execution (a rolling deploy): sent to a live worker with a "
+            "compatible shape (how=sent) or left waiting for one (how=waiting).",
+            ["workflow", "how"],
+            registry=registry,
+        )
+
     def admitted(self, workflow: str, admission: Admission) -> None:
         """Executions an admission started."""
         if admission.started:
@@ -233,6 +242,10 @@ class Metrics:
         self.admissions.labels(workflow, what).inc()
         if what in ("rate", "paused"):
             self.rate_limited.labels(workflow, key).inc()
+
+    def handed_back(self, workflow: str, *, waiting: bool) -> None:
+        """A step handed back for a worker with a compatible shape."""
+        self.steps_handed_back.labels(workflow, "waiting" if waiting else "sent").inc()
 
     def skipped(self, workflow: str, step: str, why: str) -> None:
         """A step skipped: ``why`` is condition, upstream or exhausted."""
@@ -321,7 +334,8 @@ class OpenStepsCollector:
             ),
             StepStatus.WAITING.value: GaugeMetricFamily(
                 "conveyor_steps_waiting",
-                "Wait nodes waiting now (sleeps, event waits, children), holding no worker.",
+                "Steps waiting now, holding no worker, by kind: sleep, event, child, map, key "
+                "(behind limits), version (handed back for a worker with a compatible shape).",
                 labels=["workflow", "kind"],
             ),
         }
