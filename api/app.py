@@ -12,7 +12,17 @@ from fastapi import FastAPI
 
 from api import problems, redaction, ui
 from api.limits import BodyLimit
-from api.routes import events, executions, health, limits, metrics, tokens, users, workflows
+from api.routes import (
+    events,
+    executions,
+    health,
+    limits,
+    metrics,
+    tokens,
+    users,
+    versions,
+    workflows,
+)
 from api.services import Services
 from core.config import get_settings
 
@@ -38,7 +48,7 @@ def create_app(celery_app: ConveyorCelery | None = None) -> FastAPI:
     api.add_middleware(BodyLimit, max_bytes=max_bytes)
     problems.install(api)
     redaction.install()
-    for module in (health, users, tokens, executions, events, workflows, limits, metrics):
+    for module in (health, users, tokens, executions, events, workflows, limits, versions, metrics):
         api.include_router(module.router)
     ui.install(api)  # the dashboard: /ui and /ui/static
     return api

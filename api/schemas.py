@@ -304,15 +304,19 @@ class RetryRequest(Strict):
     failed_items: bool = False
 
 
-# The wait kind a task step behind limits records (core.limits).
+# The wait kind a task step behind limits records (core.limits), and one handed back
+# for a worker with a compatible shape (core.shapes).
 KEY_WAIT = "key"
+VERSION_WAIT = "version"
 
 
 class WaitOut(BaseModel):
     """What a waiting step waits for."""
 
-    kind: Literal["sleep", "event", "child", "map", "key"] = Field(
-        description="`key`: a task step held back by a concurrency or rate limit's key."
+    kind: Literal["sleep", "event", "child", "map", "key", "version"] = Field(
+        description="`key`: a task step held back by a concurrency or rate limit's key. "
+        "`version`: a task step handed back by a worker whose code may not finish its "
+        "execution (a rolling deploy), waiting for a worker with a compatible shape."
     )
     since: datetime | None = Field(description="When it began waiting.")
     wake_at: datetime | None = Field(
@@ -326,9 +330,10 @@ class WaitOut(BaseModel):
         "holds it back (null: due to be admitted, as after a retry's backoff)."
     )
     child_execution_id: str | None = Field(description="A child node: the child execution.")
-    why: limits.HeldFor | None = Field(
+    why: limits.HeldFor | Literal["compatible_worker"] | None = Field(
         default=None,
-        description="A key wait: no free slot under the key, its rate, or the key is paused.",
+        description="A key wait: no free slot under the key, its rate, or the key is "
+        "paused. A version wait: `compatible_worker`.",
     )
 
     @classmethod
@@ -339,7 +344,17 @@ class WaitOut(BaseModel):
         (``paused``: the pause of each key holding a step, for ``why``)."""
         if step.wait_kind is None or step.status != "waiting":
             return None
-        why = None
+        if step.wait_kind == VERSION_WAIT:
+            return cls(
+                kind=VERSION_WAIT,
+                since=step.waiting_since,
+                wake_at=None,
+                event=None,
+                key=None,
+                child_execution_id=None,
+                why="compatible_worker",
+            )
+        why: limits.HeldFor | Literal["compatible_worker"] | None = None
         if step.wait_kind == KEY_WAIT and step.wait_key is not None:
             paused_until = (paused or {}).get(step.wait_key)
             why = limits.why_held(step.wake_at, paused_until, datetime.now(UTC))

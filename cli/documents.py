@@ -18,6 +18,7 @@ from core.conditions import condition_label
 from core.limits import why_held
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
 from core.schedules import Schedule
+from core.shapes import VERSION_WAIT
 from core.workflows import Workflow
 
 Document = dict[str, Any]
@@ -71,6 +72,16 @@ def wait(
     step); ``pauses``: the pause of each key holding a step, for ``why``."""
     if row.wait_kind is None or row.status != "waiting":
         return None
+    if row.wait_kind == VERSION_WAIT:
+        return {
+            "kind": row.wait_kind,
+            "since": timestamp(row.waiting_since),
+            "wake_at": None,
+            "event": None,
+            "key": None,
+            "child_execution_id": None,
+            "why": "compatible_worker",
+        }
     why = None
     if row.wait_kind == "key" and row.wait_key is not None:
         why = why_held(row.wake_at, (pauses or {}).get(row.wait_key), datetime.now(UTC))

@@ -16,6 +16,7 @@ from rich.tree import Tree
 
 from core.limits import why_held
 from core.models import ExecutionEvent, StepExecution, WorkflowExecution
+from core.shapes import VERSION_WAIT, VERSION_WHY
 from core.workflows import Workflow
 
 STATUS_STYLES: dict[str, str] = {
@@ -117,6 +118,8 @@ def waits_for(
         return ""
     if step.wait_kind == "key":
         return held_by(step, now or datetime.now(UTC), pauses)
+    if step.wait_kind == VERSION_WAIT:
+        return VERSION_WHY
     if step.wait_kind == "sleep":
         if step.wake_at is None:
             return "sleep (not armed yet)"

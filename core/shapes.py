@@ -47,6 +47,8 @@ SHAPE_QUEUE_PREFIX = "conveyor.shape."
 # the key.
 SHORT = 12
 VERSION_WAIT = "version"
+# What a step handed back waits for, as the CLI, the API and the dashboard say it.
+VERSION_WHY = "a worker whose code has a compatible shape (see conveyor versions)"
 DONE = (StepStatus.SUCCEEDED.value, StepStatus.SKIPPED.value)
 OPEN = tuple(s.value for s in EXECUTIONS.open)
 

@@ -97,6 +97,7 @@
     const spec = declared[step.name] || {};
     const kind = (wait && wait.kind) || spec.kind || step.kind;
     if (kind === "key") return keyFacts(wait);
+    if (kind === "version") return [["Kind", "task handed back for a compatible worker"], ["Waiting since", when(wait.since)], ["Waits for", el("span", { class: "held version-held", text: "a worker whose code has a compatible shape (see conveyor versions)" })]];
     const facts = [["Kind", kind === "event" ? "event wait" : kind === "child" ? "child workflow" : kind]];
     if (wait) facts.push(["Waiting since", when(wait.since)]);
     if (kind === "sleep") {
@@ -455,7 +456,7 @@
       }
       body.push(el("h3", { text: "Items" }), el("p", { class: "map-summary", text: mapSummary(step.map) }), mapBar(step.map), box);
       loadItems(name, box);
-    } else if ((step.kind && step.kind !== "task") || (step.wait && step.wait.kind === "key")) body.push(el("h3", { text: "Waits for" }), el("div", { class: "waits-for" }, factList(waitFacts(step))));
+    } else if ((step.kind && step.kind !== "task") || (step.wait && (step.wait.kind === "key" || step.wait.kind === "version"))) body.push(el("h3", { text: "Waits for" }), el("div", { class: "waits-for" }, factList(waitFacts(step))));
     if (step.error) {
       body.push(el("h3", { text: "Error" }), el("p", { class: "error step-error", text: errorText(step.error) }));
       if (step.error.traceback) body.push(el("pre", { class: "traceback", text: step.error.traceback }));
