@@ -250,7 +250,7 @@ def _item_claim(
     ms = map_statements(conn.dialect.name)
     if route is None:
         found = conn.execute(sql_.execution, {"eid": execution_id}).one()
-        route = Route(found.workflow_id, found.workflow_version, found.priority)
+        route = Route(found.workflow_id, found.workflow_version, found.priority, found.shape_hash)
         input_data = found.input_data
     if item is None:  # the item's input, unless the caller read it already
         item = (

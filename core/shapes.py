@@ -34,7 +34,14 @@ from sqlalchemy import Connection, and_, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from core.errors import ExecutionNotFound, InputValidationError, InvalidTransition
-from core.models import ExecutionEvent, StepExecution, WorkerShape, WorkflowExecution, WorkflowShape
+from core.models import (
+    ExecutionEvent,
+    MapItem,
+    StepExecution,
+    WorkerShape,
+    WorkflowExecution,
+    WorkflowShape,
+)
 from core.outcomes import Route
 from core.sql import utcnow
 from core.states import EXECUTIONS, StepStatus
@@ -56,6 +63,7 @@ WE = WorkflowExecution.__table__.c
 SE = StepExecution.__table__.c
 WS = WorkflowShape.__table__.c
 WK = WorkerShape.__table__.c
+MI = MapItem.__table__.c
 
 
 @dataclass(frozen=True)
@@ -424,6 +432,52 @@ def _compatible_live(
         if shape is not None and incompatibility(recorded, shape, remaining) is None:
             return candidate
     return None
+
+
+def hand_back_item(
+    conn: Connection,
+    execution_id: str,
+    step_name: str,
+    index: int,
+    attempt: int,
+    worker: str,
+    live_within: float,
+) -> HandedBack:
+    """Give back a map item this worker claimed but whose execution its code may not
+    finish: queued again at the same attempt, and sent (by the caller) to the queue of a
+    live worker with a compatible shape when there is one; else it stays queued, and the
+    reconciler's re-send of unclaimed items offers it again."""
+    row = conn.execute(
+        select(WE.workflow_id, WE.workflow_version, WE.priority, WE.shape_hash).where(
+            WE.execution_id == execution_id
+        )
+    ).first()
+    if row is None:
+        return HandedBack(False)
+    route = Route(row.workflow_id, row.workflow_version, row.priority, row.shape_hash)
+    target = _compatible_live(conn, execution_id, route, live_within)
+    moved = conn.execute(
+        update(MapItem)
+        .where(
+            MI.execution_id == execution_id,
+            MI.step_name == step_name,
+            MI.item_index == index,
+            MI.status == StepStatus.RUNNING.value,
+            MI.attempt == attempt,
+            MI.worker == worker,
+        )
+        .values(
+            status=StepStatus.QUEUED.value,
+            worker=None,
+            started_at=None,
+            heartbeat_at=None,
+            queued_at=utcnow(),
+        )
+        .returning(MI.item_index)
+    ).first()
+    if moved is None:
+        return HandedBack(False)
+    return HandedBack(True, None if target is None else shape_queue(target), route)
 
 
 # --- the reconciler's side: release held steps to workers that came up ----------------

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core import map_children, maps
+from core import map_children, maps, shapes
 from core.errors import InputValidationError, OutputNotStorable, StepTimedOut
 from core.maps import ItemCompletion, ItemKey
 from core.outcomes import Claim, Route
+from core.shapes import shape_of
 from core.workflows import MapSpec, Step, Workflow
 from worker.config import broker_priority
 from worker.context import RunningStep
@@ -49,8 +50,10 @@ class ItemRunner:
         routes: Mapping[str, Route] | None = None,
         *,
         countdown: float | None = None,
+        queue: str | None = None,
     ) -> None:
-        """Send a ``conveyor.run_item`` message for each (execution, step, index)."""
+        """Send a ``conveyor.run_item`` message for each (execution, step, index);
+        ``queue`` overrides the items' own (a shape's queue)."""
         if not keys:
             return
         engine = self.engine
@@ -72,6 +75,8 @@ class ItemRunner:
                         "time_limit": step.timeout,
                         "queue": workflow.queue_of(step_name, engine.settings.default_queue),
                     }
+                if queue is not None:
+                    limits["queue"] = queue
                 engine.app.send_task(
                     RUN_ITEM,
                     kwargs={
@@ -95,11 +100,12 @@ class ItemRunner:
         routes: Mapping[str, Route] | None = None,
         *,
         countdown: float | None = None,
+        queue: str | None = None,
     ) -> None:
         """``publish`` for items a transaction committed as queued; a failure is logged:
         the reconciler re-sends queued items nobody claimed."""
         try:
-            self.publish(keys, routes, countdown=countdown)
+            self.publish(keys, routes, countdown=countdown, queue=queue)
         except Exception:
             log.warning(
                 "publishing %d map item message(s) failed after their commit; the reconciler "
@@ -163,6 +169,8 @@ class ItemRunner:
                 index,
             )
             return
+        if self._handed_back(claim, workflow):
+            return
         deadline = time.monotonic() + engine.settings.continue_max_seconds
         continued = 0
         current: Claim | None = claim
@@ -180,6 +188,44 @@ class ItemRunner:
                 raise outcome
             current = outcome
             continued += 1
+
+    def _handed_back(self, claim: Claim, workflow: Workflow) -> bool:
+        """Whether this worker's code may not finish the item's execution (core.shapes,
+        as ``Engine._handed_back`` for a step), in which case the item was queued again:
+        sent to a live worker with a compatible shape, or left for the reconciler's
+        re-send."""
+        engine = self.engine
+        recorded = claim.route.shape
+        if recorded is None or shape_of(workflow).hash == recorded:
+            return False
+        reason = engine.manager.run(shapes.judge, claim.execution_id, recorded, shape_of(workflow))
+        if reason is None:
+            return False
+        assert claim.map_index is not None
+        handed = engine.manager.run(
+            shapes.hand_back_item,
+            claim.execution_id,
+            claim.step_name,
+            claim.map_index,
+            claim.attempt,
+            engine.worker_id,
+            engine.settings.stall_timeout,
+        )
+        if handed.applied:
+            log.warning(
+                "map item %s/%s[%d] handed back: %s",
+                claim.execution_id,
+                claim.step_name,
+                claim.map_index,
+                reason,
+            )
+            engine.metrics.handed_back(claim.route.workflow, waiting=handed.queue is None)
+            if handed.queue is not None and handed.route is not None:
+                key = (claim.execution_id, claim.step_name, claim.map_index)
+                self.publish_committed(
+                    [key], {claim.execution_id: handed.route}, queue=handed.queue
+                )
+        return True
 
     def _run(
         self, claim: Claim, workflow: Workflow, step: Step, may_continue: bool, deadline: float

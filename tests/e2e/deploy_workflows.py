@@ -57,9 +57,29 @@ def build(code: str, change: str = "") -> Workflow:
     return wf
 
 
-def _release() -> Workflow:
+def build_map(code: str, change: str = "") -> Workflow:
+    """Release ``code`` of "deploy_map": a list, a map over it, a total; ``change``
+    "renamed" renames the total (the map's items are what a deploy catches mid-way)."""
+    wf = Workflow("deploy_map")
+
+    @wf.step()
+    def numbers(ctx: Any) -> list[int]:
+        return list(range(20))
+
+    @wf.map(over="numbers", max_parallel=4)
+    def tag(ctx: Any, item: int) -> str:
+        return f"{code}:{item}"
+
+    def total(ctx: Any, tag: list[str]) -> list[str]:
+        return tag
+
+    wf.step("total_renamed" if change == "renamed" else "total", depends_on=["tag"])(total)
+    return wf
+
+
+def _release() -> tuple[Workflow, Workflow]:
     code, _, change = os.environ.get("CONVEYOR_TEST_DEPLOY", "old").partition(":")
-    return build(code, change)
+    return build(code, change), build_map(code, change)
 
 
-deploy = _release()
+deploy, deploy_map = _release()

@@ -48,6 +48,7 @@ FINAL = ("succeeded", "failed", "cancelled", "timed_out")
 def _app(settings: Settings, code: str, change: str = "") -> ConveyorCelery:
     registry = WorkflowRegistry()
     registry.register(deploy_workflows.build(code, change))
+    registry.register(deploy_workflows.build_map(code, change))
     app = create_app(settings, registry)
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options,
@@ -238,6 +239,20 @@ def test_a_step_handed_back_goes_straight_to_a_live_compatible_worker(
     for execution_id in ids:
         # Whatever the new release claimed went to the old one at once, not to wait.
         assert ("first", "running", "waiting") not in events(execution_id)
+
+
+def test_map_items_handed_back_run_on_the_compatible_worker(
+    releases: Callable[[str], tuple[ConveyorCelery, ConveyorCelery]],
+    database: TestDatabase,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    old, new = releases("renamed")
+    with old_workers(database, redis_url, tmp_path / "old.log"), running_worker(new):
+        ids = [enqueue("deploy_map", app=old) for _ in range(4)]
+        executions = [wait_for(execution_id) for execution_id in ids]
+    expected = {"total": [f"old:{i}" for i in range(20)]}
+    assert [e.output_data for e in executions] == [expected] * len(ids)
 
 
 def test_migrate_moves_an_execution_to_the_code_at_hand(
