@@ -199,6 +199,23 @@ def get_database() -> Database:
         return _current
 
 
+@contextmanager
+def using(settings: Settings) -> Iterator[Database]:
+    """Point every session helper at a Database of ``settings`` for the block, then
+    dispose of it and put the process's previous one back as it was (a test kit's
+    throwaway database beside whatever the process used)."""
+    global _current
+    database = Database(settings)
+    with _current_lock:
+        previous, _current = _current, database
+    try:
+        yield database
+    finally:
+        with _current_lock:
+            _current = previous
+        database.dispose()
+
+
 def configure(settings: Settings | None = None) -> Database:
     """Point every session helper at ``settings`` (default: re-read the environment)."""
     global _current

@@ -20,7 +20,8 @@ import asyncio
 import importlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from core.database import get_database
 
@@ -43,6 +44,19 @@ def register_dispatcher(dispatcher: Dispatcher | None) -> None:
     global _dispatcher
     with _lock:
         _dispatcher = dispatcher
+
+
+@contextmanager
+def using_dispatcher(dispatcher: Dispatcher) -> Iterator[Dispatcher]:
+    """Register ``dispatcher`` for the block, then put the previous one back."""
+    global _dispatcher
+    with _lock:
+        previous, _dispatcher = _dispatcher, dispatcher
+    try:
+        yield dispatcher
+    finally:
+        with _lock:
+            _dispatcher = previous
 
 
 def _registered() -> Dispatcher | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 from pydantic import BaseModel
@@ -99,6 +100,17 @@ def configure_registry(registry: WorkflowRegistry | None) -> None:
     global _configured
     _configured = registry
     _registry_from_settings.cache_clear()
+
+
+@contextmanager
+def using_registry(registry: WorkflowRegistry) -> Iterator[WorkflowRegistry]:
+    """Make ``registry`` the process's for the block, then put the previous one back."""
+    global _configured
+    previous, _configured = _configured, registry
+    try:
+        yield registry
+    finally:
+        _configured = previous
 
 
 def get_registry() -> WorkflowRegistry:

@@ -24,6 +24,9 @@ from tests.e2e import map_workflows, wait_workflows, workflows
 from tests.helpers.api import client, serve, user_with_token
 from worker.app import ConveyorCelery, create_app
 
+# A user's project, run by test_testing_plugin.py with pytest of its own.
+collect_ignore = ["plugin_project"]
+
 
 def e2e_registry() -> WorkflowRegistry:
     """Every workflow of tests/e2e/workflows.py, wait_workflows.py and map_workflows.py."""
