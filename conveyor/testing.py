@@ -76,6 +76,7 @@ from core.workflows import Step, StepFunction, Workflow, _check_signature
 
 if TYPE_CHECKING:
     from worker.app import ConveyorCelery
+    from worker.replay import Replayed
 
 FINAL = frozenset(s.value for s in EXECUTIONS.final)
 POLL = 0.01
@@ -265,6 +266,15 @@ class ConveyorTest:
 
         signal(execution_id, step, payload, app=self.app)
         self._settle(time.monotonic() + 30.0)
+
+    def replay(
+        self, execution_id: str, step: str, *, item: int | None = None
+    ) -> Replayed:
+        """Run a step's current code with what the execution recorded for it, changing
+        nothing (``conveyor replay``): its output or error, and its traceback."""
+        from worker.replay import replay
+
+        return replay(self.app.engine.manager.run, self.registry, execution_id, step, item=item)
 
     def _advance_to(self, moment: datetime) -> None:
         engine = self.app.engine

@@ -325,3 +325,14 @@ class NothingToRetry(InvalidTransition):
         ConveyorError.__init__(self, f"execution {execution_id}: {detail}")
         self.source = detail
         self.target = "retried"
+
+
+class NotReplayable(ConveyorError):
+    """A recorded step cannot be replayed here: its payloads were cleared, its code is
+    not in this process, or its contract changed since it ran (the reason says which)."""
+
+    def __init__(self, execution_id: str, step: str, reason: str) -> None:
+        super().__init__(f"cannot replay step {step!r} of execution {execution_id}: {reason}")
+        self.execution_id = execution_id
+        self.step = step
+        self.reason = reason
