@@ -267,9 +267,7 @@ class ConveyorTest:
         signal(execution_id, step, payload, app=self.app)
         self._settle(time.monotonic() + 30.0)
 
-    def replay(
-        self, execution_id: str, step: str, *, item: int | None = None
-    ) -> Replayed:
+    def replay(self, execution_id: str, step: str, *, item: int | None = None) -> Replayed:
         """Run a step's current code with what the execution recorded for it, changing
         nothing (``conveyor replay``): its output or error, and its traceback."""
         from worker.replay import replay
