@@ -29,6 +29,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/conveyor
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY conveyor ./conveyor
 COPY core ./core
 COPY worker ./worker
 COPY cli ./cli

@@ -18,6 +18,7 @@ from api.routes import (
     health,
     limits,
     metrics,
+    repair,
     tokens,
     users,
     versions,
@@ -48,7 +49,18 @@ def create_app(celery_app: ConveyorCelery | None = None) -> FastAPI:
     api.add_middleware(BodyLimit, max_bytes=max_bytes)
     problems.install(api)
     redaction.install()
-    for module in (health, users, tokens, executions, events, workflows, limits, versions, metrics):
+    for module in (
+        health,
+        users,
+        tokens,
+        executions,
+        repair,
+        events,
+        workflows,
+        limits,
+        versions,
+        metrics,
+    ):
         api.include_router(module.router)
     ui.install(api)  # the dashboard: /ui and /ui/static
     return api

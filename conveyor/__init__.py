@@ -35,7 +35,15 @@ from core.workflows import (
     Tolerate,
     Workflow,
 )
-from worker.producer import enqueue, enqueue_many, send_event, signal, wake
+from worker.producer import (
+    enqueue,
+    enqueue_many,
+    resolve,
+    send_event,
+    signal,
+    skip,
+    wake,
+)
 
 __all__ = [
     "Concurrency",
@@ -55,7 +63,9 @@ __all__ = [
     "WorkflowNotFound",
     "enqueue",
     "enqueue_many",
+    "resolve",
     "send_event",
     "signal",
+    "skip",
     "wake",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -763,6 +763,7 @@ def retry_execution(
     deadline: timedelta | None,
     reason: str | None = "retry",
     sources: frozenset[ExecutionStatus] | None = None,
+    keep: Collection[str] = (),
 ) -> TransitionResult:
     """Put a failed, cancelled or timed-out execution back to pending, to be started
     again like a new one: its caller dispatches its start after the commit, and
@@ -776,7 +777,8 @@ def retry_execution(
     new one), and the attempts before the retry go to ``attempt_base`` and
     ``recoveries``, which the retry policy does not count. Not applied (``applied``
     False) when the execution is in no final status a retry leaves (or in none of
-    ``sources``, when given).
+    ``sources``, when given). Steps named in ``keep`` (an operator's skip) keep their
+    status, and their dependents do not wait for them.
     """
     if sources is None:
         sources = EXECUTIONS.sources_of(ExecutionStatus.PENDING, retry=True)
@@ -800,11 +802,11 @@ def retry_execution(
     if not result.applied:
         return result
     steps = conn.execute(sql.select_steps(execution_id)).all()
-    done = {s.step_name for s in steps if s.status == StepStatus.SUCCEEDED.value}
+    done = {s.step_name for s in steps if s.status == StepStatus.SUCCEEDED.value} | set(keep)
     retry_from = STEPS.sources_of(StepStatus.PENDING, retry=True)
     by_unmet: dict[int, list[str]] = {}
     for step in steps:
-        if step.status in retry_from:
+        if step.status in retry_from and step.step_name not in keep:
             unmet = sum(1 for up in graph.get(step.step_name, ()) if up not in done)
             by_unmet.setdefault(unmet, []).append(step.step_name)
     for unmet, names in sorted(by_unmet.items()):

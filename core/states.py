@@ -88,7 +88,9 @@ EXECUTION_RETRY_TRANSITIONS: Mapping[ExecutionStatus, frozenset[ExecutionStatus]
     E.TIMED_OUT: frozenset({E.PENDING}),
 }
 STEP_RETRY_TRANSITIONS: Mapping[StepStatus, frozenset[StepStatus]] = {
-    S.FAILED: frozenset({S.PENDING, S.QUEUED}),
+    # failed -> succeeded | skipped: an operator resolves a failed step with an output,
+    # or skips it (core.repair), and its execution goes on from there.
+    S.FAILED: frozenset({S.PENDING, S.QUEUED, S.SUCCEEDED, S.SKIPPED}),
     S.CANCELLED: frozenset({S.PENDING, S.QUEUED}),
     S.SKIPPED: frozenset({S.PENDING, S.QUEUED}),
 }

@@ -15,13 +15,7 @@ from typing import Any, cast
 
 from celery import Celery, Task
 from celery.exceptions import Retry, TimeLimitExceeded
-from celery.signals import (
-    after_setup_logger,
-    after_setup_task_logger,
-    worker_init,
-    worker_process_init,
-    worker_shutdown,
-)
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 from celery.worker.request import Request
 
 from core.config import Settings, get_settings
@@ -55,6 +49,9 @@ def create_app(
     app = ConveyorCelery("conveyor", set_as_current=False)
     app.conf.update(celery_config(settings, registry))
     app.engine = Engine(app, settings, registry)
+    # Each of its workers consumes its code's shape queues and says which shapes it runs
+    # (core.shapes).
+    app.steps["worker"].add(shapes.ShapesStep)
     if app.engine.manager.database is not get_database():
         _app_databases.append(app.engine.manager.database)
     _register_tasks(app)
@@ -273,9 +270,6 @@ def _step_failure_as_task_state() -> Iterator[None]:
 # and its housekeeping tasks' lines at DEBUG (worker.logs).
 after_setup_logger.connect(logs.on_setup_logger)
 after_setup_task_logger.connect(logs.on_setup_logger)
-# Each worker consumes its code's shape queues and says which shapes it runs (core.shapes).
-worker_init.connect(shapes.on_worker_init)
-worker_shutdown.connect(shapes.on_worker_shutdown)
 
 
 @worker_process_init.connect

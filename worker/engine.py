@@ -39,6 +39,7 @@ from core import (
     limits,
     map_repair,
     reconciler,
+    repair,
     shapes,
     steps,
     waker,
@@ -1244,6 +1245,56 @@ class Engine:
                 exc_info=True,
             )
         return True
+
+    def resolve(
+        self, execution_id: str, step: str, output: Any, *, actor: str, reason: str | None
+    ) -> repair.Repair:
+        """Complete a failed step with ``output`` and go on from there
+        (``core.repair.resolve_step``), then send the execution's start."""
+        definition = self._definition_of_execution(execution_id)
+        done = self.manager.run(
+            repair.resolve_step,
+            execution_id,
+            step,
+            output,
+            actor=actor,
+            reason=reason,
+            definition=definition,
+        )
+        self._repaired(done, "resolve")
+        return done
+
+    def skip(
+        self, execution_id: str, step: str, *, actor: str, reason: str | None
+    ) -> repair.Repair:
+        """Skip a failed step and go on from there (``core.repair.skip_step``), then send
+        the execution's start."""
+        definition = self._definition_of_execution(execution_id)
+        done = self.manager.run(
+            repair.skip_step,
+            execution_id,
+            step,
+            actor=actor,
+            reason=reason,
+            definition=definition,
+        )
+        self._repaired(done, "skip")
+        return done
+
+    def _definition_of_execution(self, execution_id: str) -> Workflow:
+        execution = self.manager.get_execution(execution_id)
+        return self.registry.get(execution.workflow_id, execution.workflow_version)
+
+    def _repaired(self, done: repair.Repair, action: str) -> None:
+        self.metrics.operator_action(action)
+        try:
+            self.publish_starts([(done.execution_id, done.workflow, done.priority)])
+        except Exception:  # committed: the reconciler sends starts of pending executions
+            log.warning(
+                "publishing the start of repaired execution %s failed; the reconciler will send it",
+                done.execution_id,
+                exc_info=True,
+            )
 
     def publish_each(self, keys: Sequence[StepKey]) -> list[StepKey]:
         """Send a run message for each step, each on its own: one that fails (logged) does

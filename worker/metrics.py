@@ -185,6 +185,13 @@ class Metrics:
             registry=registry,
         )
 
+        self.operator_actions = Counter(
+            "conveyor_operator_actions",
+            "Operators' repairs of failed executions: resolve (a failed step given an "
+            "output), skip (a failed step skipped), retry_group (a failure group retried).",
+            ["action"],
+            registry=registry,
+        )
         self.steps_handed_back = Counter(
             "conveyor_steps_handed_back",
             "Steps a worker claimed but handed back because its code's shape may not "
@@ -242,6 +249,10 @@ class Metrics:
         self.admissions.labels(workflow, what).inc()
         if what in ("rate", "paused"):
             self.rate_limited.labels(workflow, key).inc()
+
+    def operator_action(self, action: str) -> None:
+        """An operator's repair of an execution (resolve, skip, bulk retry)."""
+        self.operator_actions.labels(action).inc()
 
     def handed_back(self, workflow: str, *, waiting: bool) -> None:
         """A step handed back for a worker with a compatible shape."""

@@ -280,3 +280,33 @@ def wake(
         events.wake, execution_id, step, definition_of=engine.definition, actor=actor
     )
     engine.publish_outcome(outcome)
+
+
+def resolve(
+    execution_id: str,
+    step: str,
+    output: Any,
+    *,
+    reason: str | None = None,
+    actor: str = "python",
+    app: ConveyorCelery | None = None,
+) -> None:
+    """Complete failed step ``step`` of an ended execution with ``output`` (checked
+    against the step's return annotation: InputValidationError naming the field) and go
+    on from there: its dependents run with that output (``core.repair``). Recorded in
+    the history with ``actor`` and ``reason``; InvalidTransition when the step is not
+    failed or the execution has not ended."""
+    _app(app).engine.resolve(execution_id, step, output, actor=actor, reason=reason)
+
+
+def skip(
+    execution_id: str,
+    step: str,
+    *,
+    reason: str | None = None,
+    actor: str = "python",
+    app: ConveyorCelery | None = None,
+) -> None:
+    """Skip failed step ``step`` of an ended execution and go on from there: its
+    ``all_success`` dependents are skipped, the others run by their triggers."""
+    _app(app).engine.skip(execution_id, step, actor=actor, reason=reason)

@@ -2,8 +2,8 @@
 and says it is up with them (``worker_shapes``) while it lives, so that steps handed
 back by workers with other code are sent to it.
 
-Started by Celery's ``worker_init`` (every worker: ``celery worker`` and in-process
-ones), before the consumer subscribes, and stopped by ``worker_shutdown``.
+A worker bootstep (``ShapesStep``, added to each conveyor app) does it for every worker:
+``celery worker`` and in-process ones.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
+
+from celery import bootsteps
 
 from core import shapes
 from core.shapes import Shape, shape_of, shape_queue
@@ -52,9 +54,11 @@ class ShapeAdvert:
 
     def stop(self) -> None:
         """Stop refreshing and withdraw the rows: nothing is sent here any more."""
+        if self._thread is None:
+            return
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._thread.join(timeout=5)
+        self._thread = None
         try:
             self._engine.manager.run(shapes.withdraw, self.worker)
         except Exception:  # its rows go stale by themselves
@@ -71,20 +75,27 @@ class ShapeAdvert:
             log.warning("could not record worker %s's shapes", self.worker, exc_info=True)
 
 
-def on_worker_init(sender: Any, **_: Any) -> None:
-    """``worker_init``: consume this code's shape queues and start saying so."""
-    engine: Engine | None = getattr(sender.app, "engine", None)
-    if engine is None:
-        return
-    advert = ShapeAdvert(engine, sender.hostname)
-    for queue in advert.queues:
-        sender.app.amqp.queues.select_add(queue)
-    advert.start()
-    sender.conveyor_shapes = advert
+class ShapesStep(bootsteps.StartStopStep):
+    """The worker bootstep that gives a worker its shape queues (before its consumer
+    subscribes) and keeps its ``worker_shapes`` rows while it runs. A bootstep, not the
+    ``worker_shutdown`` signal: a cold shutdown (an embedded or test worker's) sends no
+    signal, and the rows' thread must stop with the worker whatever the way."""
 
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        engine: Engine | None = getattr(parent.app, "engine", None)
+        self.advert = None if engine is None else ShapeAdvert(engine, parent.hostname)
+        if self.advert is not None:
+            for queue in self.advert.queues:
+                parent.app.amqp.queues.select_add(queue)
 
-def on_worker_shutdown(sender: Any, **_: Any) -> None:
-    """``worker_shutdown``: withdraw this worker's shapes."""
-    advert: ShapeAdvert | None = getattr(sender, "conveyor_shapes", None)
-    if advert is not None:
-        advert.stop()
+    def start(self, parent: Any) -> None:
+        if self.advert is not None:
+            self.advert.start()
+
+    def stop(self, parent: Any) -> None:
+        if self.advert is not None:
+            self.advert.stop()
+
+    def terminate(self, parent: Any) -> None:
+        self.stop(parent)
