@@ -15,6 +15,7 @@ from api.limits import BodyLimit
 from api.routes import (
     events,
     executions,
+    failures,
     health,
     limits,
     metrics,
@@ -55,6 +56,7 @@ def create_app(celery_app: ConveyorCelery | None = None) -> FastAPI:
         tokens,
         executions,
         repair,
+        failures,
         events,
         workflows,
         limits,

@@ -719,6 +719,7 @@ if __name__ == "__main__":
 # live in modules of their own that add them to ``app``; imported last because they use
 # its decorators.
 from cli import accounts as _accounts  # noqa: E402, F401
+from cli import failures as _failures  # noqa: E402, F401
 from cli import limits as _limits  # noqa: E402, F401
 from cli import maps as _maps  # noqa: E402, F401
 from cli import repair as _repair  # noqa: E402, F401

@@ -259,6 +259,8 @@ def _status_timestamps_step(target: StepStatus, retry: bool) -> dict[str, Any]:
         values["finished_at"] = now
     if retry:
         values["error"] = None
+        # Its failure group goes with its error: a new failure is grouped afresh.
+        values["error_group"] = None
         values["finished_at"] = None
     return values
 

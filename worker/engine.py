@@ -36,6 +36,7 @@ from core import (
     conditions,
     debounce,
     executions,
+    failures,
     limits,
     map_repair,
     reconciler,
@@ -49,11 +50,13 @@ from core.database import Database, get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import (
     InputValidationError,
+    InvalidTransition,
     OutputNotStorable,
     StepTimedOut,
     TransientDatabaseError,
     WorkflowNotFound,
 )
+from core.failures import BulkAction
 from core.outcomes import Admission, Claim, ReconcileReport, Route, WaitOutcome
 from core.registry import WorkflowRegistry
 from core.shapes import shape_of
@@ -1281,6 +1284,48 @@ class Engine:
         self._repaired(done, "skip")
         return done
 
+    def retry_group(
+        self, group: str, *, as_of: datetime, limit: int, owner: str | None = None
+    ) -> BulkAction:
+        """Retry the executions of up to ``limit`` failed steps of failure ``group``
+        that failed at or before ``as_of`` (``owner``'s only, when given): each retried
+        once, whatever happens meanwhile (a retried execution's step is no longer failed;
+        one that failed again did so after ``as_of``). Call again while ``remaining``."""
+        found = self.manager.run(failures.members, group, owner=owner, as_of=as_of, limit=limit)
+        done = sum(1 for member in found if self.retry(member.execution_id))
+        if done:
+            self.metrics.operator_action("retry_group", done)
+        left = self.manager.run(failures.member_count, group, owner=owner, as_of=as_of)
+        return BulkAction(done, left, as_of)
+
+    def resolve_group(
+        self,
+        group: str,
+        output: Any,
+        *,
+        actor: str,
+        reason: str | None,
+        as_of: datetime,
+        limit: int,
+        owner: str | None = None,
+    ) -> BulkAction:
+        """Resolve up to ``limit`` failed steps of failure ``group`` (failed at or
+        before ``as_of``) with ``output``, each as ``resolve`` does; the output is checked
+        against the step's return annotation first, once (nothing changed when it does
+        not fit). Idempotent as ``retry_group``."""
+        found = self.manager.run(failures.members, group, owner=owner, as_of=as_of, limit=limit)
+        done = 0
+        for member in found:
+            definition = self._definition_of_execution(member.execution_id)
+            repair.checked_output(definition, member.step, output)
+            try:
+                self.resolve(member.execution_id, member.step, output, actor=actor, reason=reason)
+            except InvalidTransition:  # retried or repaired meanwhile: not a member now
+                continue
+            done += 1
+        left = self.manager.run(failures.member_count, group, owner=owner, as_of=as_of)
+        return BulkAction(done, left, as_of)
+
     def _definition_of_execution(self, execution_id: str) -> Workflow:
         execution = self.manager.get_execution(execution_id)
         return self.registry.get(execution.workflow_id, execution.workflow_version)
@@ -1337,8 +1382,10 @@ class Engine:
         unsent = self.publish_each(report.republish)
         try:
             self.release_held()
-        except TransientDatabaseError:  # the next pass sends them
-            log.warning("database unavailable; held steps released by a later pass")
+            # Failed steps get their failure group (core.failures), whatever failed them.
+            self.manager.run(failures.backfill, settings.reconcile_batch)
+        except TransientDatabaseError:  # the next pass does it
+            log.warning("database unavailable; held steps and failure groups left for a later pass")
         if unsent:
             restored = self.manager.run(
                 reconciler.restore_unsent, [report.unsent[key] for key in unsent]

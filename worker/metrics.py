@@ -43,6 +43,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from core.database import Database, get_database
+from core.failures import backfill_all, group_count
 from core.limits import key_states
 from core.outcomes import Admission, Claim, ReconcileReport, TransitionResult
 from core.registry import get_registry
@@ -250,9 +251,9 @@ class Metrics:
         if what in ("rate", "paused"):
             self.rate_limited.labels(workflow, key).inc()
 
-    def operator_action(self, action: str) -> None:
-        """An operator's repair of an execution (resolve, skip, bulk retry)."""
-        self.operator_actions.labels(action).inc()
+    def operator_action(self, action: str, count: int = 1) -> None:
+        """Operators' repairs of executions (resolve, skip, a failure group's retry)."""
+        self.operator_actions.labels(action).inc(count)
 
     def handed_back(self, workflow: str, *, waiting: bool) -> None:
         """A step handed back for a worker with a compatible shape."""
@@ -423,6 +424,39 @@ class KeysCollector:
         return [running, waiting]
 
 
+class FailuresCollector:
+    """The gauge of failure groups now (``core.failures``): one number, whatever the
+    groups, so that an alert fires on a new kind of failure without a series per group
+    (``conveyor failures`` and ``GET /failures`` say which)."""
+
+    def __init__(self, database: Database | None = None) -> None:
+        self.database = database
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "conveyor_failure_groups",
+            "Failure groups now: kinds of failure among failed steps (workflow, step, error "
+            "type, normalised message).",
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        """The family ``collect`` yields (so registering runs no query)."""
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        """The count, grouping failed steps not grouped yet first."""
+        family = self._family()
+        try:
+            with (self.database or get_database()).engine.begin() as conn:
+                backfill_all(conn)
+                family.add_metric([], group_count(conn))
+        except Exception:
+            log.warning("metrics: could not count the failure groups", exc_info=True)
+            return []
+        return [family]
+
+
 class _ProcessMetrics:
     """This process's counters and histograms, as a collector of another registry."""
 
@@ -433,13 +467,15 @@ class _ProcessMetrics:
 def api_registry(
     database: Database | None = None, queue_of: QueueOf | None = None
 ) -> CollectorRegistry:
-    """What the API's ``/metrics`` serves: queued and running steps and the keys' counts
+    """What the API's ``/metrics`` serves: queued and running steps, the keys' counts and
+    the failure groups
     from ``database`` (default: the process's; queued ones by the queue ``queue_of``
     names), and this process's counters (every process's, when the API runs with
     ``PROMETHEUS_MULTIPROC_DIR`` set)."""
     registry = CollectorRegistry()
     registry.register(OpenStepsCollector(database, queue_of))
     registry.register(KeysCollector(database))
+    registry.register(FailuresCollector(database))
     if os.environ.get(MULTIPROC_DIR):
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
