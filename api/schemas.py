@@ -619,6 +619,17 @@ class ScheduleOut(BaseModel):
     last_run_at: datetime | None
 
 
+class RetentionOut(BaseModel):
+    """How long a workflow's finished executions are kept, in seconds after they ended
+    (null: forever): its ``Retention`` with the settings' defaults."""
+
+    succeeded_seconds: float | None
+    failed_seconds: float | None = Field(description="Failed, cancelled and timed out.")
+    payloads_seconds: float | None = Field(
+        description="After this, inputs, outputs and errors are cleared (null: never)."
+    )
+
+
 class WorkflowOut(BaseModel):
     """A registered workflow."""
 
@@ -630,6 +641,7 @@ class WorkflowOut(BaseModel):
     input_schema: dict[str, Any] | None
     steps: list[StepDefinition]
     schedules: list[ScheduleOut]
+    retention: RetentionOut
 
 
 # --- errors ---------------------------------------------------------------------------

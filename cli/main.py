@@ -724,4 +724,5 @@ from cli import limits as _limits  # noqa: E402, F401
 from cli import maps as _maps  # noqa: E402, F401
 from cli import repair as _repair  # noqa: E402, F401
 from cli import replay as _replay  # noqa: E402, F401
+from cli import retention as _retention  # noqa: E402, F401
 from cli import versions as _versions  # noqa: E402, F401

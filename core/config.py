@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -116,6 +117,30 @@ class Settings(BaseSettings):
         default=8,
         description="Levels of child workflows allowed below a root execution.",
     )
+    retention_succeeded: timedelta | None = Field(
+        default=timedelta(days=30),
+        description="How long succeeded executions are kept after they ended (seconds, an "
+        "ISO 8601 duration such as P30D, or 'forever').",
+    )
+    retention_failed: timedelta | None = Field(
+        default=timedelta(days=90),
+        description="How long failed, cancelled and timed-out executions are kept "
+        "(as retention_succeeded).",
+    )
+    retention_payloads: timedelta | None = Field(
+        default=None,
+        description="After how long finished executions' inputs, outputs and errors are "
+        "cleared, their statuses, timings and history kept (default: forever).",
+    )
+    prune_interval: Annotated[float, Field(gt=0)] = Field(
+        default=600.0, description="Seconds between beat's retention passes (conveyor.prune)."
+    )
+    prune_batch: Annotated[int, Field(ge=1, le=5000)] = Field(
+        default=5000, description="Executions deleted (or cleared) per transaction."
+    )
+    prune_max_batches: Annotated[int, Field(ge=1)] = Field(
+        default=200, description="Batches one retention pass runs at most (the next goes on)."
+    )
     event_ttl: Annotated[float, Field(gt=0)] = Field(
         default=7 * 24 * 3600.0,
         description="Seconds an event nobody waits for is kept for a wait to come.",
@@ -150,6 +175,21 @@ class Settings(BaseSettings):
         default=None,
         description="Port of a worker's Prometheus /metrics (None: no server).",
     )
+
+    @field_validator("retention_succeeded", "retention_failed", "retention_payloads", mode="before")
+    @classmethod
+    def _forever(cls, value: Any) -> Any:
+        """'forever' (or 'never', 'none', empty) keeps for ever: None."""
+        if isinstance(value, str) and value.strip().lower() in ("forever", "never", "none", ""):
+            return None
+        return value
+
+    @field_validator("retention_succeeded", "retention_failed", "retention_payloads")
+    @classmethod
+    def _not_negative(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value < timedelta(0):
+            raise ValueError("must not be negative")
+        return value
 
     @field_validator("workflow_modules", mode="before")
     @classmethod

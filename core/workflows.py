@@ -27,7 +27,16 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from graphlib import CycleError, TopologicalSorter
 from types import NoneType, UnionType
-from typing import Annotated, Any, Protocol, Union, get_args, get_origin, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    Protocol,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.errors import PydanticSchemaGenerationError
@@ -96,6 +105,38 @@ class Retry:
         """Seconds to wait after ``attempt`` failed: doubling, capped, with full jitter."""
         ceiling = min(self.backoff_max, self.backoff * 2 ** max(0, attempt - 1))
         return random.uniform(0, ceiling) if self.jitter else ceiling
+
+
+FOREVER = "forever"
+# A retention: how long after an execution ended it is kept; "forever" keeps it, None
+# takes the setting's.
+Keep = timedelta | Literal["forever"] | None
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long a workflow's finished executions are kept (core.retention): those that
+    ``succeeded``, those that ``failed`` (and were cancelled or timed out), each for a
+    duration after they ended, then deleted with their steps, items and history; and
+    after ``payloads`` their inputs, outputs and errors are cleared, their skeleton
+    (statuses, timings, history) kept. ``"forever"`` keeps; None (the default) takes
+    ``CONVEYOR_RETENTION_SUCCEEDED``, ``_FAILED`` or ``_PAYLOADS``."""
+
+    succeeded: Keep = None
+    failed: Keep = None
+    payloads: Keep = None
+
+    def __post_init__(self) -> None:
+        for name in ("succeeded", "failed", "payloads"):
+            value = getattr(self, name)
+            if value is None or value == FOREVER:
+                continue
+            if not isinstance(value, timedelta):
+                raise DefinitionError(
+                    f'Retention({name}=): a timedelta, "forever" or None, got {value!r}'
+                )
+            if value < timedelta(0):
+                raise DefinitionError(f"Retention({name}=) must not be negative, got {value}")
 
 
 KeyOf = str | Callable[[Any], Any]
@@ -475,6 +516,7 @@ class Workflow:
         rate_limit: RateLimit | Iterable[RateLimit] | None = None,
         queue: str | None = None,
         debounce: Debounce | None = None,
+        retention: Retention | None = None,
     ) -> None:
         if not name or not isinstance(name, str) or len(name) > 200:
             raise DefinitionError(f"workflow name must be 1-200 characters, got {name!r}")
@@ -518,6 +560,12 @@ class Workflow:
                 "(each tick is its own execution); lengthen the schedule instead"
             )
         self.debounce = debounce
+        if retention is not None and not isinstance(retention, Retention):
+            raise DefinitionError(
+                f"workflow {name!r}: retention takes a Retention, got {type(retention).__name__}"
+            )
+        # How long its finished executions are kept (core.retention; None: the settings').
+        self.retention = retention or Retention()
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, version={self.version}, steps={list(self.steps)})"

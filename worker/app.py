@@ -24,7 +24,7 @@ from core.dispatch import register_dispatcher
 from core.errors import TransientDatabaseError
 from core.registry import WorkflowRegistry, get_registry
 from worker import logs, shapes
-from worker.config import FIRE_SCHEDULES, RECONCILE, WAKE, celery_config
+from worker.config import FIRE_SCHEDULES, PRUNE, RECONCILE, WAKE, celery_config
 from worker.engine import RUN_STEP, START_BATCH, START_EXECUTION, Engine
 from worker.failures import StepFailed
 from worker.items import RUN_ITEM
@@ -229,6 +229,15 @@ def _register_tasks(app: ConveyorCelery) -> None:
             app.engine.wake()
         except TransientDatabaseError:  # the next pass, a second from now, tries again
             log.warning("database unavailable; due waits woken by a later pass")
+
+    @app.task(name=PRUNE, **options)
+    def prune(task: Task[Any, Any]) -> None:
+        """Delete finished executions past their retention and clear payloads past
+        theirs (scheduled by beat every CONVEYOR_PRUNE_INTERVAL)."""
+        try:
+            app.engine.prune()
+        except TransientDatabaseError:  # the next pass goes on where this one stopped
+            log.warning("database unavailable; retention left for a later pass")
 
     @app.task(name=RECONCILE, **options)
     def reconcile(task: Task[Any, Any]) -> None:

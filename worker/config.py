@@ -19,8 +19,9 @@ FIRE_SCHEDULES = "conveyor.fire_schedules"
 SCHEDULE_EXPIRES_MIN = 60.0
 RECONCILE = "conveyor.reconcile"
 WAKE = "conveyor.wake"
+PRUNE = "conveyor.prune"
 # Beat sends these every few seconds: their per-message lines are DEBUG (worker.logs).
-HOUSEKEEPING_TASKS = (RECONCILE, FIRE_SCHEDULES, WAKE)
+HOUSEKEEPING_TASKS = (RECONCILE, FIRE_SCHEDULES, WAKE, PRUNE)
 
 
 def broker_kind(settings: Settings) -> str:
@@ -119,6 +120,13 @@ def celery_config(settings: Settings, registry: WorkflowRegistry) -> dict[str, A
                     "expires": settings.wake_interval * 2,
                     "priority": broker_priority(settings, MAX_PRIORITY),
                 },
+            },
+            # Retention (core.retention): finished executions past it deleted, payloads
+            # cleared, in short batches; a pass that overlaps another takes other rows.
+            "conveyor-prune": {
+                "task": PRUNE,
+                "schedule": settings.prune_interval,
+                "options": {"expires": settings.prune_interval},
             },
             "conveyor-schedules": {
                 "task": FIRE_SCHEDULES,

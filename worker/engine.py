@@ -41,6 +41,7 @@ from core import (
     map_repair,
     reconciler,
     repair,
+    retention,
     shapes,
     steps,
     waker,
@@ -1325,6 +1326,26 @@ class Engine:
             done += 1
         left = self.manager.run(failures.member_count, group, owner=owner, as_of=as_of)
         return BulkAction(done, left, as_of)
+
+    def prune(self, *, dry_run: bool = False) -> retention.PruneReport:
+        """One retention pass (``core.retention.prune``): finished executions past their
+        workflow's retention deleted, payloads past theirs cleared, in short batches;
+        with ``dry_run``, only counted."""
+        report = retention.prune(self.manager.run, self.registry, self.settings, dry_run=dry_run)
+        if dry_run:
+            return report
+        for part in report.parts:
+            self.metrics.pruned(part.workflow, part.what, part.count)
+        if report.parts:
+            log.info(
+                "retention: deleted %d execution(s), cleared the payloads of %d%s",
+                report.total("succeeded") + report.total("failed"),
+                report.total("payloads"),
+                " (stopped at CONVEYOR_PRUNE_MAX_BATCHES; the next pass goes on)"
+                if report.capped
+                else "",
+            )
+        return report
 
     def _definition_of_execution(self, execution_id: str) -> Workflow:
         execution = self.manager.get_execution(execution_id)

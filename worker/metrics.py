@@ -186,6 +186,13 @@ class Metrics:
             registry=registry,
         )
 
+        self.pruned_total = Counter(
+            "conveyor_pruned",
+            "Retention: finished executions deleted past their retention "
+            "(what=executions), and those whose payloads were cleared (what=payloads).",
+            ["workflow", "what"],
+            registry=registry,
+        )
         self.operator_actions = Counter(
             "conveyor_operator_actions",
             "Operators' repairs of failed executions: resolve (a failed step given an "
@@ -250,6 +257,11 @@ class Metrics:
         self.admissions.labels(workflow, what).inc()
         if what in ("rate", "paused"):
             self.rate_limited.labels(workflow, key).inc()
+
+    def pruned(self, workflow: str, what: str, count: int) -> None:
+        """A retention pass's deletions ("succeeded", "failed") or clearings ("payloads")."""
+        kind = "payloads" if what == "payloads" else "executions"
+        self.pruned_total.labels(workflow, kind).inc(count)
 
     def operator_action(self, action: str, count: int = 1) -> None:
         """Operators' repairs of executions (resolve, skip, a failure group's retry)."""

@@ -9,10 +9,19 @@ from sqlalchemy import Connection
 
 from api import problems
 from api.auth import Caller
-from api.schemas import NO_NUL, ScheduleOut, StepDefinition, WaitDefinition, WorkflowOut
+from api.schemas import (
+    NO_NUL,
+    RetentionOut,
+    ScheduleOut,
+    StepDefinition,
+    WaitDefinition,
+    WorkflowOut,
+)
 from api.services import Conveyor
 from core import schedule_state, schedules
 from core.conditions import condition_label
+from core.config import Settings
+from core.retention import described, policy_of
 from core.schedule_state import ScheduleState
 from core.workflows import ChildWait, EventWait, MapSpec, Sleep, Step, Workflow
 
@@ -50,8 +59,10 @@ def _wait(step: Step) -> WaitDefinition | None:
 
 
 def _body(
-    workflow: Workflow, rows: dict[tuple[str, str], ScheduleState], default_queue: str
+    workflow: Workflow, rows: dict[tuple[str, str], ScheduleState], settings: Settings
 ) -> WorkflowOut:
+    default_queue = settings.default_queue
+    kept = described(policy_of(workflow.retention, settings))
     declared: list[ScheduleOut] = []
     for schedule in workflow.schedules:
         row = rows.get((workflow.name, schedule.label))
@@ -89,6 +100,11 @@ def _body(
             for step in workflow.steps.values()
         ],
         schedules=declared,
+        retention=RetentionOut(
+            succeeded_seconds=kept["succeeded"],
+            failed_seconds=kept["failed"],
+            payloads_seconds=kept["payloads"],
+        ),
     )
 
 
@@ -97,8 +113,7 @@ def list_workflows(_: Caller, conveyor: Conveyor) -> list[WorkflowOut]:
     """Every registered workflow (each version), by name."""
     workflows = sorted(conveyor.engine.registry, key=lambda w: (w.name, w.version))
     rows = conveyor.engine.manager.run(_schedules, workflows)
-    default_queue = conveyor.engine.settings.default_queue
-    return [_body(w, rows, default_queue) for w in workflows]
+    return [_body(w, rows, conveyor.engine.settings) for w in workflows]
 
 
 @router.get("/{name}", response_model=WorkflowOut, responses=problems.responses(404, 422))
@@ -108,4 +123,4 @@ def read_workflow(
     """The newest version of a workflow (404 when none is registered by that name)."""
     workflow = conveyor.engine.registry.get(name)
     rows = conveyor.engine.manager.run(_schedules, [workflow])
-    return _body(workflow, rows, conveyor.engine.settings.default_queue)
+    return _body(workflow, rows, conveyor.engine.settings)

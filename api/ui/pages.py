@@ -360,7 +360,7 @@ def workflow_page(request: Request, name: str, viewer: Viewer, conveyor: Conveyo
     where = ExecutionFilter(workflow_id=name, triggered_by=owner_filter(viewer))
     recent = conveyor.engine.manager.run(executions.page_executions, where, RECENT, None)
     rows = conveyor.engine.manager.run(_schedules, [workflow])
-    body = _body(workflow, rows, conveyor.engine.settings.default_queue)
+    body = _body(workflow, rows, conveyor.engine.settings)
     schema = body.input_schema
     return page(
         request,
