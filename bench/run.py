@@ -28,6 +28,12 @@ Flow control, conveyor only, each against itself without the limit in the same t
   ratio, and the most steps of one key that ran at once (the run fails if it is above
   1); first repetition only (``--keys-repetitions``: it is long).
 
+Retention, conveyor only:
+
+- ``prune_chain10``: chain10's executions while retention prunes ``--prune-rows``
+  (default 300,000) old executions from the same tables, against chain10 alone in the
+  same turn: steps/s of both and their ratio (goal >= 0.90).
+
 ``--only`` runs some of the scenarios (``long`` is chain<N>, ``map`` every map width,
 ``keys`` the keys scenario).
 
@@ -68,6 +74,7 @@ from bench.scenarios import (
     Latency,
     LimitedChain,
     MapThroughput,
+    PrunedChain,
     Results,
     Scenario,
     Throughput,
@@ -94,6 +101,7 @@ FAMILIES = (
     "enqueue",
     "burst",
     "limit_chain10",
+    "prune_chain10",
     "keys",
 )
 
@@ -108,6 +116,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--repetitions", type=int, default=3, help="alternating repetitions (default 3)")
     add("--chain-executions", type=int, default=100, help="chain10 executions (default 100)")
+    add(
+        "--prune-rows",
+        type=int,
+        default=300_000,
+        help="old executions written before each pruning turn of prune_chain10 (default 300000)",
+    )
     add("--fanout-executions", type=int, default=50, help="fanout executions (default 50)")
     add("--long-steps", type=int, default=1000, help="steps of the long chain (default 1000)")
     add(
@@ -181,6 +195,7 @@ def scenarios(options: argparse.Namespace) -> list[Scenario]:
         ("enqueue", Enqueue(options.enqueue_executions)),
         ("burst", Burst(options.burst_executions, options.burst_repetitions)),
         ("limit_chain10", LimitedChain(options.chain_executions)),
+        ("prune_chain10", PrunedChain(options.chain_executions, options.prune_rows)),
         (
             "keys",
             KeyedThroughput(
@@ -325,6 +340,10 @@ def _sizes(options: argparse.Namespace) -> list[str]:
             f"burst x{options.burst_executions} (first {options.burst_repetitions} repetition(s))"
         ],
         "limit_chain10": [f"limit_chain10 x{options.chain_executions} (twice each way)"],
+        "prune_chain10": [
+            f"prune_chain10 x{options.chain_executions} (twice each way, "
+            f"{options.prune_rows:,} old executions before each pruning turn)"
+        ],
         "keys": [
             f"keys{options.keys} x{options.keys * options.per_key} each way, "
             f"{options.key_order} (first {options.keys_repetitions} repetition(s))"

@@ -16,17 +16,25 @@ from __future__ import annotations
 import math
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Protocol
+
+import psycopg
+from sqlalchemy.engine import make_url
 
 from bench import workflows
 from bench.harness import BenchError, median, note, number, percentile
 from bench.meter import Meter, Usage
 from bench.processes import Workers
 from bench.systems import CHAIN10, Conveyor, Shape, Submission, System
+from core.database import Database
+from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
+from core.retention import prune
 
 COMPARED = ("celery", "dbos", "conveyor")
 BREADTH_FIRST = "conveyor-bf"
@@ -651,3 +659,111 @@ def sane(figures: Sequence[Figure]) -> list[Figure]:
         return math.isfinite(f.value) and f.value >= at_least
 
     return [f for f in figures if not ok(f)]
+
+
+ALONE, PRUNING = "alone", "pruning"
+PRUNE_RATIO = "pruning/alone"
+OLD_WORKFLOW = "bench_retired"
+
+
+def fill_finished(url: str, rows: int) -> None:
+    """``rows`` succeeded executions of a workflow nobody registers, ended 400 days ago
+    (past the default retention of 30 days), written with COPY."""
+    ended = datetime.now(UTC) - timedelta(days=400)
+    plain = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    columns = (
+        "execution_id, workflow_id, workflow_version, status, attempt, priority, "
+        "idempotency_scope, starts_resent, depth, created_at, updated_at, finished_at"
+    )
+    with psycopg.connect(plain) as conn, conn.cursor() as cur:
+        with cur.copy(f"COPY workflow_executions ({columns}) FROM STDIN") as copy:
+            for _ in range(rows):
+                row = (str(uuid.uuid4()), OLD_WORKFLOW, 1, "succeeded", 1, 0, "", 0, 0)
+                copy.write_row((*row, ended, ended, ended))
+        conn.execute("ANALYZE workflow_executions")
+
+
+class _Pruner:
+    """Retention passes (``core.retention.prune``) one after another in a thread, as
+    beat's would on a backlog, until stopped; how many executions they deleted."""
+
+    def __init__(self, system: Conveyor) -> None:
+        self._settings = system.settings
+        self._database = Database(self._settings)
+        self._manager = SyncEnhancedExecutionStateManager(self._database)
+        self._stop = threading.Event()
+        self.deleted = 0
+        self._thread = threading.Thread(target=self._loop, name="bench-pruner", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            done = prune(self._manager.run, [], self._settings).total()
+            self.deleted += done
+            if not done:
+                self._stop.wait(0.1)
+
+    def __enter__(self) -> _Pruner:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._database.dispose()
+
+
+class PrunedChain:
+    """``executions`` of the 10-step chain while retention prunes a backlog of old
+    executions from the same tables (``rows`` written with COPY before each pruning
+    turn), against the chain alone, in the same turn: alone, pruning, pruning, alone.
+    Prints both steps/s, their ratio (goal >= 0.90) and the executions pruned while the
+    pruning turns were timed."""
+
+    name = "prune_chain10"
+    needs_workers = True
+    metrics = (
+        f"steps/s {ALONE}",
+        f"steps/s {PRUNING}",
+        f"{PRUNE_RATIO} steps/s",
+        "executions pruned while timed",
+    )
+
+    def __init__(self, executions: int, rows: int) -> None:
+        self.executions = executions
+        self.rows = rows
+
+    def applies_to(self, system: str) -> bool:
+        return system == SUBJECT
+
+    def run(
+        self,
+        system: System,
+        workers: Workers | None,
+        repetition: int,
+        results: Results,
+        context: Context,
+    ) -> None:
+        conveyor = _as_conveyor(system)
+        inputs = [{"i": index} for index in range(self.executions)]
+        name = workflows.linear_name(CHAIN10.steps)
+        tallies = {ALONE: _Tally(), PRUNING: _Tally()}
+        pruned = 0
+        for variant in (ALONE, PRUNING, PRUNING, ALONE):
+            submit = partial(conveyor.submit_inputs, CHAIN10, name, inputs)
+            if variant == ALONE:
+                _, used = _timed(conveyor, workers, context, submit)
+            else:
+                fill_finished(conveyor.url, self.rows)
+                with _Pruner(conveyor) as pruner:
+                    _, used = _timed(conveyor, workers, context, submit)
+                pruned += pruner.deleted
+            tallies[variant].add(CHAIN10.steps * self.executions, used)
+        rates = {variant: t.units / t.seconds for variant, t in tallies.items()}
+        for variant, rate in rates.items():
+            results.add(self.name, f"steps/s {variant}", SUBJECT, repetition, rate)
+        ratio = rates[PRUNING] / rates[ALONE]
+        results.add(self.name, f"{PRUNE_RATIO} steps/s", SUBJECT, repetition, ratio)
+        results.add(self.name, "executions pruned while timed", SUBJECT, repetition, pruned)
+
+    def lines(self, results: Results) -> list[str]:
+        return _own_lines(results, self.name, self.metrics)

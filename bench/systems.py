@@ -38,6 +38,7 @@ from bench.harness import (
 from bench.meter import Observer, poll_until
 from bench.processes import Workers, celery_worker
 from core import database as core_database
+from core.config import Settings
 from core.registry import WorkflowRegistry
 from worker.producer import enqueue, enqueue_many
 
@@ -317,6 +318,16 @@ class Conveyor:
         self.app = self._app_context.__enter__()
         self._observer = Observer(running, self.database)
         self._broker = redis.Redis.from_url(running.broker_url)
+
+    @property
+    def url(self) -> str:
+        """Its database's URL."""
+        return self._url
+
+    @property
+    def settings(self) -> Settings:
+        """Its settings (production defaults on the bench's servers)."""
+        return self._settings
 
     def supports(self, shape: Shape) -> bool:
         return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,16 @@ def _normalise(cell: object) -> object:
     """A README cell or a default value, compared by meaning (``30`` equals ``30.0``)."""
     if cell is None:
         return "(none)"
+    if isinstance(cell, timedelta):  # README writes whole days in ISO 8601: P30D
+        days, rest = divmod(cell.total_seconds(), 86400)
+        return f"P{int(days)}D" if not rest else cell.total_seconds()
     if isinstance(cell, SecretStr):
         cell = cell.get_secret_value()
     if isinstance(cell, list):
         cell = ",".join(cell) or "(none)"
     text = str(cell).strip().strip("`")
+    if text == "forever":  # a retention setting's None
+        return "(none)"
     if isinstance(cell, bool):
         text = text.lower()
     try:
