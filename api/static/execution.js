@@ -317,6 +317,52 @@
     return form;
   }
 
+  // A failed step of an ended execution: give it an output (checked against its return
+  // annotation by the API: a 422 names the field) or skip it, and the execution goes on.
+  function repairForm(step) {
+    const output = el("textarea", { id: "repair-output", rows: 4, spellcheck: "false", class: "mono", "aria-label": "Output (JSON)" });
+    output.value = "null";
+    const reason = el("input", { id: "repair-reason", type: "text", placeholder: "why (recorded in the history)", "aria-label": "Reason" });
+    const error = el("p", { class: "error repair-error", role: "alert", hidden: true });
+    const resolveButton = el("button", { type: "button", class: "resolve", text: "Resolve" });
+    const skipButton = el("button", { type: "button", class: "skip", text: "Skip" });
+    const path = (what) => `/executions/${execution.execution_id}/steps/${encodeURIComponent(step.name)}/${what}`;
+    async function send(what, body) {
+      error.hidden = true;
+      resolveButton.disabled = skipButton.disabled = true;
+      try {
+        const response = await api("POST", path(what), body);
+        if (!response.ok) {
+          const errors = (response.body && response.body.errors) || [];
+          error.textContent = errors.length
+            ? errors.map((e) => `${e.field}: ${e.message}`).join("; ")
+            : (response.body && response.body.detail) || "the API answered " + response.status;
+          error.hidden = false;
+          return;
+        }
+        await refresh();
+        follow();
+      } finally {
+        resolveButton.disabled = skipButton.disabled = false;
+      }
+    }
+    resolveButton.addEventListener("click", () => {
+      let value;
+      try {
+        value = JSON.parse(output.value);
+      } catch (e) {
+        error.textContent = "the output is not JSON: " + e.message;
+        error.hidden = false;
+        return;
+      }
+      send("resolve", { output: value, reason: reason.value || null });
+    });
+    skipButton.addEventListener("click", () => send("skip", { reason: reason.value || null }));
+    return el("div", { class: "repair stack", "data-repair": step.name },
+      el("label", { for: "repair-output", text: "Output (JSON)" }), output, reason,
+      el("div", { class: "actions" }, resolveButton, skipButton), error);
+  }
+
   function wakeButton(step) {
     const error = el("p", { class: "error", role: "alert", hidden: true });
     const button = el("button", { type: "button", class: "wake", "data-wake": step.name, text: "Wake now" });
@@ -462,6 +508,7 @@
       if (step.error.traceback) body.push(el("pre", { class: "traceback", text: step.error.traceback }));
     }
     if (step.output !== null && step.output !== undefined) body.push(el("h3", { text: "Output" }), el("pre", { class: "json", text: json(step.output) }));
+    if (data.may_act && step.status === "failed" && data.retryable.includes(execution.status)) body.push(el("h3", { text: "Repair" }), repairForm(step));
     detail.querySelector('[data-detail="body"]').replaceChildren(...body);
     for (const row of document.querySelectorAll("#steps tr[data-step]")) row.classList.toggle("selected", row.dataset.step === name);
   }

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.ui import limits, pages
+from api.ui import failures, limits, pages
 from api.ui.session import LoginRequired, login_redirect
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -24,5 +24,6 @@ def install(app: FastAPI) -> None:
     pages asked for without a login."""
     app.include_router(pages.router)
     app.include_router(limits.router)
+    app.include_router(failures.router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
     app.add_exception_handler(LoginRequired, _login_required)
