@@ -688,7 +688,9 @@ class _Pruner:
     beat's would on a backlog, until stopped; how many executions they deleted."""
 
     def __init__(self, system: Conveyor) -> None:
-        self._settings = system.settings
+        # One batch a pass, so that it stops within a batch of being told to: what it
+        # deleted is then what it deleted while the chain was timed.
+        self._settings = system.settings.model_copy(update={"prune_max_batches": 1})
         self._database = Database(self._settings)
         self._manager = SyncEnhancedExecutionStateManager(self._database)
         self._stop = threading.Event()

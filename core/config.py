@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     prune_batch: Annotated[int, Field(ge=1, le=5000)] = Field(
         default=5000, description="Executions deleted (or cleared) per transaction."
     )
+    prune_pause: Annotated[float, Field(ge=0)] = Field(
+        default=1.0,
+        description="Seconds a retention pass rests between batches, so that a backlog "
+        "being pruned leaves the database to the steps (0: none).",
+    )
     prune_max_batches: Annotated[int, Field(ge=1)] = Field(
         default=200, description="Batches one retention pass runs at most (the next goes on)."
     )

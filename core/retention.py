@@ -14,6 +14,7 @@ creates a new execution.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -232,16 +233,20 @@ def prune(
                     report.capped = True
                     report.parts = _merged(report.parts, dry_run)
                     return report
-                budget -= 1
                 if payloads:
                     done = run(clear_batch, workflow, status, part.cutoff, settings.prune_batch)
                 else:
                     done = run(delete_batch, workflow, status, part.cutoff, settings.prune_batch)
                 if done:
+                    # The bound counts batches that removed something: finding nothing
+                    # to do for a workflow costs one probe of the index, no budget.
+                    budget -= 1
                     part.count += done
                     part.batches.append(done)
                 if done < settings.prune_batch:
                     break
+                # More to do: rest, so that a backlog leaves the database to the steps.
+                time.sleep(settings.prune_pause)
     report.parts = _merged(report.parts, dry_run)
     return report
 
