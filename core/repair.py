@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from sqlalchemy import Connection
 
 from core import statements as sql
-from core.errors import FieldError, InputValidationError, InvalidTransition
+from core.errors import FieldError, InputValidationError, InvalidTransition, StepNotFound
 from core.executions import retry_execution
 from core.models import encode_json
 from core.sql import utcnow
@@ -75,6 +75,12 @@ def checked_output(workflow: Workflow, step_name: str, output: Any) -> Any:
         output = step.to_json(value)
     encode_json("output", output)  # storable JSON, or InputValidationError naming it
     return output
+
+
+def _known(execution_id: str, step_name: str, definition: Workflow) -> None:
+    """StepNotFound (404) for a step the execution's workflow does not have."""
+    if step_name not in definition.steps:
+        raise StepNotFound(execution_id, step_name)
 
 
 def _who(actor: str, reason: str | None) -> str:
@@ -153,6 +159,7 @@ def resolve_step(
     annotation: InputValidationError naming the field, nothing changed) and re-open its
     execution, whose dependents then run with that output. InvalidTransition (nothing
     changed) when the step is not failed or the execution has not ended."""
+    _known(execution_id, step_name, definition)
     stored = checked_output(definition, step_name, output)
     why = f"resolved {_who(actor, reason)}"
     _failed_step(
@@ -177,11 +184,7 @@ def skip_step(
 ) -> Repair:
     """Skip failed step ``step_name`` and re-open its execution: its ``all_success``
     dependents are skipped (on through the DAG), the others run by their triggers."""
-    if step_name not in definition.steps:
-        raise InputValidationError(
-            f"workflow {definition.name!r} has no step {step_name!r}",
-            [{"field": "step", "message": "no such step"}],
-        )
+    _known(execution_id, step_name, definition)
     why = f"skipped {_who(actor, reason)}"
     _failed_step(conn, execution_id, step_name, StepStatus.SKIPPED, why)
     repair = _reopen(conn, execution_id, definition, why, keep=(step_name,))

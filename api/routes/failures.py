@@ -87,7 +87,7 @@ def list_failures(
     caller: Caller,
     conveyor: Conveyor,
     workflow: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL)] = None,
-    since: Annotated[datetime | None, Query(description="Failures since this time.")] = None,
+    since: Annotated[Timestamp | None, Query(description="Failures since this time.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[FailureGroupOut]:
