@@ -14,6 +14,7 @@ import functools
 import getpass
 import importlib
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -183,6 +184,10 @@ app = typer.Typer(
 @app.callback()
 def main(ctx: typer.Context) -> None:
     """Durable workflows on Celery, with every execution's state in SQL."""
+    # As `celery -A` and `uvicorn` do: modules of the current directory can be imported
+    # (CONVEYOR_WORKFLOW_MODULES=myapp.workflows run from the project's folder).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     ctx.ensure_object(CliState)
 
 

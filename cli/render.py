@@ -328,7 +328,9 @@ def steps_table(
         ]
         if queues is not None:
             cells.append(queue_text(step, queues.get(step.step_name, "-"), unconsumed))
-        cells.append(Text(error_type(step.error), style="red"))
+        # A step that succeeded after a retry keeps its last error on the row: not shown.
+        shown = step.error if step.status != "succeeded" else None
+        cells.append(Text(error_type(shown), style="red"))
         if waiting:
             cells.append(waits[step.step_name])
         if skipped:

@@ -20,6 +20,7 @@ workflow is validated (at registration).
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -1100,9 +1101,16 @@ def _check_signature(where: str, step: Step, *, mapped: bool = False) -> None:
     missing = [d for d in step.depends_on if d not in names]
     extra = [p.name for p in rest if p.name not in step.depends_on and p.default is p.empty]
     if missing:
+        extra_names = [p.name for p in rest if p.name not in step.depends_on]
+        hints = [
+            f"depends_on names {name!r}: did you mean {close[0]!r}?"
+            for name in missing
+            for close in [difflib.get_close_matches(name, extra_names, n=1)]
+            if close
+        ]
         raise DefinitionError(
             f"{where}: the function needs a parameter for each upstream output "
-            f"(missing: {', '.join(missing)})"
+            f"(missing: {', '.join(missing)})" + (f"; {' '.join(hints)}" if hints else "")
         )
     if extra:
         raise DefinitionError(f"{where}: parameters {', '.join(extra)} are not upstream steps")

@@ -1,0 +1,79 @@
+"""Stumbles of a newcomer's first hour (issue 19), each fixed: the `conveyor` command
+imports workflow modules from the current directory as `celery` and `uvicorn` do; a
+step that succeeded after retries shows no error in `conveyor status`; a typo in
+`depends_on` is named with what was meant."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import CliState, app
+from core.errors import DefinitionError
+from core.workflows import Workflow
+from tests.e2e.conftest import wait_for
+from worker.app import ConveyorCelery
+from worker.producer import enqueue
+
+MODULE = """
+from conveyor import Workflow
+
+mine = Workflow("mine_in_cwd")
+
+
+@mine.step()
+def hello(ctx) -> str:
+    return "hello"
+"""
+
+
+def test_the_conveyor_command_imports_workflow_modules_from_the_current_directory(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "mymodule.py").write_text(MODULE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env.pop("PYTHONPATH", None)
+    env.update(
+        CONVEYOR_DATABASE_URL=f"sqlite:///{tmp_path / 'state.db'}",
+        CONVEYOR_WORKFLOW_MODULES="mymodule",
+    )
+    conveyor = str(Path(sys.executable).parent / "conveyor")
+    migrated = subprocess.run(
+        [conveyor, "migrate"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    listed = subprocess.run(
+        [conveyor, "workflows", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "mine_in_cwd" in listed.stdout
+
+
+def test_a_step_that_succeeded_after_retries_shows_no_error(worker: ConveyorCelery) -> None:
+    execution_id = enqueue("flaky", app=worker)
+    assert wait_for(execution_id).status == "succeeded"
+    result = CliRunner().invoke(
+        app, ["status", execution_id], obj=CliState(celery_app=worker), catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert "Glitch" not in result.stdout
+    assert "3/3" in result.stdout
+
+
+def test_a_typo_in_depends_on_says_what_was_meant() -> None:
+    wf = Workflow("typo")
+
+    @wf.step()
+    def load(ctx: object) -> int:
+        return 1
+
+    with pytest.raises(DefinitionError, match="depends_on names 'lod': did you mean 'load'"):
+
+        @wf.step(depends_on=["lod"])
+        def use(ctx: object, load: int) -> int:
+            return load
