@@ -10,10 +10,10 @@ import typer
 from rich import box
 from rich.table import Table
 
-from cli import documents, render, schema
+from cli import documents, render
 from cli.main import CliState, JsonOption, actor, app, fail, migrated, parse_input, reported
 from cli.render import stdout
-from core import failures
+from core import failures, schema
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.failures import BulkAction, FailureGroup

@@ -14,10 +14,10 @@ from rich import box
 from rich.table import Table
 from sqlalchemy import Connection
 
-from cli import documents, render, schema
+from cli import documents, render
 from cli.main import CliState, JsonOption, app, fail, migrated, reported
 from cli.render import stdout
-from core import limits
+from core import limits, schema
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.errors import KeyNotFound

@@ -4,7 +4,7 @@ events, workflows, schedules, limits, demo.
 Commands are thin: reads go through core's state manager, writes through the worker's
 producer and engine. Every ConveyorError becomes one red line on stderr and exit
 status 1; usage errors exit 2. Nothing here prints the database or broker URL. Each
-command that touches state first checks that the schema is at head (``cli.schema``),
+command that touches state first checks that the schema is at head (``core.schema``),
 so an unmigrated database is met with "run `conveyor migrate`", and is never created.
 """
 
@@ -43,10 +43,10 @@ from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 
-from cli import documents, render, schema
+from cli import documents, render
 from cli import schedules as cli_schedules
 from cli.render import stderr, stdout
-from core import limits, maps
+from core import limits, maps, schema
 from core.conditions import skip_reasons
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager

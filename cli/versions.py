@@ -18,7 +18,7 @@ from rich.table import Table
 from cli import documents, render
 from cli.main import CliState, ExecutionId, JsonOption, actor, app, fail, migrated, reported
 from cli.render import stdout
-from core import shapes
+from core import schema, shapes
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.shapes import SHORT, Shape, ShapeUse, Stranded, shape_of
@@ -71,7 +71,7 @@ def versions_command(
     executions on each, their steps held for a compatible worker, and live workers."""
     if ctx.invoked_subcommand is not None:
         return
-    from cli import schema
+
 
     schema.require_migrated(get_database().settings)
     state = ctx.ensure_object(CliState)

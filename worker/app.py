@@ -23,7 +23,7 @@ from core.database import Database, get_database
 from core.dispatch import register_dispatcher
 from core.errors import TransientDatabaseError
 from core.registry import WorkflowRegistry, get_registry
-from worker import logs, shapes
+from worker import logs, shapes, startup
 from worker.config import FIRE_SCHEDULES, PRUNE, RECONCILE, WAKE, celery_config
 from worker.engine import RUN_STEP, START_BATCH, START_EXECUTION, Engine
 from worker.failures import StepFailed
@@ -52,6 +52,8 @@ def create_app(
     # Each of its workers consumes its code's shape queues and says which shapes it runs
     # (core.shapes).
     app.steps["worker"].add(shapes.ShapesStep)
+    # ... and says what it runs and uses, warning on what would fail executions later.
+    app.steps["worker"].add(startup.StartupReport)
     if app.engine.manager.database is not get_database():
         _app_databases.append(app.engine.manager.database)
     _register_tasks(app)

@@ -5,6 +5,7 @@ step that succeeded after retries shows no error in `conveyor status`; a typo in
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -77,3 +78,53 @@ def test_a_typo_in_depends_on_says_what_was_meant() -> None:
         @wf.step(depends_on=["lod"])
         def use(ctx: object, load: int) -> int:
             return load
+
+
+def test_a_worker_says_what_it_runs_and_warns_of_what_would_fail(
+    conveyor_app: ConveyorCelery, caplog: pytest.LogCaptureFixture
+) -> None:
+    from core.registry import WorkflowRegistry
+    from worker.app import create_app
+    from worker.startup import report
+
+    caplog.set_level(logging.INFO, logger="worker.startup")
+    report(conveyor_app.engine, "w1@host")
+    (said,) = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert "conveyor worker w1@host: workflows" in said
+    assert "linear v1" in said
+    assert "broker redis://" in said
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    caplog.clear()
+    empty = create_app(conveyor_app.engine.settings, WorkflowRegistry())
+    report(empty.engine, "w2@host")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("CONVEYOR_WORKFLOW_MODULES" in w for w in warnings)
+
+
+def test_a_worker_on_an_unmigrated_database_warns_to_migrate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from core.config import Settings
+    from core.registry import WorkflowRegistry
+    from worker.engine import Engine
+    from worker.startup import report
+
+    caplog.set_level(logging.INFO, logger="worker.startup")
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'never-migrated.db'}",
+        broker_url="redis://:secret@127.0.0.1:1/0",
+        dispatcher="",
+    )
+
+    class App:
+        pass
+
+    engine = Engine(App(), settings, WorkflowRegistry())  # type: ignore[arg-type]
+    try:
+        report(engine, "w3@host")
+    finally:
+        engine.manager.database.dispose()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("conveyor migrate" in m for m in messages), messages
+    assert not any("secret" in m for m in messages), messages
+    assert not (tmp_path / "never-migrated.db").exists()
