@@ -72,7 +72,6 @@ def versions_command(
     if ctx.invoked_subcommand is not None:
         return
 
-
     schema.require_migrated(get_database().settings)
     state = ctx.ensure_object(CliState)
     live_within = get_database().settings.stall_timeout
