@@ -146,22 +146,26 @@ def test_skipping_a_step_skips_its_all_success_dependents_and_runs_the_others(
     assert execution.output_data == {"d": None, "report": "without billing"}
 
 
-def test_a_resolve_racing_a_retry_applies_once(mend: ConveyorCelery) -> None:
-    execution_id = _failed(mend)
+def test_a_resolve_racing_a_retry_applies_once(conveyor_app: ConveyorCelery) -> None:
+    conveyor_app.engine.registry.register(_mend())
+    with running_worker(conveyor_app):
+        execution_id = _failed(conveyor_app)
+    # No worker from here on: a retried execution stays pending, so it cannot fail again
+    # and be repaired afterwards (two operations one after the other, not a race).
     barrier = threading.Barrier(2)
     outcomes: list[str] = []
 
     def do_resolve() -> None:
         barrier.wait()
         try:
-            resolve(execution_id, "b", {"amount": 5}, app=mend)
+            resolve(execution_id, "b", {"amount": 5}, app=conveyor_app)
             outcomes.append("resolved")
         except InvalidTransition:
             outcomes.append("refused")
 
     def do_retry() -> None:
         barrier.wait()
-        outcomes.append("retried" if mend.engine.retry(execution_id) else "refused")
+        outcomes.append("retried" if conveyor_app.engine.retry(execution_id) else "refused")
 
     threads = [threading.Thread(target=do_resolve), threading.Thread(target=do_retry)]
     for thread in threads:
@@ -169,6 +173,8 @@ def test_a_resolve_racing_a_retry_applies_once(mend: ConveyorCelery) -> None:
     for thread in threads:
         thread.join(30)
     assert sorted(outcomes) in (["refused", "resolved"], ["refused", "retried"])
+    reopened = [e for e in events(execution_id) if e == (None, "failed", "pending")]
+    assert len(reopened) == 1
 
 
 def test_resolve_and_skip_from_the_command_line(mend: ConveyorCelery) -> None:
