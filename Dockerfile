@@ -13,12 +13,12 @@
 #
 # /app is the working directory and on PYTHONPATH: a package copied there imports.
 # Without a workflow module of your own the image runs conveyor's examples
-# (CONVEYOR_WORKFLOW_MODULES=examples.workflows; `--build-arg WORKFLOW_MODULES=...` sets
+# (CONVEYOR_WORKFLOW_MODULES=conveyor.examples.workflows; `--build-arg WORKFLOW_MODULES=...` sets
 # another default, and the variable itself still wins at run time). The processes (docker-compose.yml runs each one):
 #   conveyor migrate                                   once per release, before the rest
 #   celery -A worker.app worker --loglevel=INFO        the workers (scale these)
 #   celery -A worker.app beat --loglevel=INFO          exactly one
-#   uvicorn api.app:app --host 0.0.0.0 --port 8000     the HTTP API and the /ui dashboard
+#   uvicorn conveyor.api.app:app --host 0.0.0.0 --port 8000     the HTTP API and the /ui dashboard
 #   celery -A worker.app flower --port=5555            needs FLOWER_BASIC_AUTH
 # Each runs as PID 1 (exec form): `docker stop` sends SIGTERM to Celery itself, whose warm
 # shutdown lets running steps finish (give workers a stop grace longer than your steps).
@@ -32,10 +32,7 @@ COPY pyproject.toml README.md ./
 COPY conveyor ./conveyor
 COPY core ./core
 COPY worker ./worker
-COPY cli ./cli
-COPY api ./api
 COPY migrations ./migrations
-COPY examples ./examples
 # A wheel (not an editable install): what runs is what pip would install from an index,
 # package data (the dashboard's templates, the migrations) included.
 RUN /opt/conveyor/bin/pip wheel --no-deps --wheel-dir /wheels . \
@@ -43,7 +40,7 @@ RUN /opt/conveyor/bin/pip wheel --no-deps --wheel-dir /wheels . \
 
 # --- runtime: the venv, a non-root user, no compilers or sources --------------------------
 FROM python:3.11-slim
-ARG WORKFLOW_MODULES=examples.workflows
+ARG WORKFLOW_MODULES=conveyor.examples.workflows
 ENV PATH=/opt/conveyor/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \

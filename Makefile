@@ -15,7 +15,7 @@ lint: deps
 	$(BIN)/ruff format --check .
 
 typecheck: deps
-	$(BIN)/mypy core worker cli api
+	$(BIN)/mypy core worker conveyor
 
 # Three workers, a test file each at a time (each worker starts its own PostgreSQL and
 # Redis); the fault suite after them, alone, since it times crashes and outages.
@@ -26,7 +26,7 @@ pytest: deps
 test: lint typecheck pytest
 
 run: venv
-	$(BIN)/python -m cli.demo
+	$(BIN)/python -m conveyor.cli.demo
 
 # Plain Celery, DBOS and conveyor side by side on a durable PostgreSQL (docs/benchmarks.md).
 bench: deps

@@ -42,7 +42,7 @@ _counter = itertools.count()
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist's workers inherit COLUMNS=80 and LINES=24 from its launcher: the CLI
     # would cut its tables to 80 columns, as in a terminal, where the tests read them
-    # as a pipe does (one row a line, cli.render.PIPE_WIDTH).
+    # as a pipe does (one row a line, conveyor.cli.render.PIPE_WIDTH).
     os.environ.pop("COLUMNS", None)
     os.environ.pop("LINES", None)
 

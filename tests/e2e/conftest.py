@@ -13,7 +13,7 @@ import pytest
 import redis
 from celery.contrib.testing.worker import start_worker
 
-from api.app import create_app as create_api
+from conveyor.api.app import create_app as create_api
 from core.accounts import Role
 from core.config import Settings
 from core.execution_state_manager import SyncExecutionStateManager

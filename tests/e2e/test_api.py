@@ -10,7 +10,7 @@ import httpx2 as httpx
 import pytest
 from sqlalchemy import select, update
 
-from api.app import create_app
+from conveyor.api.app import create_app
 from core.database import get_db_session
 from core.executions import StepSpec
 from core.models import UserSession

@@ -15,7 +15,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from api.auth import UI_HEADER
+from conveyor.api.auth import UI_HEADER
 from core.accounts import Role
 from tests.e2e.limit_workflows import (
     BATCH_KEY,

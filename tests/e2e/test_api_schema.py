@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from api.app import create_app
+from conveyor.api.app import create_app
 from core import accounts
 from core.accounts import Role
 from core.database import get_db_session

@@ -8,8 +8,8 @@ import time
 import pytest
 from typer.testing import CliRunner, Result
 
-from cli import main as cli_main
-from cli.main import CliState, app
+from conveyor.cli import main as cli_main
+from conveyor.cli.main import CliState, app
 from tests.helpers.state import execution_row
 from worker.app import ConveyorCelery
 

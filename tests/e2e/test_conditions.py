@@ -502,9 +502,9 @@ def test_a_parameter_that_cannot_take_none_is_refused(trigger: str) -> None:
 def test_the_api_and_the_cli_say_why_a_step_was_skipped(app: ConveyorCelery) -> None:
     from typer.testing import CliRunner
 
-    from api.app import create_app as create_api
-    from cli.main import CliState
-    from cli.main import app as cli
+    from conveyor.api.app import create_app as create_api
+    from conveyor.cli.main import CliState
+    from conveyor.cli.main import app as cli
     from core.accounts import Role
     from tests.helpers.api import client, serve, user_with_token
 

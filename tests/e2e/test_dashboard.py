@@ -15,8 +15,8 @@ from typing import Any, Literal
 import httpx2 as httpx
 from pydantic import BaseModel, Field
 
-from api.auth import TOKEN_COOKIE, UI_HEADER
-from api.ui.waits import form_fields
+from conveyor.api.auth import TOKEN_COOKIE, UI_HEADER
+from conveyor.api.ui.waits import form_fields
 from core.accounts import Role
 from core.executions import ExecutionFilter
 from tests.conftest import TestDatabase

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from api.app import create_app
+from conveyor.api.app import create_app
 from core.accounts import Role
 from core.workflows import Workflow
 from tests.conftest import TestDatabase

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Page, expect
 
-from api.app import create_app as create_api
+from conveyor.api.app import create_app as create_api
 from core.accounts import Role
 from tests.e2e.conftest import running_worker, wait_for
 from tests.e2e.test_dashboard_browser import WAIT_MS, browser, log_in  # noqa: F401

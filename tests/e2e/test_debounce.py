@@ -23,9 +23,9 @@ from pydantic import BaseModel
 from sqlalchemy import select, text, update
 from typer.testing import CliRunner, Result
 
-from api.app import create_app as create_api
-from cli.main import CliState
-from cli.main import app as cli_app
+from conveyor.api.app import create_app as create_api
+from conveyor.cli.main import CliState
+from conveyor.cli.main import app as cli_app
 from core import debounce, executions
 from core.database import get_database, get_db_session
 from core.errors import InputValidationError

@@ -57,7 +57,7 @@ def _run_demo(cwd: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "cli.demo"],
+        [sys.executable, "-m", "conveyor.cli.demo"],
         cwd=cwd,
         env=env,
         capture_output=True,

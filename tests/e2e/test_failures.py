@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 from sqlalchemy import select, update
 
-from api.app import create_app as create_api
+from conveyor.api.app import create_app as create_api
 from core.accounts import Role
 from core.database import get_db_session
 from core.execution_state_manager import SyncExecutionStateManager

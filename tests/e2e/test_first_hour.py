@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import CliState, app
+from conveyor.cli.main import CliState, app
 from core.errors import DefinitionError
 from core.workflows import Workflow
 from tests.e2e.conftest import wait_for

@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from api.app import create_app as create_api
+from conveyor.api.app import create_app as create_api
 from core.config import Settings
 from core.database import get_db_session
 from core.models import WorkflowExecution

@@ -82,7 +82,7 @@ def test_the_procfile_runs_a_workflow_and_stops_cleanly(tmp_path: Path) -> None:
         CONVEYOR_DATABASE_URL=f"sqlite:///{tmp_path / 'conveyor.db'}",
         CONVEYOR_BROKER_URL="filesystem://localhost/",
         CONVEYOR_BROKER_FOLDER=str(tmp_path / "broker"),
-        CONVEYOR_WORKFLOW_MODULES="examples.workflows",
+        CONVEYOR_WORKFLOW_MODULES="conveyor.examples.workflows",
     )
     release = subprocess.run(
         ["sh", "-c", procfile_command("release")],

@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from api.app import create_app as create_api
-from cli.main import CliState, app
+from conveyor.api.app import create_app as create_api
+from conveyor.cli.main import CliState, app
 from core.accounts import Role
 from core.database import get_db_session
 from core.errors import InputValidationError, InvalidTransition

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner, Result
 
-from cli.main import CliState, app
+from conveyor.cli.main import CliState, app
 from core.database import get_db_session
 from core.errors import NotReplayable, StepNotFound
 from core.models import ExecutionEvent, WorkflowExecution

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
-from api.app import create_app as create_api
-from api.auth import TOKEN_COOKIE
-from cli.main import CliState, app
+from conveyor.api.app import create_app as create_api
+from conveyor.api.auth import TOKEN_COOKIE
+from conveyor.cli.main import CliState, app
 from core.accounts import Role
 from core.database import get_db_session
 from core.errors import DefinitionError

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from cli import documents
+from conveyor.cli import documents
 from core import reconciler, steps
 from core.database import get_db_session
 from core.models import StepExecution, WorkflowExecution

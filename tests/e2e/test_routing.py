@@ -13,9 +13,9 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from api.app import create_app as create_api
-from cli.main import CliState
-from cli.main import app as cli
+from conveyor.api.app import create_app as create_api
+from conveyor.cli.main import CliState
+from conveyor.cli.main import app as cli
 from core.accounts import Role
 from core.database import get_database
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager

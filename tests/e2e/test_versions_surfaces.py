@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from api.app import create_app as create_api
+from conveyor.api.app import create_app as create_api
 from core.accounts import Role
 from core.config import Settings
 from tests.e2e.conftest import running_worker, wait_for

@@ -24,8 +24,8 @@ from sqlalchemy import create_engine, inspect, text, update
 from sqlalchemy.engine import URL
 from typer.testing import CliRunner, Result
 
-from cli import main as cli_main
-from cli.main import CliState, app
+from conveyor.cli import main as cli_main
+from conveyor.cli.main import CliState, app
 from core import database as core_database
 from core.config import Settings, get_settings
 from core.database import get_db_session
@@ -679,9 +679,9 @@ def test_demo_runs_cli_demo_main_and_exits_with_its_status(
         calls.append("main")
         return 3
 
-    fake = types.ModuleType("cli.demo")
+    fake = types.ModuleType("conveyor.cli.demo")
     fake.main = main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "cli.demo", fake)
+    monkeypatch.setitem(sys.modules, "conveyor.cli.demo", fake)
     result = invoke(None, "demo")
     assert calls == ["main"]
     assert result.exit_code == 3

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from typer.testing import CliRunner
 
-from cli.main import app
+from conveyor.cli.main import app
 from core import accounts
 from core.accounts import Role
 from core.database import get_db_session

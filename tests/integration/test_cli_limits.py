@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from typer.testing import CliRunner, Result
 
-from cli.main import CliState, app
+from conveyor.cli.main import CliState, app
 from core.enhanced_execution_state_manager import SyncEnhancedExecutionStateManager
 from core.models import StepExecution
 from core.registry import WorkflowRegistry, configure_registry

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from typer.testing import CliRunner, Result
 
-from cli.main import CliState, app
+from conveyor.cli.main import CliState, app
 from core.registry import WorkflowRegistry, configure_registry
 from tests.conftest import TestDatabase
 from tests.e2e import map_workflows

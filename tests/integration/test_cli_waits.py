@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from cli import render
-from cli.main import CliState, app
+from conveyor.cli import render
+from conveyor.cli.main import CliState, app
 from core.models import InboxEvent, StepExecution
 from core.registry import WorkflowRegistry, configure_registry
 from tests.conftest import TestDatabase

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from api.ui import graph
+from conveyor.api.ui import graph
 from core.workflows import Step, StepContext, Workflow
 from tests.e2e.workflows import FAN_WIDTH, fan
 

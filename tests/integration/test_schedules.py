@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, select
 from typer.testing import CliRunner, Result
 
-from cli.main import CliState
-from cli.main import app as cli
+from conveyor.cli.main import CliState
+from conveyor.cli.main import app as cli
 from core import accounts, schedule_state, schedules
 from core.config import Settings
 from core.database import get_db_session

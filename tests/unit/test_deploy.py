@@ -34,10 +34,10 @@ def test_every_long_running_service_has_a_healthcheck() -> None:
 
 
 def test_the_api_service_serves_the_app_and_is_checked_on_a_route_it_has() -> None:
-    from api.app import app  # the dev install has the api extra
+    from conveyor.api.app import app  # the dev install has the api extra
 
     api = compose()["services"]["api"]
-    assert api["command"][:2] == ["uvicorn", "api.app:app"]
+    assert api["command"][:2] == ["uvicorn", "conveyor.api.app:app"]
     (port,) = api["ports"]
     assert port.startswith("${API_BIND:-127.0.0.1}:"), "published on this machine only"
     path = re.search(r"127\.0\.0\.1:8000(/\w+)", healthcheck_command(api))
@@ -99,6 +99,6 @@ def test_procfile_processes_exec_and_release_migrates() -> None:
     )
     processes = {name: command.strip() for name, command in processes.items()}
     assert processes["release"] == "conveyor migrate"
-    assert processes["web"].startswith("exec uvicorn api.app:app ")
+    assert processes["web"].startswith("exec uvicorn conveyor.api.app:app ")
     for name in ("web", "worker", "beat", "flower"):
         assert re.search(r"(^|&& )exec ", processes[name]), name

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cli.limits import rate
-from cli.render import waits_for
+from conveyor.cli.limits import rate
+from conveyor.cli.render import waits_for
 from core.limits import why_held
 from core.models import StepExecution
 

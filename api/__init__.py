@@ -1,1 +1,0 @@
-"""conveyor's HTTP API and dashboard: ``uvicorn api.app:app`` (install ``conveyor[api]``)."""

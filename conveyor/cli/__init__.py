@@ -1,0 +1,2 @@
+"""conveyor's command line: ``conveyor`` (``conveyor.cli.main``) and the demo
+(``python -m conveyor.cli.demo``)."""
