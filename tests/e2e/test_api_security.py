@@ -340,7 +340,9 @@ def test_no_secret_reaches_a_log_record_or_a_response_body(
     secrets |= {forged, db_password, broker_password}
     records = caplog.records
     assert any(r.name == "uvicorn.access" for r in records), "the access log was not captured"
-    assert any(r.name == "conveyor.api.problems" and r.exc_info for r in records), "no 500 was logged"
+    assert any(r.name == "conveyor.api.problems" and r.exc_info for r in records), (
+        "no 500 was logged"
+    )
     logged = "\n".join(f"{r.name} {r.getMessage()} {caplog.handler.format(r)}" for r in records)
     assert "token=cvy_***" in logged, "the token sent in a URL was not logged redacted"
     for secret in secrets:
