@@ -128,3 +128,17 @@ def test_a_worker_on_an_unmigrated_database_warns_to_migrate(
     assert any("conveyor migrate" in m for m in messages), messages
     assert not any("secret" in m for m in messages), messages
     assert not (tmp_path / "never-migrated.db").exists()
+
+
+def test_the_api_lists_an_executions_steps_in_dag_order(worker: ConveyorCelery) -> None:
+    from conveyor.api.app import create_app as create_api
+    from core.accounts import Role
+    from tests.helpers.api import client, serve, user_with_token
+
+    execution_id = enqueue("linear", {"start": 1}, app=worker)
+    wait_for(execution_id)
+    _, token = user_with_token("ops@example.com", Role.ADMIN)
+    with serve(create_api(worker)) as url, client(url, token) as http:
+        steps = http.get(f"/executions/{execution_id}").json()["steps"]
+    # Alphabetically add_one, describe, double; in the DAG double runs first.
+    assert [s["name"] for s in steps] == ["double", "add_one", "describe"]

@@ -229,6 +229,11 @@ def read_execution(execution_id: PathId, caller: Caller, conveyor: Conveyor) -> 
     _visible(execution, caller)
     route = (execution.workflow_id, execution.workflow_version)
     why = skip_reasons(events)
+    # In DAG order, as `conveyor status` lists them (by name where the definition is
+    # unknown here).
+    definition = engine.definition(*route)
+    position = {name: i for i, name in enumerate(definition.order())} if definition else {}
+    steps = sorted(steps, key=lambda s: (position.get(s.step_name, len(position)), s.step_name))
     return ExecutionDetail(
         **ExecutionOut.of(execution).model_dump(),
         steps=[
