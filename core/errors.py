@@ -60,7 +60,12 @@ class WorkflowNotFound(NotFound):
         self, name: str, version: int | None = None, known: list[str] | None = None
     ) -> None:
         what = f"{name!r} version {version}" if version is not None else repr(name)
-        hint = f"; registered: {', '.join(known)}" if known else "; none are registered"
+        hint = (
+            f"; registered: {', '.join(known)}"
+            if known
+            else "; none are registered (set CONVEYOR_WORKFLOW_MODULES to the modules that "
+            "define them, in this process's environment)"
+        )
         super().__init__(f"no workflow {what}{hint}")
         self.name = name
 

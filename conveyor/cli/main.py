@@ -255,7 +255,8 @@ def no_worker_hint(celery_app: ConveyorCelery, waited: float) -> str | None:
     if answering == 0:
         return (
             f"no worker has answered in {waited:.0f} s: start one with `{START_WORKER}` "
-            "(the execution stays pending until one does)"
+            "from this folder, with the same CONVEYOR_DATABASE_URL, CONVEYOR_BROKER_URL and "
+            "CONVEYOR_WORKFLOW_MODULES (the execution stays pending until one does)"
         )
     return (
         f"the execution is still pending after {waited:.0f} s: if no worker runs, start one "

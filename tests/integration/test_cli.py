@@ -356,7 +356,8 @@ def test_run_wait_without_a_worker_hints_how_to_start_one_and_keeps_waiting(
     # which a loaded machine may round up to 1.
     hint = re.compile(
         r"hint: no worker has answered in \d+ s: start one with `celery -A worker.app worker` "
-        r"\(the execution stays pending until one does\)"
+        r"from this folder, with the same CONVEYOR_DATABASE_URL, CONVEYOR_BROKER_URL and "
+        r"CONVEYOR_WORKFLOW_MODULES \(the execution stays pending until one does\)"
     )
     hints = list(hint.finditer(result.stderr))
     assert len(hints) == 1, result.stderr

@@ -316,3 +316,10 @@ def test_a_waits_callable_takes_the_context_and_its_upstream_steps() -> None:
         flow.child("load", workflow=child, depends_on=["request"], input=lambda ctx: {})
     flow.child("load", workflow=child, depends_on=["request"], input=lambda ctx, request: {})
     assert [s.wait_kind for s in step_specs(flow)] == [None, "child"]
+
+
+def test_not_registered_names_the_setting_that_registers() -> None:
+    from core.registry import WorkflowRegistry
+
+    with pytest.raises(WorkflowNotFound, match=r"none are registered .*CONVEYOR_WORKFLOW_MODULES"):
+        WorkflowRegistry().get("anything")
