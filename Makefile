@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: deps venv test lint typecheck pytest run migrate bench clean
+.PHONY: deps venv test lint typecheck pytest run migrate bench docs clean
 
 deps:
 	@VENV=$(VENV) scripts/bootstrap.sh
@@ -32,6 +32,10 @@ run: venv
 bench: deps
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.run
+
+# The documentation site, into site/ (strict: a broken link or reference fails it).
+docs: deps
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 migrate: deps
 	$(BIN)/alembic upgrade head
