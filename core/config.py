@@ -139,7 +139,7 @@ class Settings(BaseSettings):
         default=5000, description="Executions deleted (or cleared) per transaction."
     )
     prune_pause: Annotated[float, Field(ge=0)] = Field(
-        default=1.0,
+        default=2.0,
         description="Seconds a retention pass rests between batches, so that a backlog "
         "being pruned leaves the database to the steps (0: none).",
     )

@@ -344,15 +344,10 @@ def hand_back(
     (``reason``): to the queue of a live worker with a compatible shape, or to
     ``waiting`` (wait_kind 'version') until one comes. Never a failure, and the attempt
     is not spent."""
-    row = conn.execute(
-        select(WE.workflow_id, WE.workflow_version, WE.priority, WE.shape_hash).where(
-            WE.execution_id == execution_id
-        )
-    ).first()
-    if row is None:
+    found = _route_and_target(conn, execution_id, live_within)
+    if found is None:
         return HandedBack(False)
-    route = Route(row.workflow_id, row.workflow_version, row.priority, row.shape_hash)
-    target = _compatible_live(conn, execution_id, route, live_within)
+    route, target = found
     mine = and_(
         SE.execution_id == execution_id,
         SE.step_name == step_name,
@@ -390,6 +385,22 @@ def hand_back(
         return HandedBack(False)
     _event(conn, execution_id, step_name, StepStatus.RUNNING.value, moved.status, attempt, why)
     return HandedBack(True, None if target is None else shape_queue(target), route)
+
+
+def _route_and_target(
+    conn: Connection, execution_id: str, live_within: float
+) -> tuple[Route, str | None] | None:
+    """The execution's route and a live compatible shape to send its work to (None: no
+    such execution)."""
+    row = conn.execute(
+        select(WE.workflow_id, WE.workflow_version, WE.priority, WE.shape_hash).where(
+            WE.execution_id == execution_id
+        )
+    ).first()
+    if row is None:
+        return None
+    route = Route(row.workflow_id, row.workflow_version, row.priority, row.shape_hash)
+    return route, _compatible_live(conn, execution_id, route, live_within)
 
 
 def _event(
@@ -447,15 +458,10 @@ def hand_back_item(
     finish: queued again at the same attempt, and sent (by the caller) to the queue of a
     live worker with a compatible shape when there is one; else it stays queued, and the
     reconciler's re-send of unclaimed items offers it again."""
-    row = conn.execute(
-        select(WE.workflow_id, WE.workflow_version, WE.priority, WE.shape_hash).where(
-            WE.execution_id == execution_id
-        )
-    ).first()
-    if row is None:
+    found = _route_and_target(conn, execution_id, live_within)
+    if found is None:
         return HandedBack(False)
-    route = Route(row.workflow_id, row.workflow_version, row.priority, row.shape_hash)
-    target = _compatible_live(conn, execution_id, route, live_within)
+    route, target = found
     moved = conn.execute(
         update(MapItem)
         .where(
