@@ -19,18 +19,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection
+from sqlalchemy import Connection, update
 
 from core import statements as sql
 from core.errors import FieldError, InputValidationError, InvalidTransition, StepNotFound
 from core.executions import retry_execution
-from core.models import encode_json
+from core.models import StepExecution, encode_json
 from core.sql import utcnow
 from core.states import EXECUTIONS, ExecutionStatus, StepStatus
 from core.transitions import transition_step, transition_steps
-from core.workflows import Workflow
+from core.workflows import MapSpec, Step, Workflow
 
 log = logging.getLogger(__name__)
+
+SE = StepExecution.__table__.c
 
 # The executions a repair re-opens: those an explicit retry may re-open.
 REOPENED = EXECUTIONS.sources_of(ExecutionStatus.PENDING, retry=True)
@@ -56,25 +58,48 @@ def checked_output(workflow: Workflow, step_name: str, output: Any) -> Any:
             f"workflow {workflow.name!r} has no step {step_name!r}",
             [{"field": "step", "message": "no such step"}],
         )
-    if step.output is not None:
-        try:
-            value = step.output.validate_python(output)
-        except ValidationError as error:
-            fields: list[FieldError] = [
-                {
-                    "field": ".".join(["output", *(str(p) for p in e["loc"])]),
-                    "message": e["msg"],
-                }
-                for e in error.errors(include_url=False, include_input=False)
-            ]
-            problems = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    if isinstance(step.wait, MapSpec) and step.wait.child is None:
+        # A map's output is the list of its items' outputs (None where a tolerated item
+        # failed); its return annotation is an item's.
+        if not isinstance(output, list):
             raise InputValidationError(
-                f"output for step {step_name!r} does not fit its return type: {problems}",
-                fields,
-            ) from None
-        output = step.to_json(value)
+                f"output for map step {step_name!r} must be a list of its items' outputs",
+                [{"field": "output", "message": "not a list"}],
+            )
+        tolerated = step.wait.tolerate.max_failed != 0
+        output = [
+            None
+            if item is None and tolerated
+            else _fitted(step, step_name, item, ["output", str(index)])
+            for index, item in enumerate(output)
+        ]
+    else:
+        output = _fitted(step, step_name, output, ["output"])
     encode_json("output", output)  # storable JSON, or InputValidationError naming it
     return output
+
+
+def _fitted(step: Step, step_name: str, value: Any, where: list[str]) -> Any:
+    """``value`` as the step's return annotation takes it, as JSON (any JSON without
+    one); an InputValidationError naming each bad field under ``where``."""
+    if step.output is None:
+        return value
+    try:
+        fitted = step.output.validate_python(value)
+    except ValidationError as error:
+        fields: list[FieldError] = [
+            {
+                "field": ".".join([*where, *(str(p) for p in e["loc"])]),
+                "message": e["msg"],
+            }
+            for e in error.errors(include_url=False, include_input=False)
+        ]
+        problems = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        raise InputValidationError(
+            f"output for step {step_name!r} does not fit its return type: {problems}",
+            fields,
+        ) from None
+    return step.to_json(fitted)
 
 
 def _known(execution_id: str, step_name: str, definition: Workflow) -> None:
@@ -204,6 +229,20 @@ def skip_step(
             reason=f"upstream step {name} skipped",
         )
         for row in moved:
-            skipped.append(row.step_name or "")
-            frontier.append(row.step_name or "")
+            name_skipped = row.step_name or ""
+            skipped.append(name_skipped)
+            frontier.append(name_skipped)
+            # The re-open counted it as not done for its gated dependents (a none_failed
+            # or all_done step waits for every upstream step to end): it has ended now.
+            gated = definition.gated_downstream(name_skipped)
+            if gated:
+                conn.execute(
+                    update(StepExecution)
+                    .where(
+                        SE.execution_id == execution_id,
+                        SE.step_name.in_(gated),
+                        SE.status == StepStatus.PENDING.value,
+                    )
+                    .values(unmet_deps=SE.unmet_deps - 1)
+                )
     return Repair(repair.execution_id, repair.workflow, repair.priority, tuple(skipped))

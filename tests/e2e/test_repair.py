@@ -225,3 +225,81 @@ def test_the_api_lets_the_owner_and_admins_repair_and_no_one_else(mend: Conveyor
     assert wait_for(mine).output_data == {"d": 15, "report": "billed 7"}
     assert wait_for(theirs).status == "succeeded"
     assert ("b", "failed", "skipped") in events(theirs)
+
+
+def _joined() -> Workflow:
+    """a -> b (fails) -> c, and e after both b and c with none_failed: a skip of b skips
+    c, and e must still run (its upstream steps have all ended)."""
+    wf = Workflow("mend_joined")
+
+    @wf.step()
+    def a(ctx: Any) -> int:
+        return 1
+
+    @wf.step(depends_on=["a"])
+    def b(ctx: Any, a: int) -> int:
+        raise ConnectionError("down")
+
+    @wf.step(depends_on=["b"])
+    def c(ctx: Any, b: int) -> int:
+        return b
+
+    @wf.step(depends_on=["b", "c"], trigger="none_failed")
+    def e(ctx: Any, b: int | None, c: int | None) -> str:
+        RUNS[(ctx.execution_id, "e")] += 1
+        return f"b={b} c={c}"
+
+    return wf
+
+
+def _mapped() -> Workflow:
+    """numbers -> double (a map whose items fail) -> total."""
+    wf = Workflow("mend_mapped")
+
+    @wf.step()
+    def numbers(ctx: Any) -> list[int]:
+        return [1, 2, 3]
+
+    @wf.map(over="numbers")
+    def double(ctx: Any, item: int) -> int:
+        raise ConnectionError("down")
+
+    @wf.step(depends_on=["double"])
+    def total(ctx: Any, double: list[int]) -> int:
+        return sum(double)
+
+    return wf
+
+
+def test_skipping_a_step_runs_a_none_failed_step_that_also_waited_for_a_skipped_one(
+    conveyor_app: ConveyorCelery,
+) -> None:
+    conveyor_app.engine.registry.register(_joined())
+    with running_worker(conveyor_app):
+        execution_id = enqueue("mend_joined", app=conveyor_app)
+        assert wait_for(execution_id).status == "failed"
+        skip(execution_id, "b", app=conveyor_app)
+        execution = wait_for(execution_id)
+    assert execution.status == "succeeded"
+    assert execution.output_data == {"e": "b=None c=None"}
+    assert RUNS[(execution_id, "e")] == 1
+    assert step_row(execution_id, "c")["status"] == "skipped"
+
+
+def test_a_map_step_is_resolved_with_the_list_of_its_items_outputs(
+    conveyor_app: ConveyorCelery,
+) -> None:
+    conveyor_app.engine.registry.register(_mapped())
+    with running_worker(conveyor_app):
+        execution_id = enqueue("mend_mapped", app=conveyor_app)
+        assert wait_for(execution_id).status == "failed"
+        with pytest.raises(InputValidationError, match="must be a list"):
+            resolve(execution_id, "double", 5, app=conveyor_app)
+        with pytest.raises(InputValidationError) as refused:
+            resolve(execution_id, "double", [2, "four", 6], app=conveyor_app)
+        assert [e["field"] for e in refused.value.errors] == ["output.1"]
+        assert step_row(execution_id, "double")["status"] == "failed"
+        resolve(execution_id, "double", [2, 4, 6], app=conveyor_app)
+        execution = wait_for(execution_id)
+    assert execution.status == "succeeded"
+    assert execution.output_data == {"total": 12}
