@@ -239,25 +239,6 @@ def load_shape(conn: Connection, shape_hash: str) -> Shape | None:
     return found
 
 
-def find_shape(conn: Connection, prefix: str, workflow: str | None = None) -> Shape:
-    """The stored shape whose hash starts with ``prefix`` (at least 6 digits); a typed
-    error naming the problem when none or several do."""
-    if not isinstance(prefix, str) or len(prefix) < 6 or len(prefix) > 64:
-        raise InputValidationError(
-            f"a shape is named by at least 6 digits of its hash, got {prefix!r}"
-        )
-    query = select(WS.shape_hash, WS.shape).where(WS.shape_hash.startswith(prefix.lower()))
-    if workflow is not None:
-        query = query.where(WS.workflow == workflow)
-    rows = conn.execute(query.limit(2)).all()
-    if not rows:
-        where = f" of workflow {workflow!r}" if workflow else ""
-        raise InputValidationError(f"no recorded shape{where} has a hash starting {prefix!r}")
-    if len(rows) > 1:
-        raise InputValidationError(f"several shapes have a hash starting {prefix!r}: give more")
-    return shape_from_json(rows[0].shape_hash, rows[0].shape)
-
-
 def advertise(conn: Connection, worker: str, shapes: Sequence[Shape]) -> None:
     """Say that ``worker`` is up and runs these shapes (stored if new)."""
     record_shapes(conn, shapes)
@@ -801,14 +782,3 @@ def shape_uses(conn: Connection, live_within: float, workflow: str | None = None
         ShapeUse(r.shape_hash, r.workflow, r.version, r.created_at, r.open, r.held, r.live)
         for r in conn.execute(query)
     ]
-
-
-def held_count(conn: Connection) -> int:
-    """Steps waiting for a worker with a compatible shape."""
-    return int(
-        conn.execute(
-            select(func.count()).where(
-                SE.status == StepStatus.WAITING.value, SE.wait_kind == VERSION_WAIT
-            )
-        ).scalar_one()
-    )
