@@ -13,6 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -28,6 +29,31 @@ from sqlalchemy.pool import NullPool, QueuePool
 
 from core.config import Settings, get_settings
 from core.errors import translate_errors
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The file a SQLite URL names; None for an in-memory database or a ``uri=true`` URL."""
+    database = url.database
+    if not database or database == ":memory:" or url.query.get("uri") in ("true", "1"):
+        return None  # an URI filename is SQLite's to parse: it is opened as configured
+    return Path(database)
+
+
+def _opened_not_created(url: URL) -> URL:
+    """A SQLite file URL as a URI with ``mode=rw``: SQLite opens the file, never creates it.
+
+    A process that reads or writes state before `conveyor migrate` (or from the wrong
+    directory, with a relative path) would otherwise get a new empty file and then a
+    ``no such table``; now it gets the hint to migrate and leaves nothing behind. Alembic's
+    upgrade uses its own engine, so migrating still creates the file. The path is made
+    absolute here, once, as SQLite would have resolved it on the first connect.
+    """
+    path = sqlite_file(url) if url.get_backend_name() == "sqlite" else None
+    if path is None:
+        return url
+    return url.set(
+        database=path.resolve().as_uri(), query={**url.query, "uri": "true", "mode": "rw"}
+    )
 
 
 def _engine_options(settings: Settings, url: URL) -> dict[str, Any]:
@@ -75,7 +101,7 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 def create_sync_engine(settings: Settings, *, pre_ping: bool | None = None) -> Engine:
     """A sync engine for ``settings`` (SQLite configured for concurrent writers);
     ``pre_ping`` overrides ``CONVEYOR_DATABASE_POOL_PRE_PING``."""
-    url = settings.sync_database_url
+    url = _opened_not_created(settings.sync_database_url)
     options = _engine_options(settings, url)
     if pre_ping is not None and "pool_pre_ping" in options:
         options["pool_pre_ping"] = pre_ping
@@ -87,7 +113,7 @@ def create_sync_engine(settings: Settings, *, pre_ping: bool | None = None) -> E
 
 def create_async_db_engine(settings: Settings) -> AsyncEngine:
     """An async engine for ``settings``: psycopg 3 on PostgreSQL, aiosqlite on SQLite."""
-    url = settings.async_database_url
+    url = _opened_not_created(settings.async_database_url)
     engine = create_async_engine(url, **_engine_options(settings, url))
     if url.get_backend_name() == "sqlite":
         _configure_sqlite(engine.sync_engine, settings.sqlite_busy_timeout_ms)

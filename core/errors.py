@@ -168,12 +168,24 @@ class TransientDatabaseError(DatabaseError):
     """The database stayed unavailable after every retry (disconnect, deadlock, lock)."""
 
 
+MIGRATE = "run `conveyor migrate` first (with the same CONVEYOR_DATABASE_URL)"
+
+
+class SchemaNotMigrated(DatabaseError):
+    """The database has no conveyor tables (or is behind): run `conveyor migrate` first."""
+
+
+class SchemaTooNew(DatabaseError):
+    """The database was migrated by a newer conveyor than this one."""
+
+
 # SQLSTATEs worth retrying: connection exceptions (class 08), serialization failure,
 # deadlock, and the server going away under us (admin shutdown, crash, cannot connect now).
 _TRANSIENT_SQLSTATE_PREFIXES = ("08",)
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03", "55P03"})
 _SQLITE_TRANSIENT_MESSAGES = ("database is locked", "database table is locked", "busy")
 _UNIQUE_VIOLATION = "23505"
+_UNDEFINED_TABLE = "42P01"
 _FOREIGN_KEY_VIOLATION = "23503"
 
 
@@ -204,6 +216,9 @@ def translate(error: sa_exc.DBAPIError) -> ConveyorError:
     """The typed error for a driver error (the caller raises it ``from`` the original)."""
     if is_transient(error):
         return TransientDatabaseError(f"database unavailable: {_first_line(error.orig)}")
+    unmigrated = _unmigrated(error)
+    if unmigrated is not None:
+        return unmigrated
     if isinstance(error, sa_exc.IntegrityError):
         state = _sqlstate(error)
         message = _first_line(error.orig)
@@ -213,6 +228,23 @@ def translate(error: sa_exc.DBAPIError) -> ConveyorError:
             return InputValidationError(f"refers to a row that does not exist: {message}")
         return InputValidationError(f"rejected by a database constraint: {message}")
     return DatabaseError(f"database error: {_first_line(error.orig)}")
+
+
+def _unmigrated(error: sa_exc.DBAPIError) -> SchemaNotMigrated | None:
+    """The hint the CLI gives, for a table that is not there or a SQLite file that is not:
+    the same words wherever a user meets an unmigrated database (``enqueue``, the API,
+    a worker), not the driver's ``no such table``."""
+    message = _first_line(error.orig)
+    if _sqlstate(error) == _UNDEFINED_TABLE or message.startswith("no such table"):
+        return SchemaNotMigrated(f"the database has no conveyor tables ({message}): {MIGRATE}")
+    if isinstance(error, sa_exc.OperationalError) and message == "unable to open database file":
+        # core.database opens SQLite files read-write without creating them, so that a
+        # mistyped path or a wrong directory is not answered with a new empty file.
+        return SchemaNotMigrated(
+            "the SQLite database file does not exist or cannot be opened (check "
+            f"CONVEYOR_DATABASE_URL and the current directory): {MIGRATE}"
+        )
+    return None
 
 
 def _first_line(error: BaseException | None) -> str:

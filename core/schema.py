@@ -10,7 +10,6 @@ a SQLite file that does not exist is reported, not made.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -20,19 +19,13 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
 from core.config import Settings
-from core.errors import DatabaseError
+from core.database import sqlite_file
+from core.errors import MIGRATE, SchemaNotMigrated, SchemaTooNew
 from migrations import alembic_config
 
-MIGRATE = "run `conveyor migrate` first"
+__all__ = ["SchemaNotMigrated", "SchemaTooNew", "head_revision", "require_migrated"]
+
 CONNECT_TIMEOUT = 10
-
-
-class SchemaNotMigrated(DatabaseError):
-    """The database has no conveyor tables (or is behind): run `conveyor migrate` first."""
-
-
-class SchemaTooNew(DatabaseError):
-    """The database was migrated by a newer conveyor than this one."""
 
 
 @functools.cache
@@ -51,14 +44,6 @@ def _known(revision: str) -> bool:
         return _scripts().get_revision(revision) is not None
     except CommandError:  # alembic's "can't locate revision"
         return False
-
-
-def sqlite_file(url: URL) -> Path | None:
-    """The file a SQLite URL names; None for an in-memory database or a ``uri=true`` URL."""
-    database = url.database
-    if not database or database == ":memory:" or url.query.get("uri") in ("true", "1"):
-        return None  # an URI filename is SQLite's to parse: it is opened as configured
-    return Path(database)
 
 
 def _check_engine(url: URL) -> Engine:

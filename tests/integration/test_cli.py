@@ -29,6 +29,7 @@ from conveyor.cli.main import CliState, app
 from core import database as core_database
 from core.config import Settings, get_settings
 from core.database import get_db_session
+from core.errors import SchemaNotMigrated
 from core.models import Base, ExecutionEvent, StepExecution, WorkflowExecution
 from core.registry import WorkflowRegistry
 from core.schedules import Schedule
@@ -37,6 +38,7 @@ from migrations import alembic_config
 from tests.conftest import TestDatabase
 from tests.e2e.workflows import broken, linear
 from tests.helpers.state import count, execution_row, force_step_status, step_row
+from worker import producer
 from worker.app import ConveyorCelery, create_app
 
 PAYLOAD_LIMIT = 256
@@ -154,7 +156,7 @@ def empty_database(
             admin.dispose()
 
 
-MIGRATE_FIRST = "run `conveyor migrate` first"
+MIGRATE_FIRST = "run `conveyor migrate` first (with the same CONVEYOR_DATABASE_URL)"
 
 
 @pytest.mark.parametrize(
@@ -189,6 +191,26 @@ def test_every_command_on_an_unmigrated_database_says_to_migrate_and_creates_not
             assert inspect(engine).get_table_names() == []
         finally:
             engine.dispose()
+
+
+def test_enqueue_on_an_unmigrated_database_gives_the_clis_hint_and_creates_nothing(
+    backend: str, empty_database: URL
+) -> None:
+    # A producer's first call, before `conveyor migrate` (or from the wrong directory):
+    # the same typed hint as the CLI's, not the driver's "no such table", and on SQLite
+    # no empty database file left behind.
+    settings = Settings(
+        database_url=empty_database.render_as_string(hide_password=False), broker_url="memory://"
+    )
+    celery_app = create_app(settings, registry())
+    with pytest.raises(SchemaNotMigrated, match=re.escape(MIGRATE_FIRST)):
+        producer.enqueue(linear, {"start": 1}, app=celery_app)
+    if backend == "sqlite":
+        assert empty_database.database is not None
+        assert not Path(empty_database.database).exists()
+        Path(empty_database.database).touch()  # a file with no tables: the same hint
+        with pytest.raises(SchemaNotMigrated, match=r"no conveyor tables \(no such table"):
+            producer.enqueue(linear, {"start": 1}, app=celery_app)
 
 
 @pytest.mark.sqlite_only
