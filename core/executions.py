@@ -794,6 +794,9 @@ def retry_execution(
         # as any other: no window, so no enqueue goes into it and it starts now.
         values={
             "deadline_at": new_deadline,
+            # The attempt's own start and end: "took" measures this attempt, not the
+            # time since the first one started (the history keeps every start).
+            "started_at": None,
             "finished_at": None,
             "parked_at": None,
             "debounce_key": None,

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import update
 from typer.testing import CliRunner, Result
 
 from conveyor.cli import main as cli_main
 from conveyor.cli.main import CliState, app
+from core.database import get_db_session
+from core.models import WorkflowExecution
 from tests.helpers.state import execution_row
 from worker.app import ConveyorCelery
 
@@ -46,14 +51,26 @@ def test_run_wait_of_a_failing_workflow_exits_1_with_the_error_and_retry_reruns_
     assert outcome.startswith(f"failed: broken {execution_id} after ")
     assert error == "step explode: ValueError: the data is bad"
 
+    # Retried a day after it first ran: "after" is the retry's own run, not a day.
+    a_day_ago = datetime.now(UTC) - timedelta(days=1)
+    with get_db_session(commit=True) as session:
+        session.execute(
+            update(WorkflowExecution)
+            .where(WorkflowExecution.execution_id == execution_id)
+            .values(started_at=a_day_ago, finished_at=a_day_ago + timedelta(seconds=1))
+        )
+    retried_at = datetime.now(UTC)
     retried = invoke(worker, "retry", execution_id, "--wait", "--timeout", "30")
     assert retried.exit_code == 1, retried.output
     lines = retried.stdout.splitlines()
     assert lines[0] == f"Retrying {execution_id} (attempt 2)."
     assert lines[1].startswith(f"failed: broken {execution_id} after ")
     assert lines[1].endswith("(attempt 2)")
+    took = lines[1].removeprefix(f"failed: broken {execution_id} after ").split()[0]
+    assert re.fullmatch(r"\d+\.\d+s", took), took  # seconds: not "24h00m"
     row = execution_row(execution_id)
     assert (row["status"], row["attempt"]) == ("failed", 2)
+    assert row["started_at"].replace(tzinfo=UTC) >= retried_at.replace(microsecond=0)
 
 
 def answering_within(app: ConveyorCelery, timeout: float) -> int | None:
