@@ -108,12 +108,13 @@ class Admitted:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why an admission was refused: the key, and when to try again (None: when a slot
-    under it frees)."""
+    """Why an admission was refused: the key, when to try again (None: when a slot under
+    it frees), and when it was judged (as ``Admitted.at``)."""
 
     key: str
     wake_at: datetime | None
     why: str  # "concurrency", "rate" or "paused"
+    at: datetime
 
 
 def key_name(
@@ -426,13 +427,13 @@ def try_admit(
     for limit in limits:
         row = rows[limit.key]
         if row.paused_until is not None and row.paused_until > now:
-            refusals.append(Refusal(limit.key, row.paused_until, "paused"))
+            refusals.append(Refusal(limit.key, row.paused_until, "paused", now))
             continue
         spec = limit.limit
         if isinstance(spec, Concurrency):
             running = conn.execute(st.holders, {"k": limit.key}).scalar_one()
             if running >= spec.limit:
-                refusals.append(Refusal(limit.key, None, "concurrency"))
+                refusals.append(Refusal(limit.key, None, "concurrency", now))
             continue
         # GCRA: the theoretical arrival time moves on by cost * interval per start; a
         # start is allowed while it stays within burst * interval of now.
@@ -441,7 +442,7 @@ def try_admit(
         tat = max(previous, now) + timedelta(seconds=limit.cost * interval)
         allowed_at = tat - timedelta(seconds=spec.burst * interval)
         if allowed_at > now:
-            refusals.append(Refusal(limit.key, allowed_at, "rate"))
+            refusals.append(Refusal(limit.key, allowed_at, "rate", now))
             continue
         spends[limit.key] = {
             "k": limit.key,
