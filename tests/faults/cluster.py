@@ -147,13 +147,15 @@ class Cluster:
 
     # --- processes -------------------------------------------------------------------
 
-    def _spawn(self, name: str, arguments: list[str]) -> Process:
+    def _spawn(
+        self, name: str, arguments: list[str], env: Mapping[str, str] | None = None
+    ) -> Process:
         log = self.folder / f"{name}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "worker.app", *arguments],
                 cwd=REPO,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -162,8 +164,9 @@ class Cluster:
         self.processes.append(process)
         return process
 
-    def spawn_worker(self) -> Process:
-        """Start one more worker process (not waiting for it)."""
+    def spawn_worker(self, env: Mapping[str, str] | None = None) -> Process:
+        """Start one more worker process (not waiting for it); ``env`` is merged over the
+        cluster's (another release of the code: ``{workflows.RELEASE_ENV: "new"}``)."""
         name = f"worker{len([p for p in self.processes if p.name.startswith('worker')]) + 1}"
         worker = self._spawn(
             name,
@@ -180,6 +183,7 @@ class Cluster:
                 "--hostname",
                 f"{name}@%h",
             ],
+            env,
         )
         self.workers.append(worker)
         return worker

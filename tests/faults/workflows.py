@@ -10,6 +10,12 @@ Outputs are arithmetic on the input, so the checker can recompute every one of t
 Wait nodes (``sleepy``'s sleep, ``approval``'s event wait, ``parent``'s child, a map
 step) run no code: they never appear in the run log (a child's own steps do, and a
 map's items, each as ``step[index]``).
+
+``FAULTS_RELEASE=new`` is the next release of this code, for rolling deploys: the chain's
+``link_5``, ``sleepy``'s ``b`` and the map's ``total`` are marked ``version=2`` (a
+change of meaning a worker must not mix with the old one; the outputs stay the same, so
+the checker reads either release's executions), and ``fan`` is unchanged (it runs on
+either release).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from pydantic import BaseModel
 from core.workflows import Concurrency, Retry, StepContext, Workflow
 
 RUN_LOG_ENV = "FAULTS_RUN_LOG"
+RELEASE_ENV = "FAULTS_RELEASE"
+# The version of the steps the next release changes: 1, or 2 in FAULTS_RELEASE=new.
+CHANGED = 2 if os.environ.get(RELEASE_ENV) == "new" else 1
 GATE_ENV = "FAULTS_GATE"
 SPANS_ENV = "FAULTS_SPANS_LOG"
 CHAIN_LENGTH = 10
@@ -89,7 +98,9 @@ def _link(index: int) -> Callable[..., int]:
 
 
 for _i in range(1, CHAIN_LENGTH):
-    chain.step(f"link_{_i}", depends_on=[f"link_{_i - 1}"])(_link(_i))
+    chain.step(f"link_{_i}", depends_on=[f"link_{_i - 1}"], version=CHANGED if _i == 5 else 1)(
+        _link(_i)
+    )
 
 
 # A fan-out and fan-in: split -> branch_0..branch_7 -> join (the sum of the branches).
@@ -145,7 +156,7 @@ def _wake_time(ctx: StepContext, a: int) -> datetime:
 sleepy.sleep("nap", depends_on=["a"], until=_wake_time)
 
 
-@sleepy.step("b", depends_on=["nap"])
+@sleepy.step("b", depends_on=["nap"], version=CHANGED)
 def _nap_b(ctx: StepContext, nap: str) -> int:
     datetime.fromisoformat(nap)  # the sleep's output is its wake time
     _work(ctx)
@@ -266,7 +277,7 @@ def _map_workflow(name: str, max_parallel: int) -> Workflow:
     workflow = Workflow(name, input_model=Mapped)
     workflow.step("numbers")(_numbers)
     workflow.map(over="numbers", max_parallel=max_parallel, name="square")(_square)
-    workflow.step("total", depends_on=["square"])(_total)
+    workflow.step("total", depends_on=["square"], version=CHANGED)(_total)
     return workflow
 
 
