@@ -33,153 +33,165 @@ def async_url_for(url: URL) -> URL:
 
 
 class Settings(BaseSettings):
-    """Everything conveyor reads from its environment; see README's configuration table."""
+    """Everything conveyor reads from its environment: each field is `CONVEYOR_<NAME>`, and
+    its docstring (shown on the documentation site's configuration page) says what it does."""
 
     model_config = SettingsConfigDict(
         env_prefix="CONVEYOR_",
         env_file=".env",
         extra="ignore",
         hide_input_in_errors=True,
+        # Each field's docstring is its description: the configuration page of the
+        # documentation site is made from them.
+        use_attribute_docstrings=True,
     )
 
-    database_url: SecretStr = Field(
-        default=SecretStr(DEFAULT_DATABASE_URL),
-        description="SQLAlchemy URL of the state database (postgresql://... or sqlite:///...).",
-    )
+    database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
+    """State database; `postgresql://user:pass@host/db` in production (psycopg 3)."""
     database_pool_size: Annotated[int, Field(ge=1)] = 5
+    """Connections kept per process."""
     database_max_overflow: Annotated[int, Field(ge=0)] = 10
+    """Extra connections under load."""
     database_pool_timeout: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds to wait for a pooled connection."""
     database_pool_recycle: Annotated[int, Field(ge=-1)] = 3600
+    """Seconds before a connection is replaced."""
     database_pool_pre_ping: bool = True
-    database_null_pool: bool = Field(
-        default=False,
-        description="Open a connection per session instead of pooling (behind PgBouncer).",
-    )
+    """Test connections of the session helpers (`get_db`, `get_db_session`, ...) before
+    use; conveyor's own transactions never ping: a dropped connection re-runs them.
+    """
+    database_null_pool: bool = False
+    """No pooling (behind PgBouncer)."""
     database_echo: bool = False
+    """Log every SQL statement."""
     sqlite_busy_timeout_ms: Annotated[int, Field(ge=0)] = 5000
+    """How long SQLite writers wait for the lock."""
     db_retry_attempts: Annotated[int, Field(ge=1)] = 5
+    """Attempts of a transaction after transient errors."""
     db_retry_initial_wait: Annotated[float, Field(ge=0)] = 0.05
+    """First backoff, seconds (exponential, full jitter)."""
     db_retry_max_wait: Annotated[float, Field(ge=0)] = 2.0
+    """Longest backoff, seconds."""
     max_payload_bytes: Annotated[int, Field(ge=1)] = 1_048_576
-    workflow_modules: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Comma-separated modules whose module-level Workflow objects are registered.",
-    )
-    broker_url: SecretStr = Field(
-        default=SecretStr("filesystem://localhost/"),
-        description="Celery broker URL; filesystem:// is the embedded default (no server).",
-    )
-    broker_folder: str = Field(
-        default="./.conveyor-broker",
-        description="Folder of the filesystem broker's messages (embedded default only).",
-    )
+    """Largest input or step output, as JSON."""
+    workflow_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated modules holding your workflows."""
+    broker_url: SecretStr = SecretStr("filesystem://localhost/")
+    """Celery broker; `redis://host:6379/0` in production."""
+    broker_folder: str = "./.conveyor-broker"
+    """Message folder of the embedded broker (`queue/`, `control/`, `processed/`, and
+    `quarantine/` for message files that could not be decoded).
+    """
     broker_poll_interval: Annotated[float, Field(gt=0)] = 0.1
+    """How often the embedded broker looks for messages, seconds."""
     visibility_timeout: Annotated[int, Field(ge=60)] = 3600
+    """Redis redelivers unacknowledged messages after this; raised above the longest step
+    `timeout`.
+    """
     heartbeat_interval: Annotated[float, Field(gt=0)] = 5.0
+    """Seconds between a worker process's heartbeats."""
     stall_timeout: Annotated[float, Field(gt=0)] = 60.0
-    continue_max_steps: Annotated[int, Field(ge=0)] = Field(
-        default=100,
-        description="Steps of one execution a worker runs in a row without the broker.",
-    )
-    continue_max_seconds: Annotated[float, Field(ge=0)] = Field(
-        default=1.0,
-        description="Seconds after which a worker stops continuing an execution itself.",
-    )
-    hold_seconds: Annotated[float, Field(ge=0)] = Field(
-        default=0.1,
-        description=(
-            "Seconds a worker keeps the sibling steps a completion released to run them "
-            "itself, one after another, before sending them to the broker (0: never)."
-        ),
-    )
-    max_crash_recoveries: Annotated[int, Field(ge=0)] = Field(
-        default=3,
-        description="Times a step lost with its worker is run again, apart from its retries.",
-    )
+    """A running step with no heartbeat for this long while the database was reachable is
+    re-run (or failed); keep it at least 4 times `CONVEYOR_RECONCILE_INTERVAL`.
+    """
+    continue_max_steps: Annotated[int, Field(ge=0)] = 100
+    """Steps of one execution a worker runs in a row itself, without a broker round trip
+    (0: never).
+    """
+    continue_max_seconds: Annotated[float, Field(ge=0)] = 1.0
+    """Checked after each step, its run included: once this long has passed, the next step
+    goes through the broker (other work and priorities get their turn).
+    """
+    hold_seconds: Annotated[float, Field(ge=0)] = 0.1
+    """A fan-out: the worker that continues one released step holds its siblings (queued,
+    no message) and runs them itself one after another; whatever it has not started this
+    long after the hold goes to the broker, even while a step still runs (0: never
+    hold).
+    """
+    max_crash_recoveries: Annotated[int, Field(ge=0)] = 3
+    """Times a step lost with its worker is run again, apart from its retries."""
     reconcile_interval: Annotated[float, Field(gt=0)] = 5.0
+    """Seconds between reconciler passes (beat)."""
     reconcile_batch: Annotated[int, Field(ge=1)] = 500
+    """Most rows each part of a pass handles."""
     republish_after: Annotated[float, Field(gt=0)] = 120.0
+    """A queued step unclaimed this long is published again; each further re-send waits
+    twice as long, up to 8 times.
+    """
     start_after: Annotated[float, Field(gt=0)] = 30.0
-    order: Literal["depth_first", "breadth_first"] = Field(
-        default="depth_first",
-        description="Steps of running executions before starts of new ones, or arrival order.",
-    )
+    """A pending execution whose last start message is this old gets it again; each further
+    re-send waits twice as long, up to 8 times (the count starts again when a retry makes it
+    pending again); a concurrency slot that frees with nobody to admit into it is filled
+    within this long.
+    """
+    order: Literal["depth_first", "breadth_first"] = "depth_first"
+    """`depth_first`: steps of running executions go ahead of starting new ones (a burst
+    finishes in order); `breadth_first`: arrival order.
+    """
     retry_countdown_max: Annotated[float, Field(ge=0)] = 60.0
-    wake_interval: Annotated[float, Field(gt=0)] = Field(
-        default=1.0,
-        description="Seconds between the waker's passes over due sleeps and wait timeouts.",
-    )
-    wake_batch: Annotated[int, Field(ge=1)] = Field(
-        default=500,
-        description="Due waits the waker takes per transaction.",
-    )
-    max_child_depth: Annotated[int, Field(ge=1, le=64)] = Field(
-        default=8,
-        description="Levels of child workflows allowed below a root execution.",
-    )
-    retention_succeeded: timedelta | None = Field(
-        default=timedelta(days=30),
-        description="How long succeeded executions are kept after they ended (seconds, an "
-        "ISO 8601 duration such as P30D, or 'forever').",
-    )
-    retention_failed: timedelta | None = Field(
-        default=timedelta(days=90),
-        description="How long failed, cancelled and timed-out executions are kept "
-        "(as retention_succeeded).",
-    )
-    retention_payloads: timedelta | None = Field(
-        default=None,
-        description="After how long finished executions' inputs, outputs and errors are "
-        "cleared, their statuses, timings and history kept (default: forever).",
-    )
-    prune_interval: Annotated[float, Field(gt=0)] = Field(
-        default=600.0, description="Seconds between beat's retention passes (conveyor.prune)."
-    )
-    prune_batch: Annotated[int, Field(ge=1, le=5000)] = Field(
-        default=5000, description="Executions deleted (or cleared) per transaction."
-    )
-    prune_pause: Annotated[float, Field(ge=0)] = Field(
-        default=2.0,
-        description="Seconds a retention pass rests between batches, so that a backlog "
-        "being pruned leaves the database to the steps (0: none).",
-    )
-    prune_max_batches: Annotated[int, Field(ge=1)] = Field(
-        default=200, description="Batches one retention pass runs at most (the next goes on)."
-    )
-    event_ttl: Annotated[float, Field(gt=0)] = Field(
-        default=7 * 24 * 3600.0,
-        description="Seconds an event nobody waits for is kept for a wait to come.",
-    )
+    """Retries due sooner are published with a countdown; later ones by the reconciler."""
+    wake_interval: Annotated[float, Field(gt=0)] = 1.0
+    """Seconds between the waker's passes over due sleeps and wait timeouts (beat's
+    `conveyor.wake`).
+    """
+    wake_batch: Annotated[int, Field(ge=1)] = 500
+    """Due waits the waker takes per transaction."""
+    max_child_depth: Annotated[int, Field(ge=1, le=64)] = 8
+    """Levels of child workflows allowed below a root execution: deeper nesting is refused
+    at registration (`DefinitionError`) and, should it happen, fails the node at run
+    time.
+    """
+    retention_succeeded: timedelta | None = timedelta(days=30)
+    """How long succeeded executions are kept after they ended: seconds, ISO 8601 (`P30D`)
+    or `forever` (a workflow's `Retention` wins).
+    """
+    retention_failed: timedelta | None = timedelta(days=90)
+    """The same for failed, cancelled and timed-out executions."""
+    retention_payloads: timedelta | None = None
+    """After how long finished executions' inputs, outputs and errors are cleared."""
+    prune_interval: Annotated[float, Field(gt=0)] = 600.0
+    """Seconds between beat's retention passes."""
+    prune_batch: Annotated[int, Field(ge=1, le=5000)] = 5000
+    """Executions deleted (or cleared) per transaction, at most 5,000."""
+    prune_pause: Annotated[float, Field(ge=0)] = 2.0
+    """Seconds a retention pass rests between full batches, leaving the database to the
+    steps while it works through a backlog (0: none).
+    """
+    prune_max_batches: Annotated[int, Field(ge=1)] = 200
+    """Batches one pass runs at most (the next pass goes on)."""
+    event_ttl: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
+    """Seconds an event nobody waits for is kept for a wait to come (7 days), then dropped
+    by the reconciler.
+    """
     schedule_interval: Annotated[float, Field(gt=0)] = 1.0
+    """Seconds between passes that fire due schedules (beat)."""
     default_queue: str = "conveyor"
-    log_format: Literal["text", "json"] = Field(
-        default="text",
-        description="Log lines of worker and beat: Celery's text, or one JSON object a line.",
-    )
-    tracing: bool = Field(
-        default=False,
-        description="OpenTelemetry spans of execution starts and step runs (conveyor[otel]).",
-    )
-    task_sent_events: bool = Field(
-        default=False,
-        description="Publish Celery's task-sent event with every message (Flower's PENDING).",
-    )
-    api_token_ttl_days: Annotated[int, Field(ge=1, le=3650)] = Field(
-        default=30,
-        description="Days an API token lives unless issued with a shorter life.",
-    )
-    api_max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
-        default=2_097_152,
-        description="Largest HTTP request body the API reads (larger: 413).",
-    )
-    dispatcher: str = Field(
-        default="worker.app:dispatch_starts",
-        description="module:callable that publishes starts of executions created through core.",
-    )
-    metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
-        default=None,
-        description="Port of a worker's Prometheus /metrics (None: no server).",
-    )
+    """Celery queue of conveyor's tasks."""
+    log_format: Literal["text", "json"] = "text"
+    """`text`: Celery's log lines, with `[execution_id=... workflow=... step=...
+    attempt=...]` on lines logged while a step runs; `json`: one JSON object a line with
+    those as fields (see Logs).
+    """
+    tracing: bool = False
+    """OpenTelemetry spans of execution starts and step runs, linked across the broker
+    (needs `conveyor[otel]`; see Traces).
+    """
+    task_sent_events: bool = False
+    """Publish Celery's task-sent event with every message (one more Redis publish each;
+    Flower shows tasks from "received" without it).
+    """
+    api_token_ttl_days: Annotated[int, Field(ge=1, le=3650)] = 30
+    """Days an API token lives (a token can be issued with a shorter life, never a longer
+    one).
+    """
+    api_max_body_bytes: Annotated[int, Field(ge=1024)] = 2_097_152
+    """Largest HTTP request body the API reads; larger ones get 413."""
+    dispatcher: str = "worker.app:dispatch_starts"
+    """What starts executions created through `core` alone (empty: the reconciler does)."""
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """Port on which a worker serves Prometheus metrics at `/metrics` (1-65535; none: no
+    server; see Metrics).
+    """
 
     @field_validator("retention_succeeded", "retention_failed", "retention_payloads", mode="before")
     @classmethod

@@ -1,7 +1,8 @@
-"""Stumbles of a newcomer's first hour (issue 19), each fixed: the `conveyor` command
-imports workflow modules from the current directory as `celery` and `uvicorn` do; a
-step that succeeded after retries shows no error in `conveyor status`; a typo in
-`depends_on` is named with what was meant."""
+"""Stumbles of a newcomer's first hour (issue 19), each fixed: README's recipe for one's
+own workflows runs as written; the `conveyor` command imports workflow modules from the
+current directory as `celery` and `uvicorn` do; a worker says what it runs and warns of
+what would fail; a step that succeeded after retries shows no error in `conveyor
+status`; a typo in `depends_on` is named with what was meant."""
 
 from __future__ import annotations
 
@@ -142,3 +143,66 @@ def test_the_api_lists_an_executions_steps_in_dag_order(worker: ConveyorCelery) 
         steps = http.get(f"/executions/{execution_id}").json()["steps"]
     # Alphabetically add_one, describe, double; in the DAG double runs first.
     assert [s["name"] for s in steps] == ["double", "add_one", "describe"]
+
+
+def _recipe() -> tuple[str, str]:
+    """README's "Your own workflows": the module it writes and the shell block it runs."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    after = readme.split("<!-- recipe:", 1)[1]
+    module = after.split("```python\n", 1)[1].split("```", 1)[0]
+    commands = after.split("```bash\n", 1)[1].split("```", 1)[0]
+    return module, commands
+
+
+def test_the_readmes_own_workflows_recipe_runs_as_written(tmp_path: Path) -> None:
+    # A newcomer's path, as README gives it: their module in a fresh directory, the
+    # block copied into a shell (migrate, a worker and beat in the background, then
+    # `conveyor run --wait`). The sleep in the recipe's workflow ends only if beat's waker
+    # runs, so every process the recipe starts has to work for the run to finish.
+    module, commands = _recipe()
+    (tmp_path / "flows.py").write_text(module)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CONVEYOR_", "CELERY_")) and k != "PYTHONPATH"
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # Files, not pipes: the worker and beat hold the shell's output open after it ends.
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    with out_path.open("w") as out_file, err_path.open("w") as err_file:
+        shell = subprocess.Popen(
+            ["bash", "-euo", "pipefail", "-c", commands],
+            cwd=tmp_path,
+            env=env,
+            stdout=out_file,
+            stderr=err_file,
+            start_new_session=True,  # the worker and beat it starts: one group to stop
+        )
+        try:
+            shell.wait(timeout=90)
+        finally:
+            _stop_group(shell.pid)
+            shell.wait()
+    out, err = out_path.read_text(), err_path.read_text()
+    assert shell.returncode == 0, err[-3000:]
+    assert '"shout": "HELLO, ADA"' in out, out
+    assert (tmp_path / "conveyor.db").exists()
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGTERM the recipe's processes (a worker's warm shutdown), then wait them out."""
+    import signal
+    import time
+
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.killpg(pgid, signal.SIGKILL)

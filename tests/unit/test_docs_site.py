@@ -1,6 +1,7 @@
-"""The documentation site builds in strict mode (a broken link, a missing reference or a
-README section a guide names that is gone fails it), and its generated pages hold what
-they are made from: README's sections, every setting, the public API's docstrings."""
+"""The documentation site builds in strict mode (a broken link or anchor, a missing
+reference or a page left out of the navigation fails it), and its generated pages hold
+what they are made from: README as the home page, every setting with its docstring, the
+public API's docstrings."""
 
 from __future__ import annotations
 
@@ -31,8 +32,12 @@ def test_the_site_builds_strictly_with_the_guides_settings_and_reference(
     configuration = (site / "configuration" / "index.html").read_text()
     for name in Settings.model_fields:
         assert f"CONVEYOR_{name.upper()}" in configuration, name
-    retention = (site / "guides" / "operating" / "index.html").read_text()
-    assert "CONVEYOR_RETENTION_SUCCEEDED" in retention
+    assert "Seconds a retention pass rests between full batches" in configuration
+    home = (site / "index.html").read_text()
+    assert "Your own workflows" in home
+    assert 'href="guides/testing/"' in home  # README's docs/guides/testing.md, on the site
+    operating = (site / "guides" / "operating" / "index.html").read_text()
+    assert "test_sigkill_storm_loses_nothing" in operating  # the guarantees table
     reference = (site / "reference" / "index.html").read_text()
     assert "current code" in reference  # conveyor.testing.ConveyorTest.replay
     assert "Retention" in reference
