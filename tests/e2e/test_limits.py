@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -45,6 +46,7 @@ def _leave(key: str) -> None:
 
 
 tenants = Workflow("limits-tenants")
+CALLS_MAY_END = threading.Event()
 
 
 @tenants.step()
@@ -60,6 +62,7 @@ def prepare(ctx: StepContext) -> str:
 def call(ctx: StepContext, prepare: str) -> str:
     _enter(prepare)
     try:
+        CALLS_MAY_END.wait(timeout=30)  # a test holds the calls in flight for a while
         time.sleep(0.1)
         if ctx.input.get("fail_once") and ctx.attempt == 1:
             FAILS[prepare] += 1
@@ -157,6 +160,11 @@ def call_api(ctx: StepContext) -> str:
     return "ok"
 
 
+def _scalar(query: Any) -> int:
+    with get_db_session() as session:
+        return int(session.execute(query).scalar_one())
+
+
 @pytest.fixture
 def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
     registry = WorkflowRegistry(
@@ -167,6 +175,7 @@ def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
         counter.clear()
     STARTS.clear()
     GATE.clear()
+    CALLS_MAY_END.set()
     return create_app(clean_app_settings(database, redis_url), registry)
 
 
@@ -195,8 +204,21 @@ def test_a_key_never_runs_more_than_its_limit_and_frees_every_slot(app: Conveyor
 
 
 def test_a_step_held_by_its_key_waits_as_a_row_with_its_reason(app: ConveyorCelery) -> None:
+    # Two calls hold the key's two slots until the others have come to it and wait.
+    CALLS_MAY_END.clear()
     with running_worker(app, concurrency=8):
         ids = [enqueue(tenants, {"tenant": "c"}, app=app) for _ in range(5)]
+        waiting = select(func.count()).where(
+            StepExecution.execution_id.in_(ids),
+            StepExecution.step_name == "call",
+            StepExecution.status == "waiting",
+            StepExecution.wait_kind == "key",
+        )
+        deadline = time.monotonic() + 30
+        while _scalar(waiting) < 3:
+            assert time.monotonic() < deadline, "three calls should wait for a slot"
+            time.sleep(0.02)
+        CALLS_MAY_END.set()
         for execution_id in ids:
             assert wait_for(execution_id).status == "succeeded"
     with get_db_session() as session:
