@@ -28,6 +28,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    null,
     or_,
     select,
     text,
@@ -270,7 +271,12 @@ def map_statements(dialect: str) -> MapStatements:
         item_input=item_input,
         succeed=update(MapItem)
         .where(_item(), MI.status == RUNNING, MI.attempt == bindparam("att"))
-        .values(status=SUCCEEDED, output_data=bindparam("out", type_=json_type()), finished_at=now)
+        .values(
+            status=SUCCEEDED,
+            output_data=bindparam("out", type_=json_type()),
+            error=null(),  # an item that succeeded after retries shows no error
+            finished_at=now,
+        )
         .returning(MI.item_index),
         fail=update(MapItem)
         .where(_item(), MI.status == RUNNING, MI.attempt == bindparam("att"))

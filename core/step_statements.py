@@ -603,6 +603,9 @@ def _complete(steps: Table | Alias, eid: Any, now: Any, postgres: bool) -> Updat
             status=StepStatus.SUCCEEDED.value,
             previous_status=steps.c.status,
             output_data=_json_param("output", postgres),
+            # A success after retries: the failures are in the history, and a succeeded
+            # step shows no error (a NULL literal: no bind of its own).
+            error=null(),
             finished_at=now,
             updated_at=now,
         )

@@ -19,6 +19,7 @@ from conveyor.cli.main import CliState, app
 from core.errors import DefinitionError
 from core.workflows import Workflow
 from tests.e2e.conftest import wait_for
+from tests.helpers.state import step_row
 from worker.app import ConveyorCelery
 from worker.producer import enqueue
 
@@ -65,6 +66,8 @@ def test_a_step_that_succeeded_after_retries_shows_no_error(worker: ConveyorCele
     assert result.exit_code == 0, result.output
     assert "Glitch" not in result.stdout
     assert "3/3" in result.stdout
+    # Nor does the API or anything reading the row: the failures are in its history.
+    assert step_row(execution_id, "sometimes")["error"] is None
 
 
 def test_a_typo_in_depends_on_says_what_was_meant() -> None:
