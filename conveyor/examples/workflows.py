@@ -24,7 +24,8 @@ from datetime import timedelta
 
 from pydantic import BaseModel, Field
 
-from core.workflows import Retry, StepContext, StepFunction, Workflow
+from conveyor import Retry, StepContext, Workflow
+from core.workflows import StepFunction
 
 # A pause in each step, so that the demo's progress bars have something to show.
 WORK_SECONDS = 0.05
