@@ -440,6 +440,14 @@ def _stop_soon(app: ConveyorCelery) -> None:
         app.send_task(PING, queue=app.engine.settings.default_queue)
 
 
+def _shut_pools(workers: Sequence[Any]) -> None:
+    """Shut the executors of stopped test workers' thread pools down, their threads too."""
+    for worker in workers:
+        executor = getattr(worker.pool, "executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+
 def _no_dispatch(_starts: Sequence[tuple[str, str, int]]) -> None:
     """A placeholder, replaced by the test app's dispatcher at once."""
 
@@ -496,14 +504,20 @@ def conveyor_test(_conveyor_test_database: str | Path, tmp_path: Path) -> Iterat
         kit = ConveyorTest(app, registry)
         stack.callback(kit.restore)
         stack.callback(app.engine.heartbeats.stop)
-        stack.enter_context(
-            start_worker(
-                app,
-                pool="threads",
-                concurrency=2,
-                perform_ping_check=False,
-                shutdown_timeout=30,
-                loglevel="WARNING",
+        # Celery's test worker ends by terminate, which leaves the thread pool's
+        # executor threads idle for ever: shut down once the worker thread has ended.
+        workers: list[Any] = []
+        stack.callback(_shut_pools, workers)
+        workers.append(
+            stack.enter_context(
+                start_worker(
+                    app,
+                    pool="threads",
+                    concurrency=2,
+                    perform_ping_check=False,
+                    shutdown_timeout=30,
+                    loglevel="WARNING",
+                )
             )
         )
         stack.callback(_stop_soon, app)

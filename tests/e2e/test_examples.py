@@ -1,13 +1,50 @@
 """conveyor's own example workflows (conveyor/examples/workflows.py), tested as a user
 tests theirs: with the documented pytest plugin's ``conveyor_test`` fixture only (a real
-worker thread, a throwaway SQLite database, timers advanced instead of waited for)."""
+worker thread, a throwaway SQLite database, timers advanced instead of waited for).
+
+Each test is also the plugin's leak guard: once its fixture is torn down, no thread it
+started is left running and no file descriptor it opened (the SQLite file and its WAL,
+sockets, pipes) is left open."""
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections.abc import Iterator
 from datetime import timedelta
+
+import pytest
 
 from conveyor.examples import workflows as examples
 from conveyor.testing import ConveyorTest
+
+
+def _open_fds() -> dict[int, str]:
+    """This process's open file descriptors and what each points at."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the descriptor listdir itself used, closed since
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_behind() -> Iterator[None]:
+    # Set up before conveyor_test (autouse fixtures come first), so torn down after it.
+    threads = set(threading.enumerate())
+    fds = _open_fds()
+    yield
+    deadline = time.monotonic() + 5  # a thread told to stop may take a moment to end
+    while (left := [t for t in threading.enumerate() if t not in threads and t.is_alive()]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert left == [], left
+    opened = {fd: target for fd, target in _open_fds().items() if fds.get(fd) != target}
+    assert opened == {}, opened
 
 
 def test_daily_report_runs_its_pipeline(conveyor_test: ConveyorTest) -> None:
