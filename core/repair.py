@@ -23,8 +23,8 @@ from sqlalchemy import Connection, update
 
 from core import statements as sql
 from core.errors import FieldError, InputValidationError, InvalidTransition, StepNotFound
-from core.executions import retry_execution
-from core.models import StepExecution, encode_json
+from core.executions import check_payload, retry_execution
+from core.models import StepExecution
 from core.sql import utcnow
 from core.states import EXECUTIONS, ExecutionStatus, StepStatus
 from core.transitions import transition_step, transition_steps
@@ -49,7 +49,7 @@ class Repair:
     skipped: tuple[str, ...] = ()
 
 
-def checked_output(workflow: Workflow, step_name: str, output: Any) -> Any:
+def checked_output(workflow: Workflow, step_name: str, output: Any, max_bytes: int) -> Any:
     """``output`` as the step's return annotation takes it, as stored JSON; an
     InputValidationError naming each bad field (``output.<path>``) otherwise."""
     step = workflow.steps.get(step_name)
@@ -75,7 +75,9 @@ def checked_output(workflow: Workflow, step_name: str, output: Any) -> Any:
         ]
     else:
         output = _fitted(step, step_name, output, ["output"])
-    encode_json("output", output)  # storable JSON, or InputValidationError naming it
+    # Storable JSON within CONVEYOR_MAX_PAYLOAD_BYTES, as a step's own output must be;
+    # else InputValidationError naming the problem.
+    check_payload("output", output, max_bytes)
     return output
 
 
@@ -179,13 +181,15 @@ def resolve_step(
     actor: str,
     reason: str | None,
     definition: Workflow,
+    max_payload_bytes: int,
 ) -> Repair:
     """Complete failed step ``step_name`` with ``output`` (checked against its return
-    annotation: InputValidationError naming the field, nothing changed) and re-open its
+    annotation and ``max_payload_bytes``: InputValidationError naming the field, nothing
+    changed) and re-open its
     execution, whose dependents then run with that output. InvalidTransition (nothing
     changed) when the step is not failed or the execution has not ended."""
     _known(execution_id, step_name, definition)
-    stored = checked_output(definition, step_name, output)
+    stored = checked_output(definition, step_name, output, max_payload_bytes)
     why = f"resolved {_who(actor, reason)}"
     _failed_step(
         conn,

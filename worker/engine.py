@@ -1264,6 +1264,7 @@ class Engine:
             actor=actor,
             reason=reason,
             definition=definition,
+            max_payload_bytes=self.settings.max_payload_bytes,
         )
         self._repaired(done, "resolve")
         return done
@@ -1318,7 +1319,7 @@ class Engine:
         done = 0
         for member in found:
             definition = self._definition_of_execution(member.execution_id)
-            repair.checked_output(definition, member.step, output)
+            repair.checked_output(definition, member.step, output, self.settings.max_payload_bytes)
             try:
                 self.resolve(member.execution_id, member.step, output, actor=actor, reason=reason)
             except InvalidTransition:  # retried or repaired meanwhile: not a member now

@@ -97,6 +97,20 @@ def test_an_output_that_does_not_fit_is_refused_naming_the_field_and_changes_not
     assert step_row(execution_id, "b")["status"] == "failed"
 
 
+def test_an_output_past_the_payload_limit_is_refused_and_changes_nothing(
+    mend: ConveyorCelery,
+) -> None:
+    # As a step's own output would be (OutputNotStorable): CONVEYOR_MAX_PAYLOAD_BYTES.
+    execution_id = _failed(mend)
+    before = events(execution_id)
+    limit = mend.engine.settings.max_payload_bytes
+    huge = {"amount": 1, "currency": "x" * limit}
+    with pytest.raises(InputValidationError, match="CONVEYOR_MAX_PAYLOAD_BYTES"):
+        resolve(execution_id, "b", huge, app=mend)
+    assert events(execution_id) == before
+    assert step_row(execution_id, "b")["status"] == "failed"
+
+
 def test_resolving_a_step_mid_dag_runs_its_dependents_once_with_that_output(
     mend: ConveyorCelery,
 ) -> None:
