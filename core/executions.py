@@ -923,6 +923,26 @@ def finish_if_done(
     return finished[0] if finished else None
 
 
+def finish_started_idle(
+    conn: Connection,
+    execution_ids: Sequence[str],
+    workflow_name: str,
+    sinks_of: SinksOf,
+    definition_of: DefinitionOf,
+) -> WaitOutcome:
+    """Executions just started again with nothing to run (a repair that resolved or
+    skipped their last open step, a retry whose other steps had all ended): finished
+    now, after their start, rather than by the reconciler's next pass; a child's parent
+    is told. Those that do have an open step (a wait entered at the start) stay."""
+    from core.children import wake_parents_of
+
+    outcome = WaitOutcome()
+    finished = finish_executions(conn, execution_ids, sinks_of)
+    outcome.finished += [(result, workflow_name) for result in finished]
+    wake_parents_of(conn, (), outcome, definition_of)
+    return outcome
+
+
 def finish_executions(
     conn: Connection, execution_ids: Sequence[str], sinks_of: SinksOf
 ) -> list[TransitionResult]:

@@ -515,6 +515,7 @@ class Engine:
             self._admitted(workflow_name, admission)
             self._publish_committed(admission.queued, admission.routes)
             self.publish_outcome(woken)
+            self._finish_idle(workflow_name, admission, woken)
             return admission
         if (
             run_here
@@ -530,9 +531,33 @@ class Engine:
             admission = self.manager.run(executions.admit, workflow_name, ids, workflow)
         self._admitted(workflow_name, admission)
         self._publish_committed(admission.queued, admission.routes)
-        if claim is not None:
+        if claim is None:
+            self._finish_idle(workflow_name, admission)
+        else:
             self._run_from(claim)
         return admission
+
+    def _finish_idle(
+        self, workflow_name: str, admission: Admission, woken: WaitOutcome | None = None
+    ) -> None:
+        """Finish started executions that got nothing to run (their open steps had all
+        ended: a repair of the last one, a retry): a first run always queues a root, so
+        this costs nothing on the hot path."""
+        busy = {eid for eid, _ in admission.queued}
+        if woken is not None:
+            busy.update(eid for eid, _ in woken.queued)
+        idle = [eid for eid in admission.started if eid not in busy]
+        if not idle:
+            return
+
+        def sinks_of(workflow: str, version: int) -> Sequence[str]:
+            found = self.definition(workflow, version)
+            return found.sinks if found is not None else []
+
+        outcome = self.manager.run(
+            executions.finish_started_idle, idle, workflow_name, sinks_of, self.definition
+        )
+        self.publish_outcome(outcome)
 
     def _admitted(self, workflow_name: str, admission: Admission) -> None:
         """Count an admission; cancellations by ``on_limit`` end executions; a start a

@@ -5,6 +5,7 @@ history says who did it and why."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,13 @@ from core.models import ExecutionEvent
 from core.workflows import Workflow
 from tests.e2e.conftest import running_worker, wait_for
 from tests.helpers.api import client, serve, user_with_token
-from tests.helpers.state import events, execution_row, step_row
+from tests.helpers.state import (
+    events,
+    execution_row,
+    force_execution_status,
+    force_step_status,
+    step_row,
+)
 from worker.app import ConveyorCelery
 from worker.producer import enqueue, resolve, skip
 
@@ -317,3 +324,21 @@ def test_a_map_step_is_resolved_with_the_list_of_its_items_outputs(
         execution = wait_for(execution_id)
     assert execution.status == "succeeded"
     assert execution.output_data == {"total": 12}
+
+
+def test_resolving_the_last_open_step_finishes_the_execution_at_once(
+    mend: ConveyorCelery,
+) -> None:
+    # Every other step already ended (c and d resolved, report ran): nothing is left to
+    # run, so the repair's own start finishes the execution, not the next reconciler pass.
+    execution_id = _failed(mend)
+    resolve(execution_id, "b", {"amount": 2}, app=mend)
+    assert wait_for(execution_id).status == "succeeded"
+    force_step_status(execution_id, "d", "failed", error={"type": "Boom", "message": "late"})
+    force_execution_status(execution_id, "failed")
+    resolve(execution_id, "d", 99, app=mend)
+    began = time.monotonic()
+    execution = wait_for(execution_id, timeout=30)
+    print(f"\nfinished {time.monotonic() - began:.2f}s after the resolve")
+    assert execution.status == "succeeded"
+    assert execution.output_data == {"d": 99, "report": "billed 2"}
