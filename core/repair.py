@@ -144,6 +144,13 @@ def _reopen(
     return Repair(execution_id, row.workflow_id, row.priority)
 
 
+def _lock_execution(conn: Connection, execution_id: str) -> None:
+    """Lock the execution's row before the step's, in the order a retry takes them
+    (execution, then its steps), so that a repair racing a retry waits for it rather
+    than deadlocking (PostgreSQL; SQLite's writers are serial)."""
+    conn.execute(sql.select_execution_status(execution_id).with_for_update())
+
+
 def _failed_step(
     conn: Connection,
     execution_id: str,
@@ -191,6 +198,7 @@ def resolve_step(
     _known(execution_id, step_name, definition)
     stored = checked_output(definition, step_name, output, max_payload_bytes)
     why = f"resolved {_who(actor, reason)}"
+    _lock_execution(conn, execution_id)
     _failed_step(
         conn,
         execution_id,
@@ -215,6 +223,7 @@ def skip_step(
     dependents are skipped (on through the DAG), the others run by their triggers."""
     _known(execution_id, step_name, definition)
     why = f"skipped {_who(actor, reason)}"
+    _lock_execution(conn, execution_id)
     _failed_step(conn, execution_id, step_name, StepStatus.SKIPPED, why)
     repair = _reopen(conn, execution_id, definition, why, keep=(step_name,))
     skipped: list[str] = []
