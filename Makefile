@@ -15,7 +15,7 @@ lint: deps
 	$(BIN)/ruff format --check .
 
 typecheck: deps
-	$(BIN)/mypy core worker conveyor
+	$(BIN)/mypy core worker conveyor bench
 
 # Three workers, a test file each at a time (each worker starts its own PostgreSQL and
 # Redis); the fault suite after them, alone, since it times crashes and outages.

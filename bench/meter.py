@@ -114,12 +114,12 @@ class Observer:
 
     def scalar(self, query: str, params: Sequence[Any]) -> Any:
         """The first column of the first row of ``query``."""
-        row = self._connection.execute(query, params).fetchone()  # type: ignore[arg-type]
+        row = self._connection.execute(query, params).fetchone()
         return None if row is None else row[0]
 
     def rows(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Every row of ``query``."""
-        return list(self._connection.execute(query, params).fetchall())  # type: ignore[arg-type]
+        return list(self._connection.execute(query, params).fetchall())
 
     def close(self) -> None:
         """Close the connection."""

@@ -87,11 +87,11 @@ class Workers:
             self._processes.append(process)
             self._logs.append(log)
             if self._ready_marker is not None:
-                self._wait_for_marker(process, log)
+                self._wait_for_marker(process, log, self._ready_marker)
 
-    def _wait_for_marker(self, process: subprocess.Popen[bytes], log: Path) -> None:
+    def _wait_for_marker(self, process: subprocess.Popen[bytes], log: Path, marker: str) -> None:
         deadline = time.monotonic() + 120
-        while self._ready_marker not in log.read_text(errors="replace"):
+        while marker not in log.read_text(errors="replace"):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise BenchError(f"{self.name} worker did not start:\n{self.tail()}")
             time.sleep(0.05)

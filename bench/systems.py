@@ -458,7 +458,7 @@ class Dbos:
 
     name = "dbos"
     database = "bench_dbos"
-    databases = (database,)
+    databases: tuple[str, ...] = (database,)
 
     def __init__(self, running: Services, folder: Path) -> None:
         from dbos import DBOSClient
