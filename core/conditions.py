@@ -48,6 +48,7 @@ from core.waits import (
     context_of,
     establish,
     read_execution,
+    settle,
     wait_error,
 )
 from core.waits import admit as admit_waits
@@ -173,9 +174,33 @@ def admit(
     """``core.waits.admit`` for a workflow with gated steps: the admission, then the gated
     steps it queued decided (``decide_admitted``); the admission lists what stays queued."""
     admission, outcome = admit_waits(conn, workflow, execution_ids, definition_of)
-    if not workflow.gated or not admission.queued:
+    if not workflow.gated or not admission.started:
         return admission, outcome
-    kept = decide_admitted(conn, workflow, admission.queued, definition_of, outcome)
+    # Gated wait nodes with nothing upstream left (a root with ``when=`` behind a limit,
+    # a gated sleep) were left pending by the waits' arming: decided here first.
+    gated_waits = sorted(n for n in workflow.gated if n in workflow.wait_nodes)
+    pending = (
+        conn.execute(
+            select(SE.c.execution_id, SE.c.step_name).where(
+                SE.c.execution_id.in_(admission.started),
+                SE.c.status == StepStatus.PENDING.value,
+                SE.c.unmet_deps == 0,
+                SE.c.step_name.in_(gated_waits),
+            )
+        ).all()
+        if gated_waits
+        else []
+    )
+    if not admission.queued and not pending:
+        return admission, outcome
+    kept = decide_admitted(
+        conn,
+        workflow,
+        admission.queued,
+        definition_of,
+        outcome,
+        pending=[(r.execution_id, r.step_name) for r in pending],
+    )
     first_run = [key for key in admission.first_run if key in kept]
     return replace(admission, queued=kept, first_run=first_run), outcome
 
@@ -186,23 +211,33 @@ def decide_admitted(
     queued: Sequence[tuple[str, str]],
     definition_of: DefinitionOf,
     outcome: WaitOutcome,
+    pending: Sequence[tuple[str, str]] = (),
 ) -> list[tuple[str, str]]:
     """Decide the gated steps among ``queued`` ((execution, step) an admission queued in
-    this transaction, not yet published). Returns those of ``queued`` still queued, to
-    publish; for the others (skipped, failed) their dependents follow their triggers and
-    the execution finishes if that left nothing open, here (``outcome``)."""
+    this transaction, not yet published) and the gated wait nodes ``pending`` it left
+    with nothing upstream. Returns those of ``queued`` still queued, to publish; a
+    pending node that runs enters its wait (established, in ``outcome``); for the others
+    (skipped, failed) their dependents follow their triggers and the execution finishes
+    if that left nothing open, here (``outcome``)."""
     kept: list[tuple[str, str]] = []
     ended: dict[str, list[tuple[str, str]]] = {}
-    for execution_id, name in queued:
+    waited: set[str] = set()
+    judged = [(eid, name, StepStatus.QUEUED) for eid, name in queued]
+    judged += [(eid, name, StepStatus.PENDING) for eid, name in pending]
+    for execution_id, name, source in judged:
         if name not in workflow.gated:
             kept.append((execution_id, name))
             continue
         release = _Release(conn, execution_id, workflow, definition_of, outcome, {})
-        decided = _decide(release, workflow.steps[name], StepStatus.QUEUED)
-        if decided == StepStatus.QUEUED.value:
+        decided = _decide(release, workflow.steps[name], source)
+        if decided == StepStatus.QUEUED.value and source == StepStatus.QUEUED:
             kept.append((execution_id, name))
-        else:
+        elif decided == StepStatus.WAITING.value:
+            waited.add(execution_id)
+        elif decided in (SKIPPED, FAILED):
             ended.setdefault(execution_id, []).append((name, decided))
+    # An execution whose open steps now all wait holds no max_concurrency slot.
+    settle(conn, sorted(waited - set(ended)), outcome)
     for execution_id, steps in ended.items():
         release_after(conn, execution_id, workflow, steps, {}, definition_of, outcome)
         # Rare (a root's condition): the finish checks in SQL whether anything is open.

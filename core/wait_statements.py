@@ -129,7 +129,8 @@ def wait_statements() -> WaitStatements:
         .returning(*STEP_COLUMNS)
     )
     # Wait nodes with nothing left upstream of a started execution: its root waits, and
-    # after an execution retry, waits whose upstream steps had succeeded.
+    # after an execution retry, waits whose upstream steps had succeeded. Gated ones
+    # (``gated``: a condition or a trigger) are decided first, by core.conditions.admit.
     arm_roots = (
         update(SE)
         .where(
@@ -137,6 +138,7 @@ def wait_statements() -> WaitStatements:
             SE.c.status == pending,
             SE.c.unmet_deps == 0,
             SE.c.wait_kind.is_not(None),
+            SE.c.step_name.not_in(bindparam("gated", expanding=True)),
         )
         .values(status=WAITING, previous_status=SE.c.status, waiting_since=now, updated_at=now)
         .returning(*STEP_COLUMNS)

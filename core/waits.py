@@ -172,12 +172,13 @@ def arm_root_waits(
 ) -> WaitOutcome:
     """At an execution's start: its wait nodes with nothing upstream left (root waits,
     and after a retry those whose upstream steps had succeeded) enter ``waiting`` and
-    are established."""
+    are established; gated ones stay pending, for ``core.conditions.admit`` to decide."""
     outcome = WaitOutcome()
     if not execution_ids or not workflow.wait_nodes:
         return outcome
     ws = wait_statements()
-    rows = conn.execute(ws.arm_roots, {"eids": list(execution_ids)}).all()
+    params = {"eids": list(execution_ids), "gated": sorted(workflow.gated)}
+    rows = conn.execute(ws.arm_roots, params).all()
     if not rows:
         return outcome
     conn.execute(hot_path(conn.dialect.name).events, [event_row(r, ENTERED) for r in rows])

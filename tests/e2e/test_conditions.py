@@ -15,7 +15,7 @@ from core.database import get_db_session
 from core.errors import DefinitionError
 from core.models import ExecutionEvent
 from core.registry import WorkflowRegistry, configure_registry
-from core.workflows import Retry, StepContext, Workflow
+from core.workflows import Concurrency, Retry, StepContext, Workflow
 from tests.conftest import TestDatabase
 from tests.e2e.conftest import clean_app_settings, running_worker, wait_for
 from tests.helpers.state import (
@@ -122,6 +122,22 @@ def after_maybe(ctx: StepContext, maybe: str) -> str:
 @rooted.step()
 def always(ctx: StepContext) -> str:
     return "always ran"
+
+
+# The same root under a per-key limit: its condition is judged before it takes a slot.
+rooted_limited = Workflow("cond-root-limited")
+
+
+@rooted_limited.step(
+    when=lambda ctx: bool(ctx.input["go"]), concurrency=Concurrency(key="cond-root", limit=1)
+)
+def limited_maybe(ctx: StepContext) -> str:
+    return "maybe ran"
+
+
+@rooted_limited.step(depends_on=["limited_maybe"])
+def after_limited(ctx: StepContext, limited_maybe: str) -> str:
+    return f"after {limited_maybe}"
 
 
 # A condition that raises fails its own step, not the one that released it.
@@ -234,7 +250,17 @@ def join(ctx: StepContext, **branches: int | None) -> dict[str, int | None]:
 @pytest.fixture
 def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
     registry = WorkflowRegistry(
-        [*DIAMONDS.values(), cascade, rooted, raising, optional, fan_in, crashing, napping]
+        [
+            *DIAMONDS.values(),
+            cascade,
+            rooted,
+            rooted_limited,
+            raising,
+            optional,
+            fan_in,
+            crashing,
+            napping,
+        ]
     )
     configure_registry(registry)
     return create_app(clean_app_settings(database, redis_url), registry)
@@ -362,6 +388,24 @@ def test_a_root_with_a_condition(app: ConveyorCelery, go: bool, maybe: str, afte
     if not go:
         assert _reasons(execution_id, "maybe")[-1] == "condition false: when(<lambda>) of maybe"
         assert _reasons(execution_id, "after_maybe") == ["upstream step maybe skipped"]
+
+
+@pytest.mark.parametrize(("go", "status"), [(True, "succeeded"), (False, "skipped")])
+def test_a_root_with_a_condition_and_a_limit_is_judged_before_it_runs(
+    app: ConveyorCelery, go: bool, status: str
+) -> None:
+    with running_worker(app):
+        execution_id = enqueue(rooted_limited, {"go": go}, app=app)
+        finished = wait_for(execution_id)
+    assert finished.status == "succeeded"
+    assert _statuses(execution_id, "limited_maybe after_limited") == {
+        "limited_maybe": status,
+        "after_limited": status,
+    }
+    if not go:
+        assert "condition false: when(<lambda>) of limited_maybe" in _reasons(
+            execution_id, "limited_maybe"
+        )
 
 
 def test_a_condition_that_raises_fails_its_own_step(app: ConveyorCelery) -> None:
