@@ -38,6 +38,7 @@ from sqlalchemy import (
     Float,
     Insert,
     Select,
+    String,
     Table,
     Update,
     bindparam,
@@ -95,6 +96,7 @@ def _upsert(dialect: str) -> Insert:
         priority=bindparam("prio"),
         deadline_at=bindparam("deadline", type_=table.c.deadline_at.type),
         debounce_key=bindparam("key"),
+        limit_key=bindparam("limit", type_=String()),
         shape_hash=bindparam("shape"),
         start_at=utcnow(bindparam("period", type_=Float())),
         # NULL without a max_wait: now() + NULL is NULL on both backends.
@@ -108,6 +110,8 @@ def _upsert(dialect: str) -> Insert:
             # The last enqueue's, all but the id (and the workflow version, whose steps
             # the row already has).
             "input_data": excluded.input_data,
+            # The key it takes turns under is the last input's, as the input is.
+            "limit_key": excluded.limit_key,
             "priority": excluded.priority,
             "deadline_at": excluded.deadline_at,
             "triggered_by": excluded.triggered_by,
@@ -121,11 +125,14 @@ def _upsert(dialect: str) -> Insert:
     ).returning(table.c.execution_id)
 
 
-def enqueue_debounced(conn: Connection, row: Mapping[str, Any], window: Window) -> str:
+def enqueue_debounced(
+    conn: Connection, row: Mapping[str, Any], window: Window, limit_key: str | None = None
+) -> str:
     """Open a window with ``row`` (an execution row as ``create_executions`` builds it)
     or collapse into the open one of its key: the id of the execution that holds the
     enqueue now. ``row``'s own id when this inserted it (its steps are the caller's to
-    insert); another when an open window took its input."""
+    insert); another when an open window took its input, and its ``limit_key`` (the key
+    of the workflow's limits it takes turns under, from that input)."""
     params = {
         "eid": row["execution_id"],
         "wf": row["workflow_id"],
@@ -137,6 +144,7 @@ def enqueue_debounced(conn: Connection, row: Mapping[str, Any], window: Window) 
         "deadline": row["deadline_at"],
         "shape": row["shape_hash"],
         "key": window.key,
+        "limit": limit_key,
         "period": window.period,
         "max_wait": window.max_wait,
     }

@@ -341,7 +341,7 @@ def _create_debounced(
     opened: list[tuple[str, NewExecution]] = []
     for execution_id, row, new in zip(ids, rows, batch, strict=True):
         assert new.debounce is not None, "a batch is of one workflow"
-        taken_by = enqueue_debounced(conn, row, new.debounce)
+        taken_by = enqueue_debounced(conn, row, new.debounce, new.limit_key)
         if taken_by == execution_id:
             opened.append((execution_id, new))
         outcome.append(CreatedExecution(taken_by, created=taken_by == execution_id, held=True))

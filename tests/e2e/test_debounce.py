@@ -33,7 +33,7 @@ from core.execution_state_manager import SyncExecutionStateManager
 from core.models import WorkflowExecution
 from core.registry import WorkflowRegistry, configure_registry
 from core.sql import utcnow
-from core.workflows import Debounce, StepContext, Workflow
+from core.workflows import Concurrency, Debounce, StepContext, Workflow
 from tests.conftest import TestDatabase
 from tests.e2e.conftest import clean_app_settings, running_worker, wait_for
 from tests.helpers.api import client, serve, user_with_token
@@ -76,9 +76,22 @@ stream = Workflow(
 stream.step(name="echo")(_echo)
 
 
+# A debounced workflow whose executions take turns under a key of their input.
+regional = Workflow(
+    "debounce-regional",
+    debounce=Debounce(key=lambda change: change["user_id"], period=PERIOD),
+    concurrency=Concurrency(key=lambda change: change["region"], limit=1),
+)
+
+
+@regional.step()
+def sync(ctx: StepContext) -> str:
+    return str(ctx.input["region"])
+
+
 @pytest.fixture
 def app(database: TestDatabase, redis_url: str) -> ConveyorCelery:
-    registry = WorkflowRegistry([reindex, stream])
+    registry = WorkflowRegistry([reindex, stream, regional])
     configure_registry(registry)
     return create_app(clean_app_settings(database, redis_url), registry)
 
@@ -161,6 +174,19 @@ def test_a_burst_with_one_key_runs_once_with_the_last_input_after_the_period(
     assert row["started_at"] >= last_enqueue + PERIOD
     assert len(_executions(reindex)) == 1
     assert _collapsed(app) - collapsed_before == 49
+
+
+def test_a_collapsed_enqueue_moves_the_window_to_its_inputs_limit_key(
+    app: ConveyorCelery,
+) -> None:
+    # The window runs with the last input, so it takes turns under that input's key.
+    first = enqueue(regional, {"user_id": "u1", "region": "eu-west"}, app=app)
+    again = enqueue(regional, {"user_id": "u1", "region": "us-east"}, app=app)
+    assert again == first
+    row = execution_row(first)
+    assert row["input_data"]["region"] == "us-east"
+    assert "us-east" in row["limit_key"]
+    assert "eu-west" not in row["limit_key"]
 
 
 def test_different_keys_do_not_collapse(app: ConveyorCelery) -> None:
