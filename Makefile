@@ -19,9 +19,10 @@ typecheck: deps
 
 # Three workers, a test file each at a time (each worker starts its own PostgreSQL and
 # Redis); the fault suite after them, alone, since it times crashes and outages.
+# --durations: where the suite's time goes, printed at the end of each run.
 pytest: deps
-	$(BIN)/pytest -n 3 --dist loadfile --ignore=tests/faults
-	$(BIN)/pytest tests/faults
+	$(BIN)/pytest -n 3 --dist loadfile --ignore=tests/faults --durations=15
+	$(BIN)/pytest tests/faults --durations=10
 
 test: lint typecheck pytest
 
