@@ -36,6 +36,7 @@ bench: deps
 
 # The documentation site, into site/ (strict: a broken link or reference fails it).
 docs: deps
+	$(BIN)/python docs/hooks/pages.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 migrate: deps

@@ -15,6 +15,19 @@ from core.config import Settings
 REPO = Path(__file__).resolve().parents[2]
 
 
+def test_the_configuration_page_is_the_settings_class_as_it_is() -> None:
+    # Kept in the repository for README's link; made from core/config.py, so a setting
+    # added, changed or described anew without `make docs` fails here.
+    sys.path.insert(0, str(REPO / "docs" / "hooks"))
+    try:
+        from pages import settings_page
+    finally:
+        sys.path.remove(str(REPO / "docs" / "hooks"))
+    assert (REPO / "docs" / "configuration.md").read_text() == settings_page(), (
+        "docs/configuration.md is out of date: run `make docs`"
+    )
+
+
 def test_the_site_builds_strictly_with_the_guides_settings_and_reference(
     tmp_path: Path,
 ) -> None:
